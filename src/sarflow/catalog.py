@@ -1,0 +1,171 @@
+"""The catalog contract (DESIGN.md): a `grid` and a list of `sources`, loaded from YAML.
+
+Paths in a catalog are relative to the catalog file. Unknown keys and wrong types are
+refused with a message that names the catalog file and the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date as Date
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sarflow.errors import CatalogError
+
+Units = Literal["dB", "linear", "amplitude", "coherence", "radians", "reflectance", "class", "percent", "m"]
+Kind = Literal["continuous", "categorical"]
+ResamplingName = Literal["nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med"]
+CATEGORICAL_SAFE = {"nearest", "mode", "min", "max", "med"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StacRef(_Strict):
+    """STAC items (paths or s3:// URIs of item JSON) and the asset keys that become the bands."""
+
+    items: list[str] = Field(min_length=1)
+    assets: list[str] = Field(min_length=1)
+
+
+class GridSpec(_Strict):
+    crs: str | int = Field(description="EPSG code (e.g. 32630, 'EPSG:32630') or 'utm' for the AOI centroid's zone")
+    resolution: float = Field(gt=0, description="pixel size in grid CRS units")
+    chip_size: int = Field(ge=8, le=4096, description="chip side in pixels")
+    aoi: str | list[float] = Field(
+        default="intersection",
+        description="GeoJSON path, WGS84 bbox [minlon, minlat, maxlon, maxlat], 'intersection' or 'union'",
+    )
+    overlap: int = Field(default=0, ge=0, description="pixels shared by neighbouring chips")
+    origin: tuple[float, float] = Field(
+        default=(0.0, 0.0), description="a grid corner (x, y); chips are anchored on origin + k * stride"
+    )
+
+    @field_validator("aoi")
+    @classmethod
+    def _check_aoi(cls, v):
+        if isinstance(v, list):
+            if len(v) != 4:
+                raise ValueError("a bbox AOI needs 4 numbers [minlon, minlat, maxlon, maxlat]")
+            if not (v[0] < v[2] and v[1] < v[3]):
+                raise ValueError(f"bbox AOI {v} is empty (min must be below max)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_overlap(self):
+        if self.overlap >= self.chip_size:
+            raise ValueError(f"overlap {self.overlap} must be smaller than chip_size {self.chip_size}")
+        return self
+
+    @property
+    def stride(self) -> int:
+        return self.chip_size - self.overlap
+
+
+class SourceSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="modality id, e.g. s1grd, s2rgb, worldcover")
+    uris: list[str | list[str]] | None = Field(
+        default=None,
+        description="files mosaicked in order (later ones win); an item that is a list stacks single-band files",
+    )
+    stac: StacRef | None = None
+    bands: list[str] = Field(min_length=1)
+    units: Units
+    kind: Kind
+    nodata: float | None = Field(default=None, description="overrides the files' own nodata")
+    resampling: ResamplingName | None = None
+    date: Date | None = None
+    required: bool = Field(default=True, description="chips without any valid pixel of a required source are skipped")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.uris is None) == (self.stac is None):
+            raise ValueError(f"source {self.name!r} needs exactly one of 'uris' or 'stac'")
+        if self.uris is not None and not self.uris:
+            raise ValueError(f"source {self.name!r} has an empty 'uris' list")
+        if self.stac is not None and len(self.stac.assets) not in (1, len(self.bands)):
+            raise ValueError(
+                f"source {self.name!r}: {len(self.stac.assets)} STAC assets for {len(self.bands)} bands "
+                "(give one multi-band asset or one asset per band)"
+            )
+        if self.kind == "categorical" and self.resampling and self.resampling not in CATEGORICAL_SAFE:
+            raise ValueError(
+                f"source {self.name!r} is categorical: resampling {self.resampling!r} would interpolate class codes"
+            )
+        if self.units == "class" and self.kind != "categorical":
+            raise ValueError(f"source {self.name!r} has units 'class' but kind {self.kind!r}")
+        return self
+
+
+class Catalog(_Strict):
+    grid: GridSpec
+    sources: list[SourceSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {dup}")
+        return self
+
+    def source(self, name: str) -> SourceSpec:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def hash(self) -> str:
+        """sha256 of the catalog's canonical JSON: the catalog hash recorded everywhere downstream."""
+        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+
+class LoadedCatalog(BaseModel):
+    """A catalog together with the file it came from (relative paths resolve against its folder)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    catalog: Catalog
+    path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, uri: str) -> str:
+        """A catalog URI as a readable location: s3:// stays, a relative path joins the catalog folder."""
+        if "://" in uri:
+            return uri
+        p = Path(uri).expanduser()
+        return str(p if p.is_absolute() else (self.base_dir / p).resolve())
+
+
+def load_catalog(path: str | Path) -> LoadedCatalog:
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(str(path), "catalog file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CatalogError(str(path), f"not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise CatalogError(str(path), "a catalog must be a mapping with 'grid' and 'sources'")
+    try:
+        catalog = Catalog.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise CatalogError(str(path), f"invalid catalog: {problems}") from None
+    return LoadedCatalog(catalog=catalog, path=path.resolve())
+
+
+def dump_catalog(catalog: Catalog, path: str | Path) -> None:
+    data = catalog.model_dump(mode="json", exclude_defaults=True)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,300 @@
+"""Ingest: resolve every catalog source to readable rasters, validate them before any work,
+build the grid and AOI, and record provenance in a manifest.
+
+Rasters in radar geometry (no CRS, only GCPs, like raw Sentinel-1 GRD) are refused with a
+message saying how to prepare them: a polynomial through a few hundred GCPs is no terrain
+correction, and raw DN are not calibrated backscatter, so silently "geocoding" them would put
+wrong numbers in an ML-ready store. A raster with neither a CRS nor GCPs is refused too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pystac
+import rasterio
+import shapely
+from pyproj import CRS
+from rasterio.errors import RasterioError
+
+from sarflow.catalog import LoadedCatalog, SourceSpec
+from sarflow.errors import InputError
+from sarflow.grid import ChipGrid, parse_crs, transform_geometry, utm_epsg
+from sarflow.storage import check_s3_object, gdal_path, is_s3, read_bytes, s3_settings, sha256_of
+
+WGS84 = CRS.from_epsg(4326)
+_VALIDITY_PREVIEW = 512  # pixels per side of the decimated read that checks for valid data
+
+
+@dataclass
+class RasterFile:
+    """One input file and what we learned from it."""
+
+    uri: str
+    path: str  # what GDAL opens
+    crs: str  # WKT
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    resolution: tuple[float, float]  # in source CRS units
+    bounds_wgs84: tuple[float, float, float, float]
+    size: int
+    sha256: str = ""
+    footprint: shapely.Geometry | None = field(default=None, repr=False)  # WGS84
+
+
+@dataclass
+class Source:
+    """A catalog source resolved to files: `items` are mosaicked in order; an item lists, per
+    file, which output bands it fills (a multi-band file fills all, a single-band file one)."""
+
+    spec: SourceSpec
+    items: list[list[tuple[str, list[int]]]]  # [(uri, [output band indexes 0-based]), ...]
+    files: dict[str, RasterFile]
+    nodata: float | None  # effective input nodata
+    dtype: str  # dtype in the store
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def fill_value(self) -> float:
+        return float("nan") if np.issubdtype(np.dtype(self.dtype), np.floating) else self.nodata
+
+    def footprint(self) -> shapely.Geometry:
+        return shapely.union_all([f.footprint for f in self.files.values()])
+
+
+@dataclass
+class Ingested:
+    catalog: LoadedCatalog
+    sources: list[Source]
+    grid: ChipGrid
+
+    def manifest(self) -> dict:
+        return {
+            "catalog": str(self.catalog.path),
+            "catalog_hash": self.catalog.catalog.hash(),
+            "grid": {
+                "crs": self.grid.crs.to_string(),
+                "resolution": self.grid.resolution,
+                "chip_size": self.grid.chip_size,
+                "overlap": self.grid.overlap,
+                "origin": list(self.grid.origin),
+                "aoi_bounds": list(self.grid.aoi.bounds),
+            },
+            "sources": [
+                {
+                    "name": s.name,
+                    "date": s.spec.date.isoformat() if s.spec.date else None,
+                    "files": [
+                        {k: v for k, v in asdict(f).items() if k not in ("footprint", "path")}
+                        for f in s.files.values()
+                    ],
+                }
+                for s in self.sources
+            ],
+        }
+
+
+def gdal_env(uris, **options) -> rasterio.Env:
+    """A rasterio environment that can read s3:// inputs when there are any."""
+    opts = s3_settings().gdal_options() if any(is_s3(u) for u in uris) else {}
+    return rasterio.Env(**opts, **options)
+
+
+def _stac_items(loaded: LoadedCatalog, spec: SourceSpec) -> list[list[str]]:
+    """Each STAC item becomes one mosaic item: its assets' hrefs in band order."""
+    out = []
+    for item_uri in spec.stac.items:
+        loc = loaded.resolve(item_uri)
+        try:
+            item = pystac.Item.from_dict(json.loads(read_bytes(loc)))
+        except InputError:
+            raise
+        except FileNotFoundError:
+            raise InputError(loc, "STAC item file does not exist") from None
+        except Exception as e:  # noqa: BLE001
+            raise InputError(loc, f"not a valid STAC item: {e}") from None
+        hrefs = []
+        for key in spec.stac.assets:
+            if key not in item.assets:
+                raise InputError(loc, f"STAC item has no asset {key!r} (it has {sorted(item.assets)})")
+            href = item.assets[key].href
+            if "://" not in href and not href.startswith("/"):
+                href = loc.rsplit("/", 1)[0] + "/" + href if is_s3(loc) else str((Path(loc).parent / href).resolve())
+            hrefs.append(href)
+        out.append(hrefs if len(hrefs) > 1 else hrefs[0])
+    return out
+
+
+def _items(loaded: LoadedCatalog, spec: SourceSpec) -> list[list[tuple[str, list[int]]]]:
+    raw = spec.uris if spec.uris is not None else _stac_items(loaded, spec)
+    items = []
+    for entry in raw:
+        if isinstance(entry, list):
+            if len(entry) != len(spec.bands):
+                raise InputError(
+                    str(loaded.path), f"source {spec.name!r}: {len(entry)} stacked files for {len(spec.bands)} bands"
+                )
+            items.append([(loaded.resolve(u), [b]) for b, u in enumerate(entry)])
+        else:
+            items.append([(loaded.resolve(entry), list(range(len(spec.bands))))])
+    return items
+
+
+def inspect_file(uri: str, expected_bands: int, spec: SourceSpec, checksum: bool = True) -> RasterFile:
+    """Opens and validates one raster; errors name the file and the cause."""
+    if is_s3(uri):
+        size = check_s3_object(uri)
+    else:
+        if not Path(uri).is_file():
+            raise InputError(uri, "file does not exist")
+        size = Path(uri).stat().st_size
+    try:
+        ds_ctx = rasterio.open(gdal_path(uri))
+    except RasterioError as e:
+        raise InputError(uri, f"not a readable raster ({e})") from None
+    with ds_ctx as ds:
+        gcps, gcp_crs = ds.gcps
+        if ds.crs is None or ds.transform.is_identity:
+            if gcps:
+                raise InputError(uri, (
+                    f"raster is in radar geometry ({len(gcps)} GCPs, no CRS): sarflow needs geocoded, calibrated "
+                    "data. Calibrate and terrain-correct it first (e.g. ESA SNAP: Calibration + Range-Doppler "
+                    "Terrain Correction to sigma0 dB), or at least geocode it: gdalwarp -order 2 -t_srs EPSG:4326 "
+                    "IN OUT.tif"))
+            raise InputError(uri, "raster has neither a CRS with a geotransform nor GCPs: it cannot be placed on the grid")
+        crs, res = ds.crs, (abs(ds.transform.a), abs(ds.transform.e))
+        corners = shapely.box(*ds.bounds)
+        if ds.count != expected_bands:
+            raise InputError(uri, f"has {ds.count} band(s) but source {spec.name!r} declares {expected_bands}")
+        dtype = np.dtype(ds.dtypes[0])
+        if dtype.kind == "c":
+            raise InputError(uri, f"complex data ({dtype}) is not supported: give amplitude/intensity or phase")
+        if spec.kind == "categorical" and dtype.kind == "f":
+            raise InputError(uri, f"categorical source {spec.name!r} stored as {dtype}: class codes must be integers")
+        nodata = spec.nodata if spec.nodata is not None else ds.nodata
+        _check_has_valid_pixels(uri, ds, nodata)
+        footprint = transform_geometry(corners, CRS.from_user_input(crs), WGS84)
+    return RasterFile(
+        uri=uri,
+        path=gdal_path(uri),
+        crs=crs.to_wkt(),
+        width=ds.width,
+        height=ds.height,
+        count=ds.count,
+        dtype=str(dtype),
+        nodata=None if nodata is None else float(nodata),
+        resolution=(float(res[0]), float(res[1])),
+        bounds_wgs84=tuple(float(v) for v in footprint.bounds),
+        size=int(size),
+        sha256=sha256_of(uri) if checksum else "",
+        footprint=footprint,
+    )
+
+
+def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
+    """True where a pixel holds data: not NaN and not the nodata value (all bands for a stack)."""
+    valid = ~np.isnan(data) if np.issubdtype(data.dtype, np.floating) else np.ones(data.shape, bool)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        valid &= data != nodata
+    return valid
+
+
+def _check_has_valid_pixels(uri: str, ds, nodata) -> None:
+    """A decimated read of every band (it also catches truncated files); if it finds no valid
+    pixel, a full windowed scan confirms before the source is refused as empty."""
+    scale = max(1, math.ceil(max(ds.width, ds.height) / _VALIDITY_PREVIEW))
+    shape = (ds.count, max(1, ds.height // scale), max(1, ds.width // scale))
+    try:
+        preview = ds.read(out_shape=shape)
+        if valid_mask(preview, nodata).any():
+            return
+        for _, window in ds.block_windows(1):
+            if valid_mask(ds.read(window=window), nodata).any():
+                return
+    except RasterioError as e:
+        raise InputError(uri, f"cannot read pixels, the file is truncated or corrupt ({e})") from None
+    raise InputError(uri, f"holds no valid pixel (every value is NaN or nodata={nodata})")
+
+
+def resolve_source(loaded: LoadedCatalog, spec: SourceSpec, checksum: bool = True) -> Source:
+    items = _items(loaded, spec)
+    files: dict[str, RasterFile] = {}
+    for item in items:
+        for uri, bands in item:
+            if uri not in files:
+                files[uri] = inspect_file(uri, len(bands), spec, checksum)
+    dtypes = {np.dtype(f.dtype) for f in files.values()}
+    if all(d.kind == "f" for d in dtypes):
+        dtype = "float32"
+    elif any(d.kind == "f" for d in dtypes):
+        raise InputError(str(loaded.path), f"source {spec.name!r} mixes integer and float files")
+    else:
+        dtype = str(np.result_type(*dtypes))
+    nodatas = {f.nodata for f in files.values()}
+    nodata = spec.nodata if spec.nodata is not None else (nodatas.pop() if len(nodatas) == 1 else None)
+    if np.dtype(dtype).kind != "f" and nodata is None:
+        first = next(iter(files))
+        raise InputError(first, f"integer source {spec.name!r} has no nodata value: declare 'nodata' in the catalog")
+    return Source(spec=spec, items=items, files=files, nodata=nodata, dtype=dtype)
+
+
+def _aoi_wgs84(loaded: LoadedCatalog, sources: list[Source]) -> shapely.Geometry:
+    aoi = loaded.catalog.grid.aoi
+    if isinstance(aoi, list):
+        return shapely.box(*aoi)
+    if aoi in ("intersection", "union"):
+        feet = [s.footprint() for s in sources if s.spec.required] or [s.footprint() for s in sources]
+        geom = shapely.intersection_all(feet) if aoi == "intersection" else shapely.union_all(feet)
+        if geom.is_empty:
+            raise InputError(str(loaded.path), "the sources do not overlap: their intersection (the AOI) is empty")
+        return geom
+    import geopandas as gpd
+
+    path = loaded.resolve(aoi)
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(path, f"cannot read the AOI file: {e}") from None
+    if gdf.empty:
+        raise InputError(path, "the AOI file has no features")
+    return shapely.union_all(gdf.to_crs(4326).geometry.values)
+
+
+def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
+    """Validates every source and builds the grid; raises InputError on the first bad input."""
+    cat = loaded.catalog
+    every_uri = [u for s in cat.sources for u in (s.uris or s.stac.items) for u in (u if isinstance(u, list) else [u])]
+    with gdal_env([loaded.resolve(u) for u in every_uri]):
+        sources = [resolve_source(loaded, spec, checksum) for spec in cat.sources]
+    aoi84 = _aoi_wgs84(loaded, sources)
+    if cat.grid.crs == "utm":
+        c = aoi84.centroid
+        crs = CRS.from_epsg(utm_epsg(c.x, c.y))
+    else:
+        crs = parse_crs(cat.grid.crs)
+    aoi = transform_geometry(aoi84, WGS84, crs)
+    for s in sources:
+        if not s.footprint().intersects(aoi84):
+            first = next(iter(s.files))
+            raise InputError(first, f"source {s.name!r} does not overlap the AOI {tuple(round(v, 5) for v in aoi84.bounds)}")
+    grid = ChipGrid(
+        crs=crs,
+        resolution=cat.grid.resolution,
+        chip_size=cat.grid.chip_size,
+        overlap=cat.grid.overlap,
+        origin=tuple(cat.grid.origin),
+        aoi=aoi,
+    )
+    if len(grid.candidates) == 0:
+        raise InputError(str(loaded.path), "the AOI covers no chip of the grid")
+    return Ingested(catalog=loaded, sources=sources, grid=grid)

@@ -1,0 +1,180 @@
+"""Object storage (MinIO on a cluster, any S3-compatible server in tests) and local files.
+
+Configuration comes from the standard AWS variables, so the same settings drive the
+`minio` client, GDAL's /vsis3/, s3fs and dvc-s3:
+
+- ``AWS_ENDPOINT_URL`` (or ``SARFLOW_S3_ENDPOINT``): e.g. ``http://127.0.0.1:9000``
+- ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``; ``AWS_REGION`` (default us-east-1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from sarflow.errors import StorageError
+
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str
+    access_key: str | None
+    secret_key: str | None
+    region: str
+
+    @property
+    def secure(self) -> bool:
+        return urlparse(self.endpoint_url).scheme == "https"
+
+    @property
+    def netloc(self) -> str:
+        return urlparse(self.endpoint_url).netloc
+
+    def gdal_options(self) -> dict[str, str]:
+        """GDAL configuration for /vsis3/ against this endpoint (path-style, as MinIO wants)."""
+        opts = {
+            "AWS_S3_ENDPOINT": self.netloc,
+            "AWS_HTTPS": "YES" if self.secure else "NO",
+            "AWS_VIRTUAL_HOSTING": "FALSE",
+            "AWS_REGION": self.region,
+            "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+            "GDAL_HTTP_MAX_RETRY": "1",
+            "GDAL_HTTP_TIMEOUT": "20",
+        }
+        if self.access_key and self.secret_key:
+            opts["AWS_ACCESS_KEY_ID"] = self.access_key
+            opts["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+        else:
+            opts["AWS_NO_SIGN_REQUEST"] = "YES"
+        return opts
+
+
+def s3_settings() -> S3Settings:
+    endpoint = os.environ.get("SARFLOW_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
+    if "://" not in endpoint:
+        endpoint = "http://" + endpoint
+    return S3Settings(
+        endpoint_url=endpoint.rstrip("/"),
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(uri, "not an s3://bucket/key URI")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def minio_client(settings: S3Settings | None = None) -> Minio:
+    s = settings or s3_settings()
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=3.0, read=30.0),
+        retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+    )
+    return Minio(s.netloc, access_key=s.access_key, secret_key=s.secret_key, secure=s.secure, region=s.region, http_client=http)
+
+
+def _explain(uri: str, exc: Exception, settings: S3Settings) -> StorageError:
+    if isinstance(exc, S3Error):
+        if exc.code == "NoSuchBucket":
+            return StorageError(uri, f"bucket {split_s3(uri)[0]!r} does not exist at {settings.endpoint_url}")
+        if exc.code in ("NoSuchKey", "NoSuchObject"):
+            return StorageError(uri, f"object does not exist at {settings.endpoint_url}")
+        if exc.code in _AUTH_CODES:
+            return StorageError(uri, f"the S3 server at {settings.endpoint_url} refused the credentials ({exc.code})")
+        return StorageError(uri, f"S3 error {exc.code}: {exc.message}")
+    if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+        return StorageError(uri, f"S3 endpoint {settings.endpoint_url} is unreachable ({type(exc).__name__})")
+    return StorageError(uri, f"{type(exc).__name__}: {exc}")
+
+
+def check_s3_object(uri: str, settings: S3Settings | None = None) -> int:
+    """Checks that the object exists and can be read with the configured credentials; returns its size."""
+    s = settings or s3_settings()
+    bucket, key = split_s3(uri)
+    try:
+        return minio_client(s).stat_object(bucket, key).size
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
+        raise _explain(uri, e, s) from None
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    s = s3_settings()
+    bucket, key = split_s3(uri)
+    try:
+        resp = minio_client(s).get_object(bucket, key)
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+    except Exception as e:  # noqa: BLE001
+        raise _explain(uri, e, s) from None
+
+
+def sha256_of(uri: str, chunk: int = 8 << 20) -> str:
+    """sha256 of a local file or an S3 object, streamed."""
+    h = hashlib.sha256()
+    if not is_s3(uri):
+        with open(uri, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+    s = s3_settings()
+    bucket, key = split_s3(uri)
+    try:
+        resp = minio_client(s).get_object(bucket, key)
+        try:
+            for block in resp.stream(chunk):
+                h.update(block)
+        finally:
+            resp.close()
+            resp.release_conn()
+    except Exception as e:  # noqa: BLE001
+        raise _explain(uri, e, s) from None
+    return h.hexdigest()
+
+
+def gdal_path(uri: str) -> str:
+    """The path GDAL opens: /vsis3/bucket/key for s3://, the path itself otherwise."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return f"/vsis3/{bucket}/{key}"
+    return uri
+
+
+def upload_file(local: str | Path, uri: str, settings: S3Settings | None = None) -> None:
+    s = settings or s3_settings()
+    bucket, key = split_s3(uri)
+    try:
+        minio_client(s).fput_object(bucket, key, str(local))
+    except Exception as e:  # noqa: BLE001
+        raise _explain(uri, e, s) from None
+
+
+def ensure_bucket(bucket: str, settings: S3Settings | None = None) -> None:
+    s = settings or s3_settings()
+    try:
+        client = minio_client(s)
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+    except Exception as e:  # noqa: BLE001
+        raise _explain(f"s3://{bucket}", e, s) from None

@@ -1,0 +1,120 @@
+"""Dataset versions with DVC: `dvc add` the chip store, push it to a remote (MinIO/S3 on a
+cluster, a folder for the embedded default), and report the version later stages record:
+the git commit of the repository and the DVC hash of the store directory.
+
+DVC is driven through its command line (`python -m dvc`), its stable interface.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from sarflow.errors import SarflowError, StorageError
+
+S3_CHECKSUM_ENV = {  # recent botocore sends checksums that S3-compatible servers may reject
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
+
+
+def dvc(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, **S3_CHECKSUM_ENV, "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise SarflowError(f"dvc {' '.join(args)} failed in {cwd}: {' | '.join(msg[-3:])}")
+    return proc
+
+
+def find_repo(start: Path) -> Path | None:
+    for p in [start, *start.parents]:
+        if (p / ".dvc").is_dir():
+            return p
+    return None
+
+
+def git_commit(repo: Path) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def init_repo(root: Path) -> Path:
+    """A DVC repository at `root` (inside git when `root` is in a git work tree, else --no-scm)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".dvc").is_dir():
+        in_git = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+        scm_root = Path(in_git.stdout.strip()) if in_git.returncode == 0 else None
+        ignored = scm_root and subprocess.run(["git", "check-ignore", "-q", str(root)], cwd=root).returncode == 0
+        if ignored:  # e.g. demo-output/ in the project checkout: a standalone data repository
+            scm_root = None
+        dvc(["init", "-q", "--subdir"] if scm_root and scm_root != root.resolve() else
+            ["init", "-q"] if scm_root else ["init", "-q", "--no-scm"], cwd=root)
+    return root
+
+
+def configure_remote(repo: Path, url: str, name: str = "storage") -> None:
+    dvc(["remote", "add", "-f", "-d", name, url], cwd=repo)
+    endpoint = os.environ.get("SARFLOW_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if url.startswith("s3://") and endpoint:
+        dvc(["remote", "modify", name, "endpointurl", endpoint], cwd=repo)
+
+
+def store_hash(repo: Path, store: Path) -> str:
+    """The DVC md5 of the store directory, from its .dvc file or from dvc.lock."""
+    rel = os.path.relpath(store.resolve(), repo.resolve())
+    dvcfile = store.with_name(store.name + ".dvc")
+    if dvcfile.is_file():
+        outs = yaml.safe_load(dvcfile.read_text())["outs"]
+        return outs[0]["md5"]
+    lock = repo / "dvc.lock"
+    if lock.is_file():
+        for stage in (yaml.safe_load(lock.read_text()).get("stages") or {}).values():
+            for out in stage.get("outs", []):
+                if out["path"] == rel:
+                    return out["md5"]
+    raise SarflowError(f"{store}: not tracked by DVC (no {dvcfile.name} and not an output in dvc.lock)")
+
+
+def version_store(store: str | Path, remote: str | None = None, repo: str | Path | None = None,
+                  push: bool = True) -> dict:
+    """Tracks the store with DVC (unless a dvc.yaml stage already does), pushes it when a
+    remote is configured, and returns the dataset version."""
+    from sarflow.store import open_store
+
+    store = Path(store).resolve()
+    chips = open_store(store)
+    root = Path(repo).resolve() if repo else (find_repo(store.parent) or store.parent)
+    init_repo(root)
+    if remote:
+        if remote.startswith("s3://"):
+            from sarflow.storage import ensure_bucket, split_s3
+
+            ensure_bucket(split_s3(remote)[0])
+        configure_remote(root, remote)
+    added = dvc(["add", "-q", os.path.relpath(store, root)], cwd=root, check=False)
+    if added.returncode != 0:
+        text = added.stderr + added.stdout
+        if "dvc.yaml" not in text:  # an output of a dvc.yaml stage is tracked by `dvc repro` instead
+            raise SarflowError(f"dvc add {store} failed: {text.strip()[-400:]}")
+    digest = store_hash(root, store)
+    pushed = False
+    has_remote = bool(dvc(["remote", "list"], cwd=root).stdout.strip())
+    if push and has_remote:
+        proc = dvc(["push", "-q"], cwd=root, check=False)
+        if proc.returncode != 0:
+            raise StorageError(remote or "dvc remote", f"dvc push failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+        pushed = True
+    return {
+        "store": str(store),
+        "dvc_md5": digest,
+        "git_commit": git_commit(root),
+        "catalog_hash": chips.attrs["catalog_hash"],
+        "chips": chips.n_chips,
+        "repo": str(root),
+        "pushed": pushed,
+    }
