@@ -90,11 +90,23 @@ def minio_client(settings: S3Settings | None = None) -> Minio:
     return Minio(s.netloc, access_key=s.access_key, secret_key=s.secret_key, secure=s.secure, region=s.region, http_client=http)
 
 
+def _bucket_missing(uri: str, settings: S3Settings) -> bool:
+    """True only when the server says the URI's bucket does not exist (False when unsure)."""
+    try:
+        return not minio_client(settings).bucket_exists(split_s3(uri)[0])
+    except Exception:  # noqa: BLE001 - only a refinement of an error being reported
+        return False
+
+
 def _explain(uri: str, exc: Exception, settings: S3Settings) -> StorageError:
     if isinstance(exc, S3Error):
         if exc.code == "NoSuchBucket":
             return StorageError(uri, f"bucket {split_s3(uri)[0]!r} does not exist at {settings.endpoint_url}")
         if exc.code in ("NoSuchKey", "NoSuchObject"):
+            # a HEAD (stat) answers a bare 404 that minio reports as NoSuchKey even when the
+            # bucket is missing: ask the server which one it is
+            if _bucket_missing(uri, settings):
+                return StorageError(uri, f"bucket {split_s3(uri)[0]!r} does not exist at {settings.endpoint_url}")
             return StorageError(uri, f"object does not exist at {settings.endpoint_url}")
         if exc.code in _AUTH_CODES:
             return StorageError(uri, f"the S3 server at {settings.endpoint_url} refused the credentials ({exc.code})")

@@ -24,6 +24,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -519,6 +520,9 @@ def _finalize(ing, out: Path, partial: Path, progress: _Progress, state: dict, s
         "chips": total,
         "chips_table": CHIPS_TABLE,
     })
+    with warnings.catch_warnings():  # zarr notes consolidated metadata is not in the v3 spec yet
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(partial))
     table = _chips_table(ing, records)
     table.to_parquet(partial / CHIPS_TABLE, index=False)
     (partial / MANIFEST).write_text(json.dumps(ing.manifest(), indent=1, sort_keys=True))

@@ -1,0 +1,75 @@
+"""The catalog contract: strict parsing, clear errors naming the file, a stable hash."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sarflow.catalog import load_catalog
+from sarflow.errors import CatalogError
+
+GOOD = {
+    "grid": {"crs": "utm", "resolution": 10, "chip_size": 64},
+    "sources": [{"name": "s1grd", "uris": ["a.tif"], "bands": ["VV", "VH"], "units": "dB", "kind": "continuous"}],
+}
+
+
+def _write(tmp_path, data, name="catalog.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _bad(tmp_path, mutate):
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    mutate(data)
+    with pytest.raises(CatalogError) as e:
+        load_catalog(_write(tmp_path, data))
+    assert str(tmp_path / "catalog.yaml") in str(e.value)
+    return str(e.value)
+
+
+def test_good_catalog_resolves_paths_relative_to_the_catalog(tmp_path):
+    loaded = load_catalog(_write(tmp_path, GOOD))
+    assert loaded.catalog.grid.stride == 64
+    assert loaded.resolve("a.tif") == str(tmp_path / "a.tif")
+    assert loaded.resolve("s3://bucket/a.tif") == "s3://bucket/a.tif"
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    assert "colour" in _bad(tmp_path, lambda d: d["sources"][0].update(colour="red"))
+    assert "tile_size" in _bad(tmp_path, lambda d: d["grid"].update(tile_size=3))
+
+
+def test_wrong_types_are_refused(tmp_path):
+    assert "resolution" in _bad(tmp_path, lambda d: d["grid"].update(resolution="ten"))
+    assert "chip_size" in _bad(tmp_path, lambda d: d["grid"].update(chip_size=[64]))
+    assert "units" in _bad(tmp_path, lambda d: d["sources"][0].update(units="furlongs"))
+    assert "bands" in _bad(tmp_path, lambda d: d["sources"][0].update(bands="VV"))
+
+
+def test_inconsistent_values_are_refused(tmp_path):
+    assert "overlap" in _bad(tmp_path, lambda d: d["grid"].update(overlap=64))
+    assert "interpolate class codes" in _bad(tmp_path, lambda d: d["sources"][0].update(
+        kind="categorical", units="class", resampling="bilinear"))
+    assert "exactly one of" in _bad(tmp_path, lambda d: d["sources"][0].pop("uris"))
+    assert "unique" in _bad(tmp_path, lambda d: d["sources"].append(dict(d["sources"][0])))
+    assert "bbox" in _bad(tmp_path, lambda d: d["grid"].update(aoi=[1, 2, 3]))
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "catalog.yaml"
+    p.write_text("grid: [unclosed")
+    with pytest.raises(CatalogError, match="not valid YAML"):
+        load_catalog(p)
+    with pytest.raises(CatalogError, match="does not exist"):
+        load_catalog(tmp_path / "nope.yaml")
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    a = load_catalog(_write(tmp_path, GOOD, "a.yaml")).catalog.hash()
+    b = load_catalog(_write(tmp_path, GOOD, "b.yaml")).catalog.hash()
+    changed = yaml.safe_load(yaml.safe_dump(GOOD))
+    changed["grid"]["resolution"] = 20
+    c = load_catalog(_write(tmp_path, changed, "c.yaml")).catalog.hash()
+    assert a == b != c

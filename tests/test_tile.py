@@ -1,0 +1,305 @@
+"""The chip store contract, determinism, crash safety and bad inputs of `sarflow tile`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import yaml
+import zarr
+
+from helpers import write_catalog
+from sarflow.catalog import load_catalog
+from sarflow.errors import InputError
+from sarflow.store import open_store
+from sarflow.tile import TileOptions, tile
+
+SARFLOW = str(Path(sys.executable).with_name("sarflow"))
+
+
+def _arrays_equal(a: Path, b: Path) -> None:
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert sorted(ga.array_keys()) == sorted(gb.array_keys())
+    for name in ga.array_keys():
+        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in ("chips.parquet", "manifest.json")}
+
+
+# ---------------------------------------------------------------- the contract
+
+def test_store_layout_matches_the_contract(tiny_store):
+    g = zarr.open_group(str(tiny_store), mode="r")
+    for key in ("crs", "resolution", "chip_size", "catalog_hash", "sarflow_version", "modalities", "chips"):
+        assert key in g.attrs
+    n, size = g.attrs["chips"], g.attrs["chip_size"]
+    for name in g.attrs["modalities"]:
+        a = g[name]
+        nb = len(a.attrs["bands"])
+        assert a.shape == (n, nb, size, size)
+        assert a.chunks == (1, nb, size, size)  # one chip per chunk
+        assert a.shards == (16, nb, size, size)  # many chips per shard
+        for key in ("bands", "units", "kind", "nodata", "resampling", "sources", "stats"):
+            assert key in a.attrs, (name, key)
+        assert all(len(s["sha256"]) == 64 for s in a.attrs["sources"])
+        shard_files = [p for p in (tiny_store / name / "c").rglob("*") if p.is_file()]
+        assert len(shard_files) == math.ceil(n / 16)
+    assert g["s1grd"].dtype == np.float32 and g["s1grd"].attrs["units"] == "dB"
+    assert g["worldcover"].dtype == np.uint8 and g["worldcover"].attrs["nodata"] == 0
+
+
+def test_chip_table_is_geoparquet_with_stable_ids_and_valid_fractions(tiny_store):
+    t = gpd.read_parquet(tiny_store / "chips.parquet")
+    g = zarr.open_group(str(tiny_store), mode="r")
+    assert t.crs.to_epsg() == 4326
+    assert list(t["index"]) == list(range(len(t)))
+    assert t["chip_id"].is_unique
+    assert set(t["split"]) == {"train", "val", "test"}
+    key = g.attrs["grid_key"]
+    for row in t.head(5).itertuples():
+        assert row.chip_id == f"{key}_x{row.ix}_y{row.iy}"
+        assert math.isclose(row.maxx - row.minx, g.attrs["chip_size"] * g.attrs["resolution"])
+    # valid fractions agree with the pixels, and no chip lacks a required modality
+    for name in g.attrs["modalities"]:
+        a = g[name][:]
+        valid = ~np.isnan(a) if a.dtype.kind == "f" else a != g[name].attrs["nodata"]
+        np.testing.assert_allclose(valid.all(axis=1).mean(axis=(1, 2)), t[f"valid_{name}"], atol=1e-6)
+        if g[name].attrs["required"]:
+            assert (t[f"valid_{name}"] > 0).all()
+    # split blocks are spatial: 4x4-chip cells never mix splits
+    cells = t.assign(cx=t.ix // 4, cy=t.iy // 4).groupby(["cx", "cy"])["split"].nunique()
+    assert (cells == 1).all()
+
+
+def test_normalisation_statistics_come_from_the_train_split_only(tiny_store):
+    g = zarr.open_group(str(tiny_store), mode="r")
+    t = gpd.read_parquet(tiny_store / "chips.parquet")
+    train = t.loc[t.split == "train", "index"].to_numpy()
+    vv = g["s1grd"][:][train, 0].astype(np.float64)
+    stats = g["s1grd"].attrs["stats"]["bands"]["VV"]
+    assert stats["count"] == np.isfinite(vv).sum()
+    assert math.isclose(stats["mean"], np.nanmean(vv), rel_tol=1e-9)
+    assert math.isclose(stats["std"], np.nanstd(vv), rel_tol=1e-6)
+    everything = np.nanmean(g["s1grd"][:][:, 0].astype(np.float64))
+    assert not math.isclose(stats["mean"], everything, rel_tol=1e-9)
+    wc = g["worldcover"].attrs["stats"]["bands"]["class"]["class_fractions"]
+    assert "0" not in wc and math.isclose(sum(wc.values()), 1.0)
+
+
+def test_store_opens_with_plain_zarr_xarray_and_geopandas(tiny_store):
+    import xarray as xr
+
+    ds = xr.open_zarr(tiny_store)
+    assert ds["s1grd"].dims == ("chip", "s1grd_band", "y", "x")
+    np.testing.assert_array_equal(ds["worldcover"].values, zarr.open_array(str(tiny_store / "worldcover"), mode="r")[:])
+    assert open_store(tiny_store).summary()["chips"] == ds.sizes["chip"]
+
+
+def test_default_resampling_follows_kind_and_scale(tiny_store):
+    g = zarr.open_group(str(tiny_store), mode="r")
+    one = lambda name: set(g[name].attrs["resampling"].values())  # noqa: E731
+    assert one("worldcover") == {"nearest"}  # categorical, same 10 m grid
+    assert one("vegetation") == {"bilinear"}  # continuous 250 m onto 10 m: upsampling
+    assert one("s1coh") == {"bilinear"}
+
+
+def test_coarse_grid_averages_continuous_and_takes_mode_of_classes(tiny_scene, tmp_path):
+    data = yaml.safe_load(tiny_scene.read_text())
+    data["grid"].update(resolution=40, chip_size=8)
+    data["sources"] = [s for s in data["sources"] if s["name"] in ("s2rgb", "worldcover")]
+    for s in data["sources"]:
+        s["uris"] = [str(tiny_scene.parent / u) for u in s["uris"]]
+    cat = write_catalog(tmp_path / "c.yaml", data["grid"], data["sources"])
+    store = tile(load_catalog(cat), tmp_path / "coarse.zarr", TileOptions(), show_progress=False)
+    g = zarr.open_group(str(store), mode="r")
+    assert set(g["s2rgb"].attrs["resampling"].values()) == {"average"}
+    assert set(g["worldcover"].attrs["resampling"].values()) == {"mode"}
+    codes = set(np.unique(g["worldcover"][:]).tolist())
+    assert codes <= {0, 10, 20, 30, 40, 50, 60, 80, 90}  # never an interpolated class code
+
+
+# ---------------------------------------------------------------- determinism and crashes
+
+def test_same_inputs_give_byte_identical_arrays(tiny_scene, tiny_store, tmp_path):
+    again = tile(load_catalog(tiny_scene), tmp_path / "again.zarr", TileOptions(shard_chips=16, workers=1),
+                 show_progress=False)
+    assert _files(tiny_store) == _files(again)
+    pd_a, pd_b = gpd.read_parquet(tiny_store / "chips.parquet"), gpd.read_parquet(again / "chips.parquet")
+    assert pd_a.equals(pd_b)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_tiling_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    from sarflow.synth import SynthConfig, synthesize
+
+    catalog = synthesize(tmp_path / "scene", SynthConfig(size_px=768, seed=11, chip_size=32))
+    out = tmp_path / "killed.zarr"
+    partial = out.with_name(out.name + ".partial")
+    state = partial / "_sarflow_progress" / "state.json"
+    cmd = [SARFLOW, "tile", str(catalog), "--out", str(out), "--shard-chips", "16", "--block-chips", "2",
+           "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads(state.read_text())["shards"] >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, "tiling finished before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must not leave anything that looks like a finished store"
+    assert partial.is_dir()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not partial.exists()
+    reference = tile(load_catalog(catalog), tmp_path / "clean.zarr",
+                     TileOptions(shard_chips=16, block_chips=2), show_progress=False)
+    assert _files(out) == _files(reference)
+    assert gpd.read_parquet(out / "chips.parquet").equals(gpd.read_parquet(reference / "chips.parquet"))
+
+
+def test_a_stale_partial_build_from_other_inputs_is_discarded(tiny_scene, tmp_path):
+    out = tmp_path / "s.zarr"
+    partial = out.with_name("s.zarr.partial")
+    (partial / "_sarflow_progress").mkdir(parents=True)
+    (partial / "_sarflow_progress" / "state.json").write_text(json.dumps({"fingerprint": "other", "shards": 9}))
+    (partial / "junk").write_text("x")
+    tile(load_catalog(tiny_scene), out, TileOptions(shard_chips=16), show_progress=False)
+    assert not (out / "junk").exists() and not partial.exists()
+
+
+# ---------------------------------------------------------------- other input forms
+
+def test_stac_item_source_equals_the_same_files_by_path(tiny_scene, tiny_store, tmp_path):
+    import pystac
+    from datetime import datetime
+
+    scene = tiny_scene.parent
+    item = pystac.Item(id="s2", geometry=None, bbox=None, datetime=datetime(2023, 7, 18), properties={})
+    item.add_asset("visual", pystac.Asset(href=str(scene / "s2rgb.tif")))
+    item_path = tmp_path / "item.json"
+    item_path.write_text(json.dumps(item.to_dict()))
+    data = yaml.safe_load(tiny_scene.read_text())
+    for s in data["sources"]:
+        s["uris"] = [[str(scene / x) for x in u] if isinstance(u, list) else str(scene / u) for u in s["uris"]]
+        if s["name"] == "s2rgb":
+            del s["uris"]
+            s["stac"] = {"items": [str(item_path)], "assets": ["visual"]}
+    cat = write_catalog(tmp_path / "c.yaml", data["grid"], data["sources"])
+    store = tile(load_catalog(cat), tmp_path / "stac.zarr", TileOptions(shard_chips=16), show_progress=False)
+    _arrays_equal(store, tiny_store)
+
+
+def test_mosaic_of_two_overlapping_s1_files_matches_gdalwarp(tiny_store, tiny_scene, gdalwarp, tmp_path):
+    from test_reference_gdalwarp import compare_with_gdalwarp
+
+    files = [str(tiny_scene.parent / u) for u in yaml.safe_load(tiny_scene.read_text())["sources"][0]["uris"]]
+    assert len(files) == 2
+    assert compare_with_gdalwarp(tiny_store, "s1grd", files, tmp_path, src_nodata="nan") > 100_000
+
+
+# ---------------------------------------------------------------- bad input
+
+def _assert_refused(catalog: Path, out: Path, *needles: str) -> None:
+    with pytest.raises(InputError) as e:
+        tile(load_catalog(catalog), out, TileOptions(), show_progress=False)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    cli = subprocess.run([SARFLOW, "tile", str(catalog), "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert cli.returncode == 2
+    assert all(n in cli.stderr for n in needles), cli.stderr
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def _one_source(tmp_path, path, **over) -> Path:
+    src = {"name": "x", "uris": [str(path)], "bands": ["b"], "units": "dB", "kind": "continuous", **over}
+    return write_catalog(tmp_path / "c.yaml", {"crs": "utm", "resolution": 10, "chip_size": 32}, [src])
+
+
+def test_truncated_tiff_is_refused(tiny_scene, tmp_path):
+    good = (tiny_scene.parent / "worldcover.tif").read_bytes()
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(good[: len(good) // 2])
+    _assert_refused(_one_source(tmp_path, bad, units="class", kind="categorical", nodata=0), tmp_path / "o.zarr",
+                    str(bad), "truncated")
+
+
+def test_raster_without_crs_is_refused(tmp_path):
+    path = tmp_path / "nocrs.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="float32") as ds:
+        ds.write(np.ones((1, 8, 8), np.float32))
+    _assert_refused(_one_source(tmp_path, path), tmp_path / "o.zarr", str(path), "neither a CRS")
+
+
+def test_band_count_mismatch_is_refused(tiny_scene, tmp_path):
+    path = tiny_scene.parent / "s2rgb.tif"
+    _assert_refused(_one_source(tmp_path, path, bands=["B04", "B03"], units="reflectance"), tmp_path / "o.zarr",
+                    str(path), "has 3 band(s)", "declares 2")
+
+
+def test_aoi_that_overlaps_no_source_is_refused(tiny_scene, tmp_path):
+    path = tiny_scene.parent / "dem.tif"
+    cat = write_catalog(tmp_path / "c.yaml", {"crs": "utm", "resolution": 10, "chip_size": 32,
+                                              "aoi": [100.0, 10.0, 100.1, 10.1]},
+                        [{"name": "dem", "uris": [str(path)], "bands": ["z"], "units": "m", "kind": "continuous"}])
+    _assert_refused(cat, tmp_path / "o.zarr", str(path), "does not overlap the AOI")
+
+
+def test_all_nan_source_is_refused(tiny_scene, tmp_path):
+    with rasterio.open(tiny_scene.parent / "dem.tif") as ds:
+        profile = ds.profile
+    path = tmp_path / "allnan.tif"
+    profile.update(nodata=np.nan)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(np.full((1, profile["height"], profile["width"]), np.nan, np.float32))
+    _assert_refused(_one_source(tmp_path, path), tmp_path / "o.zarr", str(path), "no valid pixel")
+
+
+def test_real_all_nan_sen1floods11_chip_is_refused(real_data, tmp_path):
+    path = real_data / "sen1floods11" / "Paraguay_34417_S1Hand.tif"
+    _assert_refused(_one_source(tmp_path, path, bands=["VV", "VH"]), tmp_path / "o.zarr", str(path), "no valid pixel")
+
+
+def test_raw_s1_in_radar_geometry_is_refused_with_advice(real_data, tmp_path):
+    path = next((real_data / "rio-tiler-pds").rglob("*vv*.tif*"))
+    _assert_refused(_one_source(tmp_path, path, units="amplitude", nodata=0), tmp_path / "o.zarr",
+                    str(path), "radar geometry", "Terrain Correction")
+
+
+def test_integer_source_without_nodata_is_refused(tmp_path):
+    path = tmp_path / "classes.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:32632",
+                       transform=rasterio.transform.from_origin(500000, 5000000, 10, 10)) as ds:
+        ds.write(np.full((1, 64, 64), 10, np.uint8))
+    _assert_refused(_one_source(tmp_path, path, units="class", kind="categorical"), tmp_path / "o.zarr",
+                    str(path), "no nodata value")
+
+
+def test_bad_catalog_gives_exit_2_and_names_the_catalog(tmp_path):
+    cat = tmp_path / "c.yaml"
+    cat.write_text(yaml.safe_dump({"grid": {"crs": "utm", "resolution": "ten", "chip_size": 32}, "sources": []}))
+    cli = subprocess.run([SARFLOW, "tile", str(cat), "--out", str(tmp_path / "o.zarr")], capture_output=True, text=True)
+    assert cli.returncode == 2 and str(cat) in cli.stderr and "resolution" in cli.stderr
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_existing_store_is_not_overwritten_without_the_flag(tiny_scene, tiny_store):
+    with pytest.raises(InputError, match="already exists"):
+        tile(load_catalog(tiny_scene), tiny_store, TileOptions(), show_progress=False)
