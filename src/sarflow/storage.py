@@ -39,8 +39,10 @@ class S3Settings:
     def netloc(self) -> str:
         return urlparse(self.endpoint_url).netloc
 
-    def gdal_options(self) -> dict[str, str]:
-        """GDAL configuration for /vsis3/ against this endpoint (path-style, as MinIO wants)."""
+    def gdal_options(self) -> dict[str, object]:
+        """Keyword arguments of rasterio.Env for /vsis3/ against this endpoint (path-style, as
+        MinIO wants): GDAL configuration options, and the credentials as a `session` (rasterio
+        refuses AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY as plain configuration options)."""
         opts = {
             "AWS_S3_ENDPOINT": self.netloc,
             "AWS_HTTPS": "YES" if self.secure else "NO",
@@ -51,11 +53,33 @@ class S3Settings:
             "GDAL_HTTP_TIMEOUT": "20",
         }
         if self.access_key and self.secret_key:
-            opts["AWS_ACCESS_KEY_ID"] = self.access_key
-            opts["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+            opts["session"] = _gdal_session(self.access_key, self.secret_key, self.region)
         else:
             opts["AWS_NO_SIGN_REQUEST"] = "YES"
         return opts
+
+
+def _gdal_session(access_key: str, secret_key: str, region: str):
+    """A rasterio session that hands GDAL these static credentials (rasterio's own AWSSession
+    would need boto3, which sarflow does not depend on)."""
+    from rasterio.session import Session
+
+    class StaticS3Session(Session):
+        def __init__(self):
+            self._creds = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key, "aws_region": region}
+
+        @classmethod
+        def hascreds(cls, config) -> bool:
+            return "AWS_ACCESS_KEY_ID" in config and "AWS_SECRET_ACCESS_KEY" in config
+
+        @property
+        def credentials(self) -> dict:
+            return dict(self._creds)
+
+        def get_credential_options(self) -> dict:
+            return {k.upper(): v for k, v in self._creds.items()}
+
+    return StaticS3Session()
 
 
 def s3_settings() -> S3Settings:

@@ -96,7 +96,8 @@ def version_store(store: str | Path, remote: str | None = None, repo: str | Path
 
             ensure_bucket(split_s3(remote)[0])
         configure_remote(root, remote)
-    added = dvc(["add", "-q", os.path.relpath(store, root)], cwd=root, check=False)
+    # not -q: quiet `dvc add` prints no error either, and the stage-output case is told by its message
+    added = dvc(["add", os.path.relpath(store, root)], cwd=root, check=False)
     if added.returncode != 0:
         text = added.stderr + added.stdout
         if "dvc.yaml" not in text:  # an output of a dvc.yaml stage is tracked by `dvc repro` instead
