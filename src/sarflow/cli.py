@@ -131,6 +131,50 @@ def version(
 
 
 @app.command()
+def pretrain(
+    store: str = typer.Argument(..., help="chip store (folder or s3://)"),
+    method: Optional[str] = typer.Option(None, help="mae | dino | clip"),
+    max_steps: Optional[int] = typer.Option(None, help="optimisation steps"),
+    batch_size: Optional[int] = typer.Option(None),
+    vit_size: Optional[str] = typer.Option(None, help="tiny | small | base"),
+    patch: Optional[int] = typer.Option(None, help="patch size (8 or 16)"),
+    depth: Optional[int] = typer.Option(None, help="override the ViT depth (tiny CPU configs)"),
+    dim: Optional[int] = typer.Option(None, help="override the ViT width"),
+    output_size: Optional[int] = typer.Option(None, help="resize chips to this side (e.g. 224)"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers"),
+    devices: Optional[str] = typer.Option(None, help="'auto', a GPU count, or -1 for all GPUs (DDP)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+    experiment: Optional[str] = typer.Option(None),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Pretrain a self-supervised encoder (MAE, DINO or CLIP-multimodal), track it in MLflow and
+    register it as sarflow-encoder-<method>."""
+    from sarflow.params import load_params, section
+    from sarflow.training.methods import OptimConfig
+    from sarflow.training.pretrain import PretrainConfig
+    from sarflow.training.pretrain import pretrain as run_pretrain
+    from sarflow.training.vit import ViTConfig
+
+    try:
+        p = load_params(params)
+        cfg = section(p, "pretrain", {"method": method, "batch_size": batch_size, "output_size": output_size,
+                                      "workers": workers, "tracking_uri": tracking_uri, "experiment": experiment,
+                                      "devices": int(devices) if devices and devices.lstrip("-").isdigit() else devices})
+        vit = {**cfg.pop("vit", {}), **{k: v for k, v in {"size": vit_size, "patch": patch, "depth": depth,
+                                                           "dim": dim}.items() if v is not None}}
+        optim = {**cfg.pop("optim", {}), **({"max_steps": max_steps} if max_steps else {})}
+        method_kwargs = (cfg.pop("methods", {}) or {}).get(cfg.get("method", "mae"), {})
+        result = run_pretrain(PretrainConfig(store=store, vit=ViTConfig(**vit), optim=OptimConfig(**optim),
+                                             method_kwargs=method_kwargs, **cfg), show_progress=sys.stderr.isatty())
+    except SarflowError as e:
+        _fail(e)
+    except (ValueError, TypeError) as e:
+        _fail(SarflowError(str(e)))
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "losses"} |
+                          {"first_loss": result["losses"][0], "last_loss": result["losses"][-1]}, indent=1))
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-output"), help="output folder (summary.json, store, plots)"),
     catalog: Optional[Path] = typer.Option(None, help="run on your own catalog instead of a synthetic scene"),

@@ -1,0 +1,1 @@
+"""The training plane: chip loaders, ViT encoders, self-supervised methods, tracking."""

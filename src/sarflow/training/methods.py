@@ -1,0 +1,353 @@
+"""Self-supervised methods as LightningModules: MAE, DINO and CLIP-style multimodal.
+
+Each module trains on batches from `sarflow.training.data` (normalised tensors per modality
+and `<modality>_present` flags) and exports a `ChipEncoder` (see encoder.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sarflow.training.encoder import ChipEncoder
+from sarflow.training.vit import Block, ViT, ViTConfig, sincos_pos_embed
+
+METHODS = ("mae", "dino", "clip")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    max_steps: int = 100
+
+
+@dataclass
+class Group:
+    """A modality group: which store modality, which bands, normalisation constants."""
+
+    name: str
+    modality: str
+    bands: list[str]
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class SSLModule(L.LightningModule):
+    """AdamW with linear warmup then cosine decay (per step), shared by every method."""
+
+    def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig):
+        super().__init__()
+        self.groups = groups
+        self.vit_cfg = vit
+        self.optim = optim
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "token" in n else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.optim.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.optim.lr, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.optim.warmup_steps, self.optim.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor([m for g in self.groups for m in g.mean], dtype=torch.float32)
+        std = torch.tensor([s for g in self.groups for s in g.std], dtype=torch.float32)
+        return mean, std
+
+    def export_encoder(self) -> ChipEncoder:
+        raise NotImplementedError
+
+
+def _vit_for(cfg: ViTConfig, chans: int) -> ViT:
+    return ViT(ViTConfig(**{**cfg.__dict__, "in_chans": chans}))
+
+
+def _single_encoder(module: SSLModule, vit: ViT, pool: str = "cls") -> ChipEncoder:
+    g = module.groups[0]
+    mean, std = module._stats()
+    enc = ChipEncoder([(g.name, g.bands)], nn.ModuleDict({g.name: copy.deepcopy(vit)}),
+                      nn.ModuleDict({g.name: nn.Identity()}), mean, std, pool=pool)
+    return enc.eval()
+
+
+# ------------------------------------------------------------------------- MAE
+
+class MAE(SSLModule):
+    """Masked autoencoder: 75% of patches hidden, the loss on the hidden ones only."""
+
+    def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, mask_ratio: float = 0.75,
+                 norm_pix_loss: bool = True, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4):
+        super().__init__(groups, vit, optim)
+        if len(groups) != 1:
+            raise ValueError("MAE trains on one modality group")
+        self.save_hyperparameters(ignore=["groups", "vit", "optim"])
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.chans = len(groups[0].bands)
+        self.encoder = _vit_for(vit, self.chans)
+        dim, p = self.encoder.dim, vit.patch
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, 4.0) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, p * p * self.chans)
+        self.decoder_dim = decoder_dim
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.vit_cfg.patch
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        p, c = self.vit_cfg.patch, self.chans
+        b = x.shape[0]
+        x = x.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, h, w)
+
+    def forward_loss(self, x: torch.Tensor):
+        tokens = self.encoder.patchify_embed(x)
+        b, n, d = tokens.shape
+        keep = max(1, int(round(n * (1 - self.mask_ratio))))
+        noise = torch.rand(b, n, device=x.device)
+        ids_shuffle = noise.argsort(dim=1)
+        ids_restore = ids_shuffle.argsort(dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        visible = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, d))
+        latent, _ = self.encoder.forward_tokens(visible)
+        mask = torch.ones(b, n, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        y = self.decoder_embed(latent)
+        fill = self.mask_token.expand(b, n - keep, -1).to(y.dtype)
+        seq = torch.cat([y[:, 1:], fill], dim=1)
+        seq = torch.gather(seq, 1, ids_restore[..., None].expand(-1, -1, self.decoder_dim))
+        grid = int(math.isqrt(n)) if x.shape[-1] == x.shape[-2] else None
+        pos = sincos_pos_embed(self.decoder_dim, grid) if grid else 0
+        seq = torch.cat([y[:, :1], seq + (pos.to(seq) if grid else 0)], dim=1)
+        for blk in self.decoder_blocks:
+            seq, _ = blk(seq)
+        pred = self.decoder_pred(self.decoder_norm(seq))[:, 1:]
+        target = self.patchify(x)
+        if self.norm_pix_loss:
+            mu, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mu) / (var + 1e-6).sqrt()
+        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum(), pred, mask
+
+    def training_step(self, batch, _):
+        loss, _, _ = self.forward_loss(batch[self.groups[0].modality])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input, masked input, reconstruction) of the first channel, for figures."""
+        _, pred, mask = self.forward_loss(x)
+        if self.norm_pix_loss:  # un-normalise with the target patches' own statistics
+            t = self.patchify(x)
+            pred = pred * (t.var(dim=-1, keepdim=True) + 1e-6).sqrt() + t.mean(dim=-1, keepdim=True)
+        h, w = x.shape[-2:]
+        rec = self.unpatchify(pred.float(), h, w)
+        m = self.unpatchify(mask[..., None].expand(-1, -1, self.patchify(x).shape[-1]).float(), h, w)
+        return x[:, 0].cpu().numpy(), (x * (1 - m))[:, 0].cpu().numpy(), rec[:, 0].cpu().numpy()
+
+    def export_encoder(self) -> ChipEncoder:
+        return _single_encoder(self, self.encoder)
+
+
+# ------------------------------------------------------------------------ DINO
+
+class DINOHead(nn.Module):
+    def __init__(self, dim: int, out_dim: int, hidden: int = 512, bottleneck: int = 128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+
+    def forward(self, x):
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+def random_resized_crops(x: torch.Tensor, n: int, scale: tuple[float, float], size: int) -> list[torch.Tensor]:
+    """n independent random resized crops (+ horizontal flips) per sample, on the device."""
+    b = x.shape[0]
+    out = []
+    for _ in range(n):
+        s = torch.empty(b, device=x.device).uniform_(*scale).sqrt()
+        cx = (torch.rand(b, device=x.device) * 2 - 1) * (1 - s)
+        cy = (torch.rand(b, device=x.device) * 2 - 1) * (1 - s)
+        flip = torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+        theta[:, 0, 0], theta[:, 0, 2] = s * flip, cx
+        theta[:, 1, 1], theta[:, 1, 2] = s, cy
+        grid = F.affine_grid(theta, (b, x.shape[1], size, size), align_corners=False)
+        out.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False))
+    return out
+
+
+class DINO(SSLModule):
+    """Self-distillation: an EMA teacher sees global crops, the student all crops; centering
+    and sharpening keep the teacher from collapsing."""
+
+    def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, out_dim: int = 1024,
+                 local_crops: int = 4, teacher_temp: float = 0.04, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, ema_start: float = 0.996):
+        super().__init__(groups, vit, optim)
+        if len(groups) != 1:
+            raise ValueError("DINO trains on one modality group")
+        self.save_hyperparameters(ignore=["groups", "vit", "optim"])
+        chans = len(groups[0].bands)
+        self.student = _vit_for(vit, chans)
+        self.student_head = DINOHead(self.student.dim, out_dim)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher_head = copy.deepcopy(self.student_head)
+        for p in list(self.teacher.parameters()) + list(self.teacher_head.parameters()):
+            p.requires_grad = False
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.local_crops, self.t_temp, self.s_temp = local_crops, teacher_temp, student_temp
+        self.center_momentum, self.ema_start = center_momentum, ema_start
+
+    def crops(self, x):
+        size = x.shape[-1]
+        p = self.vit_cfg.patch
+        local = max(p, (size // 2) // p * p)
+        return (random_resized_crops(x, 2, (0.4, 1.0), size),
+                random_resized_crops(x, self.local_crops, (0.05, 0.4), local))
+
+    def loss(self, x):
+        globals_, locals_ = self.crops(x)
+        with torch.no_grad():
+            t_out = [self.teacher_head(self.teacher(v)[:, 0]) for v in globals_]
+            t_probs = [F.softmax((t - self.center) / self.t_temp, dim=-1) for t in t_out]
+        s_out = [self.student_head(self.student(v)[:, 0]) for v in globals_ + locals_]
+        total, terms = 0.0, 0
+        for iq, q in enumerate(t_probs):
+            for iv, s in enumerate(s_out):
+                if iv == iq:
+                    continue
+                total = total + torch.sum(-q * F.log_softmax(s / self.s_temp, dim=-1), dim=-1).mean()
+                terms += 1
+        with torch.no_grad():
+            batch_center = torch.cat(t_out).mean(dim=0, keepdim=True)
+            self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        return total / terms
+
+    def training_step(self, batch, _):
+        loss = self.loss(batch[self.groups[0].modality])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, *_):
+        step, total = self.global_step, max(1, self.optim.max_steps)
+        m = 1 - (1 - self.ema_start) * (math.cos(math.pi * min(1.0, step / total)) + 1) / 2
+        with torch.no_grad():
+            for ps, pt in zip(list(self.student.parameters()) + list(self.student_head.parameters()),
+                              list(self.teacher.parameters()) + list(self.teacher_head.parameters())):
+                pt.mul_(m).add_(ps.detach() * (1 - m))
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> np.ndarray:
+        """(B, heads, h, w): the teacher's last-block CLS attention on the patches."""
+        attn = self.teacher.last_attention(x)
+        g = x.shape[-1] // self.vit_cfg.patch
+        return attn.reshape(attn.shape[0], attn.shape[1], g, -1).float().cpu().numpy()
+
+    def export_encoder(self) -> ChipEncoder:
+        return _single_encoder(self, self.teacher)
+
+
+# ------------------------------------------------------------------------ CLIP
+
+class MultiModalCLIP(SSLModule):
+    """One encoder per modality group projected into a shared space; InfoNCE over every pair of
+    groups present in the batch; modality and channel dropout so missing inputs still embed."""
+
+    def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, embed_dim: int = 256,
+                 modality_dropout: float = 0.2, channel_dropout: float = 0.1, init_temperature: float = 0.07):
+        super().__init__(groups, vit, optim)
+        if len(groups) < 2:
+            raise ValueError("CLIP-style training needs at least two modality groups")
+        self.save_hyperparameters(ignore=["groups", "vit", "optim"])
+        self.encoders = nn.ModuleDict({g.name: _vit_for(vit, len(g.bands)) for g in groups})
+        self.projections = nn.ModuleDict({g.name: nn.Linear(self.encoders[g.name].dim, embed_dim) for g in groups})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        self.modality_dropout, self.channel_dropout = modality_dropout, channel_dropout
+
+    def _drop(self, batch):
+        """Training-time dropout of whole modalities (keep at least one) and of channels."""
+        xs, present = {}, {}
+        names = [g.name for g in self.groups]
+        b = batch[self.groups[0].modality].shape[0]
+        device = batch[self.groups[0].modality].device
+        keep = torch.stack([torch.rand(b, device=device) >= self.modality_dropout for _ in names], dim=1)
+        keep[~keep.any(dim=1), torch.randint(len(names), (1,)).item()] = True
+        for i, g in enumerate(self.groups):
+            x = batch[g.modality]
+            if self.training and self.channel_dropout > 0 and x.shape[1] > 1:
+                ch = torch.rand(b, x.shape[1], device=device) >= self.channel_dropout
+                ch[~ch.any(dim=1), 0] = True
+                x = x * ch[:, :, None, None].to(x.dtype)
+            pres = batch[f"{g.modality}_present"].bool()
+            present[g.name] = pres & keep[:, i] if self.training else pres
+            xs[g.name] = x * present[g.name][:, None, None, None].to(x.dtype)
+        return xs, present
+
+    def embeddings(self, xs):
+        return {n: F.normalize(self.projections[n](self.encoders[n](x)[:, 0]), dim=-1) for n, x in xs.items()}
+
+    def loss(self, batch):
+        xs, present = self._drop(batch)
+        z = self.embeddings(xs)
+        scale = self.logit_scale.exp().clamp(max=100)
+        names = [g.name for g in self.groups]
+        total, pairs = 0.0, 0
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                both = present[a] & present[b]
+                if both.sum() < 2:
+                    continue
+                logits = scale * z[a][both] @ z[b][both].T
+                target = torch.arange(logits.shape[0], device=logits.device)
+                total = total + (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+                pairs += 1
+        if pairs == 0:  # nothing to contrast in this batch: a zero that keeps the graph
+            return sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
+        return total / pairs
+
+    def training_step(self, batch, _):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def export_encoder(self) -> ChipEncoder:
+        mean, std = self._stats()
+        enc = ChipEncoder([(g.name, g.bands) for g in self.groups], copy.deepcopy(self.encoders),
+                          copy.deepcopy(self.projections), mean, std, pool="cls", normalize_output=True)
+        return enc.eval()
+
+
+def build_method(method: str, groups: list[Group], vit: ViTConfig, optim: OptimConfig, **kwargs) -> SSLModule:
+    classes = {"mae": MAE, "dino": DINO, "clip": MultiModalCLIP}
+    if method not in classes:
+        raise ValueError(f"unknown method {method!r}: choose from {list(classes)}")
+    return classes[method](groups, vit, optim, **kwargs)

@@ -1,0 +1,255 @@
+"""`sarflow pretrain`: train a self-supervised encoder on the chip store, track it in MLflow,
+and register the exported `ChipEncoder` as `sarflow-encoder-<method>`.
+
+Runs on CPU for tiny configs and on GPUs when present (bf16 autocast). Several GPUs on one
+node: `devices: -1` uses them all with Lightning DDP; the iterable loader deals shards to each
+rank, so every chip is seen once per epoch across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from sarflow.errors import InputError
+from sarflow.training.data import Augment, ChipDataModule, LoaderConfig, ModalitySpec
+from sarflow.training.methods import METHODS, Group, OptimConfig, build_method
+from sarflow.training.vit import ViTConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUPS = {
+    "mae": [("s1", "s1grd", None)],
+    "dino": [("s1", "s1grd", None)],
+    "clip": [("s1", "s1grd", None), ("coh", "s1coh", None), ("s2", "s2rgb", None)],
+}
+
+
+@dataclass
+class PretrainConfig:
+    store: str
+    method: str = "mae"
+    groups: list[tuple[str, str, list[str] | None]] | None = None  # (group, modality, bands)
+    vit: ViTConfig = field(default_factory=lambda: ViTConfig(size="tiny", patch=16))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 32
+    workers: int = 0
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    output_size: int | None = None
+    shuffle_buffer: int = 256
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    compile: bool = False
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "sarflow-pretrain"
+    register: bool = True
+    method_kwargs: dict = field(default_factory=dict)
+
+
+class Throughput(L.Callback):
+    """Logs chips/s and peak GPU memory, and keeps the loss curve for the figure."""
+
+    def __init__(self):
+        self.t0, self.seen, self.losses = None, 0, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seen += int(batch["index"].shape[0])
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach().float().cpu()))
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        module.log("perf/chips_per_s", self.seen / elapsed)
+        if torch.cuda.is_available():
+            module.log("perf/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30)
+
+
+def resolve_groups(cfg: PretrainConfig) -> list[Group]:
+    from sarflow.training.data import open_chip_group
+
+    if cfg.method not in METHODS:
+        raise InputError(cfg.method, f"unknown method: choose from {list(METHODS)}")
+    group = open_chip_group(cfg.store)
+    mods = list(group.attrs.get("modalities", []))
+    out = []
+    for name, modality, bands in cfg.groups or DEFAULT_GROUPS[cfg.method]:
+        if modality not in mods:
+            raise InputError(cfg.store, f"the store has no modality {modality!r} (it has {mods})")
+        arr = group[modality]
+        all_bands = list(arr.attrs["bands"])
+        bands = bands or all_bands
+        missing = [b for b in bands if b not in all_bands]
+        if missing:
+            raise InputError(cfg.store, f"modality {modality!r} has no band(s) {missing} (it has {all_bands})")
+        if arr.attrs["kind"] != "continuous":
+            raise InputError(cfg.store, f"modality {modality!r} is categorical: pretrain on continuous data")
+        st = arr.attrs["stats"]["bands"]
+        out.append(Group(name, modality, bands, [st[b]["mean"] or 0.0 for b in bands], [st[b]["std"] or 1.0 for b in bands]))
+    size = cfg.output_size or int(group.attrs["chip_size"])
+    if size < cfg.vit.patch or size % cfg.vit.patch:
+        raise InputError(cfg.store, f"chips of {size} px cannot be cut into {cfg.vit.patch} px patches "
+                                    "(the chip must be at least the patch size and a multiple of it)")
+    return out
+
+
+def make_datamodule(cfg: PretrainConfig, groups: list[Group]) -> ChipDataModule:
+    loader_cfg = LoaderConfig(
+        store=cfg.store,
+        modalities=[ModalitySpec(g.modality, g.bands) for g in groups],
+        split="train",
+        min_valid=-1.0 if cfg.method == "clip" else 0.0,  # CLIP embeds chips with missing modalities
+        output_size=cfg.output_size,
+        augment=Augment(),
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+    )
+    return ChipDataModule(loader_cfg, cfg.batch_size, cfg.workers, cfg.pin_memory, cfg.prefetch_factor)
+
+
+def _figures(module, method: str, batch: dict, losses: list[float], outdir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(losses)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(f"{method} training loss")
+    fig.tight_layout()
+    paths.append(outdir / "loss_curve.png")
+    fig.savefig(paths[-1], dpi=80)
+    plt.close(fig)
+    module.eval()
+    x = batch[module.groups[0].modality][:4].to(module.device)
+    if method == "mae":
+        inp, masked, rec = module.reconstruct(x)
+        fig, axes = plt.subplots(len(inp), 3, figsize=(6, 2 * len(inp)), squeeze=False)
+        for i in range(len(inp)):
+            for j, (img, title) in enumerate(((inp[i], "input"), (masked[i], "masked 75%"), (rec[i], "reconstruction"))):
+                axes[i, j].imshow(img, cmap="gray", vmin=-2.5, vmax=2.5)
+                axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+                axes[i, j].set_title(title if i == 0 else "", fontsize=8)
+        fig.tight_layout()
+        paths.append(outdir / "mae_reconstructions.png")
+        fig.savefig(paths[-1], dpi=80)
+        plt.close(fig)
+    elif method == "dino":
+        maps = module.attention_maps(x)
+        np.save(outdir / "dino_attention.npy", maps)
+        paths.append(outdir / "dino_attention.npy")
+        heads = maps.shape[1]
+        fig, axes = plt.subplots(len(maps), heads + 1, figsize=(1.8 * (heads + 1), 1.8 * len(maps)), squeeze=False)
+        for i in range(len(maps)):
+            axes[i, 0].imshow(x[i, 0].float().cpu().numpy(), cmap="gray")
+            for h in range(heads):
+                axes[i, h + 1].imshow(maps[i, h], cmap="inferno")
+                if i == 0:
+                    axes[i, h + 1].set_title(f"head {h}", fontsize=8)
+            for a in axes[i]:
+                a.set_xticks([]), a.set_yticks([])
+        fig.tight_layout()
+        paths.append(outdir / "dino_attention.png")
+        fig.savefig(paths[-1], dpi=80)
+        plt.close(fig)
+    return paths
+
+
+def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
+    """Trains, tracks and registers; returns run id, model URI, registered version and losses."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.models import infer_signature
+
+    from sarflow.tracking import dataset_lineage, setup_mlflow
+
+    groups = resolve_groups(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    module = build_method(cfg.method, groups, cfg.vit, cfg.optim, **cfg.method_kwargs)
+    if cfg.compile:
+        module = torch.compile(module)
+    data = make_datamodule(cfg, groups)
+    lineage = dataset_lineage(cfg.store)
+    exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
+    gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    params = {"method": cfg.method, "batch_size": cfg.batch_size, "output_size": cfg.output_size,
+              "groups": [(g.name, g.modality, g.bands) for g in groups], **{f"vit_{k}": v for k, v in asdict(cfg.vit).items()},
+              **{f"optim_{k}": v for k, v in asdict(cfg.optim).items()}, **cfg.method_kwargs,
+              "precision": "bf16-mixed" if gpu else "32-true"}
+    with mlflow.start_run(experiment_id=exp_id, tags=lineage) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_params({k: v for k, v in lineage.items()})
+        logger = MLFlowLogger(tracking_uri=cfg.tracking_uri, run_id=run.info.run_id, experiment_name=cfg.experiment)
+        throughput = Throughput()
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=max(1, cfg.optim.max_steps))
+            trainer = L.Trainer(
+                max_steps=cfg.optim.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
+                precision="bf16-mixed" if gpu else "32-true", logger=logger, callbacks=[throughput, ckpt],
+                log_every_n_steps=1, enable_progress_bar=show_progress, enable_model_summary=False,
+                strategy="ddp" if gpu and torch.cuda.device_count() > 1 and cfg.devices not in (1, "1") else "auto",
+            )
+            trainer.fit(module, datamodule=data)
+            if trainer.global_rank != 0:
+                return {}
+            batch = next(iter(data.train_dataloader()))
+            for f in _figures(module, cfg.method, batch, throughput.losses, Path(tmp)):
+                mlflow.log_artifact(str(f), artifact_path="figures")
+            if Path(tmp, "last.ckpt").exists():
+                mlflow.log_artifact(str(Path(tmp, "last.ckpt")), artifact_path="checkpoints")
+        encoder = module.export_encoder().cpu().float()
+        example = _example_input(cfg, groups)
+        with torch.no_grad():
+            out = encoder(torch.from_numpy(example)).numpy()
+        name = f"sarflow-encoder-{cfg.method}"
+        info = mlflow.pytorch.log_model(
+            encoder, name="encoder", signature=infer_signature(example, out), input_example=example,
+            registered_model_name=name if cfg.register else None,
+        )
+        mlflow.log_metric("train/final_loss", throughput.losses[-1])
+        version = None
+        if cfg.register:
+            client = mlflow.MlflowClient()
+            version = info.registered_model_version
+            for k, v in lineage.items():
+                client.set_model_version_tag(name, version, k, v)
+            client.set_model_version_tag(name, version, "sarflow.embedding_dim", str(out.shape[1]))
+            client.set_model_version_tag(name, version, "sarflow.channels", ",".join(encoder.channel_names))
+    return {
+        "run_id": run.info.run_id,
+        "model_uri": info.model_uri,
+        "registered_model": name if cfg.register else None,
+        "version": version,
+        "losses": throughput.losses,
+        "embedding_dim": int(out.shape[1]),
+        "channels": encoder.channel_names,
+        "lineage": lineage,
+    }
+
+
+def _example_input(cfg: PretrainConfig, groups: list[Group]) -> np.ndarray:
+    """Two real chips from the store, in physical units, as the model's input example."""
+    from sarflow.training.data import open_chip_group
+
+    g = open_chip_group(cfg.store)
+    parts = []
+    for grp in groups:
+        arr = g[grp.modality]
+        idx = [list(arr.attrs["bands"]).index(b) for b in grp.bands]
+        parts.append(arr[0:2][:, idx].astype(np.float32))
+    x = np.concatenate(parts, axis=1)
+    if cfg.output_size and cfg.output_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(cfg.output_size,) * 2, mode="bilinear",
+                                            align_corners=False).numpy()
+    return x
