@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import date as Date
 from pathlib import Path
 from typing import Literal
@@ -144,6 +145,14 @@ class LoadedCatalog(BaseModel):
             return uri
         p = Path(uri).expanduser()
         return str(p if p.is_absolute() else (self.base_dir / p).resolve())
+
+
+    def relative(self, uri: str) -> str:
+        """A resolved URI as recorded in products: relative to the catalog folder for local files,
+        so the same inputs give the same store (and dataset version) wherever they sit."""
+        if "://" in uri:
+            return uri
+        return os.path.relpath(uri, self.base_dir)
 
 
 def load_catalog(path: str | Path) -> LoadedCatalog:

@@ -201,5 +201,9 @@ def demo(
     typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
 
 
+from sarflow.cli_pipeline import pipeline_app  # noqa: E402
+
+app.add_typer(pipeline_app, name="pipeline", help="Compile, run locally (kfp.local) or submit the Kubeflow pipelines.")
+
 if __name__ == "__main__":
     app()

@@ -80,7 +80,7 @@ class Ingested:
 
     def manifest(self) -> dict:
         return {
-            "catalog": str(self.catalog.path),
+            "catalog": self.catalog.path.name,
             "catalog_hash": self.catalog.catalog.hash(),
             "grid": {
                 "crs": self.grid.crs.to_string(),
@@ -95,7 +95,8 @@ class Ingested:
                     "name": s.name,
                     "date": s.spec.date.isoformat() if s.spec.date else None,
                     "files": [
-                        {k: v for k, v in asdict(f).items() if k not in ("footprint", "path")}
+                        {**{k: v for k, v in asdict(f).items() if k not in ("footprint", "path")},
+                         "uri": self.catalog.relative(f.uri)}
                         for f in s.files.values()
                     ],
                 }

@@ -312,7 +312,7 @@ def _fingerprint(ing: Ingested, options: TileOptions) -> str:
         "catalog": ing.catalog.catalog.hash(),
         "grid": ing.grid.key,
         "options": options.fingerprint_fields(),
-        "inputs": sorted((u, f.sha256, f.size) for s in ing.sources for u, f in s.files.items()),
+        "inputs": sorted((ing.catalog.relative(u), f.sha256, f.size) for s in ing.sources for u, f in s.files.items()),
         "version": __version__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -340,10 +340,11 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
                 "kind": s.spec.kind,
                 "nodata": None if s.nodata is None or np.dtype(s.dtype).kind == "f" else s.nodata,
                 "nodata_in_store": "NaN" if dtype.kind == "f" else s.nodata,
-                "resampling": {u: resampling[(s.name, u)] for u in s.files},
+                "resampling": {ing.catalog.relative(u): resampling[(s.name, u)] for u in s.files},
                 "date": s.spec.date.isoformat() if s.spec.date else None,
                 "required": s.spec.required,
-                "sources": [{"uri": u, "sha256": f.sha256, "size": f.size} for u, f in s.files.items()],
+                "sources": [{"uri": ing.catalog.relative(u), "sha256": f.sha256, "size": f.size}
+                            for u, f in s.files.items()],
             },
         )
 

@@ -1,0 +1,32 @@
+"""Kubeflow components of sarflow: one module per stage, each a thin wrapper over the library.
+
+Every component is a KFP *lightweight Python component*: the function body is shipped as
+source and runs inside the project image ``ghcr.io/sarflow/sarflow:0.1.0`` (on a cluster) or
+in the current interpreter (``kfp.local.SubprocessRunner(use_venv=False)``). Hence:
+
+- all imports (``sarflow`` included) live inside the function bodies; the module level of
+  these files is never executed by the task;
+- ``packages_to_install`` is left empty and ``install_kfp_package=False``: the image (and the
+  project venv) already has ``kfp`` and ``sarflow``, so no task reaches a package index;
+- inputs and outputs are typed artifacts: a scene and a chip store are ``dsl.Dataset``
+  *folders* (``artifact.path`` is a local path: the pipeline root on ``kfp.local``, the
+  ``/minio/...`` / ``/s3/...`` mount of the launcher on a cluster), reports are
+  ``dsl.Artifact`` JSON files, counts are ``dsl.Metrics`` (their values live in the
+  artifact's metadata; each component also writes them as JSON to ``metrics.path`` so the
+  artifact is a real file: kfp.local's cache treats a missing artifact file as a cache miss,
+  which would otherwise defeat caching of every task with a Metrics output);
+- no stage logic: each body parses its inputs into the library's typed config, calls the one
+  library function, and records what it returned.
+
+The components are importable without the project on ``sys.path`` of the task, but
+``pipelines/`` imports them as ``components.<stage>`` from the project root.
+"""
+
+from components.ingest import ingest_scene
+from components.synth import synth_scene
+from components.tile import tile_scene
+from components.version import version_chips
+
+BASE_IMAGE = "ghcr.io/sarflow/sarflow:0.1.0"
+
+__all__ = ["BASE_IMAGE", "synth_scene", "ingest_scene", "tile_scene", "version_chips"]

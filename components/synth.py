@@ -1,0 +1,39 @@
+"""Component `synth-scene`: a synthetic scene (Sentinel-1/2, labels, catalog.yaml) from a seed.
+
+Thin wrapper over :func:`sarflow.synth.synthesize`; the scene is a folder-valued
+``dsl.Dataset`` whose ``catalog.yaml`` references its rasters by relative path, so the
+folder stays valid wherever KFP copies it.
+"""
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def synth_scene(
+    scene: Output[Dataset],
+    seed: int = 0,
+    size_px: int = 512,
+    chip_size: int = 64,
+    cloud_fraction: float = 0.3,
+    seasons: List[str] = ["summer", "winter"],
+):
+    """Writes a synthetic AOI into the `scene` folder (catalog.yaml + rasters)."""
+    from pathlib import Path
+
+    from sarflow.catalog import load_catalog
+    from sarflow.synth import SynthConfig, synthesize
+
+    # the KFP IR keeps numbers as doubles: a ParallelFor item may arrive as 3.0
+    cfg = SynthConfig(size_px=int(size_px), seed=int(seed), chip_size=int(chip_size),
+                      cloud_fraction=float(cloud_fraction), seasons=list(seasons))
+    catalog = synthesize(Path(scene.path), cfg)
+    scene.metadata.update({
+        "catalog": Path(catalog).name,
+        "catalog_hash": load_catalog(catalog).catalog.hash(),
+        "seed": cfg.seed,
+        "size_px": cfg.size_px,
+        "chip_size": cfg.chip_size,
+    })

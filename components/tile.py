@@ -1,0 +1,53 @@
+"""Component `tile-scene`: align every source onto the grid and write the Zarr v3 chip store.
+
+Thin wrapper over :func:`sarflow.tile.tile`. The chip store is a folder-valued
+``dsl.Dataset``: the library builds it in ``<store>.partial/`` beside the artifact path and
+renames it into place, so the artifact appears whole or not at all.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Output
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def tile_scene(
+    scene: Input[Dataset],
+    store: Output[Dataset],
+    metrics: Output[Metrics],
+    workers: int = 2,
+    shard_chips: int = 64,
+    block_chips: int = 4,
+    split_block: int = 4,
+    checksum: bool = True,
+    s3_endpoint: str = "",
+):
+    """Tiles the scene's catalog into the `store` folder (a sharded Zarr v3 chip store)."""
+    import json
+    import os
+    from pathlib import Path
+
+    if s3_endpoint:  # credentials come from the environment (the sarflow-minio secret)
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from sarflow.catalog import load_catalog
+    from sarflow.store import open_store
+    from sarflow.tile import TileOptions, tile
+
+    where = Path(scene.path)
+    catalog = where / scene.metadata.get("catalog", "catalog.yaml") if where.is_dir() else where
+    options = TileOptions(workers=int(workers), shard_chips=int(shard_chips), block_chips=int(block_chips),
+                          split_block=int(split_block), checksum=bool(checksum), overwrite=True)
+    os.makedirs(os.path.dirname(store.path), exist_ok=True)
+    out = tile(load_catalog(catalog), store.path, options, show_progress=False)
+    summary = open_store(out).summary()
+    store.metadata.update({
+        "chips": summary["chips"],
+        "catalog_hash": summary["catalog_hash"],
+        "crs": summary["crs"],
+        "resolution": summary["resolution"],
+        "chip_size": summary["chip_size"],
+        "modalities": sorted(summary["modalities"]),
+    })
+    metrics.log_metric("chips", summary["chips"])
+    for split, n in summary["splits"].items():
+        metrics.log_metric(f"chips_{split}", n)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__

@@ -1,0 +1,9 @@
+"""Kubeflow pipelines of sarflow, each a module with a ``@dsl.pipeline`` function.
+
+``REGISTRY`` maps the short names the CLI and :mod:`sarflow.kfp_runner` accept to
+``module:function``.
+"""
+
+REGISTRY = {
+    "data": "pipelines.data:data_pipeline",
+}

@@ -1,0 +1,132 @@
+"""`sarflow pipeline ...`: compile, run locally, or submit the Kubeflow pipelines.
+
+A typer sub-app; the main CLI registers it with ``app.add_typer(pipeline_app, name="pipeline")``.
+Pipeline arguments come from ``params.yaml`` (the keys of the pipeline's sections, its
+module's ``PARAMS_SECTIONS``, that name a pipeline parameter: for ``data``,
+``synth.size_px`` -> ``size_px``, ``tile.shard_chips`` -> ``shard_chips``), and
+``--arg KEY=VALUE`` overrides them (VALUE is read as JSON when it parses: ``seeds=[0,1]``,
+``size_px=256``, ``checksum=false``; otherwise it is a string).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from sarflow.errors import SarflowError
+
+pipeline_app = typer.Typer(
+    help="Kubeflow pipelines: compile to IR YAML, run locally with kfp.local, submit to a KFP server.",
+    no_args_is_help=True, pretty_exceptions_enable=False)
+
+NameArg = typer.Argument("data", help="pipeline: a short name (data) or module:function")
+ArgOpt = typer.Option(None, "--arg", "-a", help="pipeline argument KEY=VALUE (VALUE as JSON when it parses); repeatable")
+ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: ./params.yaml when present)")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def parse_arguments(pairs: List[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise SarflowError(f"--arg {pair!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _arguments(name: str, params: Optional[Path], pairs: List[str] | None) -> dict[str, Any]:
+    from sarflow.kfp_runner import arguments_from_params
+    from sarflow.params import load_params
+
+    args = arguments_from_params(name, load_params(params))
+    args.update(parse_arguments(pairs))
+    return args
+
+
+@pipeline_app.command("list")
+def list_cmd() -> None:
+    """List the pipelines and their parameters with defaults."""
+    from sarflow.kfp_runner import pipeline_names, pipeline_parameters
+
+    try:
+        typer.echo(json.dumps({n: pipeline_parameters(n) for n in pipeline_names()}, indent=1, default=str))
+    except SarflowError as e:
+        _fail(e)
+
+
+@pipeline_app.command("compile")
+def compile_cmd(
+    name: str = NameArg,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="IR YAML to write (default: <name>_pipeline.yaml)"),
+    arg: Optional[List[str]] = ArgOpt,
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Compile a pipeline to KFP IR YAML; params.yaml and --arg become its parameter defaults."""
+    from sarflow.kfp_runner import compile_pipeline
+
+    try:
+        path = compile_pipeline(name, out or Path(f"{name.split(':')[-1]}_pipeline.yaml"),
+                                defaults=_arguments(name, params, arg))
+    except SarflowError as e:
+        _fail(e)
+    typer.echo(f"pipeline compiled: {path}")
+
+
+@pipeline_app.command("run")
+def run_cmd(
+    name: str = NameArg,
+    local: bool = typer.Option(False, "--local", help="run here with kfp.local (SubprocessRunner, use_venv=False)"),
+    pipeline_root: Path = typer.Option(Path("data/kfp-local"), help="folder for the run's outputs (one subfolder per run)"),
+    arg: Optional[List[str]] = ArgOpt,
+    params: Optional[Path] = ParamsOpt,
+    cache: bool = typer.Option(False, "--cache/--no-cache", help="reuse outputs of tasks already run with the same inputs"),
+    summary: Optional[Path] = typer.Option(None, help="also write the run summary (JSON) here"),
+) -> None:
+    """Run a pipeline on this machine (--local); prints where the stores and versions are."""
+    if not local:
+        _fail(SarflowError("`run` runs pipelines locally: pass --local, or use `sarflow pipeline submit --host URL`"))
+    from sarflow.kfp_runner import run_local
+
+    try:
+        result = run_local(name, pipeline_root, enable_caching=cache, **_arguments(name, params, arg))
+    except SarflowError as e:
+        _fail(e)
+    text = json.dumps(result.summary(), indent=1, default=str)
+    if summary:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(text)
+    typer.echo(text)
+
+
+@pipeline_app.command("submit")
+def submit_cmd(
+    name: str = NameArg,
+    host: str = typer.Option(..., "--host", help="KFP API server URL, e.g. http://ml-pipeline.kubeflow:8888"),
+    arg: Optional[List[str]] = ArgOpt,
+    params: Optional[Path] = ParamsOpt,
+    experiment: Optional[str] = typer.Option(None, help="experiment name (created when missing)"),
+    run_name: Optional[str] = typer.Option(None, help="run name"),
+    namespace: Optional[str] = typer.Option(None, help="Kubernetes namespace (multi-user Kubeflow)"),
+    cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="override the tasks' caching options"),
+) -> None:
+    """Submit a pipeline run to a Kubeflow Pipelines server; prints the run id and URL."""
+    from sarflow.kfp_runner import submit
+
+    try:
+        result = submit(host, name, experiment=experiment, run_name=run_name, namespace=namespace,
+                        enable_caching=cache, **_arguments(name, params, arg))
+    except SarflowError as e:
+        _fail(e)
+    typer.echo(json.dumps(result, indent=1))

@@ -1,0 +1,242 @@
+"""Kubeflow Pipelines from Python: compile a pipeline to IR YAML, run it locally, submit it.
+
+The pipelines live in the project's top-level ``pipelines/`` package (their components in
+``components/``), beside ``src/``: they are deployment code, not part of the installed
+library. A pipeline is named by its short name in ``pipelines.REGISTRY`` (``data``) or as
+``module:function``. When ``pipelines`` is not importable (the CLI run from elsewhere), the
+project root is found from the working directory or from this file (editable install) and
+put on ``sys.path``.
+
+- :func:`compile_pipeline` writes the IR YAML (``kfp.compiler.Compiler``), Kubernetes
+  platform config (secrets, ...) included;
+- :func:`run_local` runs it with ``kfp.local`` and ``SubprocessRunner(use_venv=False)``:
+  every task is a subprocess of the current interpreter, so the tasks import the installed
+  ``sarflow`` and nothing is installed or downloaded. kfp.local ignores the Kubernetes
+  platform config and resource limits (see ``pipelines/data.py``);
+- :func:`submit` sends it to a Kubeflow Pipelines API server (``kfp.Client``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sarflow.errors import SarflowError
+
+
+class PipelineError(SarflowError):
+    """A pipeline could not be found, compiled, run or submitted."""
+
+
+def _project_root() -> Path | None:
+    here = Path(__file__).resolve()
+    for start in (Path.cwd().resolve(), here.parent):
+        for p in (start, *start.parents):
+            if (p / "pipelines" / "__init__.py").is_file() and (p / "components" / "__init__.py").is_file():
+                return p
+    return None
+
+
+def _import(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        top = module.split(".")[0]
+        if e.name not in (top, module):
+            raise
+        root = _project_root()
+        if root is None or str(root) in sys.path:
+            raise PipelineError(f"cannot import {module!r}: run from the sarflow project (it has pipelines/ and components/)") from None
+        sys.path.insert(0, str(root))
+        return importlib.import_module(module)
+
+
+def pipeline_names() -> list[str]:
+    return sorted(_import("pipelines").REGISTRY)
+
+
+def load_pipeline(name: str):
+    """The ``@dsl.pipeline`` object for a short name (``data``) or ``module:function``."""
+    if ":" not in name:
+        registry = _import("pipelines").REGISTRY
+        if name not in registry:
+            raise PipelineError(f"unknown pipeline {name!r}: choose from {sorted(registry)} or give module:function")
+        name = registry[name]
+    module, _, attr = name.partition(":")
+    try:
+        obj = getattr(_import(module), attr)
+    except AttributeError:
+        raise PipelineError(f"{module} has no pipeline {attr!r}") from None
+    if not hasattr(obj, "pipeline_spec"):
+        raise PipelineError(f"{name} is not a @dsl.pipeline")
+    return obj
+
+
+def pipeline_parameters(name: str) -> dict[str, Any]:
+    """The pipeline's input parameters and their defaults (None when it has none)."""
+    spec = load_pipeline(name).component_spec
+    return {k: getattr(v, "default", None) for k, v in (spec.inputs or {}).items()}
+
+
+def params_sections(name: str) -> tuple[str, ...] | None:
+    """The params.yaml sections a pipeline reads (its module's PARAMS_SECTIONS; None: all)."""
+    func = load_pipeline(name)
+    module = sys.modules.get(getattr(func, "pipeline_func", func).__module__)
+    sections = getattr(module, "PARAMS_SECTIONS", None)
+    return tuple(sections) if sections is not None else None
+
+
+def arguments_from_params(name: str, params: dict) -> dict[str, Any]:
+    """Pipeline arguments from a params.yaml mapping: the keys of the pipeline's sections
+    (in order, later ones win) that name one of its inputs (synth.size_px -> size_px,
+    tile.shard_chips -> shard_chips, ...)."""
+    inputs = pipeline_parameters(name)
+    wanted = params_sections(name)
+    out: dict[str, Any] = {}
+    for key in wanted if wanted is not None else list(params):
+        section = params.get(key)
+        if isinstance(section, dict):
+            out.update({k: v for k, v in section.items() if k in inputs})
+    return out
+
+
+def _check_arguments(name: str, args: dict) -> None:
+    unknown = sorted(set(args) - set(pipeline_parameters(name)))
+    if unknown:
+        raise PipelineError(f"pipeline {name!r} has no parameter(s) {unknown}; it takes {sorted(pipeline_parameters(name))}")
+
+
+def compile_pipeline(name: str, out_path: str | Path, defaults: dict | None = None) -> Path:
+    """Compiles a pipeline to KFP IR YAML at `out_path` (written whole, then renamed);
+    `defaults` replace the default values of pipeline parameters in the compiled spec."""
+    from kfp import compiler
+
+    func = load_pipeline(name)
+    _check_arguments(name, defaults or {})
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.yaml")
+    try:
+        compiler.Compiler().compile(pipeline_func=func, package_path=str(tmp), pipeline_parameters=defaults or None)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+@dataclass
+class LocalRun:
+    """What a local run left: its folder under the pipeline root and the files in it."""
+
+    pipeline: str
+    pipeline_root: Path
+    run_dir: Path | None
+    seconds: float
+    outputs: Any = None
+    tasks: dict[str, Path] = field(default_factory=dict)  # task folder name -> folder
+
+    def files(self, name: str) -> list[Path]:
+        """Every task output called `name` (e.g. "store", "version") in this run: a file or
+        folder beside a task's executor_output.json."""
+        if self.run_dir is None:
+            return []
+        return sorted(p for p in self.run_dir.rglob(name)
+                      if p.name == name and (p.parent / "executor_output.json").is_file())
+
+    @property
+    def versions(self) -> list[dict]:
+        """The dataset versions the run's `version` outputs hold (one per chip store)."""
+        return [json.loads(p.read_text()) for p in self.files("version") if p.is_file()]
+
+    @property
+    def status(self) -> list[dict]:
+        """The exit handler's records (`report` outputs): state, failed task, error."""
+        return [json.loads(p.read_text()) for p in self.files("report") if p.is_file()]
+
+    @property
+    def state(self) -> str | None:
+        """SUCCEEDED / FAILED as the exit handler saw it (None when the pipeline has none)."""
+        states = {r.get("state") for r in self.status}
+        return "FAILED" if "FAILED" in states else (states.pop() if len(states) == 1 else None)
+
+    def summary(self) -> dict:
+        versions = self.versions
+        # a task served from the cache points at the folder of the run that built it
+        stores = {str(p) for p in self.files("store") if p.is_dir()} | {v["store"] for v in versions if "store" in v}
+        return {
+            "pipeline": self.pipeline,
+            "pipeline_root": str(self.pipeline_root),
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            "state": self.state,
+            "seconds": round(self.seconds, 2),
+            "tasks": sorted(self.tasks),
+            "stores": sorted(stores),
+            "versions": versions,
+            "status": self.status,
+        }
+
+
+def run_local(pipeline_name: str, pipeline_root: str | Path, *, enable_caching: bool = False,
+              raise_on_error: bool = True, **args) -> LocalRun:
+    """Runs a pipeline with kfp.local (SubprocessRunner(use_venv=False)) under `pipeline_root`.
+
+    Tasks run as subprocesses of this interpreter (so they import the installed sarflow);
+    each run gets its own folder `<pipeline_root>/<pipeline-name>-<timestamp>/`, one
+    subfolder per task (ParallelFor iterations are `<task>-iteration-<i>`)."""
+    from kfp import local
+
+    func = load_pipeline(pipeline_name)
+    _check_arguments(pipeline_name, args)
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in root.iterdir()}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               raise_on_error=raise_on_error, enable_caching=enable_caching)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():  # the project image's name has no "python" in it: kfp warns
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        # resources and display names only mean something on a cluster (documented in pipelines/)
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        try:
+            outputs = func(**args)
+        except RuntimeError as e:
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # kfp colours task names
+            raise PipelineError(f"local run of pipeline {pipeline_name!r} under {root} failed: {plain}") from None
+    seconds = time.perf_counter() - t0
+    new = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith(".")),
+                 key=lambda p: p.stat().st_mtime)
+    run_dir = new[-1] if new else None
+    tasks = {p.name: p for p in run_dir.iterdir() if p.is_dir()} if run_dir else {}
+    return LocalRun(pipeline=pipeline_name, pipeline_root=root, run_dir=run_dir, seconds=seconds,
+                    outputs=outputs, tasks=tasks)
+
+
+def submit(host: str, name: str, *, experiment: str | None = None, run_name: str | None = None,
+           namespace: str | None = None, enable_caching: bool | None = None, **args) -> dict:
+    """Submits a pipeline run to the KFP API server at `host`; returns the run id and URL.
+
+    Authentication follows kfp.Client (in-cluster service account token, or the
+    KF_PIPELINES_* environment); the MinIO keys reach the tasks from the `sarflow-minio`
+    Kubernetes secret, never from here."""
+    import kfp
+
+    func = load_pipeline(name)
+    _check_arguments(name, args)
+    try:
+        client = kfp.Client(host=host, namespace=namespace)
+        result = client.create_run_from_pipeline_func(
+            func, arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace,
+            enable_caching=enable_caching)
+    except Exception as e:  # noqa: BLE001 - kfp/urllib3/kfp_server_api raise many kinds
+        msg = str(e).strip().splitlines()
+        raise PipelineError(f"cannot submit pipeline {name!r} to {host}: {type(e).__name__}: "
+                            f"{msg[-1] if msg else ''}") from None
+    return {"run_id": result.run_id, "host": host, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}"}

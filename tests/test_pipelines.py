@@ -1,0 +1,312 @@
+"""The Kubeflow spine of the data plane: components, the compiled data pipeline, a real
+kfp.local run (SubprocessRunner, use_venv=False) and the `sarflow pipeline` commands.
+
+Nothing is mocked: components run the library on a tiny synthetic scene, the local run
+starts real subprocesses that import the installed sarflow, DVC pushes to a folder remote.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, CHIP, SHARD = 128, 32, 16
+IMAGE = "ghcr.io/sarflow/sarflow:0.1.0"
+STAGES = ("synth-scene", "ingest-scene", "tile-scene", "version-chips")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _project_on_path():
+    """`components` and `pipelines` are top-level folders of the project, not installed."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT))
+        yield
+
+
+def _remote_has(remote: Path, md5: str) -> bool:
+    """DVC 3 lays a pushed object out as <remote>/files/md5/<2 hex>/<rest>."""
+    return (remote / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
+def _dvc_file_md5(store: Path) -> str:
+    return yaml.safe_load(store.with_name(store.name + ".dvc").read_text())["outs"][0]["md5"]
+
+
+# ---------------------------------------------------------------- components, called directly
+
+def test_components_python_func_on_a_tiny_scene(tmp_path):
+    from kfp.dsl import Artifact, Dataset, Metrics
+
+    from components import ingest_scene, synth_scene, tile_scene, version_chips
+    from sarflow.catalog import load_catalog
+    from sarflow.store import open_store
+
+    scene = Dataset(name="scene", uri=str(tmp_path / "synth" / "scene"))
+    synth_scene.python_func(scene=scene, seed=11, size_px=SIZE, chip_size=CHIP)
+    catalog = Path(scene.path) / "catalog.yaml"
+    assert catalog.is_file() and (Path(scene.path) / "s2rgb.tif").is_file()
+    loaded = load_catalog(catalog)
+    assert scene.metadata["catalog"] == "catalog.yaml"
+    assert scene.metadata["catalog_hash"] == loaded.catalog.hash()
+    assert loaded.catalog.grid.chip_size == CHIP
+
+    # downstream tasks see the artifact as KFP hands it over: a URI plus metadata
+    scene_in = Dataset(name="scene", uri=scene.uri, metadata=dict(scene.metadata))
+    manifest = Artifact(name="manifest", uri=str(tmp_path / "ingest" / "manifest"))
+    ingest_metrics = Metrics(name="metrics", uri=str(tmp_path / "ingest" / "metrics"))
+    ingest_scene.python_func(scene=scene_in, manifest=manifest, metrics=ingest_metrics)
+    doc = json.loads(Path(manifest.path).read_text())
+    assert doc["catalog_hash"] == loaded.catalog.hash()
+    assert [s["name"] for s in doc["sources"]] == [s.name for s in loaded.catalog.sources]
+    assert ingest_metrics.metadata["sources"] == len(loaded.catalog.sources)
+    assert ingest_metrics.metadata["candidate_chips"] >= (SIZE // CHIP) ** 2 // 2
+    assert json.loads(Path(ingest_metrics.path).read_text()) == ingest_metrics.metadata
+
+    store = Dataset(name="store", uri=str(tmp_path / "tile" / "store"))
+    tile_metrics = Metrics(name="metrics", uri=str(tmp_path / "tile" / "metrics"))
+    tile_scene.python_func(scene=scene_in, store=store, metrics=tile_metrics, shard_chips=SHARD)
+    chips = open_store(store.path)
+    assert chips.n_chips > 0
+    assert tile_metrics.metadata["chips"] == chips.n_chips == store.metadata["chips"] == len(chips.chips)
+    assert sum(v for k, v in tile_metrics.metadata.items() if k.startswith("chips_")) == chips.n_chips
+    assert chips.attrs["chip_size"] == CHIP and chips.attrs["catalog_hash"] == loaded.catalog.hash()
+    assert chips.read("s1grd", 0).shape == (2, CHIP, CHIP)
+    assert not Path(store.path + ".partial").exists()
+
+    remote = tmp_path / "remote"
+    version = Artifact(name="version", uri=str(tmp_path / "version" / "version"))
+    version_metrics = Metrics(name="metrics", uri=str(tmp_path / "version" / "metrics"))
+    out = version_chips.python_func(store=Dataset(name="store", uri=store.uri, metadata=dict(store.metadata)),
+                                    version=version, metrics=version_metrics, remote=str(remote))
+    record = json.loads(Path(version.path).read_text())
+    assert out.dvc_md5 == record["dvc_md5"] == version.metadata["dvc_md5"] == _dvc_file_md5(Path(store.path))
+    assert out.dvc_md5.endswith(".dir")
+    assert out.catalog_hash == loaded.catalog.hash()
+    assert record["pushed"] is True and _remote_has(remote, out.dvc_md5)
+    assert version_metrics.metadata == {"chips": chips.n_chips, "pushed": 1}
+
+
+# ---------------------------------------------------------------- the compiled pipeline
+
+def _tasks(dag: dict) -> dict:
+    return dag["dag"]["tasks"]
+
+
+def test_data_pipeline_compiles_to_ir_yaml(tmp_path):
+    from sarflow.kfp_runner import compile_pipeline
+
+    path = compile_pipeline("data", tmp_path / "data.yaml")
+    spec, platform = list(yaml.safe_load_all(path.read_text()))
+    assert spec["pipelineInfo"]["name"] == "sarflow-data"
+
+    comps = spec["components"]
+    for name in STAGES + ("record-status",):
+        assert f"comp-{name}" in comps
+    execs = spec["deploymentSpec"]["executors"]
+    for name in STAGES + ("record-status",):
+        container = execs[f"exec-{name}"]["container"]
+        assert container["image"] == IMAGE
+        command = " ".join(container["command"])
+        assert "pip install" not in command  # nothing is installed at run time: no network
+        assert "import sarflow" not in command.split("def ")[0]  # imports live in the function bodies
+    assert "from sarflow.tile import TileOptions, tile" in " ".join(execs["exec-tile-scene"]["container"]["command"])
+
+    # exit handler: record-status runs after the exit-handler group whatever its outcome
+    root = _tasks(spec["root"])
+    status = root["record-status"]
+    assert status["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert status["dependentTasks"] == ["exit-handler-1"]
+    assert "status" in comps["comp-record-status"]["inputDefinitions"]["parameters"]
+    assert comps["comp-record-status"]["inputDefinitions"]["parameters"]["status"]["parameterType"] == "TASK_FINAL_STATUS"
+
+    # ParallelFor over the seeds, inside the exit handler, with the four stages in each iteration
+    exit_dag = comps[root["exit-handler-1"]["componentRef"]["name"]]
+    (loop_name, loop), = _tasks(exit_dag).items()
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("seeds")
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 4
+    body = _tasks(comps[loop["componentRef"]["name"]])
+    assert set(body) == set(STAGES)
+    assert body["tile-scene"]["inputs"]["artifacts"]["scene"]["taskOutputArtifact"]["producerTask"] == "synth-scene"
+    assert "ingest-scene" in body["tile-scene"]["dependentTasks"]
+    assert body["version-chips"]["inputs"]["artifacts"]["store"]["taskOutputArtifact"]["producerTask"] == "tile-scene"
+
+    # caching keyed on inputs for the pure stages, never for the side effects
+    for name in ("synth-scene", "ingest-scene", "tile-scene"):
+        assert body[name]["cachingOptions"] == {"enableCache": True}
+    assert not body["version-chips"]["cachingOptions"].get("enableCache")
+    assert not status["cachingOptions"].get("enableCache")
+
+    # resource limits on every task
+    for name in STAGES + ("record-status",):
+        res = execs[f"exec-{name}"]["container"]["resources"]
+        assert res["resourceCpuLimit"] and res["resourceMemoryLimit"]
+    assert execs["exec-tile-scene"]["container"]["resources"]["resourceMemoryLimit"] == "8Gi"
+
+    # MinIO keys from the bucket-scoped sarflow-s3 secret, as env, on the tasks that touch storage
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("ingest-scene", "tile-scene", "version-chips"):
+        (secret,) = k8s[f"exec-{name}"]["secretAsEnv"]
+        assert secret["secretName"] == "sarflow-s3"
+        assert {m["envVar"] for m in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        (config,) = k8s[f"exec-{name}"]["configMapAsEnv"]
+        assert config["configMapName"] == "sarflow-pipeline-env"
+        assert "AWS_ENDPOINT_URL" in {m["envVar"] for m in config["keyToEnv"]}
+    assert "secretAsEnv" not in k8s["exec-synth-scene"]
+    for name in STAGES + ("record-status",):  # the label the NetworkPolicies admit
+        assert k8s[f"exec-{name}"]["podMetadata"]["labels"] == {"sarflow.io/pipeline": "true"}
+    assert "sarflow-s3" in path.read_text()
+
+
+def test_compile_with_parameter_defaults(tmp_path):
+    from sarflow.kfp_runner import PipelineError, compile_pipeline
+
+    path = compile_pipeline("pipelines.data:data_pipeline", tmp_path / "d.yaml",
+                            defaults={"size_px": 256, "seeds": [4, 5, 6]})
+    params = yaml.safe_load_all(path.read_text()).__next__()["root"]["inputDefinitions"]["parameters"]
+    assert params["size_px"]["defaultValue"] == 256
+    assert params["seeds"]["defaultValue"] == [4, 5, 6]
+    with pytest.raises(PipelineError, match="no parameter"):
+        compile_pipeline("data", tmp_path / "x.yaml", defaults={"sizepx": 1})
+    with pytest.raises(PipelineError, match="unknown pipeline"):
+        compile_pipeline("nope", tmp_path / "x.yaml")
+    assert not (tmp_path / "x.yaml").exists()
+
+
+# ---------------------------------------------------------------- kfp.local runs
+
+LOCAL_ARGS = dict(size_px=SIZE, chip_size=CHIP, shard_chips=SHARD)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The data pipeline, two seeds fanned out, under kfp.local with caching on."""
+    from sarflow.kfp_runner import run_local
+
+    base = tmp_path_factory.mktemp("kfp")
+    remote = base / "remote"
+    t0 = time.perf_counter()
+    run = run_local("data", base / "root", enable_caching=True, seeds=[0, 1], dvc_remote=str(remote), **LOCAL_ARGS)
+    return run, remote, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_data_pipeline_runs_under_kfp_local(local_run):
+    from sarflow.store import open_store
+
+    run, remote, seconds = local_run
+    assert seconds < 150, f"the tiny local run took {seconds:.0f}s"
+    assert run.state == "SUCCEEDED"
+    assert {"for-loop-2-iteration-0", "for-loop-2-iteration-1", "record-status"} <= set(run.tasks)
+    versions = run.versions
+    assert len(versions) == 2
+    stores = [Path(v["store"]) for v in versions]
+    assert len(set(stores)) == 2 and all(run.run_dir in s.parents for s in stores)
+    md5s = set()
+    for v, store in zip(versions, stores):
+        chips = open_store(store)
+        assert chips.n_chips == v["chips"] > 0
+        assert v["dvc_md5"] == _dvc_file_md5(store) and v["pushed"] is True
+        assert _remote_has(remote, v["dvc_md5"])
+        md5s.add(v["dvc_md5"])
+    assert len(md5s) == 2  # two seeds, two datasets
+    (status,) = run.status
+    assert status["state"] == "SUCCEEDED" and not status["error_message"]
+    summary = run.summary()
+    assert sorted(summary["stores"]) == sorted(map(str, stores))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_exit_handler_records_a_failure(tmp_path):
+    from sarflow.kfp_runner import PipelineError, run_local
+
+    log = tmp_path / "failures.jsonl"
+    with pytest.raises(PipelineError, match="synth-scene"):
+        run_local("data", tmp_path / "root", seeds=[0], size_px=32, failure_log=str(log))  # too small: synth refuses
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["state"] == "FAILED" and record["error_message"]
+    (run_dir,) = [p for p in (tmp_path / "root").iterdir() if p.is_dir()]
+    report = json.loads((run_dir / "record-status" / "report").read_text())
+    assert report["state"] == "FAILED"
+    assert not list(run_dir.rglob("store"))
+
+    run = run_local("data", tmp_path / "root2", raise_on_error=False, seeds=[0], size_px=32)
+    assert run.state == "FAILED" and run.versions == []
+
+
+# ---------------------------------------------------------------- the CLI
+
+def _cli(args, **kw):
+    from typer.testing import CliRunner
+
+    from sarflow.cli_pipeline import pipeline_app
+
+    return CliRunner().invoke(pipeline_app, args, **kw)
+
+
+def test_cli_help_and_compile(tmp_path):
+    for cmd in ([], ["compile"], ["run"], ["submit"]):
+        res = _cli([*cmd, "--help"])
+        assert res.exit_code == 0, res.output
+    assert "--local" in _cli(["run", "--help"]).output
+    assert "--host" in _cli(["submit", "--help"]).output
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"synth": {"size_px": 300, "seed": 9, "seasons": ["summer"]},
+                                      "tile": {"shard_chips": 8, "workers": 3, "split_fractions": [0.8, 0.1, 0.1]},
+                                      "pretrain": {"workers": 0, "batch_size": 32}}))
+    out = tmp_path / "out" / "data.yaml"
+    res = _cli(["compile", "data", "--out", str(out), "--params", str(params), "-a", "seeds=[3,4]",
+                "--arg", "dvc_remote=s3://sarflow/dvc"])
+    assert res.exit_code == 0, res.output
+    assert str(out) in res.output
+    spec = next(yaml.safe_load_all(out.read_text()))
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["size_px"] == 300 and defaults["shard_chips"] == 8  # from params.yaml
+    assert defaults["workers"] == 3  # the data pipeline reads synth and tile, not pretrain
+    assert defaults["seeds"] == [3, 4] and defaults["dvc_remote"] == "s3://sarflow/dvc"  # from --arg
+
+    listed = json.loads(_cli(["list"]).output)
+    assert "seeds" in listed["data"]
+
+    res = _cli(["compile", "nope", "--out", str(tmp_path / "n.yaml")])
+    assert res.exit_code == 2 and "unknown pipeline" in res.output
+    res = _cli(["compile", "data", "--out", str(tmp_path / "n.yaml"), "-a", "novalue"])
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
+
+
+def test_cli_run_needs_local_and_submit_reports_an_unreachable_server(tmp_path):
+    res = _cli(["run", "data", "--pipeline-root", str(tmp_path)])
+    assert res.exit_code == 2 and "--local" in res.output
+    params = tmp_path / "none.yaml"
+    params.write_text("{}\n")
+    res = _cli(["submit", "data", "--host", "http://127.0.0.1:9", "--params", str(params), "-a", "size_px=128"])
+    assert res.exit_code == 2
+    assert "cannot submit pipeline 'data' to http://127.0.0.1:9" in res.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_run_local_reuses_cached_tasks(local_run, tmp_path):
+    """`run --local --cache` with the inputs of the earlier run: synth, ingest and tile come
+    from the cache (the store is the earlier run's), version runs again (never cached)."""
+    run, remote, _ = local_run
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"synth": {"size_px": SIZE, "chip_size": CHIP}, "tile": {"shard_chips": SHARD}}))
+    summary_path = tmp_path / "summary.json"
+    res = _cli(["run", "data", "--local", "--cache", "--pipeline-root", str(run.pipeline_root), "--params", str(params),
+                "-a", "seeds=[1]", "-a", f"dvc_remote={remote}", "--summary", str(summary_path)])
+    assert res.exit_code == 0, res.output[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["state"] == "SUCCEEDED" and summary["run_dir"] != str(run.run_dir)
+    (version,) = summary["versions"]
+    earlier = {v["store"]: v["dvc_md5"] for v in run.versions}
+    assert version["store"] in earlier  # the cached tile output of the first run
+    assert version["dvc_md5"] == earlier[version["store"]]
+    assert not list(Path(summary["run_dir"]).rglob("tile-scene"))  # tile did not run again
