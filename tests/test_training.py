@@ -252,6 +252,9 @@ def test_pretrain_tracks_lineage_registers_and_the_model_loads_back(method, tiny
     mv = client.get_model_version(name, r["version"])
     assert mv.tags["sarflow.dataset_dvc_md5"] == version["dvc_md5"]
     model = mlflow.pytorch.load_model(f"models:/{name}/{r['version']}")
+    from sarflow.training.encoder import ChipEncoder
+
+    assert isinstance(model, ChipEncoder)  # the encoder itself, not an opaque exported graph
     g = zarr.open_group(str(store), mode="r")
     mods = ["s1grd"] if method != "clip" else ["s1grd", "s1coh", "s2rgb"]
     x = torch.from_numpy(np.concatenate([g[m][0:3] for m in mods], axis=1).astype(np.float32))

@@ -175,6 +175,31 @@ def pretrain(
 
 
 @app.command()
+def embed(
+    store: str = typer.Argument(..., help="chip store"),
+    model: str = typer.Option(..., "--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/encoder"),
+    root: Path = typer.Option(Path("data/features"), "--root", help="features root (the offline store)"),
+    batch_size: int = typer.Option(256),
+    overwrite: bool = typer.Option(False, help="replace this model version's embeddings"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: params pretrain.tracking_uri)"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Embed every chip with a registered encoder into the Parquet offline source (one partition per model version)."""
+    import mlflow
+
+    from sarflow.features.embed import embed_store
+    from sarflow.params import load_params, section
+
+    try:
+        uri = tracking_uri or section(load_params(params), "pretrain", {}).get("tracking_uri", "sqlite:///mlflow.db")
+        mlflow.set_tracking_uri(uri)
+        result = embed_store(store, model, root, batch_size=batch_size, overwrite=overwrite)
+    except SarflowError as e:
+        _fail(e)
+    typer.echo(json.dumps(result, indent=1))
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-output"), help="output folder (summary.json, store, plots)"),
     catalog: Optional[Path] = typer.Option(None, help="run on your own catalog instead of a synthetic scene"),
@@ -201,7 +226,10 @@ def demo(
     typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
 
 
+from sarflow.cli_features import features_app  # noqa: E402
 from sarflow.cli_pipeline import pipeline_app  # noqa: E402
+
+app.add_typer(features_app, name="features")
 
 app.add_typer(pipeline_app, name="pipeline", help="Compile, run locally (kfp.local) or submit the Kubeflow pipelines.")
 

@@ -16,9 +16,11 @@ from torch import nn
 
 class ChipEncoder(nn.Module):
     def __init__(self, groups: list[tuple[str, list[str]]], backbones: nn.ModuleDict, projections: nn.ModuleDict,
-                 mean: torch.Tensor, std: torch.Tensor, pool: str = "cls", normalize_output: bool = False):
+                 mean: torch.Tensor, std: torch.Tensor, pool: str = "cls", normalize_output: bool = False,
+                 modalities: list[str] | None = None):
         super().__init__()
         self.groups = [(name, list(bands)) for name, bands in groups]
+        self.modalities = list(modalities or [name for name, _ in groups])  # store modality of each group
         self.backbones = backbones
         self.projections = projections
         self.register_buffer("mean", mean.float().clone())

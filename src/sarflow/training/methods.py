@@ -85,7 +85,7 @@ def _single_encoder(module: SSLModule, vit: ViT, pool: str = "cls") -> ChipEncod
     g = module.groups[0]
     mean, std = module._stats()
     enc = ChipEncoder([(g.name, g.bands)], nn.ModuleDict({g.name: copy.deepcopy(vit)}),
-                      nn.ModuleDict({g.name: nn.Identity()}), mean, std, pool=pool)
+                      nn.ModuleDict({g.name: nn.Identity()}), mean, std, pool=pool, modalities=[g.modality])
     return enc.eval()
 
 
@@ -342,7 +342,8 @@ class MultiModalCLIP(SSLModule):
     def export_encoder(self) -> ChipEncoder:
         mean, std = self._stats()
         enc = ChipEncoder([(g.name, g.bands) for g in self.groups], copy.deepcopy(self.encoders),
-                          copy.deepcopy(self.projections), mean, std, pool="cls", normalize_output=True)
+                          copy.deepcopy(self.projections), mean, std, pool="cls", normalize_output=True,
+                          modalities=[g.modality for g in self.groups])
         return enc.eval()
 
 

@@ -213,8 +213,9 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
         with torch.no_grad():
             out = encoder(torch.from_numpy(example)).numpy()
         name = f"sarflow-encoder-{cfg.method}"
-        info = mlflow.pytorch.log_model(
+        info = mlflow.pytorch.log_model(  # pickle: it loads back as the ChipEncoder, not an exported graph
             encoder, name="encoder", signature=infer_signature(example, out), input_example=example,
+            serialization_format="pickle",
             registered_model_name=name if cfg.register else None,
         )
         mlflow.log_metric("train/final_loss", throughput.losses[-1])

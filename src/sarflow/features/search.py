@@ -1,0 +1,52 @@
+"""Similarity search over a model version's embeddings, kept beside the feature store.
+
+The index is built from the same offline partition that was materialized, saved under
+`<root>/index/model=<name>/version=<version>/`, and refuses to load for another model version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from sarflow.errors import InputError
+from sarflow.features.definitions import embedding_partitions
+from sarflow.features.embed import embedding_matrix
+from sarflow.similarity import SimilarityIndex
+
+
+def _pick(root: str | Path, model: str | None, version: str | None) -> tuple[str, str, Path]:
+    parts = embedding_partitions(root)
+    if model:
+        parts = [p for p in parts if p[0] == model and (version is None or p[1] == str(version))]
+    if not parts:
+        raise InputError(str(root), f"no embeddings for {model or 'any model'} {version or ''} under this root")
+    return parts[-1]
+
+
+def index_dir(root: str | Path, model: str, version: str) -> Path:
+    return Path(root) / "index" / f"model={model}" / f"version={version}"
+
+
+def build_index(root: str | Path, model: str | None = None, version: str | None = None, **kwargs) -> SimilarityIndex:
+    model, version, path = _pick(root, model, version)
+    table = pq.read_table(path)
+    meta = table.select(["chip_id", "lon", "lat", "split"]).to_pandas().set_index("chip_id")
+    index = SimilarityIndex(table.column("chip_id").to_pylist(), embedding_matrix(table), meta,
+                            model_name=model, model_version=version, **kwargs)
+    index.save(index_dir(root, model, version))
+    return index
+
+
+def load_index(root: str | Path, model: str | None = None, version: str | None = None) -> SimilarityIndex:
+    model, version, _ = _pick(root, model, version)
+    d = index_dir(root, model, version)
+    if not (d / "meta.json").is_file():
+        return build_index(root, model, version)
+    return SimilarityIndex.load(d, model_name=model, model_version=version)
+
+
+def similar(root: str | Path, chip_id: str, k: int = 10, model: str | None = None,
+            version: str | None = None) -> list[dict]:
+    return load_index(root, model, version).similar(chip_id, k)
