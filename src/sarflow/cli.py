@@ -211,6 +211,9 @@ def demo(
     from sarflow.params import load_params, section
     from sarflow.synth import SynthConfig
     from sarflow.tile import TileOptions
+    from sarflow.training.methods import OptimConfig
+    from sarflow.training.pretrain import PretrainConfig
+    from sarflow.training.vit import ViTConfig
 
     try:
         p = load_params(params)
@@ -218,8 +221,12 @@ def demo(
         tcfg = section(p, "tile", {})
         if "split_fractions" in tcfg:
             tcfg["split_fractions"] = tuple(tcfg["split_fractions"])
+        pcfg = section(p, "pretrain", {})
+        vit, optim = ViTConfig(**pcfg.pop("vit", {})), OptimConfig(**pcfg.pop("optim", {}))
+        method_kwargs = (pcfg.pop("methods", {}) or {}).get(pcfg.get("method", "mae"), {})
+        pretrain_cfg = PretrainConfig(store="", vit=vit, optim=optim, method_kwargs=method_kwargs, **pcfg)
         summary = run_demo(out, catalog=catalog, synth=synth_cfg, tile_options=TileOptions(**tcfg),
-                           show_progress=sys.stderr.isatty())
+                           pretrain_cfg=pretrain_cfg, show_progress=sys.stderr.isatty())
     except SarflowError as e:
         _fail(e)
     typer.echo(format_report(summary))
