@@ -42,3 +42,13 @@ def tiny_store(tiny_scene, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("store") / "chips.zarr"
     return tile(load_catalog(tiny_scene), out, TileOptions(shard_chips=16), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def moto_url(tmp_path_factory):
+    """moto in server mode on 127.0.0.1 (no authentication: any key is accepted)."""
+    from servers import start_moto, stop
+
+    proc, url = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield url
+    stop(proc)

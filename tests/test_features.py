@@ -4,7 +4,6 @@ the feature server over HTTP, Redis, similarity search, and bad inputs."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from sarflow.features.store import FeatureConfig, apply, materialize, online_fea
 from sarflow.training.methods import OptimConfig
 from sarflow.training.pretrain import PretrainConfig, pretrain
 from sarflow.training.vit import ViTConfig
+from servers import free_port
 
 MODEL = "sarflow-encoder-mae"
 VIEW = "chip_embeddings_mae_v1"
@@ -103,17 +103,11 @@ def test_training_set_is_point_in_time_correct(featured):
     assert after.frac_10.notna().all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_feature_server_answers_over_http(featured):
     import requests
 
-    port = _free_port()
+    port = free_port()
     feast = str(Path(sys.executable).with_name("feast"))
     server = subprocess.Popen([feast, "-c", str(featured["cfg"].repo), "serve", "-h", "127.0.0.1", "-p", str(port),
                                "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -394,7 +394,7 @@ def test_secret_literal_scan_itself():
     assert _secret_literals("password=hunter2")
     assert _secret_literals("value: postgresql://mlflow:hunter2@postgres:5432/mlflow")
     assert _secret_literals("MINIO_ROOT_USER=minioadmin")
-    assert not _secret_literals("value: postgresql://mlflow:$(POSTGRES_PASSWORD)@postgres:5432/mlflow")
+    assert not _secret_literals("value: postgresql+psycopg2://mlflow:$(POSTGRES_PASSWORD)@postgres:5432/mlflow")
     assert not _secret_literals("POSTGRES_PASSWORD=\nkey: AWS_SECRET_ACCESS_KEY\n")
     assert not _secret_literals(': "${MINIO_ROOT_PASSWORD:?}"')
     assert not _secret_literals('[ -n "${AWS_SECRET_ACCESS_KEY:-}" ]')
@@ -578,7 +578,7 @@ def test_service_wiring(rendered):
     assert args[:2] == ["mlflow", "server"]
     assert "--serve-artifacts" in args and "--artifacts-destination=s3://sarflow-mlflow" in args
     env = _env(mlflow)
-    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow:$(POSTGRES_PASSWORD)@postgres:5432/")
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://mlflow:$(POSTGRES_PASSWORD)@postgres:5432/")
     assert env["POSTGRES_PASSWORD"] == {"secretKeyRef": {"name": "sarflow-postgres", "key": "POSTGRES_PASSWORD"}}
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     # k8s expands $(VAR) only from variables defined earlier in the list
@@ -787,7 +787,7 @@ def test_mlflow_server_accepts_the_manifest_arguments(monkeypatch):
     assert params["host"] == "0.0.0.0" and int(params["port"]) == 5000
     assert params["serve_artifacts"] is True
     assert params["artifacts_destination"] == "s3://sarflow-mlflow"
-    assert params["backend_store_uri"] == "postgresql://mlflow:dummy-from-secret@postgres:5432/mlflow"
+    assert params["backend_store_uri"] == "postgresql+psycopg2://mlflow:dummy-from-secret@postgres:5432/mlflow"
     assert int(params["workers"]) == 1
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,6 +22,9 @@ import zarr
 from sarflow.catalog import load_catalog
 from sarflow.errors import InputError
 from sarflow.tile import CHIPS_TABLE, TileOptions, tile
+from servers import free_port as _free_port
+from servers import start_moto as _start_moto
+from servers import stop as _stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -34,62 +35,6 @@ PREFIX = "scene"
 
 
 # ---------------------------------------------------------------- servers
-
-def _free_port() -> int:
-    """A port nothing listens on (the kernel's pick, closed again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(log: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    for attempt in range(3):  # the free port may be taken between picking it and binding it
-        try:
-            return _start_moto_once(log, extra_env)
-        except RuntimeError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _start_moto_once(log: Path, extra_env: dict[str, str] | None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **(extra_env or {})}
-    with open(log, "wb") as fh:  # the server's request log goes to a file, never a pipe that could fill
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                env=env, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:  # the moto API does not count as an AWS action (it leaves INITIAL_NO_AUTH_ACTION_COUNT alone)
-            with urllib.request.urlopen(url + "/moto-api/data.json", timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                _stop(proc)
-                raise RuntimeError(f"moto server at {url} did not answer within 30 s: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def moto_url(tmp_path_factory):
-    """moto in server mode (no authentication: any key is accepted)."""
-    proc, url = _start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield url
-    _stop(proc)
-
 
 def _set_s3_env(monkeypatch, url: str, key: str = "testing", secret: str = "testing") -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", url)
