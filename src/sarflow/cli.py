@@ -200,6 +200,30 @@ def embed(
 
 
 @app.command()
+def promote(
+    name: str = typer.Argument(..., help="registered model, e.g. sarflow-landcover"),
+    metric: str = typer.Option(..., help="the evaluation metric logged on each version's run"),
+    lower_is_better: bool = typer.Option(False, help="for losses and errors"),
+    margin: float = typer.Option(0.0, help="the challenger must beat the champion by more than this"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: params pretrain.tracking_uri)"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Gate: move @champion to the newest version only if it is better on the same evaluation set and data."""
+    import mlflow
+
+    from sarflow.params import load_params, section
+    from sarflow.registry import promote as run_promote
+
+    try:
+        mlflow.set_tracking_uri(tracking_uri or section(load_params(params), "pretrain", {}).get(
+            "tracking_uri", "sqlite:///mlflow.db"))
+        d = run_promote(name, metric, higher_is_better=not lower_is_better, margin=margin)
+    except SarflowError as e:
+        _fail(e)
+    typer.echo(json.dumps(d.__dict__, indent=1))
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-output"), help="output folder (summary.json, store, plots)"),
     catalog: Optional[Path] = typer.Option(None, help="run on your own catalog instead of a synthetic scene"),

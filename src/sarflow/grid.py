@@ -32,8 +32,9 @@ def parse_crs(value: str | int) -> CRS:
     return CRS.from_user_input(value)
 
 
-def transform_geometry(geom: BaseGeometry, src: CRS, dst: CRS, densify: int = 21) -> BaseGeometry:
-    """Reprojects a polygon after densifying its edges, so curved edges stay curved."""
+def transform_geometry(geom, src: CRS, dst: CRS, densify: int = 21):
+    """Reprojects a polygon (or an array of them, with one transformer) after densifying each
+    edge into `densify` segments, so edges that curve in the target CRS stay curved."""
     if src == dst:
         return geom
     tr = Transformer.from_crs(src, dst, always_xy=True)
@@ -41,9 +42,9 @@ def transform_geometry(geom: BaseGeometry, src: CRS, dst: CRS, densify: int = 21
     return shapely.transform(g, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
 
 
-def _edge_step(geom: BaseGeometry, densify: int) -> float:
-    minx, miny, maxx, maxy = geom.bounds
-    return max(maxx - minx, maxy - miny, 1e-12) / densify
+def _edge_step(geom, densify: int):
+    b = shapely.bounds(geom)
+    return np.maximum(np.maximum(b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]), 1e-12) / densify
 
 
 @dataclass(frozen=True)

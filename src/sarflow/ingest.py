@@ -27,7 +27,7 @@ from sarflow.grid import ChipGrid, parse_crs, transform_geometry, utm_epsg
 from sarflow.storage import check_s3_object, gdal_path, is_s3, read_bytes, s3_settings, sha256_of
 
 WGS84 = CRS.from_epsg(4326)
-_VALIDITY_PREVIEW = 512  # pixels per side of the decimated read that checks for valid data
+_VALIDITY_SAMPLE = 32  # blocks read per file to find a valid pixel before any full scan
 
 
 @dataclass
@@ -211,16 +211,19 @@ def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
 
 
 def _check_has_valid_pixels(uri: str, ds, nodata) -> None:
-    """A decimated read of every band (it also catches truncated files); if it finds no valid
-    pixel, a full windowed scan confirms before the source is refused as empty."""
-    scale = max(1, math.ceil(max(ds.width, ds.height) / _VALIDITY_PREVIEW))
-    shape = (ds.count, max(1, ds.height // scale), max(1, ds.width // scale))
+    """Reads a spread of blocks (always the first and the last, which catches truncated files)
+    until one holds a valid pixel; only a source that looks empty gets a full scan before it is
+    refused. Whole-file decimated reads would decompress everything (slow, and GDAL's cache
+    would hold it)."""
+    windows = [w for _, w in ds.block_windows(1)]
+    step = max(1, len(windows) // _VALIDITY_SAMPLE)
+    sample = sorted(set(range(0, len(windows), step)) | {len(windows) - 1})
     try:
-        preview = ds.read(out_shape=shape)
-        if valid_mask(preview, nodata).any():
-            return
-        for _, window in ds.block_windows(1):
-            if valid_mask(ds.read(window=window), nodata).any():
+        for i in sample:
+            if valid_mask(ds.read(window=windows[i]), nodata).any():
+                return
+        for w in windows:
+            if valid_mask(ds.read(window=w), nodata).any():
                 return
     except RasterioError as e:
         raise InputError(uri, f"cannot read pixels, the file is truncated or corrupt ({e})") from None
@@ -275,7 +278,7 @@ def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
     """Validates every source and builds the grid; raises InputError on the first bad input."""
     cat = loaded.catalog
     every_uri = [u for s in cat.sources for u in (s.uris or s.stac.items) for u in (u if isinstance(u, list) else [u])]
-    with gdal_env([loaded.resolve(u) for u in every_uri]):
+    with gdal_env([loaded.resolve(u) for u in every_uri], GDAL_CACHEMAX=64):
         sources = [resolve_source(loaded, spec, checksum) for spec in cat.sources]
     aoi84 = _aoi_wgs84(loaded, sources)
     if cat.grid.crs == "utm":

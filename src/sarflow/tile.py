@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 PROGRESS_DIR = "_sarflow_progress"
 CHIPS_TABLE = "chips.parquet"
 MANIFEST = "manifest.json"
-GDAL_CACHE_MB = 256  # GDAL's block cache; its default (5% of RAM) would dominate peak memory
+GDAL_CACHE_MB = 64  # GDAL's block cache; its default (5% of RAM) would dominate peak memory
 
 
 def _grid_raster(grid: ChipGrid) -> tuple[int, int, int, int]:
@@ -277,7 +277,7 @@ class Stats:
                 v = v.astype(np.float64)
                 a["count"][b] += int(v.size)
                 a["sum"][b] += float(v.sum())
-                a["sumsq"][b] += float(np.dot(v, v))
+                a["sumsq"][b] += float(np.square(v).sum())  # not np.dot: BLAS threads would fight the warpers
                 lo, hi = float(v.min()), float(v.max())
                 a["min"][b] = lo if a["min"][b] is None else min(a["min"][b], lo)
                 a["max"][b] = hi if a["max"][b] is None else max(a["max"][b], hi)
@@ -391,8 +391,7 @@ def _chips_table(ing: Ingested, records: list[dict]):
     minx, miny, maxx, maxy = g.chip_bounds(df["ix"].to_numpy(), df["iy"].to_numpy())
     df.insert(1, "index", np.arange(len(df), dtype=np.int64))
     df["minx"], df["miny"], df["maxx"], df["maxy"] = minx, miny, maxx, maxy
-    boxes = shapely.box(minx, miny, maxx, maxy)
-    geoms = [transform_geometry(b, g.crs, WGS84, densify=4) for b in boxes]
+    geoms = transform_geometry(shapely.box(minx, miny, maxx, maxy), g.crs, WGS84, densify=4)
     cols = ["chip_id", "index", "ix", "iy", "minx", "miny", "maxx", "maxy", "split"] + [
         c for c in df.columns if c.startswith("valid_")
     ]
