@@ -1,0 +1,705 @@
+#!/usr/bin/env python
+"""Benchmark of `sarflow tile` against named anchors, side by side in one run.
+
+For every scene size (pixels per side at 10 m) it:
+  1. generates (or reuses, cached under benchmarks/work/) a synthetic scene with
+     `sarflow synth DIR --size N --chip-size 256` (timed separately, not compared);
+  2. runs `sarflow tile CATALOG --out STORE --overwrite --quiet` as a child process and
+     measures wall time, peak RSS of the child (wait4 rusage, plus psutil sampling),
+     CPU time, chips written and chips/s; then the same with `--no-checksum`;
+  3. anchor `gdalwarp`: GDAL's command-line tool, once per source file, sequentially, with
+     default options, onto exactly the store's grid (the store's `crs_wkt`, `-tr` its
+     resolution, `-te` the full extent of the chips in chips.parquet, and the resampling
+     recorded per file in each array's `resampling` attribute), uncompressed GTiff;
+  4. anchor `torchgeo` (only with --torchgeo-python): benchmarks/torchgeo_tile.py in that
+     interpreter (RasterDataset per source, IntersectionDataset, GridGeoSampler, zarr);
+  5. inspects the store: bytes vs raw input bytes, files, files per chip (per array).
+
+Results go to OUT/tile.json (OUT defaults to benchmarks/results) and a compact table is
+printed. Goals checked: sarflow/gdalwarp <= 2; peak RSS <= 1.5 GB at the largest size and
+flat across sizes; files per chip per array <= 1/64.
+
+The child processes run with the work folder as their working directory, so the
+repository's params.yaml is NOT read: the scene and the tiler use the library defaults
+(SynthConfig / TileOptions), recorded in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+GB = 1 << 30
+MB = 1 << 20
+GOAL_RATIO_GDALWARP = 2.0
+GOAL_RSS_BYTES = int(1.5 * 1e9)  # 1.5 GB
+GOAL_RSS_FLAT = 1.25  # largest / smallest size; "flat" means within 25 %
+GOAL_FILES_PER_CHIP_PER_ARRAY = 1 / 64
+CLI_RESAMPLING = {"nearest": "near"}  # store attribute name -> gdalwarp -r name
+
+
+# ---------------------------------------------------------------- running children
+
+def sarflow_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "sarflow"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "sarflow.cli"]
+
+
+def _cpu_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        f = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError):
+        return None
+
+
+def run_measured(cmd: list[str], cwd: Path, log_stem: Path, timeout: float, sample_s: float = 0.25,
+                 env: dict | None = None) -> dict:
+    """Runs `cmd`, waits for it with wait4 (its own rusage: max RSS, CPU) while a thread samples
+    the RSS of it and its descendants with psutil. stdout/stderr go to log_stem.{out,err}."""
+    import psutil
+
+    log_stem.parent.mkdir(parents=True, exist_ok=True)
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    load0, busy0 = _loadavg(), _cpu_busy_s()
+    with open(log_stem.with_suffix(".out"), "w") as out, open(log_stem.with_suffix(".err"), "w") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=out, stderr=err, env=env)
+
+        def poll() -> None:
+            try:
+                ps = psutil.Process(proc.pid)
+            except psutil.Error:
+                return
+            while not stop.is_set():
+                try:
+                    rss = ps.memory_info().rss
+                    for child in ps.children(recursive=True):
+                        try:
+                            rss += child.memory_info().rss
+                        except psutil.Error:
+                            pass
+                except psutil.Error:
+                    break
+                samples.append((round(time.perf_counter() - t0, 3), rss))
+                stop.wait(sample_s)
+
+        sampler = threading.Thread(target=poll, daemon=True)
+        sampler.start()
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        wall = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = ru.ru_utime + ru.ru_stime
+    busy1 = _cpu_busy_s()
+    # CPU that other processes used meanwhile (our own sampler thread is negligible): the
+    # machine is shared, so a wall time is only comparable with others taken at similar load
+    other = (busy1 - busy0 - cpu) / wall if busy0 is not None and busy1 is not None and wall > 0 else None
+    return {
+        "cmd": [str(c) for c in cmd],
+        "rc": proc.returncode,
+        "timed_out": wall >= timeout,
+        "wall_s": round(wall, 3),
+        "cpu_user_s": round(ru.ru_utime, 3),
+        "cpu_sys_s": round(ru.ru_stime, 3),
+        "cpu_s": round(cpu, 3),
+        "cpu_util_cores": round(cpu / wall, 2) if wall > 0 else None,
+        "other_processes_cores": round(max(other, 0.0), 2) if other is not None else None,
+        "loadavg_1min_at_start": load0,
+        "peak_rss_bytes": int(ru.ru_maxrss) * 1024,  # Linux: KiB
+        "peak_rss_sampled_bytes": max((r for _, r in samples), default=0),
+        "rss_timeline": _thin(samples, 120),
+        "log": str(log_stem.with_suffix(".err")),
+    }
+
+
+def _thin(samples: list, n: int) -> list:
+    if len(samples) <= n:
+        return [[t, r] for t, r in samples]
+    step = len(samples) / n
+    return [list(samples[int(i * step)]) for i in range(n)] + [list(samples[-1])]
+
+
+def _check(result: dict, what: str) -> None:
+    if result["rc"] != 0:
+        tail = ""
+        try:
+            tail = Path(result["log"]).read_text()[-3000:]
+        except OSError:
+            pass
+        raise SystemExit(f"{what} failed (rc={result['rc']}, timed out: {result['timed_out']}):\n"
+                         f"{' '.join(result['cmd'])}\n{tail}")
+
+
+# ---------------------------------------------------------------- scene
+
+def ensure_scene(size: int, chip: int, seed: int, work: Path, timeout: float) -> tuple[Path, dict]:
+    """The cached scene for this size, generated with the CLI when absent."""
+    d = work / f"scene_{size}_c{chip}_seed{seed}"
+    catalog, marker = d / "catalog.yaml", d / "bench_scene.json"
+    if catalog.is_file() and marker.is_file():
+        info = json.loads(marker.read_text())
+        info["cached"] = True
+        return catalog, info
+    shutil.rmtree(d, ignore_errors=True)
+    print(f"[{size}] generating scene in {d} ...", flush=True)
+    r = run_measured(sarflow_cmd() + ["synth", d, "--size", size, "--chip-size", chip, "--seed", seed], cwd=work,
+                     log_stem=work / "logs" / f"synth_{size}", timeout=timeout)
+    _check(r, f"sarflow synth --size {size}")
+    info = {"dir": str(d), "size_px": size, "chip_size": chip, "seed": seed, "generation_s": r["wall_s"],
+            "generation_peak_rss_bytes": r["peak_rss_bytes"], "generated_at": _now()}
+    marker.write_text(json.dumps(info, indent=1))
+    info["cached"] = False
+    return catalog, info
+
+
+def catalog_inputs(catalog: Path) -> list[Path]:
+    import yaml
+
+    cat = yaml.safe_load(catalog.read_text())
+    out = []
+    for s in cat["sources"]:
+        for u in s.get("uris") or []:
+            for v in (u if isinstance(u, list) else [u]):
+                p = (catalog.parent / v).resolve()
+                if p not in out:
+                    out.append(p)
+    return out
+
+
+def warm_read(paths: list[Path]) -> tuple[float, float]:
+    """Reads every input once, so every timed run sees the same (warm) page cache, and hashes it
+    like sarflow does (sha256, 8 MiB reads): (read seconds, sha256 seconds, both warm)."""
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(16 << 20):
+                pass
+    t1 = time.perf_counter()
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+    return t1 - t0, time.perf_counter() - t1
+
+
+# ---------------------------------------------------------------- sarflow tile
+
+LOOP_RE = re.compile(r"wrote (\d+) chips to .* in ([0-9.]+)s")
+
+
+def run_sarflow(catalog: Path, store: Path, work: Path, tag: str, extra: list[str], timeout: float,
+                env_extra: dict | None = None, repeat: int = 1) -> dict:
+    """The best (lowest wall) of `repeat` runs; every wall is kept in `walls_s`."""
+    env = dict(os.environ, **env_extra) if env_extra else None
+    runs = []
+    for k in range(repeat):
+        for p in (store, store.with_name(store.name + ".partial"), store.with_name(store.name + ".replaced")):
+            shutil.rmtree(p, ignore_errors=True)  # no resume, no replace: every run does the same work
+        r = run_measured(sarflow_cmd() + ["tile", catalog, "--out", store, "--overwrite", "--quiet", *extra],
+                         cwd=work, log_stem=work / "logs" / f"tile_{tag}_{k}", timeout=timeout, env=env)
+        _check(r, f"sarflow tile ({tag})")
+        runs.append(r)
+    r = min(runs, key=lambda x: x["wall_s"])
+    r["walls_s"] = [x["wall_s"] for x in runs]
+    if env_extra:
+        r["env"] = env_extra
+    chips = read_store_attrs(store)["chips"]
+    r["chips"] = int(chips)
+    r["chips_per_s"] = round(chips / r["wall_s"], 2)
+    m = LOOP_RE.search(Path(r["log"]).read_text())
+    if m:  # the tiler logs the time of its warp/write loop; the rest is startup, ingest (sha256), finalize
+        r["loop_s"] = float(m.group(2))
+        r["outside_loop_s"] = round(r["wall_s"] - r["loop_s"], 3)
+    return r
+
+
+def read_store_attrs(store: Path) -> dict:
+    return json.loads((store / "zarr.json").read_text())["attributes"]
+
+
+def array_attrs(store: Path, name: str) -> dict:
+    return json.loads((store / name / "zarr.json").read_text())
+
+
+def inspect_store(store: Path, input_bytes: int, shard_chips: int) -> dict:
+    attrs = read_store_attrs(store)
+    chips = int(attrs["chips"])
+    expected_shards = -(-chips // shard_chips)
+    files = [p for p in store.rglob("*") if p.is_file()]
+    apparent = sum(p.stat().st_size for p in files)
+    disk = sum(p.stat().st_blocks * 512 for p in files)
+    arrays = {}
+    for name in attrs["modalities"]:
+        meta = array_attrs(store, name)
+        mine = [p for p in files if p.is_relative_to(store / name)]
+        shards = [p for p in mine if p.name != "zarr.json"]
+        arrays[name] = {
+            "files": len(mine),
+            "shard_files": len(shards),
+            "bytes": sum(p.stat().st_size for p in mine),
+            "dtype": meta.get("data_type"),
+            "shape": meta.get("shape"),
+            "files_per_chip": round(len(mine) / chips, 6),
+            "shard_files_per_chip": round(len(shards) / chips, 6),
+            "chips_per_shard_file": round(chips / len(shards), 2) if shards else None,
+        }
+    worst = max(arrays.values(), key=lambda a: a["files_per_chip"])
+    return {
+        "chips": chips,
+        "bytes": apparent,
+        "disk_bytes": disk,
+        "input_bytes": input_bytes,
+        "bytes_over_input": round(apparent / input_bytes, 4) if input_bytes else None,
+        "files": len(files),
+        "files_per_chip": round(len(files) / chips, 6),
+        "max_files_per_chip_per_array": worst["files_per_chip"],
+        "max_shard_files_per_chip_per_array": max(a["shard_files_per_chip"] for a in arrays.values()),
+        "shard_chips": shard_chips,
+        "shard_files_expected_per_array": expected_shards,
+        # the layout behind the 1/64 goal: ceil(chips / 64) shard files per array, nothing more
+        "shard_layout_ok": all(a["shard_files"] <= expected_shards for a in arrays.values()),
+        "arrays": arrays,
+    }
+
+
+def _resolve(uri: str, base: Path) -> str:
+    """A URI as the store records it (absolute, or relative to the catalog folder) as a path."""
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
+
+
+def store_inputs(store: Path, catalog: Path) -> tuple[dict[str, int], list[dict]]:
+    """(uri -> size) of the inputs as the store records them, and per file its array and resampling;
+    URIs resolved against the catalog's folder."""
+    attrs = read_store_attrs(store)
+    base = catalog.resolve().parent
+    sizes, plan = {}, []
+    for name in attrs["modalities"]:
+        a = array_attrs(store, name)["attributes"]
+        for s in a["sources"]:
+            sizes[_resolve(s["uri"], base)] = int(s["size"])
+        for uri, method in a["resampling"].items():
+            path = _resolve(uri, base)
+            if "://" not in path and not Path(path).is_file():
+                raise SystemExit(f"input {uri!r} recorded in {store / name} not found as {path}")
+            plan.append({"array": name, "uri": path, "resampling": method, "bands": len(a["bands"]),
+                         "kind": a["kind"]})
+    return sizes, plan
+
+
+def chip_extent(store: Path) -> tuple[float, float, float, float]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(store / "chips.parquet", columns=["minx", "miny", "maxx", "maxy"]).to_pydict()
+    return min(t["minx"]), min(t["miny"]), max(t["maxx"]), max(t["maxy"])
+
+
+# ---------------------------------------------------------------- gdalwarp anchor
+
+def run_gdalwarp(store: Path, catalog: Path, work: Path, tag: str, timeout: float, multithread: bool = False,
+                 repeat: int = 1) -> dict:
+    attrs = read_store_attrs(store)
+    wkt, res = attrs["crs_wkt"], float(attrs["resolution"])
+    extent = chip_extent(store)
+    _, plan = store_inputs(store, catalog)
+    runs = []
+    with tempfile.TemporaryDirectory(dir=work, prefix=f"gdalwarp_{tag}_") as tmp:
+        for i, item in enumerate(plan):
+            out = Path(tmp) / f"{i:02d}_{item['array']}.tif"
+            method = CLI_RESAMPLING.get(item["resampling"], item["resampling"])
+            cmd = ["gdalwarp", "-q", "-overwrite", "-t_srs", wkt, "-tr", repr(res), repr(res),
+                   "-te", *[repr(float(v)) for v in extent], "-r", method, "-of", "GTiff"]
+            if multithread:
+                cmd += ["-multi", "-wo", "NUM_THREADS=ALL_CPUS"]
+            tries = []
+            for k in range(repeat):
+                r = run_measured(cmd + [item["uri"], out], cwd=work,
+                                 log_stem=work / "logs" / f"gdalwarp_{tag}_{i:02d}_{k}", timeout=timeout)
+                _check(r, "gdalwarp")
+                r["out_bytes"] = out.stat().st_size
+                out.unlink()  # not timed; keeps the disk footprint to one output at a time
+                tries.append(r)
+            r = min(tries, key=lambda x: x["wall_s"])
+            runs.append({"array": item["array"], "file": Path(item["uri"]).name, "resampling": method,
+                         "wall_s": r["wall_s"], "walls_s": [x["wall_s"] for x in tries], "cpu_s": r["cpu_s"],
+                         "cpu_util_cores": r["cpu_util_cores"], "other_processes_cores": r["other_processes_cores"],
+                         "peak_rss_bytes": r["peak_rss_bytes"], "out_bytes": r["out_bytes"]})
+    width = round((extent[2] - extent[0]) / res)
+    height = round((extent[3] - extent[1]) / res)
+    return {
+        "options": "multithreaded: -multi -wo NUM_THREADS=ALL_CPUS" if multithread else "defaults (single thread)",
+        "gdal_version": _gdalwarp_version(),
+        "grid": {"crs_wkt_sha256": hashlib.sha256(wkt.encode()).hexdigest()[:16], "resolution": res,
+                 "extent": list(extent), "width": width, "height": height},
+        "files": runs,
+        "wall_s": round(sum(r["wall_s"] for r in runs), 3),
+        "cpu_s": round(sum(r["cpu_s"] for r in runs), 3),
+        "other_processes_cores_mean": _mean([r["other_processes_cores"] for r in runs]),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        "out_bytes": sum(r["out_bytes"] for r in runs),
+    }
+
+
+# ---------------------------------------------------------------- torchgeo anchor
+
+def run_torchgeo(python: str | None, store: Path, catalog: Path, work: Path, tag: str, workers: int,
+                 timeout: float) -> dict:
+    if not python:
+        return {"skipped": "no --torchgeo-python given: torchgeo 0.8.1 needs its own ~5.5 GB environment, "
+                           "which is not installed here (see benchmarks/README.md)"}
+    if not Path(python).exists() and not shutil.which(python):
+        return {"skipped": f"--torchgeo-python {python} does not exist"}
+    import rasterio
+
+    attrs = read_store_attrs(store)
+    _, plan = store_inputs(store, catalog)
+    sources: dict[str, dict] = {}
+    for item in plan:
+        a = array_attrs(store, item["array"])
+        s = sources.setdefault(item["array"], {
+            "name": item["array"], "files": [], "bands": item["bands"], "kind": item["kind"],
+            "resampling": item["resampling"], "dtype": a["data_type"], "stacked": False})
+        s["files"].append(item["uri"])
+        with rasterio.open(item["uri"]) as ds:
+            if ds.count != item["bands"]:
+                s["stacked"] = True  # single-band files stacked into bands: not in the torchgeo pattern here
+    spec = {"crs_wkt": attrs["crs_wkt"], "resolution": float(attrs["resolution"]), "chip_size": int(attrs["chip_size"]),
+            "stride": int(attrs["chip_size"]) - int(attrs.get("overlap", 0)), "roi": list(chip_extent(store)),
+            "sources": list(sources.values())}
+    spec_path = work / f"torchgeo_spec_{tag}.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    out_store = work / f"torchgeo_{tag}.zarr"
+    result_path = work / f"torchgeo_result_{tag}.json"
+    shutil.rmtree(out_store, ignore_errors=True)
+    result_path.unlink(missing_ok=True)
+    r = run_measured([python, HERE / "torchgeo_tile.py", "--spec", spec_path, "--out", out_store,
+                      "--result", result_path, "--workers", workers], cwd=work,
+                     log_stem=work / "logs" / f"torchgeo_{tag}", timeout=timeout)
+    if r["rc"] != 0:
+        return {"failed": f"rc={r['rc']}", "log": r["log"], "wall_s": r["wall_s"],
+                "stderr_tail": Path(r["log"]).read_text()[-2000:]}
+    inner = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    chips = inner.get("chips")
+    out = {k: r[k] for k in ("wall_s", "cpu_util_cores", "peak_rss_bytes", "peak_rss_sampled_bytes", "rss_timeline")}
+    out.update(inner)
+    out["chips_per_s"] = round(chips / r["wall_s"], 2) if chips else None
+    if out_store.exists():
+        fs = [p for p in out_store.rglob("*") if p.is_file()]
+        out["store_bytes"], out["store_files"] = sum(p.stat().st_size for p in fs), len(fs)
+    return out
+
+
+# ---------------------------------------------------------------- machine
+
+def _gdalwarp_version() -> str:
+    try:
+        return subprocess.run(["gdalwarp", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"unavailable ({e})"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def machine_info() -> dict:
+    import numpy
+    import psutil
+    import rasterio
+    import zarr
+
+    import sarflow
+
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    tile_py = REPO / "src" / "sarflow" / "tile.py"
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model,
+        "memory_bytes": psutil.virtual_memory().total,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "rasterio": rasterio.__version__,
+        "rasterio_gdal": rasterio.__gdal_version__,
+        "gdalwarp": _gdalwarp_version(),
+        "zarr": zarr.__version__,
+        "numpy": numpy.__version__,
+        "sarflow": sarflow.__version__,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty_src": bool(_git("status", "--porcelain", "--", "src")),
+        "tile_py_sha256": hashlib.sha256(tile_py.read_bytes()).hexdigest()[:16] if tile_py.is_file() else None,
+    }
+
+
+def tile_defaults() -> dict:
+    from dataclasses import asdict
+
+    from sarflow.tile import GDAL_CACHE_MB, TileOptions
+
+    d = asdict(TileOptions())
+    d.pop("overwrite", None)
+    d.pop("checksum", None)
+    d["split_fractions"] = list(d["split_fractions"])
+    d["gdal_cache_mb"] = GDAL_CACHE_MB
+    return d
+
+
+# ---------------------------------------------------------------- report
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def summarize(sizes: list[dict]) -> dict:
+    ok = [s for s in sizes if "sarflow" in s]
+    if not ok:
+        return {}
+    largest, smallest = max(ok, key=lambda s: s["size_px"]), min(ok, key=lambda s: s["size_px"])
+    rss = {str(s["size_px"]): s["sarflow"]["peak_rss_bytes"] for s in ok}
+    flat = _ratio(largest["sarflow"]["peak_rss_bytes"], smallest["sarflow"]["peak_rss_bytes"])
+    ratios = {str(s["size_px"]): s["ratios"].get("sarflow_over_gdalwarp") for s in ok}
+    fpc = {str(s["size_px"]): s["store"]["max_files_per_chip_per_array"] for s in ok}
+    return {
+        "peak_rss_bytes_per_size": rss,
+        "peak_rss_largest_over_smallest": flat,
+        "sarflow_over_gdalwarp_per_size": ratios,
+        "max_files_per_chip_per_array_per_size": fpc,
+        "goals": {
+            "sarflow_over_gdalwarp_le_2": {
+                "value": ratios, "goal": GOAL_RATIO_GDALWARP,
+                "met": all(v is not None and v <= GOAL_RATIO_GDALWARP for v in ratios.values())},
+            "peak_rss_le_1.5GB_at_largest": {
+                "value": largest["sarflow"]["peak_rss_bytes"], "goal": GOAL_RSS_BYTES,
+                "met": largest["sarflow"]["peak_rss_bytes"] <= GOAL_RSS_BYTES},
+            "peak_rss_flat_across_sizes": {
+                "value": flat, "goal": f"largest/smallest <= {GOAL_RSS_FLAT}",
+                "met": flat is not None and flat <= GOAL_RSS_FLAT},
+            "files_per_chip_per_array_le_1/64": {
+                "value": fpc, "goal": GOAL_FILES_PER_CHIP_PER_ARRAY,
+                "met": all(v <= GOAL_FILES_PER_CHIP_PER_ARRAY for v in fpc.values()),
+                "shard_layout_ok": all(s["store"]["shard_layout_ok"] for s in ok),
+                "note": "counts every file of an array (shards + zarr.json); with 64 chips per shard the "
+                        "partial last shard and the metadata file put it just above 1/64 unless the chip "
+                        "count is large; see shard_files_per_chip in each size's store.arrays"},
+        },
+    }
+
+
+def print_table(result: dict) -> None:
+    rows = []
+    hdr = ("size", "chips", "synth s", "tile s", "tile -ck s", "ck cost s", "gdalwarp s", "ratio", "ratio -ck",
+           "cpu ratio", "chips/s", "RSS MB", "store MB", "input MB", "store/in", "files/chip", "f/chip/arr",
+           "other load", "torchgeo s")
+    for s in result["sizes"]:
+        if "sarflow" not in s:
+            rows.append((str(s["size_px"]), "error: " + s.get("error", "?")))
+            continue
+        sf, nc, st = s["sarflow"], s["sarflow_no_checksum"], s["store"]
+        gw = s.get("gdalwarp", {})
+        tg = s.get("torchgeo", {})
+        rows.append((
+            str(s["size_px"]), str(sf["chips"]), f"{s['scene']['generation_s']:.1f}", f"{sf['wall_s']:.1f}",
+            f"{nc['wall_s']:.1f}", f"{s['checksum_cost_s']:.1f}", f"{gw['wall_s']:.1f}" if "wall_s" in gw else "-",
+            f"{s['ratios']['sarflow_over_gdalwarp']:.2f}" if s["ratios"].get("sarflow_over_gdalwarp") else "-",
+            f"{s['ratios']['sarflow_no_checksum_over_gdalwarp']:.2f}"
+            if s["ratios"].get("sarflow_no_checksum_over_gdalwarp") else "-",
+            f"{s['ratios']['sarflow_cpu_over_gdalwarp_cpu']:.2f}"
+            if s["ratios"].get("sarflow_cpu_over_gdalwarp_cpu") else "-",
+            f"{sf['chips_per_s']:.1f}", f"{sf['peak_rss_bytes'] / MB:.0f}", f"{st['bytes'] / MB:.0f}",
+            f"{st['input_bytes'] / MB:.0f}", f"{st['bytes_over_input']:.2f}", f"{st['files_per_chip']:.4f}",
+            f"{st['max_files_per_chip_per_array']:.4f}",
+            f"{sf['other_processes_cores']:.2f}" if sf.get("other_processes_cores") is not None else "-",
+            f"{tg['wall_s']:.1f}" if "wall_s" in tg else ("skipped" if "skipped" in tg else "failed"),
+        ))
+    widths = [max(len(h), *(len(r[i]) for r in rows if len(r) > i)) for i, h in enumerate(hdr)]
+    print("  ".join(h.rjust(w) for h, w in zip(hdr, widths)))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    summ = result.get("summary") or {}
+    if summ:
+        print(f"peak RSS largest/smallest: {summ['peak_rss_largest_over_smallest']}")
+        for name, g in summ["goals"].items():
+            print(f"goal {name}: {'met' if g['met'] else 'NOT met'} (value {g['value']}, goal {g['goal']})")
+    print("ratio = sarflow tile wall / sum of sequential default gdalwarp walls (one per source file); "
+          "-ck = --no-checksum; cpu ratio = the same with CPU seconds; f/chip/arr = files of the worst array / "
+          "chips (goal <= 1/64 = 0.0156); other load = cores busy with other processes during the sarflow run "
+          f"(of {os.cpu_count()})")
+
+
+# ---------------------------------------------------------------- main
+
+def bench_size(size: int, args, work: Path) -> dict:
+    entry: dict = {"size_px": size, "started_at": _now()}
+    catalog, scene = ensure_scene(size, args.chip_size, args.seed, work, args.timeout)
+    inputs = catalog_inputs(catalog)
+    scene["input_files"] = len(inputs)
+    read_s, sha_s = warm_read(inputs)
+    scene["warm_read_s"], scene["sha256_inputs_s"] = round(read_s, 3), round(sha_s, 3)
+    entry["scene"] = scene
+    store = work / f"store_{size}_c{args.chip_size}.zarr"
+
+    print(f"[{size}] sarflow tile ...", flush=True)
+    env_extra = dict(kv.split("=", 1) for kv in args.env)
+    entry["sarflow"] = run_sarflow(catalog, store, work, f"{size}_checksum", [], args.timeout, env_extra, args.repeat)
+    sizes, _ = store_inputs(store, catalog)
+    entry["store"] = inspect_store(store, sum(sizes.values()), tile_defaults()["shard_chips"])
+    entry["store"]["path"] = str(store)
+    print(f"[{size}]   {entry['sarflow']['wall_s']:.1f} s, {entry['sarflow']['chips']} chips, "
+          f"peak RSS {entry['sarflow']['peak_rss_bytes'] / MB:.0f} MB", flush=True)
+
+    print(f"[{size}] sarflow tile --no-checksum ...", flush=True)
+    entry["sarflow_no_checksum"] = run_sarflow(catalog, store, work, f"{size}_nochecksum", ["--no-checksum"],
+                                               args.timeout, env_extra, args.repeat)
+    assert entry["sarflow_no_checksum"]["chips"] == entry["sarflow"]["chips"]
+    # the difference of two walls (noisy on a shared machine) and the direct cost of hashing the inputs
+    entry["checksum_cost_s"] = round(entry["sarflow"]["wall_s"] - entry["sarflow_no_checksum"]["wall_s"], 3)
+    entry["sha256_inputs_s"] = scene["sha256_inputs_s"]
+    print(f"[{size}]   {entry['sarflow_no_checksum']['wall_s']:.1f} s", flush=True)
+
+    entry["ratios"] = {}
+    if not args.skip_gdalwarp:
+        print(f"[{size}] gdalwarp anchor ...", flush=True)
+        entry["gdalwarp"] = run_gdalwarp(store, catalog, work, str(size), args.timeout, repeat=args.repeat)
+        gw = entry["gdalwarp"]["wall_s"]
+        entry["ratios"]["sarflow_over_gdalwarp"] = _ratio(entry["sarflow"]["wall_s"], gw)
+        entry["ratios"]["sarflow_no_checksum_over_gdalwarp"] = _ratio(entry["sarflow_no_checksum"]["wall_s"], gw)
+        # CPU seconds are far less sensitive than wall time to other load on a shared machine
+        entry["ratios"]["sarflow_cpu_over_gdalwarp_cpu"] = _ratio(entry["sarflow"]["cpu_s"], entry["gdalwarp"]["cpu_s"])
+        if "loop_s" in entry["sarflow"]:
+            entry["ratios"]["sarflow_loop_over_gdalwarp"] = _ratio(entry["sarflow"]["loop_s"], gw)
+        print(f"[{size}]   {gw:.1f} s (ratio {entry['ratios']['sarflow_over_gdalwarp']})", flush=True)
+        if args.gdalwarp_mt:
+            entry["gdalwarp_multithreaded"] = run_gdalwarp(store, catalog, work, f"{size}_mt", args.timeout,
+                                                           multithread=True, repeat=args.repeat)
+            entry["ratios"]["sarflow_over_gdalwarp_multithreaded"] = _ratio(
+                entry["sarflow"]["wall_s"], entry["gdalwarp_multithreaded"]["wall_s"])
+    else:
+        entry["gdalwarp"] = {"skipped": "--skip-gdalwarp"}
+
+    if args.torchgeo_python:
+        print(f"[{size}] torchgeo anchor ...", flush=True)
+    entry["torchgeo"] = run_torchgeo(args.torchgeo_python, store, catalog, work, str(size),
+                                     args.torchgeo_workers, args.timeout)
+    if "wall_s" in entry["torchgeo"] and "skipped" not in entry["torchgeo"] and "failed" not in entry["torchgeo"]:
+        entry["ratios"]["sarflow_over_torchgeo"] = _ratio(entry["sarflow"]["wall_s"], entry["torchgeo"]["wall_s"])
+    if args.clean:
+        shutil.rmtree(store, ignore_errors=True)
+    entry["finished_at"] = _now()
+    return entry
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="2048,10980", help="scene sides in 10 m pixels, comma separated")
+    ap.add_argument("--out", default=str(HERE / "results"),
+                    help="results folder (tile.json is written in it) or a .json file path")
+    ap.add_argument("--work", default=str(HERE / "work"), help="cache of scenes, stores, logs (gitignored)")
+    ap.add_argument("--chip-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torchgeo-python", default=None,
+                    help="a python interpreter with torchgeo 0.8.1 (and zarr); without it torchgeo is skipped")
+    ap.add_argument("--torchgeo-workers", type=int, default=2, help="DataLoader workers of the torchgeo anchor")
+    ap.add_argument("--skip-gdalwarp", action="store_true", help="do not run the gdalwarp anchor")
+    ap.add_argument("--gdalwarp-mt", action="store_true",
+                    help="also run gdalwarp with -multi -wo NUM_THREADS=ALL_CPUS (an extra, informative anchor)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed to any one child process")
+    ap.add_argument("--clean", action="store_true", help="delete each chip store after measuring it")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every timed command this many times and keep the fastest (all walls are recorded)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for the sarflow tile runs (e.g. OPENBLAS_NUM_THREADS=1), recorded")
+    args = ap.parse_args(argv)
+
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    out = Path(args.out)
+    out_file = out if out.suffix == ".json" else out / "tile.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if shutil.which("gdalwarp") is None and not args.skip_gdalwarp:
+        raise SystemExit("gdalwarp not found: install gdal-bin (make gdal) or pass --skip-gdalwarp")
+
+    result = {
+        "benchmark": "sarflow tile vs gdalwarp (and torchgeo)",
+        "started_at": _now(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "machine": machine_info(),
+        "config": {"chip_size": args.chip_size, "seed": args.seed, "tile_options": tile_defaults(),
+                   "repeat": args.repeat, "sarflow_env": dict(kv.split("=", 1) for kv in args.env),
+                   "params_yaml": "not read (children run in the work folder)", "work": str(work)},
+        "sizes": [],
+    }
+    for size in sizes:
+        try:
+            entry = bench_size(size, args, work)
+        except SystemExit as e:
+            entry = {"size_px": size, "error": str(e)[:4000]}
+            print(f"[{size}] FAILED: {e}", file=sys.stderr, flush=True)
+        result["sizes"].append(entry)
+        result["summary"] = summarize(result["sizes"])
+        out_file.write_text(json.dumps(result, indent=1))  # after each size, so a long run leaves partial results
+    result["torchgeo"] = (run_torchgeo(None, Path(), Path(), work, "", 0, 0) if not args.torchgeo_python
+                          else {"python": args.torchgeo_python, "results": "per size, under sizes[].torchgeo"})
+    result["finished_at"] = _now()
+    out_file.write_text(json.dumps(result, indent=1))
+    print()
+    print_table(result)
+    print(f"\nresults: {out_file}")
+    return 1 if any("error" in s for s in result["sizes"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
