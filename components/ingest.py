@@ -24,11 +24,10 @@ def ingest_scene(
 
     if s3_endpoint:  # credentials come from the environment (the sarflow-minio secret)
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    from sarflow.catalog import load_catalog
+    from sarflow.catalog import catalog_path, load_catalog
     from sarflow.ingest import ingest
 
-    where = Path(scene.path)
-    catalog = where / scene.metadata.get("catalog", "catalog.yaml") if where.is_dir() else where
+    catalog = catalog_path(scene.path, scene.metadata.get("catalog", "catalog.yaml"))
     ingested = ingest(load_catalog(catalog), checksum=checksum)
     doc = ingested.manifest()
     Path(manifest.path).parent.mkdir(parents=True, exist_ok=True)

@@ -28,12 +28,11 @@ def tile_scene(
 
     if s3_endpoint:  # credentials come from the environment (the sarflow-minio secret)
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    from sarflow.catalog import load_catalog
+    from sarflow.catalog import catalog_path, load_catalog
     from sarflow.store import open_store
     from sarflow.tile import TileOptions, tile
 
-    where = Path(scene.path)
-    catalog = where / scene.metadata.get("catalog", "catalog.yaml") if where.is_dir() else where
+    catalog = catalog_path(scene.path, scene.metadata.get("catalog", "catalog.yaml"))
     options = TileOptions(workers=int(workers), shard_chips=int(shard_chips), block_chips=int(block_chips),
                           split_block=int(split_block), checksum=bool(checksum), overwrite=True)
     os.makedirs(os.path.dirname(store.path), exist_ok=True)

@@ -155,6 +155,12 @@ class LoadedCatalog(BaseModel):
         return os.path.relpath(uri, self.base_dir)
 
 
+def catalog_path(where: str | Path, name: str = "catalog.yaml") -> Path:
+    """A catalog file given itself or the scene folder that holds it (as a synthetic scene does)."""
+    where = Path(where)
+    return where / name if where.is_dir() else where
+
+
 def load_catalog(path: str | Path) -> LoadedCatalog:
     path = Path(path)
     if not path.is_file():

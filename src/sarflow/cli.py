@@ -18,6 +18,28 @@ app = typer.Typer(help="sarflow: SAR + optical Earth-observation data to ML-read
 ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: ./params.yaml when present)")
 
 
+def _tracking_uri(explicit: str | None, params: Path | None) -> str:
+    """--tracking-uri, else params.yaml pretrain.tracking_uri, else the embedded default."""
+    from sarflow.params import load_params, section
+
+    return explicit or section(load_params(params), "pretrain", {}).get("tracking_uri", "sqlite:///mlflow.db")
+
+
+def _pretrain_config(p: dict, store: str, overrides: dict):
+    """PretrainConfig from params.yaml's `pretrain:` section (vit, optim, per-method arguments) and flags."""
+    from sarflow.params import section
+    from sarflow.training.methods import OptimConfig
+    from sarflow.training.pretrain import PretrainConfig
+    from sarflow.training.vit import ViTConfig
+
+    vit_flags, optim_flags = overrides.pop("vit", {}), overrides.pop("optim", {})
+    cfg = section(p, "pretrain", overrides)
+    vit = {**cfg.pop("vit", {}), **{k: v for k, v in vit_flags.items() if v is not None}}
+    optim = {**cfg.pop("optim", {}), **{k: v for k, v in optim_flags.items() if v is not None}}
+    method_kwargs = (cfg.pop("methods", {}) or {}).get(cfg.get("method", "mae"), {})
+    return PretrainConfig(store=store, vit=ViTConfig(**vit), optim=OptimConfig(**optim), method_kwargs=method_kwargs, **cfg)
+
+
 def _fail(e: SarflowError) -> None:
     typer.secho(f"error: {e}", fg="red", err=True)
     raise typer.Exit(2)
@@ -149,23 +171,16 @@ def pretrain(
 ) -> None:
     """Pretrain a self-supervised encoder (MAE, DINO or CLIP-multimodal), track it in MLflow and
     register it as sarflow-encoder-<method>."""
-    from sarflow.params import load_params, section
-    from sarflow.training.methods import OptimConfig
-    from sarflow.training.pretrain import PretrainConfig
+    from sarflow.params import load_params
     from sarflow.training.pretrain import pretrain as run_pretrain
-    from sarflow.training.vit import ViTConfig
 
     try:
-        p = load_params(params)
-        cfg = section(p, "pretrain", {"method": method, "batch_size": batch_size, "output_size": output_size,
-                                      "workers": workers, "tracking_uri": tracking_uri, "experiment": experiment,
-                                      "devices": int(devices) if devices and devices.lstrip("-").isdigit() else devices})
-        vit = {**cfg.pop("vit", {}), **{k: v for k, v in {"size": vit_size, "patch": patch, "depth": depth,
-                                                           "dim": dim}.items() if v is not None}}
-        optim = {**cfg.pop("optim", {}), **({"max_steps": max_steps} if max_steps else {})}
-        method_kwargs = (cfg.pop("methods", {}) or {}).get(cfg.get("method", "mae"), {})
-        result = run_pretrain(PretrainConfig(store=store, vit=ViTConfig(**vit), optim=OptimConfig(**optim),
-                                             method_kwargs=method_kwargs, **cfg), show_progress=sys.stderr.isatty())
+        cfg = _pretrain_config(load_params(params), store, {
+            "method": method, "batch_size": batch_size, "output_size": output_size, "workers": workers,
+            "tracking_uri": tracking_uri, "experiment": experiment,
+            "devices": int(devices) if devices and devices.lstrip("-").isdigit() else devices,
+            "vit": {"size": vit_size, "patch": patch, "depth": depth, "dim": dim}, "optim": {"max_steps": max_steps}})
+        result = run_pretrain(cfg, show_progress=sys.stderr.isatty())
     except SarflowError as e:
         _fail(e)
     except (ValueError, TypeError) as e:
@@ -188,11 +203,9 @@ def embed(
     import mlflow
 
     from sarflow.features.embed import embed_store
-    from sarflow.params import load_params, section
 
     try:
-        uri = tracking_uri or section(load_params(params), "pretrain", {}).get("tracking_uri", "sqlite:///mlflow.db")
-        mlflow.set_tracking_uri(uri)
+        mlflow.set_tracking_uri(_tracking_uri(tracking_uri, params))
         result = embed_store(store, model, root, batch_size=batch_size, overwrite=overwrite)
     except SarflowError as e:
         _fail(e)
@@ -211,12 +224,10 @@ def promote(
     """Gate: move @champion to the newest version only if it is better on the same evaluation set and data."""
     import mlflow
 
-    from sarflow.params import load_params, section
     from sarflow.registry import promote as run_promote
 
     try:
-        mlflow.set_tracking_uri(tracking_uri or section(load_params(params), "pretrain", {}).get(
-            "tracking_uri", "sqlite:///mlflow.db"))
+        mlflow.set_tracking_uri(_tracking_uri(tracking_uri, params))
         d = run_promote(name, metric, higher_is_better=not lower_is_better, margin=margin)
     except SarflowError as e:
         _fail(e)
@@ -235,9 +246,6 @@ def demo(
     from sarflow.params import load_params, section
     from sarflow.synth import SynthConfig
     from sarflow.tile import TileOptions
-    from sarflow.training.methods import OptimConfig
-    from sarflow.training.pretrain import PretrainConfig
-    from sarflow.training.vit import ViTConfig
 
     try:
         p = load_params(params)
@@ -245,10 +253,7 @@ def demo(
         tcfg = section(p, "tile", {})
         if "split_fractions" in tcfg:
             tcfg["split_fractions"] = tuple(tcfg["split_fractions"])
-        pcfg = section(p, "pretrain", {})
-        vit, optim = ViTConfig(**pcfg.pop("vit", {})), OptimConfig(**pcfg.pop("optim", {}))
-        method_kwargs = (pcfg.pop("methods", {}) or {}).get(pcfg.get("method", "mae"), {})
-        pretrain_cfg = PretrainConfig(store="", vit=vit, optim=optim, method_kwargs=method_kwargs, **pcfg)
+        pretrain_cfg = _pretrain_config(p, "", {})
         summary = run_demo(out, catalog=catalog, synth=synth_cfg, tile_options=TileOptions(**tcfg),
                            pretrain_cfg=pretrain_cfg, show_progress=sys.stderr.isatty())
     except SarflowError as e:
