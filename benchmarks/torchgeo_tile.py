@@ -48,6 +48,9 @@ def build_dataset(spec: dict):
     dataset = datasets[0]
     for d in datasets[1:]:
         dataset = dataset & d  # IntersectionDataset
+        # torchgeo 0.8.1 keeps every dataset's columns (filepath_1, filepath_2) in the intersection's
+        # index, so a third `&` collides in geopandas' overlay; only the geometry is used from it
+        dataset.index = dataset.index[["geometry"]]
     return dataset, used, skipped
 
 

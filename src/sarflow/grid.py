@@ -88,7 +88,7 @@ class ChipGrid:
         maxy = y0 - np.asarray(iy) * self.step
         return minx, maxy - self.extent, minx + self.extent, maxy
 
-    def chip_transform(self, ix: int, iy: int, chips: int = 1) -> Affine:
+    def chip_transform(self, ix: int, iy: int) -> Affine:
         """Pixel-to-grid transform of a window starting at chip (ix, iy)."""
         minx, _, _, maxy = self.chip_bounds(ix, iy)
         return Affine(self.resolution, 0.0, float(minx), 0.0, -self.resolution, float(maxy))
