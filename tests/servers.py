@@ -36,18 +36,8 @@ def start_moto_once(log: Path, extra_env: dict[str, str] | None) -> tuple[subpro
     with open(log, "wb") as fh:  # the server's request log goes to a file, never a pipe that could fill
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 env=env, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:  # the moto API does not count as an AWS action (it leaves INITIAL_NO_AUTH_ACTION_COUNT alone)
-            with urllib.request.urlopen(url + "/moto-api/data.json", timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                stop(proc)
-                raise RuntimeError(f"moto server at {url} did not answer within 30 s: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
+    # the moto API does not count as an AWS action (it leaves INITIAL_NO_AUTH_ACTION_COUNT alone)
+    wait_http(url + "/moto-api/data.json", proc, log, seconds=30, poll=0.1)
     return proc, url
 
 
@@ -60,7 +50,8 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90, poll: float = 0.3) -> None:
+    """Waits until `url` answers; a server that exits or stays silent is stopped and reported with its log."""
     deadline = time.monotonic() + seconds
     while True:
         if proc.poll() is not None:
@@ -72,4 +63,4 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90) 
             if time.monotonic() > deadline:
                 stop(proc)
                 raise RuntimeError(f"{url} did not answer within {seconds} s: {log.read_text()[-3000:]}")
-            time.sleep(0.3)
+            time.sleep(poll)

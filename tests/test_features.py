@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from sarflow.features.store import FeatureConfig, apply, materialize, online_fea
 from sarflow.training.methods import OptimConfig
 from sarflow.training.pretrain import PretrainConfig, pretrain
 from sarflow.training.vit import ViTConfig
-from servers import free_port
+from servers import free_port, stop, wait_http
 
 MODEL = "sarflow-encoder-mae"
 VIEW = "chip_embeddings_mae_v1"
@@ -109,19 +108,12 @@ def test_feature_server_answers_over_http(featured):
 
     port = free_port()
     feast = str(Path(sys.executable).with_name("feast"))
-    server = subprocess.Popen([feast, "-c", str(featured["cfg"].repo), "serve", "-h", "127.0.0.1", "-p", str(port),
-                               "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = featured["root"] / f"feast-serve-{port}.log"
+    with open(log, "wb") as fh:
+        server = subprocess.Popen([feast, "-c", str(featured["cfg"].repo), "serve", "-h", "127.0.0.1", "-p", str(port),
+                                   "--workers", "1"], stdout=fh, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None, server.stdout.read().decode()[-2000:]
-            assert time.time() < deadline, "feature server did not start"
-            time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/health", server, log, seconds=90)
         table = read_embeddings(featured["root"], MODEL, "1").to_pandas()
         r = requests.post(f"http://127.0.0.1:{port}/get-online-features", timeout=10,
                           json={"features": [f"{VIEW}:embedding"], "entities": {"chip_id": table.chip_id[:2].tolist()}})
@@ -131,8 +123,7 @@ def test_feature_server_answers_over_http(featured):
         vectors = body["results"][names.index("embedding")]["values"]
         np.testing.assert_allclose(np.array(vectors, dtype=np.float32), np.stack(table.embedding[:2].to_numpy()), rtol=1e-6)
     finally:
-        server.terminate()
-        server.wait(15)
+        stop(server)
 
 
 @pytest.mark.integration

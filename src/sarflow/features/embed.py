@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import shapely
 import torch
 
-from sarflow.errors import InputError, SarflowError
+from sarflow.errors import InputError
 
 log = logging.getLogger(__name__)
 EMBEDDINGS = "embeddings"
@@ -145,5 +145,3 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     dim = len(col[0]) if len(col) else 0
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
 
-
-__all__ = ["ModelRef", "embed_store", "embedding_matrix", "partition", "read_embeddings", "resolve_model", "SarflowError"]
