@@ -22,11 +22,17 @@ The components are importable without the project on ``sys.path`` of the task, b
 ``pipelines/`` imports them as ``components.<stage>`` from the project root.
 """
 
+from components.downstream import train_llp, train_probes
+from components.embed import embed_chips
 from components.ingest import ingest_scene
+from components.materialize import materialize_features
+from components.pretrain import pretrain_encoder
+from components.promote import promote_model, publish_champion
 from components.synth import synth_scene
 from components.tile import tile_scene
 from components.version import version_chips
 
 BASE_IMAGE = "ghcr.io/sarflow/sarflow:0.1.0"
 
-__all__ = ["BASE_IMAGE", "synth_scene", "ingest_scene", "tile_scene", "version_chips"]
+__all__ = ["BASE_IMAGE", "synth_scene", "ingest_scene", "tile_scene", "version_chips", "pretrain_encoder",
+           "embed_chips", "materialize_features", "train_probes", "train_llp", "promote_model", "publish_champion"]

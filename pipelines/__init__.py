@@ -6,4 +6,7 @@
 
 REGISTRY = {
     "data": "pipelines.data:data_pipeline",
+    "training": "pipelines.training:training_pipeline",
+    "e2e": "pipelines.e2e:e2e_pipeline",
+    "e2e-catalog": "pipelines.e2e:e2e_catalog_pipeline",
 }

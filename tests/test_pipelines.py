@@ -310,3 +310,71 @@ def test_cli_run_local_reuses_cached_tasks(local_run, tmp_path):
     assert version["store"] in earlier  # the cached tile output of the first run
     assert version["dvc_md5"] == earlier[version["store"]]
     assert not list(Path(summary["run_dir"]).rglob("tile-scene"))  # tile did not run again
+
+
+# ---------------------------------------------------------------- training and end-to-end pipelines
+
+TRAINING_STAGES = ("pretrain-encoder", "embed-chips", "materialize-features", "train-probes", "train-llp",
+                   "promote-model", "promote-model-2", "publish-champion", "publish-champion-2")
+
+
+def _all_tasks(spec) -> dict[str, dict]:
+    """Every task of every DAG of the spec, by task name."""
+    found = dict(_tasks(spec["root"]))
+    for comp in spec["components"].values():
+        if "dag" in comp:
+            found.update(_tasks(comp))
+    return found
+
+
+@pytest.mark.parametrize("name", ["training", "e2e", "e2e-catalog"])
+def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path):
+    from sarflow.kfp_runner import compile_pipeline, pipeline_names
+
+    assert name in pipeline_names()
+    spec, platform = list(yaml.safe_load_all(compile_pipeline(name, tmp_path / f"{name}.yaml").read_text()))
+    tasks = _all_tasks(spec)
+    assert set(TRAINING_STAGES) <= set(tasks)
+    execs = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for gpu_task in ("exec-pretrain-encoder", "exec-embed-chips"):
+        resources = execs[gpu_task]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert k8s[gpu_task]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert k8s[gpu_task]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    for cpu_task in ("exec-train-probes", "exec-materialize-features", "exec-promote-model"):
+        assert "accelerator" not in execs[cpu_task]["container"]["resources"]
+        assert "nodeSelector" not in k8s[cpu_task]
+    for exec_name, container in execs.items():  # limits everywhere, nothing installed at run time
+        if "importer" in container:  # the importer is KFP's own driver, not a pod of ours
+            continue
+        assert container["container"]["resources"]["resourceMemoryLimit"], exec_name
+        assert container["container"]["image"] == IMAGE and "pip install" not in " ".join(container["container"]["command"])
+    # secrets and endpoints as env: MinIO keys from sarflow-s3, MLflow's URL from the ConfigMap
+    (secret,) = k8s["exec-train-probes"]["secretAsEnv"]
+    assert secret["secretName"] == "sarflow-s3"
+    (config,) = k8s["exec-pretrain-encoder"]["configMapAsEnv"]
+    assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"} <= {m["envVar"] for m in config["keyToEnv"]}
+    # the gate's decision drives a condition around publishing the champion
+    conditions = [t["triggerPolicy"]["condition"] for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
+    assert len(conditions) == 2 and all("promoted" in c and "true" in c for c in conditions)
+    # pretraining is cached, keyed on the dataset version; the stages writing shared state never are
+    assert tasks["pretrain-encoder"]["cachingOptions"] == {"enableCache": True}
+    assert "dataset_version" in tasks["pretrain-encoder"]["inputs"]["parameters"]
+    for task in ("embed-chips", "materialize-features", "train-probes", "promote-model"):
+        assert not tasks[task]["cachingOptions"].get("enableCache")
+    assert "record-status" in _tasks(spec["root"])
+    if name == "e2e":
+        source = tasks["pretrain-encoder"]["inputs"]["parameters"]["dataset_version"]
+        assert source["taskOutputParameter"] == {"producerTask": "version-chips", "outputParameterKey": "dvc_md5"}
+
+
+def test_params_sections_are_passed_whole_or_by_key():
+    from sarflow.kfp_runner import arguments_from_params
+
+    params = {"synth": {"size_px": 256, "seed": 3}, "tile": {"shard_chips": 8},
+              "pretrain": {"method": "dino", "vit": {"size": "tiny"}}, "llp": {"steps": 5}, "other": {"x": 1}}
+    args = arguments_from_params("e2e", params)
+    assert args["size_px"] == 256 and args["seed"] == 3 and args["shard_chips"] == 8
+    assert args["pretrain"] == {"method": "dino", "vit": {"size": "tiny"}} and args["llp"] == {"steps": 5}
+    assert "method" not in args and "x" not in args

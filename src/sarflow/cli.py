@@ -26,18 +26,10 @@ def _tracking_uri(explicit: str | None, params: Path | None) -> str:
 
 
 def _pretrain_config(p: dict, store: str, overrides: dict):
-    """PretrainConfig from params.yaml's `pretrain:` section (vit, optim, per-method arguments) and flags."""
-    from sarflow.params import section
-    from sarflow.training.methods import OptimConfig
+    """PretrainConfig from params.yaml's `pretrain:` section and the command's flags."""
     from sarflow.training.pretrain import PretrainConfig
-    from sarflow.training.vit import ViTConfig
 
-    vit_flags, optim_flags = overrides.pop("vit", {}), overrides.pop("optim", {})
-    cfg = section(p, "pretrain", overrides)
-    vit = {**cfg.pop("vit", {}), **{k: v for k, v in vit_flags.items() if v is not None}}
-    optim = {**cfg.pop("optim", {}), **{k: v for k, v in optim_flags.items() if v is not None}}
-    method_kwargs = (cfg.pop("methods", {}) or {}).get(cfg.get("method", "mae"), {})
-    return PretrainConfig(store=store, vit=ViTConfig(**vit), optim=OptimConfig(**optim), method_kwargs=method_kwargs, **cfg)
+    return PretrainConfig.from_params(p.get("pretrain") or {}, store, **overrides)
 
 
 def _fail(e: SarflowError) -> None:
@@ -237,26 +229,23 @@ def promote(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-output"), help="output folder (summary.json, store, plots)"),
+    out: Path = typer.Option(Path("demo-output"), help="output folder (summary.json, store, MLflow, Feast, plots)"),
     catalog: Optional[Path] = typer.Option(None, help="run on your own catalog instead of a synthetic scene"),
     size: Optional[int] = typer.Option(None, help="synthetic scene side in pixels"),
+    services: Optional[Path] = typer.Option(None, help="use the servers of `sarflow services up DIR` instead of files"),
+    fresh: bool = typer.Option(False, "--fresh", help="remove a previous demo's products from OUT first"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """Run the end-to-end demo on the embedded default and print where everything is."""
-    from sarflow.demo import format_report, run_demo
-    from sarflow.params import load_params, section
-    from sarflow.synth import SynthConfig
-    from sarflow.tile import TileOptions
+    """Run the end-to-end pipeline with kfp.local on the embedded default; print where everything is."""
+    from sarflow.demo import clean_output, format_report, run_demo
+    from sarflow.params import load_params
+    from sarflow.services import read_state
 
     try:
-        p = load_params(params)
-        synth_cfg = SynthConfig(**section(p, "synth", {"size_px": size}))
-        tcfg = section(p, "tile", {})
-        if "split_fractions" in tcfg:
-            tcfg["split_fractions"] = tuple(tcfg["split_fractions"])
-        pretrain_cfg = _pretrain_config(p, "", {})
-        summary = run_demo(out, catalog=catalog, synth=synth_cfg, tile_options=TileOptions(**tcfg),
-                           pretrain_cfg=pretrain_cfg, show_progress=sys.stderr.isatty())
+        if fresh:
+            clean_output(out)
+        summary = run_demo(out, load_params(params), catalog=catalog, size_px=size,
+                           services=read_state(services) if services else None)
     except SarflowError as e:
         _fail(e)
     typer.echo(format_report(summary))
@@ -265,9 +254,11 @@ def demo(
 
 from sarflow.cli_features import features_app  # noqa: E402
 from sarflow.cli_pipeline import pipeline_app  # noqa: E402
+from sarflow.cli_services import services_app  # noqa: E402
 
 app.add_typer(features_app, name="features")
 
+app.add_typer(services_app, name="services")
 app.add_typer(pipeline_app, name="pipeline", help="Compile, run locally (kfp.local) or submit the Kubeflow pipelines.")
 
 if __name__ == "__main__":

@@ -93,14 +93,24 @@ def run_cmd(
     params: Optional[Path] = ParamsOpt,
     cache: bool = typer.Option(False, "--cache/--no-cache", help="reuse outputs of tasks already run with the same inputs"),
     summary: Optional[Path] = typer.Option(None, help="also write the run summary (JSON) here"),
+    services: Optional[Path] = typer.Option(None, help="target the servers of `sarflow services up DIR` "
+                                            "(MLflow server, S3, Redis) instead of the embedded default"),
 ) -> None:
     """Run a pipeline on this machine (--local); prints where the stores and versions are."""
     if not local:
         _fail(SarflowError("`run` runs pipelines locally: pass --local, or use `sarflow pipeline submit --host URL`"))
-    from sarflow.kfp_runner import run_local
+    from sarflow.kfp_runner import pipeline_parameters, run_local
+    from sarflow.services import environ, pipeline_arguments, read_state
 
     try:
-        result = run_local(name, pipeline_root, enable_caching=cache, **_arguments(name, params, arg))
+        args, env = {}, {}
+        if services:
+            state = read_state(services)
+            inputs = pipeline_parameters(name)
+            args, env = {k: v for k, v in pipeline_arguments(state).items() if k in inputs}, state["env"]
+        args.update(_arguments(name, params, arg))
+        with environ(env):
+            result = run_local(name, pipeline_root, enable_caching=cache, **args)
     except SarflowError as e:
         _fail(e)
     text = json.dumps(result.summary(), indent=1, default=str)

@@ -1,109 +1,197 @@
-"""The demo: everything sarflow can do so far, end to end on the embedded default.
+"""The demo: the end-to-end Kubeflow pipeline, run here with kfp.local on the embedded default.
 
-synthetic scene (or your catalog) -> chip store -> DVC version (local remote) -> MAE pretraining
-tracked in MLflow (sqlite) and registered -> embeddings of every chip -> Feast (SQLite online
-store) -> a similarity query, with `summary.json` in the output folder holding the same facts
-as the printed report.
+synthetic AOI (or your catalog) -> ingest -> chip store -> DVC version (local remote) ->
+pretraining tracked in MLflow (SQLite) and registered -> embeddings -> Feast (SQLite online
+store) + similarity index -> probes with label-efficiency curves and LLP from municipality
+statistics -> the promotion gate -> the champion published. Everything lives in the output
+folder; the report printed at the end and ``summary.json`` hold the same facts: where the
+store, runs, registered models, champions and feature views are, key metrics and plots.
+
+With ``services`` (a state folder of `sarflow services up`), the same pipeline targets the
+servers on 127.0.0.1 instead: MLflow server (PostgreSQL + S3 artifacts), features and the DVC
+remote on the S3 server, Feast's online store on Redis.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import replace
+import shutil
 from pathlib import Path
 
-from sarflow.catalog import load_catalog
-from sarflow.report import chip_quicklook
-from sarflow.store import open_store
-from sarflow.synth import SynthConfig, synthesize
-from sarflow.tile import TileOptions, tile
-from sarflow.versioning import version_store
+import mlflow
+
+from sarflow.errors import InputError
+from sarflow.kfp_runner import LocalRun, arguments_from_params, run_local
+from sarflow.services import environ, pipeline_arguments
+
+FIGURE_SUFFIXES = (".png",)
 
 
-def run_demo(out: str | Path, catalog: str | Path | None = None, synth: SynthConfig | None = None,
-             tile_options: TileOptions | None = None, pretrain_cfg=None, show_progress: bool = True) -> dict:
-    import mlflow
+def demo_arguments(out: Path, params: dict, catalog: Path | None, services: dict | None, overrides: dict) -> tuple[str, dict]:
+    """The pipeline (e2e or e2e-catalog) and its arguments for a demo in `out`."""
+    name = "e2e" if catalog is None else "e2e-catalog"
+    args = arguments_from_params(name, params)
+    if catalog is not None:
+        catalog = Path(catalog).resolve()
+        if not catalog.is_file():
+            raise InputError(str(catalog), "no such catalog file")
+        args.update(scene_uri=str(catalog.parent), catalog=catalog.name)
+    if services is None:
+        args.update(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", features_root=str(out / "features"),
+                    dvc_remote=str(out / "dvc-remote"), online="sqlite")
+    else:
+        args.update(pipeline_arguments(services))
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    args.setdefault("failure_log", str(out / "failures.jsonl"))
+    return name, args
 
-    from sarflow.features.embed import embed_store
-    from sarflow.features.labels import chip_labels
-    from sarflow.features.search import build_index
-    from sarflow.features.store import FeatureConfig, apply, materialize, online_features
-    from sarflow.training.pretrain import PretrainConfig, pretrain
 
+def run_demo(out: str | Path, params: dict | None = None, catalog: str | Path | None = None,
+             services: dict | None = None, **overrides) -> dict:
+    """Runs the end-to-end pipeline under `out` and writes `out/summary.json`."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
-
-    def step(name, fn):
-        t = time.perf_counter()
-        result = fn()
-        timings[f"{name}_s"] = round(time.perf_counter() - t, 2)
-        return result
-
-    if catalog is None:
-        catalog = step("synth", lambda: synthesize(out / "scene", synth or SynthConfig()))
-    options = replace(tile_options or TileOptions(), overwrite=True)
-    store_path = step("tile", lambda: tile(load_catalog(catalog), out / "chips.zarr", options, show_progress=show_progress))
-    version = step("version", lambda: version_store(store_path, remote=str(out / "dvc-remote"), repo=out))
-    store = open_store(store_path)
-    quicklook = chip_quicklook(store, out / "chips_quicklook.png")
-
-    tracking = f"sqlite:///{out / 'mlflow.db'}"
-    cfg = replace(pretrain_cfg or PretrainConfig(store=""), store=str(store_path), tracking_uri=tracking)
-    trained = step("pretrain", lambda: pretrain(cfg, show_progress=show_progress))
-    mlflow.set_tracking_uri(tracking)
-    features_root = out / "features"
-    model_uri = f"models:/{trained['registered_model']}/{trained['version']}"
-    embedded = step("embed", lambda: embed_store(str(store_path), model_uri, features_root, overwrite=True))
-    chip_labels(str(store_path), features_root)
-    fcfg = FeatureConfig(root=str(features_root))
-    views = step("feast_apply", lambda: apply(fcfg))
-    materialized = step("materialize", lambda: materialize(fcfg))
-    view = next(v for v in materialized if v.startswith("chip_embeddings_"))
-    first = store.chips.sort_values("index")["chip_id"].iloc[0]
-    online = online_features(fcfg, [first], [f"{view}:embedding", "chip_labels:water_fraction"])
-    index = step("index", lambda: build_index(features_root))
-    neighbours = index.similar(first, k=5)
-    summary = {
-        "catalog": str(Path(catalog).resolve()),
-        "store": str(store_path),
-        "chips_table": str(store_path / "chips.parquet"),
-        "dataset_version": {k: version[k] for k in ("dvc_md5", "git_commit", "catalog_hash")},
-        "dvc": {"repo": version["repo"], "remote": str(out / "dvc-remote"), "pushed": version["pushed"]},
-        "store_summary": store.summary(),
-        "mlflow": {"tracking_uri": tracking, "run_id": trained["run_id"], "registered_model": trained["registered_model"],
-                   "version": trained["version"], "first_loss": trained["losses"][0], "last_loss": trained["losses"][-1]},
-        "features": {"root": str(features_root), "feast_repo": str(fcfg.repo), "views": views,
-                     "materialized": materialized, "embedding_dim": embedded["dim"],
-                     "online_example": {"chip_id": first, "embedding_head": list(online.embedding[0][:4]),
-                                        "water_fraction": float(online.water_fraction[0])},
-                     "similar_to_first_chip": neighbours},
-        "plots": {"chips_quicklook": str(quicklook)},
-        "timings": timings,
-    }
+    name, args = demo_arguments(out, params or {}, Path(catalog) if catalog else None, services, overrides)
+    with environ(services["env"] if services else {}):
+        run = run_local(name, out / "kfp", **args)
+        summary = collect_summary(run, out, args)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _json(run: LocalRun, output: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in run.files(output) if p.is_file()]
+
+
+def _one(run: LocalRun, output: str) -> dict:
+    found = _json(run, output)
+    if len(found) != 1:
+        raise InputError(str(run.run_dir), f"expected one `{output}` output in the run, found {len(found)}")
+    return found[0]
+
+
+def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
+    """The run's facts, read back from its outputs, MLflow and Feast (what another reader sees)."""
+    from sarflow.features.search import load_index
+    from sarflow.features.store import FeatureConfig, online_features
+    from sarflow.report import chip_quicklook
+    from sarflow.store import open_store
+
+    stores = [p for p in run.files("store") if p.is_dir()]
+    store = open_store(stores[0])
+    version = run.versions[0]
+    encoder = _one(run, "encoder")
+    embeddings = _one(run, "embeddings")
+    features = _one(run, "features")
+    probes = _one(run, "probes_report")
+    llp = _one(run, "llp_report")
+    decisions = _json(run, "decision")
+    cards = _json(run, "card")
+
+    mlflow.set_tracking_uri(args["tracking_uri"])
+    client = mlflow.MlflowClient()
+    models = {}
+    for rm in client.search_registered_models():
+        models[rm.name] = {"latest": max((int(v.version) for v in client.search_model_versions(f"name='{rm.name}'")),
+                                         default=None),
+                           "aliases": {alias: str(v) for alias, v in (rm.aliases or {}).items()}}
+
+    fcfg = FeatureConfig(root=args["features_root"], online=args.get("online", "sqlite"),
+                         redis=args.get("redis", "127.0.0.1:6379"))
+    view = next(v for v in features["objects"] if v.startswith("chip_embeddings_"))
+    first = store.chips.sort_values("index")["chip_id"].iloc[0]
+    online = online_features(fcfg, [first], [f"{view}:embedding", "chip_labels:water_fraction"])
+    neighbours = load_index(args["features_root"], embeddings["model"], str(embeddings["version"])).similar(first, k=5)
+
+    plots = {"chips_quicklook": str(chip_quicklook(store, out / "chips_quicklook.png"))}
+    figures = out / "figures"
+    for run_id, what in ((encoder["run_id"], "pretrain"), (probes["run_id"], "probes"), (llp["run_id"], "llp")):
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(figures / what)))
+        for f in sorted(local.rglob("*")):
+            if f.suffix in FIGURE_SUFFIXES:
+                plots[f"{what}/{f.stem}"] = str(f)
+    champion_models = {d["model"]: d for d in decisions}
+    return {
+        "pipeline": run.summary(),
+        "catalog": args.get("scene_uri") or "synthetic",
+        "store": str(store.path),
+        "chips_table": str(Path(store.path) / "chips.parquet"),
+        "store_summary": store.summary(),
+        "dataset_version": {k: version.get(k) for k in ("dvc_md5", "git_commit", "catalog_hash")},
+        "dvc": {"repo": version.get("repo"), "remote": args.get("dvc_remote"), "pushed": version.get("pushed")},
+        "mlflow": {"tracking_uri": args["tracking_uri"], "pretrain_run": encoder["run_id"],
+                   "encoder": encoder["model_uri"], "probes_run": probes["run_id"], "llp_run": llp["run_id"],
+                   "registered_models": models},
+        "champions": {name: {"promoted": d["promoted"], "champion": d["champion"], "metric": d["metric"],
+                             "value": d["challenger_metric"], "reasons": d["reasons"]}
+                      for name, d in champion_models.items()},
+        "published": [c["model_uri"] for c in cards],
+        "features": {"root": args["features_root"], "feast_repo": features["feast_repo"],
+                     "views": [o for o in features["objects"] if o.startswith("chip_")],
+                     "services": [o for o in features["objects"] if not o.startswith("chip")],
+                     "materialized": features["materialized"], "embedding_dim": embeddings["dim"],
+                     "online_example": {"chip_id": first, "embedding_head": [float(v) for v in online.embedding[0][:4]],
+                                        "water_fraction": float(online.water_fraction[0])},
+                     "similar_to_first_chip": neighbours},
+        "metrics": {"pretrain_final_loss": _final_loss(client, encoder["run_id"]),
+                    "probes": probes.get("metrics"), "label_savings": probes.get("label_savings"),
+                    "llp": llp.get("metrics")},
+        "plots": plots,
+        "seconds": round(run.seconds, 1),
+    }
+
+
+def _final_loss(client, run_id: str) -> float | None:
+    return client.get_run(run_id).data.metrics.get("train/final_loss")
+
+
+def _short(chip_id: str) -> str:
+    return "_".join(chip_id.rsplit("_", 2)[-2:])
 
 
 def format_report(summary: dict) -> str:
     s = summary["store_summary"]
     m, f = summary["mlflow"], summary["features"]
     lines = [
-        "sarflow demo",
+        "sarflow demo (end-to-end Kubeflow pipeline, kfp.local)",
+        f"  run              {summary['pipeline']['run_dir']}  ({summary['pipeline']['state']}, {summary['seconds']} s)",
         f"  catalog          {summary['catalog']}",
         f"  chip store       {summary['store']}  ({s['chips']} chips of {s['chip_size']} px, {s['crs']}, "
         f"{s['resolution']} m; splits {s['splits']})",
         f"  modalities       {', '.join(s['modalities'])}",
         f"  dataset version  dvc {summary['dataset_version']['dvc_md5']}  catalog {summary['dataset_version']['catalog_hash'][:12]}",
         f"  DVC remote       {summary['dvc']['remote']}",
-        f"  MLflow           {m['tracking_uri']}  run {m['run_id']}  model {m['registered_model']} v{m['version']}"
-        f"  (loss {m['first_loss']:.3f} -> {m['last_loss']:.3f})",
-        f"  Feast            {f['feast_repo']}  views {', '.join(v for v in f['views'] if v.startswith('chip_'))}",
-        f"  similar chips    {f['online_example']['chip_id']} -> "
-        + ", ".join(f"{h['chip_id'].rsplit('_', 2)[-2]}_{h['chip_id'].rsplit('_', 1)[-1]} ({h['similarity']:.3f})"
-                    for h in f["similar_to_first_chip"][1:4]),
-        f"  quicklook        {summary['plots']['chips_quicklook']}",
-        f"  timings          {summary['timings']}",
+        f"  MLflow           {m['tracking_uri']}",
+        f"    encoder        {m['encoder']}  (pretrain run {m['pretrain_run']}, final loss "
+        f"{summary['metrics']['pretrain_final_loss']:.3f})",
     ]
+    for name, info in sorted(m["registered_models"].items()):
+        aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(info["aliases"].items())) or "no aliases"
+        lines.append(f"    {name:22s} latest v{info['latest']}  {aliases}")
+    for name, d in sorted(summary["champions"].items()):
+        verdict = "promoted" if d["promoted"] else "kept champion"
+        value = "n/a" if d["value"] is None else f"{d['value']:.3f}"
+        lines.append(f"  gate {name:20s} {verdict}: {d['metric']} {value}  ({'; '.join(d['reasons'])[:90]})")
+    lines += [
+        f"  Feast            {f['feast_repo']}  views {', '.join(f['views'])}",
+        f"  similar chips    {_short(f['online_example']['chip_id'])} -> "
+        + ", ".join(f"{_short(h['chip_id'])} ({h['similarity']:.3f})" for h in f["similar_to_first_chip"][1:4]),
+    ]
+    savings = summary["metrics"].get("label_savings")
+    if savings:
+        lines.append(f"  label savings    {json.dumps(savings)[:160]}")
+    lines.append("  plots")
+    lines += [f"    {k:28s} {v}" for k, v in summary["plots"].items()]
     return "\n".join(lines)
+
+
+def clean_output(out: str | Path) -> None:
+    """Removes a previous demo's products from `out` (a fresh registry, store and feature store)."""
+    out = Path(out)
+    for name in ("kfp", "features", "figures", "dvc-remote", "mlflow.db", "mlartifacts", "summary.json",
+                 "chips_quicklook.png", "failures.jsonl"):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()

@@ -95,15 +95,20 @@ def params_sections(name: str) -> tuple[str, ...] | None:
 
 
 def arguments_from_params(name: str, params: dict) -> dict[str, Any]:
-    """Pipeline arguments from a params.yaml mapping: the keys of the pipeline's sections
-    (in order, later ones win) that name one of its inputs (synth.size_px -> size_px,
-    tile.shard_chips -> shard_chips, ...)."""
+    """Pipeline arguments from a params.yaml mapping, section by section (the pipeline's
+    ``PARAMS_SECTIONS``, in order, later ones win): a section named like a pipeline input is
+    passed whole as that (dict) argument (``pretrain:`` -> ``pretrain``); otherwise its keys
+    that name an input become arguments (``synth.size_px`` -> ``size_px``)."""
     inputs = pipeline_parameters(name)
     wanted = params_sections(name)
     out: dict[str, Any] = {}
     for key in wanted if wanted is not None else list(params):
         section = params.get(key)
-        if isinstance(section, dict):
+        if not isinstance(section, dict):
+            continue
+        if key in inputs:
+            out[key] = section
+        else:
             out.update({k: v for k, v in section.items() if k in inputs})
     return out
 

@@ -62,3 +62,18 @@ def setup_mlflow(tracking_uri: str, experiment: str) -> str:
         db = Path(tracking_uri[len("sqlite:///"):]).resolve()
         location = (db.parent / "mlartifacts").as_uri()
     return mlflow.create_experiment(experiment, artifact_location=location)
+
+
+def flat_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a nested result dict as flat metric names (`a_b_c`), e.g. for
+    KFP Metrics artifacts and MLflow; strings, lists and non-finite values are left out."""
+    import math
+
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}_{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out

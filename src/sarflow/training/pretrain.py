@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import lightning as L
@@ -53,6 +53,26 @@ class PretrainConfig:
     experiment: str = "sarflow-pretrain"
     register: bool = True
     method_kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, section: dict, store: str, **overrides) -> "PretrainConfig":
+        """From params.yaml's `pretrain:` section (vit, optim, per-method arguments under
+        `methods:`); `overrides` (None = not given) win, `vit=`/`optim=` dicts merge key by key."""
+        cfg = dict(section or {})
+        vit_flags, optim_flags = overrides.pop("vit", None) or {}, overrides.pop("optim", None) or {}
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
+        vit = {**(cfg.pop("vit", None) or {}), **{k: v for k, v in vit_flags.items() if v is not None}}
+        optim = {**(cfg.pop("optim", None) or {}), **{k: v for k, v in optim_flags.items() if v is not None}}
+        method_kwargs = (cfg.pop("methods", None) or {}).get(cfg.get("method", "mae"), {})
+        unknown = sorted(set(cfg) - {f.name for f in fields(cls)} - {"store"})
+        if unknown:
+            raise InputError("pretrain parameters", f"unknown key(s) {unknown}")
+        cfg.pop("store", None)
+        try:
+            return cls(store=store, vit=ViTConfig(**vit), optim=OptimConfig(**optim),
+                       method_kwargs=dict(method_kwargs), **cfg)
+        except TypeError as e:
+            raise InputError("pretrain parameters", str(e)) from None
 
 
 class Throughput(L.Callback):

@@ -1,0 +1,95 @@
+"""Components `train-probes` and `train-llp`: the downstream models on frozen embeddings and
+the learning-from-label-proportions models, tracked in MLflow and registered as
+``sarflow-<task>``.
+
+Thin wrappers over :func:`sarflow.downstream.probes.run_probes` (linear / kNN / MLP probes,
+label-efficiency curves against raw-pixel and from-scratch baselines) and
+:func:`sarflow.downstream.llp_run.run_llp` (bags from polygons x chips, proportions from a
+statistics table; instance classifiers, KDM and a strided convolution). Training sets come
+from Feast under ``features_root``. ``options`` are the library config's keyword arguments
+(params.yaml's ``downstream:`` / ``llp:`` sections).
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def train_probes(
+    store: Input[Dataset],
+    embeddings: Input[Dataset],
+    probes_report: Output[Artifact],
+    metrics: Output[Metrics],
+    features_root: str,
+    tracking_uri: str = "",
+    options: dict = {},
+) -> NamedTuple("Probes", [("run_id", str), ("landcover_version", str)]):
+    """Probes + label-efficiency curves; registers the best probe per task."""
+    import json
+    import os
+    from collections import namedtuple
+    from pathlib import Path
+
+    from sarflow.downstream.probes import ProbeConfig, run_probes
+    from sarflow.tracking import flat_metrics
+
+    described = json.loads(Path(embeddings.path).read_text())
+    opts = dict(options)
+    for key in ("sizes", "tasks", "baselines"):
+        if key in opts:
+            opts[key] = tuple(opts[key])
+    cfg = ProbeConfig(store=store.path, features_root=features_root, model=described["model"],
+                      version=str(described["version"]),
+                      tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), **opts)
+    result = run_probes(cfg)
+    Path(probes_report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(probes_report.path).write_text(json.dumps(result, indent=1, default=str))
+    probes_report.metadata.update({"run_id": result["run_id"], "models": result["models"]})
+    for key, value in flat_metrics(result["metrics"]).items():
+        metrics.log_metric(key, value)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
+    out = namedtuple("Probes", ["run_id", "landcover_version"])
+    return out(result["run_id"], str(result["models"].get("sarflow-landcover", "")))
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def train_llp(
+    store: Input[Dataset],
+    embeddings: Input[Dataset],
+    bags: Input[Dataset],
+    llp_report: Output[Artifact],
+    metrics: Output[Metrics],
+    features_root: str,
+    tracking_uri: str = "",
+    polygons_file: str = "municipalities.geojson",
+    stats_file: str = "municipality_stats.csv",
+    id_column: str = "muni_id",
+    options: dict = {},
+) -> NamedTuple("LLP", [("run_id", str), ("registered_model", str), ("version", str)]):
+    """LLP from bag statistics: `bags` is a folder with the polygons and the statistics table."""
+    import json
+    import os
+    from collections import namedtuple
+    from pathlib import Path
+
+    from sarflow.downstream.llp_run import LLPConfig, run_llp
+    from sarflow.tracking import flat_metrics
+
+    described = json.loads(Path(embeddings.path).read_text())
+    opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(options).items()}
+    cfg = LLPConfig(store=store.path, tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+                    polygons=str(Path(bags.path) / polygons_file), stats=str(Path(bags.path) / stats_file),
+                    id_column=id_column, features_root=features_root, model=described["model"],
+                    version=str(described["version"]), **opts)
+    result = run_llp(cfg)
+    Path(llp_report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(llp_report.path).write_text(json.dumps(result, indent=1, default=str))
+    llp_report.metadata.update({"run_id": result["run_id"], "outside": int(result.get("outside", 0))})
+    for key, value in flat_metrics(result["metrics"]).items():
+        metrics.log_metric(key, value)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
+    reg = result.get("registered") or {}
+    out = namedtuple("LLP", ["run_id", "registered_model", "version"])
+    return out(result["run_id"], str(reg.get("name", "")), str(reg.get("version", "")))

@@ -1,0 +1,45 @@
+"""Component `embed-chips`: embed every chip of a store with a registered encoder and write the
+embeddings (and the chips' label features) into the features root: Feast's offline source.
+
+Thin wrapper over :func:`sarflow.features.embed.embed_store` and
+:func:`sarflow.features.labels.chip_labels`. The features root is shared state, like a
+bucket (a local folder on the embedded default, ``s3://`` on a cluster); the ``embeddings``
+output is a JSON descriptor of the partition written (model, version, rows, dimension).
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def embed_chips(
+    store: Input[Dataset],
+    encoder: Input[Model],
+    embeddings: Output[Dataset],
+    metrics: Output[Metrics],
+    features_root: str,
+    tracking_uri: str = "",
+    batch_size: int = 256,
+):
+    """Embeds every chip with the encoder the `encoder` reference names; writes chip labels too."""
+    import json
+    import os
+    from pathlib import Path
+
+    import mlflow
+
+    from sarflow.features.embed import embed_store
+    from sarflow.features.labels import chip_labels
+
+    ref = json.loads(Path(encoder.path).read_text())
+    mlflow.set_tracking_uri(tracking_uri or ref.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    result = embed_store(store.path, ref["model_uri"], features_root, batch_size=int(batch_size), overwrite=True)
+    labels = chip_labels(store.path, features_root)
+    result.update({"features_root": features_root, "labels": str(labels), "model_uri": ref["model_uri"]})
+    Path(embeddings.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(embeddings.path).write_text(json.dumps(result, indent=1, default=str))
+    embeddings.metadata.update({k: v for k, v in result.items() if isinstance(v, (str, int, float))})
+    metrics.log_metric("rows", int(result["rows"]))
+    metrics.log_metric("dim", int(result["dim"]))
+    metrics.log_metric("chips_per_s", float(result["chips_per_s"]))
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__

@@ -1,0 +1,53 @@
+"""Component `pretrain-encoder`: self-supervised pretraining (MAE, DINO or CLIP-style) of an
+encoder on a chip store, tracked in MLflow and registered as ``sarflow-encoder-<method>``.
+
+Thin wrapper over :func:`sarflow.training.pretrain.pretrain`. The ``pretrain`` parameter is
+params.yaml's ``pretrain:`` section as a dict (method, batch_size, vit, optim, methods); the
+``encoder`` output is a ``dsl.Model`` whose file is a JSON reference to the registered model
+(the registry, not the pipeline root, is where models live). On a cluster this task runs on a
+GPU node (pipelines/training.py sets the accelerator, node selector and toleration); the
+library uses the GPU (bf16) when one is visible.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def pretrain_encoder(
+    store: Input[Dataset],
+    encoder: Output[Model],
+    metrics: Output[Metrics],
+    pretrain: dict = {},
+    tracking_uri: str = "",
+    dataset_version: str = "",
+) -> NamedTuple("Encoder", [("model_uri", str), ("registered_model", str), ("version", str), ("run_id", str)]):
+    """Trains, tracks and registers the encoder; `dataset_version` (the store's DVC md5) is part
+    of the task's cache key, so a new dataset version always retrains."""
+    import json
+    import os
+    from collections import namedtuple
+    from pathlib import Path
+
+    from sarflow.training.pretrain import PretrainConfig
+    from sarflow.training.pretrain import pretrain as run_pretrain
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    cfg = PretrainConfig.from_params(pretrain, store.path, tracking_uri=tracking_uri)
+    result = run_pretrain(cfg)
+    ref = {"model_uri": f"models:/{result['registered_model']}/{result['version']}",
+           "registered_model": result["registered_model"], "version": str(result["version"]),
+           "run_id": result["run_id"], "logged_model_uri": result["model_uri"], "tracking_uri": tracking_uri,
+           "embedding_dim": result["embedding_dim"], "channels": result["channels"],
+           "dataset_version": dataset_version or result["lineage"].get("sarflow.dataset_dvc_md5", "")}
+    Path(encoder.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(encoder.path).write_text(json.dumps(ref, indent=1))
+    encoder.metadata.update({k: v for k, v in ref.items() if not isinstance(v, list)})
+    metrics.log_metric("first_loss", float(result["losses"][0]))
+    metrics.log_metric("final_loss", float(result["losses"][-1]))
+    metrics.log_metric("steps", len(result["losses"]))
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
+    out = namedtuple("Encoder", ["model_uri", "registered_model", "version", "run_id"])
+    return out(ref["model_uri"], ref["registered_model"], ref["version"], ref["run_id"])

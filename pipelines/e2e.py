@@ -1,0 +1,97 @@
+"""The end-to-end pipeline: one synthetic AOI (or your catalog) through every stage.
+
+data plane (pipelines/data.py: synth -> ingest -> tile -> version) followed by the training
+stages (pipelines/training.py: pretrain -> embed -> materialize -> probes + LLP -> promote ->
+publish). This is what `make demo` runs with kfp.local on the embedded default (MLflow on
+SQLite, Feast on SQLite, a local DVC remote, features in a local folder), and what a cluster
+runs against MinIO, the MLflow server and Redis.
+
+``e2e_catalog_pipeline`` is the same on a user's data: the scene folder (``catalog.yaml`` and
+the rasters it references, plus the polygons and statistics table for LLP) is imported
+instead of synthesised.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset
+
+from components.ingest import ingest_scene
+from components.tile import tile_scene
+from components.version import version_chips
+from pipelines.data import data_stages
+from pipelines.platform import exit_task, stage
+from pipelines.training import training_stages
+
+PIPELINE_NAME = "sarflow-e2e"
+# synth/tile: their keys become arguments; pretrain/downstream/llp: passed whole (inputs of those names)
+PARAMS_SECTIONS = ("synth", "tile", "pretrain", "downstream", "llp")
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="sarflow end to end: synthetic AOI -> chip store -> SSL -> Feast -> downstream + LLP -> registry")
+def e2e_pipeline(
+    seed: int = 0,
+    size_px: int = 512,
+    chip_size: int = 64,
+    cloud_fraction: float = 0.3,
+    workers: int = 2,
+    shard_chips: int = 64,
+    block_chips: int = 4,
+    split_block: int = 4,
+    checksum: bool = True,
+    dvc_remote: str = "",
+    s3_endpoint: str = "",
+    tracking_uri: str = "",
+    features_root: str = "s3://sarflow-features",
+    pretrain: dict = {},
+    downstream: dict = {},
+    llp: dict = {},
+    online: str = "redis",
+    redis: str = "redis.sarflow.svc:6379",
+    margin: float = 0.0,
+    gpus: int = 1,
+    failure_log: str = "",
+):
+    with dsl.ExitHandler(exit_task(failure_log), name="end-to-end"):
+        data = data_stages(seed, size_px, chip_size, cloud_fraction, workers, shard_chips, block_chips,
+                           split_block, checksum, dvc_remote, s3_endpoint)
+        training_stages(data["tile"].outputs["store"], data["synth"].outputs["scene"],
+                        data["version"].outputs["dvc_md5"], tracking_uri=tracking_uri,
+                        features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
+                        online=online, redis=redis, margin=margin, gpus=gpus)
+
+
+@dsl.pipeline(name="sarflow-e2e-catalog", description="sarflow end to end on your own catalog")
+def e2e_catalog_pipeline(
+    scene_uri: str,
+    catalog: str = "catalog.yaml",
+    workers: int = 2,
+    shard_chips: int = 64,
+    block_chips: int = 4,
+    split_block: int = 4,
+    checksum: bool = True,
+    dvc_remote: str = "",
+    s3_endpoint: str = "",
+    tracking_uri: str = "",
+    features_root: str = "s3://sarflow-features",
+    pretrain: dict = {},
+    downstream: dict = {},
+    llp: dict = {},
+    online: str = "redis",
+    redis: str = "redis.sarflow.svc:6379",
+    margin: float = 0.0,
+    gpus: int = 1,
+    failure_log: str = "",
+):
+    with dsl.ExitHandler(exit_task(failure_log), name="end-to-end"):
+        scene = dsl.importer(artifact_uri=scene_uri, artifact_class=Dataset, reimport=False,
+                             metadata={"catalog": catalog})
+        scene.set_display_name("scene")
+        ingest = ingest_scene(scene=scene.output, checksum=checksum, s3_endpoint=s3_endpoint)
+        stage(ingest, "ingest", "ingest", cache=True)
+        tile = tile_scene(scene=scene.output, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
+                          split_block=split_block, checksum=checksum, s3_endpoint=s3_endpoint)
+        stage(tile.after(ingest), "tile", "tile", cache=True)
+        version = version_chips(store=tile.outputs["store"], remote=dvc_remote, s3_endpoint=s3_endpoint)
+        stage(version, "version", "version", cache=False)
+        training_stages(tile.outputs["store"], scene.output, version.outputs["dvc_md5"], tracking_uri=tracking_uri,
+                        features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
+                        online=online, redis=redis, margin=margin, gpus=gpus)

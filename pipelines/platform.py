@@ -1,0 +1,109 @@
+"""What every sarflow pipeline task carries on a cluster, in one place: resources, the pod
+label the NetworkPolicies admit, object-storage credentials and endpoints, the GPU placement,
+and the exit task that records how a run ended.
+
+- **secrets as environment**: the MinIO keys from the Kubernetes secret ``sarflow-s3`` (the
+  bucket-scoped MinIO user, k8s/README.md) as ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``;
+  the endpoints (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``, ...) from the ConfigMap
+  ``sarflow-pipeline-env`` that k8s/ deploys. Tasks reach MLflow through its server, which
+  alone holds the PostgreSQL password (secret ``sarflow-postgres``): no task carries it.
+- **GPU tasks** (pretraining, embedding): ``set_accelerator_type('nvidia.com/gpu')``,
+  ``set_accelerator_limit``, a node selector on the GPU pool's label and a toleration of its
+  ``nvidia.com/gpu`` NoSchedule taint (the same as k8s/components/gpu-training).
+- **resources**: CPU/memory requests and limits per task kind (``RESOURCES``).
+
+kfp.local ignores all of this (no pods): tasks inherit the caller's environment.
+"""
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Artifact, Output
+
+# Kubernetes secrets holding MinIO keys (k8s/base/secrets/*.example.env): secret key -> env var
+S3_SECRETS = {
+    "sarflow-minio": {"MINIO_ROOT_USER": "AWS_ACCESS_KEY_ID", "MINIO_ROOT_PASSWORD": "AWS_SECRET_ACCESS_KEY"},
+    "sarflow-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+}
+MINIO_SECRET = "sarflow-s3"  # the bucket-scoped MinIO user, not the root key
+MINIO_SECRET_KEYS = S3_SECRETS[MINIO_SECRET]
+PIPELINE_ENV_CONFIGMAP = "sarflow-pipeline-env"  # k8s/base/kustomization.yaml: the endpoints
+PIPELINE_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "FEAST_S3_ENDPOINT_URL")
+POD_LABEL = ("sarflow.io/pipeline", "true")  # what the NetworkPolicies admit to MinIO, MLflow, Redis
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")  # NVIDIA GPU Feature Discovery's node label
+# task kind -> (cpu request, cpu limit, memory request, memory limit)
+RESOURCES = {
+    "synth": ("1", "2", "2Gi", "8Gi"),
+    "ingest": ("500m", "1", "1Gi", "2Gi"),
+    "tile": ("2", "4", "4Gi", "8Gi"),
+    "version": ("500m", "2", "1Gi", "4Gi"),
+    "pretrain": ("8", "16", "32Gi", "64Gi"),
+    "embed": ("4", "8", "16Gi", "32Gi"),
+    "features": ("1", "4", "4Gi", "16Gi"),
+    "downstream": ("2", "4", "4Gi", "16Gi"),
+    "promote": ("250m", "1", "512Mi", "2Gi"),
+    "status": ("100m", "500m", "128Mi", "512Mi"),
+}
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def record_status(status: dsl.PipelineTaskFinalStatus, report: Output[Artifact], failure_log: str = ""):
+    """Exit task: records the final state of the pipeline (and the error, if it failed) as a
+    JSON artifact; when `failure_log` is a path, a failed run also appends a JSON line there."""
+    import datetime
+    import json
+    import os
+
+    record = {
+        "state": status.state,
+        "pipeline_job": status.pipeline_job_resource_name,
+        "pipeline_task": status.pipeline_task_name,
+        "error_code": status.error_code,
+        "error_message": status.error_message,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(json.dumps(record))
+    os.makedirs(os.path.dirname(report.path), exist_ok=True)
+    with open(report.path, "w") as f:
+        json.dump(record, f, indent=1)
+    report.metadata.update({k: v for k, v in record.items() if v is not None})
+    if failure_log and status.state != "SUCCEEDED":
+        os.makedirs(os.path.dirname(os.path.abspath(failure_log)), exist_ok=True)
+        with open(failure_log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def exit_task(failure_log: str) -> dsl.PipelineTask:
+    """The exit handler's task (never cached: it records this run)."""
+    task = record_status(failure_log=failure_log).set_display_name("record-status")
+    task.set_caching_options(False)
+    return sarflow_pod(task, "status")
+
+
+def _resources(task: dsl.PipelineTask, kind: str) -> dsl.PipelineTask:
+    cpu_req, cpu_lim, mem_req, mem_lim = RESOURCES[kind]
+    return task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
+
+
+def sarflow_pod(task: dsl.PipelineTask, kind: str) -> dsl.PipelineTask:
+    """Resources and the pod label every sarflow task carries."""
+    return kubernetes.add_pod_label(_resources(task, kind), *POD_LABEL)
+
+
+def with_services(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """MinIO keys as env from the secret; endpoints (S3, MLflow) from the pipeline ConfigMap."""
+    kubernetes.use_secret_as_env(task, secret_name=MINIO_SECRET, secret_key_to_env=MINIO_SECRET_KEYS)
+    return kubernetes.use_config_map_as_env(task, PIPELINE_ENV_CONFIGMAP, {k: k for k in PIPELINE_ENV})
+
+
+def on_gpu(task: dsl.PipelineTask, gpus: int = 1) -> dsl.PipelineTask:
+    """One or more NVIDIA GPUs, on the GPU pool, tolerating its taint."""
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+    kubernetes.add_node_selector(task, *GPU_NODE_SELECTOR)
+    return kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+
+
+def stage(task: dsl.PipelineTask, name: str, kind: str, cache: bool, services: bool = True) -> dsl.PipelineTask:
+    """Display name, caching, resources, label and (by default) the service credentials."""
+    task.set_display_name(name).set_caching_options(cache)
+    sarflow_pod(task, kind)
+    return with_services(task) if services else task

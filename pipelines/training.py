@@ -1,0 +1,109 @@
+"""The training pipeline: pretrain (GPU node) -> embed -> materialize -> probes + LLP ->
+promotion gate -> publish the champion, on a chip store that already exists.
+
+```
+exit handler (record-status)
+├── importer(store_uri)             -> store (Dataset: a chip store folder, or s3:// on a cluster)
+├── importer(bags_uri)              -> bags  (Dataset: polygons + statistics table, for LLP)
+├── pretrain-encoder(store)         -> encoder (Model: reference to sarflow-encoder-<method>/<v>)   [GPU]
+├── embed-chips(store, encoder)     -> embeddings (Dataset: the Feast offline partition written)      [GPU]
+├── materialize-features(embeddings)-> features (Feast apply + streaming materialize + similarity index)
+├── train-probes(store, embeddings) -> registers sarflow-landcover, ... (after materialize: Feast training sets)
+├── train-llp(store, embeddings, bags) -> registers sarflow-llp-landcover
+└── for each gated model: promote-model -> dsl.If(promoted) -> publish-champion
+```
+
+The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.py):
+:func:`training_stages` builds them once for both.
+
+- **GPU**: pretraining and embedding request ``nvidia.com/gpu`` (``gpus``), select the GPU
+  pool's nodes and tolerate its taint (pipelines/platform.py);
+- **caching**: only pretraining caches, and its key includes ``dataset_version`` (the store's
+  DVC md5), so a new dataset version always retrains; everything after it writes shared state
+  (Feast, the registry) and always runs;
+- **promotion**: ``PROMOTIONS`` names each gated model, its metric and direction; the gate
+  moves ``@champion`` only when the newest version beats it by ``margin`` on the same
+  evaluation set and dataset version (sarflow.registry).
+
+Pipeline parameters ``pretrain``, ``downstream`` and ``llp`` take params.yaml's sections of
+those names whole (``sarflow pipeline run`` fills them in).
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset
+
+from components.downstream import train_llp, train_probes
+from components.embed import embed_chips
+from components.materialize import materialize_features
+from components.pretrain import pretrain_encoder
+from components.promote import promote_model, publish_champion
+from pipelines.platform import exit_task, on_gpu, stage
+
+PIPELINE_NAME = "sarflow-training"
+PARAMS_SECTIONS = ("pretrain", "downstream", "llp")  # passed whole: the pipeline has inputs of these names
+# gated model -> (metric, higher is better, the upstream task and its output naming the version)
+PROMOTIONS = {
+    "sarflow-landcover": ("test_macro_f1", True, "probes", "landcover_version"),
+    "sarflow-llp-landcover": ("test_proportion_mae", False, "llp", "version"),
+}
+
+
+def training_stages(store, bags, dataset_version, *, tracking_uri, features_root, pretrain, downstream, llp,
+                    online, redis, margin, gpus) -> dict[str, dsl.PipelineTask]:
+    """Every task after the chip store exists; `store` and `bags` are Dataset channels."""
+    pre = pretrain_encoder(store=store, pretrain=pretrain, tracking_uri=tracking_uri, dataset_version=dataset_version)
+    on_gpu(stage(pre, "pretrain", "pretrain", cache=True), gpus)
+
+    emb = embed_chips(store=store, encoder=pre.outputs["encoder"], features_root=features_root,
+                      tracking_uri=tracking_uri)
+    on_gpu(stage(emb, "embed", "embed", cache=False), 1)
+
+    mat = materialize_features(embeddings=emb.outputs["embeddings"], features_root=features_root,
+                               online=online, redis=redis)
+    stage(mat, "materialize", "features", cache=False)
+
+    probes = train_probes(store=store, embeddings=emb.outputs["embeddings"], features_root=features_root,
+                          tracking_uri=tracking_uri, options=downstream)
+    stage(probes.after(mat), "probes", "downstream", cache=False)
+
+    bag_task = train_llp(store=store, embeddings=emb.outputs["embeddings"], bags=bags, features_root=features_root,
+                         tracking_uri=tracking_uri, options=llp)
+    stage(bag_task.after(mat), "llp", "downstream", cache=False)
+
+    tasks = {"pretrain": pre, "embed": emb, "materialize": mat, "probes": probes, "llp": bag_task}
+    for name, (metric, higher, upstream, output) in PROMOTIONS.items():
+        short = name.removeprefix("sarflow-")
+        gate = promote_model(name=name, metric=metric, higher_is_better=higher, margin=margin,
+                             tracking_uri=tracking_uri, trained_version=tasks[upstream].outputs[output])
+        stage(gate, f"promote-{short}", "promote", cache=False)
+        with dsl.If(gate.outputs["promoted"] == True, name=f"promoted-{short}"):  # noqa: E712 (a KFP condition)
+            publish = publish_champion(name=name, tracking_uri=tracking_uri)
+            stage(publish, f"publish-{short}", "promote", cache=False)
+        tasks[f"promote-{short}"] = gate
+    return tasks
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="sarflow training: pretrain -> embed -> Feast -> probes + LLP -> promote")
+def training_pipeline(
+    store_uri: str,
+    bags_uri: str,
+    dataset_version: str = "",
+    tracking_uri: str = "",
+    features_root: str = "s3://sarflow-features",
+    pretrain: dict = {},
+    downstream: dict = {},
+    llp: dict = {},
+    online: str = "redis",
+    redis: str = "redis.sarflow.svc:6379",
+    margin: float = 0.0,
+    gpus: int = 1,
+    failure_log: str = "",
+):
+    with dsl.ExitHandler(exit_task(failure_log), name="training"):
+        store = dsl.importer(artifact_uri=store_uri, artifact_class=Dataset, reimport=False)
+        store.set_display_name("chip-store")
+        bags = dsl.importer(artifact_uri=bags_uri, artifact_class=Dataset, reimport=False)
+        bags.set_display_name("bags")
+        training_stages(store.output, bags.output, dataset_version, tracking_uri=tracking_uri,
+                        features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
+                        online=online, redis=redis, margin=margin, gpus=gpus)

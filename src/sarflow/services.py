@@ -1,0 +1,269 @@
+"""`sarflow services up|down`: the cluster's services as real servers on 127.0.0.1.
+
+The local "cluster-like" mode: instead of the embedded default (files and SQLite), pipelines
+talk to servers, as they do on Kubernetes:
+
+- **S3** (standing in for MinIO): moto in server mode, with the buckets k8s/ creates
+  (``sarflow-dvc``, ``sarflow-mlflow``, ``sarflow-features``, ``sarflow-chips``);
+- **MLflow**: ``mlflow server`` with its backend store on PostgreSQL (127.0.0.1:5432, a
+  database of its own, created when missing) or SQLite where no PostgreSQL answers, and its
+  artifacts in the S3 server (``--serve-artifacts``: clients upload through the server);
+- **Feast feature server**: ``feast serve`` over a local feature repository whose online store
+  is Redis (127.0.0.1:6379) and whose offline store is ``s3://sarflow-features`` on the S3
+  server; it re-reads the registry every few seconds, so views applied later are served.
+
+The servers run detached (their own session; they outlive the command) and write logs in the
+state folder; ``services.json`` there records their ports, pids and the environment a client
+needs (:func:`client_env`), which ``sarflow services env`` prints as ``export`` lines.
+``down`` stops them (process group, TERM then KILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from sarflow.errors import SarflowError
+
+STATE = "services.json"
+BUCKETS = ("sarflow-dvc", "sarflow-mlflow", "sarflow-features", "sarflow-chips")
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "sarflow-local", "AWS_SECRET_ACCESS_KEY": "sarflow-local-secret",
+           "AWS_DEFAULT_REGION": "us-east-1",
+           # moto answers without the newer default checksums the AWS SDKs send
+           "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"  # SQLAlchemy 2.1 defaults to psycopg 3
+MLFLOW_DB = "sarflow_mlflow"
+
+
+class ServiceError(SarflowError):
+    """A local service could not be started, reached or stopped."""
+
+
+def free_port() -> int:
+    """A port nothing listens on (the kernel's pick, closed again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90, poll: float = 0.3) -> None:
+    """Waits until `url` answers; a server that exits or stays silent is stopped and reported
+    with the end of its log."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            raise ServiceError(f"server exited ({proc.returncode}); end of {log}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                stop(proc)
+                raise ServiceError(f"{url} did not answer within {seconds} s; end of {log}:\n{log.read_text()[-3000:]}")
+            time.sleep(poll)
+
+
+def start_server(cmd: list[str], log: Path, health: str, env: dict[str, str] | None = None,
+                 seconds: float = 90, detach: bool = False) -> subprocess.Popen:
+    """Starts `cmd` with its output in `log` (a file, never a pipe that could fill) and waits
+    until `health` answers. `detach`: in its own session, so it outlives this process."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=detach)
+    wait_http(health, proc, log, seconds=seconds)
+    return proc
+
+
+def start_s3(log: Path, detach: bool = False, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's S3-compatible server on a free port of 127.0.0.1; returns (process, URL)."""
+    for attempt in range(3):  # the free port may be taken between picking it and binding it
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            # the moto API does not count as an AWS action (it leaves INITIAL_NO_AUTH_ACTION_COUNT alone)
+            proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log,
+                                url + "/moto-api/data.json", env=env, seconds=30, detach=detach)
+            return proc, url
+        except ServiceError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def postgres_backend(db: str = MLFLOW_DB) -> str | None:
+    """A PostgreSQL database for MLflow on 127.0.0.1:5432 (created when missing), or None when
+    no PostgreSQL answers there."""
+    try:
+        import psycopg2
+    except ImportError:
+        return None
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=2)
+    except psycopg2.OperationalError:
+        return None
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+        if cur.fetchone() is None:
+            cur.execute(f'CREATE DATABASE "{db}"')
+    conn.close()
+    return POSTGRES.format(db=db)
+
+
+def client_env(state: dict) -> dict[str, str]:
+    """The environment a client (CLI, pipeline task) needs to use the services."""
+    env = {**S3_KEYS, "AWS_ENDPOINT_URL": state["s3"]["url"], "MLFLOW_S3_ENDPOINT_URL": state["s3"]["url"],
+           "FEAST_S3_ENDPOINT_URL": state["s3"]["url"], "MLFLOW_TRACKING_URI": state["mlflow"]["url"]}
+    if "feast" in state:
+        env["SARFLOW_FEAST_REPO"] = state["feast"]["repo"]
+        env["SARFLOW_FEAST_SERVER_URL"] = state["feast"]["url"]
+    return env
+
+
+def pipeline_arguments(state: dict) -> dict[str, str]:
+    """Pipeline arguments that point a pipeline at the services (tracking server, the S3 DVC
+    remote and features root, Redis online store)."""
+    args = {"tracking_uri": state["mlflow"]["url"], "dvc_remote": "s3://sarflow-dvc/pipelines"}
+    if "feast" in state:
+        args.update(features_root=state["feast"]["features_root"], online="redis",
+                    redis=state["feast"]["online"].split()[-1])
+    return args
+
+
+def read_state(state_dir: str | Path) -> dict:
+    path = Path(state_dir) / STATE
+    if not path.is_file():
+        raise ServiceError(f"{path}: no services recorded here (run `sarflow services up {state_dir}` first)")
+    return json.loads(path.read_text())
+
+
+@contextmanager
+def environ(env: dict[str, str]):
+    """`env` set in os.environ for the duration of the block, then restored."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def services_up(state_dir: str | Path, *, redis: str = "127.0.0.1:6379", backend: str | None = None,
+                features_root: str = "s3://sarflow-features", feast: bool = True) -> dict:
+    """Starts S3, MLflow and (with `feast`) the Feast feature server; returns the state."""
+    from sarflow.features.store import FeatureConfig, open_feature_store
+    from sarflow.storage import ensure_bucket
+
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if (state_dir / STATE).is_file():
+        old = read_state(state_dir)
+        running = [name for name, s in old.items() if isinstance(s, dict) and "pid" in s and _alive(s["pid"])]
+        if running:
+            raise ServiceError(f"{state_dir / STATE}: services already running ({', '.join(running)}); "
+                               f"run `sarflow services down {state_dir}` first")
+    started: list[subprocess.Popen] = []
+    try:
+        s3, s3_url = start_s3(state_dir / "s3.log", detach=True)
+        started.append(s3)
+        state: dict = {"dir": str(state_dir), "s3": {"url": s3_url, "pid": s3.pid, "log": str(state_dir / "s3.log")}}
+        env = {**S3_KEYS, "AWS_ENDPOINT_URL": s3_url, "MLFLOW_S3_ENDPOINT_URL": s3_url,
+               "FEAST_S3_ENDPOINT_URL": s3_url}
+        with environ(env):
+            for bucket in BUCKETS:
+                ensure_bucket(bucket)
+        backend = backend or postgres_backend() or f"sqlite:///{state_dir / 'mlflow.db'}"
+        port = free_port()
+        log = state_dir / "mlflow.log"
+        mlflow = start_server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", backend,
+                               "--artifacts-destination", "s3://sarflow-mlflow/artifacts", "--serve-artifacts"],
+                              log, f"http://127.0.0.1:{port}/health", env=env, seconds=180, detach=True)
+        started.append(mlflow)
+        state["mlflow"] = {"url": f"http://127.0.0.1:{port}", "pid": mlflow.pid, "log": str(log),
+                           "backend": backend.split("@")[-1] if backend.startswith("postgresql") else backend,
+                           "artifacts": "s3://sarflow-mlflow/artifacts"}
+        if feast:
+            cfg = FeatureConfig(root=features_root, online="redis", redis=redis, repo=str(state_dir / "feast"))
+            with environ(env):
+                open_feature_store(cfg)  # writes feature_store.yaml (and an empty registry)
+            port = free_port()
+            log = state_dir / "feast.log"
+            server = start_server([sys.executable, "-m", "feast.cli.cli", "-c", str(cfg.repo), "serve", "-h",
+                                   "127.0.0.1", "-p", str(port), "--registry_ttl_sec", "5"],
+                                  log, f"http://127.0.0.1:{port}/health", env=env, seconds=120, detach=True)
+            started.append(server)
+            state["feast"] = {"url": f"http://127.0.0.1:{port}", "pid": server.pid, "log": str(log),
+                              "repo": str(cfg.repo), "features_root": features_root, "online": f"redis {redis}"}
+    except BaseException:
+        for proc in started:
+            _stop_group(proc.pid)
+        raise
+    state["env"] = client_env(state)
+    tmp = state_dir / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, state_dir / STATE)
+    return state
+
+
+def _stop_group(pid: int, seconds: float = 10) -> bool:
+    """TERM, then KILL, the process group `pid` leads; True if it was running."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def services_down(state_dir: str | Path) -> dict[str, bool]:
+    """Stops every recorded service; returns which were running."""
+    state = read_state(state_dir)
+    stopped = {}
+    for name in ("feast", "mlflow", "s3"):
+        if name in state:
+            stopped[name] = _stop_group(int(state[name]["pid"]))
+    (Path(state_dir) / STATE).unlink()
+    return stopped
