@@ -378,3 +378,82 @@ def test_params_sections_are_passed_whole_or_by_key():
     assert args["size_px"] == 256 and args["seed"] == 3 and args["shard_chips"] == 8
     assert args["pretrain"] == {"method": "dino", "vit": {"size": "tiny"}} and args["llp"] == {"steps": 5}
     assert "method" not in args and "x" not in args
+
+
+@pytest.mark.slow
+def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path):
+    """pretrain -> embed -> materialize -> promote -> publish, each component called as the
+    task would call it, handing artifacts over as KFP does (URI + metadata)."""
+    import mlflow
+    from kfp.dsl import Artifact, Dataset, Metrics, Model
+
+    from components import embed_chips, materialize_features, pretrain_encoder, promote_model, publish_champion
+    from sarflow.features.store import FeatureConfig, online_features
+    from sarflow.versioning import version_store
+
+    def art(cls, name, parent=None):  # KFP creates each output's folder before the task runs
+        (tmp_path / (parent or name)).mkdir(exist_ok=True)
+        return cls(name=name, uri=str(tmp_path / (parent or name) / name))
+
+    def handed_over(a):
+        return type(a)(name=a.name, uri=a.uri, metadata=dict(a.metadata))
+
+    import shutil
+
+    store_dir = tmp_path / "data" / "chips.zarr"
+    shutil.copytree(tiny_store, store_dir)
+    md5 = version_store(store_dir, repo=store_dir.parent, push=False)["dvc_md5"]
+    store = Dataset(name="store", uri=str(store_dir))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    features_root = str(tmp_path / "features")
+
+    encoder, m1 = art(Model, "encoder"), art(Metrics, "metrics", "pretrain")
+    pretrained = pretrain_encoder.python_func(
+        store=store, encoder=encoder, metrics=m1, tracking_uri=tracking, dataset_version=md5,
+        pretrain={"method": "mae", "batch_size": 8, "vit": {"size": "tiny", "patch": 8, "depth": 1, "dim": 32, "heads": 2},
+                  "optim": {"max_steps": 2, "warmup_steps": 1},
+                  "methods": {"mae": {"decoder_dim": 32, "decoder_depth": 1}, "dino": {"out_dim": 8}}})
+    assert pretrained.model_uri == "models:/sarflow-encoder-mae/1" and pretrained.version == "1"
+    ref = json.loads(Path(encoder.path).read_text())
+    assert ref["dataset_version"] == md5 and ref["embedding_dim"] > 0
+    mlflow.set_tracking_uri(tracking)
+    run = mlflow.get_run(pretrained.run_id)
+    assert run.data.tags["sarflow.dataset_dvc_md5"] == md5
+
+    embeddings, m2 = art(Dataset, "embeddings"), art(Metrics, "metrics", "embed")
+    embed_chips.python_func(store=store, encoder=handed_over(encoder), embeddings=embeddings, metrics=m2,
+                            features_root=features_root, tracking_uri=tracking)
+    described = json.loads(Path(embeddings.path).read_text())
+    assert described["rows"] == open_store_chips(store_dir) and described["model"] == "sarflow-encoder-mae"
+
+    features, m3 = art(Artifact, "features"), art(Metrics, "metrics", "materialize")
+    materialize_features.python_func(embeddings=handed_over(embeddings), features=features, metrics=m3,
+                                     features_root=features_root)
+    record = json.loads(Path(features.path).read_text())
+    view = "chip_embeddings_mae_v1"
+    assert view in record["objects"] and record["materialized"][view]["rows"] == described["rows"]
+    assert record["index"]["n"] == described["rows"]
+    assert json.loads(Path(m3.path).read_text())["rows_materialized"] >= described["rows"]
+    first = __import__("pandas").read_parquet(store_dir / "chips.parquet")["chip_id"].iloc[0]
+    online = online_features(FeatureConfig(root=features_root), [first], [f"{view}:embedding"])
+    assert len(online.embedding[0]) == described["dim"]
+
+    # the gate on the encoder's registered model: first version becomes champion, publish loads it
+    decision = art(Artifact, "decision")
+    gate = promote_model.python_func(decision=decision, name="sarflow-encoder-mae", metric="train/final_loss",
+                                     higher_is_better=False, tracking_uri=tracking)
+    assert gate.promoted is True and gate.champion == "1"
+    assert json.loads(Path(decision.path).read_text())["reasons"]
+    card = art(Artifact, "card")
+    publish_champion.python_func(card=card, name="sarflow-encoder-mae", tracking_uri=tracking)
+    published = json.loads(Path(card.path).read_text())
+    assert published["version"] == "1" and published["prediction_shape"][1] == described["dim"]
+    again = promote_model.python_func(decision=art(Artifact, "decision2"), name="sarflow-encoder-mae",
+                                      metric="train/final_loss", higher_is_better=False, tracking_uri=tracking)
+    assert again.promoted is False and again.champion == "1"  # already the champion: nothing moves
+
+
+def open_store_chips(store_dir: Path) -> int:
+    from sarflow.store import open_store
+
+    return open_store(store_dir).n_chips
