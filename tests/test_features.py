@@ -1,11 +1,16 @@
 """Embeddings into Feast: embed, apply, streaming materialize, online and historical retrieval,
-the feature server over HTTP, Redis, similarity search, and bad inputs."""
+the feature server over HTTP, Redis, similarity search, and bad inputs; then the same over an S3
+offline source (moto in server mode on 127.0.0.1) with a local Feast repo: atomic writes to
+s3://, the `chip_bags` view and the `llp_training` service, the CLI with --root s3://... --repo."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +216,230 @@ def test_model_uri_that_does_not_exist_is_refused(featured, tmp_path):
     assert not (tmp_path / "f" / "embeddings").exists()
     with pytest.raises(InputError, match="already exist"):
         embed_store(str(featured["store"]), f"models:/{MODEL}/1", featured["root"])
+
+
+# ---------------------------------------------------------------- S3 offline source, chip_bags
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+          "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
+@pytest.fixture(scope="module")
+def s3env(moto_url):
+    """The S3 environment of the code under test (module-wide), pointing at the moto server."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", moto_url)
+        for k, v in S3_ENV.items():
+            mp.setenv(k, v)
+        for var in ("SARFLOW_S3_ENDPOINT", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            mp.delenv(var, raising=False)
+        yield moto_url
+
+
+def _bucket() -> str:
+    from sarflow.storage import ensure_bucket
+
+    name = f"sarflow-{uuid.uuid4().hex[:12]}"
+    ensure_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def s3featured(featured, s3env, tmp_path_factory):
+    """The tiny MAE's embeddings and the labels written to s3://, applied and materialized with a local repo."""
+    import mlflow
+
+    mlflow.set_tracking_uri(featured["uri"])
+    root = f"s3://{_bucket()}/features"
+    result = embed_store(str(featured["store"]), f"models:/{MODEL}/1", root, batch_size=16)
+    labels = chip_labels(str(featured["store"]), root)
+    cfg = FeatureConfig(root=root, repo=tmp_path_factory.mktemp("s3repo") / "feast")
+    names = apply(cfg)
+    report = materialize(cfg)
+    return {"root": root, "cfg": cfg, "embed": result, "labels": labels, "names": names, "report": report}
+
+
+def _s3_files(prefix: str) -> list[str]:
+    from sarflow.storage import s3_filesystem
+
+    fs = s3_filesystem()
+    return fs.find(prefix[len("s3://"):]) if fs.exists(prefix[len("s3://"):]) else []
+
+
+@pytest.mark.integration
+def test_embeddings_on_s3_materialize_and_equal_a_direct_forward_pass(featured, s3featured):
+    import mlflow
+
+    root, cfg = s3featured["root"], s3featured["cfg"]
+    assert s3featured["embed"]["partition"] == f"{root}/embeddings/model={MODEL}/version=1"
+    assert [f.rsplit("/", 1)[1] for f in _s3_files(s3featured["embed"]["partition"])] == ["part-00000.parquet"]
+    assert not [f for f in _s3_files(root) if "/.partial-" in f]  # temporary keys are gone
+    assert str(cfg.repo).startswith(str(Path(cfg.repo).parent)) and not (Path(cfg.repo) / "s3:").exists()
+    assert {VIEW, "chip_labels", "similarity", "downstream_training"} <= set(s3featured["names"])
+    assert s3featured["report"][VIEW]["rows"] == s3featured["embed"]["rows"]
+    table = read_embeddings(root, MODEL, "1").to_pandas()
+    ids = table.chip_id[:6].tolist()
+    online = online_features(cfg, ids, [f"{VIEW}:embedding", "chip_labels:water_fraction"]).set_index("chip_id").loc[ids]
+    g = zarr.open_group(str(featured["store"]), mode="r")
+    chips = pd.read_parquet(featured["store"] / "chips.parquet").set_index("chip_id")["index"]
+    encoder = mlflow.pytorch.load_model(f"models:/{MODEL}/1")
+    with torch.no_grad():
+        direct = encoder(torch.from_numpy(g["s1grd"].get_orthogonal_selection(([chips[c] for c in ids],)).astype(np.float32))).numpy()
+    np.testing.assert_allclose(np.stack(online.embedding.to_numpy()), direct, rtol=1e-5, atol=1e-5)
+    assert online.water_fraction.between(0, 1).all()
+    assert materialize(cfg)[VIEW]["rows"] == 0  # incremental from S3 as well
+
+
+@pytest.mark.integration
+def test_training_set_reads_the_s3_sources(s3featured):
+    table = read_embeddings(s3featured["root"], MODEL, "1").to_pandas()
+    written = table.event_timestamp.iloc[0]
+    ids = table.chip_id[:4].tolist()
+    entity = pd.DataFrame({"chip_id": ids, "event_timestamp": [written + pd.Timedelta(hours=1)] * 4})
+    df = training_set(s3featured["cfg"], entity, [f"{VIEW}:embedding", "chip_labels:frac_10", "chip_labels:water_fraction"])
+    df = df.set_index("chip_id").loc[ids]
+    np.testing.assert_allclose(np.stack(df.embedding.to_numpy()), np.stack(table.embedding[:4].to_numpy()), rtol=1e-6)
+    assert df.frac_10.notna().all() and df.water_fraction.between(0, 1).all()
+
+
+@pytest.mark.integration
+def test_a_failed_upload_leaves_nothing_at_the_final_key(featured, s3featured, monkeypatch):
+    import mlflow
+    import s3fs
+
+    mlflow.set_tracking_uri(featured["uri"])
+    root = f"s3://{_bucket()}/features"
+
+    def broken_copy(self, *args, **kwargs):
+        raise OSError("connection reset in the middle of the copy")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "copy", broken_copy)
+    with pytest.raises(OSError, match="connection reset"):
+        embed_store(str(featured["store"]), f"models:/{MODEL}/1", root, batch_size=16)
+    assert _s3_files(root) == []  # neither the partition nor the temporary key
+    # and a writer failing half-way through never reaches S3 at all
+    monkeypatch.undo()
+    from sarflow.features import embed
+
+    def half_written(table, where, **kwargs):
+        pq.write_table(table.slice(0, 1), where)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(embed, "_write_table", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        embed_store(str(featured["store"]), f"models:/{MODEL}/1", root, batch_size=16)
+    assert _s3_files(root) == []
+
+
+def _bags_table(ids: list[str], ts: datetime) -> pa.Table:
+    return pa.table({
+        "chip_id": pa.array(ids, pa.string()),
+        "bag_ids": pa.array([[f"bag-{i % 3}", f"bag-{i % 3 + 1}"] for i in range(len(ids))], pa.list_(pa.string())),
+        "bag_weights": pa.array([[0.75, 0.25] for _ in ids], pa.list_(pa.float64())),
+        "area_fractions": pa.array([[0.6, 0.4 + i / 1000] for i in range(len(ids))], pa.list_(pa.float64())),
+        "event_timestamp": pa.array([ts] * len(ids), pa.timestamp("us", tz="UTC")),
+    })
+
+
+def _write_s3(table: pa.Table, uri: str) -> None:
+    from sarflow.storage import s3_filesystem
+
+    with s3_filesystem().open(uri[len("s3://"):], "wb") as f:
+        pq.write_table(table, f)
+
+
+@pytest.mark.integration
+def test_chip_bags_view_and_llp_training_service(s3featured):
+    from feast import FeatureStore
+
+    root, cfg = s3featured["root"], s3featured["cfg"]
+    ids = read_embeddings(root, MODEL, "1").column("chip_id").to_pylist()
+    ts = datetime.now(timezone.utc).replace(microsecond=0)
+    _write_s3(_bags_table(ids, ts), f"{root}/bags/chip_bags.parquet")
+    # the GeoParquet beside it (other columns) must not become part of the source
+    _write_s3(pa.table({"bag_id": ["bag-0"], "geometry": [b"\x00"]}), f"{root}/bags/chip_bags_geo.parquet")
+    names = apply(cfg)
+    assert {"chip_bags", "llp_training"} <= set(names)
+    report = materialize(cfg)
+    assert report["chip_bags"]["rows"] == len(ids) and report[VIEW]["rows"] == 0
+    df = online_features(cfg, ids[:3], ["chip_bags:bag_ids", "chip_bags:bag_weights", "chip_bags:area_fractions"])
+    df = df.set_index("chip_id").loc[ids[:3]]
+    assert [list(v) for v in df.bag_ids] == [["bag-0", "bag-1"], ["bag-1", "bag-2"], ["bag-2", "bag-3"]]
+    assert [list(v) for v in df.bag_weights] == [[0.75, 0.25]] * 3
+    np.testing.assert_allclose(list(df.area_fractions.iloc[2]), [0.6, 0.402])
+    fs = FeatureStore(repo_path=str(cfg.repo))
+    service = fs.get_feature_service("llp_training")
+    assert {p.name for p in service.feature_view_projections} == {VIEW, "chip_bags", "chip_labels"}
+    online = fs.get_online_features(features=service, entity_rows=[{"chip_id": ids[0]}]).to_dict()
+    assert online["bag_ids"][0] == ["bag-0", "bag-1"] and len(online["embedding"][0]) == s3featured["embed"]["dim"]
+    hist = training_set(cfg, pd.DataFrame({"chip_id": ids[:2], "event_timestamp": [ts + pd.Timedelta(hours=1)] * 2}),
+                        ["chip_bags:bag_ids", "chip_bags:area_fractions"]).set_index("chip_id").loc[ids[:2]]
+    assert [list(v) for v in hist.bag_ids] == [["bag-0", "bag-1"], ["bag-1", "bag-2"]]
+
+
+def test_chip_bags_without_the_contract_columns_is_refused(featured, tmp_path):
+    root = tmp_path / "features"
+    (root / "bags").mkdir(parents=True)
+    shutil.copytree(featured["root"] / "embeddings", root / "embeddings")
+    ts = datetime.now(timezone.utc)
+    pq.write_table(_bags_table(["a", "b"], ts).drop(["bag_weights"]), root / "bags" / "chip_bags.parquet")
+    cfg = FeatureConfig(root=str(root))
+    with pytest.raises(InputError, match=r"chip_bags.parquet: chip_bags is missing column\(s\) \['bag_weights'\]"):
+        apply(cfg)
+    # a file replaced after apply is refused at materialize, before anything is written
+    pq.write_table(_bags_table(["a", "b"], ts), root / "bags" / "chip_bags.parquet")
+    apply(cfg)
+    bad = _bags_table(["a", "b"], ts).set_column(1, "bag_ids", pa.array([1.0, 2.0], pa.float64()))
+    pq.write_table(bad, root / "bags" / "chip_bags.parquet")
+    with pytest.raises(InputError, match="'bag_ids' is double"):
+        materialize(cfg, views=["chip_bags"])
+
+
+@pytest.mark.integration
+def test_s3_root_in_a_bucket_that_does_not_exist_is_refused(featured, s3env, tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(featured["uri"])
+    root = f"s3://sarflow-missing-{uuid.uuid4().hex[:8]}/features"
+    with pytest.raises(InputError, match=rf"{root}: bucket 'sarflow-missing-\w+' does not exist"):
+        embed_store(str(featured["store"]), f"models:/{MODEL}/1", root)
+    with pytest.raises(InputError, match=rf"{root}: bucket .* does not exist"):
+        chip_labels(str(featured["store"]), root)
+    with pytest.raises(InputError, match=rf"{root}: bucket .* does not exist"):
+        apply(FeatureConfig(root=root, repo=tmp_path / "repo"))
+    with pytest.raises(InputError, match="must be a local folder"):
+        FeatureConfig(root=root, repo="s3://bucket/repo")
+
+
+@pytest.mark.integration
+def test_cli_over_an_s3_root_with_a_local_repo(s3featured, tmp_path):
+    from typer.testing import CliRunner
+
+    from sarflow.cli_features import features_app
+
+    root = s3featured["root"]
+    repo = tmp_path / "cli-repo"
+    ids = read_embeddings(root, MODEL, "1").column("chip_id").to_pylist()
+    run = CliRunner().invoke(features_app, ["materialize", "--root", root, "--repo", str(repo)])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.output)[VIEW]["rows"] == len(ids)
+    assert (repo / "registry.db").is_file() and (repo / "online.db").is_file()
+    get = CliRunner().invoke(features_app, ["get", ids[0], "--root", root, "--repo", str(repo)])
+    assert get.exit_code == 0, get.output
+    expected = read_embeddings(root, MODEL, "1").to_pandas().set_index("chip_id").embedding[ids[0]]
+    np.testing.assert_allclose(np.asarray(json.loads(get.output)[0]["embedding"], np.float32), expected, rtol=1e-6)
+    missing = CliRunner().invoke(features_app, ["apply", "--root", "s3://sarflow-no-such-bucket/f", "--repo", str(repo)])
+    assert missing.exit_code == 2 and "bucket 'sarflow-no-such-bucket' does not exist" in missing.output
+
+
+@pytest.mark.integration
+def test_similarity_search_over_an_s3_root_keeps_its_index_in_the_local_repo(s3featured):
+    from sarflow.features.search import index_dir, similar
+
+    root, repo = s3featured["root"], s3featured["cfg"].repo
+    ids = read_embeddings(root, MODEL, "1").column("chip_id").to_pylist()
+    hits = similar(root, ids[2], k=3, repo=repo)
+    assert hits[0]["chip_id"] == ids[2] and hits[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert (index_dir(root, MODEL, "1", repo) / "meta.json").is_file()
+    assert str(index_dir(root, MODEL, "1", repo)).startswith(str(repo))

@@ -15,17 +15,22 @@ from sarflow.errors import SarflowError
 features_app = typer.Typer(help="Feast feature store: apply, materialize, online get, similarity search, serve.",
                            no_args_is_help=True)
 
-RootOpt = typer.Option(Path("data/features"), "--root", help="features root (embeddings/, labels/, feast/)")
+RootOpt = typer.Option("data/features", "--root",
+                       help="features root (embeddings/, labels/, bags/): a local folder or an s3:// prefix "
+                            "(endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+RepoOpt = typer.Option(None, "--repo",
+                       help="local Feast repo (feature_store.yaml, registry, SQLite online store, materialize state); "
+                            "default ROOT/feast, or ./feast-repo/BUCKET/PREFIX for an s3:// root")
 OnlineOpt = typer.Option("sqlite", "--online", help="online store: sqlite (embedded default) or redis")
 RedisOpt = typer.Option("127.0.0.1:6379", "--redis", help="Redis host:port for --online redis")
 
 
-def _cfg(root: Path, online: str, redis: str):
+def _cfg(root: str, online: str, redis: str, repo: Optional[Path] = None):
     from sarflow.features.store import FeatureConfig
 
     if online not in ("sqlite", "redis"):
         raise SarflowError(f"--online must be sqlite or redis, not {online!r}")
-    return FeatureConfig(root=str(root), online=online, redis=redis)
+    return FeatureConfig(root=str(root), online=online, redis=redis, repo=repo)
 
 
 def _fail(e: Exception) -> None:
@@ -34,7 +39,7 @@ def _fail(e: Exception) -> None:
 
 
 @features_app.command()
-def labels(store: str = typer.Argument(..., help="chip store"), root: Path = RootOpt) -> None:
+def labels(store: str = typer.Argument(..., help="chip store"), root: str = RootOpt) -> None:
     """Derive per-chip label features (class fractions, water, tree cover, built-up) from the store."""
     from sarflow.features.labels import chip_labels
 
@@ -45,18 +50,18 @@ def labels(store: str = typer.Argument(..., help="chip store"), root: Path = Roo
 
 
 @features_app.command()
-def apply(root: Path = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt) -> None:
+def apply(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, repo: Optional[Path] = RepoOpt) -> None:
     """Register the entity, feature views (one per embedded model version) and services."""
     from sarflow.features.store import apply as run_apply
 
     try:
-        typer.echo(json.dumps(run_apply(_cfg(root, online, redis))))
+        typer.echo(json.dumps(run_apply(_cfg(root, online, redis, repo))))
     except SarflowError as e:
         _fail(e)
 
 
 @features_app.command()
-def materialize(root: Path = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt,
+def materialize(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, repo: Optional[Path] = RepoOpt,
                 view: Optional[List[str]] = typer.Option(None, help="only these views"),
                 batch_rows: int = typer.Option(8192, help="rows per streamed batch")) -> None:
     """Apply, then stream new offline rows into the online store (incremental)."""
@@ -64,7 +69,7 @@ def materialize(root: Path = RootOpt, online: str = OnlineOpt, redis: str = Redi
     from sarflow.features.store import materialize as run
 
     try:
-        cfg = _cfg(root, online, redis)
+        cfg = _cfg(root, online, redis, repo)
         run_apply(cfg)
         typer.echo(json.dumps(run(cfg, views=view, batch_rows=batch_rows), indent=1))
     except SarflowError as e:
@@ -72,13 +77,14 @@ def materialize(root: Path = RootOpt, online: str = OnlineOpt, redis: str = Redi
 
 
 @features_app.command()
-def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: Path = RootOpt, online: str = OnlineOpt,
-        redis: str = RedisOpt, feature: Optional[List[str]] = typer.Option(None, help="view:feature (default: newest embeddings)")) -> None:
+def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: str = RootOpt, online: str = OnlineOpt,
+        redis: str = RedisOpt, repo: Optional[Path] = RepoOpt,
+        feature: Optional[List[str]] = typer.Option(None, help="view:feature (default: newest embeddings)")) -> None:
     """Online lookup of features for chips."""
     from sarflow.features.store import newest_embeddings_view, online_features
 
     try:
-        cfg = _cfg(root, online, redis)
+        cfg = _cfg(root, online, redis, repo)
         feats = feature or [f"{newest_embeddings_view(cfg)}:embedding"]
         df = online_features(cfg, chip_ids, feats)
         typer.echo(df.to_json(orient="records"))
@@ -88,24 +94,27 @@ def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: Path =
 
 @features_app.command()
 def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = typer.Option(10, "--k"),
-            root: Path = RootOpt, model: Optional[str] = typer.Option(None, help="model name (default newest)"),
-            version: Optional[str] = typer.Option(None, help="model version")) -> None:
+            root: str = RootOpt, model: Optional[str] = typer.Option(None, help="model name (default newest)"),
+            version: Optional[str] = typer.Option(None, help="model version"), repo: Optional[Path] = RepoOpt) -> None:
     """The k most similar chips by cosine similarity, with distances and metadata."""
     from sarflow.features.search import similar as run
 
     try:
-        typer.echo(json.dumps(run(root, chip_id, k, model, version), indent=1))
+        typer.echo(json.dumps(run(root, chip_id, k, model, version, repo=repo), indent=1))
     except SarflowError as e:
         _fail(e)
 
 
 @features_app.command()
-def serve(root: Path = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt,
+def serve(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, repo: Optional[Path] = RepoOpt,
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(6566)) -> None:
     """Run the Feast feature server (HTTP) over this features root."""
     from sarflow.features.store import open_feature_store
 
-    cfg = _cfg(root, online, redis)
+    try:
+        cfg = _cfg(root, online, redis, repo)
+    except SarflowError as e:
+        _fail(e)
     open_feature_store(cfg)
     feast = str(Path(sys.executable).with_name("feast"))
     os.execv(feast, [feast, "-c", str(cfg.repo), "serve", "-h", host, "-p", str(port)])

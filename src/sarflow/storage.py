@@ -214,3 +214,14 @@ def ensure_bucket(bucket: str, settings: S3Settings | None = None) -> None:
             client.make_bucket(bucket)
     except Exception as e:  # noqa: BLE001
         raise _explain(f"s3://{bucket}", e, s) from None
+
+
+def s3_filesystem(settings: S3Settings | None = None):
+    """An s3fs filesystem on the configured endpoint and credentials (no instance or listings cache,
+    so a listing right after a write sees it); pyarrow.dataset and pandas accept it as `filesystem`."""
+    import s3fs
+
+    s = settings or s3_settings()
+    return s3fs.S3FileSystem(key=s.access_key, secret=s.secret_key, anon=not (s.access_key and s.secret_key),
+                             endpoint_url=s.endpoint_url, client_kwargs={"region_name": s.region},
+                             skip_instance_cache=True, use_listings_cache=False)

@@ -5,6 +5,12 @@ embeddings as a Parquet offline source, one partition per model version so versi
 
 Columns: chip_id, embedding (fixed-size list of float32), model_name, model_version,
 dataset_version (the store's DVC hash), event_timestamp, lon, lat (chip centroid), split.
+
+The root is a local folder or an s3:// prefix (on the endpoint and keys of `sarflow.storage`,
+i.e. AWS_ENDPOINT_URL and the AWS key variables). A partition only appears once complete: locally
+it is written to a `.partial-*` folder renamed into place; on S3 the file is uploaded to a
+`.partial-*` key outside every source folder and copied to its final key (one S3 copy is atomic:
+the final object exists whole or not at all), then the temporary key is removed.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,8 +69,110 @@ def resolve_model(uri: str) -> ModelRef:
     raise InputError(uri, "not a model URI: use models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH")
 
 
-def partition(root: str | Path, model: ModelRef) -> Path:
-    return Path(root) / EMBEDDINGS / f"model={model.name}" / f"version={model.version}"
+# ---------------------------------------------------------------- local folder or s3:// prefix
+
+def is_remote(root: str | Path) -> bool:
+    return str(root).startswith("s3://")
+
+
+def join(root: str | Path, *parts: str) -> str | Path:
+    """root/parts: a Path for a local root, an s3:// string for an S3 root."""
+    if is_remote(root):
+        return "/".join([str(root).rstrip("/"), *parts])
+    return Path(root).joinpath(*parts)
+
+
+def filesystem():
+    from sarflow.storage import s3_filesystem
+
+    return s3_filesystem()
+
+
+def fs_path(path: str | Path) -> tuple[object | None, str]:
+    """(filesystem, path) as pyarrow takes them: None and the path locally, s3fs and bucket/key on S3."""
+    if is_remote(path):
+        return filesystem(), str(path)[len("s3://"):]
+    return None, str(path)
+
+
+def exists(path: str | Path) -> bool:
+    if is_remote(path):
+        return filesystem().exists(str(path))
+    return Path(path).exists()
+
+
+def parquet_files(folder: str | Path) -> list[str | Path]:
+    """The Parquet files directly in a folder (hidden and temporary ones left out), sorted."""
+    if is_remote(folder):
+        fs = filesystem()
+        try:
+            found = fs.glob(str(folder).rstrip("/")[len("s3://"):] + "/*.parquet")
+        except FileNotFoundError:
+            return []
+        return sorted("s3://" + f for f in found if not f.rsplit("/", 1)[-1].startswith((".", "_")))
+    return sorted(p for p in Path(folder).glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def check_root(root: str | Path) -> None:
+    """An s3:// root must be in a bucket that exists (a clear error naming the URI, not a listing of nothing)."""
+    if not is_remote(root):
+        return
+    from sarflow.storage import StorageError, _explain, minio_client, s3_settings, split_s3
+
+    s = s3_settings()
+    bucket = split_s3(str(root).rstrip("/") + "/")[0]
+    try:
+        found = minio_client(s).bucket_exists(bucket)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
+        raise _explain(str(root), e, s) from None
+    if not found:
+        raise StorageError(str(root), f"bucket {bucket!r} does not exist at {s.endpoint_url}")
+
+
+def publish_s3(local: str | Path, dest: str) -> None:
+    """Uploads a finished local file to `dest` so that nothing is ever half-visible there: first to
+    a `.partial-*` key beside dest's folder (outside every source folder), then one server-side copy."""
+    fs = filesystem()
+    key = dest[len("s3://"):]
+    folder, name = key.rsplit("/", 1)
+    tmp = f"{folder.rsplit('/', 1)[0]}/.partial-{uuid.uuid4().hex[:12]}/{name}"
+    try:
+        fs.put_file(str(local), tmp)
+        fs.copy(tmp, key)
+    finally:
+        try:
+            fs.rm(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def write_table_atomic(table: pa.Table, dest: str | Path, **kwargs) -> str | Path:
+    """Writes one Parquet file at dest, locally (temp file + rename) or on S3 (see publish_s3)."""
+    if is_remote(dest):
+        with tempfile.TemporaryDirectory(prefix="sarflow-") as d:
+            local = Path(d) / "part.parquet"
+            _write_table(table, local, **kwargs)
+            publish_s3(local, str(dest))
+        return dest
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".partial-", suffix=".tmp")
+    os.close(fd)
+    try:
+        _write_table(table, tmp, **kwargs)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _write_table(table: pa.Table, where, **kwargs) -> None:
+    pq.write_table(table, where, **kwargs)
+
+
+def partition(root: str | Path, model: ModelRef) -> str | Path:
+    return join(root, EMBEDDINGS, f"model={model.name}", f"version={model.version}")
 
 
 def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 256, overwrite: bool = False,
@@ -75,8 +184,9 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     from sarflow.training.data import open_chip_group, read_chip_table
 
     model = resolve_model(model_uri)
+    check_root(root)
     out = partition(root, model)
-    if out.exists() and not overwrite:
+    if exists(out) and not overwrite:
         raise InputError(str(out), f"embeddings of {model.name} v{model.version} already exist (use --overwrite)")
     encoder = mlflow.pytorch.load_model(model.uri, map_location="cpu")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,26 +228,39 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
         "lat": pa.array(lat, pa.float64()),
         "split": pa.array(table["split"].tolist(), pa.string()),
     })
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
-    try:
-        pq.write_table(arrow, tmp / "part-00000.parquet", row_group_size=65536)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if is_remote(out):
+        write_table_atomic(arrow, f"{out}/part-00000.parquet", row_group_size=65536)
+        fs = filesystem()
+        for stale in parquet_files(out):  # an overwritten partition keeps only the new file
+            if not str(stale).endswith("/part-00000.parquet"):
+                fs.rm(str(stale)[len("s3://"):])
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
+        try:
+            _write_table(arrow, tmp / "part-00000.parquet", row_group_size=65536)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("embedded %d chips with %s v%s in %.1fs (%.0f chips/s)", n, model.name, model.version, elapsed, n / elapsed)
     return {"partition": str(out), "rows": n, "dim": dim, "model": model.name, "version": model.version,
             "dataset_version": dataset_version, "chips_per_s": n / max(elapsed, 1e-9), "device": device}
 
 
 def read_embeddings(root: str | Path, model_name: str, version: str) -> pa.Table:
-    path = Path(root) / EMBEDDINGS / f"model={model_name}" / f"version={version}"
-    if not path.is_dir():
-        raise InputError(str(path), f"no embeddings for {model_name} v{version}")
-    return pq.read_table(path)
+    path = join(root, EMBEDDINGS, f"model={model_name}", f"version={version}")
+    return read_partition(path, f"no embeddings for {model_name} v{version}")
+
+
+def read_partition(path: str | Path, missing: str = "no embeddings here") -> pa.Table:
+    files = parquet_files(path)
+    if not files:
+        raise InputError(str(path), missing)
+    fs, _ = fs_path(path)
+    return pq.read_table([fs_path(f)[1] for f in files], filesystem=fs)
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:

@@ -1,26 +1,27 @@
 """Per-chip label features from the chip store: WorldCover class fractions, water fraction,
-mean tree cover and built-up percent. Written as the `chip_labels` offline source."""
+mean tree cover and built-up percent. Written as the `chip_labels` offline source
+(a local folder or an s3:// prefix, written atomically as `features.embed.write_table_atomic` does)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sarflow.errors import InputError
+from sarflow.features.embed import check_root, join, write_table_atomic
 
 WORLDCOVER = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
 
 
 def chip_labels(store: str, root: str | Path, landcover: str = "worldcover", tree: str = "vegetation",
-                builtup: str = "builtup") -> Path:
+                builtup: str = "builtup") -> str | Path:
+    """Writes <root>/labels/labels.parquet (root: a local folder or an s3:// prefix); returns its path."""
     from sarflow.training.data import open_chip_group, read_chip_table
 
+    check_root(root)
     group = open_chip_group(store)
     mods = list(group.attrs["modalities"])
     if landcover not in mods:
@@ -58,13 +59,7 @@ def chip_labels(store: str, root: str | Path, landcover: str = "worldcover", tre
                     means[start:start + len(block)] = np.nanmean(block.reshape(len(block), -1), axis=1)
             cols[col] = means
     ts = datetime.now(timezone.utc).replace(microsecond=0)
-    out = Path(root) / "labels"
-    out.mkdir(parents=True, exist_ok=True)
     arrow = pa.table({"chip_id": table["chip_id"].tolist(), "split": table["split"].tolist(),
                       **{k: pa.array(v, pa.float64()) for k, v in cols.items()},
                       "event_timestamp": pa.array([ts] * n, pa.timestamp("us", tz="UTC"))})
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    os.close(fd)
-    pq.write_table(arrow, tmp)
-    os.replace(tmp, out / "labels.parquet")
-    return out / "labels.parquet"
+    return write_table_atomic(arrow, join(root, "labels", "labels.parquet"))

@@ -1,22 +1,23 @@
 """Similarity search over a model version's embeddings, kept beside the feature store.
 
 The index is built from the same offline partition that was materialized, saved under
-`<root>/index/model=<name>/version=<version>/`, and refuses to load for another model version.
+`<root>/index/model=<name>/version=<version>/` (for an s3:// root: under the local Feast repo,
+`<repo>/index/...`, as faiss reads and writes local files), and refuses to load for another
+model version.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from sarflow.errors import InputError
 from sarflow.features.definitions import embedding_partitions
-from sarflow.features.embed import embedding_matrix
+from sarflow.features.embed import check_root, embedding_matrix, is_remote, read_partition
 from sarflow.similarity import SimilarityIndex
 
 
-def _pick(root: str | Path, model: str | None, version: str | None) -> tuple[str, str, Path]:
+def _pick(root: str | Path, model: str | None, version: str | None) -> tuple[str, str, str | Path]:
+    check_root(root)
     parts = embedding_partitions(root)
     if model:
         parts = [p for p in parts if p[0] == model and (version is None or p[1] == str(version))]
@@ -25,28 +26,36 @@ def _pick(root: str | Path, model: str | None, version: str | None) -> tuple[str
     return parts[-1]
 
 
-def index_dir(root: str | Path, model: str, version: str) -> Path:
-    return Path(root) / "index" / f"model={model}" / f"version={version}"
+def index_dir(root: str | Path, model: str, version: str, repo: str | Path | None = None) -> Path:
+    if is_remote(root):
+        from sarflow.features.store import default_repo
+
+        base = Path(repo) if repo is not None else default_repo(str(root))
+    else:
+        base = Path(root)
+    return base / "index" / f"model={model}" / f"version={version}"
 
 
-def build_index(root: str | Path, model: str | None = None, version: str | None = None, **kwargs) -> SimilarityIndex:
+def build_index(root: str | Path, model: str | None = None, version: str | None = None,
+                repo: str | Path | None = None, **kwargs) -> SimilarityIndex:
     model, version, path = _pick(root, model, version)
-    table = pq.read_table(path)
+    table = read_partition(path)
     meta = table.select(["chip_id", "lon", "lat", "split"]).to_pandas().set_index("chip_id")
     index = SimilarityIndex(table.column("chip_id").to_pylist(), embedding_matrix(table), meta,
                             model_name=model, model_version=version, **kwargs)
-    index.save(index_dir(root, model, version))
+    index.save(index_dir(root, model, version, repo))
     return index
 
 
-def load_index(root: str | Path, model: str | None = None, version: str | None = None) -> SimilarityIndex:
+def load_index(root: str | Path, model: str | None = None, version: str | None = None,
+               repo: str | Path | None = None) -> SimilarityIndex:
     model, version, _ = _pick(root, model, version)
-    d = index_dir(root, model, version)
+    d = index_dir(root, model, version, repo)
     if not (d / "meta.json").is_file():
-        return build_index(root, model, version)
+        return build_index(root, model, version, repo)
     return SimilarityIndex.load(d, model_name=model, model_version=version)
 
 
 def similar(root: str | Path, chip_id: str, k: int = 10, model: str | None = None,
-            version: str | None = None) -> list[dict]:
-    return load_index(root, model, version).similar(chip_id, k)
+            version: str | None = None, repo: str | Path | None = None) -> list[dict]:
+    return load_index(root, model, version, repo).similar(chip_id, k)

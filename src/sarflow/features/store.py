@@ -5,6 +5,11 @@ Materialization streams each offline partition in record batches straight into t
 store, so memory stays flat however many chips there are (Feast's own `materialize` pulls the
 whole time range into memory first: feast issues #2594 and #6307). It is incremental: a view
 only receives rows newer than what it already has.
+
+The features root (the offline sources) is a local folder or an s3:// prefix; the Feast repo
+(feature_store.yaml, file registry, SQLite online store, materialize state) is always a local
+folder, `FeatureConfig.repo` (<root>/feast for a local root, ./feast-repo/<bucket>/<prefix> for
+an S3 one unless given).
 """
 
 from __future__ import annotations
@@ -26,15 +31,38 @@ from sarflow.errors import InputError
 PROJECT = "sarflow"
 
 
+DEFAULT_S3_REPO = "feast-repo"
+
+
+def default_repo(root: str) -> Path:
+    """Where the Feast repo (feature_store.yaml, registry, SQLite online store, materialize state)
+    lives when none is given: <root>/feast for a local root; for an s3:// root (Feast's registry and
+    online store stay local or in Redis) $SARFLOW_FEAST_REPO when set (the cluster's mounted
+    repo, the services mode's repo), else ./feast-repo/<bucket>/<prefix> under the working
+    directory, one per root, so repeated commands over the same root share it."""
+    if root.startswith("s3://"):
+        if os.environ.get("SARFLOW_FEAST_REPO"):
+            return Path(os.environ["SARFLOW_FEAST_REPO"]).resolve()
+        return Path(DEFAULT_S3_REPO).resolve().joinpath(*[p for p in root[len("s3://"):].split("/") if p])
+    return Path(root).resolve() / "feast"
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
-    root: str  # features root: embeddings/, labels/, feast/
+    """root: the features root (embeddings/, labels/, bags/), a local folder or an s3:// prefix.
+    repo: the local Feast repo folder; default `default_repo(root)` (after construction always a Path).
+    online: "sqlite" (a file in repo) or "redis" (at `redis`, host:port)."""
+
+    root: str
     online: str = "sqlite"  # or "redis"
     redis: str = "127.0.0.1:6379"
+    repo: Path | str | None = None
 
-    @property
-    def repo(self) -> Path:
-        return Path(self.root).resolve() / "feast"
+    def __post_init__(self):
+        object.__setattr__(self, "root", str(self.root))
+        if self.repo is not None and str(self.repo).startswith("s3://"):
+            raise InputError(str(self.repo), "the Feast repo (registry, online store, state) must be a local folder")
+        object.__setattr__(self, "repo", Path(self.repo).resolve() if self.repo is not None else default_repo(self.root))
 
     def yaml(self) -> dict:
         online = ({"type": "sqlite", "path": str(self.repo / "online.db")} if self.online == "sqlite"
@@ -61,8 +89,29 @@ def apply(cfg: FeatureConfig) -> list[str]:
     return [o.name for o in objects]
 
 
+def _dataset(view) -> pads.Dataset:
+    """The view's offline source as a pyarrow dataset (local, or on S3 through s3fs), streamed from."""
+    from sarflow.features.embed import fs_path
+
+    path = view.batch_source.path
+    fs, p = fs_path(path)
+    try:
+        return pads.dataset(p, format="parquet", filesystem=fs)
+    except (FileNotFoundError, OSError) as e:
+        raise InputError(str(path), f"cannot read the offline source of {view.name} ({type(e).__name__}: {e})") from None
+
+
 def _check_partition(view, dataset: pads.Dataset) -> None:
-    """Refuses, before writing anything, rows of another model version or of another dimension."""
+    """Refuses, before writing anything, a source without the view's columns, and rows of another
+    model version or of another dimension."""
+    from sarflow.features.definitions import check_bags_schema
+
+    path = str(view.batch_source.path)
+    if view.name == "chip_bags":
+        check_bags_schema(path, dataset.schema)
+    missing = [c for c in ["chip_id", "event_timestamp", *(f.name for f in view.features)] if c not in dataset.schema.names]
+    if missing:
+        raise InputError(path, f"the source of view {view.name} lacks column(s) {missing}")
     tags = view.tags
     if "model_version" in tags:
         versions = pc.unique(dataset.to_table(columns=["model_version"]).column("model_version")).to_pylist()
@@ -85,7 +134,7 @@ def materialize(cfg: FeatureConfig, views: list[str] | None = None, batch_rows: 
     for view in fs.list_feature_views():
         if views and view.name not in views:
             continue
-        dataset = pads.dataset(view.batch_source.path, format="parquet")
+        dataset = _dataset(view)
         _check_partition(view, dataset)
         since = state.get(view.name)
         flt = pc.field("event_timestamp") > pd.Timestamp(since).to_pydatetime() if since else None
@@ -143,15 +192,40 @@ def _online_rows(view, batch) -> list:
         if f.name == "embedding":
             flat = col.flatten().to_numpy(zero_copy_only=False).astype("<f4", copy=False)
             columns[f.name] = _float_list_values(flat.reshape(n, -1) if n else flat.reshape(0, 0))
-        elif str(col.type) == "string":
-            columns[f.name] = [Value(string_val=v) if v is not None else Value() for v in col.to_pylist()]
         else:
-            columns[f.name] = [Value(double_val=v) if v is not None else Value() for v in col.to_pylist()]
+            columns[f.name] = _values(col)
     ids = batch.column("chip_id").to_pylist()
     times = batch.column("event_timestamp").to_pylist()
     names = list(columns)
     return [(EntityKey(join_keys=["chip_id"], entity_values=[Value(string_val=ids[i])]),
              {name: columns[name][i] for name in names}, times[i], None) for i in range(n)]
+
+
+def _values(col) -> list:
+    """Feast Values of an Arrow column: strings, doubles, integers, and lists of those (a null is an empty Value)."""
+    import pyarrow as pa
+    from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList, Int64List, StringList, Value
+
+    t = col.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        v = t.value_type
+        if pa.types.is_string(v) or pa.types.is_large_string(v):
+            make = lambda x: Value(string_list_val=StringList(val=x))  # noqa: E731
+        elif pa.types.is_float32(v):
+            make = lambda x: Value(float_list_val=FloatList(val=x))  # noqa: E731
+        elif pa.types.is_floating(v):
+            make = lambda x: Value(double_list_val=DoubleList(val=x))  # noqa: E731
+        elif pa.types.is_integer(v):
+            make = lambda x: Value(int64_list_val=Int64List(val=x))  # noqa: E731
+        else:
+            raise InputError(str(col.type), f"no online representation for lists of {v}")
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        make = lambda x: Value(string_val=x)  # noqa: E731
+    elif pa.types.is_integer(t):
+        make = lambda x: Value(int64_val=x)  # noqa: E731
+    else:
+        make = lambda x: Value(double_val=x)  # noqa: E731
+    return [make(x) if x is not None else Value() for x in col.to_pylist()]
 
 
 def online_features(cfg: FeatureConfig, chip_ids: list[str], features: list[str]) -> pd.DataFrame:
@@ -173,7 +247,9 @@ def training_set(cfg: FeatureConfig, entity_df: pd.DataFrame, features: list[str
 
 def newest_embeddings_view(cfg: FeatureConfig) -> str:
     from sarflow.features.definitions import embedding_partitions, view_name
+    from sarflow.features.embed import check_root
 
+    check_root(cfg.root)
     parts = embedding_partitions(cfg.root)
     if not parts:
         raise InputError(cfg.root, "no embeddings under this features root: run `sarflow embed` first")
