@@ -33,10 +33,15 @@ class Bags:
 
 
 def chip_bags(chips: pd.DataFrame, grid_crs: str, polygons, id_column: str, stats: pd.DataFrame,
-              classes: list[int]) -> Bags:
-    """Intersects chips (minx..maxy in the grid CRS) with bag polygons (a GeoDataFrame)."""
+              classes: list[int], *, polygons_source: str = "bag polygons",
+              stats_source: str = "bag statistics") -> Bags:
+    """Intersects chips (minx..maxy in the grid CRS) with bag polygons (a GeoDataFrame).
+
+    `polygons_source` / `stats_source` name the files in error messages."""
     if id_column not in polygons.columns:
-        raise InputError(id_column, f"the polygons have no column {id_column!r} (they have {list(polygons.columns)})")
+        raise InputError(polygons_source, f"the polygons have no column {id_column!r} (they have {list(polygons.columns)})")
+    if id_column not in stats.columns:
+        raise InputError(stats_source, f"the statistics have no column {id_column!r} (they have {list(stats.columns)})")
     polys = polygons.to_crs(grid_crs)
     boxes = shapely.box(chips["minx"].to_numpy(), chips["miny"].to_numpy(), chips["maxx"].to_numpy(), chips["maxy"].to_numpy())
     area = shapely.area(boxes)
@@ -53,12 +58,14 @@ def chip_bags(chips: pd.DataFrame, grid_crs: str, polygons, id_column: str, stat
     cols = [f"frac_{c}" for c in classes]
     missing = [c for c in cols if c not in stats.columns]
     if missing:
-        raise InputError("bag statistics", f"missing proportion columns {missing}")
+        raise InputError(stats_source, f"missing proportion columns {missing}")
+    stats = stats.assign(**{id_column: stats[id_column].astype(str)})
+    df["bag_id"] = df["bag_id"].astype(str)
     props = stats.set_index(id_column)[cols].fillna(0.0)
     props = props.div(props.sum(axis=1).replace(0, 1), axis=0)
     unknown = sorted(set(df.bag_id) - set(props.index))
     if unknown:
-        raise InputError("bag statistics", f"no proportions for bag(s) {unknown[:5]}")
+        raise InputError(stats_source, f"no proportions for bag(s) {unknown[:5]}")
     return Bags(members=df[["chip_id", "index", "bag_id", "weight", "area_fraction"]].reset_index(drop=True),
                 outside=outside, proportions=props)
 
@@ -86,6 +93,9 @@ class InstanceClassifier(nn.Module):
     def instance(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(self.net(x), dim=-1)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.instance(x)
+
 
 class StridedConvLLP(nn.Module):
     """A strided convolution and a 1x1 softmax: per-patch class probabilities (a coarse map);
@@ -102,32 +112,50 @@ class StridedConvLLP(nn.Module):
     def instance(self, x: torch.Tensor) -> torch.Tensor:
         return self.coarse_map(x).mean(dim=(2, 3))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.instance(x)
+
 
 def bag_matrix(bags: Bags, n_rows: int, row_of: dict[int, int]) -> tuple[torch.Tensor, list[str]]:
-    """(bags, rows) matrix of normalised membership weights: bag prediction = A @ instance predictions."""
-    ids = sorted(bags.members.bag_id.unique())
+    """(bags, rows) matrix of normalised membership weights: bag prediction = A @ instance predictions.
+
+    A chip contributes to a bag in proportion to its area inside the bag polygon (its
+    `area_fraction`): a border chip half inside counts half."""
+    m = bags.members
+    ids = sorted(m.bag_id.unique())
     pos = {b: i for i, b in enumerate(ids)}
-    a = torch.zeros(len(ids), n_rows)
-    for r in bags.members.itertuples():
-        if r.index in row_of:
-            a[pos[r.bag_id], row_of[r.index]] += r.weight * r.area_fraction
+    keep = m["index"].map(lambda i: int(i) in row_of).to_numpy(bool)
+    m = m[keep]
+    a = torch.zeros(len(ids), n_rows, dtype=torch.float64)
+    rows = torch.tensor([row_of[int(i)] for i in m["index"]], dtype=torch.long)
+    cols = torch.tensor([pos[b] for b in m["bag_id"]], dtype=torch.long)
+    a.index_put_((cols, rows), torch.tensor(m["area_fraction"].to_numpy(np.float64)), accumulate=True)
     a = a / a.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    return a, ids
+    return a.float(), ids
 
 
 def train_llp(model: nn.Module, x: torch.Tensor, a: torch.Tensor, target: torch.Tensor, loss: str = "kl",
-              steps: int = 300, lr: float = 0.05, seed: int = 0) -> list[float]:
-    """Full-batch training on bag proportions: bag predictions are A @ p(y | x)."""
+              steps: int = 300, lr: float = 0.05, seed: int = 0, num_threads: int | None = 1) -> list[float]:
+    """Full-batch training on bag proportions: bag predictions are A @ p(y | x).
+
+    `num_threads` caps torch's CPU threads while training (restored after): these models are
+    tiny, and on a shared CPU more threads only contend (10-50x slower); None leaves it."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
-    for _ in range(steps):
-        pred = a @ model.instance(x)
-        value = bag_loss(pred, target, loss)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        history.append(value.item())
+    threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        for _ in range(steps):
+            pred = a @ model.instance(x)
+            value = bag_loss(pred, target, loss)
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            history.append(value.item())
+    finally:
+        torch.set_num_threads(threads)
     return history
 
 

@@ -1,0 +1,106 @@
+"""`sarflow llp ...`: learning from label proportions from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sarflow.errors import SarflowError
+
+llp_app = typer.Typer(help="Learning from label proportions: bags from polygons + statistics, LLP models, MLflow.",
+                      no_args_is_help=True)
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = ["model", "proportion_mae", "f1_macro", "iou_macro", "pixel_f1_macro", "pixel_iou_macro"]
+    typer.echo(f"{'model':<30}{'MAE':>9}{'F1':>8}{'IoU':>8}{'pixF1':>8}{'pixIoU':>8}")
+    for r in rows:
+        vals = []
+        for c in cols[1:]:
+            v = r.get(c)
+            vals.append("     -  " if v is None or v != v else f"{v:8.4f}")
+        typer.echo(f"{str(r['model']):<30}{vals[0]:>9}{''.join(vals[1:])}")
+
+
+@llp_app.command()
+def train(
+    store: str = typer.Argument(..., help="chip store (Zarr)"),
+    polygons: str = typer.Option(..., "--polygons", help="bag polygons (GeoJSON, GeoPackage, ...)"),
+    stats: Optional[str] = typer.Option(None, "--stats", help="CSV: ID, frac_<class>... per polygon"),
+    label_raster: Optional[str] = typer.Option(None, "--label-raster", help="aggregate bag proportions from this raster"),
+    features_root: Optional[str] = typer.Option(None, "--features-root", help="embeddings; bags are written here"),
+    tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri"),
+    id_column: str = typer.Option("muni_id", "--id-column", help="polygon/statistics id column"),
+    model: Optional[str] = typer.Option(None, "--model", help="embeddings model (default newest)"),
+    version: Optional[str] = typer.Option(None, "--version", help="embeddings version"),
+    models: List[str] = typer.Option(["linear", "mlp", "kdm", "conv"], "--models", help="LLP models to train"),
+    loss: str = typer.Option("kl", "--loss", help="kl, mse or ce"),
+    steps: int = typer.Option(300, "--steps"),
+    lr: float = typer.Option(0.03, "--lr"),
+    classes: Optional[List[int]] = typer.Option(None, "--classes", help="class codes (default: those of the stats)"),
+    split: str = typer.Option("bags", "--split", help="bags (held-out bags) or store (the store's split)"),
+    bag_sizes: List[int] = typer.Option([1, 2, 4, 8], "--bag-size", help="merge factors for the bag-size curve"),
+    experiment: str = typer.Option("sarflow-llp", "--experiment"),
+    task: str = typer.Option("llp-landcover", "--task", help="registered as sarflow-<task>"),
+    register: bool = typer.Option(True, "--register/--no-register"),
+    seed: int = typer.Option(0, "--seed"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="table and plots (default <features-root>/llp)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Bags from polygons x chips, LLP models trained on bag proportions, scored on held-out chips."""
+    from sarflow.downstream.llp_run import LLPConfig, run_llp
+
+    try:
+        cfg = LLPConfig(store=store, tracking_uri=tracking_uri, polygons=polygons, id_column=id_column, stats=stats,
+                        label_raster=label_raster, features_root=features_root, model=model, version=version,
+                        models=tuple(models), loss=loss, steps=steps, lr=lr,
+                        classes=tuple(classes) if classes else None, split=split, bag_sizes=tuple(bag_sizes),
+                        experiment=experiment, task=task, register=register, seed=seed, out_dir=out_dir)
+        result = run_llp(cfg)
+    except SarflowError as e:
+        _fail(e)
+        return
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1, default=str))
+        return
+    _print_table(result["rows"])
+    reg = result["registered"]
+    typer.echo(f"best: {result['best_model']}  features: {result['features']}  chips outside every polygon: "
+               f"{result['outside']}")
+    typer.echo(f"run: {result['run_id']}  registered: {reg['name']} v{reg['version']}" if reg["name"]
+               else f"run: {result['run_id']}  (not registered)")
+    typer.echo(f"bags: {result['bags']}\ntable: {result['table']}\nplots: {', '.join(result['plots'])}")
+
+
+@llp_app.command("real-case")
+def real_case(
+    real_dir: Path = typer.Argument(..., help="the real-data folder (with sen1floods11/ and admin/)"),
+    tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri"),
+    out_dir: Path = typer.Option(Path("data/llp-real"), "--out", help="table, plots and bags"),
+    grid: int = typer.Option(4, "--grid", help="the county is cut into GRID x GRID bags"),
+    chip: int = typer.Option(32, "--chip", help="chip side in pixels"),
+    steps: int = typer.Option(300, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """LLP on the real Sen1Floods11 Kansas chip (water vs dry, county FIPS 20121)."""
+    from sarflow.downstream.llp_run import run_real_case
+
+    try:
+        if not real_dir.is_dir():
+            from sarflow.errors import InputError
+
+            raise InputError(str(real_dir), "the real-data folder does not exist")
+        result = run_real_case(real_dir, tracking_uri, out_dir, chip=chip, grid=grid, steps=steps, seed=seed)
+    except SarflowError as e:
+        _fail(e)
+        return
+    _print_table(result["rows"])
+    typer.echo(f"best: {result['best_model']}  run: {result['run_id']}\ntable: {result['table']}")
