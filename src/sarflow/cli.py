@@ -254,10 +254,12 @@ def demo(
 
 from sarflow.cli_features import features_app  # noqa: E402
 from sarflow.cli_llp import llp_app  # noqa: E402
+from sarflow.cli_segment import segment_app  # noqa: E402
 from sarflow.cli_pipeline import pipeline_app  # noqa: E402
 from sarflow.cli_services import services_app  # noqa: E402
 
 app.add_typer(features_app, name="features")
+app.add_typer(segment_app, name="segment", help="Segmentation: a head on the pretrained ViT vs a U-Net from scratch (mIoU).")
 app.add_typer(llp_app, name="llp", help="Learning from label proportions: bags from polygons, chip models from bag statistics.")
 
 app.add_typer(services_app, name="services")

@@ -77,3 +77,18 @@ def flat_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = float(value)
     return out
+
+
+def model_requirements() -> list[str]:
+    """The pip requirements logged with every sarflow model: pinned to what is installed here.
+    Given explicitly, MLflow skips inferring them (which re-imports the model in a subprocess
+    and takes ~15 s per model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("torch", "numpy", "scikit-learn", "sarflow"):
+        try:
+            out.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            pass
+    return out

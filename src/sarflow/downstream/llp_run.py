@@ -213,29 +213,14 @@ def band_statistics(pixels_raw: np.ndarray) -> np.ndarray:
         return np.concatenate([np.nanmean(pixels_raw, axis=(2, 3)), np.nanstd(pixels_raw, axis=(2, 3))], axis=1)
 
 
-def _embedding_partitions(root: str | Path) -> list[tuple[str, str, Path]]:
-    """(model, version, path) of every embeddings partition (as features.definitions lists them,
-    without importing Feast, which takes seconds)."""
-    out = []
-    for mdir in sorted((Path(root) / "embeddings").glob("model=*")):
-        for vdir in sorted(mdir.glob("version=*")):
-            if any(vdir.glob("*.parquet")):
-                out.append((mdir.name.split("=", 1)[1], vdir.name.split("=", 1)[1], vdir))
-    return out
-
-
 def _newest_partition(root: str, model: str | None, version: str | None) -> tuple[str, str]:
-    parts = _embedding_partitions(root)
-    if model is not None:
-        parts = [p for p in parts if p[0] == model]
-    if version is not None:
-        parts = [p for p in parts if p[1] == str(version)]
-    if not parts:
-        if model is None and version is None:
-            return "", ""
-        raise InputError(str(Path(root) / "embeddings"), f"no embeddings partition for model={model} version={version}")
-    best = max(parts, key=lambda p: (p[2].stat().st_mtime, int(p[1]) if p[1].isdigit() else 0))
-    return best[0], best[1]
+    """The embeddings partition to use; ("", "") when the root has none and none was named."""
+    from sarflow.features.embed import embedding_partitions, select_partition
+
+    if model is None and version is None and not embedding_partitions(root):
+        return "", ""
+    found = select_partition(root, model, version)
+    return found[0], found[1]
 
 
 def _train_test(data: LLPData, split: str, test_fraction: float, seed: int) -> tuple[list[str], np.ndarray]:

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from sarflow.registry import DATASET_TAG, EVAL_TAG
+from sarflow.tracking import model_requirements
 
 REGISTERED_PREFIX = "sarflow-"
 
@@ -55,11 +56,13 @@ def log_downstream_model(model, task: str, example: np.ndarray, *, lineage: dict
         out = predict(example)
         info = mlflow.pytorch.log_model(model, name=artifact_name, signature=infer_signature(example, out),
                                         input_example=example, serialization_format="pickle",
+                                        pip_requirements=model_requirements(),
                                         registered_model_name=name if register else None)
     else:
         out = (predict or model.predict)(example)
         info = mlflow.sklearn.log_model(model, name=artifact_name, signature=infer_signature(example, out),
-                                        input_example=example, registered_model_name=name if register else None)
+                                        input_example=example, pip_requirements=model_requirements(),
+                                        registered_model_name=name if register else None)
     version = None
     if register:
         client = mlflow.MlflowClient()

@@ -23,7 +23,8 @@ from feast.types import Array, Float32, Float64, String
 from feast.value_type import ValueType
 
 from sarflow.errors import InputError
-from sarflow.features.embed import EMBEDDINGS, check_root, exists, fs_path, is_remote, join, parquet_files
+from sarflow.features.embed import (EMBEDDINGS, check_root, embedding_partitions, exists, fs_path, is_remote, join,
+                                    parquet_files)
 
 LABELS = "labels"
 BAGS = "bags"
@@ -39,26 +40,6 @@ chip = Entity(name="chip", join_keys=["chip_id"], value_type=ValueType.STRING,
 
 def view_name(model: str, version: str) -> str:
     return "chip_embeddings_" + re.sub(r"[^a-z0-9]+", "_", f"{model.removeprefix('sarflow-encoder-')}_v{version}".lower())
-
-
-def embedding_partitions(root: str | Path) -> list[tuple[str, str, str | Path]]:
-    """(model, version, partition folder) of every non-empty partition, sorted."""
-    if is_remote(root):
-        fs, base = fs_path(join(root, EMBEDDINGS))
-        try:
-            files = fs.glob(base.rstrip("/") + "/model=*/version=*/*.parquet")
-        except FileNotFoundError:
-            files = []
-        folders = sorted({f.rsplit("/", 1)[0] for f in files if not f.rsplit("/", 1)[1].startswith((".", "_"))})
-        return [(d.rsplit("/", 2)[1].split("=", 1)[1], d.rsplit("/", 1)[1].split("=", 1)[1], "s3://" + d)
-                for d in folders]
-    base = Path(root) / EMBEDDINGS
-    out = []
-    for mdir in sorted(base.glob("model=*")):
-        for vdir in sorted(mdir.glob("version=*")):
-            if parquet_files(vdir):
-                out.append((mdir.name.split("=", 1)[1], vdir.name.split("=", 1)[1], vdir))
-    return out
 
 
 def s3_endpoint() -> str:

@@ -268,3 +268,44 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     dim = len(col[0]) if len(col) else 0
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
 
+
+def embedding_partitions(root: str | Path) -> list[tuple[str, str, str | Path]]:
+    """(model, version, partition folder) of every non-empty partition, by model name and then
+    version number (so v10 comes after v2): the last of a model is its newest."""
+    if is_remote(root):
+        fs, base = fs_path(join(root, EMBEDDINGS))
+        try:
+            files = fs.glob(base.rstrip("/") + "/model=*/version=*/*.parquet")
+        except FileNotFoundError:
+            files = []
+        folders = sorted({f.rsplit("/", 1)[0] for f in files if not f.rsplit("/", 1)[1].startswith((".", "_"))})
+        found = [(d.rsplit("/", 2)[1].split("=", 1)[1], d.rsplit("/", 1)[1].split("=", 1)[1], "s3://" + d)
+                 for d in folders]
+        return sorted(found, key=_partition_order)
+    base = Path(root) / EMBEDDINGS
+    out = []
+    for mdir in sorted(base.glob("model=*")):
+        for vdir in sorted(mdir.glob("version=*")):
+            if parquet_files(vdir):
+                out.append((mdir.name.split("=", 1)[1], vdir.name.split("=", 1)[1], vdir))
+    return sorted(out, key=_partition_order)
+
+
+def _partition_order(part: tuple) -> tuple:
+    model, version = part[0], part[1]
+    return (model, int(version) if str(version).isdigit() else -1, str(version))
+
+
+def select_partition(root: str | Path, model: str | None = None, version: str | None = None) -> tuple[str, str, str | Path]:
+    """The embeddings partition (model, version, folder) to use: the named one, else the newest
+    version of the named model, else the last partition (models by name, versions by number)."""
+    parts = embedding_partitions(root)
+    if model:
+        parts = [p for p in parts if p[0] == model]
+    if version is not None:
+        parts = [p for p in parts if p[1] == str(version)]
+    if not parts:
+        raise InputError(str(join(root, EMBEDDINGS)),
+                         f"no embeddings for {model or 'any model'}{f' v{version}' if version else ''} under this root "
+                         "(run `sarflow embed` first)")
+    return parts[-1]

@@ -11,19 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from sarflow.errors import InputError
-from sarflow.features.definitions import embedding_partitions
-from sarflow.features.embed import check_root, embedding_matrix, is_remote, read_partition
+from sarflow.features.embed import check_root, embedding_matrix, is_remote, read_partition, select_partition
 from sarflow.similarity import SimilarityIndex
 
 
 def _pick(root: str | Path, model: str | None, version: str | None) -> tuple[str, str, str | Path]:
     check_root(root)
-    parts = embedding_partitions(root)
-    if model:
-        parts = [p for p in parts if p[0] == model and (version is None or p[1] == str(version))]
-    if not parts:
-        raise InputError(str(root), f"no embeddings for {model or 'any model'} {version or ''} under this root")
-    return parts[-1]
+    return select_partition(root, model, version)
 
 
 def index_dir(root: str | Path, model: str, version: str, repo: str | Path | None = None) -> Path:

@@ -246,12 +246,9 @@ def training_set(cfg: FeatureConfig, entity_df: pd.DataFrame, features: list[str
 
 
 def newest_embeddings_view(cfg: FeatureConfig) -> str:
-    from sarflow.features.definitions import embedding_partitions, view_name
-    from sarflow.features.embed import check_root
+    from sarflow.features.definitions import view_name
+    from sarflow.features.embed import check_root, select_partition
 
     check_root(cfg.root)
-    parts = embedding_partitions(cfg.root)
-    if not parts:
-        raise InputError(cfg.root, "no embeddings under this features root: run `sarflow embed` first")
-    model, version, _ = parts[-1]
+    model, version, _ = select_partition(cfg.root)
     return view_name(model, version)

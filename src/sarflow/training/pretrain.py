@@ -192,7 +192,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.models import infer_signature
 
-    from sarflow.tracking import dataset_lineage, setup_mlflow
+    from sarflow.tracking import dataset_lineage, model_requirements, setup_mlflow
 
     groups = resolve_groups(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -235,7 +235,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
         name = f"sarflow-encoder-{cfg.method}"
         info = mlflow.pytorch.log_model(  # pickle: it loads back as the ChipEncoder, not an exported graph
             encoder, name="encoder", signature=infer_signature(example, out), input_example=example,
-            serialization_format="pickle",
+            serialization_format="pickle", pip_requirements=model_requirements(),
             registered_model_name=name if cfg.register else None,
         )
         mlflow.log_metric("train/final_loss", throughput.losses[-1])

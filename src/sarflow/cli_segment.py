@@ -1,0 +1,83 @@
+"""`sarflow segment ...`: a segmentation head on a pretrained encoder vs a U-Net from scratch."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import List, Optional
+
+import typer
+
+from sarflow.errors import SarflowError
+
+segment_app = typer.Typer(help="Semantic segmentation: ViT head on a registered encoder vs a from-scratch U-Net (mIoU).",
+                          no_args_is_help=True)
+
+
+@segment_app.callback()
+def main() -> None:
+    """Semantic segmentation: ViT head on a registered encoder vs a from-scratch U-Net (mIoU)."""
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
+@segment_app.command()
+def train(store: str = typer.Argument(..., help="chip store (local path or s3://)"),
+          encoder: Optional[str] = typer.Option(None, "--encoder", help="registered encoder, e.g. models:/sarflow-encoder-mae/1 "
+                                                "(without it only the U-Net is trained)"),
+          tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri", help="MLflow tracking URI"),
+          label: str = typer.Option("worldcover", "--label", help="categorical label modality"),
+          steps: int = typer.Option(100, "--steps", help="training steps per model"),
+          batch_size: int = typer.Option(16, "--batch-size"),
+          lr: float = typer.Option(2e-3, "--lr"),
+          freeze: bool = typer.Option(False, "--freeze/--finetune", help="head on frozen tokens, or fine-tune the encoder"),
+          head: str = typer.Option("progressive", "--head", help="linear (1x1 conv + bilinear) or progressive"),
+          no_unet: bool = typer.Option(False, "--no-unet", help="train only the ViT head"),
+          label_fraction: Optional[List[float]] = typer.Option(None, "--label-fraction",
+                                                               help="extra label-efficiency point (fraction of train chips); repeatable"),
+          experiment: str = typer.Option("sarflow-segmentation", "--experiment"),
+          register: bool = typer.Option(True, "--register/--no-register", help="register the better model as sarflow-segmentation"),
+          seed: int = typer.Option(0, "--seed"),
+          as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table")) -> None:
+    """Train both models on the train split, score them on the test split, track and register."""
+    from sarflow.downstream.segment import SegmentConfig, run_segmentation
+
+    try:
+        cfg = SegmentConfig(store=store, tracking_uri=tracking_uri, encoder_uri=encoder, label_modality=label,
+                            steps=steps, batch_size=batch_size, lr=lr, freeze_encoder=freeze, head=head,
+                            train_unet=not no_unet, label_fractions=tuple(label_fraction or ()),
+                            experiment=experiment, register=register, seed=seed)
+        out = run_segmentation(cfg)
+    except SarflowError as e:
+        _fail(e)
+        return
+    kinds = [k for k in ("vit", "unet") if k in out]
+    if as_json:
+        keep = ("run_id", "model_uri", "test_miou", "test_pixel_accuracy", "iou", "label_efficiency", "trainable_params")
+        typer.echo(json.dumps({**{k: {f: out[k][f] for f in keep} for k in kinds},
+                               "classes": out["classes"], "best": out["best"], "registered": out["registered"],
+                               "majority_baseline": out["majority_baseline"]}, indent=1, default=str))
+        return
+    names = {"vit": "ViT head" + (" (frozen)" if freeze else " (fine-tuned)"), "unet": "U-Net (scratch)"}
+    fracs = sorted({f for k in kinds for f in out[k]["label_efficiency"]})
+    header = f"{'model':<22}{'mIoU':>8}{'pix acc':>9}" + "".join(f"{'mIoU@' + format(f, 'g'):>11}" for f in fracs if f < 1) \
+        + f"{'trainable':>11}  run"
+    typer.echo(header)
+    for k in kinds:
+        r = out[k]
+        typer.echo(f"{names[k]:<22}{_fmt(r['test_miou']):>8}{_fmt(r['test_pixel_accuracy']):>9}"
+                   + "".join(f"{_fmt(r['label_efficiency'].get(f)):>11}" for f in fracs if f < 1)
+                   + f"{r['trainable_params']:>11}  {r['run_id']}")
+    b = out["majority_baseline"]
+    typer.echo(f"{'majority class ' + str(b['class']):<22}{_fmt(b['miou']):>8}{_fmt(b['pixel_accuracy']):>9}")
+    typer.echo("per-class IoU: " + "; ".join(
+        f"{c}: " + "/".join(_fmt(out[k]["iou"].get(c)) for k in kinds) for c in out["classes"]) + f"  ({'/'.join(kinds)})")
+    reg = out["registered"]
+    typer.echo(f"registered: {reg['name']} v{reg['version']} ({reg['model']})" if reg else "registered: none")

@@ -1,0 +1,200 @@
+"""Segmentation downstream: mIoU by hand, ViT head vs U-Net on the tiny store, MLflow, errors, CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from sarflow.downstream.segment import (IGNORE, SegmentConfig, UNet, ViTSegmenter, confusion_matrix, miou,
+                                        run_segmentation, segmentation_scores)
+from sarflow.errors import InputError
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_miou_matches_a_hand_computed_example_and_ignores_nodata():
+    I = IGNORE
+    truth = np.array([[0, 0, 1, 1],
+                      [0, 2, 2, I]])
+    pred = np.array([[0, 1, 1, 1],
+                     [0, 2, 0, 3]])  # 4 classes; class 3 is predicted only on an ignored pixel
+    cm = confusion_matrix(truth, pred, n_classes=4)
+    assert cm.sum() == 7 and cm[0, 0] == 2 and cm[0, 1] == 1 and cm[2, 0] == 1 and cm[3].sum() == 0
+    s = segmentation_scores(cm)
+    # class 0: TP 2, FP 1 (a 2 predicted 0), FN 1 -> 2/4; class 1: TP 2, FP 1 -> 2/3; class 2: TP 1, FN 1 -> 1/2
+    # class 3: absent from truth and (non-ignored) prediction -> not counted
+    assert s["iou"][:3] == pytest.approx([0.5, 2 / 3, 0.5]) and math.isnan(s["iou"][3])
+    assert s["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert s["pixel_accuracy"] == pytest.approx(5 / 7)
+    # changing the prediction on the ignored pixel changes nothing
+    for other in range(4):
+        p2 = pred.copy()
+        p2[1, 3] = other
+        assert miou(truth, p2, 4) == pytest.approx(s["miou"])
+    # a class predicted on a labelled pixel but absent from truth counts, with IoU 0
+    p3 = pred.copy()
+    p3[0, 0] = 3
+    s3 = segmentation_scores(confusion_matrix(truth, p3, 4))
+    assert s3["iou"][3] == 0.0 and s3["miou"] == pytest.approx(np.mean([1 / 4, 2 / 3, 1 / 2, 0.0]))
+    assert miou(truth, truth, 4) == 1.0
+
+
+def test_models_take_physical_chips_with_nan_and_keep_the_chip_size():
+    unet = UNet(2, [10, 30, 80], mean=[-10.0, -17.0], std=[3.0, 3.0], widths=(8, 16, 32))
+    x = torch.full((2, 2, 20, 28), -12.0)
+    x[0, :, :5] = float("nan")  # missing pixels
+    p = unet(x)
+    assert p.shape == (2, 3, 20, 28) and torch.isfinite(p).all()  # sizes not divisible by 4 are padded
+    torch.testing.assert_close(p.sum(dim=1), torch.ones(2, 20, 28))
+    assert set(unet.predict_codes(x).unique().tolist()) <= {10, 30, 80}
+
+
+# ---------------------------------------------------------------- training on the tiny store
+
+TINY_ENCODER = dict(size="tiny", patch=8, depth=2, dim=32, heads=2)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_store, tmp_path_factory):
+    """A tiny MAE encoder registered in a fresh MLflow database."""
+    from sarflow.training.methods import OptimConfig
+    from sarflow.training.pretrain import PretrainConfig, pretrain
+    from sarflow.training.vit import ViTConfig
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    r = pretrain(PretrainConfig(store=str(tiny_store), method="mae", vit=ViTConfig(**TINY_ENCODER), batch_size=16,
+                                optim=OptimConfig(lr=1e-3, warmup_steps=2, max_steps=6), tracking_uri=uri,
+                                method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
+    return uri, f"models:/{r['registered_model']}/{r['version']}"
+
+
+@pytest.fixture(scope="module")
+def result(tiny_store, encoder):
+    uri, enc = encoder
+    return run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri, encoder_uri=enc, steps=80,
+                                          batch_size=16, threads=1, seed=0))
+
+
+def test_both_models_learn_and_beat_the_majority_class(result):
+    assert result["classes"] == sorted(result["classes"]) and 0 not in result["classes"]
+    assert set(result["classes"]) <= {10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100}
+    for kind in ("vit", "unet"):
+        r = result[kind]
+        losses = r["losses"]
+        assert len(losses) == 80 and all(math.isfinite(v) for v in losses)
+        assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), kind
+        assert 0.0 <= r["test_miou"] <= 1.0 and 0.0 <= r["test_pixel_accuracy"] <= 1.0
+        assert r["test_miou"] > result["majority_baseline"]["miou"], kind
+        assert set(r["iou"]) == set(result["classes"])
+        assert np.asarray(r["confusion"]).shape == (len(result["classes"]),) * 2
+    assert result["best"] in ("vit", "unet")
+    # fine-tuning trains the encoder too
+    assert result["vit"]["trainable_params"] == result["vit"]["params"]
+
+
+def test_runs_carry_lineage_metrics_and_figures_and_the_best_model_is_registered(result, encoder, tiny_store):
+    import mlflow
+
+    uri, enc = encoder
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    g = zarr.open_group(str(tiny_store), mode="r")
+    for kind in ("vit", "unet"):
+        run = client.get_run(result[kind]["run_id"])
+        assert run.data.tags["sarflow.catalog_hash"] == g.attrs["catalog_hash"]
+        assert run.data.tags["sarflow.segmentation.model"] == kind
+        assert run.data.metrics["test_miou"] == pytest.approx(result[kind]["test_miou"])
+        assert "test_pixel_accuracy" in run.data.metrics and "baseline_majority_miou" in run.data.metrics
+        assert any(k.startswith("test_iou_") for k in run.data.metrics)
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 80
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"figures/predictions.png", "figures/loss_curves.png"} <= arts
+        assert "confusion_matrix.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert result["vit"]["model_uri"] != result["unet"]["model_uri"]
+    reg = result["registered"]
+    assert reg["name"] == "sarflow-segmentation" and reg["model"] == result["best"]
+    mv = client.get_model_version(reg["name"], reg["version"])
+    assert mv.tags["sarflow.classes"] == ",".join(map(str, result["classes"]))
+    assert float(mv.tags["sarflow.metric.test_miou"]) == pytest.approx(result[result["best"]]["test_miou"])
+    assert mv.tags["sarflow.eval_set"].endswith(":test")
+
+    # the registered model takes chips straight from the store (physical units, NaN) -> per-pixel output
+    x = g["s1grd"][0:3].astype(np.float32)
+    x[0, :, :4] = np.nan
+    model = mlflow.pytorch.load_model(f"models:/{reg['name']}/{reg['version']}")
+    assert isinstance(model, (ViTSegmenter, UNet)) and model.class_codes == result["classes"]
+    with torch.no_grad():
+        probs = model(torch.from_numpy(x))
+        codes = model.predict_codes(torch.from_numpy(x))
+    assert probs.shape == (3, len(result["classes"]), 32, 32) and torch.isfinite(probs).all()
+    assert codes.shape == (3, 32, 32) and set(codes.unique().tolist()) <= set(result["classes"])
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{reg['name']}/{reg['version']}")
+    out = np.asarray(pyfunc.predict(x))
+    assert out.shape == (3, len(result["classes"]), 32, 32)
+    np.testing.assert_allclose(out, probs.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_encoder_trains_only_the_head(tiny_store, encoder):
+    from sarflow.downstream.segment import _build, load_data, load_encoder, resolve_inputs, train_model
+
+    uri, enc = encoder
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    cfg = SegmentConfig(store=str(tiny_store), encoder_uri=enc, freeze_encoder=True, head="linear", steps=3)
+    e = load_encoder(enc)
+    groups, mean, std = resolve_inputs(cfg, e)
+    data = load_data(cfg, groups, mean, std)
+    model, enc_params = _build("vit", cfg, data, e)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    train_model(model, data.x_train[:8], data.y_train[:8], cfg, enc_params)
+    for k, v in model.encoder.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert all(not p.requires_grad for p in model.encoder.parameters())
+    assert model(data.x_test[:2]).shape == (2, len(data.classes), 32, 32)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_inputs_say_what_is_wrong(tiny_store, encoder, tmp_path):
+    uri, enc = encoder
+    with pytest.raises(InputError, match="no label modality 'landcover'"):
+        run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri, label_modality="landcover", steps=1))
+    with pytest.raises(InputError, match="'dem' is not categorical"):
+        run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri, label_modality="dem", steps=1))
+    with pytest.raises(InputError, match="cannot load the encoder") as e:
+        run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri,
+                                       encoder_uri="models:/sarflow-encoder-nope/1", steps=1))
+    assert e.value.where == "models:/sarflow-encoder-nope/1"
+    with pytest.raises(InputError, match="cannot open the chip store"):
+        run_segmentation(SegmentConfig(store=str(tmp_path / "none.zarr"), tracking_uri=uri, steps=1))
+    # a store of 36 px chips cannot be cut into the encoder's 8 px patches
+    from sarflow.catalog import load_catalog
+    from sarflow.synth import SynthConfig, synthesize
+    from sarflow.tile import TileOptions, tile
+
+    cat = synthesize(tmp_path / "scene", SynthConfig(size_px=144, seed=3, chip_size=36))
+    store36 = tile(load_catalog(cat), tmp_path / "c36.zarr", TileOptions(), show_progress=False)
+    with pytest.raises(InputError, match="chips of 36 px cannot be cut into the 8 px patches"):
+        run_segmentation(SegmentConfig(store=str(store36), tracking_uri=uri, encoder_uri=enc, steps=1))
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_trains_prints_the_table_and_fails_cleanly(tiny_store, encoder):
+    from typer.testing import CliRunner
+
+    from sarflow.cli_segment import segment_app
+
+    uri, enc = encoder
+    run = CliRunner().invoke(segment_app, ["train", str(tiny_store), "--tracking-uri", uri, "--steps", "3",
+                                           "--no-register", "--experiment", "cli-seg"])
+    assert run.exit_code == 0, run.output
+    assert "U-Net (scratch)" in run.output and "mIoU" in run.output and "majority class" in run.output
+    bad = CliRunner().invoke(segment_app, ["train", str(tiny_store), "--encoder", "models:/sarflow-encoder-nope/1",
+                                           "--tracking-uri", uri, "--steps", "1"])
+    assert bad.exit_code == 2 and "error: models:/sarflow-encoder-nope/1: cannot load the encoder" in bad.output
