@@ -31,11 +31,12 @@ def pretrain_encoder(
     from collections import namedtuple
     from pathlib import Path
 
+    from sarflow.params import integral_floats_to_int
     from sarflow.training.pretrain import PretrainConfig
     from sarflow.training.pretrain import pretrain as run_pretrain
 
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    cfg = PretrainConfig.from_params(pretrain, store.path, tracking_uri=tracking_uri)
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or pretrain.get("tracking_uri") or "sqlite:///mlflow.db"
+    cfg = PretrainConfig.from_params(integral_floats_to_int(pretrain), store.path, tracking_uri=tracking_uri)
     result = run_pretrain(cfg)
     ref = {"model_uri": f"models:/{result['registered_model']}/{result['version']}",
            "registered_model": result["registered_model"], "version": str(result["version"]),

@@ -47,7 +47,6 @@ def e2e_pipeline(
     online: str = "redis",
     redis: str = "redis.sarflow.svc:6379",
     margin: float = 0.0,
-    gpus: int = 1,
     failure_log: str = "",
 ):
     with dsl.ExitHandler(exit_task(failure_log), name="end-to-end"):
@@ -56,7 +55,7 @@ def e2e_pipeline(
         training_stages(data["tile"].outputs["store"], data["synth"].outputs["scene"],
                         data["version"].outputs["dvc_md5"], tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
-                        online=online, redis=redis, margin=margin, gpus=gpus)
+                        online=online, redis=redis, margin=margin)
 
 
 @dsl.pipeline(name="sarflow-e2e-catalog", description="sarflow end to end on your own catalog")
@@ -78,7 +77,6 @@ def e2e_catalog_pipeline(
     online: str = "redis",
     redis: str = "redis.sarflow.svc:6379",
     margin: float = 0.0,
-    gpus: int = 1,
     failure_log: str = "",
 ):
     with dsl.ExitHandler(exit_task(failure_log), name="end-to-end"):
@@ -94,4 +92,4 @@ def e2e_catalog_pipeline(
         stage(version, "version", "version", cache=False)
         training_stages(tile.outputs["store"], scene.output, version.outputs["dvc_md5"], tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
-                        online=online, redis=redis, margin=margin, gpus=gpus)
+                        online=online, redis=redis, margin=margin)

@@ -16,7 +16,7 @@ exit handler (record-status)
 The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.py):
 :func:`training_stages` builds them once for both.
 
-- **GPU**: pretraining and embedding request ``nvidia.com/gpu`` (``gpus``), select the GPU
+- **GPU**: pretraining (``PRETRAIN_GPUS``) and embedding (one) request ``nvidia.com/gpu``, select the GPU
   pool's nodes and tolerate its taint (pipelines/platform.py);
 - **caching**: only pretraining caches, and its key includes ``dataset_version`` (the store's
   DVC md5), so a new dataset version always retrains; everything after it writes shared state
@@ -40,6 +40,9 @@ from components.promote import promote_model, publish_champion
 from pipelines.platform import exit_task, on_gpu, stage
 
 PIPELINE_NAME = "sarflow-training"
+# GPUs of the pretraining task: a compile-time constant (kfp.local cannot resolve a pipeline
+# parameter as an accelerator count); with more than one, Lightning trains with DDP on the node
+PRETRAIN_GPUS = 1
 PARAMS_SECTIONS = ("pretrain", "downstream", "llp")  # passed whole: the pipeline has inputs of these names
 # gated model -> (metric, higher is better, the upstream task and its output naming the version)
 PROMOTIONS = {
@@ -49,7 +52,7 @@ PROMOTIONS = {
 
 
 def training_stages(store, bags, dataset_version, *, tracking_uri, features_root, pretrain, downstream, llp,
-                    online, redis, margin, gpus) -> dict[str, dsl.PipelineTask]:
+                    online, redis, margin, gpus: int = PRETRAIN_GPUS) -> dict[str, dsl.PipelineTask]:
     """Every task after the chip store exists; `store` and `bags` are Dataset channels."""
     pre = pretrain_encoder(store=store, pretrain=pretrain, tracking_uri=tracking_uri, dataset_version=dataset_version)
     on_gpu(stage(pre, "pretrain", "pretrain", cache=True), gpus)
@@ -96,7 +99,6 @@ def training_pipeline(
     online: str = "redis",
     redis: str = "redis.sarflow.svc:6379",
     margin: float = 0.0,
-    gpus: int = 1,
     failure_log: str = "",
 ):
     with dsl.ExitHandler(exit_task(failure_log), name="training"):
@@ -106,4 +108,4 @@ def training_pipeline(
         bags.set_display_name("bags")
         training_stages(store.output, bags.output, dataset_version, tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
-                        online=online, redis=redis, margin=margin, gpus=gpus)
+                        online=online, redis=redis, margin=margin)

@@ -252,6 +252,7 @@ def demo(
     typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
 
 
+from sarflow.cli_downstream import downstream_app  # noqa: E402
 from sarflow.cli_features import features_app  # noqa: E402
 from sarflow.cli_llp import llp_app  # noqa: E402
 from sarflow.cli_segment import segment_app  # noqa: E402
@@ -259,6 +260,7 @@ from sarflow.cli_pipeline import pipeline_app  # noqa: E402
 from sarflow.cli_services import services_app  # noqa: E402
 
 app.add_typer(features_app, name="features")
+app.add_typer(downstream_app, name="downstream", help="Probes on frozen embeddings, label-efficiency curves, modality ablation, region generalization.")
 app.add_typer(segment_app, name="segment", help="Segmentation: a head on the pretrained ViT vs a U-Net from scratch (mIoU).")
 app.add_typer(llp_app, name="llp", help="Learning from label proportions: bags from polygons, chip models from bag statistics.")
 

@@ -33,3 +33,16 @@ def section(params: dict, name: str, overrides: dict[str, Any]) -> dict[str, Any
     merged = dict(params.get(name) or {})
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return merged
+
+
+def integral_floats_to_int(value: Any) -> Any:
+    """JSON numbers as Python would have written them: KFP passes dict and list parameters as
+    protobuf Structs, where every number is a double (32 arrives as 32.0). Integral floats
+    become ints, recursively (an int is accepted wherever a float is)."""
+    if isinstance(value, dict):
+        return {k: integral_floats_to_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [integral_floats_to_int(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

@@ -1,0 +1,129 @@
+"""`sarflow downstream ...`: probes on frozen embeddings, modality ablation, region generalization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sarflow.errors import InputError, SarflowError
+
+downstream_app = typer.Typer(help="Downstream science on frozen embeddings: probes and label-efficiency curves, "
+                                  "modality ablation, region generalization.", no_args_is_help=True)
+
+RootOpt = typer.Option(Path("data/features"), "--features-root", help="features root (embeddings/, labels/, feast/)")
+UriOpt = typer.Option("sqlite:///mlflow.db", "--tracking-uri", help="MLflow tracking URI")
+ExpOpt = typer.Option("sarflow-downstream", "--experiment", help="MLflow experiment")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(text, f"{what} must be comma-separated integers (e.g. 25,50,100,0)") from None
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+@downstream_app.command()
+def probe(store: str = typer.Argument(..., help="chip store"), features_root: Path = RootOpt, tracking_uri: str = UriOpt,
+          model: Optional[str] = typer.Option(None, help="embeddings of this model (default: newest)"),
+          version: Optional[str] = typer.Option(None, help="embeddings version (default: newest)"),
+          task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: all five)"),
+          sizes: str = typer.Option("25,50,100,200,500,1000,0", help="label budgets, comma-separated; 0 = all"),
+          draws: int = typer.Option(5, help="random draws per label budget"),
+          baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="pixel_stats, scratch (default both)"),
+          no_baselines: bool = typer.Option(False, "--no-baselines", help="embeddings only"),
+          scratch_epochs: int = typer.Option(6, help="epochs of the from-scratch CNN"),
+          register: bool = typer.Option(True, "--register/--no-register", help="register the best probe per task"),
+          out_dir: Optional[Path] = typer.Option(None, help="where plots and tables go (default: a temp folder)"),
+          experiment: str = ExpOpt, seed: int = typer.Option(0)) -> None:
+    """Label-efficiency curves of probes on frozen embeddings vs baselines; registers the best probe per task."""
+    from sarflow.downstream.probes import BASELINES, TASKS, ProbeConfig, run_probes
+
+    try:
+        cfg = ProbeConfig(store=store, features_root=str(features_root), tracking_uri=tracking_uri, model=model,
+                          version=version, tasks=tuple(task or TASKS), sizes=_ints(sizes, "--sizes"), draws=draws,
+                          baselines=() if no_baselines else tuple(baseline or BASELINES), scratch_epochs=scratch_epochs,
+                          register=register, out_dir=str(out_dir) if out_dir else None, experiment=experiment, seed=seed)
+        r = run_probes(cfg)
+    except SarflowError as e:
+        _fail(e)
+    typer.echo(f"{'task':<20}{'probe':<8}{'metric':<16}{'n=all':>8}  label savings (n to match baseline at all)")
+    from sarflow.downstream.probes import PRIMARY_METRIC
+
+    for t in cfg.tasks:
+        metric = PRIMARY_METRIC[t][0]
+        saving = ", ".join(f"{b}: {v['n_to_match'] or '>'+str(v['n_all'])}/{v['n_all']}"
+                           for b, v in r["label_savings"].get(t, {}).items())
+        typer.echo(f"{t:<20}{r['selected_probe'][t]:<8}{metric:<16}{_fmt(r['metrics'].get(f'{t}_{metric}')):>8}  {saving}")
+    if r["models"] and cfg.register:
+        typer.echo("registered: " + ", ".join(f"{k} v{v}" for k, v in r["models"].items()))
+    typer.echo(f"mlflow run: {r['run_id']}")
+    typer.echo(f"json: {r['json']}")
+
+
+@downstream_app.command()
+def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a clear scene"),
+             clouded: Optional[str] = typer.Option(None, help="chip store of a clouded scene"),
+             synth: Optional[Path] = typer.Option(None, help="synthesize a clear and a clouded scene here instead"),
+             cloud_fraction: float = typer.Option(0.6, help="cloud cover of the synthesized clouded scene"),
+             size_px: int = typer.Option(384, help="side of the synthesized scenes"),
+             encoder: Optional[str] = typer.Option(None, help="multimodal encoder URI (e.g. models:/sarflow-encoder-clip/1); "
+                                                              "default raw-pixel statistics"),
+             probe_name: str = typer.Option("linear", "--probe", help="linear, knn or mlp"),
+             tracking_uri: str = UriOpt, experiment: str = ExpOpt,
+             out_dir: Optional[Path] = typer.Option(None, help="where the table goes")) -> None:
+    """SAR-only vs optical-only vs fused features under clear and clouded skies."""
+    from sarflow.downstream.probes import run_ablation, synth_ablation_stores
+
+    try:
+        if synth is not None:
+            stores = synth_ablation_stores(synth, size_px=size_px, clouded=cloud_fraction)
+        else:
+            stores = {k: v for k, v in (("clear", clear), ("clouded", clouded)) if v}
+            if not stores:
+                raise InputError("ablation", "give --clear and/or --clouded stores, or --synth DIR")
+        r = run_ablation(stores, tracking_uri, encoder_uri=encoder, probe=probe_name, experiment=experiment,
+                         out_dir=str(out_dir) if out_dir else None)
+    except SarflowError as e:
+        _fail(e)
+    typer.echo(f"{'condition':<10}{'modalities':<11}{'landcover macro-F1':>20}{'water RMSE':>12}   features: {r['features']}")
+    for row in r["rows"]:
+        typer.echo(f"{row['condition']:<10}{row['modalities']:<11}{row['landcover_macro_f1']:>20.4f}{row['water_rmse']:>12.4f}")
+    typer.echo(f"json: {r['json']}")
+
+
+@downstream_app.command()
+def region(store: str = typer.Argument(..., help="chip store"), features_root: Path = RootOpt, tracking_uri: str = UriOpt,
+           model: Optional[str] = typer.Option(None), version: Optional[str] = typer.Option(None),
+           task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default landcover, water, tree_cover)"),
+           axis: str = typer.Option("x", help="x: west/east halves, y: south/north"),
+           probe_name: str = typer.Option("linear", "--probe"), experiment: str = ExpOpt,
+           out_dir: Optional[Path] = typer.Option(None)) -> None:
+    """Train in one half of the scene, test in both halves; error gap next to MMD and mean-embedding distance."""
+    from sarflow.downstream.probes import run_region_generalization
+
+    try:
+        r = run_region_generalization(store, str(features_root), tracking_uri, model=model, version=version,
+                                      tasks=tuple(task or ("landcover", "water", "tree_cover")), probe=probe_name,
+                                      axis=axis, experiment=experiment, out_dir=str(out_dir) if out_dir else None)
+    except SarflowError as e:
+        _fail(e)
+    typer.echo(f"{'train->test':<14}{'task':<12}{'metric':<10}{'in':>8}{'out':>8}{'gap':>8}{'MMD2':>9}{'mean d':>8}")
+    for row in r["rows"]:
+        typer.echo(f"{row['train'] + '->' + row['test_out']:<14}{row['task']:<12}{row['metric']:<10}{row['in_region']:>8.3f}"
+                   f"{row['out_region']:>8.3f}{row['error_gap']:>8.3f}{row['mmd2']:>9.4f}{row['mean_distance']:>8.2f}")
+    typer.echo(f"json: {r['json']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    downstream_app()
