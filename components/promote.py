@@ -8,8 +8,6 @@ in that branch: it loads ``models:/<name>@champion`` through MLflow's generic py
 predicts the model's own input example as a smoke check, and writes a model card (JSON).
 """
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import Artifact, Output
 
@@ -23,12 +21,13 @@ def promote_model(
     margin: float = 0.0,
     tracking_uri: str = "",
     trained_version: str = "",
-) -> NamedTuple("Promotion", [("promoted", bool), ("champion", str), ("challenger", str)]):
-    """The promotion gate. `trained_version` (the version the upstream task registered) only
-    orders this task after it and keys its cache; the gate always judges the newest version."""
+) -> bool:
+    """The promotion gate; returns whether it promoted (the decision artifact holds the rest).
+    `trained_version` (the version the upstream task registered) only orders this task after
+    it; the gate always judges the newest version. A single unnamed output on purpose:
+    kfp.local resolves a condition on a task's `Output`, not on a named output."""
     import json
     import os
-    from collections import namedtuple
     from pathlib import Path
 
     import mlflow
@@ -45,8 +44,7 @@ def promote_model(
     Path(decision.path).parent.mkdir(parents=True, exist_ok=True)
     Path(decision.path).write_text(json.dumps(record, indent=1))
     decision.metadata.update({k: v for k, v in record.items() if isinstance(v, (str, int, float, bool))})
-    out = namedtuple("Promotion", ["promoted", "champion", "challenger"])
-    return out(bool(d.promoted), champion, str(d.challenger))
+    return bool(d.promoted)
 
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)

@@ -79,7 +79,7 @@ def training_stages(store, bags, dataset_version, *, tracking_uri, features_root
         gate = promote_model(name=name, metric=metric, higher_is_better=higher, margin=margin,
                              tracking_uri=tracking_uri, trained_version=tasks[upstream].outputs[output])
         stage(gate, f"promote-{short}", "promote", cache=False)
-        with dsl.If(gate.outputs["promoted"] == True, name=f"promoted-{short}"):  # noqa: E712 (a KFP condition)
+        with dsl.If(gate.outputs["Output"] == True, name=f"promoted-{short}"):  # noqa: E712 (a KFP condition)
             publish = publish_champion(name=name, tracking_uri=tracking_uri)
             stage(publish, f"publish-{short}", "promote", cache=False)
         tasks[f"promote-{short}"] = gate
