@@ -606,7 +606,7 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
 def _out_dir(cfg_out: str | None, features_root: str | None) -> Path:
     if cfg_out:
         out = Path(cfg_out)
-    elif features_root:
+    elif features_root and not str(features_root).startswith("s3://"):
         out = Path(features_root) / "llp"
     else:
         out = Path(tempfile.mkdtemp(prefix="sarflow-llp-"))

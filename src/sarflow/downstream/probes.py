@@ -108,24 +108,14 @@ class ProbeData:
 
 
 def _select_partition(root: str, model: str | None, version: str | None) -> tuple[str, str]:
-    from sarflow.features.definitions import embedding_partitions
+    """(model, version) of the embeddings to probe (`model` may be the method's short name)."""
+    from sarflow.features.embed import embedding_partitions, select_partition
 
-    parts = embedding_partitions(root)
-    if not parts:
-        raise InputError(str(Path(root) / "embeddings"), "no embeddings under this features root: run `sarflow embed` first")
-    if model is not None:
-        names = {model, f"sarflow-encoder-{model}"}
-        parts = [p for p in parts if p[0] in names]
-        if not parts:
-            raise InputError(root, f"no embeddings of model {model!r} under this features root")
-    if version is not None:
-        parts = [p for p in parts if p[1] == str(version)]
-        if not parts:
-            raise InputError(root, f"no embeddings of version {version} of model {model or 'any'} under this features root")
-    parts.sort(key=lambda p: (p[0], int(p[1]) if p[1].isdigit() else 0))
-    if model is None:  # newest partition overall: by write time
-        parts.sort(key=lambda p: max(f.stat().st_mtime for f in p[2].glob("*.parquet")))
-    return parts[-1][0], parts[-1][1]
+    if model is not None and not model.startswith("sarflow-encoder-") and \
+            any(p[0] == f"sarflow-encoder-{model}" for p in embedding_partitions(root)):
+        model = f"sarflow-encoder-{model}"
+    found = select_partition(root, model, version)
+    return found[0], found[1]
 
 
 def load_probe_data(store: str, features_root: str, model: str | None = None, version: str | None = None) -> ProbeData:
@@ -136,9 +126,12 @@ def load_probe_data(store: str, features_root: str, model: str | None = None, ve
     from sarflow.features.store import FeatureConfig, apply, open_feature_store, training_set
     from sarflow.training.data import read_chip_table
 
-    labels_dir = Path(features_root) / "labels"
+    from sarflow.features.embed import fs_path, join, parquet_files
+
+    labels_dir = join(features_root, "labels")
     model, version = _select_partition(features_root, model, version)
-    if not any(labels_dir.glob("*.parquet")):
+    label_files = parquet_files(labels_dir)
+    if not label_files:
         raise InputError(str(labels_dir), "no chip labels under this features root: run "
                                           "`sarflow features labels STORE --root ROOT` first")
     try:
@@ -151,7 +144,8 @@ def load_probe_data(store: str, features_root: str, model: str | None = None, ve
     have = {v.name for v in fs.list_feature_views()}
     if view not in have or "chip_labels" not in have:
         apply(cfg)
-    schema = pq.read_schema(next(iter(sorted(labels_dir.glob("*.parquet")))))
+    fs, first = fs_path(sorted(label_files)[0])
+    schema = pq.read_schema(first, filesystem=fs)
     columns = [c for c in LABEL_COLUMNS if c in schema.names]
     ts = pd.Timestamp(datetime.now(timezone.utc))
     entity = pd.DataFrame({"chip_id": chips["chip_id"].astype(str), "event_timestamp": ts})

@@ -39,7 +39,18 @@ SCHEMA = pa.schema([
 ])
 
 
-def _atomic(path: Path, write) -> None:
+def _atomic(path: str | Path, write) -> None:
+    """`write(tmp)` a file, then publish it at `path` whole: a rename locally, one server-side
+    copy on S3 (features.embed.publish_s3)."""
+    from sarflow.features.embed import is_remote, publish_s3
+
+    if is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="sarflow-bags-") as d:
+            local = Path(d) / "part.parquet"
+            write(local)
+            publish_s3(local, str(path))
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
@@ -85,22 +96,23 @@ def _chip_geometries(chips: pd.DataFrame, crs: str | None):
     return gpd.GeoSeries(boxes, crs=crs, index=chips.index).to_crs("EPSG:4326")
 
 
-def write_chip_bags(bags, chips: pd.DataFrame, root: str | Path, crs: str | None = None) -> Path:
+def write_chip_bags(bags, chips: pd.DataFrame, root: str | Path, crs: str | None = None) -> str | Path:
     """Writes ``<root>/bags/chip_bags.parquet`` (one row per chip) and ``chip_bags_geo.parquet``
     (GeoParquet of memberships); returns the path of the first. `chips` is the chip table (its
     WKB ``geometry`` in EPSG:4326, or minx..maxy in `crs`)."""
     import geopandas as gpd
 
-    out = Path(root) / BAGS
+    from sarflow.features.embed import join
+
     table = chip_bags_table(bags, chips)
-    _atomic(out / CHIP_BAGS, lambda tmp: pq.write_table(table, tmp))
+    _atomic(join(root, BAGS, CHIP_BAGS), lambda tmp: pq.write_table(table, tmp))
     geoms = _chip_geometries(chips, crs)
     by_id = pd.Series(geoms.values, index=chips["chip_id"].astype(str).to_numpy())
     m = bags.members.assign(chip_id=bags.members["chip_id"].astype(str), bag_id=bags.members["bag_id"].astype(str))
     gdf = gpd.GeoDataFrame(m[["chip_id", "index", "bag_id", "weight", "area_fraction"]].reset_index(drop=True),
                            geometry=list(by_id.loc[m["chip_id"]].to_numpy()) if len(m) else [], crs="EPSG:4326")
-    _atomic(out / CHIP_BAGS_GEO, lambda tmp: gdf.to_parquet(tmp))
-    return out / CHIP_BAGS
+    _atomic(join(root, BAGS, CHIP_BAGS_GEO), lambda tmp: gdf.to_parquet(tmp))
+    return join(root, BAGS, CHIP_BAGS)
 
 
 def read_chip_bags(root: str | Path) -> pd.DataFrame:
