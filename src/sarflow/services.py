@@ -6,7 +6,8 @@ talk to servers, as they do on Kubernetes:
 - **S3** (standing in for MinIO): moto in server mode, with the buckets k8s/ creates
   (``sarflow-dvc``, ``sarflow-mlflow``, ``sarflow-features``, ``sarflow-chips``);
 - **MLflow**: ``mlflow server`` with its backend store on PostgreSQL (127.0.0.1:5432, a
-  database of its own, created when missing) or SQLite where no PostgreSQL answers, and its
+  database of its own per ``up``, dropped by ``down``: the S3 stand-in keeps its objects in
+  memory, so runs must not outlive it) or SQLite where no PostgreSQL answers, and its
   artifacts in the S3 server (``--serve-artifacts``: clients upload through the server);
 - **Feast feature server**: ``feast serve`` over a local feature repository whose online store
   is Redis (127.0.0.1:6379) and whose offline store is ``s3://sarflow-features`` on the S3
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,9 +110,7 @@ def start_s3(log: Path, detach: bool = False, env: dict[str, str] | None = None)
     raise AssertionError("unreachable")
 
 
-def postgres_backend(db: str = MLFLOW_DB) -> str | None:
-    """A PostgreSQL database for MLflow on 127.0.0.1:5432 (created when missing), or None when
-    no PostgreSQL answers there."""
+def _postgres_admin():
     try:
         import psycopg2
     except ImportError:
@@ -120,6 +120,23 @@ def postgres_backend(db: str = MLFLOW_DB) -> str | None:
     except psycopg2.OperationalError:
         return None
     conn.autocommit = True
+    return conn
+
+
+def drop_postgres_database(db: str) -> None:
+    conn = _postgres_admin()
+    if conn is not None:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        conn.close()
+
+
+def postgres_backend(db: str = MLFLOW_DB) -> str | None:
+    """A PostgreSQL database for MLflow on 127.0.0.1:5432 (created when missing), or None when
+    no PostgreSQL answers there."""
+    conn = _postgres_admin()
+    if conn is None:
+        return None
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
         if cur.fetchone() is None:
@@ -204,7 +221,15 @@ def services_up(state_dir: str | Path, *, redis: str = "127.0.0.1:6379", backend
         with environ(env):
             for bucket in BUCKETS:
                 ensure_bucket(bucket)
-        backend = backend or postgres_backend() or f"sqlite:///{state_dir / 'mlflow.db'}"
+        # the S3 stand-in keeps its objects in memory, so the runs that point at them must not
+        # outlive it either: a database of its own per `up`, dropped by `down`
+        database = None
+        if backend is None:
+            database = f"{MLFLOW_DB}_{uuid.uuid4().hex[:8]}"
+            backend = postgres_backend(database)
+            if backend is None:
+                database = None
+                backend = f"sqlite:///{state_dir / 'mlflow.db'}"
         port = free_port()
         log = state_dir / "mlflow.log"
         mlflow = start_server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -214,7 +239,7 @@ def services_up(state_dir: str | Path, *, redis: str = "127.0.0.1:6379", backend
         started.append(mlflow)
         state["mlflow"] = {"url": f"http://127.0.0.1:{port}", "pid": mlflow.pid, "log": str(log),
                            "backend": backend.split("@")[-1] if backend.startswith("postgresql") else backend,
-                           "artifacts": "s3://sarflow-mlflow/artifacts"}
+                           "artifacts": "s3://sarflow-mlflow/artifacts", "database": database}
         if feast:
             cfg = FeatureConfig(root=features_root, online="redis", redis=redis, repo=str(state_dir / "feast"))
             with environ(env):
@@ -265,5 +290,7 @@ def services_down(state_dir: str | Path) -> dict[str, bool]:
     for name in ("feast", "mlflow", "s3"):
         if name in state:
             stopped[name] = _stop_group(int(state[name]["pid"]))
+    if state.get("mlflow", {}).get("database"):
+        drop_postgres_database(state["mlflow"]["database"])
     (Path(state_dir) / STATE).unlink()
     return stopped
