@@ -373,7 +373,7 @@ def test_params_sections_are_passed_whole_or_by_key():
     from sarflow.kfp_runner import arguments_from_params
 
     params = {"synth": {"size_px": 256, "seed": 3}, "tile": {"shard_chips": 8},
-              "pretrain": {"method": "dino", "vit": {"size": "tiny"}}, "llp": {"steps": 5}, "other": {"x": 1}}
+              "pretrain": {"method": "dino", "output_size": None, "vit": {"size": "tiny"}}, "llp": {"steps": 5}, "other": {"x": 1}}
     args = arguments_from_params("e2e", params)
     assert args["size_px"] == 256 and args["seed"] == 3 and args["shard_chips"] == 8
     assert args["pretrain"] == {"method": "dino", "vit": {"size": "tiny"}} and args["llp"] == {"steps": 5}

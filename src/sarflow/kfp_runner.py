@@ -107,10 +107,16 @@ def arguments_from_params(name: str, params: dict) -> dict[str, Any]:
         if not isinstance(section, dict):
             continue
         if key in inputs:
-            out[key] = section
+            out[key] = _without_none(section)  # KFP cannot encode null; absent means the default
         else:
             out.update({k: v for k, v in section.items() if k in inputs})
     return out
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _check_arguments(name: str, args: dict) -> None:
