@@ -12,6 +12,7 @@ is only ever moved (never removed), so a model never has two champions or none.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,10 @@ def _signature_inputs(mv):
 
 def _lock_path(tracking_uri: str, name: str, lock_dir: str | Path | None) -> Path:
     if lock_dir is None:
-        lock_dir = Path(tracking_uri[len("sqlite:///"):]).parent if tracking_uri.startswith("sqlite:///") else Path(".")
+        # beside a SQLite registry; for a tracking server, this machine's temp folder (promotions
+        # through one server from several machines are serialised by the server's alias update)
+        lock_dir = (Path(tracking_uri[len("sqlite:///"):]).parent if tracking_uri.startswith("sqlite:///")
+                    else Path(tempfile.gettempdir()))
     return Path(lock_dir) / f".promote-{name}.lock"
 
 
