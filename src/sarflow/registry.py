@@ -60,8 +60,8 @@ def _signature_inputs(mv):
 
 def _lock_path(tracking_uri: str, name: str, lock_dir: str | Path | None) -> Path:
     if lock_dir is None:
-        # beside a SQLite registry; for a tracking server, this machine's temp folder (promotions
-        # through one server from several machines are serialised by the server's alias update)
+        # beside a SQLite registry; for a tracking server, this machine's temp folder: the lock
+        # serialises promotions started on this machine (run the gate from one place per model)
         lock_dir = (Path(tracking_uri[len("sqlite:///"):]).parent if tracking_uri.startswith("sqlite:///")
                     else Path(tempfile.gettempdir()))
     return Path(lock_dir) / f".promote-{name}.lock"
