@@ -277,10 +277,10 @@ def load_encoder(uri: str):
 def resolve_inputs(cfg: SegmentConfig, encoder=None) -> tuple[list[tuple[str, str, list[str]]], np.ndarray, np.ndarray]:
     """(group, modality, bands) of the input channels, with the store's train mean/std per channel."""
     from sarflow.training.data import open_chip_group
+    from sarflow.training.pretrain import store_group
 
     group = open_chip_group(cfg.store)
-    mods = list(group.attrs.get("modalities", []))
-    if not mods:
+    if not group.attrs.get("modalities"):
         raise InputError(cfg.store, "not a sarflow chip store (no 'modalities' attribute)")
     if encoder is not None:
         enc_groups = [(name, mod, list(bands)) for (name, bands), mod in zip(encoder.groups, encoder.modalities)]
@@ -292,22 +292,10 @@ def resolve_inputs(cfg: SegmentConfig, encoder=None) -> tuple[list[tuple[str, st
         groups = enc_groups
     else:
         groups = [(n, m, list(b) if b else None) for n, m, b in (cfg.groups or DEFAULT_GROUPS)]
-    out, mean, std = [], [], []
-    for name, modality, bands in groups:
-        if modality not in mods:
-            raise InputError(cfg.store, f"the store has no modality {modality!r} (it has {mods}), which the inputs need")
-        arr = group[modality]
-        all_bands = list(arr.attrs["bands"])
-        bands = bands or all_bands
-        missing = [b for b in bands if b not in all_bands]
-        if missing:
-            raise InputError(cfg.store, f"modality {modality!r} has no band(s) {missing} (it has {all_bands})")
-        if arr.attrs["kind"] != "continuous":
-            raise InputError(cfg.store, f"input modality {modality!r} is categorical: use continuous inputs")
-        st = arr.attrs["stats"]["bands"]
-        mean += [st[b]["mean"] if st[b]["mean"] is not None else 0.0 for b in bands]
-        std += [st[b]["std"] or 1.0 for b in bands]
-        out.append((name, modality, list(bands)))
+    resolved = [store_group(group, cfg.store, name, modality, bands) for name, modality, bands in groups]
+    out = [(g.name, g.modality, g.bands) for g in resolved]
+    mean = [m for g in resolved for m in g.mean]
+    std = [v for g in resolved for v in g.std]
     return out, np.array(mean, np.float32), np.array(std, np.float32)
 
 

@@ -95,27 +95,33 @@ class Throughput(L.Callback):
             module.log("perf/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30)
 
 
+def store_group(group, store: str, name: str, modality: str, bands: list[str] | None) -> Group:
+    """A modality group of the chip store (zarr `group` opened from `store`): the bands (all
+    when None) with the train-split mean/std the store holds; a modality or band the store
+    lacks, or categorical data, is an InputError naming the store."""
+    mods = list(group.attrs.get("modalities", []))
+    if modality not in mods:
+        raise InputError(store, f"the store has no modality {modality!r} (it has {mods})")
+    arr = group[modality]
+    all_bands = list(arr.attrs["bands"])
+    bands = list(bands or all_bands)
+    missing = [b for b in bands if b not in all_bands]
+    if missing:
+        raise InputError(store, f"modality {modality!r} has no band(s) {missing} (it has {all_bands})")
+    if arr.attrs["kind"] != "continuous":
+        raise InputError(store, f"modality {modality!r} is categorical: model inputs must be continuous data")
+    st = arr.attrs["stats"]["bands"]
+    return Group(name, modality, bands, [st[b]["mean"] or 0.0 for b in bands], [st[b]["std"] or 1.0 for b in bands])
+
+
 def resolve_groups(cfg: PretrainConfig) -> list[Group]:
     from sarflow.training.data import open_chip_group
 
     if cfg.method not in METHODS:
         raise InputError(cfg.method, f"unknown method: choose from {list(METHODS)}")
     group = open_chip_group(cfg.store)
-    mods = list(group.attrs.get("modalities", []))
-    out = []
-    for name, modality, bands in cfg.groups or DEFAULT_GROUPS[cfg.method]:
-        if modality not in mods:
-            raise InputError(cfg.store, f"the store has no modality {modality!r} (it has {mods})")
-        arr = group[modality]
-        all_bands = list(arr.attrs["bands"])
-        bands = bands or all_bands
-        missing = [b for b in bands if b not in all_bands]
-        if missing:
-            raise InputError(cfg.store, f"modality {modality!r} has no band(s) {missing} (it has {all_bands})")
-        if arr.attrs["kind"] != "continuous":
-            raise InputError(cfg.store, f"modality {modality!r} is categorical: pretrain on continuous data")
-        st = arr.attrs["stats"]["bands"]
-        out.append(Group(name, modality, bands, [st[b]["mean"] or 0.0 for b in bands], [st[b]["std"] or 1.0 for b in bands]))
+    out = [store_group(group, cfg.store, name, modality, bands)
+           for name, modality, bands in cfg.groups or DEFAULT_GROUPS[cfg.method]]
     size = cfg.output_size or int(group.attrs["chip_size"])
     if size < cfg.vit.patch or size % cfg.vit.patch:
         raise InputError(cfg.store, f"chips of {size} px cannot be cut into {cfg.vit.patch} px patches "
