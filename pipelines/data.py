@@ -50,24 +50,30 @@ PARAMS_SECTIONS = ("synth", "tile")  # params.yaml sections whose keys become pi
 PARALLELISM = 4  # scenes tiled at once
 
 
-def data_stages(seed, size_px, chip_size, cloud_fraction, workers, shard_chips, block_chips, split_block,
-                checksum, dvc_remote, s3_endpoint) -> dict[str, dsl.PipelineTask]:
-    """synth -> ingest -> tile -> version for one scene (the data pipeline's loop body, and the
-    first half of the end-to-end pipeline)."""
-    synth = synth_scene(seed=seed, size_px=size_px, chip_size=chip_size, cloud_fraction=cloud_fraction)
-    stage(synth, "synth", "synth", cache=True, services=False)
-
-    ingest = ingest_scene(scene=synth.outputs["scene"], checksum=checksum, s3_endpoint=s3_endpoint)
+def chip_stages(scene, workers, shard_chips, block_chips, split_block, checksum, dvc_remote,
+                s3_endpoint) -> dict[str, dsl.PipelineTask]:
+    """ingest -> tile -> version of a scene (a Dataset channel: a folder with its catalog)."""
+    ingest = ingest_scene(scene=scene, checksum=checksum, s3_endpoint=s3_endpoint)
     stage(ingest, "ingest", "ingest", cache=True)
 
-    tile = tile_scene(scene=synth.outputs["scene"], workers=workers, shard_chips=shard_chips,
-                      block_chips=block_chips, split_block=split_block, checksum=checksum, s3_endpoint=s3_endpoint)
+    tile = tile_scene(scene=scene, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
+                      split_block=split_block, checksum=checksum, s3_endpoint=s3_endpoint)
     tile.after(ingest)  # ingest is the gate: bad inputs fail before any tiling
     stage(tile, "tile", "tile", cache=True)
 
     version = version_chips(store=tile.outputs["store"], remote=dvc_remote, s3_endpoint=s3_endpoint)
     stage(version, "version", "version", cache=False)
-    return {"synth": synth, "ingest": ingest, "tile": tile, "version": version}
+    return {"ingest": ingest, "tile": tile, "version": version}
+
+
+def data_stages(seed, size_px, chip_size, cloud_fraction, workers, shard_chips, block_chips, split_block,
+                checksum, dvc_remote, s3_endpoint) -> dict[str, dsl.PipelineTask]:
+    """synth, then the chip stages, for one scene (the data pipeline's loop body, and the first
+    half of the end-to-end pipeline)."""
+    synth = synth_scene(seed=seed, size_px=size_px, chip_size=chip_size, cloud_fraction=cloud_fraction)
+    stage(synth, "synth", "synth", cache=True, services=False)
+    return {"synth": synth, **chip_stages(synth.outputs["scene"], workers, shard_chips, block_chips, split_block,
+                                          checksum, dvc_remote, s3_endpoint)}
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="sarflow data plane: synthetic scenes -> ingest -> chip stores -> DVC versions")

@@ -14,11 +14,8 @@ instead of synthesised.
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from components.ingest import ingest_scene
-from components.tile import tile_scene
-from components.version import version_chips
-from pipelines.data import data_stages
-from pipelines.platform import exit_task, stage
+from pipelines.data import chip_stages, data_stages
+from pipelines.platform import exit_task
 from pipelines.training import training_stages
 
 PIPELINE_NAME = "sarflow-e2e"
@@ -83,13 +80,9 @@ def e2e_catalog_pipeline(
         scene = dsl.importer(artifact_uri=scene_uri, artifact_class=Dataset, reimport=False,
                              metadata={"catalog": catalog})
         scene.set_display_name("scene")
-        ingest = ingest_scene(scene=scene.output, checksum=checksum, s3_endpoint=s3_endpoint)
-        stage(ingest, "ingest", "ingest", cache=True)
-        tile = tile_scene(scene=scene.output, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
-                          split_block=split_block, checksum=checksum, s3_endpoint=s3_endpoint)
-        stage(tile.after(ingest), "tile", "tile", cache=True)
-        version = version_chips(store=tile.outputs["store"], remote=dvc_remote, s3_endpoint=s3_endpoint)
-        stage(version, "version", "version", cache=False)
-        training_stages(tile.outputs["store"], scene.output, version.outputs["dvc_md5"], tracking_uri=tracking_uri,
+        chips = chip_stages(scene.output, workers, shard_chips, block_chips, split_block, checksum, dvc_remote,
+                            s3_endpoint)
+        training_stages(chips["tile"].outputs["store"], scene.output, chips["version"].outputs["dvc_md5"],
+                        tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
                         online=online, redis=redis, margin=margin)
