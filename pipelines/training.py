@@ -7,9 +7,9 @@ exit handler (record-status)
 ├── importer(bags_uri)              -> bags  (Dataset: polygons + statistics table, for LLP)
 ├── pretrain-encoder(store)         -> encoder (Model: reference to sarflow-encoder-<method>/<v>)   [GPU]
 ├── embed-chips(store, encoder)     -> embeddings (Dataset: the Feast offline partition written)      [GPU]
-├── materialize-features(embeddings)-> features (Feast apply + streaming materialize + similarity index)
+├── train-llp(store, embeddings, bags) -> registers sarflow-llp-landcover; writes the chip_bags source
+├── materialize-features(embeddings)-> features (Feast apply + streaming materialize + similarity index), after LLP
 ├── train-probes(store, embeddings) -> registers sarflow-landcover, ... (after materialize: Feast training sets)
-├── train-llp(store, embeddings, bags) -> registers sarflow-llp-landcover
 └── for each gated model: promote-model -> dsl.If(promoted) -> publish-champion
 ```
 
@@ -61,17 +61,18 @@ def training_stages(store, bags, dataset_version, *, tracking_uri, features_root
                       tracking_uri=tracking_uri)
     on_gpu(stage(emb, "embed", "embed", cache=False), 1)
 
+    bag_task = train_llp(store=store, embeddings=emb.outputs["embeddings"], bags=bags, features_root=features_root,
+                         tracking_uri=tracking_uri, options=llp)
+    stage(bag_task, "llp", "downstream", cache=False)
+
+    # after LLP: it writes the chip_bags source, so the bags reach Feast with everything else
     mat = materialize_features(embeddings=emb.outputs["embeddings"], features_root=features_root,
                                online=online, redis=redis)
-    stage(mat, "materialize", "features", cache=False)
+    stage(mat.after(bag_task), "materialize", "features", cache=False)
 
     probes = train_probes(store=store, embeddings=emb.outputs["embeddings"], features_root=features_root,
                           tracking_uri=tracking_uri, options=downstream)
     stage(probes.after(mat), "probes", "downstream", cache=False)
-
-    bag_task = train_llp(store=store, embeddings=emb.outputs["embeddings"], bags=bags, features_root=features_root,
-                         tracking_uri=tracking_uri, options=llp)
-    stage(bag_task.after(mat), "llp", "downstream", cache=False)
 
     tasks = {"pretrain": pre, "embed": emb, "materialize": mat, "probes": probes, "llp": bag_task}
     for name, (metric, higher, upstream, output) in PROMOTIONS.items():

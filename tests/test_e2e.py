@@ -69,7 +69,7 @@ def _check_products(summary: dict, out: Path) -> None:
         assert f"models:/{name}@champion" in summary["published"]
     # Feast: views applied, online features served for a chip
     assert any(v.startswith("chip_embeddings_mae_v") for v in summary["features"]["views"])
-    assert "chip_labels" in summary["features"]["views"]
+    assert {"chip_labels", "chip_bags"} <= set(summary["features"]["views"])  # bags written by LLP, then materialized
     example = summary["features"]["online_example"]
     assert len(example["embedding_head"]) == 4 and 0.0 <= example["water_fraction"] <= 1.0
     hits = summary["features"]["similar_to_first_chip"]
@@ -143,3 +143,17 @@ def test_services_mode_runs_the_same_pipeline_against_servers(tmp_path):
         stopped = services_down(state_dir)
     assert stopped == {"feast": True, "mlflow": True, "s3": True}
     assert not (state_dir / "services.json").exists()
+
+
+def test_demo_on_a_catalog_without_bags_is_refused_before_running(tiny_scene, tmp_path):
+    import shutil
+
+    from sarflow.demo import run_demo
+    from sarflow.errors import InputError
+
+    scene = tmp_path / "scene"
+    shutil.copytree(tiny_scene.parent, scene)
+    (scene / "municipality_stats.csv").unlink()
+    with pytest.raises(InputError, match="municipality_stats.csv: missing"):
+        run_demo(tmp_path / "out", {}, catalog=scene / "catalog.yaml")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
