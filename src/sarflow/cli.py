@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from sarflow.cli_common import fail
 from sarflow.errors import SarflowError
 
 app = typer.Typer(help="sarflow: SAR + optical Earth-observation data to ML-ready chips and models.",
@@ -30,11 +31,6 @@ def _pretrain_config(p: dict, store: str, overrides: dict):
     from sarflow.training.pretrain import PretrainConfig
 
     return PretrainConfig.from_params(p.get("pretrain") or {}, store, **overrides)
-
-
-def _fail(e: SarflowError) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2)
 
 
 @app.callback()
@@ -61,7 +57,7 @@ def synth(
                       {"size_px": size, "seed": seed, "chip_size": chip_size, "cloud_fraction": cloud_fraction})
         catalog = synthesize(out_dir, SynthConfig(**cfg))
     except (SarflowError, ValueError, TypeError) as e:
-        _fail(e if isinstance(e, SarflowError) else SarflowError(str(e)))
+        fail(e if isinstance(e, SarflowError) else SarflowError(str(e)))
     typer.echo(f"scene written: {catalog}")
 
 
@@ -77,7 +73,7 @@ def ingest(
     try:
         manifest = run_ingest(load_catalog(catalog)).manifest()
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     text = json.dumps(manifest, indent=1, sort_keys=True)
     if out:
         out.write_text(text)
@@ -112,7 +108,7 @@ def tile(
         options = TileOptions(**cfg, overwrite=overwrite, checksum=not no_checksum)
         store = run_tile(load_catalog(catalog), out, options, show_progress=not quiet and sys.stderr.isatty())
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     from sarflow.store import open_store
 
     typer.echo(f"chip store written: {store} ({open_store(store).n_chips} chips)")
@@ -126,7 +122,7 @@ def info(store: Path = typer.Argument(..., help="chip store")) -> None:
     try:
         typer.echo(json.dumps(open_store(store).summary(), indent=1))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
@@ -141,7 +137,7 @@ def version(
     try:
         v = version_store(store, remote=remote, repo=repo)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(json.dumps(v, indent=1))
 
 
@@ -175,9 +171,9 @@ def pretrain(
             "vit": {"size": vit_size, "patch": patch, "depth": depth, "dim": dim}, "optim": {"max_steps": max_steps}})
         result = run_pretrain(cfg, show_progress=sys.stderr.isatty())
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     except (ValueError, TypeError) as e:
-        _fail(SarflowError(str(e)))
+        fail(SarflowError(str(e)))
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "losses"} |
                           {"first_loss": result["losses"][0], "last_loss": result["losses"][-1]}, indent=1))
 
@@ -201,7 +197,7 @@ def embed(
         mlflow.set_tracking_uri(_tracking_uri(tracking_uri, params))
         result = embed_store(store, model, root, batch_size=batch_size, overwrite=overwrite)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(json.dumps(result, indent=1))
 
 
@@ -223,7 +219,7 @@ def promote(
         mlflow.set_tracking_uri(_tracking_uri(tracking_uri, params))
         d = run_promote(name, metric, higher_is_better=not lower_is_better, margin=margin)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(json.dumps(d.__dict__, indent=1))
 
 
@@ -247,7 +243,7 @@ def demo(
         summary = run_demo(out, load_params(params), catalog=catalog, size_px=size,
                            services=read_state(services) if services else None)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(format_report(summary))
     typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
 

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from sarflow.cli_common import fail
 from sarflow.errors import InputError, SarflowError
 
 downstream_app = typer.Typer(help="Downstream science on frozen embeddings: probes and label-efficiency curves, "
@@ -15,11 +16,6 @@ downstream_app = typer.Typer(help="Downstream science on frozen embeddings: prob
 RootOpt = typer.Option(Path("data/features"), "--features-root", help="features root (embeddings/, labels/, feast/)")
 UriOpt = typer.Option("sqlite:///mlflow.db", "--tracking-uri", help="MLflow tracking URI")
 ExpOpt = typer.Option("sarflow-downstream", "--experiment", help="MLflow experiment")
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2)
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -56,7 +52,7 @@ def probe(store: str = typer.Argument(..., help="chip store"), features_root: Pa
                           register=register, out_dir=str(out_dir) if out_dir else None, experiment=experiment, seed=seed)
         r = run_probes(cfg)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(f"{'task':<20}{'probe':<8}{'metric':<16}{'n=all':>8}  label savings (n to match baseline at all)")
     from sarflow.downstream.probes import PRIMARY_METRIC
 
@@ -95,7 +91,7 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
         r = run_ablation(stores, tracking_uri, encoder_uri=encoder, probe=probe_name, experiment=experiment,
                          out_dir=str(out_dir) if out_dir else None)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(f"{'condition':<10}{'modalities':<11}{'landcover macro-F1':>20}{'water RMSE':>12}   features: {r['features']}")
     for row in r["rows"]:
         typer.echo(f"{row['condition']:<10}{row['modalities']:<11}{row['landcover_macro_f1']:>20.4f}{row['water_rmse']:>12.4f}")
@@ -117,7 +113,7 @@ def region(store: str = typer.Argument(..., help="chip store"), features_root: P
                                       tasks=tuple(task or ("landcover", "water", "tree_cover")), probe=probe_name,
                                       axis=axis, experiment=experiment, out_dir=str(out_dir) if out_dir else None)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(f"{'train->test':<14}{'task':<12}{'metric':<10}{'in':>8}{'out':>8}{'gap':>8}{'MMD2':>9}{'mean d':>8}")
     for row in r["rows"]:
         typer.echo(f"{row['train'] + '->' + row['test_out']:<14}{row['task']:<12}{row['metric']:<10}{row['in_region']:>8.3f}"

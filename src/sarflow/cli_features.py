@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from sarflow.cli_common import fail
 from sarflow.errors import SarflowError
 
 features_app = typer.Typer(help="Feast feature store: apply, materialize, online get, similarity search, serve.",
@@ -33,11 +34,6 @@ def _cfg(root: str, online: str, redis: str, repo: Optional[Path] = None):
     return FeatureConfig(root=str(root), online=online, redis=redis, repo=repo)
 
 
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2)
-
-
 @features_app.command()
 def labels(store: str = typer.Argument(..., help="chip store"), root: str = RootOpt) -> None:
     """Derive per-chip label features (class fractions, water, tree cover, built-up) from the store."""
@@ -46,7 +42,7 @@ def labels(store: str = typer.Argument(..., help="chip store"), root: str = Root
     try:
         typer.echo(f"labels written: {chip_labels(store, root)}")
     except SarflowError as e:
-        _fail(e)
+        fail(e)
 
 
 @features_app.command()
@@ -57,7 +53,7 @@ def apply(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, r
     try:
         typer.echo(json.dumps(run_apply(_cfg(root, online, redis, repo))))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
 
 
 @features_app.command()
@@ -73,7 +69,7 @@ def materialize(root: str = RootOpt, online: str = OnlineOpt, redis: str = Redis
         run_apply(cfg)
         typer.echo(json.dumps(run(cfg, views=view, batch_rows=batch_rows), indent=1))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
 
 
 @features_app.command()
@@ -89,7 +85,7 @@ def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: str = 
         df = online_features(cfg, chip_ids, feats)
         typer.echo(df.to_json(orient="records"))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
 
 
 @features_app.command()
@@ -102,7 +98,7 @@ def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = t
     try:
         typer.echo(json.dumps(run(root, chip_id, k, model, version, repo=repo), indent=1))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
 
 
 @features_app.command()
@@ -114,7 +110,7 @@ def serve(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, r
     try:
         cfg = _cfg(root, online, redis, repo)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     open_feature_store(cfg)
     feast = str(Path(sys.executable).with_name("feast"))
     os.execv(feast, [feast, "-c", str(cfg.repo), "serve", "-h", host, "-p", str(port)])

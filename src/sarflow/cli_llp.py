@@ -8,15 +8,11 @@ from typing import List, Optional
 
 import typer
 
+from sarflow.cli_common import fail
 from sarflow.errors import SarflowError
 
 llp_app = typer.Typer(help="Learning from label proportions: bags from polygons + statistics, LLP models, MLflow.",
                       no_args_is_help=True)
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2)
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -66,7 +62,7 @@ def train(
                         experiment=experiment, task=task, register=register, seed=seed, out_dir=out_dir)
         result = run_llp(cfg)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
         return
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1, default=str))
@@ -100,7 +96,7 @@ def real_case(
             raise InputError(str(real_dir), "the real-data folder does not exist")
         result = run_real_case(real_dir, tracking_uri, out_dir, chip=chip, grid=grid, steps=steps, seed=seed)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
         return
     _print_table(result["rows"])
     typer.echo(f"best: {result['best_model']}  run: {result['run_id']}\ntable: {result['table']}")

@@ -16,6 +16,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from sarflow.cli_common import fail
 from sarflow.errors import SarflowError
 
 pipeline_app = typer.Typer(
@@ -25,11 +26,6 @@ pipeline_app = typer.Typer(
 NameArg = typer.Argument("data", help="pipeline: a short name (data) or module:function")
 ArgOpt = typer.Option(None, "--arg", "-a", help="pipeline argument KEY=VALUE (VALUE as JSON when it parses); repeatable")
 ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: ./params.yaml when present)")
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2)
 
 
 def parse_arguments(pairs: List[str] | None) -> dict[str, Any]:
@@ -63,7 +59,7 @@ def list_cmd() -> None:
     try:
         typer.echo(json.dumps({n: pipeline_parameters(n) for n in pipeline_names()}, indent=1, default=str))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
 
 
 @pipeline_app.command("compile")
@@ -80,7 +76,7 @@ def compile_cmd(
         path = compile_pipeline(name, out or Path(f"{name.split(':')[-1]}_pipeline.yaml"),
                                 defaults=_arguments(name, params, arg))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(f"pipeline compiled: {path}")
 
 
@@ -98,7 +94,7 @@ def run_cmd(
 ) -> None:
     """Run a pipeline on this machine (--local); prints where the stores and versions are."""
     if not local:
-        _fail(SarflowError("`run` runs pipelines locally: pass --local, or use `sarflow pipeline submit --host URL`"))
+        fail(SarflowError("`run` runs pipelines locally: pass --local, or use `sarflow pipeline submit --host URL`"))
     from sarflow.kfp_runner import pipeline_parameters, run_local
     from sarflow.services import environ, pipeline_arguments, read_state
 
@@ -112,7 +108,7 @@ def run_cmd(
         with environ(env):
             result = run_local(name, pipeline_root, enable_caching=cache, **args)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     text = json.dumps(result.summary(), indent=1, default=str)
     if summary:
         summary.parent.mkdir(parents=True, exist_ok=True)
@@ -138,5 +134,5 @@ def submit_cmd(
         result = submit(host, name, experiment=experiment, run_name=run_name, namespace=namespace,
                         enable_caching=cache, **_arguments(name, params, arg))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(json.dumps(result, indent=1))

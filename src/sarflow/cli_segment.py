@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from sarflow.cli_common import fail
 from sarflow.errors import SarflowError
 
 segment_app = typer.Typer(help="Semantic segmentation: ViT head on a registered encoder vs a from-scratch U-Net (mIoU).",
@@ -17,11 +18,6 @@ segment_app = typer.Typer(help="Semantic segmentation: ViT head on a registered 
 @segment_app.callback()
 def main() -> None:
     """Semantic segmentation: ViT head on a registered encoder vs a from-scratch U-Net (mIoU)."""
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2)
 
 
 def _fmt(v) -> str:
@@ -56,7 +52,7 @@ def train(store: str = typer.Argument(..., help="chip store (local path or s3://
                             experiment=experiment, register=register, seed=seed)
         out = run_segmentation(cfg)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
         return
     kinds = [k for k in ("vit", "unet") if k in out]
     if as_json:

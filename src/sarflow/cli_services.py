@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from sarflow.cli_common import fail
 from sarflow.errors import SarflowError
 
 services_app = typer.Typer(
@@ -14,11 +15,6 @@ services_app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False)
 
 DirArg = typer.Argument(Path(".sarflow-services"), help="state folder (logs, services.json, the Feast repo)")
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2)
 
 
 @services_app.command("up")
@@ -34,7 +30,7 @@ def up_cmd(
     try:
         state = services_up(state_dir, redis=redis, backend=backend or None, feast=feast)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     for name in ("s3", "mlflow", "feast"):
         if name in state:
             typer.echo(f"{name:7s} {state[name]['url']}  (pid {state[name]['pid']}, log {state[name]['log']})")
@@ -50,7 +46,7 @@ def down_cmd(state_dir: Path = DirArg) -> None:
     try:
         stopped = services_down(state_dir)
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     typer.echo(json.dumps(stopped))
 
 
@@ -62,7 +58,7 @@ def env_cmd(state_dir: Path = DirArg) -> None:
     try:
         env = client_env(read_state(state_dir))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
     for key, value in env.items():
         typer.echo(f"export {key}={value}")
 
@@ -75,4 +71,4 @@ def status_cmd(state_dir: Path = DirArg) -> None:
     try:
         typer.echo(json.dumps(read_state(state_dir), indent=1))
     except SarflowError as e:
-        _fail(e)
+        fail(e)
