@@ -21,13 +21,11 @@ import pytest
 import torch
 import zarr
 
+from helpers import tiny_features
 from sarflow.errors import InputError
 from sarflow.features.embed import embed_store, embedding_matrix, read_embeddings
 from sarflow.features.labels import chip_labels
 from sarflow.features.store import FeatureConfig, apply, materialize, online_features, training_set
-from sarflow.training.methods import OptimConfig
-from sarflow.training.pretrain import PretrainConfig, pretrain
-from sarflow.training.vit import ViTConfig
 from servers import free_port, stop, wait_http
 
 MODEL = "sarflow-encoder-mae"
@@ -37,27 +35,8 @@ VIEW = "chip_embeddings_mae_v1"
 @pytest.fixture(scope="module")
 def featured(tiny_store, tmp_path_factory):
     """A DVC-versioned tiny store, a registered tiny MAE, its embeddings and labels, applied + materialized."""
-    import mlflow
-
-    from sarflow.versioning import version_store
-
-    tmp = tmp_path_factory.mktemp("features")
-    store = tmp / "chips.zarr"
-    shutil.copytree(tiny_store, store)
-    version = version_store(store, repo=tmp, push=False)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    pretrain(PretrainConfig(store=str(store), method="mae", vit=ViTConfig(size="tiny", patch=8, depth=1, dim=32, heads=2),
-                            batch_size=8, optim=OptimConfig(max_steps=2, warmup_steps=1), tracking_uri=uri,
-                            method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
-    mlflow.set_tracking_uri(uri)
-    root = tmp / "features"
-    result = embed_store(str(store), f"models:/{MODEL}/1", root, batch_size=16)
-    chip_labels(str(store), root)
-    cfg = FeatureConfig(root=str(root))
-    apply(cfg)
-    report = materialize(cfg)
-    return {"store": store, "root": root, "cfg": cfg, "embed": result, "report": report, "uri": uri,
-            "dataset_version": version["dvc_md5"]}
+    built = tiny_features(tiny_store, tmp_path_factory.mktemp("features"), MODEL)
+    return {**built, "report": materialize(built["cfg"])}
 
 
 def test_embeddings_equal_a_direct_forward_pass(featured):

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import tiny_features
 from sarflow.downstream.probes import (PRIMARY_METRIC, ProbeConfig, fit_probe, load_probe_data, mmd2_rbf,
                                        mmd_permutation_pvalue, registered_task_name, run_ablation,
                                        run_region_generalization, run_probes, score, task_target)
@@ -22,30 +23,8 @@ MODEL = "sarflow-encoder-mae"
 @pytest.fixture(scope="module")
 def featured(tiny_store, tmp_path_factory):
     """A DVC-versioned tiny store, a registered tiny MAE, its embeddings and labels, applied in Feast."""
-    import mlflow
-
-    from sarflow.features.embed import embed_store
-    from sarflow.features.labels import chip_labels
-    from sarflow.features.store import FeatureConfig, apply
-    from sarflow.training.methods import OptimConfig
-    from sarflow.training.pretrain import PretrainConfig, pretrain
-    from sarflow.training.vit import ViTConfig
-    from sarflow.versioning import version_store
-
-    tmp = tmp_path_factory.mktemp("probes")
-    store = tmp / "chips.zarr"
-    shutil.copytree(tiny_store, store)
-    version = version_store(store, repo=tmp, push=False)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    pretrain(PretrainConfig(store=str(store), method="mae", vit=ViTConfig(size="tiny", patch=8, depth=1, dim=32, heads=2),
-                            batch_size=8, optim=OptimConfig(max_steps=2, warmup_steps=1), tracking_uri=uri,
-                            method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
-    mlflow.set_tracking_uri(uri)
-    root = tmp / "features"
-    embed_store(str(store), f"models:/{MODEL}/1", root, batch_size=16)
-    chip_labels(str(store), root)
-    apply(FeatureConfig(root=str(root)))
-    return {"store": str(store), "root": str(root), "uri": uri, "tmp": tmp, "dataset_version": version["dvc_md5"]}
+    built = tiny_features(tiny_store, tmp_path_factory.mktemp("probes"), MODEL)
+    return {**built, "store": str(built["store"]), "root": str(built["root"])}
 
 
 @pytest.fixture(scope="module")
