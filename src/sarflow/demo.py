@@ -25,6 +25,7 @@ from sarflow.kfp_runner import LocalRun, arguments_from_params, run_local
 from sarflow.services import environ, pipeline_arguments
 
 FIGURE_SUFFIXES = (".png",)
+LLP_POLYGONS, LLP_STATS = "municipalities.geojson", "municipality_stats.csv"  # train-llp's defaults
 
 
 def demo_arguments(out: Path, params: dict, catalog: Path | None, services: dict | None, overrides: dict) -> tuple[str, dict]:
@@ -35,6 +36,11 @@ def demo_arguments(out: Path, params: dict, catalog: Path | None, services: dict
         catalog = Path(catalog).resolve()
         if not catalog.is_file():
             raise InputError(str(catalog), "no such catalog file")
+        for name in (LLP_POLYGONS, LLP_STATS):  # train-llp reads them from the catalog's folder
+            if not (catalog.parent / name).is_file():
+                raise InputError(str(catalog.parent / name), "missing: the end-to-end pipeline's LLP stage needs the "
+                                 f"bag polygons ({LLP_POLYGONS}, id column muni_id) and their class proportions "
+                                 f"({LLP_STATS}) beside the catalog")
         args.update(scene_uri=str(catalog.parent), catalog=catalog.name)
     if services is None:
         args.update(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", features_root=str(out / "features"),
@@ -50,8 +56,8 @@ def run_demo(out: str | Path, params: dict | None = None, catalog: str | Path | 
              services: dict | None = None, **overrides) -> dict:
     """Runs the end-to-end pipeline under `out` and writes `out/summary.json`."""
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     name, args = demo_arguments(out, params or {}, Path(catalog) if catalog else None, services, overrides)
+    out.mkdir(parents=True, exist_ok=True)
     with environ(services["env"] if services else {}):
         run = run_local(name, out / "kfp", **args)
         summary = collect_summary(run, out, args)
