@@ -37,10 +37,8 @@ def train_probes(
     from sarflow.tracking import flat_metrics
 
     described = json.loads(Path(embeddings.path).read_text())
-    opts = integral_floats_to_int(dict(options))
-    for key in ("sizes", "tasks", "baselines"):
-        if key in opts:
-            opts[key] = tuple(opts[key])
+    # the config's sequences are tuples; KFP hands lists (and every number as a double)
+    opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in integral_floats_to_int(dict(options)).items()}
     cfg = ProbeConfig(store=store.path, features_root=features_root, model=described["model"],
                       version=str(described["version"]),
                       tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), **opts)
@@ -80,6 +78,7 @@ def train_llp(
     from sarflow.tracking import flat_metrics
 
     described = json.loads(Path(embeddings.path).read_text())
+    # the config's sequences are tuples; KFP hands lists (and every number as a double)
     opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in integral_floats_to_int(dict(options)).items()}
     cfg = LLPConfig(store=store.path, tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
                     polygons=str(Path(bags.path) / polygons_file), stats=str(Path(bags.path) / stats_file),
