@@ -33,12 +33,11 @@ def train_probes(
     from pathlib import Path
 
     from sarflow.downstream.probes import ProbeConfig, run_probes
-    from sarflow.params import integral_floats_to_int
+    from sarflow.params import config_kwargs
     from sarflow.tracking import flat_metrics
 
     described = json.loads(Path(embeddings.path).read_text())
-    # the config's sequences are tuples; KFP hands lists (and every number as a double)
-    opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in integral_floats_to_int(dict(options)).items()}
+    opts = config_kwargs(options)
     cfg = ProbeConfig(store=store.path, features_root=features_root, model=described["model"],
                       version=str(described["version"]),
                       tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), **opts)
@@ -74,12 +73,11 @@ def train_llp(
     from pathlib import Path
 
     from sarflow.downstream.llp_run import LLPConfig, run_llp
-    from sarflow.params import integral_floats_to_int
+    from sarflow.params import config_kwargs
     from sarflow.tracking import flat_metrics
 
     described = json.loads(Path(embeddings.path).read_text())
-    # the config's sequences are tuples; KFP hands lists (and every number as a double)
-    opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in integral_floats_to_int(dict(options)).items()}
+    opts = config_kwargs(options)
     cfg = LLPConfig(store=store.path, tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
                     polygons=str(Path(bags.path) / polygons_file), stats=str(Path(bags.path) / stats_file),
                     id_column=id_column, features_root=features_root, model=described["model"],

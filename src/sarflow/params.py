@@ -46,3 +46,9 @@ def integral_floats_to_int(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def config_kwargs(options: dict) -> dict:
+    """Keyword arguments for a typed config from a KFP dict parameter: numbers as written
+    (integral_floats_to_int) and lists as the config's tuples."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in integral_floats_to_int(dict(options)).items()}
