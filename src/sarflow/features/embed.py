@@ -29,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-import torch
 
 from sarflow.errors import InputError
 
@@ -179,6 +178,7 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
                 device: str | None = None) -> dict:
     """Embeds every chip; returns the partition path, rows, dimension and throughput."""
     import mlflow
+    import torch
 
     from sarflow.tracking import dataset_lineage
     from sarflow.training.data import open_chip_group, read_chip_table
