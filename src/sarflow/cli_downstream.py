@@ -121,5 +121,29 @@ def region(store: str = typer.Argument(..., help="chip store"), features_root: P
     typer.echo(f"json: {r['json']}")
 
 
+@downstream_app.command()
+def report(tracking_uri: str = UriOpt,
+           experiment_filter: Optional[List[str]] = typer.Option(None, "--from-experiment",
+                                                                 help="look for source runs only here (default: all)"),
+           experiment: str = typer.Option("sarflow-reports", "--experiment", help="MLflow experiment of the report run"),
+           strict: bool = typer.Option(False, "--strict", help="fail, writing nothing, while a section was never run"),
+           out_dir: Optional[Path] = typer.Option(None, help="where report.md/report.html go (default: a temp folder)")) -> None:
+    """One MLflow run gathering every result table and plot: label efficiency, modality ablation,
+    region generalization, segmentation, LLP (synthetic and real)."""
+    from sarflow.downstream.results_report import SECTIONS, build_results_report
+
+    try:
+        r = build_results_report(tracking_uri, experiments=experiment_filter, experiment=experiment,
+                                 out_dir=str(out_dir) if out_dir else None, strict=strict)
+    except SarflowError as e:
+        fail(e)
+    for s in SECTIONS:
+        runs = r["sections"][s.key]
+        typer.echo(f"{s.key:<22}" + (", ".join(runs) if runs else f"not run yet ({s.command})"))
+    typer.echo(f"mlflow run: {r['run_id']}")
+    typer.echo(f"report: {r['markdown']}")
+    typer.echo(f"html: {r['html']}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     downstream_app()

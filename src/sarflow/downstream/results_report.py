@@ -1,0 +1,271 @@
+"""One MLflow run that gathers the downstream results: label-efficiency curves with their
+baselines, the modality ablation, region generalization, segmentation and LLP (synthetic and
+real), each read back from the newest finished run that produced it.
+
+`build_results_report(tracking_uri)` finds, across the tracking server's experiments, the
+newest FINISHED run of each kind (by run name: `probes`, `modality-ablation`,
+`region-generalization`, `segmentation-vit` + `segmentation-unet`, `llp-<task>`,
+`llp-real-<case>`), downloads its tables and plots, and logs one `results-report` run with:
+
+- `report/report.md` and a self-contained `report/report.html` (plots embedded), every table
+  with its source run, experiment, start time and dataset version;
+- `report/tables/<section>.csv` and `report/plots/<section>/*.png`;
+- a tag `sarflow.report.<section>.run_id` per section found, and one listing what is missing
+  (with the command that produces it).
+
+A section that was never run is reported as missing, not silently dropped; `strict=True`
+refuses to write anything while a section is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from sarflow.errors import InputError
+
+REPORT_RUN = "results-report"
+PLOT_SUFFIXES = (".png",)
+
+
+@dataclass(frozen=True)
+class SourceRun:
+    run_id: str
+    run_name: str
+    experiment: str
+    started: str
+    dataset_version: str
+    artifacts: Path  # local copy of the run's artifacts
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str
+    title: str
+    run_names: tuple[str, ...]  # exact run names; a trailing '*' is a prefix
+    exclude_prefix: str | None  # a prefix the run name must not have (llp-real- under llp-*)
+    table: Callable[[list[SourceRun]], pd.DataFrame]
+    plots: str  # artifact folder whose plots are copied
+    command: str  # how to produce the section
+
+
+def _fmt(mean: float, std: float | None = None) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "–"
+    return f"{mean:.3f}" if std is None or not np.isfinite(std) or std == 0 else f"{mean:.3f} ± {std:.3f}"
+
+
+def label_efficiency_table(runs: list[SourceRun]) -> pd.DataFrame:
+    """Test score of the primary metric per task, source and n (mean ± std over draws): the
+    embedding curve (best probe on val at each n) and each baseline's best probe on val."""
+    from sarflow.downstream import probes as p
+
+    summary = pd.read_csv(runs[0].artifacts / "downstream" / "curves_summary.csv")
+    rows = []
+    for task in summary.task.unique():
+        metric, higher = p.PRIMARY_METRIC[task]
+        metric = metric.removeprefix("test_")
+        lines = {"embeddings": {c["n"]: (c["mean"], c["std"]) for c in p.embedding_curve(summary, task)}}
+        for source in ("pixel_stats", "scratch"):
+            probe = "cnn" if source == "scratch" else p._best_by_val(summary, task, source)
+            if probe is None or summary[(summary.task == task) & (summary.source == source)].empty:
+                continue
+            ns = sorted(summary[(summary.task == task) & (summary.source == source)].n.unique())
+            lines[f"{source} ({probe})"] = {int(n): p._test_mean(summary, task, source, probe, metric, int(n)) for n in ns}
+        n_all = int(summary[summary.task == task].n.max())
+        for source, curve in lines.items():
+            row = {"task": task, "metric": f"{metric} ({'↑' if higher else '↓'})", "features": source}
+            row.update({("all" if n == n_all else f"n={n}"): _fmt(*v) for n, v in sorted(curve.items())})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _csv_table(path: str, columns: tuple[str, ...] = ()) -> Callable[[list[SourceRun]], pd.DataFrame]:
+    def read(runs: list[SourceRun]) -> pd.DataFrame:
+        table = pd.read_csv(runs[0].artifacts / path)
+        keep = [c for c in columns if c in table.columns]
+        return table[keep] if keep else table
+    return read
+
+
+def segmentation_table(runs: list[SourceRun]) -> pd.DataFrame:
+    """Test mIoU and pixel accuracy of each segmentation model next to the majority class."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    rows = []
+    for r in runs:
+        run = client.get_run(r.run_id)
+        m = run.data.metrics
+        rows.append({"model": r.run_name.removeprefix("segmentation-"), "test_miou": m.get("test_miou"),
+                     "test_pixel_accuracy": m.get("test_pixel_accuracy"),
+                     "majority_class_miou": m.get("baseline_majority_miou"),
+                     "trainable_params": run.data.params.get("trainable_params")})
+    return pd.DataFrame(rows)
+
+
+SECTIONS = (
+    Section("label_efficiency", "Label efficiency: probes on frozen embeddings vs baselines", ("probes",), None,
+            label_efficiency_table, "downstream", "sarflow downstream probe STORE"),
+    Section("modality_ablation", "Modality ablation: SAR vs optical vs fused, clear and clouded", ("modality-ablation",),
+            None, _csv_table("downstream/modality_ablation.csv"), "downstream", "sarflow downstream ablation --synth DIR"),
+    Section("region_generalization", "Region generalization: error gap next to the embedding shift",
+            ("region-generalization",), None,
+            _csv_table("downstream/region_generalization.csv",
+                       ("train", "test_out", "target", "task", "probe", "metric", "in_region", "out_region",
+                        "error_in", "error_out", "error_gap", "mmd2", "mmd_pvalue", "mean_distance")),
+            "downstream", "sarflow downstream region STORE"),
+    Section("segmentation", "Segmentation: ViT head vs U-Net from scratch (test mIoU, nodata excluded)",
+            ("segmentation-vit", "segmentation-unet"), None, segmentation_table, "figures", "sarflow segment train STORE"),
+    Section("llp", "Learning from label proportions (synthetic bags)", ("llp-*",), "llp-real-",
+            _csv_table("llp/llp_results.csv"), "llp", "sarflow llp train STORE"),
+    Section("llp_real", "Learning from label proportions (real case)", ("llp-real-*",), None,
+            _csv_table("llp/llp_results.csv"), "llp", "sarflow llp real-case"),
+)
+
+
+def _newest_run(client, experiment_ids: list[str], name: str, exclude_prefix: str | None):
+    if name.endswith("*"):
+        query = f"attributes.run_name LIKE '{name[:-1]}%' AND attributes.status = 'FINISHED'"
+    else:
+        query = f"attributes.run_name = '{name}' AND attributes.status = 'FINISHED'"
+    runs = client.search_runs(experiment_ids, filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=50)
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags
+            and not (exclude_prefix and r.info.run_name.startswith(exclude_prefix))]
+    return runs[0] if runs else None
+
+
+def find_sources(client, experiment_ids: list[str], section: Section, tmp: Path) -> list[SourceRun] | None:
+    """The newest finished top-level run per run name of `section`, its artifacts downloaded."""
+    import mlflow
+
+    found = []
+    for name in section.run_names:
+        run = _newest_run(client, experiment_ids, name, section.exclude_prefix)
+        if run is None:
+            return None
+        local = tmp / run.info.run_id
+        local.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(local))
+        found.append(SourceRun(run.info.run_id, run.info.run_name, client.get_experiment(run.info.experiment_id).name,
+                               datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                               run.data.tags.get("sarflow.dataset_dvc_md5") or run.data.tags.get("sarflow.dataset_sha256", "–"),
+                               local))
+    return found
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "–" if not np.isfinite(v) else f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def _provenance(sources: list[SourceRun]) -> str:
+    return "; ".join(f"run `{s.run_id}` ({s.run_name}, experiment {s.experiment}, {s.started}, dataset {s.dataset_version})"
+                     for s in sources)
+
+
+def _html(title: str, parts: list[tuple[Section, list[SourceRun] | None, pd.DataFrame | None, list[Path]]]) -> str:
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;font-size:13px}"
+           "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:520px;margin:4px}</style>",
+           f"</head><body><h1>{html.escape(title)}</h1>"]
+    for section, sources, table, plots in parts:
+        out.append(f"<h2>{html.escape(section.title)}</h2>")
+        if sources is None:
+            out.append(f"<p><b>Not run yet.</b> Produce it with <code>{html.escape(section.command)}</code>.</p>")
+            continue
+        out.append(f"<p><small>{html.escape(_provenance(sources))}</small></p>")
+        out.append(table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0))
+        for p in plots:
+            data = base64.b64encode(p.read_bytes()).decode()
+            out.append(f"<img alt='{html.escape(p.name)}' src='data:image/png;base64,{data}'>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def build_results_report(tracking_uri: str, experiments: list[str] | None = None,
+                         experiment: str = "sarflow-reports", out_dir: str | None = None, strict: bool = False) -> dict:
+    """Gathers every downstream section into one `results-report` MLflow run (see the module
+    docstring); `experiments` limits where source runs are looked for (default: all)."""
+    import mlflow
+
+    from sarflow.tracking import code_commit, setup_mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    known = {e.name: e.experiment_id for e in client.search_experiments()}
+    if experiments:
+        unknown = [e for e in experiments if e not in known]
+        if unknown:
+            raise InputError(tracking_uri, f"no experiment(s) {unknown} on this tracking server (it has {sorted(known)})")
+        ids = [known[e] for e in experiments]
+    else:
+        ids = [i for name, i in known.items() if name != experiment]
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="sarflow-report-"))
+    with tempfile.TemporaryDirectory() as tmp:
+        found = {s.key: find_sources(client, ids, s, Path(tmp)) for s in SECTIONS} if ids else {s.key: None for s in SECTIONS}
+        missing = [s.key for s in SECTIONS if found[s.key] is None]
+        if strict and missing:
+            raise InputError(tracking_uri, "sections never run: " + ", ".join(
+                f"{s.key} ({s.command})" for s in SECTIONS if s.key in missing))
+        if len(missing) == len(SECTIONS):
+            raise InputError(tracking_uri, "no downstream runs to report on: run probes, ablation, region, segmentation "
+                                           "or LLP first")
+        staging = Path(tmp) / "report"
+        (staging / "tables").mkdir(parents=True)
+        parts, md = [], ["# sarflow results report", "",
+                         f"Tracking server `{tracking_uri}`; code commit `{code_commit()}`; "
+                         f"built {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.", ""]
+        for section in SECTIONS:
+            sources = found[section.key]
+            md += [f"## {section.title}", ""]
+            if sources is None:
+                md += [f"Not run yet. Produce it with `{section.command}`.", ""]
+                parts.append((section, None, None, []))
+                continue
+            table = section.table(sources)
+            table.to_csv(staging / "tables" / f"{section.key}.csv", index=False)
+            plot_dir = staging / "plots" / section.key
+            plot_dir.mkdir(parents=True)
+            plots = []
+            for f in sorted((sources[0].artifacts / section.plots).glob("*")):
+                if f.suffix in PLOT_SUFFIXES:
+                    plots.append(Path(shutil.copy2(f, plot_dir / f.name)))
+            md += [f"Source: {_provenance(sources)}.", "", markdown_table(table), ""]
+            md += [f"![{p.stem}](plots/{section.key}/{p.name})" for p in plots] + [""]
+            parts.append((section, sources, table, plots))
+        (staging / "report.md").write_text("\n".join(md))
+        (staging / "report.html").write_text(_html("sarflow results report", parts))
+        sources_json = {k: [s.run_id for s in v] if v else None for k, v in found.items()}
+        (staging / "sources.json").write_text(json.dumps(sources_json, indent=1))
+        exp_id = setup_mlflow(tracking_uri, experiment)
+        tags = {f"sarflow.report.{k}.run_id": ",".join(v) for k, v in sources_json.items() if v}
+        tags["sarflow.report.missing"] = ",".join(missing) or "none"
+        with mlflow.start_run(experiment_id=exp_id, run_name=REPORT_RUN, tags=tags) as run:
+            mlflow.log_artifacts(str(staging), artifact_path="report")
+        if out.exists():
+            shutil.rmtree(out / "report", ignore_errors=True)
+        shutil.copytree(staging, out / "report")
+    result = {"run_id": run.info.run_id, "sections": sources_json, "missing": missing,
+              "markdown": str(out / "report" / "report.md"), "html": str(out / "report" / "report.html")}
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    result["json"] = str(out / "report.json")
+    return result
