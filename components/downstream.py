@@ -1,6 +1,6 @@
 """Components `train-probes` and `train-llp`: the downstream models on frozen embeddings and
 the learning-from-label-proportions models, tracked in MLflow and registered as
-``sarflow-<task>``.
+``sarflow-<task>``; and `report-results`: one MLflow run gathering both runs' tables and plots.
 
 Thin wrappers over :func:`sarflow.downstream.probes.run_probes` (linear / kNN / MLP probes,
 label-efficiency curves against raw-pixel and from-scratch baselines) and
@@ -13,7 +13,7 @@ from Feast under ``features_root``. ``options`` are the library config's keyword
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
 
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
@@ -92,3 +92,29 @@ def train_llp(
     reg = result.get("registered") or {}
     out = namedtuple("LLP", ["run_id", "registered_model", "version"])
     return out(result["run_id"], str(reg.get("name", "")), str(reg.get("version", "")))
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def report_results(
+    report_html: Output[HTML],
+    tracking_uri: str = "",
+    probes_run_id: str = "",
+    llp_run_id: str = "",
+) -> str:
+    """The results report of this pipeline run's probes and LLP runs (a `results-report` MLflow
+    run); `report_html` is its self-contained HTML, shown by the Kubeflow UI. Returns the run id."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from sarflow.downstream.results_report import build_results_report
+
+    run_ids = {k: [v] for k, v in (("label_efficiency", probes_run_id), ("llp", llp_run_id)) if v}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = build_results_report(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), run_ids=run_ids,
+                                      out_dir=tmp)
+        Path(report_html.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result["html"], report_html.path)
+    report_html.metadata.update({"run_id": result["run_id"], "sections": result["sections"]})
+    return result["run_id"]

@@ -41,6 +41,7 @@ RESOURCES = {
     "features": ("1", "4", "4Gi", "16Gi"),
     "downstream": ("2", "4", "4Gi", "16Gi"),
     "promote": ("250m", "1", "512Mi", "2Gi"),
+    "report": ("250m", "1", "1Gi", "2Gi"),
     "status": ("100m", "500m", "128Mi", "512Mi"),
 }
 

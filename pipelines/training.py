@@ -10,6 +10,7 @@ exit handler (record-status)
 ├── train-llp(store, embeddings, bags) -> registers sarflow-llp-landcover; writes the chip_bags source
 ├── materialize-features(embeddings)-> features (Feast apply + streaming materialize + similarity index), after LLP
 ├── train-probes(store, embeddings) -> registers sarflow-landcover, ... (after materialize: Feast training sets)
+├── report-results(probes, llp)     -> one MLflow results-report run (tables + plots), its HTML in the UI
 └── for each gated model: promote-model -> dsl.If(promoted) -> publish-champion
 ```
 
@@ -32,7 +33,7 @@ those names whole (``sarflow pipeline run`` fills them in).
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from components.downstream import train_llp, train_probes
+from components.downstream import report_results, train_llp, train_probes
 from components.embed import embed_chips
 from components.materialize import materialize_features
 from components.pretrain import pretrain_encoder
@@ -74,7 +75,11 @@ def training_stages(store, bags, dataset_version, *, tracking_uri, features_root
                           tracking_uri=tracking_uri, options=downstream)
     stage(probes.after(mat), "probes", "downstream", cache=False)
 
-    tasks = {"pretrain": pre, "embed": emb, "materialize": mat, "probes": probes, "llp": bag_task}
+    report = report_results(tracking_uri=tracking_uri, probes_run_id=probes.outputs["run_id"],
+                            llp_run_id=bag_task.outputs["run_id"])
+    stage(report, "report", "report", cache=False)
+
+    tasks = {"pretrain": pre, "embed": emb, "materialize": mat, "probes": probes, "llp": bag_task, "report": report}
     for name, (metric, higher, upstream, output) in PROMOTIONS.items():
         short = name.removeprefix("sarflow-")
         gate = promote_model(name=name, metric=metric, higher_is_better=higher, margin=margin,

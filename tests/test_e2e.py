@@ -74,6 +74,13 @@ def _check_products(summary: dict, out: Path) -> None:
     assert len(example["embedding_head"]) == 4 and 0.0 <= example["water_fraction"] <= 1.0
     hits = summary["features"]["similar_to_first_chip"]
     assert hits[0]["chip_id"] == example["chip_id"]
+    # one results-report run gathers this run's probes and LLP tables and plots
+    report = client.get_run(summary["results_report"]["run_id"])
+    assert report.info.run_name == "results-report"
+    assert report.data.tags["sarflow.report.label_efficiency.run_id"] == summary["mlflow"]["probes_run"]
+    assert report.data.tags["sarflow.report.llp.run_id"] == summary["mlflow"]["llp_run"]
+    page = Path(summary["results_report"]["html"]).read_text()
+    assert page.count("<table") == 2 and "data:image/png;base64," in page
     # the report's plots exist, summary.json on disk says the same
     assert Path(summary["plots"]["chips_quicklook"]).is_file()
     assert any(k.startswith("probes/") for k in summary["plots"]) and any(k.startswith("llp/") for k in summary["plots"])

@@ -364,6 +364,10 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
     for task in ("embed-chips", "materialize-features", "train-probes", "promote-model"):
         assert not tasks[task]["cachingOptions"].get("enableCache")
     assert "record-status" in _tasks(spec["root"])
+    # the results report reads this run's probes and LLP runs, by their run ids
+    params = tasks["report-results"]["inputs"]["parameters"]
+    assert params["probes_run_id"]["taskOutputParameter"] == {"producerTask": "train-probes", "outputParameterKey": "run_id"}
+    assert params["llp_run_id"]["taskOutputParameter"] == {"producerTask": "train-llp", "outputParameterKey": "run_id"}
     if name == "e2e":
         source = tasks["pretrain-encoder"]["inputs"]["parameters"]["dataset_version"]
         assert source["taskOutputParameter"] == {"producerTask": "version-chips", "outputParameterKey": "dvc_md5"}

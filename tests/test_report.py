@@ -109,6 +109,22 @@ def test_a_newer_run_replaces_the_older_one_in_the_next_report(produced):
     assert only["missing"] == ["label_efficiency", "modality_ablation", "region_generalization", "llp", "llp_real"]
 
 
+def test_pinned_runs_report_exactly_those_runs(produced, tmp_path):
+    probes, ablation = produced["probes"]["run_id"], produced["ablation"]["run_id"]
+    r = build_results_report(produced["uri"], run_ids={"label_efficiency": [probes]}, out_dir=str(tmp_path / "p"))
+    assert r["sections"] == {"label_efficiency": [probes]} and r["missing"] == []
+    md = Path(r["markdown"]).read_text()
+    assert "Label efficiency" in md and "Modality ablation" not in md
+    with pytest.raises(InputError, match="is not a label_efficiency run") as e:
+        build_results_report(produced["uri"], run_ids={"label_efficiency": [ablation]}, out_dir=str(tmp_path / "k"))
+    assert e.value.where == ablation
+    with pytest.raises(InputError, match="no such MLflow run"):
+        build_results_report(produced["uri"], run_ids={"llp": ["0" * 32]}, out_dir=str(tmp_path / "n"))
+    with pytest.raises(InputError, match="run ids must be given per section"):
+        build_results_report(produced["uri"], run_ids={"probes": [probes]}, out_dir=str(tmp_path / "s"))
+    assert not (tmp_path / "k").exists() and not (tmp_path / "n").exists()
+
+
 def test_bad_requests_write_nothing(produced, tmp_path):
     import mlflow
 

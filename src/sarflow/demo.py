@@ -69,11 +69,21 @@ def _json(run: LocalRun, output: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in run.files(output) if p.is_file()]
 
 
-def _one(run: LocalRun, output: str) -> dict:
-    found = _json(run, output)
+def _one_file(run: LocalRun, output: str) -> Path:
+    found = [p for p in run.files(output) if p.is_file()]
     if len(found) != 1:
         raise InputError(str(run.run_dir), f"expected one `{output}` output in the run, found {len(found)}")
     return found[0]
+
+
+def _one(run: LocalRun, output: str) -> dict:
+    return json.loads(_one_file(run, output).read_text())
+
+
+def _report_run_id(report: Path) -> str:
+    """The results-report task's returned MLflow run id (beside its output, in executor_output.json)."""
+    executor = json.loads((report.parent / "executor_output.json").read_text())
+    return executor["parameterValues"]["Output"]
 
 
 def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
@@ -109,6 +119,9 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
     online = online_features(fcfg, [first], [f"{view}:embedding", "chip_labels:water_fraction"])
     neighbours = load_index(args["features_root"], embeddings["model"], str(embeddings["version"])).similar(first, k=5)
 
+    report_html = _one_file(run, "report_html")
+    results_report = {"run_id": _report_run_id(report_html), "html": str(shutil.copyfile(report_html, out / "results_report.html"))}
+
     plots = {"chips_quicklook": str(chip_quicklook(store, out / "chips_quicklook.png"))}
     figures = out / "figures"
     for run_id, what in ((encoder["run_id"], "pretrain"), (probes["run_id"], "probes"), (llp["run_id"], "llp")):
@@ -142,6 +155,7 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
         "metrics": {"pretrain_final_loss": _final_loss(client, encoder["run_id"]),
                     "probes": probes.get("metrics"), "label_savings": probes.get("label_savings"),
                     "llp": llp.get("metrics")},
+        "results_report": results_report,
         "plots": plots,
         "seconds": round(run.seconds, 1),
     }
@@ -186,6 +200,7 @@ def format_report(summary: dict) -> str:
     savings = summary["metrics"].get("label_savings")
     if savings:
         lines.append(f"  label savings    {json.dumps(savings)[:160]}")
+    lines.append(f"  results report   {summary['results_report']['html']}  (MLflow run {summary['results_report']['run_id']})")
     lines.append("  plots")
     lines += [f"    {k:28s} {v}" for k, v in summary["plots"].items()]
     return "\n".join(lines)
@@ -195,7 +210,7 @@ def clean_output(out: str | Path) -> None:
     """Removes a previous demo's products from `out` (a fresh registry, store and feature store)."""
     out = Path(out)
     for name in ("kfp", "features", "figures", "dvc-remote", "mlflow.db", "mlartifacts", "summary.json",
-                 "chips_quicklook.png", "failures.jsonl"):
+                 "chips_quicklook.png", "results_report.html", "failures.jsonl"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)

@@ -134,27 +134,56 @@ SECTIONS = (
 )
 
 
-def _newest_run(client, experiment_ids: list[str], name: str, exclude_prefix: str | None):
+def _matches(section: Section, run_name: str) -> bool:
+    if section.exclude_prefix and run_name.startswith(section.exclude_prefix):
+        return False
+    return any(run_name.startswith(n[:-1]) if n.endswith("*") else run_name == n for n in section.run_names)
+
+
+def _newest_run(client, experiment_ids: list[str], section: Section, name: str):
     if name.endswith("*"):
         query = f"attributes.run_name LIKE '{name[:-1]}%' AND attributes.status = 'FINISHED'"
     else:
         query = f"attributes.run_name = '{name}' AND attributes.status = 'FINISHED'"
     runs = client.search_runs(experiment_ids, filter_string=query, order_by=["attributes.start_time DESC"],
                               max_results=50)
-    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags
-            and not (exclude_prefix and r.info.run_name.startswith(exclude_prefix))]
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and _matches(section, r.info.run_name)]
     return runs[0] if runs else None
 
 
-def find_sources(client, experiment_ids: list[str], section: Section, tmp: Path) -> list[SourceRun] | None:
-    """The newest finished top-level run per run name of `section`, its artifacts downloaded."""
+def _pinned_runs(client, section: Section, run_ids: list[str]) -> list:
+    """The given runs, checked: they exist, finished, and are runs of this section's kind."""
+    from mlflow.exceptions import MlflowException
+
+    runs = []
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise InputError(run_id, f"no such MLflow run (given for the {section.key} section)") from None
+        if run.info.status != "FINISHED":
+            raise InputError(run_id, f"run {run.info.run_name!r} is {run.info.status}, not FINISHED")
+        if not _matches(section, run.info.run_name):
+            raise InputError(run_id, f"run {run.info.run_name!r} is not a {section.key} run "
+                                     f"(expected {' or '.join(section.run_names)})")
+        runs.append(run)
+    return runs
+
+
+def find_sources(client, experiment_ids: list[str], section: Section, tmp: Path,
+                 run_ids: list[str] | None = None) -> list[SourceRun] | None:
+    """The section's runs (`run_ids`, or else the newest finished top-level run per run name of
+    `section`), their artifacts downloaded; None when a run name has none."""
     import mlflow
 
-    found = []
-    for name in section.run_names:
-        run = _newest_run(client, experiment_ids, name, section.exclude_prefix)
-        if run is None:
+    if run_ids is not None:
+        runs = _pinned_runs(client, section, run_ids)
+    else:
+        runs = [_newest_run(client, experiment_ids, section, name) for name in section.run_names]
+        if any(r is None for r in runs):
             return None
+    found = []
+    for run in runs:
         local = tmp / run.info.run_id
         local.mkdir(parents=True, exist_ok=True)
         mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(local))
@@ -202,9 +231,13 @@ def _html(title: str, parts: list[tuple[Section, list[SourceRun] | None, pd.Data
 
 
 def build_results_report(tracking_uri: str, experiments: list[str] | None = None,
-                         experiment: str = "sarflow-reports", out_dir: str | None = None, strict: bool = False) -> dict:
+                         experiment: str = "sarflow-reports", out_dir: str | None = None, strict: bool = False,
+                         run_ids: dict[str, list[str]] | None = None) -> dict:
     """Gathers every downstream section into one `results-report` MLflow run (see the module
-    docstring); `experiments` limits where source runs are looked for (default: all)."""
+    docstring); `experiments` limits where source runs are looked for (default: all).
+
+    `run_ids` ({section: [run id, ...]}) reports exactly those runs and only those sections
+    (what a pipeline run produced), instead of the newest run of every section."""
     import mlflow
 
     from sarflow.tracking import code_commit, setup_mlflow
@@ -219,14 +252,21 @@ def build_results_report(tracking_uri: str, experiments: list[str] | None = None
         ids = [known[e] for e in experiments]
     else:
         ids = [i for name, i in known.items() if name != experiment]
+    sections = SECTIONS
+    if run_ids is not None:
+        unknown = sorted(set(run_ids) - {s.key for s in SECTIONS})
+        if unknown or not run_ids:
+            raise InputError(str(unknown or "{}"), f"run ids must be given per section, one of {[s.key for s in SECTIONS]}")
+        sections = tuple(s for s in SECTIONS if s.key in run_ids)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="sarflow-report-"))
     with tempfile.TemporaryDirectory() as tmp:
-        found = {s.key: find_sources(client, ids, s, Path(tmp)) for s in SECTIONS} if ids else {s.key: None for s in SECTIONS}
-        missing = [s.key for s in SECTIONS if found[s.key] is None]
+        found = {s.key: find_sources(client, ids, s, Path(tmp), (run_ids or {}).get(s.key)) if ids or run_ids else None
+                 for s in sections}
+        missing = [s.key for s in sections if found[s.key] is None]
         if strict and missing:
             raise InputError(tracking_uri, "sections never run: " + ", ".join(
-                f"{s.key} ({s.command})" for s in SECTIONS if s.key in missing))
-        if len(missing) == len(SECTIONS):
+                f"{s.key} ({s.command})" for s in sections if s.key in missing))
+        if len(missing) == len(sections):
             raise InputError(tracking_uri, "no downstream runs to report on: run probes, ablation, region, segmentation "
                                            "or LLP first")
         staging = Path(tmp) / "report"
@@ -234,7 +274,7 @@ def build_results_report(tracking_uri: str, experiments: list[str] | None = None
         parts, md = [], ["# sarflow results report", "",
                          f"Tracking server `{tracking_uri}`; code commit `{code_commit()}`; "
                          f"built {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.", ""]
-        for section in SECTIONS:
+        for section in sections:
             sources = found[section.key]
             md += [f"## {section.title}", ""]
             if sources is None:
