@@ -72,6 +72,7 @@ class SynthConfig:
     cloud_fraction: float = 0.3
     seasons: list[str] = field(default_factory=lambda: ["summer", "winter"])
     municipality_km2: float = 4.0
+    class_prior_scale: dict[int, float] | None = None  # class code -> factor on its prior (a shifted class mix)
 
 
 def _rng(cfg: SynthConfig, *tags) -> np.random.Generator:
@@ -107,15 +108,17 @@ def _write(path: Path, data: np.ndarray, crs: CRS, transform: Affine, nodata, de
 
 
 def _landcover(cfg: SynthConfig) -> np.ndarray:
-    """Spatially coherent regions: per-class smooth fields, biased by the class prior, argmax."""
+    """Spatially coherent regions: per-class smooth fields, biased by the class prior (times
+    `cfg.class_prior_scale`), argmax."""
     n = cfg.size_px
+    factor = cfg.class_prior_scale or {}
     rng = _rng(cfg, "landcover")
     best = np.full((n, n), -np.inf, dtype=np.float32)
     label = np.zeros((n, n), dtype=np.uint8)
     scales = {50: 25.0, 80: 60.0, 60: 30.0}
     for code, (prior, *_rest) in CLASSES.items():
         f = _smooth_noise(rng, (n, n), scales.get(code, 45.0)) + 0.35 * _smooth_noise(rng, (n, n), 8.0)
-        f += 0.9 * math.log(prior)
+        f += 0.9 * math.log(prior * factor.get(code, 1.0))
         better = f > best
         best[better] = f[better]
         label[better] = code
@@ -367,6 +370,9 @@ def synthesize(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
         raise ValueError(f"unknown season(s) {sorted(unknown)}: choose from {sorted(SEASONS)}")
     if cfg.size_px < 64:
         raise ValueError(f"size_px={cfg.size_px} is too small: at least 64 pixels")
+    bad = {c: v for c, v in (cfg.class_prior_scale or {}).items() if c not in CLASSES or not v > 0}
+    if bad:
+        raise ValueError(f"class_prior_scale {bad}: keys must be class codes {sorted(CLASSES)}, factors positive")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     utm_crs, utm_tr = _utm_grid(cfg)
@@ -385,8 +391,11 @@ def synthesize(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
     codes, counts = np.unique(label[label > 0], return_counts=True)
     catalog_path = out / "catalog.yaml"
     catalog_path.write_text(yaml.safe_dump(catalog_dict(cfg, s1_files), sort_keys=False))
+    config = asdict(cfg)
+    if cfg.class_prior_scale is None:  # scenes without a shift keep their description unchanged
+        del config["class_prior_scale"]
     scene = {
-        "config": asdict(cfg),
+        "config": config,
         "utm_epsg": utm_crs.to_epsg(),
         "class_fractions": {str(int(c)): float(n) / counts.sum() for c, n in zip(codes, counts)},
         "s1_class_means_db": {str(c): {"VV": v[1], "VH": v[2], "seasonal_swing": v[3]} for c, v in CLASSES.items()},

@@ -382,6 +382,35 @@ def label_savings(summary: pd.DataFrame, tasks) -> dict:
     return out
 
 
+def _mean_std(mean: float, std: float) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.3f}" if not np.isfinite(std) or std == 0 else f"{mean:.3f} ± {std:.3f}"
+
+
+def label_efficiency_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The curves as a table: per task, the test score of the primary metric (mean ± std over
+    draws) at each n, for the embedding curve (best probe on val at each n) and each baseline's
+    best probe on val (the CNN for scratch); columns n=25, ..., all."""
+    rows = []
+    for task in summary.task.unique():
+        metric, higher = _primary(task)
+        lines = {"embeddings": {c["n"]: (c["mean"], c["std"]) for c in embedding_curve(summary, task)}}
+        for source in ("pixel_stats", "scratch"):
+            part = summary[(summary.task == task) & (summary.source == source)]
+            probe = "cnn" if source == "scratch" else _best_by_val(summary, task, source)
+            if probe is None or part.empty:
+                continue
+            lines[f"{source} ({probe})"] = {int(n): _test_mean(summary, task, source, probe, metric, int(n))
+                                            for n in sorted(part.n.unique())}
+        n_all = int(summary[summary.task == task].n.max())
+        for source, curve in lines.items():
+            row = {"task": task, "metric": f"{metric} ({'higher' if higher else 'lower'} is better)", "features": source}
+            row.update({("all" if n == n_all else f"n={n}"): _mean_std(*v) for n, v in sorted(curve.items())})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def plot_curves(summary: pd.DataFrame, tasks, out_dir: Path, title: str = "") -> list[Path]:
     import matplotlib
 
@@ -556,61 +585,90 @@ def mmd_permutation_pvalue(x: np.ndarray, y: np.ndarray, permutations: int = 200
 
 # ------------------------------------------------------------------------- region transfer
 
-def run_region_generalization(store: str, features_root: str, tracking_uri: str = "sqlite:///mlflow.db",
-                              model: str | None = None, version: str | None = None,
-                              tasks: tuple[str, ...] = ("landcover", "water", "tree_cover"), probe: str = "linear",
-                              axis: str = "x", holdout: float = 0.3, seed: int = 0,
-                              experiment: str = "sarflow-downstream", out_dir: str | None = None) -> dict:
-    """Trains a probe in one half of the scene (west/east along `axis` x, or south/north for
-    y), tests it on held-out chips of the same half (in-region) and of the other half
-    (out-of-region), both ways; reports the error gap next to the embedding shift between the
-    halves: unbiased MMD² (RBF, median heuristic) with a permutation p-value, and the distance
-    between the mean embeddings (in units of the training half's per-dimension std).
+REGION_TASKS = ("landcover", "water", "tree_cover")
+SYNTH_REGION_PAIRS = (("A", "B_same"), ("A", "B_shifted"), ("B_same", "A"), ("B_shifted", "A"))
 
-    Error = 1 - macro-F1 for landcover, 1 - mAP for presence, RMSE for regressions. Chips are
-    assigned to halves by their centre; the held-out `holdout` fraction of each half is drawn
-    with `seed`. Embeddings and labels come through Feast, as in `run_probes`."""
+
+@dataclass
+class Region:
+    """One region's chips: features (chips, dim; NaN = missing), labels (LABEL_COLUMNS), and
+    boolean masks of the chips a probe trains on and of the held-out chips it is tested on."""
+    name: str
+    x: np.ndarray
+    labels: pd.DataFrame
+    train: np.ndarray
+    test: np.ndarray
+
+
+def _check_region_args(tasks: tuple[str, ...], probe: str, axis: str = "x") -> None:
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise InputError(",".join(bad), f"unknown task(s): choose from {list(TASKS)}")
+    if probe not in PROBES:
+        raise InputError(probe, f"unknown probe: choose from {list(PROBES)}")
+    if axis not in ("x", "y"):
+        raise InputError(axis, "axis must be x (west/east) or y (south/north)")
+
+
+def _shift(a: Region, b: Region, seed: int) -> dict[str, float]:
+    """Shift from a's train chips to all of b's chips (and, for reference, to a's held-out chips),
+    in features standardized by a's train mean and std (a missing value counts as the mean)."""
+    xa = a.x[a.train].astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features
+        mu, sd = np.nanmean(xa, 0), np.nanstd(xa, 0) + 1e-8
+
+    def z(x: np.ndarray) -> np.ndarray:
+        return np.nan_to_num((x - mu) / sd, nan=0.0, posinf=0.0, neginf=0.0)
+
+    za, zb, zin = z(xa), z(b.x), z(a.x[a.test])
+    return {"mmd2": mmd2_rbf(za, zb), "mmd2_in_region": mmd2_rbf(za, zin),
+            "mmd_pvalue": mmd_permutation_pvalue(za, zb, permutations=100, seed=seed),
+            "mean_distance": float(np.linalg.norm(zb.mean(0))), "mean_distance_in_region": float(np.linalg.norm(zin.mean(0)))}
+
+
+def region_transfer(regions: dict[str, Region], pairs, tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear",
+                    seed: int = 0, tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "sarflow-downstream",
+                    out_dir: str | None = None, lineage_store: str | None = None, params: dict | None = None,
+                    tags: dict | None = None, extra: dict | None = None) -> dict:
+    """For each (a, b) of `pairs`: a probe trained on a's train chips, tested on a's held-out
+    chips (in-region) and on b's (out-of-region); the error gap next to the shift from a to b:
+    unbiased MMD² (RBF, median heuristic) with a permutation p-value, and the distance between
+    the mean features in units of a's train std (`_shift`).
+
+    Error = 1 - macro-F1 for landcover, 1 - mAP for presence, RMSE for regressions. Writes
+    region_generalization.csv and region.json into `out_dir`, logs a MLflow run
+    "region-generalization" (lineage of `lineage_store`, `params`, `tags`, the table as
+    artifact downstream/region_generalization.csv) and returns {"rows", "shift", "table",
+    "json", "run_id", **extra}."""
     import mlflow
 
     from sarflow.tracking import dataset_lineage, setup_mlflow
 
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        raise InputError(",".join(bad), f"unknown task(s): choose from {list(TASKS)}")
-    if axis not in ("x", "y"):
-        raise InputError(axis, "axis must be x (west/east) or y (south/north)")
-    if probe not in PROBES:
-        raise InputError(probe, f"unknown probe: choose from {list(PROBES)}")
-    data = load_probe_data(store, features_root, model, version)
-    coord = data.centroid[:, 0 if axis == "x" else 1]
-    cut = float(np.median(coord))
-    names = ("west", "east") if axis == "x" else ("south", "north")
-    region = np.where(coord <= cut, names[0], names[1])
-    rng = np.random.default_rng(seed)
-    held = np.zeros(len(region), bool)
-    for r in names:
-        idx = np.flatnonzero(region == r)
-        held[rng.choice(idx, size=max(2, int(round(holdout * len(idx)))), replace=False)] = True
-    rows, shift = [], {}
-    for a, b in (names, names[::-1]):
-        tr_a = (region == a) & ~held
-        te_a, te_b = (region == a) & held, (region == b) & held
-        xa, xb = data.x[tr_a], data.x[region == b]
-        sd = data.x[tr_a].std(0) + 1e-8
-        shift[f"{a}->{b}"] = {
-            "mmd2": mmd2_rbf(xa, xb), "mmd2_in_region": mmd2_rbf(xa, data.x[te_a]),
-            "mmd_pvalue": mmd_permutation_pvalue(xa, xb, permutations=100, seed=seed),
-            "mean_distance": float(np.linalg.norm((xa.mean(0) - xb.mean(0)) / sd)),
-            "mean_distance_in_region": float(np.linalg.norm((xa.mean(0) - data.x[te_a].mean(0)) / sd)),
-        }
+    _check_region_args(tasks, probe)
+    unknown = {r for pair in pairs for r in pair} - set(regions)
+    if unknown:
+        raise InputError(",".join(sorted(unknown)), f"unknown region(s): have {sorted(regions)}")
+    for r in regions.values():
+        if r.train.sum() < 2 or r.test.sum() < 2:
+            raise InputError(r.name, f"region {r.name} has {int(r.train.sum())} train and {int(r.test.sum())} held-out "
+                                     "chips: at least 2 of each are needed")
+    impute = any(np.isnan(r.x).any() for r in regions.values())
+    rows, shift, fits = [], {}, {}
+    for a, b in pairs:
+        ra, rb = regions[a], regions[b]
+        shift[f"{a}->{b}"] = _shift(ra, rb, seed)
         for task in tasks:
-            y, valid = task_target(task, data.labels, features_root)
-            tr, ia, ib = tr_a & valid, te_a & valid, te_b & valid
-            if tr.sum() < 2 or ia.sum() == 0 or ib.sum() == 0:
+            ya, va = task_target(task, ra.labels, a)
+            yb, vb = task_target(task, rb.labels, b)
+            tr, ia, ib = ra.train & va, ra.test & va, rb.test & vb
+            if tr.sum() < 2 or not ia.any() or not ib.any():
                 continue
-            m = fit_probe(probe, task, data.x[tr], y[tr], seed=seed)
+            if (a, task) not in fits:  # one probe per training region and task, whatever it is tested on
+                fits[a, task] = fit_probe(probe, task, ra.x[tr], ya[tr], seed=seed, impute=impute)
+            m = fits[a, task]
             metric, higher = _primary(task)
-            s_in, s_out = score(task, m, data.x[ia], y[ia])[metric], score(task, m, data.x[ib], y[ib])[metric]
+            s_in, s_out = score(task, m, ra.x[ia], ya[ia])[metric], score(task, m, rb.x[ib], yb[ib])[metric]
             err_in, err_out = (1 - s_in, 1 - s_out) if higher else (s_in, s_out)
             rows.append({"train": a, "test_out": b, "task": task, "probe": probe, "metric": metric,
                          "in_region": s_in, "out_region": s_out, "error_in": err_in, "error_out": err_out,
@@ -621,13 +679,10 @@ def run_region_generalization(store: str, features_root: str, tracking_uri: str 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "region_generalization.csv"
     table.to_csv(path, index=False)
-    lineage = dataset_lineage(store)
+    lineage = dataset_lineage(lineage_store) if lineage_store else {}
     exp_id = setup_mlflow(tracking_uri, experiment)
-    with mlflow.start_run(experiment_id=exp_id, run_name="region-generalization",
-                          tags={**lineage, "sarflow.embeddings_model": data.model,
-                                "sarflow.embeddings_version": data.version}) as run:
-        mlflow.log_params({"axis": axis, "probe": probe, "holdout": holdout, "seed": seed, "cut": cut,
-                           "tasks": ",".join(tasks)})
+    with mlflow.start_run(experiment_id=exp_id, run_name="region-generalization", tags={**lineage, **(tags or {})}) as run:
+        mlflow.log_params({"probe": probe, "seed": seed, "tasks": ",".join(tasks), **(params or {})})
         for r in rows:
             key = f"{r['task']}_{r['train']}_to_{r['test_out']}"
             mlflow.log_metrics({f"{key}_error_in": r["error_in"], f"{key}_error_out": r["error_out"],
@@ -637,11 +692,87 @@ def run_region_generalization(store: str, features_root: str, tracking_uri: str 
         mlflow.log_artifact(str(path), artifact_path="downstream")
         if len(table):
             mlflow.log_table(table, artifact_file="downstream/region_generalization.json")
-    result = {"run_id": run.info.run_id, "table": str(path), "rows": rows, "shift": shift,
-              "embeddings": {"model": data.model, "version": data.version}}
+    result = {"run_id": run.info.run_id, "table": str(path), "rows": rows, "shift": shift, **(extra or {})}
     (out / "region.json").write_text(json.dumps(result, indent=1, default=str))
     result["json"] = str(out / "region.json")
     return result
+
+
+def _probe_region(name: str, data: ProbeData) -> Region:
+    return Region(name, data.x, data.labels, data.split == "train", data.split == "test")
+
+
+def run_region_generalization(store: str, features_root: str, tracking_uri: str = "sqlite:///mlflow.db",
+                              model: str | None = None, version: str | None = None,
+                              tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear",
+                              axis: str = "x", holdout: float = 0.3, seed: int = 0,
+                              experiment: str = "sarflow-downstream", out_dir: str | None = None,
+                              other: str | None = None, other_features_root: str | None = None) -> dict:
+    """Region transfer (`region_transfer`) on embeddings and labels read through Feast, as in
+    `run_probes`, both ways between two regions:
+
+    - without `other`: the two halves of the store's scene, west/east along `axis` x (or
+      south/north for y), chips assigned by their centre; a `holdout` fraction of each half,
+      drawn with `seed`, is held out, the rest trains;
+    - with `other`: `store` (region A, embeddings under `features_root`) and `other` (region
+      B, under `other_features_root`, default `features_root`); each store's train split
+      trains and its test split is held out. Both must have embeddings of one model and
+      version (`model`/`version`, default the newest in each root), else an InputError."""
+    _check_region_args(tasks, probe, axis)
+    if other is None:
+        data = load_probe_data(store, features_root, model, version)
+        coord = data.centroid[:, 0 if axis == "x" else 1]
+        cut = float(np.median(coord))
+        names = ("west", "east") if axis == "x" else ("south", "north")
+        in_a = coord <= cut
+        rng = np.random.default_rng(seed)
+        held = np.zeros(len(coord), bool)
+        for mask in (in_a, ~in_a):
+            idx = np.flatnonzero(mask)
+            held[rng.choice(idx, size=max(2, int(round(holdout * len(idx)))), replace=False)] = True
+        regions = {n: Region(n, data.x, data.labels, mask & ~held, mask & held) for n, mask in zip(names, (in_a, ~in_a))}
+        params = {"regions": "halves", "axis": axis, "holdout": holdout, "cut": cut}
+        embeddings = {"model": data.model, "version": data.version}
+    else:
+        other_root = other_features_root or features_root
+        pa, pb = _select_partition(features_root, model, version), _select_partition(other_root, model, version)
+        if pa != pb:
+            raise InputError(f"{features_root} | {other_root}",
+                             f"the regions' embeddings differ: {store} has {pa[0]} v{pa[1]} (under {features_root}), "
+                             f"{other} has {pb[0]} v{pb[1]} (under {other_root}); embed both with one model and "
+                             "version, or choose one with --model/--version")
+        regions = {"A": _probe_region("A", load_probe_data(store, features_root, *pa)),
+                   "B": _probe_region("B", load_probe_data(other, other_root, *pb))}
+        names = ("A", "B")
+        params = {"regions": "stores", "store_A": store, "store_B": other, "features_root_A": features_root,
+                  "features_root_B": other_root}
+        embeddings = {"model": pa[0], "version": pa[1]}
+    return region_transfer(regions, (names, names[::-1]), tasks, probe, seed, tracking_uri, experiment, out_dir,
+                           lineage_store=store, params=params,
+                           tags={"sarflow.embeddings_model": embeddings["model"],
+                                 "sarflow.embeddings_version": embeddings["version"]},
+                           extra={"embeddings": embeddings})
+
+
+def run_region_stores(stores: dict[str, str], pairs=SYNTH_REGION_PAIRS, encoder_uri: str | None = None,
+                      tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear", seed: int = 0,
+                      tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "sarflow-downstream",
+                      out_dir: str | None = None) -> dict:
+    """Region transfer between whole stores (region name -> store; e.g. `synth_region_stores`)
+    on features computed from the chips, no Feast needed: `ablation_features` of every
+    modality (raw-pixel statistics, or the encoder `encoder_uri`), labels from `chip_labels`;
+    each store's train split trains and its test split is held out."""
+    _check_region_args(tasks, probe)
+    regions = {}
+    for name, store in stores.items():
+        labels, split = store_labels(store)
+        regions[name] = Region(name, ablation_features(store, ABLATION_SETS["fused"], encoder_uri), labels,
+                               split == "train", split == "test")
+    features = encoder_uri or "pixel_stats"
+    return region_transfer(regions, pairs, tasks, probe, seed, tracking_uri, experiment, out_dir,
+                           lineage_store=next(iter(stores.values())),
+                           params={"regions": "stores", "features": features, **{f"store_{k}": v for k, v in stores.items()}},
+                           tags={"sarflow.features": features}, extra={"features": features, "stores": dict(stores)})
 
 
 # ------------------------------------------------------------------------- modality ablation
@@ -682,20 +813,63 @@ def ablation_features(store: str, modalities: tuple[str, ...], encoder_uri: str 
     return np.concatenate(out).astype(np.float32)
 
 
+def _synth_store(base: Path, cfg, options=None) -> str:
+    """Synthesizes a scene (`SynthConfig` cfg) under base/scene and tiles it into base/chips.zarr."""
+    from sarflow.catalog import load_catalog
+    from sarflow.synth import synthesize
+    from sarflow.tile import TileOptions, tile
+
+    cat = synthesize(base / "scene", cfg)
+    return str(tile(load_catalog(cat), base / "chips.zarr", options or TileOptions(), show_progress=False))
+
+
 def synth_ablation_stores(folder: str | Path, size_px: int = 384, seed: int = 7, chip_size: int = 32,
                           clouded: float = 0.6) -> dict[str, str]:
     """Two synthetic scenes with the same seed (so the same land cover), one without clouds and
     one with `clouded` cloud cover, tiled into stores: {"clear": store, "clouded": store}."""
-    from sarflow.catalog import load_catalog
-    from sarflow.synth import SynthConfig, synthesize
-    from sarflow.tile import TileOptions, tile
+    from sarflow.synth import SynthConfig
 
-    out = {}
-    for cond, frac in (("clear", 0.0), ("clouded", clouded)):
-        base = Path(folder) / cond
-        cat = synthesize(base / "scene", SynthConfig(size_px=size_px, seed=seed, chip_size=chip_size, cloud_fraction=frac))
-        out[cond] = str(tile(load_catalog(cat), base / "chips.zarr", TileOptions(), show_progress=False))
-    return out
+    return {cond: _synth_store(Path(folder) / cond, SynthConfig(size_px=size_px, seed=seed, chip_size=chip_size,
+                                                               cloud_fraction=frac))
+            for cond, frac in (("clear", 0.0), ("clouded", clouded))}
+
+
+def shifted_priors(shift: float) -> dict[int, float]:
+    """Class-prior factors of a shifted region: built-up and water x (1 + shift), trees / (1 + shift)."""
+    if not shift >= 0:
+        raise InputError(str(shift), "shift must be at least 0")
+    return {50: 1 + shift, 80: 1 + shift, 10: 1 / (1 + shift)}
+
+
+def synth_region_stores(folder: str | Path, size_px: int = 384, seed_a: int = 7, seed_b: int = 8, shift: float = 2.0,
+                        chip_size: int = 32) -> dict[str, str]:
+    """Three synthetic regions tiled into stores: {"A": seed_a, "B_same": seed_b with the same
+    class mix, "B_shifted": seed_b with `shifted_priors(shift)`} (B_same and B_shifted share
+    their random fields: they differ by the class mix only). Block-split with 2x2-chip cells
+    and 30% test chips, so that small scenes have enough held-out chips."""
+    from sarflow.synth import SynthConfig
+    from sarflow.tile import TileOptions
+
+    if seed_a == seed_b:
+        raise InputError(str(seed_b), "seed_b must differ from seed_a (region B is another scene)")
+    options = TileOptions(split_block=2, split_fractions=(0.6, 0.1, 0.3))
+    configs = {"A": SynthConfig(size_px=size_px, seed=seed_a, chip_size=chip_size),
+               "B_same": SynthConfig(size_px=size_px, seed=seed_b, chip_size=chip_size),
+               "B_shifted": SynthConfig(size_px=size_px, seed=seed_b, chip_size=chip_size,
+                                        class_prior_scale=shifted_priors(shift))}
+    return {name: _synth_store(Path(folder) / name, cfg, options) for name, cfg in configs.items()}
+
+
+def store_labels(store: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Labels (`chip_labels`) and split of every chip of the store, in store order."""
+    from sarflow.features.labels import chip_labels
+    from sarflow.training.data import read_chip_table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = pd.read_parquet(chip_labels(store, tmp))
+    chips = read_chip_table(store).sort_values("index").reset_index(drop=True)
+    labels = labels.set_index("chip_id").reindex(chips.chip_id).reset_index(drop=True)
+    return labels, chips["split"].to_numpy()
 
 
 def run_ablation(stores: dict[str, str], tracking_uri: str = "sqlite:///mlflow.db", encoder_uri: str | None = None,
@@ -712,31 +886,25 @@ def run_ablation(stores: dict[str, str], tracking_uri: str = "sqlite:///mlflow.d
     to MLflow."""
     import mlflow
 
-    from sarflow.features.labels import chip_labels
     from sarflow.tracking import dataset_lineage, setup_mlflow
-    from sarflow.training.data import read_chip_table
 
     if not stores:
         raise InputError("stores", "no stores to ablate on")
     if probe not in PROBES:
         raise InputError(probe, f"unknown probe: choose from {list(PROBES)}")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for cond, store in stores.items():
-            labels = pd.read_parquet(chip_labels(store, Path(tmp) / cond))
-            chips = read_chip_table(store).sort_values("index").reset_index(drop=True)
-            labels = labels.set_index("chip_id").reindex(chips.chip_id).reset_index(drop=True)
-            split = chips["split"].to_numpy()
-            for mset, mods in ABLATION_SETS.items():
-                feats = ablation_features(store, mods, encoder_uri)
-                row = {"condition": cond, "modalities": mset}
-                for task, metric in (("landcover", "macro_f1"), ("water", "rmse")):
-                    y, valid = task_target(task, labels, store)
-                    tr, te = valid & (split == "train"), valid & (split == "test")
-                    vals = [score(task, fit_probe(probe, task, feats[tr], y[tr], seed=seed + d, impute=True),
-                                  feats[te], y[te])[metric] for d in range(draws if probe == "mlp" else 1)]
-                    row[f"{task}_{metric}"] = float(np.mean(vals))
-                rows.append(row)
+    for cond, store in stores.items():
+        labels, split = store_labels(store)
+        for mset, mods in ABLATION_SETS.items():
+            feats = ablation_features(store, mods, encoder_uri)
+            row = {"condition": cond, "modalities": mset}
+            for task, metric in (("landcover", "macro_f1"), ("water", "rmse")):
+                y, valid = task_target(task, labels, store)
+                tr, te = valid & (split == "train"), valid & (split == "test")
+                vals = [score(task, fit_probe(probe, task, feats[tr], y[tr], seed=seed + d, impute=True),
+                              feats[te], y[te])[metric] for d in range(draws if probe == "mlp" else 1)]
+                row[f"{task}_{metric}"] = float(np.mean(vals))
+            rows.append(row)
     table = pd.DataFrame(rows)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="sarflow-ablation-"))
     out.mkdir(parents=True, exist_ok=True)
