@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo results test test-fast bench clean
 
 setup: $(STAMP) gdal
 
@@ -23,6 +23,10 @@ gdal:
 
 demo: setup
 	$(VENV)/bin/sarflow demo --out demo-output
+
+# every downstream result on top of the demo's output, gathered into one MLflow results report
+results: setup
+	scripts/results.sh demo-output
 
 test: setup
 	$(PY) -m pytest -q

@@ -99,26 +99,50 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
 
 
 @downstream_app.command()
-def region(store: str = typer.Argument(..., help="chip store"), features_root: Path = RootOpt, tracking_uri: str = UriOpt,
+def region(store: Optional[str] = typer.Argument(None, help="chip store: its two halves are the regions, or region A "
+                                                            "with --other"),
+           features_root: Path = RootOpt, tracking_uri: str = UriOpt,
            model: Optional[str] = typer.Option(None), version: Optional[str] = typer.Option(None),
            task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default landcover, water, tree_cover)"),
-           axis: str = typer.Option("x", help="x: west/east halves, y: south/north"),
+           axis: str = typer.Option("x", help="halves of STORE; x: west/east, y: south/north"),
+           other: Optional[str] = typer.Option(None, "--other", help="a second chip store: region B"),
+           other_features_root: Optional[Path] = typer.Option(None, "--other-features-root",
+                                                              help="features root of --other (default --features-root)"),
+           synth: Optional[Path] = typer.Option(None, help="synthesize regions A, B_same and B_shifted here instead of STORE"),
+           shift: float = typer.Option(2.0, help="B_shifted's class mix: built-up and water x (1 + S), trees / (1 + S)"),
+           size_px: int = typer.Option(512, help="side of the synthesized scenes"),
+           encoder: Optional[str] = typer.Option(None, help="with --synth: multimodal encoder URI; default raw-pixel statistics"),
            probe_name: str = typer.Option("linear", "--probe"), experiment: str = ExpOpt,
            out_dir: Optional[Path] = typer.Option(None)) -> None:
-    """Train in one half of the scene, test in both halves; error gap next to MMD and mean-embedding distance."""
-    from sarflow.downstream.probes import run_region_generalization
+    """Train in one region, test in-region and out-of-region, both ways; error gap next to MMD and mean-embedding distance."""
+    from sarflow.downstream.probes import (REGION_TASKS, SYNTH_REGION_PAIRS, run_region_generalization,
+                                           run_region_stores, synth_region_stores)
 
+    tasks = tuple(task or REGION_TASKS)
+    out = str(out_dir) if out_dir else None
     try:
-        r = run_region_generalization(store, str(features_root), tracking_uri, model=model, version=version,
-                                      tasks=tuple(task or ("landcover", "water", "tree_cover")), probe=probe_name,
-                                      axis=axis, experiment=experiment, out_dir=str(out_dir) if out_dir else None)
+        if synth is not None:
+            if store or other:
+                raise InputError(str(synth), "give STORE (and --other) or --synth DIR, not both")
+            stores = synth_region_stores(synth, size_px=size_px, shift=shift)
+            r = run_region_stores(stores, SYNTH_REGION_PAIRS, encoder_uri=encoder, tasks=tasks, probe=probe_name,
+                                  tracking_uri=tracking_uri, experiment=experiment, out_dir=out)
+        elif store is None:
+            raise InputError("region", "give a chip STORE (its halves, or region A with --other STORE), or --synth DIR")
+        else:
+            r = run_region_generalization(store, str(features_root), tracking_uri, model=model, version=version,
+                                          tasks=tasks, probe=probe_name, axis=axis, experiment=experiment, out_dir=out,
+                                          other=other, other_features_root=str(other_features_root) if other_features_root else None)
     except SarflowError as e:
         fail(e)
-    typer.echo(f"{'train->test':<14}{'task':<12}{'metric':<10}{'in':>8}{'out':>8}{'gap':>8}{'MMD2':>9}{'mean d':>8}")
+    typer.echo(f"{'train':<11}{'target':<11}{'task':<12}{'metric':<10}{'in':>8}{'out':>8}{'err gap':>9}{'MMD2':>9}"
+               f"{'p':>7}{'mean d':>8}")
     for row in r["rows"]:
-        typer.echo(f"{row['train'] + '->' + row['test_out']:<14}{row['task']:<12}{row['metric']:<10}{row['in_region']:>8.3f}"
-                   f"{row['out_region']:>8.3f}{row['error_gap']:>8.3f}{row['mmd2']:>9.4f}{row['mean_distance']:>8.2f}")
+        typer.echo(f"{row['train']:<11}{row['test_out']:<11}{row['task']:<12}{row['metric']:<10}{row['in_region']:>8.3f}"
+                   f"{row['out_region']:>8.3f}{row['error_gap']:>9.3f}{row['mmd2']:>9.4f}{row['mmd_pvalue']:>7.3f}"
+                   f"{row['mean_distance']:>8.2f}")
     typer.echo(f"json: {r['json']}")
+
 
 
 @downstream_app.command()
@@ -130,8 +154,11 @@ def report(tracking_uri: str = UriOpt,
            out_dir: Optional[Path] = typer.Option(None, help="where report.md/report.html go (default: a temp folder)")) -> None:
     """One MLflow run gathering every result table and plot: label efficiency, modality ablation,
     region generalization, segmentation, LLP (synthetic and real)."""
+    import os
+
     from sarflow.downstream.results_report import SECTIONS, build_results_report
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per section instead
     try:
         r = build_results_report(tracking_uri, experiments=experiment_filter, experiment=experiment,
                                  out_dir=str(out_dir) if out_dir else None, strict=strict)

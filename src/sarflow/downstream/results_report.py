@@ -59,35 +59,10 @@ class Section:
     command: str  # how to produce the section
 
 
-def _fmt(mean: float, std: float | None = None) -> str:
-    if mean is None or not np.isfinite(mean):
-        return "–"
-    return f"{mean:.3f}" if std is None or not np.isfinite(std) or std == 0 else f"{mean:.3f} ± {std:.3f}"
+def label_efficiency(runs: list[SourceRun]) -> pd.DataFrame:
+    from sarflow.downstream.probes import label_efficiency_table
 
-
-def label_efficiency_table(runs: list[SourceRun]) -> pd.DataFrame:
-    """Test score of the primary metric per task, source and n (mean ± std over draws): the
-    embedding curve (best probe on val at each n) and each baseline's best probe on val."""
-    from sarflow.downstream import probes as p
-
-    summary = pd.read_csv(runs[0].artifacts / "downstream" / "curves_summary.csv")
-    rows = []
-    for task in summary.task.unique():
-        metric, higher = p.PRIMARY_METRIC[task]
-        metric = metric.removeprefix("test_")
-        lines = {"embeddings": {c["n"]: (c["mean"], c["std"]) for c in p.embedding_curve(summary, task)}}
-        for source in ("pixel_stats", "scratch"):
-            probe = "cnn" if source == "scratch" else p._best_by_val(summary, task, source)
-            if probe is None or summary[(summary.task == task) & (summary.source == source)].empty:
-                continue
-            ns = sorted(summary[(summary.task == task) & (summary.source == source)].n.unique())
-            lines[f"{source} ({probe})"] = {int(n): p._test_mean(summary, task, source, probe, metric, int(n)) for n in ns}
-        n_all = int(summary[summary.task == task].n.max())
-        for source, curve in lines.items():
-            row = {"task": task, "metric": f"{metric} ({'↑' if higher else '↓'})", "features": source}
-            row.update({("all" if n == n_all else f"n={n}"): _fmt(*v) for n, v in sorted(curve.items())})
-            rows.append(row)
-    return pd.DataFrame(rows)
+    return label_efficiency_table(pd.read_csv(runs[0].artifacts / "downstream" / "curves_summary.csv"))
 
 
 def _csv_table(path: str, columns: tuple[str, ...] = ()) -> Callable[[list[SourceRun]], pd.DataFrame]:
@@ -116,13 +91,13 @@ def segmentation_table(runs: list[SourceRun]) -> pd.DataFrame:
 
 SECTIONS = (
     Section("label_efficiency", "Label efficiency: probes on frozen embeddings vs baselines", ("probes",), None,
-            label_efficiency_table, "downstream", "sarflow downstream probe STORE"),
+            label_efficiency, "downstream", "sarflow downstream probe STORE"),
     Section("modality_ablation", "Modality ablation: SAR vs optical vs fused, clear and clouded", ("modality-ablation",),
             None, _csv_table("downstream/modality_ablation.csv"), "downstream", "sarflow downstream ablation --synth DIR"),
     Section("region_generalization", "Region generalization: error gap next to the embedding shift",
             ("region-generalization",), None,
             _csv_table("downstream/region_generalization.csv",
-                       ("train", "test_out", "target", "task", "probe", "metric", "in_region", "out_region",
+                       ("train", "test_out", "task", "probe", "metric", "in_region", "out_region",
                         "error_in", "error_out", "error_gap", "mmd2", "mmd_pvalue", "mean_distance")),
             "downstream", "sarflow downstream region STORE"),
     Section("segmentation", "Segmentation: ViT head vs U-Net from scratch (test mIoU, nodata excluded)",
