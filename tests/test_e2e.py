@@ -9,7 +9,10 @@ read the products back the way another user would (zarr, DVC files, MLflow, Feas
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +107,17 @@ def test_demo_runs_the_end_to_end_pipeline_under_kfp_local(tmp_path):
     _check_products(summary, out)
     assert summary["dvc"]["pushed"] is True and Path(summary["dvc"]["remote"]).is_dir()
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{out / 'mlflow.db'}"
+
+    # `make results` on top of the demo: every other section joins one results report
+    done = subprocess.run(["scripts/results.sh", str(out), str(tmp_path / "no-real-data")], capture_output=True,
+                          text=True, env={**os.environ, "SARFLOW_BIN": str(Path(sys.executable).parent)}, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the real LLP case is left out" in done.stdout
+    report = json.loads((out / "results" / "report.json").read_text())
+    assert report["missing"] == ["llp_real"], report
+    assert report["sections"]["label_efficiency"] == [summary["mlflow"]["probes_run"]]
+    assert report["sections"]["llp"] == [summary["mlflow"]["llp_run"]]
+    assert Path(report["html"]).read_text().count("<table") == 5
 
 
 def _postgres_and_redis_or_skip() -> None:

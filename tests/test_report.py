@@ -154,3 +154,12 @@ def test_cli_report(produced, tmp_path):
                                          "--out-dir", str(tmp_path / "strict")])
     assert bad.exit_code == 2 and "error:" in bad.output and "sections never run" in bad.output
     assert not (tmp_path / "strict").exists()
+
+
+def test_results_script_refuses_a_folder_without_a_demo(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "results.sh"
+    done = subprocess.run([str(script), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and f"{tmp_path}/summary.json: no finished demo here" in done.stderr
+    assert list(tmp_path.iterdir()) == []
