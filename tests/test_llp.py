@@ -11,7 +11,7 @@ import zarr
 
 from sarflow.downstream.kdm import KDM
 from sarflow.downstream.llp import (InstanceClassifier, StridedConvLLP, bag_loss, bag_matrix, chip_bags,
-                                    evaluate_proportions, train_llp)
+                                    evaluate_proportions, select_steps, train_llp)
 
 CLASSES = [10, 20, 30, 40, 50, 60, 80, 90]
 
@@ -88,6 +88,30 @@ def test_llp_recovers_chip_labels_better_than_the_mean_baseline(llp_case, model_
         pred = model.instance(inp).numpy()
     metrics = evaluate_proportions(pred, llp_case["truth"], mean_prop)
     assert metrics["proportion_mae"] < 0.8 * metrics["baseline_mae"], metrics
+
+
+def test_select_steps_picks_the_lowest_held_out_bag_loss(llp_case):
+    a, target, _ = _setup(llp_case)
+    x, k = llp_case["x"], len(CLASSES)
+
+    def make():
+        torch.manual_seed(0)
+        return InstanceClassifier(x.shape[1], k)
+
+    best, curve = select_steps(make, x, a, target, steps=95, lr=0.1, seed=3, val_fraction=0.25, every=10)
+    assert [s for s, _ in curve] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 95]
+    assert best == min(curve, key=lambda c: c[1])[0]
+    # the held-out loss is the loss of the model trained on the other bags only: recompute it at `best`
+    order = torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(3))
+    n_val = round(0.25 * a.shape[0])
+    val, fit = order[:n_val], order[n_val:]
+    model = make()
+    train_llp(model, x, a[fit], target[fit], steps=best, lr=0.1, seed=3)
+    with torch.no_grad():
+        held_out = bag_loss(a[val] @ model.instance(x), target[val], "kl").item()
+    assert held_out == pytest.approx(dict(curve)[best], rel=1e-4)
+    assert select_steps(make, x, a, target, steps=95, lr=0.1, seed=3) == (best, curve)  # deterministic
+    assert select_steps(make, x, a[:2], target[:2], steps=40) == (40, [])  # too few bags to hold any out
 
 
 def test_kdm_bag_prediction_is_the_weighted_mean_of_instance_predictions():

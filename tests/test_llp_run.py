@@ -199,6 +199,8 @@ def test_bad_inputs_name_the_file(scene, tmp_path):
     assert e.value.where == str(absent)
     with pytest.raises(InputError):
         run_llp(_cfg(scene, models=("svm",)))
+    with pytest.raises(InputError, match="not a fraction of the training bags"):
+        run_llp(_cfg(scene, val_fraction=1.0))
 
 
 def test_cli_trains_from_a_label_raster_and_reports_errors(scene, tmp_path):

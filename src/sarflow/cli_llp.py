@@ -41,6 +41,8 @@ def train(
     loss: str = typer.Option("kl", "--loss", help="kl, mse or ce"),
     steps: int = typer.Option(300, "--steps"),
     lr: float = typer.Option(0.03, "--lr"),
+    val_fraction: float = typer.Option(0.25, "--val-fraction",
+                                       help="training bags held out to choose the steps (0: train --steps)"),
     classes: Optional[List[int]] = typer.Option(None, "--classes", help="class codes (default: those of the stats)"),
     split: str = typer.Option("bags", "--split", help="bags (held-out bags) or store (the store's split)"),
     bag_sizes: List[int] = typer.Option([1, 2, 4, 8], "--bag-size", help="merge factors for the bag-size curve"),
@@ -57,7 +59,7 @@ def train(
     try:
         cfg = LLPConfig(store=store, tracking_uri=tracking_uri, polygons=polygons, id_column=id_column, stats=stats,
                         label_raster=label_raster, features_root=features_root, model=model, version=version,
-                        models=tuple(models), loss=loss, steps=steps, lr=lr,
+                        models=tuple(models), loss=loss, steps=steps, lr=lr, val_fraction=val_fraction,
                         classes=tuple(classes) if classes else None, split=split, bag_sizes=tuple(bag_sizes),
                         experiment=experiment, task=task, register=register, seed=seed, out_dir=out_dir)
         result = run_llp(cfg)

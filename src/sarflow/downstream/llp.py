@@ -135,11 +135,13 @@ def bag_matrix(bags: Bags, n_rows: int, row_of: dict[int, int]) -> tuple[torch.T
 
 
 def train_llp(model: nn.Module, x: torch.Tensor, a: torch.Tensor, target: torch.Tensor, loss: str = "kl",
-              steps: int = 300, lr: float = 0.05, seed: int = 0, num_threads: int | None = 1) -> list[float]:
+              steps: int = 300, lr: float = 0.05, seed: int = 0, num_threads: int | None = 1,
+              after_step=None) -> list[float]:
     """Full-batch training on bag proportions: bag predictions are A @ p(y | x).
 
     `num_threads` caps torch's CPU threads while training (restored after): these models are
-    tiny, and on a shared CPU more threads only contend (10-50x slower); None leaves it."""
+    tiny, and on a shared CPU more threads only contend (10-50x slower); None leaves it.
+    `after_step(step, model)` is called after every optimizer step (1-based)."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
@@ -147,16 +149,44 @@ def train_llp(model: nn.Module, x: torch.Tensor, a: torch.Tensor, target: torch.
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             pred = a @ model.instance(x)
             value = bag_loss(pred, target, loss)
             opt.zero_grad()
             value.backward()
             opt.step()
             history.append(value.item())
+            if after_step is not None:
+                after_step(step, model)
     finally:
         torch.set_num_threads(threads)
     return history
+
+
+def select_steps(make_model, x: torch.Tensor, a: torch.Tensor, target: torch.Tensor, loss: str = "kl",
+                 steps: int = 300, lr: float = 0.05, seed: int = 0, val_fraction: float = 0.25,
+                 every: int = 10) -> tuple[int, list[tuple[int, float]]]:
+    """Early stopping from bag proportions alone (no chip label): a fresh `make_model()` is
+    trained on a random (1 - val_fraction) of the bags (rows of `a`) and its loss on the
+    held-out bags is read every `every` steps; returns the step with the lowest held-out loss
+    (refit on every bag for that many steps) and the curve [(step, loss)]. With fewer than two
+    bags to fit on it returns `steps`."""
+    n = a.shape[0]
+    n_val = max(1, int(round(val_fraction * n)))
+    if n - n_val < 2:
+        return steps, []
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, fit = order[:n_val], order[n_val:]
+    curve: list[tuple[int, float]] = []
+
+    def held_out_loss(step: int, model: nn.Module) -> None:
+        if step % every == 0 or step == steps:
+            with torch.no_grad():
+                curve.append((step, bag_loss(a[val] @ model.instance(x), target[val], loss).item()))
+
+    train_llp(make_model(), x, a[fit], target[fit], loss=loss, steps=steps, lr=lr, seed=seed, after_step=held_out_loss)
+    best = min(curve, key=lambda c: c[1])[0]
+    return best, curve
 
 
 def evaluate_proportions(pred: np.ndarray, truth: np.ndarray, train_bag_mean: np.ndarray) -> dict:

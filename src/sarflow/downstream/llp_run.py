@@ -39,7 +39,7 @@ from torch import nn
 
 from sarflow.downstream.kdm import KDM
 from sarflow.downstream.llp import (Bags, InstanceClassifier, StridedConvLLP, bag_matrix, chip_bags,
-                                    evaluate_proportions, train_llp)
+                                    evaluate_proportions, select_steps, train_llp)
 from sarflow.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ class LLPConfig:
     version: str | None = None
     models: tuple[str, ...] = MODELS
     loss: str = "kl"
-    steps: int = 300
+    steps: int = 300  # at most: with val_fraction > 0 the steps are chosen on held-out training bags
     lr: float = 0.03
+    val_fraction: float = 0.25  # training bags held out to choose the steps (0: train `steps`)
     classes: tuple[int, ...] | None = None  # default: the classes of the statistics
     experiment: str = "sarflow-llp"
     register: bool = True
@@ -310,9 +311,12 @@ def _pixel_scores(coarse: np.ndarray, truth_map: np.ndarray, k: int) -> dict:
 
 def fit_and_evaluate(data: LLPData, models: tuple[str, ...], train_bags: list[str], test_rows: np.ndarray, *,
                      loss: str = "kl", steps: int = 300, lr: float = 0.03, hidden: int = 32, prototypes: int = 48,
-                     stride: int = 8, seed: int = 0, num_threads: int = 1) -> dict:
+                     stride: int = 8, seed: int = 0, num_threads: int = 1, val_fraction: float = 0.25) -> dict:
     """Trains every model on the training bags' proportions; scores each on the test chips.
-    Returns {name: {"model", "metrics", "pred" (all rows), "coarse" (conv), "seconds"}}."""
+    With `val_fraction` > 0 the number of steps (at most `steps`) is chosen on held-out
+    training bags first (`select_steps`: bag proportions only), then the model is refit on
+    every training bag. Returns {name: {"model", "metrics", "pred" (all rows), "coarse"
+    (conv), "seconds"}}."""
     bags = _subset_bags(data.bags, train_bags)
     k = len(data.classes)
     in_bags = data.chips["index"].astype(int).isin(set(bags.members["index"].astype(int))).to_numpy()
@@ -332,7 +336,7 @@ def fit_and_evaluate(data: LLPData, models: tuple[str, ...], train_bags: list[st
     try:
         for name in models:
             _fit_one(name, data, out, rows, a, target, mean_prop, test_rows, k, loss, steps, lr, hidden, prototypes,
-                     stride, seed)
+                     stride, seed, val_fraction)
     finally:
         torch.set_num_threads(threads)
     out["_mean_prop"] = mean_prop
@@ -340,7 +344,7 @@ def fit_and_evaluate(data: LLPData, models: tuple[str, ...], train_bags: list[st
 
 
 def _fit_one(name, data, out, rows, a, target, mean_prop, test_rows, k, loss, steps, lr, hidden, prototypes, stride,
-             seed) -> None:
+             seed, val_fraction) -> None:
     """Trains one model on the bag matrix `a` and scores it on the test rows (into out[name])."""
     t0 = time.perf_counter()
     if name == "conv":
@@ -352,20 +356,29 @@ def _fit_one(name, data, out, rows, a, target, mean_prop, test_rows, k, loss, st
             raise InputError("models", f"the {name} model needs chip features")
         x_all = torch.from_numpy(data.features)
     x_train = x_all[rows]
-    model = _make_model(name, data, x_train, k, hidden, prototypes, stride, seed)
-    history = train_llp(model, x_train, a, target, loss=loss, steps=steps, lr=lr, seed=seed)
+
+    def make():
+        return _make_model(name, data, x_train, k, hidden, prototypes, stride, seed)
+
+    chosen, curve = (select_steps(make, x_train, a, target, loss=loss, steps=steps, lr=lr, seed=seed,
+                                  val_fraction=val_fraction) if val_fraction > 0 else (steps, []))
+    model = make()
+    history = train_llp(model, x_train, a, target, loss=loss, steps=chosen, lr=lr, seed=seed)
     model.eval()
     with torch.no_grad():
         pred = model.instance(x_all).numpy()
         coarse = model.coarse_map(x_all).numpy() if name == "conv" else None
     metrics = evaluate_proportions(pred[test_rows], data.truth[test_rows], mean_prop)
     metrics["final_loss"] = history[-1]
+    metrics["steps"] = chosen
+    if curve:
+        metrics["val_bag_loss"] = min(v for _, v in curve)
     if coarse is not None and data.truth_map is not None:
         metrics.update(_pixel_scores(coarse[test_rows], data.truth_map[test_rows], k))
     out[name] = {"model": model, "metrics": metrics, "pred": pred, "coarse": coarse,
                  "seconds": time.perf_counter() - t0}
-    log.info("LLP %s: test MAE %.4f (baseline %.4f) in %.1fs", name, metrics["proportion_mae"],
-             metrics["baseline_mae"], out[name]["seconds"])
+    log.info("LLP %s: test MAE %.4f (baseline %.4f), %d steps, in %.1fs", name, metrics["proportion_mae"],
+             metrics["baseline_mae"], chosen, out[name]["seconds"])
 
 
 def bag_size_curve(data: LLPData, train_bags: list[str], test_rows: np.ndarray, factors, model: str,
@@ -388,6 +401,18 @@ def bag_size_curve(data: LLPData, train_bags: list[str], test_rows: np.ndarray, 
 
 
 # ------------------------------------------------------------------ tables and plots
+
+def model_metrics(results: dict, names) -> dict[str, float]:
+    """Every model's test scores, final loss and chosen steps, as flat MLflow metrics `<model>_<name>`."""
+    out = {}
+    for m in names:
+        r = results[m]["metrics"]
+        for key in ("proportion_mae", "f1_macro", "iou_macro", "final_loss", "steps", "val_bag_loss",
+                    "pixel_f1_macro", "pixel_iou_macro"):
+            if key in r:
+                out[f"{m}_{key}"] = float(r[key])
+    return out
+
 
 def results_table(results: dict) -> pd.DataFrame:
     rows = []
@@ -638,6 +663,8 @@ def run_llp(cfg: LLPConfig) -> dict:
     unknown = [m for m in cfg.models if m not in MODELS]
     if unknown or not cfg.models:
         raise InputError("models", f"unknown LLP model(s) {unknown}: choose from {list(MODELS)}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise InputError("val_fraction", f"{cfg.val_fraction} is not a fraction of the training bags in [0, 1)")
     data, extra = prepare_store_data(cfg)
     out = _out_dir(cfg.out_dir, cfg.features_root)
     bags_path = write_chip_bags(data.bags, extra["chips_table"], cfg.features_root or out, crs=extra["grid_crs"])
@@ -645,7 +672,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     if len(test_rows) == 0:
         raise InputError(cfg.polygons, "no test chip: every chip with labels is in a training bag")
     kw = dict(loss=cfg.loss, steps=cfg.steps, lr=cfg.lr, hidden=cfg.hidden, prototypes=cfg.prototypes,
-              stride=cfg.conv_stride, seed=cfg.seed)
+              stride=cfg.conv_stride, seed=cfg.seed, val_fraction=cfg.val_fraction)
     results = fit_and_evaluate(data, tuple(cfg.models), train_bags, test_rows, **kw)
     names = [m for m in cfg.models]
     best = min(names, key=lambda m: results[m]["metrics"]["proportion_mae"])
@@ -661,13 +688,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     dataset_md5 = lineage.get("sarflow.dataset_dvc_md5", "untracked")
     metrics = {"baseline_mae": results[best]["metrics"]["baseline_mae"],
                "baseline_f1_macro": results[best]["metrics"]["baseline_f1_macro"]}
-    for m in names:
-        r = results[m]["metrics"]
-        metrics.update({f"{m}_proportion_mae": r["proportion_mae"], f"{m}_f1_macro": r["f1_macro"],
-                        f"{m}_iou_macro": r["iou_macro"], f"{m}_final_loss": r["final_loss"]})
-        for key in ("pixel_f1_macro", "pixel_iou_macro"):
-            if key in r:
-                metrics[f"{m}_{key}"] = r[key]
+    metrics.update(model_metrics(results, names))
     metrics.update({"test_proportion_mae": results[best]["metrics"]["proportion_mae"],
                     "test_f1_macro": results[best]["metrics"]["f1_macro"],
                     "test_iou_macro": results[best]["metrics"]["iou_macro"]})
@@ -677,7 +698,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     n_bags = len(data.bags.proportions.loc[sorted(data.bags.members.bag_id.unique())])
     params = {"polygons": cfg.polygons, "id_column": cfg.id_column, "proportions_source": extra["stats_source"],
               "proportions_from": "stats" if cfg.stats else "label_raster", "features": data.feature_source,
-              "models": ",".join(names), "loss": cfg.loss, "steps": cfg.steps, "lr": cfg.lr,
+              "models": ",".join(names), "loss": cfg.loss, "steps": cfg.steps, "val_fraction": cfg.val_fraction, "lr": cfg.lr,
               "classes": ",".join(map(str, data.classes)), "split": cfg.split, "test_fraction": cfg.test_fraction,
               "seed": cfg.seed, "bags": n_bags, "train_bags": len(train_bags), "test_chips": len(test_rows),
               "chips": len(data.chips), "outside_chips": len(data.bags.outside), "best_model": best,
@@ -842,13 +863,7 @@ def run_real_case(real_dir: str | Path, tracking_uri: str, out_dir: str | Path, 
     metrics = {"baseline_mae": results[best]["metrics"]["baseline_mae"],
                "test_proportion_mae": results[best]["metrics"]["proportion_mae"],
                "test_f1_macro": results[best]["metrics"]["f1_macro"]}
-    for m in models:
-        r = results[m]["metrics"]
-        metrics.update({f"{m}_proportion_mae": r["proportion_mae"], f"{m}_f1_macro": r["f1_macro"],
-                        f"{m}_iou_macro": r["iou_macro"]})
-        for key in ("pixel_f1_macro", "pixel_iou_macro"):
-            if key in r:
-                metrics[f"{m}_{key}"] = r[key]
+    metrics.update(model_metrics(results, models))
     with mlflow.start_run(run_name=f"llp-real-{KANSAS}") as run:
         mlflow.set_tags({"sarflow.dataset": f"sen1floods11/{KANSAS} + admin/geojson-counties-fips.json ({KANSAS_FIPS})",
                          "sarflow.dataset_sha256": digest.hexdigest(), "sarflow.code_commit": code_commit(),
