@@ -14,6 +14,7 @@ URI=$(read_summary 's["mlflow"]["tracking_uri"]')
 STORE=$(read_summary 's["store"]')
 ENCODER=$(read_summary 's["mlflow"]["encoder"]')
 
+rm -rf "$OUT/results"  # this script's own products, made afresh (the MLflow runs accumulate)
 "$BIN/sarflow" segment train "$STORE" --encoder "$ENCODER" --tracking-uri "$URI"
 "$BIN/sarflow" downstream ablation --synth "$OUT/results/ablation" --tracking-uri "$URI" --out-dir "$OUT/results/ablation"
 "$BIN/sarflow" downstream region --synth "$OUT/results/regions" --tracking-uri "$URI" --out-dir "$OUT/results/regions"

@@ -210,7 +210,7 @@ def clean_output(out: str | Path) -> None:
     """Removes a previous demo's products from `out` (a fresh registry, store and feature store)."""
     out = Path(out)
     for name in ("kfp", "features", "figures", "dvc-remote", "mlflow.db", "mlartifacts", "summary.json",
-                 "chips_quicklook.png", "results_report.html", "failures.jsonl"):
+                 "chips_quicklook.png", "results_report.html", "results", "failures.jsonl"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
