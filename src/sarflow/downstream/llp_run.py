@@ -705,7 +705,7 @@ def run_llp(cfg: LLPConfig) -> dict:
               "bag_sizes": ",".join(map(str, cfg.bag_sizes)), "hidden": cfg.hidden, "prototypes": cfg.prototypes,
               "conv_stride": cfg.conv_stride, "pixel_modalities": ",".join(cfg.pixel_modalities)}
     registered = {"name": None, "version": None}
-    with mlflow.start_run(run_name=f"llp-{cfg.task}") as run:
+    with mlflow.start_run(run_name=cfg.task if cfg.task.startswith("llp-") else f"llp-{cfg.task}") as run:
         mlflow.set_tags({**lineage, "sarflow.task": cfg.task, "sarflow.llp.best_model": best,
                          "sarflow.llp.classes": json.dumps(data.classes)})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
