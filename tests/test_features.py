@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +24,7 @@ import zarr
 
 from helpers import tiny_features
 from sarflow.errors import InputError
-from sarflow.features.embed import embed_store, embedding_matrix, read_embeddings
+from sarflow.features.embed import _chip_batches, embed_store, embedding_matrix, read_embeddings
 from sarflow.features.labels import chip_labels
 from sarflow.features.store import FeatureConfig, apply, materialize, online_features, training_set
 from servers import free_port, stop, wait_http
@@ -53,6 +54,30 @@ def test_embeddings_equal_a_direct_forward_pass(featured):
         direct = encoder(torch.from_numpy(g["s1grd"].get_orthogonal_selection((rows,)).astype(np.float32))).numpy()
     np.testing.assert_allclose(np.stack(table.embedding[:10].to_numpy()), direct, rtol=1e-5, atol=1e-5)
     assert (featured["root"] / "embeddings" / f"model={MODEL}" / "version=1").is_dir()
+
+
+def test_chip_batches_come_in_order_and_raise_the_readers_errors():
+    a = np.arange(10 * 3 * 4 * 4, dtype=np.float32).reshape(10, 3, 4, 4)
+    b = np.arange(10 * 2 * 4 * 4, dtype=np.int16).reshape(10, 2, 4, 4)
+    expected = np.concatenate([a[:, [2, 0]], b[:, [1]]], axis=1).astype(np.float32)
+    for prefetch in (0, 1, 2, 5):
+        got = torch.cat(list(_chip_batches([(a, [2, 0]), (b, [1])], 10, 3, prefetch=prefetch)))
+        assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected)
+
+    class Failing:
+        shape = a.shape
+
+        def __getitem__(self, key):
+            if key.start >= 6:
+                raise OSError("chip 6 is unreadable")
+            return a[key]
+
+    with pytest.raises(OSError, match="chip 6"):
+        list(_chip_batches([(Failing(), [0])], 10, 3))
+    batches = _chip_batches([(a, [0])], 10, 1)
+    next(batches)
+    batches.close()  # stopped early: what was read ahead is dropped
+    assert not [t for t in threading.enumerate() if t.name.startswith("sarflow-embed-read")]
 
 
 def test_online_features_match_the_offline_source_and_materialize_is_incremental(featured):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sarflow.training.encoder import ChipEncoder
-from sarflow.training.vit import Block, ViT, ViTConfig, sincos_pos_embed
+from sarflow.training.vit import Block, ViT, ViTConfig, pos_embed_on
 
 METHODS = ("mae", "dino", "clip")
 
@@ -142,8 +142,8 @@ class MAE(SSLModule):
         seq = torch.cat([y[:, 1:], fill], dim=1)
         seq = torch.gather(seq, 1, ids_restore[..., None].expand(-1, -1, self.decoder_dim))
         grid = int(math.isqrt(n)) if x.shape[-1] == x.shape[-2] else None
-        pos = sincos_pos_embed(self.decoder_dim, grid) if grid else 0
-        seq = torch.cat([y[:, :1], seq + (pos.to(seq) if grid else 0)], dim=1)
+        pos = pos_embed_on(self.decoder_dim, grid, seq.device, seq.dtype) if grid else 0
+        seq = torch.cat([y[:, :1], seq + pos], dim=1)
         for blk in self.decoder_blocks:
             seq, _ = blk(seq)
         pred = self.decoder_pred(self.decoder_norm(seq))[:, 1:]

@@ -8,6 +8,7 @@ the chip size. No weights are ever downloaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,14 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     out = [torch.sin(x.flatten()[:, None] * omega), torch.cos(x.flatten()[:, None] * omega),
            torch.sin(y.flatten()[:, None] * omega), torch.cos(y.flatten()[:, None] * omega)]
     return torch.cat(out, dim=1)
+
+
+@lru_cache(maxsize=64)
+def pos_embed_on(dim: int, grid: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`sincos_pos_embed` on `device` in `dtype`, made once: no host-to-device copy (and no
+    wait for the GPU) on every forward pass. Made outside inference mode, so training can use it."""
+    with torch.inference_mode(False), torch.no_grad():
+        return sincos_pos_embed(dim, grid).to(device=device, dtype=dtype)
 
 
 class Attention(nn.Module):
@@ -106,7 +115,7 @@ class ViT(nn.Module):
         t = self.patch_embed(x)
         grid = t.shape[-1]
         t = t.flatten(2).transpose(1, 2)
-        return t + sincos_pos_embed(self.dim, grid).to(t.dtype).to(t.device)[None]
+        return t + pos_embed_on(self.dim, grid, t.device, t.dtype)[None]
 
     def forward_tokens(self, tokens: torch.Tensor, return_attention: bool = False):
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)

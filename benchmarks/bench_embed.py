@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Embedding throughput: `sarflow.features.embed.embed_store` against the obvious loop it
+replaced (the anchor), on the same store, encoder and device, side by side in one run.
+
+1. Store: a synthetic scene (`sarflow.synth.synthesize`, --size-px, --chip-size) tiled with
+   `sarflow.tile.tile` (library defaults), cached in benchmarks/work/ (gitignored); a rerun
+   reuses it and reports the original build time with "cached": true.
+2. Encoder: `sarflow.training.pretrain.pretrain` (MAE, one step on CPU, --vit size, --patch,
+   input size = the store's chip size) registered in a temporary MLflow sqlite database as
+   sarflow-encoder-mae v1. The weights do not matter for throughput.
+3. Anchor, "obvious loop": embed_store's loop before the pipelining, verbatim: read a batch
+   from zarr, forward (bf16 autocast on CUDA), `.cpu()` per batch; then the same Parquet table
+   written the same way (temporary folder renamed into place).
+4. Ours: `embed_store(..., overwrite=True)`, which reports its loop and write times.
+5. Reader alone: embed_store's reader (`_chip_batches`) over the store with no encoder, the
+   most the pipelined loop can do on this machine.
+
+Both run --repeats times, alternating; the fastest run of each (loop + write) is reported,
+every run is recorded. Before the timed runs every chip is read once (warm page cache) and one
+batch goes through the encoder (CUDA context, kernels). Throughput is chips/s of the loop alone
+and including the write; the issue's goal is >= 15,000 chips/s including the write for ViT-B
+on one H100:
+
+    .venv/bin/python benchmarks/bench_embed.py --device cuda --vit base --size-px 4096 --chip-size 64 --patch 8 \
+        --batch-size 1024 --repeats 5
+
+Writes OUT (default benchmarks/results/embed.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+
+MODEL = "sarflow-encoder-mae"
+GOAL_CHIPS_PER_S = 15_000  # ViT-B on one H100, including the Parquet write
+
+
+def loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError):
+        return None
+
+
+def machine(device: str) -> dict:
+    import torch
+    import zarr
+
+    cpu = "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu_count": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)), "cpu_model": cpu,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "torch": torch.__version__, "zarr": zarr.__version__,
+            "numpy": np.__version__, "cuda": torch.version.cuda, "gpu": None,
+            "embed_py_sha256": hashlib.sha256((REPO / "src/sarflow/features/embed.py").read_bytes()).hexdigest()[:16],
+            "loadavg_start": loadavg()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    return info
+
+
+# ------------------------------------------------------------------ store and encoder
+
+def ensure_store(size: int, chip: int, seed: int, work: Path) -> tuple[Path, dict]:
+    """The cached chip store for this scene size and chip size, built when absent."""
+    from sarflow.catalog import load_catalog
+    from sarflow.synth import SynthConfig, synthesize
+    from sarflow.tile import TileOptions, tile
+
+    d = work / f"embed_scene_{size}_c{chip}_seed{seed}"
+    store, marker = d / "chips.zarr", d / "bench_store.json"
+    if marker.is_file():
+        return store, {**json.loads(marker.read_text()), "cached": True}
+    shutil.rmtree(d, ignore_errors=True)
+    print(f"building a {size} px scene with {chip} px chips in {d} ...", flush=True)
+    t = time.perf_counter()
+    catalog = synthesize(d / "scene", SynthConfig(size_px=size, seed=seed, chip_size=chip))
+    synth_s = time.perf_counter() - t
+    t = time.perf_counter()
+    tile(load_catalog(catalog), store, TileOptions(), show_progress=False)
+    info = {"store": str(store), "size_px": size, "chip_size": chip, "seed": seed,
+            "synth_s": round(synth_s, 1), "tile_s": round(time.perf_counter() - t, 1)}
+    marker.write_text(json.dumps(info, indent=1))
+    return store, {**info, "cached": False}
+
+
+def register_encoder(store: Path, tmp: Path, vit: str, patch: int, chip: int) -> dict:
+    """A one-step MAE on CPU, registered as MODEL v1 in tmp/mlflow.db (MLflow left pointing there)."""
+    from sarflow.training.methods import OptimConfig
+    from sarflow.training.pretrain import PretrainConfig, pretrain
+    from sarflow.training.vit import ViTConfig
+
+    cfg = ViTConfig(size=vit, patch=patch, img_size=chip)
+    t = time.perf_counter()
+    pretrain(PretrainConfig(store=str(store), method="mae", vit=cfg, batch_size=8, accelerator="cpu", devices=1,
+                            optim=OptimConfig(max_steps=1, warmup_steps=1),
+                            tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}"))
+    dim, depth, heads = cfg.resolved()
+    return {"size": vit, "patch": patch, "input_px": chip, "tokens": (chip // patch) ** 2 + 1, "dim": dim,
+            "depth": depth, "heads": heads, "pretrain_s": round(time.perf_counter() - t, 1)}
+
+
+# ------------------------------------------------------------------ the two contenders
+
+def encoder_arrays(group, encoder) -> list:
+    """(zarr array, band indices) of each of the encoder's modality groups, as embed_store reads them."""
+    out = []
+    for (_, bands), modality in zip(encoder.groups, encoder.modalities):
+        arr = group[modality]
+        out.append((arr, [list(arr.attrs["bands"]).index(b) for b in bands]))
+    return out
+
+
+def obvious_loop(store: str, encoder, device: str, batch_size: int, out: Path) -> tuple[np.ndarray, dict]:
+    """The anchor: embed_store before the pipelining (read, forward, `.cpu()` per batch, then
+    the same Parquet table written the same way); `encoder` is loaded and on `device`."""
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+    import shapely
+    import torch
+
+    from sarflow.features.embed import _write_table
+    from sarflow.tracking import dataset_lineage
+    from sarflow.training.data import open_chip_group, read_chip_table
+
+    group = open_chip_group(store)
+    table = read_chip_table(store).sort_values("index")
+    arrays = encoder_arrays(group, encoder)
+    n = int(group.attrs["chips"])
+    dataset_version = dataset_lineage(store)["sarflow.dataset_dvc_md5"]
+    t0 = time.perf_counter()
+    embeddings = []
+    with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            x = np.concatenate([arr[start:stop][:, idx] for arr, idx in arrays], axis=1).astype(np.float32)
+            e = encoder(torch.from_numpy(x).to(device)).float().cpu().numpy()
+            embeddings.append(e)
+    emb = np.concatenate(embeddings).astype(np.float32)
+    loop_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    dim = emb.shape[1]
+    centroids = shapely.centroid(shapely.from_wkb(table["geometry"].to_numpy()))
+    ts = datetime.now(timezone.utc).replace(microsecond=0)
+    arrow = pa.table({
+        "chip_id": pa.array(table["chip_id"].tolist(), pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), dim).cast(pa.list_(pa.float32())),
+        "model_name": pa.array([MODEL] * n, pa.string()),
+        "model_version": pa.array(["1"] * n, pa.string()),
+        "dataset_version": pa.array([dataset_version] * n, pa.string()),
+        "event_timestamp": pa.array([ts] * n, pa.timestamp("us", tz="UTC")),
+        "lon": pa.array(shapely.get_x(centroids), pa.float64()),
+        "lat": pa.array(shapely.get_y(centroids), pa.float64()),
+        "split": pa.array(table["split"].tolist(), pa.string()),
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
+    _write_table(arrow, tmp / "part-00000.parquet", row_group_size=65536)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return emb, {"loop_s": loop_s, "write_s": time.perf_counter() - t1}
+
+
+def throughput(runs: list[dict], n: int) -> dict:
+    best = min(runs, key=lambda r: r["loop_s"] + r["write_s"])
+    return {"loop_s": round(best["loop_s"], 4), "write_s": round(best["write_s"], 4),
+            "chips_per_s_loop": round(n / best["loop_s"], 1),
+            "chips_per_s_with_write": round(n / (best["loop_s"] + best["write_s"]), 1),
+            "runs": [{k: round(v, 4) for k, v in r.items()} for r in runs]}
+
+
+# ------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--vit", choices=["tiny", "small", "base"], default="tiny")
+    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--size-px", type=int, default=1024, help="side of the synthetic scene")
+    ap.add_argument("--chip-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each (the fastest is reported)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=str(HERE / "work"), help="cache of stores (gitignored)")
+    ap.add_argument("--out", default=str(HERE / "results" / "embed.json"))
+    a = ap.parse_args(argv)
+
+    import mlflow
+    import torch
+
+    from sarflow.features.embed import _chip_batches, embed_store, embedding_matrix, read_embeddings
+    from sarflow.training.data import open_chip_group
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    store, store_info = ensure_store(a.size_px, a.chip_size, a.seed, work)
+    group = open_chip_group(str(store))
+    n = int(group.attrs["chips"])
+
+    with tempfile.TemporaryDirectory(prefix="bench-embed-", dir=work) as tmp:
+        tmp = Path(tmp)
+        vit = register_encoder(store, tmp, a.vit, a.patch, a.chip_size)
+        uri = f"models:/{MODEL}/1"
+        encoder = mlflow.pytorch.load_model(uri, map_location="cpu").to(device).eval()
+        arrays = encoder_arrays(group, encoder)
+        t = time.perf_counter()
+        for s in range(0, n, a.batch_size):  # warm up: the page cache, then the encoder on the device
+            x = np.concatenate([arr[s:s + a.batch_size][:, idx] for arr, idx in arrays], axis=1).astype(np.float32)
+        warm_read_s = time.perf_counter() - t
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            encoder(torch.from_numpy(x).to(device)).float().cpu()
+
+        runs: dict[str, list] = {"anchor": [], "ours": []}
+        for k in range(a.repeats):
+            anchor_emb, r = obvious_loop(str(store), encoder, device, a.batch_size, tmp / "anchor" / "part")
+            runs["anchor"].append(r)
+            res = embed_store(str(store), uri, tmp / "ours", batch_size=a.batch_size, overwrite=True, device=device)
+            runs["ours"].append({"loop_s": res["loop_s"], "write_s": res["write_s"]})
+            print(f"run {k + 1}/{a.repeats}: anchor {r['loop_s']:.2f} + {r['write_s']:.2f} s, "
+                  f"ours {res['loop_s']:.2f} + {res['write_s']:.2f} s", flush=True)
+        ours_emb = embedding_matrix(read_embeddings(tmp / "ours", MODEL, "1"))
+        read_s = []
+        for _ in range(a.repeats):  # embed_store's reader alone: the most its loop can do
+            t = time.perf_counter()
+            for _batch in _chip_batches(arrays, n, a.batch_size, pin=device == "cuda"):
+                pass
+            read_s.append(time.perf_counter() - t)
+
+    anchor, ours = throughput(runs["anchor"], n), throughput(runs["ours"], n)
+    diff = float(np.abs(ours_emb - anchor_emb).max())
+    result = {
+        "benchmark": "embed", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "config": {"device": device, "dtype": "bfloat16 autocast" if device == "cuda" else "float32",
+                   "batch_size": a.batch_size, "repeats": a.repeats, "chips": n, "channels": encoder.in_chans,
+                   "embedding_dim": int(ours_emb.shape[1]), "vit": vit, "store": store_info,
+                   "warm_read_s": round(warm_read_s, 3)},
+        "anchor": {"name": "obvious loop: read batch from zarr, forward, .cpu() per batch, then the Parquet write",
+                   **anchor},
+        "ours": {"name": "sarflow.features.embed.embed_store", **ours},
+        "reader_alone": {"name": "embed_store's reader (_chip_batches) with no encoder: the loop's upper bound",
+                         "s": round(min(read_s), 4), "chips_per_s": round(n / min(read_s), 1),
+                         "runs": [round(r, 4) for r in read_s]},
+        "ratios": {"loop": round(ours["chips_per_s_loop"] / anchor["chips_per_s_loop"], 3),
+                   "with_write": round(ours["chips_per_s_with_write"] / anchor["chips_per_s_with_write"], 3)},
+        "embeddings_max_abs_diff": diff,
+        "goal": {"chips_per_s_with_write": GOAL_CHIPS_PER_S, "for": "ViT-B on one H100",
+                 "met": ours["chips_per_s_with_write"] >= GOAL_CHIPS_PER_S},
+    }
+    result["machine"]["loadavg_end"] = loadavg()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print()
+    print(f"{n} chips of {a.chip_size} px, ViT-{a.vit} patch {a.patch} ({vit['tokens']} tokens, dim {vit['dim']}), "
+          f"batch {a.batch_size}, {device}{' ' + result['machine']['gpu'] if result['machine']['gpu'] else ''}, "
+          f"{result['config']['dtype']}, best of {a.repeats}")
+    print(f"{'':<24}{'loop s':>9}{'write s':>9}{'chips/s loop':>14}{'chips/s +write':>16}")
+    for name, r in (("obvious loop (anchor)", anchor), ("embed_store (ours)", ours)):
+        print(f"{name:<24}{r['loop_s']:>9.3f}{r['write_s']:>9.3f}{r['chips_per_s_loop']:>14.1f}"
+              f"{r['chips_per_s_with_write']:>16.1f}")
+    print(f"{'reader alone':<24}{min(read_s):>9.3f}{'':>9}{result['reader_alone']['chips_per_s']:>14.1f}")
+    print(f"{'ratio ours / anchor':<24}{'':>18}{result['ratios']['loop']:>14.2f}{result['ratios']['with_write']:>16.2f}")
+    print(f"max |ours - anchor| = {diff:.3g}; goal {GOAL_CHIPS_PER_S} chips/s with write (ViT-B, H100): "
+          f"{'met' if result['goal']['met'] else 'not met'} here; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
