@@ -34,12 +34,13 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import host  # benchmarks/machine.py, beside this script
 
 import numpy as np
 
@@ -62,15 +63,8 @@ def machine(device: str) -> dict:
     import torch
     import zarr
 
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu_count": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)), "cpu_model": cpu,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(), "torch": torch.__version__, "zarr": zarr.__version__,
+    info = {**host(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "zarr": zarr.__version__,
             "numpy": np.__version__, "cuda": torch.version.cuda, "gpu": None,
             "embed_py_sha256": hashlib.sha256((REPO / "src/sarflow/features/embed.py").read_bytes()).hexdigest()[:16],
             "loadavg_start": loadavg()}

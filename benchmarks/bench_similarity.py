@@ -26,13 +26,13 @@ import argparse
 import datetime as dt
 import gc
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import host  # benchmarks/machine.py, beside this script
 
 import numpy as np
 
@@ -127,12 +127,7 @@ def lat_stats(ms: np.ndarray) -> dict:
 
 def machine() -> dict:
     import faiss
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+
     mem = None
     try:
         mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
@@ -145,8 +140,7 @@ def machine() -> dict:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
-    return {"cpu_count": os.cpu_count(), "cores_available": available_cores(), "cpu_model": cpu,
-            "memory_bytes": mem, "python": platform.python_version(), "platform": platform.platform(),
+    return {**host(), "cores_available": available_cores(), "memory_bytes": mem,
             "numpy": np.__version__, "faiss": faiss.__version__, "faiss_compile": faiss.get_compile_options().strip(),
             "git_commit": git("rev-parse", "HEAD"), "loadavg_start": loadavg()}
 
