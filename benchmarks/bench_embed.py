@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import host  # benchmarks/machine.py, beside this script
+from machine import host, loadavg  # benchmarks/machine.py, beside this script
 
 import numpy as np
 
@@ -50,13 +50,6 @@ sys.path.insert(0, str(REPO / "src"))
 
 MODEL = "sarflow-encoder-mae"
 GOAL_CHIPS_PER_S = 15_000  # ViT-B on one H100, including the Parquet write
-
-
-def loadavg() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError):
-        return None
 
 
 def machine(device: str) -> dict:
@@ -117,15 +110,6 @@ def register_encoder(store: Path, tmp: Path, vit: str, patch: int, chip: int) ->
 
 # ------------------------------------------------------------------ the two contenders
 
-def encoder_arrays(group, encoder) -> list:
-    """(zarr array, band indices) of each of the encoder's modality groups, as embed_store reads them."""
-    out = []
-    for (_, bands), modality in zip(encoder.groups, encoder.modalities):
-        arr = group[modality]
-        out.append((arr, [list(arr.attrs["bands"]).index(b) for b in bands]))
-    return out
-
-
 def obvious_loop(store: str, encoder, device: str, batch_size: int, out: Path) -> tuple[np.ndarray, dict]:
     """The anchor: embed_store before the pipelining (read, forward, `.cpu()` per batch, then
     the same Parquet table written the same way); `encoder` is loaded and on `device`."""
@@ -135,13 +119,13 @@ def obvious_loop(store: str, encoder, device: str, batch_size: int, out: Path) -
     import shapely
     import torch
 
-    from sarflow.features.embed import _write_table
+    from sarflow.features.embed import _write_table, encoder_arrays
     from sarflow.tracking import dataset_lineage
     from sarflow.training.data import open_chip_group, read_chip_table
 
     group = open_chip_group(store)
     table = read_chip_table(store).sort_values("index")
-    arrays = encoder_arrays(group, encoder)
+    arrays = encoder_arrays(group, encoder, store)
     n = int(group.attrs["chips"])
     dataset_version = dataset_lineage(store)["sarflow.dataset_dvc_md5"]
     t0 = time.perf_counter()
@@ -205,7 +189,7 @@ def main(argv=None) -> int:
     import mlflow
     import torch
 
-    from sarflow.features.embed import _chip_batches, embed_store, embedding_matrix, read_embeddings
+    from sarflow.features.embed import _chip_batches, embed_store, embedding_matrix, encoder_arrays, read_embeddings
     from sarflow.training.data import open_chip_group
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -222,7 +206,7 @@ def main(argv=None) -> int:
         vit = register_encoder(store, tmp, a.vit, a.patch, a.chip_size)
         uri = f"models:/{MODEL}/1"
         encoder = mlflow.pytorch.load_model(uri, map_location="cpu").to(device).eval()
-        arrays = encoder_arrays(group, encoder)
+        arrays = encoder_arrays(group, encoder, str(store))
         t = time.perf_counter()
         for s in range(0, n, a.batch_size):  # warm up: the page cache, then the encoder on the device
             x = np.concatenate([arr[s:s + a.batch_size][:, idx] for arr, idx in arrays], axis=1).astype(np.float32)

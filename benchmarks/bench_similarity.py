@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import host  # benchmarks/machine.py, beside this script
+from machine import host, loadavg  # benchmarks/machine.py, beside this script
 
 import numpy as np
 
@@ -99,13 +99,6 @@ class Mixture:
 
 def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def loadavg() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError):
-        return None
 
 
 def latencies(fn, queries: np.ndarray, warmup: int = 10) -> np.ndarray:

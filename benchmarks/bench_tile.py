@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from machine import cpu_model  # benchmarks/machine.py, beside this script
+from machine import cpu_model, loadavg  # benchmarks/machine.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -71,13 +71,6 @@ def _cpu_busy_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _loadavg() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError):
-        return None
-
-
 def run_measured(cmd: list[str], cwd: Path, log_stem: Path, timeout: float, sample_s: float = 0.25,
                  env: dict | None = None) -> dict:
     """Runs `cmd`, waits for it with wait4 (its own rusage: max RSS, CPU) while a thread samples
@@ -87,7 +80,7 @@ def run_measured(cmd: list[str], cwd: Path, log_stem: Path, timeout: float, samp
     log_stem.parent.mkdir(parents=True, exist_ok=True)
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
-    load0, busy0 = _loadavg(), _cpu_busy_s()
+    load0, busy0 = loadavg(), _cpu_busy_s()
     with open(log_stem.with_suffix(".out"), "w") as out, open(log_stem.with_suffix(".err"), "w") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=out, stderr=err, env=env)

@@ -21,3 +21,11 @@ def host() -> dict:
     return {"cpu_count": os.cpu_count(),
             "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "cpu_model": cpu_model(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (None where /proc/loadavg is missing)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError):
+        return None

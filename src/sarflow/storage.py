@@ -216,6 +216,19 @@ def ensure_bucket(bucket: str, settings: S3Settings | None = None) -> None:
         raise _explain(f"s3://{bucket}", e, s) from None
 
 
+def check_bucket(uri: str, settings: S3Settings | None = None) -> None:
+    """The bucket of an s3:// URI exists (a StorageError naming the URI otherwise, or when the
+    server cannot be asked)."""
+    s = settings or s3_settings()
+    bucket = split_s3(uri.rstrip("/") + "/")[0]
+    try:
+        found = minio_client(s).bucket_exists(bucket)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
+        raise _explain(uri, e, s) from None
+    if not found:
+        raise StorageError(uri, f"bucket {bucket!r} does not exist at {s.endpoint_url}")
+
+
 def s3_filesystem(settings: S3Settings | None = None):
     """An s3fs filesystem on the configured endpoint and credentials (no instance or listings cache,
     so a listing right after a write sees it); pyarrow.dataset and pandas accept it as `filesystem`."""

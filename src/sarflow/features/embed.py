@@ -85,7 +85,7 @@ def join(root: str | Path, *parts: str) -> str | Path:
 
 
 def filesystem():
-    from sarflow.storage import s3_filesystem
+    from sarflow.storage import s3_filesystem  # imported on use: minio and s3fs only for s3:// roots
 
     return s3_filesystem()
 
@@ -117,18 +117,10 @@ def parquet_files(folder: str | Path) -> list[str | Path]:
 
 def check_root(root: str | Path) -> None:
     """An s3:// root must be in a bucket that exists (a clear error naming the URI, not a listing of nothing)."""
-    if not is_remote(root):
-        return
-    from sarflow.storage import StorageError, _explain, minio_client, s3_settings, split_s3
+    if is_remote(root):
+        from sarflow.storage import check_bucket
 
-    s = s3_settings()
-    bucket = split_s3(str(root).rstrip("/") + "/")[0]
-    try:
-        found = minio_client(s).bucket_exists(bucket)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
-        raise _explain(str(root), e, s) from None
-    if not found:
-        raise StorageError(str(root), f"bucket {bucket!r} does not exist at {s.endpoint_url}")
+        check_bucket(str(root))
 
 
 def publish_s3(local: str | Path, dest: str) -> None:
@@ -177,6 +169,18 @@ def partition(root: str | Path, model: ModelRef) -> str | Path:
     return join(root, EMBEDDINGS, f"model={model.name}", f"version={model.version}")
 
 
+def encoder_arrays(group, encoder, store: str) -> list:
+    """(zarr array, band indices) of each of the encoder's modality groups in the chip store's
+    zarr `group` (opened from `store`), in the encoder's channel order."""
+    arrays = []
+    for (_, bands), modality in zip(encoder.groups, encoder.modalities):
+        if modality not in group.attrs["modalities"]:
+            raise InputError(store, f"the encoder needs modality {modality!r}, the store has {group.attrs['modalities']}")
+        arr = group[modality]
+        arrays.append((arr, [list(arr.attrs["bands"]).index(b) for b in bands]))
+    return arrays
+
+
 def _chip_batches(arrays: list, n: int, batch_size: int, prefetch: int = 2, pin: bool = False):
     """Yields the chips [0, n) in order as float32 tensors of up to `batch_size` chips, the
     channels of `arrays` ((zarr array, band indices) pairs) concatenated. One background thread
@@ -195,8 +199,10 @@ def _chip_batches(arrays: list, n: int, batch_size: int, prefetch: int = 2, pin:
         x = torch.empty((stop - start, channels, *shape), dtype=torch.float32, pin_memory=pin)
         out, c = x.numpy(), 0
         # zarr decodes a read's chunks (one chip each) `codec_pipeline.batch_size` at a time:
-        # whole batches at once read ~4x faster than its default of 1 (a performance knob only)
-        with zarr.config.set({"codec_pipeline.batch_size": max(1, stop - start)}):
+        # whole batches at once read ~4x faster than its default of 1 (a performance knob only).
+        # The sharding codec looks the setting up on every read; zarr's config is process-wide,
+        # so it is set only for the duration of this read.
+        with zarr.config.set({"codec_pipeline.batch_size": stop - start}):
             for arr, idx in arrays:
                 out[:, c:c + len(idx)] = arr[start:stop][:, idx]
                 c += len(idx)
@@ -243,13 +249,7 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     encoder = encoder.to(device).eval()
     group = open_chip_group(store)
     table = read_chip_table(store).sort_values("index")
-    arrays = []
-    for (name, bands), modality in zip(encoder.groups, encoder.modalities):
-        if modality not in group.attrs["modalities"]:
-            raise InputError(store, f"the encoder needs modality {modality!r}, the store has {group.attrs['modalities']}")
-        arr = group[modality]
-        idx = [list(arr.attrs["bands"]).index(b) for b in bands]
-        arrays.append((arr, idx))
+    arrays = encoder_arrays(group, encoder, store)
     n = int(group.attrs["chips"])
     lineage = dataset_lineage(store)
     dataset_version = lineage["sarflow.dataset_dvc_md5"]
