@@ -37,12 +37,23 @@ def _continuous(group, store: str, modalities) -> list[str]:
     return out
 
 
-def _read(arr) -> np.ndarray:
-    x = arr[:].astype(np.float32)
+def read_float(arr, n: int | None = None) -> np.ndarray:
+    """The first `n` chips (default all) of a store array as float32, NaN at its nodata;
+    the array is read once."""
+    raw = arr[:n]
+    x = raw.astype(np.float32)
     nd = arr.attrs.get("nodata_in_store")
     if nd not in (None, "NaN"):
-        x[arr[:] == nd] = np.nan
+        x[raw == nd] = np.nan
     return x
+
+
+def band_mean_std(arr) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std of a store array from its train statistics (0 / 1 where unknown)."""
+    st = arr.attrs["stats"]["bands"]
+    bands = arr.attrs["bands"]
+    return (np.array([st[b]["mean"] if st[b]["mean"] is not None else 0.0 for b in bands], np.float32),
+            np.array([st[b]["std"] or 1.0 for b in bands], np.float32))
 
 
 def pixel_statistics(store: str, modalities=DEFAULT_MODALITIES) -> tuple[np.ndarray, list[str]]:
@@ -53,7 +64,7 @@ def pixel_statistics(store: str, modalities=DEFAULT_MODALITIES) -> tuple[np.ndar
     feats, names = [], []
     for m in _continuous(group, store, modalities):
         arr = group[m]
-        x = _read(arr)
+        x = read_float(arr)
         flat = x.reshape(x.shape[0], x.shape[1], -1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN chips give NaN, on purpose
@@ -73,10 +84,8 @@ def chip_tensor(store: str, modalities=DEFAULT_MODALITIES) -> np.ndarray:
     parts = []
     for m in _continuous(group, store, modalities):
         arr = group[m]
-        x = _read(arr)
-        st = arr.attrs["stats"]["bands"]
-        mean = np.array([st[b]["mean"] if st[b]["mean"] is not None else 0.0 for b in arr.attrs["bands"]], np.float32)
-        std = np.array([st[b]["std"] or 1.0 for b in arr.attrs["bands"]], np.float32)
+        x = read_float(arr)
+        mean, std = band_mean_std(arr)
         parts.append((x - mean[None, :, None, None]) / std[None, :, None, None])
     return np.nan_to_num(np.concatenate(parts, axis=1), nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 

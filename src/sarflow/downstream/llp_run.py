@@ -29,7 +29,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +41,12 @@ from sarflow.downstream.kdm import KDM
 from sarflow.downstream.llp import (Bags, InstanceClassifier, StridedConvLLP, bag_matrix, chip_bags,
                                     evaluate_proportions, select_steps, train_llp)
 from sarflow.errors import InputError
+from sarflow.report import WORLDCOVER_COLORS
 
 log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = ("test_proportion_mae", False)  # (metric, higher is better)
 MODELS = ("linear", "mlp", "kdm", "conv")
-WORLDCOVER_COLORS = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
-                     70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}
 
 
 @dataclass
@@ -276,7 +275,7 @@ def merge_bags(data: LLPData, train_bags: list[str], factor: int, seed: int = 0)
     return Bags(members=m, outside=bags.outside, proportions=merged)
 
 
-def _make_model(name: str, data: LLPData, x_train: torch.Tensor, k: int, hidden: int, prototypes: int,
+def _make_model(name: str, x_train: torch.Tensor, k: int, hidden: int, prototypes: int,
                 stride: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if name == "linear":
@@ -290,15 +289,30 @@ def _make_model(name: str, data: LLPData, x_train: torch.Tensor, k: int, hidden:
     raise InputError("models", f"unknown LLP model {name!r}: one of {list(MODELS)}")
 
 
+def _chip_fractions(truth_map: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) class fractions of each chip of a class-position map (n, H, W; -1 invalid), and
+    the (n,) count of its valid pixels."""
+    counts = np.stack([(truth_map == i).sum(axis=(1, 2)) for i in range(k)], axis=1).astype(np.float64)
+    valid = counts.sum(1)
+    return counts / np.maximum(valid, 1)[:, None], valid
+
+
+def _block_counts(truth_map: np.ndarray, h: int, w: int, k: int) -> np.ndarray:
+    """(n, k, h, w) pixel count of each class in each block of the truth map (n, H, W) cut
+    into h x w blocks (trailing rows / columns that fill no block are left out)."""
+    n, H, W = truth_map.shape
+    sy, sx = H // h, W // w
+    t = truth_map[:, : h * sy, : w * sx].reshape(n, h, sy, w, sx)
+    return np.stack([(t == c).sum(axis=(2, 4)) for c in range(k)], axis=1)
+
+
 def _pixel_scores(coarse: np.ndarray, truth_map: np.ndarray, k: int) -> dict:
     """Macro F1/IoU of the coarse map (n, k, h, w) against the truth map majority per block."""
     from sklearn.metrics import f1_score, jaccard_score
 
-    n, _, h, w = coarse.shape
-    H, W = truth_map.shape[1:]
-    sy, sx = H // h, W // w
-    t = truth_map[:, : h * sy, : w * sx].reshape(n, h, sy, w, sx)
-    counts = np.stack([(t == c).sum(axis=(2, 4)) for c in range(k)], axis=1)  # (n, k, h, w)
+    h, w = coarse.shape[2:]
+    sy, sx = truth_map.shape[1] // h, truth_map.shape[2] // w
+    counts = _block_counts(truth_map, h, w, k)
     valid = counts.sum(axis=1) > 0.5 * sy * sx
     y = counts.argmax(axis=1)[valid]
     yhat = coarse.argmax(axis=1)[valid]
@@ -358,7 +372,7 @@ def _fit_one(name, data, out, rows, a, target, mean_prop, test_rows, k, loss, st
     x_train = x_all[rows]
 
     def make():
-        return _make_model(name, data, x_train, k, hidden, prototypes, stride, seed)
+        return _make_model(name, x_train, k, hidden, prototypes, stride, seed)
 
     chosen, curve = (select_steps(make, x_train, a, target, loss=loss, steps=steps, lr=lr, seed=seed,
                                   val_fraction=val_fraction) if val_fraction > 0 else (steps, []))
@@ -468,10 +482,7 @@ def plot_llp_map(data: LLPData, results: dict, best: str, path: Path, test_rows:
     if conv is not None and conv["coarse"] is not None and data.truth_map is not None:
         cm = conv["coarse"].argmax(1)
         b = cm.shape[1]
-        n, H, W = data.truth_map.shape
-        s = H // b
-        t = data.truth_map[:, : b * s, : b * s].reshape(n, b, s, b, s)
-        counts = np.stack([(t == c).sum(axis=(2, 4)) for c in range(k)], axis=1)
+        counts = _block_counts(data.truth_map, b, b, k)
         tm = np.where(counts.sum(1) > 0, counts.argmax(1), -1)
         panels += [("truth downsampled", _grid_image(tm, data.chips, b)), ("LLP conv: coarse map", _grid_image(cm, data.chips, b))]
     from matplotlib.patches import Rectangle
@@ -523,24 +534,21 @@ def plot_curve(curve: pd.DataFrame, path: Path) -> Path:
 
 def _store_pixels(group, modalities: tuple[str, ...], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw pixels (NaN where invalid), normalised pixels (NaN -> 0), per-channel mean and std."""
+    from sarflow.downstream.baselines import band_mean_std, read_float
+
     raws, means, stds = [], [], []
     for name in modalities:
         if name not in group.attrs["modalities"]:
             continue
         arr = group[name]
-        raw = arr[:n].astype(np.float32)
-        nodata = arr.attrs.get("nodata_in_store")
-        if nodata not in (None, "NaN"):
-            raw[arr[:n] == nodata] = np.nan
-        st = arr.attrs["stats"]["bands"]
-        bands = list(arr.attrs["bands"])
-        means += [st[b]["mean"] if st[b]["mean"] is not None else 0.0 for b in bands]
-        stds += [st[b]["std"] or 1.0 for b in bands]
-        raws.append(raw)
+        raws.append(read_float(arr, n))
+        mean, std = band_mean_std(arr)
+        means.append(mean)
+        stds.append(std)
     if not raws:
         raise InputError("pixel_modalities", f"the store has none of {list(modalities)}")
     raw = np.concatenate(raws, axis=1)
-    mean, std = np.array(means, np.float32), np.array(stds, np.float32)
+    mean, std = np.concatenate(means), np.concatenate(stds)
     norm = np.nan_to_num((raw - mean[None, :, None, None]) / std[None, :, None, None], nan=0.0, posinf=0.0, neginf=0.0)
     return raw, norm.astype(np.float32), mean, std
 
@@ -587,9 +595,7 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
     truth_map = np.full(wc.shape, -1, np.int64)
     for c, i in code_pos.items():
         truth_map[wc == c] = i
-    counts = np.stack([(truth_map == i).sum(axis=(1, 2)) for i in range(len(classes))], axis=1).astype(np.float64)
-    valid = counts.sum(1)
-    truth = counts / np.maximum(valid, 1)[:, None]
+    truth, valid = _chip_fractions(truth_map, len(classes))
     raw, pixels, pmean, pstd = _store_pixels(group, cfg.pixel_modalities, n)
     # chip features: embeddings of the features root, or band statistics
     feature_source, emb_model, emb_version = "band-stats", "", ""
@@ -674,7 +680,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     kw = dict(loss=cfg.loss, steps=cfg.steps, lr=cfg.lr, hidden=cfg.hidden, prototypes=cfg.prototypes,
               stride=cfg.conv_stride, seed=cfg.seed, val_fraction=cfg.val_fraction)
     results = fit_and_evaluate(data, tuple(cfg.models), train_bags, test_rows, **kw)
-    names = [m for m in cfg.models]
+    names = list(cfg.models)
     best = min(names, key=lambda m: results[m]["metrics"]["proportion_mae"])
     table = results_table(results)
     curve = None
@@ -695,7 +701,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     if curve is not None:
         for row in curve.itertuples():
             metrics[f"curve_mae_x{row.merge_factor}"] = row.proportion_mae
-    n_bags = len(data.bags.proportions.loc[sorted(data.bags.members.bag_id.unique())])
+    n_bags = data.bags.members.bag_id.nunique()
     params = {"polygons": cfg.polygons, "id_column": cfg.id_column, "proportions_source": extra["stats_source"],
               "proportions_from": "stats" if cfg.stats else "label_raster", "features": data.feature_source,
               "models": ",".join(names), "loss": cfg.loss, "steps": cfg.steps, "val_fraction": cfg.val_fraction, "lr": cfg.lr,
@@ -810,9 +816,7 @@ def prepare_real_data(real_dir: str | Path, chip: int = 32, grid: int = 4, scene
     bags = chip_bags(chips, str(crs), polygons, "bag_id", stats, classes, polygons_source=str(counties),
                      stats_source=str(label_path))
     truth_map = np.where(lab < 0, -1, lab).astype(np.int64)
-    counts = np.stack([(truth_map == i).sum(axis=(1, 2)) for i in range(2)], axis=1).astype(np.float64)
-    valid = counts.sum(1)
-    truth = counts / np.maximum(valid, 1)[:, None]
+    truth, valid = _chip_fractions(truth_map, len(classes))
     mean = np.nan_to_num(np.nanmean(pix_raw, axis=(0, 2, 3)))
     std = np.nan_to_num(np.nanstd(pix_raw, axis=(0, 2, 3)), nan=1.0)
     std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
@@ -878,7 +882,3 @@ def run_real_case(real_dir: str | Path, tracking_uri: str, out_dir: str | Path, 
             "bags": str(bags_path), "outside": len(data.bags.outside), "best_model": best,
             "rows": table.to_dict(orient="records"), "curve": curve.to_dict(orient="records") if curve is not None else [],
             "seconds": time.perf_counter() - t0}
-
-
-def config_dict(cfg: LLPConfig) -> dict:
-    return asdict(cfg)

@@ -140,12 +140,11 @@ def load_probe_data(store: str, features_root: str, model: str | None = None, ve
         raise InputError(store, f"not a sarflow chip store (no chips table: {e})") from None
     view = view_name(model, version)
     cfg = FeatureConfig(root=str(features_root))
-    fs = open_feature_store(cfg)
-    have = {v.name for v in fs.list_feature_views()}
+    have = {v.name for v in open_feature_store(cfg).list_feature_views()}
     if view not in have or "chip_labels" not in have:
         apply(cfg)
-    fs, first = fs_path(sorted(label_files)[0])
-    schema = pq.read_schema(first, filesystem=fs)
+    filesystem, first = fs_path(sorted(label_files)[0])
+    schema = pq.read_schema(first, filesystem=filesystem)
     columns = [c for c in LABEL_COLUMNS if c in schema.names]
     ts = pd.Timestamp(datetime.now(timezone.utc))
     entity = pd.DataFrame({"chip_id": chips["chip_id"].astype(str), "event_timestamp": ts})

@@ -36,14 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sarflow.errors import InputError
+from sarflow.report import WORLDCOVER_COLORS
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # torch's cross-entropy default ignore_index
 TASK = "segmentation"
 DEFAULT_GROUPS = [("s1", "s1grd", None)]
-WORLDCOVER_COLORS = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
-                     70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}
 
 
 @dataclass
