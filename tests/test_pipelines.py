@@ -384,15 +384,27 @@ def test_params_sections_are_passed_whole_or_by_key():
     assert "method" not in args and "x" not in args
 
 
+def test_demo_on_a_catalog_runs_the_catalog_pipeline(tiny_scene, tmp_path):
+    from sarflow.demo import demo_arguments
+
+    name, args = demo_arguments(tmp_path, {"tile": {"shard_chips": 8}}, tiny_scene, None, {})
+    assert name == "e2e-catalog"
+    assert args["scene_uri"] == str(tiny_scene.resolve().parent) and args["catalog"] == tiny_scene.name
+    assert args["shard_chips"] == 8 and args["online"] == "sqlite"
+
+
 @pytest.mark.slow
 def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path):
     """pretrain -> embed -> materialize -> promote -> publish, each component called as the
     task would call it, handing artifacts over as KFP does (URI + metadata)."""
+    import shutil
+
     import mlflow
     from kfp.dsl import Artifact, Dataset, Metrics, Model
 
     from components import embed_chips, materialize_features, pretrain_encoder, promote_model, publish_champion
     from sarflow.features.store import FeatureConfig, online_features
+    from sarflow.store import open_store
     from sarflow.versioning import version_store
 
     def art(cls, name, parent=None):  # KFP creates each output's folder before the task runs
@@ -401,8 +413,6 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
 
     def handed_over(a):
         return type(a)(name=a.name, uri=a.uri, metadata=dict(a.metadata))
-
-    import shutil
 
     store_dir = tmp_path / "data" / "chips.zarr"
     shutil.copytree(tiny_store, store_dir)
@@ -428,7 +438,8 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
     embed_chips.python_func(store=store, encoder=handed_over(encoder), embeddings=embeddings, metrics=m2,
                             features_root=features_root, tracking_uri=tracking)
     described = json.loads(Path(embeddings.path).read_text())
-    assert described["rows"] == open_store_chips(store_dir) and described["model"] == "sarflow-encoder-mae"
+    chip_store = open_store(store_dir)
+    assert described["rows"] == chip_store.n_chips and described["model"] == "sarflow-encoder-mae"
 
     features, m3 = art(Artifact, "features"), art(Metrics, "metrics", "materialize")
     materialize_features.python_func(embeddings=handed_over(embeddings), features=features, metrics=m3,
@@ -438,7 +449,7 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
     assert view in record["objects"] and record["materialized"][view]["rows"] == described["rows"]
     assert record["index"]["n"] == described["rows"]
     assert json.loads(Path(m3.path).read_text())["rows_materialized"] >= described["rows"]
-    first = __import__("pandas").read_parquet(store_dir / "chips.parquet")["chip_id"].iloc[0]
+    first = chip_store.chips["chip_id"].iloc[0]
     online = online_features(FeatureConfig(root=features_root), [first], [f"{view}:embedding"])
     assert len(online.embedding[0]) == described["dim"]
 
@@ -455,9 +466,3 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
     again = promote_model.python_func(decision=art(Artifact, "decision2"), name="sarflow-encoder-mae",
                                       metric="train/final_loss", higher_is_better=False, tracking_uri=tracking)
     assert again is False  # already the champion: nothing moves
-
-
-def open_store_chips(store_dir: Path) -> int:
-    from sarflow.store import open_store
-
-    return open_store(store_dir).n_chips

@@ -36,9 +36,9 @@ def demo_arguments(out: Path, params: dict, catalog: Path | None, services: dict
         catalog = Path(catalog).resolve()
         if not catalog.is_file():
             raise InputError(str(catalog), "no such catalog file")
-        for name in (LLP_POLYGONS, LLP_STATS):  # train-llp reads them from the catalog's folder
-            if not (catalog.parent / name).is_file():
-                raise InputError(str(catalog.parent / name), "missing: the end-to-end pipeline's LLP stage needs the "
+        for bag_file in (LLP_POLYGONS, LLP_STATS):  # train-llp reads them from the catalog's folder
+            if not (catalog.parent / bag_file).is_file():
+                raise InputError(str(catalog.parent / bag_file), "missing: the end-to-end pipeline's LLP stage needs the "
                                  f"bag polygons ({LLP_POLYGONS}, id column muni_id) and their class proportions "
                                  f"({LLP_STATS}) beside the catalog")
         args.update(scene_uri=str(catalog.parent), catalog=catalog.name)
@@ -63,10 +63,6 @@ def run_demo(out: str | Path, params: dict | None = None, catalog: str | Path | 
         summary = collect_summary(run, out, args)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
-
-
-def _json(run: LocalRun, output: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in run.files(output) if p.is_file()]
 
 
 def _one_file(run: LocalRun, output: str) -> Path:
@@ -101,8 +97,8 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
     features = _one(run, "features")
     probes = _one(run, "probes_report")
     llp = _one(run, "llp_report")
-    decisions = _json(run, "decision")
-    cards = _json(run, "card")
+    decisions = run.records("decision")
+    cards = run.records("card")
 
     mlflow.set_tracking_uri(args["tracking_uri"])
     client = mlflow.MlflowClient()

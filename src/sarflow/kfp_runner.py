@@ -162,15 +162,19 @@ class LocalRun:
         return sorted(p for p in self.run_dir.rglob(name)
                       if p.name == name and (p.parent / "executor_output.json").is_file())
 
+    def records(self, name: str) -> list[dict]:
+        """The JSON content of every file output called `name` in this run."""
+        return [json.loads(p.read_text()) for p in self.files(name) if p.is_file()]
+
     @property
     def versions(self) -> list[dict]:
         """The dataset versions the run's `version` outputs hold (one per chip store)."""
-        return [json.loads(p.read_text()) for p in self.files("version") if p.is_file()]
+        return self.records("version")
 
     @property
     def status(self) -> list[dict]:
         """The exit handler's records (`report` outputs): state, failed task, error."""
-        return [json.loads(p.read_text()) for p in self.files("report") if p.is_file()]
+        return self.records("report")
 
     @property
     def state(self) -> str | None:
