@@ -3,8 +3,8 @@ tests start them exactly as `sarflow services up` does."""
 
 from __future__ import annotations
 
-from pathlib import Path
 import subprocess
+from pathlib import Path
 
 from sarflow.services import free_port, start_s3, stop, wait_http
 

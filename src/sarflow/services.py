@@ -145,10 +145,14 @@ def postgres_backend(db: str = MLFLOW_DB) -> str | None:
     return POSTGRES.format(db=db)
 
 
+def s3_env(url: str) -> dict[str, str]:
+    """The environment that points boto3, MLflow and Feast at the S3 server at `url`."""
+    return {**S3_KEYS, "AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, "FEAST_S3_ENDPOINT_URL": url}
+
+
 def client_env(state: dict) -> dict[str, str]:
     """The environment a client (CLI, pipeline task) needs to use the services."""
-    env = {**S3_KEYS, "AWS_ENDPOINT_URL": state["s3"]["url"], "MLFLOW_S3_ENDPOINT_URL": state["s3"]["url"],
-           "FEAST_S3_ENDPOINT_URL": state["s3"]["url"], "MLFLOW_TRACKING_URI": state["mlflow"]["url"]}
+    env = {**s3_env(state["s3"]["url"]), "MLFLOW_TRACKING_URI": state["mlflow"]["url"]}
     if "feast" in state:
         env["SARFLOW_FEAST_REPO"] = state["feast"]["repo"]
         env["SARFLOW_FEAST_SERVER_URL"] = state["feast"]["url"]
@@ -161,7 +165,7 @@ def pipeline_arguments(state: dict) -> dict[str, str]:
     args = {"tracking_uri": state["mlflow"]["url"], "dvc_remote": "s3://sarflow-dvc/pipelines"}
     if "feast" in state:
         args.update(features_root=state["feast"]["features_root"], online="redis",
-                    redis=state["feast"]["online"].split()[-1])
+                    redis=state["feast"]["redis"])
     return args
 
 
@@ -216,8 +220,7 @@ def services_up(state_dir: str | Path, *, redis: str = "127.0.0.1:6379", backend
         s3, s3_url = start_s3(state_dir / "s3.log", detach=True)
         started.append(s3)
         state: dict = {"dir": str(state_dir), "s3": {"url": s3_url, "pid": s3.pid, "log": str(state_dir / "s3.log")}}
-        env = {**S3_KEYS, "AWS_ENDPOINT_URL": s3_url, "MLFLOW_S3_ENDPOINT_URL": s3_url,
-               "FEAST_S3_ENDPOINT_URL": s3_url}
+        env = s3_env(s3_url)
         with environ(env):
             for bucket in BUCKETS:
                 ensure_bucket(bucket)
@@ -251,7 +254,7 @@ def services_up(state_dir: str | Path, *, redis: str = "127.0.0.1:6379", backend
                                   log, f"http://127.0.0.1:{port}/health", env=env, seconds=120, detach=True)
             started.append(server)
             state["feast"] = {"url": f"http://127.0.0.1:{port}", "pid": server.pid, "log": str(log),
-                              "repo": str(cfg.repo), "features_root": features_root, "online": f"redis {redis}"}
+                              "repo": str(cfg.repo), "features_root": features_root, "redis": redis}
     except BaseException:
         for proc in started:
             _stop_group(proc.pid)
