@@ -35,6 +35,9 @@ import pandas as pd
 from sarflow.errors import InputError
 
 REPORT_RUN = "results-report"
+# the dataset lineage a report run carries: every value its sources have, comma-separated
+SOURCE_LINEAGE = ("sarflow.dataset_dvc_md5", "sarflow.dataset_git_commit", "sarflow.catalog_hash",
+                  "sarflow.dataset_sha256", "sarflow.dataset")
 PLOT_SUFFIXES = (".png",)
 
 
@@ -46,6 +49,7 @@ class SourceRun:
     started: str
     dataset_version: str
     artifacts: Path  # local copy of the run's artifacts
+    lineage: dict  # the run's dataset lineage tags (SOURCE_LINEAGE)
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ def find_sources(client, experiment_ids: list[str], section: Section, tmp: Path,
         found.append(SourceRun(run.info.run_id, run.info.run_name, client.get_experiment(run.info.experiment_id).name,
                                datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                                run.data.tags.get("sarflow.dataset_dvc_md5") or run.data.tags.get("sarflow.dataset_sha256", "–"),
-                               local))
+                               local, {k: run.data.tags[k] for k in SOURCE_LINEAGE if k in run.data.tags}))
     return found
 
 
@@ -203,6 +207,16 @@ def _html(title: str, parts: list[tuple[Section, list[SourceRun] | None, pd.Data
             out.append(f"<img alt='{html.escape(p.name)}' src='data:image/png;base64,{data}'>")
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def _report_lineage(sources: list[SourceRun]) -> dict[str, str]:
+    """Lineage tags of the report run: every dataset its sources were computed on (values of
+    one key comma-separated) and the code that built the report."""
+    from sarflow import __version__
+    from sarflow.tracking import code_commit
+
+    tags = {k: ",".join(sorted({s.lineage[k] for s in sources if k in s.lineage}))[:5000] for k in SOURCE_LINEAGE}
+    return {**{k: v for k, v in tags.items() if v}, "sarflow.code_version": __version__, "sarflow.code_commit": code_commit()}
 
 
 def build_results_report(tracking_uri: str, experiments: list[str] | None = None,
@@ -274,6 +288,7 @@ def build_results_report(tracking_uri: str, experiments: list[str] | None = None
         exp_id = setup_mlflow(tracking_uri, experiment)
         tags = {f"sarflow.report.{k}.run_id": ",".join(v) for k, v in sources_json.items() if v}
         tags["sarflow.report.missing"] = ",".join(missing) or "none"
+        tags.update(_report_lineage([s for v in found.values() if v for s in v]))
         with mlflow.start_run(experiment_id=exp_id, run_name=REPORT_RUN, tags=tags) as run:
             mlflow.log_artifacts(str(staging), artifact_path="report")
         if out.exists():
