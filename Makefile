@@ -26,7 +26,7 @@ demo: setup
 
 # every downstream result on top of the demo's output, gathered into one MLflow results report
 results: setup
-	scripts/results.sh demo-output
+	$(VENV)/bin/sarflow results --out demo-output
 
 test: setup
 	$(PY) -m pytest -q

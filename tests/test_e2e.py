@@ -9,10 +9,7 @@ read the products back the way another user would (zarr, DVC files, MLflow, Feas
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -111,10 +108,9 @@ def test_demo_runs_the_end_to_end_pipeline_under_kfp_local(tmp_path):
     # `make results` on top of the demo: every other section joins one results report
     reports = []
     for _ in range(2):  # a second time replaces its products and reports the newer runs
-        done = subprocess.run(["scripts/results.sh", str(out), str(tmp_path / "no-real-data")], capture_output=True,
-                              text=True, env={**os.environ, "SARFLOW_BIN": str(Path(sys.executable).parent)}, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "the real LLP case is left out" in done.stdout
+        done = CliRunner().invoke(app, ["results", "--out", str(out), "--real-data", str(tmp_path / "no-real-data")])
+        assert done.exit_code == 0, done.output[-3000:]
+        assert "the real LLP case is left out" in done.output
         reports.append(json.loads((out / "results" / "report.json").read_text()))
     first, report = reports
     assert first["run_id"] != report["run_id"]
@@ -139,7 +135,7 @@ def test_services_mode_runs_the_same_pipeline_against_servers(tmp_path):
     import requests
 
     from sarflow.demo import run_demo
-    from sarflow.services import read_state, services_down, services_up
+    from sarflow.services import environ, read_state, services_down, services_up
     from sarflow.storage import minio_client
 
     _postgres_and_redis_or_skip()
@@ -151,8 +147,6 @@ def test_services_mode_runs_the_same_pipeline_against_servers(tmp_path):
         _check_products(summary, tmp_path / "demo")
         assert summary["mlflow"]["tracking_uri"] == state["mlflow"]["url"]
         assert summary["features"]["root"].startswith("s3://")
-        from sarflow.services import environ
-
         with environ(state["env"]):  # the DVC remote, MLflow's artifacts and the features are in S3
             s3 = minio_client()
             for bucket in ("sarflow-dvc", "sarflow-mlflow", "sarflow-features"):

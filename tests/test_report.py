@@ -61,6 +61,9 @@ def test_report_run_points_at_the_newest_source_runs_and_lists_what_is_missing(p
     assert run.info.run_name == REPORT_RUN and run.info.status == "FINISHED"
     assert run.data.tags["sarflow.report.modality_ablation.run_id"] == produced["ablation"]["run_id"]
     assert run.data.tags["sarflow.report.missing"] == "llp,llp_real"
+    # lineage: the dataset every source was computed on, and the code that built the report
+    assert run.data.tags["sarflow.dataset_dvc_md5"] == produced["dataset_version"]
+    assert run.data.tags["sarflow.catalog_hash"] and run.data.tags["sarflow.code_commit"]
     local = Path(mlflow.artifacts.download_artifacts(run_id=r["run_id"], dst_path=str(produced["tmp"] / "dl")))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert {"report/report.md", "report/report.html", "report/sources.json", "report/tables/label_efficiency.csv",
@@ -156,10 +159,11 @@ def test_cli_report(produced, tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
-def test_results_script_refuses_a_folder_without_a_demo(tmp_path):
-    import subprocess
+def test_results_command_refuses_a_folder_without_a_demo(tmp_path):
+    from typer.testing import CliRunner
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "results.sh"
-    done = subprocess.run([str(script), str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode == 2 and f"{tmp_path}/summary.json: no finished demo here" in done.stderr
+    from sarflow.cli import app
+
+    res = CliRunner().invoke(app, ["results", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and f"{tmp_path / 'summary.json'}: no finished demo here" in res.output
     assert list(tmp_path.iterdir()) == []

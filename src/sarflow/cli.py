@@ -248,6 +248,29 @@ def demo(
     typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
 
 
+@app.command()
+def results(
+    out: Path = typer.Option(Path("demo-output"), help="a finished demo's output folder"),
+    real_data: Optional[Path] = typer.Option(Path("../shared/data/real"), "--real-data", envvar="SARFLOW_REAL_DATA",
+                                             help="the real-data folder (Kansas LLP case; skipped when absent)"),
+) -> None:
+    """Every other downstream result on top of a finished demo (segmentation, modality ablation,
+    synthetic regions, the real LLP case), gathered into one MLflow results report."""
+    import os
+
+    from sarflow.cli_downstream import echo_report
+    from sarflow.results import demo_results
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        r = demo_results(out, real_data)
+    except SarflowError as e:
+        fail(e)
+    if not r["real_case"]:
+        typer.echo(f"note: {real_data} has no sen1floods11/: the real LLP case is left out of the report")
+    echo_report(r)
+
+
 from sarflow.cli_downstream import downstream_app  # noqa: E402
 from sarflow.cli_features import features_app  # noqa: E402
 from sarflow.cli_llp import llp_app  # noqa: E402

@@ -156,7 +156,7 @@ def report(tracking_uri: str = UriOpt,
     region generalization, segmentation, LLP (synthetic and real)."""
     import os
 
-    from sarflow.downstream.results_report import SECTIONS, build_results_report
+    from sarflow.downstream.results_report import build_results_report
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per section instead
     try:
@@ -164,7 +164,16 @@ def report(tracking_uri: str = UriOpt,
                                  out_dir=str(out_dir) if out_dir else None, strict=strict)
     except SarflowError as e:
         fail(e)
+    echo_report(r)
+
+
+def echo_report(r: dict) -> None:
+    """The sections of a results report (their source runs, or how to make them) and where it is."""
+    from sarflow.downstream.results_report import SECTIONS
+
     for s in SECTIONS:
+        if s.key not in r["sections"]:
+            continue
         runs = r["sections"][s.key]
         typer.echo(f"{s.key:<22}" + (", ".join(runs) if runs else f"not run yet ({s.command})"))
     typer.echo(f"mlflow run: {r['run_id']}")
