@@ -2,8 +2,8 @@
 """Embedding throughput: `sarflow.features.embed.embed_store` against the obvious loop it
 replaced (the anchor), on the same store, encoder and device, side by side in one run.
 
-1. Store: a synthetic scene (`sarflow.synth.synthesize`, --size-px, --chip-size) tiled with
-   `sarflow.tile.tile` (library defaults), cached in benchmarks/work/ (gitignored); a rerun
+1. Store: a synthetic scene (`sarflow.data.synth.synthesize`, --size-px, --chip-size) tiled with
+   `sarflow.data.tile.tile` (library defaults), cached in benchmarks/work/ (gitignored); a rerun
    reuses it and reports the original build time with "cached": true.
 2. Encoder: `sarflow.training.pretrain.pretrain` (MAE, one step on CPU, --vit size, --patch,
    input size = the store's chip size) registered in a temporary MLflow sqlite database as
@@ -46,7 +46,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "src"))
 
 MODEL = "sarflow-encoder-mae"
 GOAL_CHIPS_PER_S = 15_000  # ViT-B on one H100, including the Parquet write
@@ -71,9 +70,9 @@ def machine(device: str) -> dict:
 
 def ensure_store(size: int, chip: int, seed: int, work: Path) -> tuple[Path, dict]:
     """The cached chip store for this scene size and chip size, built when absent."""
-    from sarflow.catalog import load_catalog
-    from sarflow.synth import SynthConfig, synthesize
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.synth import SynthConfig, synthesize
+    from sarflow.data.tile import TileOptions, tile
 
     d = work / f"embed_scene_{size}_c{chip}_seed{seed}"
     store, marker = d / "chips.zarr", d / "bench_store.json"
@@ -119,9 +118,10 @@ def obvious_loop(store: str, encoder, device: str, batch_size: int, out: Path) -
     import shapely
     import torch
 
-    from sarflow.features.embed import _write_table, encoder_arrays
-    from sarflow.tracking import dataset_lineage
-    from sarflow.training.data import open_chip_group, read_chip_table
+    from sarflow.data.paths import _write_table
+    from sarflow.features.embed import encoder_arrays
+    from sarflow.mlops.lineage import dataset_lineage
+    from sarflow.data.chipstore import open_chip_group, read_chip_table
 
     group = open_chip_group(store)
     table = read_chip_table(store).sort_values("index")
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     import torch
 
     from sarflow.features.embed import _chip_batches, embed_store, embedding_matrix, encoder_arrays, read_embeddings
-    from sarflow.training.data import open_chip_group
+    from sarflow.data.chipstore import open_chip_group
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     out = Path(a.out)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 
-from sarflow.features.store import FeatureConfig, apply, materialize, open_feature_store
+from sarflow.features.feast_store import FeatureConfig, apply, materialize, open_feature_store
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of sarflow.similarity.SimilarityIndex against named anchors, in one run.
+"""Benchmark of sarflow.features.similarity.SimilarityIndex against named anchors, in one run.
 
 1. Generates N x D float32 synthetic embeddings in chunks: a mixture of Gaussians whose
    clusters live on low-rank subspaces (uneven cluster sizes, isotropic noise), which is how
@@ -38,9 +38,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "src"))
 
-from sarflow.similarity import (  # noqa: E402
+from sarflow.features.similarity import (  # noqa: E402
     SimilarityIndex,
     available_cores,
     brute_force,

@@ -58,7 +58,7 @@ CLI_RESAMPLING = {"nearest": "near"}  # store attribute name -> gdalwarp -r name
 
 def sarflow_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "sarflow"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "sarflow.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "sarflow.cli.main"]
 
 
 def _cpu_busy_s() -> float | None:
@@ -468,7 +468,7 @@ def machine_info() -> dict:
 def tile_defaults() -> dict:
     from dataclasses import asdict
 
-    from sarflow.tile import GDAL_CACHE_MB, TileOptions
+    from sarflow.data.tile import GDAL_CACHE_MB, TileOptions
 
     d = asdict(TileOptions())
     d.pop("overwrite", None)

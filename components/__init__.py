@@ -18,8 +18,8 @@ in the current interpreter (``kfp.local.SubprocessRunner(use_venv=False)``). Hen
 - no stage logic: each body parses its inputs into the library's typed config, calls the one
   library function, and records what it returned.
 
-The components are importable without the project on ``sys.path`` of the task, but
-``pipelines/`` imports them as ``components.<stage>`` from the project root.
+``components`` is an installed package (pyproject.toml), like ``pipelines``, which imports
+them as ``components.<stage>``; the library never imports either.
 """
 
 from components.downstream import train_llp, train_probes

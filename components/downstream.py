@@ -34,7 +34,7 @@ def train_probes(
 
     from sarflow.downstream.probes import ProbeConfig, run_probes
     from sarflow.params import config_kwargs
-    from sarflow.tracking import flat_metrics
+    from sarflow.mlops.tracking import flat_metrics
 
     described = json.loads(Path(embeddings.path).read_text())
     opts = config_kwargs(options)
@@ -74,7 +74,7 @@ def train_llp(
 
     from sarflow.downstream.llp_run import LLPConfig, run_llp
     from sarflow.params import config_kwargs
-    from sarflow.tracking import flat_metrics
+    from sarflow.mlops.tracking import flat_metrics
 
     described = json.loads(Path(embeddings.path).read_text())
     opts = config_kwargs(options)

@@ -1,6 +1,6 @@
 """Component `ingest-scene`: validate every source of a scene's catalog and record provenance.
 
-Thin wrapper over :func:`sarflow.ingest.ingest`; it fails the run on bad input (the library's
+Thin wrapper over :func:`sarflow.data.ingest.ingest`; it fails the run on bad input (the library's
 error names the file and the cause) before any tiling starts, and writes the provenance
 manifest as a JSON ``dsl.Artifact``.
 """
@@ -24,8 +24,8 @@ def ingest_scene(
 
     if s3_endpoint:  # credentials come from the environment (the sarflow-minio secret)
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    from sarflow.catalog import catalog_path, load_catalog
-    from sarflow.ingest import ingest
+    from sarflow.data.catalog import catalog_path, load_catalog
+    from sarflow.data.ingest import ingest
 
     catalog = catalog_path(scene.path, scene.metadata.get("catalog", "catalog.yaml"))
     ingested = ingest(load_catalog(catalog), checksum=checksum)

@@ -1,7 +1,7 @@
 """Component `materialize-features`: register the Feast objects, stream the new offline rows
 into the online store and build the similarity index of the newest embeddings.
 
-Thin wrapper over :mod:`sarflow.features.store` (``apply``, ``materialize``) and
+Thin wrapper over :mod:`sarflow.features.feast_store` (``apply``, ``materialize``) and
 :func:`sarflow.features.search.build_index`. ``online`` is ``sqlite`` (embedded default) or
 ``redis`` (the cluster, ``redis`` = host:port).
 """
@@ -24,7 +24,7 @@ def materialize_features(
     from pathlib import Path
 
     from sarflow.features.search import build_index
-    from sarflow.features.store import FeatureConfig, apply, materialize
+    from sarflow.features.feast_store import FeatureConfig, apply, materialize
 
     described = json.loads(Path(embeddings.path).read_text())
     cfg = FeatureConfig(root=features_root, online=online, redis=redis)

@@ -1,7 +1,7 @@
 """Components `promote-model` and `publish-champion`: the registry's promotion gate, and what
 happens when it promotes.
 
-`promote-model` wraps :func:`sarflow.registry.promote` (newest version vs ``@champion`` on the
+`promote-model` wraps :func:`sarflow.mlops.registry.promote` (newest version vs ``@champion`` on the
 same evaluation set and dataset version, by a margin) and returns the decision as output
 parameters, so the pipeline can branch on it with ``dsl.If``. `publish-champion` runs only
 in that branch: it loads ``models:/<name>@champion`` through MLflow's generic pyfunc loader,
@@ -32,7 +32,7 @@ def promote_model(
 
     import mlflow
 
-    from sarflow.registry import promote
+    from sarflow.mlops.registry import promote
 
     mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
     d = promote(name, metric, higher_is_better=bool(higher_is_better), margin=float(margin))

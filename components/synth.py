@@ -1,6 +1,6 @@
 """Component `synth-scene`: a synthetic scene (Sentinel-1/2, labels, catalog.yaml) from a seed.
 
-Thin wrapper over :func:`sarflow.synth.synthesize`; the scene is a folder-valued
+Thin wrapper over :func:`sarflow.data.synth.synthesize`; the scene is a folder-valued
 ``dsl.Dataset`` whose ``catalog.yaml`` references its rasters by relative path, so the
 folder stays valid wherever KFP copies it.
 """
@@ -23,8 +23,8 @@ def synth_scene(
     """Writes a synthetic AOI into the `scene` folder (catalog.yaml + rasters)."""
     from pathlib import Path
 
-    from sarflow.catalog import load_catalog
-    from sarflow.synth import SynthConfig, synthesize
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.synth import SynthConfig, synthesize
 
     # the KFP IR keeps numbers as doubles: a ParallelFor item may arrive as 3.0
     cfg = SynthConfig(size_px=int(size_px), seed=int(seed), chip_size=int(chip_size),

@@ -1,6 +1,6 @@
 """Component `tile-scene`: align every source onto the grid and write the Zarr v3 chip store.
 
-Thin wrapper over :func:`sarflow.tile.tile`. The chip store is a folder-valued
+Thin wrapper over :func:`sarflow.data.tile.tile`. The chip store is a folder-valued
 ``dsl.Dataset``: the library builds it in ``<store>.partial/`` beside the artifact path and
 renames it into place, so the artifact appears whole or not at all.
 """
@@ -28,9 +28,9 @@ def tile_scene(
 
     if s3_endpoint:  # credentials come from the environment (the sarflow-minio secret)
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    from sarflow.catalog import catalog_path, load_catalog
-    from sarflow.store import open_store
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import catalog_path, load_catalog
+    from sarflow.data.chipstore import open_store
+    from sarflow.data.tile import TileOptions, tile
 
     catalog = catalog_path(scene.path, scene.metadata.get("catalog", "catalog.yaml"))
     options = TileOptions(workers=int(workers), shard_chips=int(shard_chips), block_chips=int(block_chips),

@@ -1,6 +1,6 @@
 """Component `version-chips`: version a chip store with DVC and push it to the remote.
 
-Thin wrapper over :func:`sarflow.versioning.version_store`. The dataset version (DVC md5 of
+Thin wrapper over :func:`sarflow.data.versioning.version_store`. The dataset version (DVC md5 of
 the store, git commit, catalog hash) is written as a JSON ``dsl.Artifact`` (also in its
 metadata) and returned as output parameters for downstream pipelines.
 
@@ -34,7 +34,7 @@ def version_chips(
 
     if s3_endpoint:  # credentials come from the environment (the sarflow-minio secret)
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    from sarflow.versioning import version_store
+    from sarflow.data.versioning import version_store
 
     path = Path(store.path)
     v = version_store(path, remote=remote or None, repo=repo or path.parent, push=push)

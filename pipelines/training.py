@@ -24,7 +24,7 @@ The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.
   (Feast, the registry) and always runs;
 - **promotion**: ``PROMOTIONS`` names each gated model, its metric and direction; the gate
   moves ``@champion`` only when the newest version beats it by ``margin`` on the same
-  evaluation set and dataset version (sarflow.registry).
+  evaluation set and dataset version (sarflow.mlops.registry).
 
 Pipeline parameters ``pretrain``, ``downstream`` and ``llp`` take params.yaml's sections of
 those names whole (``sarflow pipeline run`` fills them in).

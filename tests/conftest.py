@@ -30,15 +30,15 @@ def gdalwarp() -> str:
 @pytest.fixture(scope="session")
 def tiny_scene(tmp_path_factory) -> Path:
     """A 384 px synthetic scene with 32 px chips; returns its catalog."""
-    from sarflow.synth import SynthConfig, synthesize
+    from sarflow.data.synth import SynthConfig, synthesize
 
     return synthesize(tmp_path_factory.mktemp("scene"), SynthConfig(size_px=384, seed=7, chip_size=32))
 
 
 @pytest.fixture(scope="session")
 def tiny_store(tiny_scene, tmp_path_factory) -> Path:
-    from sarflow.catalog import load_catalog
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile import TileOptions, tile
 
     out = tmp_path_factory.mktemp("store") / "chips.zarr"
     return tile(load_catalog(tiny_scene), out, TileOptions(shard_chips=16), show_progress=False)

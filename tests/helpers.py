@@ -49,11 +49,11 @@ def tiny_features(tiny_store: Path, tmp: Path, model: str = "sarflow-encoder-mae
 
     from sarflow.features.embed import embed_store
     from sarflow.features.labels import chip_labels
-    from sarflow.features.store import FeatureConfig, apply
+    from sarflow.features.feast_store import FeatureConfig, apply
     from sarflow.training.methods import OptimConfig
     from sarflow.training.pretrain import PretrainConfig, pretrain
     from sarflow.training.vit import ViTConfig
-    from sarflow.versioning import version_store
+    from sarflow.data.versioning import version_store
 
     store = tmp / "chips.zarr"
     shutil.copytree(tiny_store, store)

@@ -1,4 +1,4 @@
-"""Real servers on 127.0.0.1 for integration tests: the library's own (sarflow.services), so
+"""Real servers on 127.0.0.1 for integration tests: the library's own (sarflow.local.services), so
 tests start them exactly as `sarflow services up` does."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from sarflow.services import free_port, start_s3, stop, wait_http
+from sarflow.local.services import free_port, start_s3, stop, wait_http
 
 __all__ = ["free_port", "start_moto", "stop", "wait_http"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sarflow.catalog import load_catalog
+from sarflow.data.catalog import load_catalog
 from sarflow.errors import CatalogError
 
 GOOD = {

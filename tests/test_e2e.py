@@ -43,7 +43,7 @@ def _check_products(summary: dict, out: Path) -> None:
     import mlflow
     import zarr
 
-    from sarflow.store import open_store
+    from sarflow.data.chipstore import open_store
 
     assert summary["pipeline"]["state"] == "SUCCEEDED"
     # the chip store, readable by zarr, versioned by DVC with the hash the summary reports
@@ -92,7 +92,7 @@ def _check_products(summary: dict, out: Path) -> None:
 def test_demo_runs_the_end_to_end_pipeline_under_kfp_local(tmp_path):
     from typer.testing import CliRunner
 
-    from sarflow.cli import app
+    from sarflow.cli.main import app
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(TINY))
@@ -134,16 +134,17 @@ def _postgres_and_redis_or_skip() -> None:
 def test_services_mode_runs_the_same_pipeline_against_servers(tmp_path):
     import requests
 
-    from sarflow.demo import run_demo
-    from sarflow.services import environ, read_state, services_down, services_up
-    from sarflow.storage import minio_client
+    from pipelines import demo_pipeline
+    from sarflow.local.demo import run_demo
+    from sarflow.local.services import environ, read_state, services_down, services_up
+    from sarflow.data.storage import minio_client
 
     _postgres_and_redis_or_skip()
     state_dir = tmp_path / "services"
     state = services_up(state_dir)
     try:
         assert read_state(state_dir)["mlflow"]["url"] == state["mlflow"]["url"]
-        summary = run_demo(tmp_path / "demo", TINY, services=state)
+        summary = run_demo(tmp_path / "demo", demo_pipeline(on_catalog=False), TINY, services=state)
         _check_products(summary, tmp_path / "demo")
         assert summary["mlflow"]["tracking_uri"] == state["mlflow"]["url"]
         assert summary["features"]["root"].startswith("s3://")
@@ -168,12 +169,13 @@ def test_services_mode_runs_the_same_pipeline_against_servers(tmp_path):
 def test_demo_on_a_catalog_without_bags_is_refused_before_running(tiny_scene, tmp_path):
     import shutil
 
-    from sarflow.demo import run_demo
+    from pipelines import demo_pipeline
+    from sarflow.local.demo import run_demo
     from sarflow.errors import InputError
 
     scene = tmp_path / "scene"
     shutil.copytree(tiny_scene.parent, scene)
     (scene / "municipality_stats.csv").unlink()
     with pytest.raises(InputError, match="municipality_stats.csv: missing"):
-        run_demo(tmp_path / "out", {}, catalog=scene / "catalog.yaml")
+        run_demo(tmp_path / "out", demo_pipeline(on_catalog=True), {}, catalog=scene / "catalog.yaml")
     assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -26,7 +26,7 @@ from helpers import tiny_features
 from sarflow.errors import InputError
 from sarflow.features.embed import _chip_batches, embed_store, embedding_matrix, read_embeddings
 from sarflow.features.labels import chip_labels
-from sarflow.features.store import FeatureConfig, apply, materialize, online_features, training_set
+from sarflow.features.feast_store import FeatureConfig, apply, materialize, online_features, training_set
 from servers import free_port, stop, wait_http
 
 MODEL = "sarflow-encoder-mae"
@@ -156,7 +156,7 @@ def test_redis_online_store(featured, tmp_path):
 
 def test_similarity_search_finds_itself_and_agrees_with_brute_force(featured):
     from sarflow.features.search import build_index
-    from sarflow.similarity import brute_force
+    from sarflow.features.similarity import brute_force
 
     index = build_index(featured["root"], MODEL, "1")
     table = read_embeddings(featured["root"], MODEL, "1")
@@ -242,7 +242,7 @@ def s3env(moto_url):
 
 
 def _bucket() -> str:
-    from sarflow.storage import ensure_bucket
+    from sarflow.data.storage import ensure_bucket
 
     name = f"sarflow-{uuid.uuid4().hex[:12]}"
     ensure_bucket(name)
@@ -265,7 +265,7 @@ def s3featured(featured, s3env, tmp_path_factory):
 
 
 def _s3_files(prefix: str) -> list[str]:
-    from sarflow.storage import s3_filesystem
+    from sarflow.data.storage import s3_filesystem
 
     fs = s3_filesystem()
     return fs.find(prefix[len("s3://"):]) if fs.exists(prefix[len("s3://"):]) else []
@@ -347,7 +347,7 @@ def _bags_table(ids: list[str], ts: datetime) -> pa.Table:
 
 
 def _write_s3(table: pa.Table, uri: str) -> None:
-    from sarflow.storage import s3_filesystem
+    from sarflow.data.storage import s3_filesystem
 
     with s3_filesystem().open(uri[len("s3://"):], "wb") as f:
         pq.write_table(table, f)
@@ -420,7 +420,7 @@ def test_s3_root_in_a_bucket_that_does_not_exist_is_refused(featured, s3env, tmp
 def test_cli_over_an_s3_root_with_a_local_repo(s3featured, tmp_path):
     from typer.testing import CliRunner
 
-    from sarflow.cli_features import features_app
+    from sarflow.cli.features import features_app
 
     root = s3featured["root"]
     repo = tmp_path / "cli-repo"

@@ -18,9 +18,9 @@ CLASSES = [10, 20, 30, 40, 50, 60, 80, 90]
 
 @pytest.fixture(scope="module")
 def llp_case(tmp_path_factory):
-    from sarflow.catalog import load_catalog
-    from sarflow.synth import SynthConfig, synthesize
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.synth import SynthConfig, synthesize
+    from sarflow.data.tile import TileOptions, tile
 
     tmp = tmp_path_factory.mktemp("llp")
     cat = synthesize(tmp / "scene", SynthConfig(size_px=512, seed=21, chip_size=32, municipality_km2=0.4,

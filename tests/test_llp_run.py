@@ -53,9 +53,9 @@ def _write_random_projection_embeddings(store, root) -> None:
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    from sarflow.catalog import load_catalog
-    from sarflow.synth import SynthConfig, synthesize
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.synth import SynthConfig, synthesize
+    from sarflow.data.tile import TileOptions, tile
 
     tmp = tmp_path_factory.mktemp("llprun")
     cat = synthesize(tmp / "scene", SynthConfig(size_px=384, seed=21, chip_size=32, municipality_km2=0.3,
@@ -206,7 +206,7 @@ def test_bad_inputs_name_the_file(scene, tmp_path):
 def test_cli_trains_from_a_label_raster_and_reports_errors(scene, tmp_path):
     from typer.testing import CliRunner
 
-    from sarflow.cli_llp import llp_app
+    from sarflow.cli.llp import llp_app
 
     run = CliRunner().invoke(llp_app, [
         "train", str(scene["store"]), "--polygons", str(scene["scene"] / "municipalities.geojson"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from sarflow.storage import ensure_bucket
+from sarflow.data.storage import ensure_bucket
 from sarflow.training.methods import OptimConfig
 from sarflow.training.pretrain import PretrainConfig, pretrain
 from sarflow.training.vit import ViTConfig
@@ -70,7 +70,7 @@ def test_pretrain_with_mlflow_server_on_postgres_and_s3_artifacts(postgres_db, m
         x = torch.from_numpy(zarr.open_group(str(tiny_store), mode="r")["s1grd"][0:2].astype(np.float32))
         assert torch.isfinite(model(x)).all()
         # the artifacts really are in the S3 server's bucket, the runs in PostgreSQL
-        from sarflow.storage import minio_client
+        from sarflow.data.storage import minio_client
 
         keys = [o.object_name for o in minio_client().list_objects("sarflow-mlflow", prefix="artifacts/", recursive=True)]
         assert any(k.endswith("MLmodel") for k in keys)

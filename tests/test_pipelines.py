@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines import load, names
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHIP, SHARD = 128, 32, 16
 IMAGE = "ghcr.io/sarflow/sarflow:0.1.0"
@@ -43,8 +45,8 @@ def test_components_python_func_on_a_tiny_scene(tmp_path):
     from kfp.dsl import Artifact, Dataset, Metrics
 
     from components import ingest_scene, synth_scene, tile_scene, version_chips
-    from sarflow.catalog import load_catalog
-    from sarflow.store import open_store
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.chipstore import open_store
 
     scene = Dataset(name="scene", uri=str(tmp_path / "synth" / "scene"))
     synth_scene.python_func(scene=scene, seed=11, size_px=SIZE, chip_size=CHIP)
@@ -98,9 +100,9 @@ def _tasks(dag: dict) -> dict:
 
 
 def test_data_pipeline_compiles_to_ir_yaml(tmp_path):
-    from sarflow.kfp_runner import compile_pipeline
+    from sarflow.mlops.kfp_runner import compile_pipeline
 
-    path = compile_pipeline("data", tmp_path / "data.yaml")
+    path = compile_pipeline(load("data"), tmp_path / "data.yaml")
     spec, platform = list(yaml.safe_load_all(path.read_text()))
     assert spec["pipelineInfo"]["name"] == "sarflow-data"
 
@@ -114,7 +116,7 @@ def test_data_pipeline_compiles_to_ir_yaml(tmp_path):
         command = " ".join(container["command"])
         assert "pip install" not in command  # nothing is installed at run time: no network
         assert "import sarflow" not in command.split("def ")[0]  # imports live in the function bodies
-    assert "from sarflow.tile import TileOptions, tile" in " ".join(execs["exec-tile-scene"]["container"]["command"])
+    assert "from sarflow.data.tile import TileOptions, tile" in " ".join(execs["exec-tile-scene"]["container"]["command"])
 
     # exit handler: record-status runs after the exit-handler group whatever its outcome
     root = _tasks(spec["root"])
@@ -163,17 +165,17 @@ def test_data_pipeline_compiles_to_ir_yaml(tmp_path):
 
 
 def test_compile_with_parameter_defaults(tmp_path):
-    from sarflow.kfp_runner import PipelineError, compile_pipeline
+    from sarflow.mlops.kfp_runner import PipelineError, compile_pipeline
 
-    path = compile_pipeline("pipelines.data:data_pipeline", tmp_path / "d.yaml",
+    path = compile_pipeline(load("pipelines.data:data_pipeline"), tmp_path / "d.yaml",
                             defaults={"size_px": 256, "seeds": [4, 5, 6]})
     params = yaml.safe_load_all(path.read_text()).__next__()["root"]["inputDefinitions"]["parameters"]
     assert params["size_px"]["defaultValue"] == 256
     assert params["seeds"]["defaultValue"] == [4, 5, 6]
     with pytest.raises(PipelineError, match="no parameter"):
-        compile_pipeline("data", tmp_path / "x.yaml", defaults={"sizepx": 1})
+        compile_pipeline(load("data"), tmp_path / "x.yaml", defaults={"sizepx": 1})
     with pytest.raises(PipelineError, match="unknown pipeline"):
-        compile_pipeline("nope", tmp_path / "x.yaml")
+        compile_pipeline(load("nope"), tmp_path / "x.yaml")
     assert not (tmp_path / "x.yaml").exists()
 
 
@@ -185,19 +187,19 @@ LOCAL_ARGS = dict(size_px=SIZE, chip_size=CHIP, shard_chips=SHARD)
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     """The data pipeline, two seeds fanned out, under kfp.local with caching on."""
-    from sarflow.kfp_runner import run_local
+    from sarflow.mlops.kfp_runner import run_local
 
     base = tmp_path_factory.mktemp("kfp")
     remote = base / "remote"
     t0 = time.perf_counter()
-    run = run_local("data", base / "root", enable_caching=True, seeds=[0, 1], dvc_remote=str(remote), **LOCAL_ARGS)
+    run = run_local(load("data"), base / "root", enable_caching=True, seeds=[0, 1], dvc_remote=str(remote), **LOCAL_ARGS)
     return run, remote, time.perf_counter() - t0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_data_pipeline_runs_under_kfp_local(local_run):
-    from sarflow.store import open_store
+    from sarflow.data.chipstore import open_store
 
     run, remote, seconds = local_run
     assert seconds < 150, f"the tiny local run took {seconds:.0f}s"
@@ -224,11 +226,11 @@ def test_data_pipeline_runs_under_kfp_local(local_run):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_exit_handler_records_a_failure(tmp_path):
-    from sarflow.kfp_runner import PipelineError, run_local
+    from sarflow.mlops.kfp_runner import PipelineError, run_local
 
     log = tmp_path / "failures.jsonl"
     with pytest.raises(PipelineError, match="synth-scene"):
-        run_local("data", tmp_path / "root", seeds=[0], size_px=32, failure_log=str(log))  # too small: synth refuses
+        run_local(load("data"), tmp_path / "root", seeds=[0], size_px=32, failure_log=str(log))  # too small: synth refuses
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["state"] == "FAILED" and record["error_message"]
     (run_dir,) = [p for p in (tmp_path / "root").iterdir() if p.is_dir()]
@@ -236,7 +238,7 @@ def test_exit_handler_records_a_failure(tmp_path):
     assert report["state"] == "FAILED"
     assert not list(run_dir.rglob("store"))
 
-    run = run_local("data", tmp_path / "root2", raise_on_error=False, seeds=[0], size_px=32)
+    run = run_local(load("data"), tmp_path / "root2", raise_on_error=False, seeds=[0], size_px=32)
     assert run.state == "FAILED" and run.versions == []
 
 
@@ -245,7 +247,7 @@ def test_exit_handler_records_a_failure(tmp_path):
 def _cli(args, **kw):
     from typer.testing import CliRunner
 
-    from sarflow.cli_pipeline import pipeline_app
+    from sarflow.cli.pipeline import pipeline_app
 
     return CliRunner().invoke(pipeline_app, args, **kw)
 
@@ -329,10 +331,10 @@ def _all_tasks(spec) -> dict[str, dict]:
 
 @pytest.mark.parametrize("name", ["training", "e2e", "e2e-catalog"])
 def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path):
-    from sarflow.kfp_runner import compile_pipeline, pipeline_names
+    from sarflow.mlops.kfp_runner import compile_pipeline
 
-    assert name in pipeline_names()
-    spec, platform = list(yaml.safe_load_all(compile_pipeline(name, tmp_path / f"{name}.yaml").read_text()))
+    assert name in names()
+    spec, platform = list(yaml.safe_load_all(compile_pipeline(load(name), tmp_path / f"{name}.yaml").read_text()))
     tasks = _all_tasks(spec)
     assert set(TRAINING_STAGES) <= set(tasks)
     execs = spec["deploymentSpec"]["executors"]
@@ -374,21 +376,24 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
 
 
 def test_params_sections_are_passed_whole_or_by_key():
-    from sarflow.kfp_runner import arguments_from_params
+    from pipelines import load
+    from sarflow.mlops.kfp_runner import arguments_from_params
 
     params = {"synth": {"size_px": 256, "seed": 3}, "tile": {"shard_chips": 8},
               "pretrain": {"method": "dino", "output_size": None, "vit": {"size": "tiny"}}, "llp": {"steps": 5}, "other": {"x": 1}}
-    args = arguments_from_params("e2e", params)
+    args = arguments_from_params(load("e2e"), params)
     assert args["size_px"] == 256 and args["seed"] == 3 and args["shard_chips"] == 8
     assert args["pretrain"] == {"method": "dino", "vit": {"size": "tiny"}} and args["llp"] == {"steps": 5}
     assert "method" not in args and "x" not in args
 
 
 def test_demo_on_a_catalog_runs_the_catalog_pipeline(tiny_scene, tmp_path):
-    from sarflow.demo import demo_arguments
+    import pipelines
+    from sarflow.local.demo import demo_arguments
 
-    name, args = demo_arguments(tmp_path, {"tile": {"shard_chips": 8}}, tiny_scene, None, {})
-    assert name == "e2e-catalog"
+    pipeline = pipelines.demo_pipeline(on_catalog=True)
+    args = demo_arguments(pipeline, tmp_path, {"tile": {"shard_chips": 8}}, tiny_scene, None, {})
+    assert pipeline is pipelines.load("e2e-catalog")
     assert args["scene_uri"] == str(tiny_scene.resolve().parent) and args["catalog"] == tiny_scene.name
     assert args["shard_chips"] == 8 and args["online"] == "sqlite"
 
@@ -403,9 +408,9 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
     from kfp.dsl import Artifact, Dataset, Metrics, Model
 
     from components import embed_chips, materialize_features, pretrain_encoder, promote_model, publish_champion
-    from sarflow.features.store import FeatureConfig, online_features
-    from sarflow.store import open_store
-    from sarflow.versioning import version_store
+    from sarflow.features.feast_store import FeatureConfig, online_features
+    from sarflow.data.chipstore import open_store
+    from sarflow.data.versioning import version_store
 
     def art(cls, name, parent=None):  # KFP creates each output's folder before the task runs
         (tmp_path / (parent or name)).mkdir(exist_ok=True)

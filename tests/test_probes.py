@@ -152,7 +152,7 @@ def test_region_two_stores_through_feast(featured, tmp_path):
     assert all(s in str(e.value) for s in (f"{MODEL} v1", f"{MODEL} v2", featured["store"], "b.zarr", str(other)))
     from typer.testing import CliRunner
 
-    from sarflow.cli_downstream import downstream_app
+    from sarflow.cli.downstream import downstream_app
 
     res = CliRunner().invoke(downstream_app, ["region", featured["store"], "--features-root", featured["root"],
                                               "--other", "b.zarr", "--other-features-root", str(other)])
@@ -183,7 +183,7 @@ def test_bad_inputs_are_clear_errors(featured, tmp_path):
 def test_cli_probe_end_to_end(featured, tmp_path):
     from typer.testing import CliRunner
 
-    from sarflow.cli_downstream import downstream_app
+    from sarflow.cli.downstream import downstream_app
 
     runner = CliRunner()
     res = runner.invoke(downstream_app, ["probe", featured["store"], "--features-root", featured["root"],
@@ -203,7 +203,7 @@ def synth_regions(tmp_path_factory):
     """`sarflow downstream region --synth` on 384 px regions A, B_same, B_shifted (32 px chips)."""
     from typer.testing import CliRunner
 
-    from sarflow.cli_downstream import downstream_app
+    from sarflow.cli.downstream import downstream_app
 
     tmp = tmp_path_factory.mktemp("regions")
     res = CliRunner().invoke(downstream_app, ["region", "--synth", str(tmp / "synth"), "--size-px", "384",
@@ -254,8 +254,8 @@ def test_cli_region_synth_prints_the_target_region(synth_regions):
 def test_region_bad_inputs_are_clear_errors(featured, tmp_path):
     from typer.testing import CliRunner
 
-    from sarflow.cli_downstream import downstream_app
-    from sarflow.synth import SynthConfig, synthesize
+    from sarflow.cli.downstream import downstream_app
+    from sarflow.data.synth import SynthConfig, synthesize
 
     runner = CliRunner()
     common = ["--features-root", featured["root"], "--tracking-uri", featured["uri"]]
@@ -283,7 +283,7 @@ def test_region_bad_inputs_are_clear_errors(featured, tmp_path):
 def test_cli_ablation_synth_clouds_hurt_optical_not_sar(tmp_path):
     from typer.testing import CliRunner
 
-    from sarflow.cli_downstream import downstream_app
+    from sarflow.cli.downstream import downstream_app
 
     res = CliRunner().invoke(downstream_app, ["ablation", "--synth", str(tmp_path / "synth"), "--size-px", "256",
                                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",

@@ -18,8 +18,8 @@ import zarr
 from scipy import ndimage
 
 from helpers import chip_windows, gdalwarp_reference, write_catalog
-from sarflow.catalog import load_catalog
-from sarflow.tile import TileOptions, tile
+from sarflow.data.catalog import load_catalog
+from sarflow.data.tile import TileOptions, tile
 
 pytestmark = pytest.mark.real_data
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sarflow.errors import InputError
-from sarflow.registry import promote
+from sarflow.mlops.registry import promote
 
 NAME = "sarflow-landcover"
 

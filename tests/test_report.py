@@ -146,7 +146,7 @@ def test_bad_requests_write_nothing(produced, tmp_path):
 def test_cli_report(produced, tmp_path):
     from typer.testing import CliRunner
 
-    from sarflow.cli_downstream import downstream_app
+    from sarflow.cli.downstream import downstream_app
 
     runner = CliRunner()
     res = runner.invoke(downstream_app, ["report", "--tracking-uri", produced["uri"], "--out-dir", str(tmp_path)])
@@ -162,7 +162,7 @@ def test_cli_report(produced, tmp_path):
 def test_results_command_refuses_a_folder_without_a_demo(tmp_path):
     from typer.testing import CliRunner
 
-    from sarflow.cli import app
+    from sarflow.cli.main import app
 
     res = CliRunner().invoke(app, ["results", "--out", str(tmp_path)])
     assert res.exit_code == 2 and f"{tmp_path / 'summary.json'}: no finished demo here" in res.output

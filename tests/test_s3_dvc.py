@@ -19,9 +19,10 @@ import pytest
 import yaml
 import zarr
 
-from sarflow.catalog import load_catalog
+from sarflow.data.catalog import load_catalog
 from sarflow.errors import InputError
-from sarflow.tile import CHIPS_TABLE, TileOptions, tile
+from sarflow.data.chipstore import CHIPS_TABLE
+from sarflow.data.tile import TileOptions, tile
 from servers import free_port as _free_port
 from servers import start_moto as _start_moto
 from servers import stop as _stop
@@ -65,7 +66,7 @@ def _bucket() -> str:
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> Path:
     """A tiny synthetic scene (192 px, 32 px chips); returns its catalog."""
-    from sarflow.synth import SynthConfig, synthesize
+    from sarflow.data.synth import SynthConfig, synthesize
 
     return synthesize(tmp_path_factory.mktemp("s3scene"), SynthConfig(size_px=192, chip_size=32, seed=3))
 
@@ -82,7 +83,7 @@ def _map_uris(uris, fn):
 
 
 def _upload_scene(catalog: Path, bucket: str) -> None:
-    from sarflow.storage import ensure_bucket, upload_file
+    from sarflow.data.storage import ensure_bucket, upload_file
 
     ensure_bucket(bucket)
     for f in sorted(catalog.parent.iterdir()):
@@ -115,7 +116,7 @@ def _assert_same_arrays(a: Path, b: Path) -> list[str]:
 # ---------------------------------------------------------------- 1. tiling from s3://
 
 def test_tile_from_s3_matches_local(s3, scene, local_store, tmp_path):
-    from sarflow.storage import sha256_of
+    from sarflow.data.storage import sha256_of
 
     bucket = _bucket()
     _upload_scene(scene, bucket)
@@ -211,7 +212,7 @@ def test_missing_bucket(s3, tmp_path):
 
 
 def test_missing_object(s3, scene, tmp_path):
-    from sarflow.storage import ensure_bucket, upload_file
+    from sarflow.data.storage import ensure_bucket, upload_file
 
     bucket = _bucket()
     ensure_bucket(bucket)
@@ -228,7 +229,7 @@ def auth_moto(tmp_path_factory, scene):
     bucket and the object are then created with that key, already under authentication."""
     import boto3
 
-    from sarflow.storage import S3Settings, ensure_bucket, upload_file
+    from sarflow.data.storage import S3Settings, ensure_bucket, upload_file
 
     n_setup_actions = 3
     proc, url = _start_moto(tmp_path_factory.mktemp("moto_auth") / "moto.log",
@@ -256,7 +257,7 @@ def auth_moto(tmp_path_factory, scene):
 
 def test_wrong_credentials(auth_moto, monkeypatch, tmp_path):
     from sarflow.errors import StorageError
-    from sarflow.storage import check_s3_object
+    from sarflow.data.storage import check_s3_object
 
     url, uri = auth_moto["url"], auth_moto["uri"]
     # sanity: the right key is accepted now that authentication is enforced, by the stat and
@@ -287,8 +288,8 @@ def test_dvc_push_pull_roundtrip(s3, local_store, tmp_path):
     import geopandas as gpd
     from geopandas.testing import assert_geodataframe_equal
 
-    from sarflow.storage import minio_client
-    from sarflow.versioning import dvc, version_store
+    from sarflow.data.storage import minio_client
+    from sarflow.data.versioning import dvc, version_store
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -323,8 +324,8 @@ def test_dvc_push_pull_roundtrip(s3, local_store, tmp_path):
 # ---------------------------------------------------------------- 4. dvc repro of the project pipeline
 
 def test_dvc_repro_pipeline(tmp_path, monkeypatch):
-    from sarflow.store import open_store
-    from sarflow.versioning import dvc, version_store
+    from sarflow.data.chipstore import open_store
+    from sarflow.data.versioning import dvc, version_store
 
     monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # the stages run `sarflow`
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")

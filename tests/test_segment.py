@@ -173,9 +173,9 @@ def test_bad_inputs_say_what_is_wrong(tiny_store, encoder, tmp_path):
     with pytest.raises(InputError, match="cannot open the chip store"):
         run_segmentation(SegmentConfig(store=str(tmp_path / "none.zarr"), tracking_uri=uri, steps=1))
     # a store of 36 px chips cannot be cut into the encoder's 8 px patches
-    from sarflow.catalog import load_catalog
-    from sarflow.synth import SynthConfig, synthesize
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.synth import SynthConfig, synthesize
+    from sarflow.data.tile import TileOptions, tile
 
     cat = synthesize(tmp_path / "scene", SynthConfig(size_px=144, seed=3, chip_size=36))
     store36 = tile(load_catalog(cat), tmp_path / "c36.zarr", TileOptions(), show_progress=False)
@@ -188,7 +188,7 @@ def test_bad_inputs_say_what_is_wrong(tiny_store, encoder, tmp_path):
 def test_cli_trains_prints_the_table_and_fails_cleanly(tiny_store, encoder):
     from typer.testing import CliRunner
 
-    from sarflow.cli_segment import segment_app
+    from sarflow.cli.segment import segment_app
 
     uri, enc = encoder
     run = CliRunner().invoke(segment_app, ["train", str(tiny_store), "--tracking-uri", uri, "--steps", "3",

@@ -11,7 +11,7 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from sarflow.errors import InputError  # noqa: E402
-from sarflow.similarity import SimilarityIndex, brute_force, recall_at_k  # noqa: E402
+from sarflow.features.similarity import SimilarityIndex, brute_force, recall_at_k  # noqa: E402
 
 DIM = 64
 

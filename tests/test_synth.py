@@ -13,7 +13,7 @@ from rasterio.warp import reproject
 from scipy.optimize import brentq
 from scipy.special import polygamma
 
-from sarflow.synth import CLASSES, ENL, SynthConfig, synthesize
+from sarflow.data.synth import CLASSES, ENL, SynthConfig, synthesize
 
 WORLDCOVER_CODES = {10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100}
 

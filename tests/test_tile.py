@@ -19,10 +19,10 @@ import yaml
 import zarr
 
 from helpers import write_catalog
-from sarflow.catalog import load_catalog
+from sarflow.data.catalog import load_catalog
 from sarflow.errors import InputError
-from sarflow.store import open_store
-from sarflow.tile import TileOptions, tile
+from sarflow.data.chipstore import open_store
+from sarflow.data.tile import TileOptions, tile
 
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
 
@@ -143,7 +143,7 @@ def test_same_inputs_give_byte_identical_arrays(tiny_scene, tiny_store, tmp_path
 
 @pytest.mark.slow
 def test_kill_9_mid_tiling_then_rerun_equals_an_uninterrupted_run(tmp_path):
-    from sarflow.synth import SynthConfig, synthesize
+    from sarflow.data.synth import SynthConfig, synthesize
 
     catalog = synthesize(tmp_path / "scene", SynthConfig(size_px=768, seed=11, chip_size=32))
     out = tmp_path / "killed.zarr"

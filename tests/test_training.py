@@ -58,8 +58,8 @@ def test_shard_iterable_reads_each_selected_chip_once_across_workers(tiny_store)
 
 def test_augmentation_is_identical_across_modalities(tiny_scene, tmp_path):
     import yaml
-    from sarflow.catalog import load_catalog
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile import TileOptions, tile
 
     data = yaml.safe_load(tiny_scene.read_text())
     s1 = next(s for s in data["sources"] if s["name"] == "s1grd")
@@ -82,8 +82,8 @@ def test_augmentation_is_identical_across_modalities(tiny_scene, tmp_path):
 def test_missing_modality_is_an_explicit_mask_never_another_sample(tiny_scene, tmp_path):
     import rasterio
     import yaml
-    from sarflow.catalog import load_catalog
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile import TileOptions, tile
 
     scene = tiny_scene.parent
     with rasterio.open(scene / "s2rgb.tif") as src:  # an optical scene covering only the western third
@@ -221,7 +221,7 @@ def test_clip_loss_goes_down_and_embeds_with_any_modality_or_channel_missing(tin
 def test_pretrain_tracks_lineage_registers_and_the_model_loads_back(method, tiny_store, tmp_path):
     import mlflow
 
-    from sarflow.versioning import version_store
+    from sarflow.data.versioning import version_store
 
     store = tmp_path / "chips.zarr"
     shutil.copytree(tiny_store, store)

@@ -58,7 +58,7 @@ def band_mean_std(arr) -> tuple[np.ndarray, np.ndarray]:
 
 def pixel_statistics(store: str, modalities=DEFAULT_MODALITIES) -> tuple[np.ndarray, list[str]]:
     """(chips, features) float32 in store row order, and the feature names."""
-    from sarflow.training.data import open_chip_group
+    from sarflow.data.chipstore import open_chip_group
 
     group = open_chip_group(store)
     feats, names = [], []
@@ -78,7 +78,7 @@ def pixel_statistics(store: str, modalities=DEFAULT_MODALITIES) -> tuple[np.ndar
 
 def chip_tensor(store: str, modalities=DEFAULT_MODALITIES) -> np.ndarray:
     """(chips, channels, H, W) float32, z-scored with the store's train statistics, NaN -> 0."""
-    from sarflow.training.data import open_chip_group
+    from sarflow.data.chipstore import open_chip_group
 
     group = open_chip_group(store)
     parts = []

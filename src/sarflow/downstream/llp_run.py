@@ -41,7 +41,7 @@ from sarflow.downstream.kdm import KDM
 from sarflow.downstream.llp import (Bags, InstanceClassifier, StridedConvLLP, bag_matrix, chip_bags,
                                     evaluate_proportions, select_steps, train_llp)
 from sarflow.errors import InputError
-from sarflow.report import WORLDCOVER_COLORS
+from sarflow.data.quicklook import WORLDCOVER_COLORS
 
 log = logging.getLogger(__name__)
 
@@ -555,7 +555,7 @@ def _store_pixels(group, modalities: tuple[str, ...], n: int) -> tuple[np.ndarra
 
 def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
     """Bags, features, pixels and fine labels of a chip store."""
-    from sarflow.training.data import open_chip_group, read_chip_table
+    from sarflow.data.chipstore import open_chip_group, read_chip_table
 
     polygons = read_polygons(cfg.polygons, cfg.id_column)
     if (cfg.stats is None) == (cfg.label_raster is None):
@@ -663,7 +663,8 @@ def run_llp(cfg: LLPConfig) -> dict:
 
     from sarflow.downstream.models import log_downstream_model
     from sarflow.features.bags import write_chip_bags
-    from sarflow.tracking import dataset_lineage, setup_mlflow
+    from sarflow.mlops.lineage import dataset_lineage
+    from sarflow.mlops.tracking import setup_mlflow
 
     t0 = time.perf_counter()
     unknown = [m for m in cfg.models if m not in MODELS]
@@ -843,7 +844,8 @@ def run_real_case(real_dir: str | Path, tracking_uri: str, out_dir: str | Path, 
     import mlflow
 
     from sarflow.features.bags import write_chip_bags
-    from sarflow.tracking import code_commit, setup_mlflow
+    from sarflow.mlops.lineage import code_commit
+    from sarflow.mlops.tracking import setup_mlflow
 
     t0 = time.perf_counter()
     data, extra = prepare_real_data(real_dir, chip=chip, grid=grid)

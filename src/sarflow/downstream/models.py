@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from sarflow.registry import DATASET_TAG, EVAL_TAG
-from sarflow.tracking import model_requirements
+from sarflow.mlops.registry import DATASET_TAG, EVAL_TAG
+from sarflow.mlops.tracking import model_requirements
 
 REGISTERED_PREFIX = "sarflow-"
 

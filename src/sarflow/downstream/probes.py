@@ -123,10 +123,10 @@ def load_probe_data(store: str, features_root: str, model: str | None = None, ve
     import pyarrow.parquet as pq
 
     from sarflow.features.definitions import view_name
-    from sarflow.features.store import FeatureConfig, apply, open_feature_store, training_set
-    from sarflow.training.data import read_chip_table
+    from sarflow.features.feast_store import FeatureConfig, apply, open_feature_store, training_set
+    from sarflow.data.chipstore import read_chip_table
 
-    from sarflow.features.embed import fs_path, join, parquet_files
+    from sarflow.data.paths import fs_path, join, parquet_files
 
     labels_dir = join(features_root, "labels")
     model, version = _select_partition(features_root, model, version)
@@ -468,7 +468,8 @@ def _run_probes(cfg: ProbeConfig) -> dict:
 
     from sarflow.downstream.baselines import chip_tensor, pixel_statistics
     from sarflow.downstream.models import log_downstream_model
-    from sarflow.tracking import dataset_lineage, setup_mlflow
+    from sarflow.mlops.lineage import dataset_lineage
+    from sarflow.mlops.tracking import setup_mlflow
 
     data = load_probe_data(cfg.store, cfg.features_root, cfg.model, cfg.version)
     pixel = chips = None
@@ -642,7 +643,8 @@ def region_transfer(regions: dict[str, Region], pairs, tasks: tuple[str, ...] = 
     "json", "run_id", **extra}."""
     import mlflow
 
-    from sarflow.tracking import dataset_lineage, setup_mlflow
+    from sarflow.mlops.lineage import dataset_lineage
+    from sarflow.mlops.tracking import setup_mlflow
 
     _check_region_args(tasks, probe)
     unknown = {r for pair in pairs for r in pair} - set(regions)
@@ -790,7 +792,7 @@ def ablation_features(store: str, modalities: tuple[str, ...], encoder_uri: str 
     import mlflow
     import torch
 
-    from sarflow.training.data import open_chip_group
+    from sarflow.data.chipstore import open_chip_group
 
     encoder = mlflow.pytorch.load_model(encoder_uri, map_location="cpu").eval()
     group = open_chip_group(store)
@@ -814,9 +816,9 @@ def ablation_features(store: str, modalities: tuple[str, ...], encoder_uri: str 
 
 def _synth_store(base: Path, cfg, options=None) -> str:
     """Synthesizes a scene (`SynthConfig` cfg) under base/scene and tiles it into base/chips.zarr."""
-    from sarflow.catalog import load_catalog
-    from sarflow.synth import synthesize
-    from sarflow.tile import TileOptions, tile
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.synth import synthesize
+    from sarflow.data.tile import TileOptions, tile
 
     cat = synthesize(base / "scene", cfg)
     return str(tile(load_catalog(cat), base / "chips.zarr", options or TileOptions(), show_progress=False))
@@ -826,7 +828,7 @@ def synth_ablation_stores(folder: str | Path, size_px: int = 384, seed: int = 7,
                           clouded: float = 0.6) -> dict[str, str]:
     """Two synthetic scenes with the same seed (so the same land cover), one without clouds and
     one with `clouded` cloud cover, tiled into stores: {"clear": store, "clouded": store}."""
-    from sarflow.synth import SynthConfig
+    from sarflow.data.synth import SynthConfig
 
     return {cond: _synth_store(Path(folder) / cond, SynthConfig(size_px=size_px, seed=seed, chip_size=chip_size,
                                                                cloud_fraction=frac))
@@ -846,8 +848,8 @@ def synth_region_stores(folder: str | Path, size_px: int = 384, seed_a: int = 7,
     class mix, "B_shifted": seed_b with `shifted_priors(shift)`} (B_same and B_shifted share
     their random fields: they differ by the class mix only). Block-split with 2x2-chip cells
     and 30% test chips, so that small scenes have enough held-out chips."""
-    from sarflow.synth import SynthConfig
-    from sarflow.tile import TileOptions
+    from sarflow.data.synth import SynthConfig
+    from sarflow.data.tile import TileOptions
 
     if seed_a == seed_b:
         raise InputError(str(seed_b), "seed_b must differ from seed_a (region B is another scene)")
@@ -862,7 +864,7 @@ def synth_region_stores(folder: str | Path, size_px: int = 384, seed_a: int = 7,
 def store_labels(store: str) -> tuple[pd.DataFrame, np.ndarray]:
     """Labels (`chip_labels`) and split of every chip of the store, in store order."""
     from sarflow.features.labels import chip_labels
-    from sarflow.training.data import read_chip_table
+    from sarflow.data.chipstore import read_chip_table
 
     with tempfile.TemporaryDirectory() as tmp:
         labels = pd.read_parquet(chip_labels(store, tmp))
@@ -885,7 +887,8 @@ def run_ablation(stores: dict[str, str], tracking_uri: str = "sqlite:///mlflow.d
     to MLflow."""
     import mlflow
 
-    from sarflow.tracking import dataset_lineage, setup_mlflow
+    from sarflow.mlops.lineage import dataset_lineage
+    from sarflow.mlops.tracking import setup_mlflow
 
     if not stores:
         raise InputError("stores", "no stores to ablate on")

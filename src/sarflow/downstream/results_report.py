@@ -213,7 +213,7 @@ def _report_lineage(sources: list[SourceRun]) -> dict[str, str]:
     """Lineage tags of the report run: every dataset its sources were computed on (values of
     one key comma-separated) and the code that built the report."""
     from sarflow import __version__
-    from sarflow.tracking import code_commit
+    from sarflow.mlops.lineage import code_commit
 
     tags = {k: ",".join(sorted({s.lineage[k] for s in sources if k in s.lineage}))[:5000] for k in SOURCE_LINEAGE}
     return {**{k: v for k, v in tags.items() if v}, "sarflow.code_version": __version__, "sarflow.code_commit": code_commit()}
@@ -229,7 +229,8 @@ def build_results_report(tracking_uri: str, experiments: list[str] | None = None
     (what a pipeline run produced), instead of the newest run of every section."""
     import mlflow
 
-    from sarflow.tracking import code_commit, setup_mlflow
+    from sarflow.mlops.lineage import code_commit
+    from sarflow.mlops.tracking import setup_mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sarflow.errors import InputError
-from sarflow.report import WORLDCOVER_COLORS
+from sarflow.data.quicklook import WORLDCOVER_COLORS
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def load_encoder(uri: str):
 
 def resolve_inputs(cfg: SegmentConfig, encoder=None) -> tuple[list[tuple[str, str, list[str]]], np.ndarray, np.ndarray]:
     """(group, modality, bands) of the input channels, with the store's train mean/std per channel."""
-    from sarflow.training.data import open_chip_group
+    from sarflow.data.chipstore import open_chip_group
     from sarflow.training.pretrain import store_group
 
     group = open_chip_group(cfg.store)
@@ -314,7 +314,7 @@ def _read_inputs(group, groups, rows: np.ndarray) -> np.ndarray:
 
 def load_data(cfg: SegmentConfig, groups, mean, std) -> SegData:
     """Train and test chips in memory (inputs in physical units), labels mapped to indices."""
-    from sarflow.training.data import open_chip_group, read_chip_table
+    from sarflow.data.chipstore import open_chip_group, read_chip_table
 
     group = open_chip_group(cfg.store)
     mods = list(group.attrs.get("modalities", []))
@@ -540,8 +540,9 @@ def _run(cfg: SegmentConfig) -> dict:
     import mlflow
 
     from sarflow.downstream.models import log_downstream_model
-    from sarflow.tracking import dataset_lineage, setup_mlflow
-    from sarflow.training.data import open_chip_group
+    from sarflow.mlops.lineage import dataset_lineage
+    from sarflow.mlops.tracking import setup_mlflow
+    from sarflow.data.chipstore import open_chip_group
 
     t0 = time.perf_counter()
     try:  # a missing store fails here, before the encoder is loaded

@@ -42,7 +42,7 @@ SCHEMA = pa.schema([
 def _atomic(path: str | Path, write) -> None:
     """`write(tmp)` a file, then publish it at `path` whole: a rename locally, one server-side
     copy on S3 (features.embed.publish_s3)."""
-    from sarflow.features.embed import is_remote, publish_s3
+    from sarflow.data.paths import is_remote, publish_s3
 
     if is_remote(path):
         with tempfile.TemporaryDirectory(prefix="sarflow-bags-") as d:
@@ -102,7 +102,7 @@ def write_chip_bags(bags, chips: pd.DataFrame, root: str | Path, crs: str | None
     WKB ``geometry`` in EPSG:4326, or minx..maxy in `crs`)."""
     import geopandas as gpd
 
-    from sarflow.features.embed import join
+    from sarflow.data.paths import join
 
     table = chip_bags_table(bags, chips)
     _atomic(join(root, BAGS, CHIP_BAGS), lambda tmp: pq.write_table(table, tmp))

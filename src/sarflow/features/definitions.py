@@ -23,8 +23,8 @@ from feast.types import Array, Float32, Float64, String
 from feast.value_type import ValueType
 
 from sarflow.errors import InputError
-from sarflow.features.embed import (EMBEDDINGS, check_root, embedding_partitions, exists, fs_path, is_remote, join,
-                                    parquet_files)
+from sarflow.data.paths import check_root, exists, fs_path, is_remote, join, parquet_files
+from sarflow.features.embed import embedding_partitions
 
 LABELS = "labels"
 BAGS = "bags"
@@ -46,7 +46,7 @@ def s3_endpoint() -> str:
     """The endpoint an s3:// source is read from: AWS_ENDPOINT_URL (or SARFLOW_S3_ENDPOINT); empty for AWS."""
     if not (os.environ.get("SARFLOW_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")):
         return ""
-    from sarflow.storage import s3_settings
+    from sarflow.data.storage import s3_settings
 
     return s3_settings().endpoint_url
 

@@ -6,7 +6,7 @@ embeddings as a Parquet offline source, one partition per model version so versi
 Columns: chip_id, embedding (fixed-size list of float32), model_name, model_version,
 dataset_version (the store's DVC hash), event_timestamp, lon, lat (chip centroid), split.
 
-The root is a local folder or an s3:// prefix (on the endpoint and keys of `sarflow.storage`,
+The root is a local folder or an s3:// prefix (on the endpoint and keys of `sarflow.data.storage`,
 i.e. AWS_ENDPOINT_URL and the AWS key variables). A partition only appears once complete: locally
 it is written to a `.partial-*` folder renamed into place; on S3 the file is uploaded to a
 `.partial-*` key outside every source folder and copied to its final key (one S3 copy is atomic:
@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
+from sarflow.data.paths import is_remote, join, filesystem, fs_path, exists, parquet_files, check_root, write_table_atomic
 from sarflow.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -69,100 +69,6 @@ def resolve_model(uri: str) -> ModelRef:
     except MlflowException as e:
         raise InputError(uri, f"no such model in the MLflow registry at {mlflow.get_tracking_uri()} ({e.error_code})") from None
     raise InputError(uri, "not a model URI: use models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH")
-
-
-# ---------------------------------------------------------------- local folder or s3:// prefix
-
-def is_remote(root: str | Path) -> bool:
-    return str(root).startswith("s3://")
-
-
-def join(root: str | Path, *parts: str) -> str | Path:
-    """root/parts: a Path for a local root, an s3:// string for an S3 root."""
-    if is_remote(root):
-        return "/".join([str(root).rstrip("/"), *parts])
-    return Path(root).joinpath(*parts)
-
-
-def filesystem():
-    from sarflow.storage import s3_filesystem  # imported on use: minio and s3fs only for s3:// roots
-
-    return s3_filesystem()
-
-
-def fs_path(path: str | Path) -> tuple[object | None, str]:
-    """(filesystem, path) as pyarrow takes them: None and the path locally, s3fs and bucket/key on S3."""
-    if is_remote(path):
-        return filesystem(), str(path)[len("s3://"):]
-    return None, str(path)
-
-
-def exists(path: str | Path) -> bool:
-    if is_remote(path):
-        return filesystem().exists(str(path))
-    return Path(path).exists()
-
-
-def parquet_files(folder: str | Path) -> list[str | Path]:
-    """The Parquet files directly in a folder (hidden and temporary ones left out), sorted."""
-    if is_remote(folder):
-        fs = filesystem()
-        try:
-            found = fs.glob(str(folder).rstrip("/")[len("s3://"):] + "/*.parquet")
-        except FileNotFoundError:
-            return []
-        return sorted("s3://" + f for f in found if not f.rsplit("/", 1)[-1].startswith((".", "_")))
-    return sorted(p for p in Path(folder).glob("*.parquet") if not p.name.startswith((".", "_")))
-
-
-def check_root(root: str | Path) -> None:
-    """An s3:// root must be in a bucket that exists (a clear error naming the URI, not a listing of nothing)."""
-    if is_remote(root):
-        from sarflow.storage import check_bucket
-
-        check_bucket(str(root))
-
-
-def publish_s3(local: str | Path, dest: str) -> None:
-    """Uploads a finished local file to `dest` so that nothing is ever half-visible there: first to
-    a `.partial-*` key beside dest's folder (outside every source folder), then one server-side copy."""
-    fs = filesystem()
-    key = dest[len("s3://"):]
-    folder, name = key.rsplit("/", 1)
-    tmp = f"{folder.rsplit('/', 1)[0]}/.partial-{uuid.uuid4().hex[:12]}/{name}"
-    try:
-        fs.put_file(str(local), tmp)
-        fs.copy(tmp, key)
-    finally:
-        try:
-            fs.rm(tmp)
-        except FileNotFoundError:
-            pass
-
-
-def write_table_atomic(table: pa.Table, dest: str | Path, **kwargs) -> str | Path:
-    """Writes one Parquet file at dest, locally (temp file + rename) or on S3 (see publish_s3)."""
-    if is_remote(dest):
-        with tempfile.TemporaryDirectory(prefix="sarflow-") as d:
-            local = Path(d) / "part.parquet"
-            _write_table(table, local, **kwargs)
-            publish_s3(local, str(dest))
-        return dest
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".partial-", suffix=".tmp")
-    os.close(fd)
-    try:
-        _write_table(table, tmp, **kwargs)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def _write_table(table: pa.Table, where, **kwargs) -> None:
-    pq.write_table(table, where, **kwargs)
 
 
 def partition(root: str | Path, model: ModelRef) -> str | Path:
@@ -235,8 +141,8 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     import mlflow
     import torch
 
-    from sarflow.tracking import dataset_lineage
-    from sarflow.training.data import open_chip_group, read_chip_table
+    from sarflow.mlops.lineage import dataset_lineage
+    from sarflow.data.chipstore import open_chip_group, read_chip_table
 
     model = resolve_model(model_uri)
     check_root(root)
@@ -294,7 +200,7 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
         try:
-            _write_table(arrow, tmp / "part-00000.parquet", row_group_size=65536)
+            pq.write_table(arrow, tmp / "part-00000.parquet", row_group_size=65536)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)

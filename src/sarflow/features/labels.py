@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from sarflow.errors import InputError
-from sarflow.features.embed import check_root, join, write_table_atomic
+from sarflow.data.paths import check_root, join, write_table_atomic
 
 WORLDCOVER = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
 
@@ -19,7 +19,7 @@ WORLDCOVER = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
 def chip_labels(store: str, root: str | Path, landcover: str = "worldcover", tree: str = "vegetation",
                 builtup: str = "builtup") -> str | Path:
     """Writes <root>/labels/labels.parquet (root: a local folder or an s3:// prefix); returns its path."""
-    from sarflow.training.data import open_chip_group, read_chip_table
+    from sarflow.data.chipstore import open_chip_group, read_chip_table
 
     check_root(root)
     group = open_chip_group(store)

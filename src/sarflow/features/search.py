@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sarflow.errors import InputError
-from sarflow.features.embed import check_root, embedding_matrix, is_remote, read_partition, select_partition
-from sarflow.similarity import SimilarityIndex
+from sarflow.data.paths import check_root, is_remote
+from sarflow.features.embed import embedding_matrix, read_partition, select_partition
+from sarflow.features.similarity import SimilarityIndex
 
 
 def _pick(root: str | Path, model: str | None, version: str | None) -> tuple[str, str, str | Path]:
@@ -22,7 +22,7 @@ def _pick(root: str | Path, model: str | None, version: str | None) -> tuple[str
 
 def index_dir(root: str | Path, model: str, version: str, repo: str | Path | None = None) -> Path:
     if is_remote(root):
-        from sarflow.features.store import default_repo
+        from sarflow.features.feast_store import default_repo
 
         base = Path(repo) if repo is not None else default_repo(str(root))
     else:

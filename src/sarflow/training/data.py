@@ -23,37 +23,10 @@ from typing import Iterator
 import lightning as L
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from sarflow.data.chipstore import open_chip_group, read_chip_table
 from sarflow.errors import InputError
-
-
-def open_chip_group(uri: str) -> zarr.Group:
-    """The store's Zarr group, from a local path or s3:// (endpoint and keys from the AWS env)."""
-    if uri.startswith("s3://"):
-        from sarflow.storage import s3_settings
-
-        s = s3_settings()
-        opts = {"client_kwargs": {"endpoint_url": s.endpoint_url, "region_name": s.region}}
-        if s.access_key:
-            opts.update(key=s.access_key, secret=s.secret_key)
-        else:
-            opts["anon"] = True
-        return zarr.open_group(uri, mode="r", storage_options=opts)
-    return zarr.open_group(uri, mode="r")
-
-
-def read_chip_table(uri: str):
-    import pandas as pd
-
-    path = uri.rstrip("/") + "/chips.parquet"
-    if uri.startswith("s3://"):
-        from sarflow.storage import read_bytes
-        import io
-
-        return pd.read_parquet(io.BytesIO(read_bytes(path)))
-    return pd.read_parquet(path)
 
 
 @dataclass

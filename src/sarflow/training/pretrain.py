@@ -115,7 +115,7 @@ def store_group(group, store: str, name: str, modality: str, bands: list[str] | 
 
 
 def resolve_groups(cfg: PretrainConfig) -> list[Group]:
-    from sarflow.training.data import open_chip_group
+    from sarflow.data.chipstore import open_chip_group
 
     if cfg.method not in METHODS:
         raise InputError(cfg.method, f"unknown method: choose from {list(METHODS)}")
@@ -198,7 +198,8 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.models import infer_signature
 
-    from sarflow.tracking import dataset_lineage, model_requirements, setup_mlflow
+    from sarflow.mlops.lineage import dataset_lineage
+    from sarflow.mlops.tracking import model_requirements, setup_mlflow
 
     groups = resolve_groups(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -267,7 +268,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
 
 def _example_input(cfg: PretrainConfig, groups: list[Group]) -> np.ndarray:
     """Two real chips from the store, in physical units, as the model's input example."""
-    from sarflow.training.data import open_chip_group
+    from sarflow.data.chipstore import open_chip_group
 
     g = open_chip_group(cfg.store)
     parts = []

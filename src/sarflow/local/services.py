@@ -204,8 +204,8 @@ def _alive(pid: int) -> bool:
 def services_up(state_dir: str | Path, *, redis: str = "127.0.0.1:6379", backend: str | None = None,
                 features_root: str = "s3://sarflow-features", feast: bool = True) -> dict:
     """Starts S3, MLflow and (with `feast`) the Feast feature server; returns the state."""
-    from sarflow.features.store import FeatureConfig, open_feature_store
-    from sarflow.storage import ensure_bucket
+    from sarflow.features.feast_store import FeatureConfig, open_feature_store
+    from sarflow.data.storage import ensure_bucket
 
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)

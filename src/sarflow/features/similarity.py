@@ -78,7 +78,7 @@ import pandas as pd
 
 from sarflow.errors import InputError
 
-FORMAT = "sarflow.similarity/1"
+FORMAT = "sarflow.features.similarity/1"
 METRIC = "cosine"
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"

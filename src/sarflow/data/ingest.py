@@ -21,10 +21,10 @@ import shapely
 from pyproj import CRS
 from rasterio.errors import RasterioError
 
-from sarflow.catalog import LoadedCatalog, SourceSpec
+from sarflow.data.catalog import LoadedCatalog, SourceSpec
 from sarflow.errors import InputError
-from sarflow.grid import ChipGrid, parse_crs, transform_geometry, utm_epsg
-from sarflow.storage import check_s3_object, gdal_path, is_s3, read_bytes, s3_settings, sha256_of
+from sarflow.data.grid import ChipGrid, parse_crs, transform_geometry, utm_epsg
+from sarflow.data.storage import check_s3_object, gdal_path, is_s3, read_bytes, s3_settings, sha256_of
 
 WGS84 = CRS.from_epsg(4326)
 _VALIDITY_SAMPLE = 32  # blocks read per file to find a valid pixel before any full scan

@@ -1,4 +1,4 @@
-"""`sarflow services up|down|env|status`: the local "cluster-like" mode (sarflow.services)."""
+"""`sarflow services up|down|env|status`: the local "cluster-like" mode (sarflow.local.services)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from sarflow.cli_common import fail
+from sarflow.cli.common import fail
 from sarflow.errors import SarflowError
 
 services_app = typer.Typer(
@@ -25,7 +25,7 @@ def up_cmd(
     feast: bool = typer.Option(True, "--feast/--no-feast", help="also start the Feast feature server"),
 ) -> None:
     """Start the services; prints their URLs and the environment clients need."""
-    from sarflow.services import services_up
+    from sarflow.local.services import services_up
 
     try:
         state = services_up(state_dir, redis=redis, backend=backend or None, feast=feast)
@@ -41,7 +41,7 @@ def up_cmd(
 @services_app.command("down")
 def down_cmd(state_dir: Path = DirArg) -> None:
     """Stop the services recorded in the state folder."""
-    from sarflow.services import services_down
+    from sarflow.local.services import services_down
 
     try:
         stopped = services_down(state_dir)
@@ -53,7 +53,7 @@ def down_cmd(state_dir: Path = DirArg) -> None:
 @services_app.command("env")
 def env_cmd(state_dir: Path = DirArg) -> None:
     """Print `export` lines for the services' environment."""
-    from sarflow.services import client_env, read_state
+    from sarflow.local.services import client_env, read_state
 
     try:
         env = client_env(read_state(state_dir))
@@ -66,7 +66,7 @@ def env_cmd(state_dir: Path = DirArg) -> None:
 @services_app.command("status")
 def status_cmd(state_dir: Path = DirArg) -> None:
     """Print the recorded services as JSON."""
-    from sarflow.services import read_state
+    from sarflow.local.services import read_state
 
     try:
         typer.echo(json.dumps(read_state(state_dir), indent=1))

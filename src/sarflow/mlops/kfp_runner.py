@@ -1,11 +1,9 @@
 """Kubeflow Pipelines from Python: compile a pipeline to IR YAML, run it locally, submit it.
 
-The pipelines live in the project's top-level ``pipelines/`` package (their components in
-``components/``), beside ``src/``: they are deployment code, not part of the installed
-library. A pipeline is named by its short name in ``pipelines.REGISTRY`` (``data``) or as
-``module:function``. When ``pipelines`` is not importable (the CLI run from elsewhere), the
-project root is found from the working directory or from this file (editable install) and
-put on ``sys.path``.
+Every function takes the ``@dsl.pipeline`` object itself: the pipelines live in the project's
+top-level ``pipelines/`` package (an installed package, like ``components/``), which the doors
+(the CLI, the demo's command) import and resolve by short name (``pipelines.load("data")``);
+the library never imports them.
 
 - :func:`compile_pipeline` writes the IR YAML (``kfp.compiler.Compiler``), Kubernetes
   platform config (secrets, ...) included;
@@ -18,7 +16,6 @@ put on ``sys.path``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -36,71 +33,38 @@ class PipelineError(SarflowError):
     """A pipeline could not be found, compiled, run or submitted."""
 
 
-def _project_root() -> Path | None:
-    here = Path(__file__).resolve()
-    for start in (Path.cwd().resolve(), here.parent):
-        for p in (start, *start.parents):
-            if (p / "pipelines" / "__init__.py").is_file() and (p / "components" / "__init__.py").is_file():
-                return p
-    return None
+def pipeline_name(pipeline) -> str:
+    """The name a user gave the pipeline (``pipelines.load`` records it as ``short_name``),
+    else the one it was declared with (``@dsl.pipeline(name=...)``)."""
+    return getattr(pipeline, "short_name", None) or pipeline.name
 
 
-def _import(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        top = module.split(".")[0]
-        if e.name not in (top, module):
-            raise
-        root = _project_root()
-        if root is None or str(root) in sys.path:
-            raise PipelineError(f"cannot import {module!r}: run from the sarflow project (it has pipelines/ and components/)") from None
-        sys.path.insert(0, str(root))
-        return importlib.import_module(module)
+def _check_pipeline(pipeline) -> None:
+    if not hasattr(pipeline, "pipeline_spec"):
+        raise PipelineError(f"{pipeline!r} is not a @dsl.pipeline")
 
 
-def pipeline_names() -> list[str]:
-    return sorted(_import("pipelines").REGISTRY)
-
-
-def load_pipeline(name: str):
-    """The ``@dsl.pipeline`` object for a short name (``data``) or ``module:function``."""
-    if ":" not in name:
-        registry = _import("pipelines").REGISTRY
-        if name not in registry:
-            raise PipelineError(f"unknown pipeline {name!r}: choose from {sorted(registry)} or give module:function")
-        name = registry[name]
-    module, _, attr = name.partition(":")
-    try:
-        obj = getattr(_import(module), attr)
-    except AttributeError:
-        raise PipelineError(f"{module} has no pipeline {attr!r}") from None
-    if not hasattr(obj, "pipeline_spec"):
-        raise PipelineError(f"{name} is not a @dsl.pipeline")
-    return obj
-
-
-def pipeline_parameters(name: str) -> dict[str, Any]:
+def pipeline_parameters(pipeline) -> dict[str, Any]:
     """The pipeline's input parameters and their defaults (None when it has none)."""
-    spec = load_pipeline(name).component_spec
+    _check_pipeline(pipeline)
+    spec = pipeline.component_spec
     return {k: getattr(v, "default", None) for k, v in (spec.inputs or {}).items()}
 
 
-def params_sections(name: str) -> tuple[str, ...] | None:
+def params_sections(pipeline) -> tuple[str, ...] | None:
     """The params.yaml sections a pipeline reads (its module's PARAMS_SECTIONS; None: all)."""
-    func = load_pipeline(name)
-    module = sys.modules.get(getattr(func, "pipeline_func", func).__module__)
+    module = sys.modules.get(getattr(pipeline, "pipeline_func", pipeline).__module__)
     sections = getattr(module, "PARAMS_SECTIONS", None)
     return tuple(sections) if sections is not None else None
 
 
-def arguments_from_params(name: str, params: dict) -> dict[str, Any]:
+def arguments_from_params(pipeline, params: dict) -> dict[str, Any]:
     """Pipeline arguments from a params.yaml mapping, section by section (the pipeline's
     ``PARAMS_SECTIONS``, in order, later ones win): a section named like a pipeline input is
     passed whole as that (dict) argument (``pretrain:`` -> ``pretrain``); otherwise its keys
     that name an input become arguments (``synth.size_px`` -> ``size_px``)."""
-    inputs = pipeline_parameters(name)
-    wanted = params_sections(name)
+    inputs = pipeline_parameters(pipeline)
+    wanted = params_sections(pipeline)
     out: dict[str, Any] = {}
     for key in wanted if wanted is not None else list(params):
         section = params.get(key)
@@ -119,24 +83,24 @@ def _without_none(value: Any) -> Any:
     return value
 
 
-def _check_arguments(name: str, args: dict) -> None:
-    unknown = sorted(set(args) - set(pipeline_parameters(name)))
+def _check_arguments(pipeline, args: dict) -> None:
+    known = pipeline_parameters(pipeline)
+    unknown = sorted(set(args) - set(known))
     if unknown:
-        raise PipelineError(f"pipeline {name!r} has no parameter(s) {unknown}; it takes {sorted(pipeline_parameters(name))}")
+        raise PipelineError(f"pipeline {pipeline_name(pipeline)!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
 
 
-def compile_pipeline(name: str, out_path: str | Path, defaults: dict | None = None) -> Path:
+def compile_pipeline(pipeline, out_path: str | Path, defaults: dict | None = None) -> Path:
     """Compiles a pipeline to KFP IR YAML at `out_path` (written whole, then renamed);
     `defaults` replace the default values of pipeline parameters in the compiled spec."""
     from kfp import compiler
 
-    func = load_pipeline(name)
-    _check_arguments(name, defaults or {})
+    _check_arguments(pipeline, defaults or {})
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.yaml")
     try:
-        compiler.Compiler().compile(pipeline_func=func, package_path=str(tmp), pipeline_parameters=defaults or None)
+        compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(tmp), pipeline_parameters=defaults or None)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -199,7 +163,7 @@ class LocalRun:
         }
 
 
-def run_local(pipeline_name: str, pipeline_root: str | Path, *, enable_caching: bool = False,
+def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = False,
               raise_on_error: bool = True, **args) -> LocalRun:
     """Runs a pipeline with kfp.local (SubprocessRunner(use_venv=False)) under `pipeline_root`.
 
@@ -208,8 +172,7 @@ def run_local(pipeline_name: str, pipeline_root: str | Path, *, enable_caching: 
     subfolder per task (ParallelFor iterations are `<task>-iteration-<i>`)."""
     from kfp import local
 
-    func = load_pipeline(pipeline_name)
-    _check_arguments(pipeline_name, args)
+    _check_arguments(pipeline, args)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in root.iterdir()}
@@ -221,20 +184,20 @@ def run_local(pipeline_name: str, pipeline_root: str | Path, *, enable_caching: 
         # resources and display names only mean something on a cluster (documented in pipelines/)
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
-            outputs = func(**args)
+            outputs = pipeline(**args)
         except RuntimeError as e:
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # kfp colours task names
-            raise PipelineError(f"local run of pipeline {pipeline_name!r} under {root} failed: {plain}") from None
+            raise PipelineError(f"local run of pipeline {pipeline_name(pipeline)!r} under {root} failed: {plain}") from None
     seconds = time.perf_counter() - t0
     new = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith(".")),
                  key=lambda p: p.stat().st_mtime)
     run_dir = new[-1] if new else None
     tasks = {p.name: p for p in run_dir.iterdir() if p.is_dir()} if run_dir else {}
-    return LocalRun(pipeline=pipeline_name, pipeline_root=root, run_dir=run_dir, seconds=seconds,
+    return LocalRun(pipeline=pipeline_name(pipeline), pipeline_root=root, run_dir=run_dir, seconds=seconds,
                     outputs=outputs, tasks=tasks)
 
 
-def submit(host: str, name: str, *, experiment: str | None = None, run_name: str | None = None,
+def submit(host: str, pipeline, *, experiment: str | None = None, run_name: str | None = None,
            namespace: str | None = None, enable_caching: bool | None = None, **args) -> dict:
     """Submits a pipeline run to the KFP API server at `host`; returns the run id and URL.
 
@@ -243,15 +206,14 @@ def submit(host: str, name: str, *, experiment: str | None = None, run_name: str
     Kubernetes secret, never from here."""
     import kfp
 
-    func = load_pipeline(name)
-    _check_arguments(name, args)
+    _check_arguments(pipeline, args)
     try:
         client = kfp.Client(host=host, namespace=namespace)
         result = client.create_run_from_pipeline_func(
-            func, arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace,
+            pipeline, arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace,
             enable_caching=enable_caching)
     except Exception as e:  # noqa: BLE001 - kfp/urllib3/kfp_server_api raise many kinds
         msg = str(e).strip().splitlines()
-        raise PipelineError(f"cannot submit pipeline {name!r} to {host}: {type(e).__name__}: "
+        raise PipelineError(f"cannot submit pipeline {pipeline_name(pipeline)!r} to {host}: {type(e).__name__}: "
                             f"{msg[-1] if msg else ''}") from None
     return {"run_id": result.run_id, "host": host, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}"}

@@ -91,7 +91,7 @@ def apply(cfg: FeatureConfig) -> list[str]:
 
 def _dataset(view) -> pads.Dataset:
     """The view's offline source as a pyarrow dataset (local, or on S3 through s3fs), streamed from."""
-    from sarflow.features.embed import fs_path
+    from sarflow.data.paths import fs_path
 
     path = view.batch_source.path
     fs, p = fs_path(path)
@@ -247,7 +247,8 @@ def training_set(cfg: FeatureConfig, entity_df: pd.DataFrame, features: list[str
 
 def newest_embeddings_view(cfg: FeatureConfig) -> str:
     from sarflow.features.definitions import view_name
-    from sarflow.features.embed import check_root, select_partition
+    from sarflow.data.paths import check_root
+    from sarflow.features.embed import select_partition
 
     check_root(cfg.root)
     model, version, _ = select_partition(cfg.root)

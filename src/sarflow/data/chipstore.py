@@ -1,4 +1,5 @@
-"""Reading a chip store (for later stages and users' scripts): arrays, chip table, attributes."""
+"""The chip store and its reader (for every later stage and users' scripts): arrays, chip table,
+attributes, on a local path or s3://."""
 
 from __future__ import annotations
 
@@ -10,7 +11,35 @@ import numpy as np
 import zarr
 
 from sarflow.errors import InputError
-from sarflow.tile import CHIPS_TABLE
+
+CHIPS_TABLE = "chips.parquet"
+
+
+def open_chip_group(uri: str) -> zarr.Group:
+    """The store's Zarr group, from a local path or s3:// (endpoint and keys from the AWS env)."""
+    if uri.startswith("s3://"):
+        from sarflow.data.storage import s3_settings
+
+        s = s3_settings()
+        opts = {"client_kwargs": {"endpoint_url": s.endpoint_url, "region_name": s.region}}
+        if s.access_key:
+            opts.update(key=s.access_key, secret=s.secret_key)
+        else:
+            opts["anon"] = True
+        return zarr.open_group(uri, mode="r", storage_options=opts)
+    return zarr.open_group(uri, mode="r")
+
+
+def read_chip_table(uri: str):
+    import pandas as pd
+
+    path = uri.rstrip("/") + "/" + CHIPS_TABLE
+    if uri.startswith("s3://"):
+        from sarflow.data.storage import read_bytes
+        import io
+
+        return pd.read_parquet(io.BytesIO(read_bytes(path)))
+    return pd.read_parquet(path)
 
 
 @dataclass

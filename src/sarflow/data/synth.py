@@ -35,7 +35,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 from scipy import ndimage
 
-from sarflow.grid import utm_epsg
+from sarflow.data.grid import utm_epsg
 
 # class code -> (prior weight, VV dB, VH dB, seasonal dB swing)
 CLASSES: dict[int, tuple[float, float, float, float]] = {

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli_common import fail
+from sarflow.cli.common import fail
 from sarflow.errors import InputError, SarflowError
 
 downstream_app = typer.Typer(help="Downstream science on frozen embeddings: probes and label-efficiency curves, "

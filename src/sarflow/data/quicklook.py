@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sarflow.store import ChipStore
+from sarflow.data.chipstore import ChipStore
 
 WORLDCOVER_COLORS = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
                      70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}

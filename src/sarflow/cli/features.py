@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli_common import fail
+from sarflow.cli.common import fail
 from sarflow.errors import SarflowError
 
 features_app = typer.Typer(help="Feast feature store: apply, materialize, online get, similarity search, serve.",
@@ -27,7 +27,7 @@ RedisOpt = typer.Option("127.0.0.1:6379", "--redis", help="Redis host:port for -
 
 
 def _cfg(root: str, online: str, redis: str, repo: Optional[Path] = None):
-    from sarflow.features.store import FeatureConfig
+    from sarflow.features.feast_store import FeatureConfig
 
     if online not in ("sqlite", "redis"):
         raise SarflowError(f"--online must be sqlite or redis, not {online!r}")
@@ -48,7 +48,7 @@ def labels(store: str = typer.Argument(..., help="chip store"), root: str = Root
 @features_app.command()
 def apply(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, repo: Optional[Path] = RepoOpt) -> None:
     """Register the entity, feature views (one per embedded model version) and services."""
-    from sarflow.features.store import apply as run_apply
+    from sarflow.features.feast_store import apply as run_apply
 
     try:
         typer.echo(json.dumps(run_apply(_cfg(root, online, redis, repo))))
@@ -61,8 +61,8 @@ def materialize(root: str = RootOpt, online: str = OnlineOpt, redis: str = Redis
                 view: Optional[List[str]] = typer.Option(None, help="only these views"),
                 batch_rows: int = typer.Option(8192, help="rows per streamed batch")) -> None:
     """Apply, then stream new offline rows into the online store (incremental)."""
-    from sarflow.features.store import apply as run_apply
-    from sarflow.features.store import materialize as run
+    from sarflow.features.feast_store import apply as run_apply
+    from sarflow.features.feast_store import materialize as run
 
     try:
         cfg = _cfg(root, online, redis, repo)
@@ -77,7 +77,7 @@ def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: str = 
         redis: str = RedisOpt, repo: Optional[Path] = RepoOpt,
         feature: Optional[List[str]] = typer.Option(None, help="view:feature (default: newest embeddings)")) -> None:
     """Online lookup of features for chips."""
-    from sarflow.features.store import newest_embeddings_view, online_features
+    from sarflow.features.feast_store import newest_embeddings_view, online_features
 
     try:
         cfg = _cfg(root, online, redis, repo)
@@ -105,7 +105,7 @@ def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = t
 def serve(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, repo: Optional[Path] = RepoOpt,
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(6566)) -> None:
     """Run the Feast feature server (HTTP) over this features root."""
-    from sarflow.features.store import open_feature_store
+    from sarflow.features.feast_store import open_feature_store
 
     try:
         cfg = _cfg(root, online, redis, repo)

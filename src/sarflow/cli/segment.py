@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli_common import fail
+from sarflow.cli.common import fail
 from sarflow.errors import SarflowError
 
 segment_app = typer.Typer(help="Semantic segmentation: ViT head on a registered encoder vs a from-scratch U-Net (mIoU).",

@@ -84,7 +84,7 @@ def version_store(store: str | Path, remote: str | None = None, repo: str | Path
                   push: bool = True) -> dict:
     """Tracks the store with DVC (unless a dvc.yaml stage already does), pushes it when a
     remote is configured, and returns the dataset version."""
-    from sarflow.store import open_store
+    from sarflow.data.chipstore import open_store
 
     store = Path(store).resolve()
     chips = open_store(store)
@@ -92,7 +92,7 @@ def version_store(store: str | Path, remote: str | None = None, repo: str | Path
     init_repo(root)
     if remote:
         if remote.startswith("s3://"):
-            from sarflow.storage import ensure_bucket, split_s3
+            from sarflow.data.storage import ensure_bucket, split_s3
 
             ensure_bucket(split_s3(remote)[0])
         configure_remote(root, remote)

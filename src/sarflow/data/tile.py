@@ -40,16 +40,16 @@ from rasterio.warp import calculate_default_transform
 from rasterio.windows import Window
 
 from sarflow import __version__
-from sarflow.catalog import LoadedCatalog
+from sarflow.data.catalog import LoadedCatalog
+from sarflow.data.chipstore import CHIPS_TABLE
 from sarflow.errors import InputError
-from sarflow.grid import ChipGrid, block_split, transform_geometry
-from sarflow.ingest import WGS84, Ingested, RasterFile, Source, gdal_env, ingest, valid_mask
+from sarflow.data.grid import ChipGrid, block_split, transform_geometry
+from sarflow.data.ingest import WGS84, Ingested, RasterFile, Source, gdal_env, ingest, valid_mask
 from sarflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "_sarflow_progress"
-CHIPS_TABLE = "chips.parquet"
 MANIFEST = "manifest.json"
 GDAL_CACHE_MB = 64  # GDAL's block cache; its default (5% of RAM) would dominate peak memory
 

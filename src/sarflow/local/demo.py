@@ -21,17 +21,18 @@ from pathlib import Path
 import mlflow
 
 from sarflow.errors import InputError
-from sarflow.kfp_runner import LocalRun, arguments_from_params, run_local
-from sarflow.services import environ, pipeline_arguments
+from sarflow.mlops.kfp_runner import LocalRun, arguments_from_params, run_local
+from sarflow.local.services import environ, pipeline_arguments
 
 FIGURE_SUFFIXES = (".png",)
 LLP_POLYGONS, LLP_STATS = "municipalities.geojson", "municipality_stats.csv"  # train-llp's defaults
 
 
-def demo_arguments(out: Path, params: dict, catalog: Path | None, services: dict | None, overrides: dict) -> tuple[str, dict]:
-    """The pipeline (e2e or e2e-catalog) and its arguments for a demo in `out`."""
-    name = "e2e" if catalog is None else "e2e-catalog"
-    args = arguments_from_params(name, params)
+def demo_arguments(pipeline, out: Path, params: dict, catalog: Path | None, services: dict | None,
+                   overrides: dict) -> dict:
+    """The arguments of the demo's pipeline (end to end on a synthetic scene, or on `catalog`:
+    the door chooses, ``pipelines.demo_pipeline``) for a demo in `out`."""
+    args = arguments_from_params(pipeline, params)
     if catalog is not None:
         catalog = Path(catalog).resolve()
         if not catalog.is_file():
@@ -49,17 +50,17 @@ def demo_arguments(out: Path, params: dict, catalog: Path | None, services: dict
         args.update(pipeline_arguments(services))
     args.update({k: v for k, v in overrides.items() if v is not None})
     args.setdefault("failure_log", str(out / "failures.jsonl"))
-    return name, args
+    return args
 
 
-def run_demo(out: str | Path, params: dict | None = None, catalog: str | Path | None = None,
+def run_demo(out: str | Path, pipeline, params: dict | None = None, catalog: str | Path | None = None,
              services: dict | None = None, **overrides) -> dict:
-    """Runs the end-to-end pipeline under `out` and writes `out/summary.json`."""
+    """Runs the end-to-end `pipeline` under `out` and writes `out/summary.json`."""
     out = Path(out).resolve()
-    name, args = demo_arguments(out, params or {}, Path(catalog) if catalog else None, services, overrides)
+    args = demo_arguments(pipeline, out, params or {}, Path(catalog) if catalog else None, services, overrides)
     out.mkdir(parents=True, exist_ok=True)
     with environ(services["env"] if services else {}):
-        run = run_local(name, out / "kfp", **args)
+        run = run_local(pipeline, out / "kfp", **args)
         summary = collect_summary(run, out, args)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -85,9 +86,9 @@ def _report_run_id(report: Path) -> str:
 def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
     """The run's facts, read back from its outputs, MLflow and Feast (what another reader sees)."""
     from sarflow.features.search import load_index
-    from sarflow.features.store import FeatureConfig, online_features
-    from sarflow.report import chip_quicklook
-    from sarflow.store import open_store
+    from sarflow.features.feast_store import FeatureConfig, online_features
+    from sarflow.data.quicklook import chip_quicklook
+    from sarflow.data.chipstore import open_store
 
     stores = [p for p in run.files("store") if p.is_dir()]
     store = open_store(stores[0])

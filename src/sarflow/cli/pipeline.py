@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from sarflow.cli_common import fail
+from sarflow.cli.common import ParamsOpt, fail
 from sarflow.errors import SarflowError
 
 pipeline_app = typer.Typer(
@@ -25,7 +25,6 @@ pipeline_app = typer.Typer(
 
 NameArg = typer.Argument("data", help="pipeline: a short name (data) or module:function")
 ArgOpt = typer.Option(None, "--arg", "-a", help="pipeline argument KEY=VALUE (VALUE as JSON when it parses); repeatable")
-ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: ./params.yaml when present)")
 
 
 def parse_arguments(pairs: List[str] | None) -> dict[str, Any]:
@@ -42,11 +41,11 @@ def parse_arguments(pairs: List[str] | None) -> dict[str, Any]:
     return out
 
 
-def _arguments(name: str, params: Optional[Path], pairs: List[str] | None) -> dict[str, Any]:
-    from sarflow.kfp_runner import arguments_from_params
+def _arguments(pipeline, params: Optional[Path], pairs: List[str] | None) -> dict[str, Any]:
+    from sarflow.mlops.kfp_runner import arguments_from_params
     from sarflow.params import load_params
 
-    args = arguments_from_params(name, load_params(params))
+    args = arguments_from_params(pipeline, load_params(params))
     args.update(parse_arguments(pairs))
     return args
 
@@ -54,10 +53,11 @@ def _arguments(name: str, params: Optional[Path], pairs: List[str] | None) -> di
 @pipeline_app.command("list")
 def list_cmd() -> None:
     """List the pipelines and their parameters with defaults."""
-    from sarflow.kfp_runner import pipeline_names, pipeline_parameters
+    import pipelines
+    from sarflow.mlops.kfp_runner import pipeline_parameters
 
     try:
-        typer.echo(json.dumps({n: pipeline_parameters(n) for n in pipeline_names()}, indent=1, default=str))
+        typer.echo(json.dumps({n: pipeline_parameters(pipelines.load(n)) for n in pipelines.names()}, indent=1, default=str))
     except SarflowError as e:
         fail(e)
 
@@ -70,11 +70,13 @@ def compile_cmd(
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Compile a pipeline to KFP IR YAML; params.yaml and --arg become its parameter defaults."""
-    from sarflow.kfp_runner import compile_pipeline
+    import pipelines
+    from sarflow.mlops.kfp_runner import compile_pipeline
 
     try:
-        path = compile_pipeline(name, out or Path(f"{name.split(':')[-1]}_pipeline.yaml"),
-                                defaults=_arguments(name, params, arg))
+        pipeline = pipelines.load(name)
+        path = compile_pipeline(pipeline, out or Path(f"{name.split(':')[-1]}_pipeline.yaml"),
+                                defaults=_arguments(pipeline, params, arg))
     except SarflowError as e:
         fail(e)
     typer.echo(f"pipeline compiled: {path}")
@@ -95,18 +97,20 @@ def run_cmd(
     """Run a pipeline on this machine (--local); prints where the stores and versions are."""
     if not local:
         fail(SarflowError("`run` runs pipelines locally: pass --local, or use `sarflow pipeline submit --host URL`"))
-    from sarflow.kfp_runner import pipeline_parameters, run_local
-    from sarflow.services import environ, pipeline_arguments, read_state
+    import pipelines
+    from sarflow.local.services import environ, pipeline_arguments, read_state
+    from sarflow.mlops.kfp_runner import pipeline_parameters, run_local
 
     try:
+        pipeline = pipelines.load(name)
         args, env = {}, {}
         if services:
             state = read_state(services)
-            inputs = pipeline_parameters(name)
+            inputs = pipeline_parameters(pipeline)
             args, env = {k: v for k, v in pipeline_arguments(state).items() if k in inputs}, state["env"]
-        args.update(_arguments(name, params, arg))
+        args.update(_arguments(pipeline, params, arg))
         with environ(env):
-            result = run_local(name, pipeline_root, enable_caching=cache, **args)
+            result = run_local(pipeline, pipeline_root, enable_caching=cache, **args)
     except SarflowError as e:
         fail(e)
     text = json.dumps(result.summary(), indent=1, default=str)
@@ -128,11 +132,13 @@ def submit_cmd(
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="override the tasks' caching options"),
 ) -> None:
     """Submit a pipeline run to a Kubeflow Pipelines server; prints the run id and URL."""
-    from sarflow.kfp_runner import submit
+    import pipelines
+    from sarflow.mlops.kfp_runner import submit
 
     try:
-        result = submit(host, name, experiment=experiment, run_name=run_name, namespace=namespace,
-                        enable_caching=cache, **_arguments(name, params, arg))
+        pipeline = pipelines.load(name)
+        result = submit(host, pipeline, experiment=experiment, run_name=run_name, namespace=namespace,
+                        enable_caching=cache, **_arguments(pipeline, params, arg))
     except SarflowError as e:
         fail(e)
     typer.echo(json.dumps(result, indent=1))

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli_common import fail
+from sarflow.cli.common import fail
 from sarflow.errors import SarflowError
 
 llp_app = typer.Typer(help="Learning from label proportions: bags from polygons + statistics, LLP models, MLflow.",

@@ -1,0 +1,113 @@
+"""`sarflow synth | ingest | tile | info | version`: the data plane, catalog to versioned chip store."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sarflow.cli.common import ParamsOpt, fail
+from sarflow.errors import SarflowError
+
+
+def synth(
+    out_dir: Path = typer.Argument(..., help="folder to write the scene into"),
+    size: Optional[int] = typer.Option(None, help="scene side in 10 m pixels (up to 10980, a Sentinel-2 tile)"),
+    seed: Optional[int] = typer.Option(None, help="random seed; the same seed gives the same bytes"),
+    chip_size: Optional[int] = typer.Option(None, help="chip size written into catalog.yaml"),
+    cloud_fraction: Optional[float] = typer.Option(None, help="fraction of the S2 scene under cloud"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Generate a synthetic AOI: S1 GRD/coherence/phase, S2 with clouds, labels, municipalities, catalog."""
+    from sarflow.params import load_params, section
+    from sarflow.data.synth import SynthConfig, synthesize
+
+    try:
+        cfg = section(load_params(params), "synth",
+                      {"size_px": size, "seed": seed, "chip_size": chip_size, "cloud_fraction": cloud_fraction})
+        catalog = synthesize(out_dir, SynthConfig(**cfg))
+    except (SarflowError, ValueError, TypeError) as e:
+        fail(e if isinstance(e, SarflowError) else SarflowError(str(e)))
+    typer.echo(f"scene written: {catalog}")
+
+
+def ingest(
+    catalog: Path = typer.Argument(..., help="catalog.yaml"),
+    out: Optional[Path] = typer.Option(None, help="write the provenance manifest (JSON) here"),
+) -> None:
+    """Validate every source of a catalog and print (or write) the provenance manifest."""
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.ingest import ingest as run_ingest
+
+    try:
+        manifest = run_ingest(load_catalog(catalog)).manifest()
+    except SarflowError as e:
+        fail(e)
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    if out:
+        out.write_text(text)
+        typer.echo(f"manifest written: {out}")
+    else:
+        typer.echo(text)
+
+
+def tile(
+    catalog: Path = typer.Argument(..., help="catalog.yaml"),
+    out: Path = typer.Option(..., "--out", help="chip store to write (a .zarr folder)"),
+    workers: Optional[int] = typer.Option(None, help="warping threads (default: params or 2)"),
+    shard_chips: Optional[int] = typer.Option(None, help="chips per shard file"),
+    block_chips: Optional[int] = typer.Option(None, help="chips per side of a warped block"),
+    overwrite: bool = typer.Option(False, help="replace an existing store"),
+    no_checksum: bool = typer.Option(False, "--no-checksum", help="skip sha256 of the inputs (faster, less provenance)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Align every source onto the grid and write the sharded Zarr v3 chip store (resumes a killed run)."""
+    from sarflow.data.catalog import load_catalog
+    from sarflow.params import load_params, section
+    from sarflow.data.tile import TileOptions
+    from sarflow.data.tile import tile as run_tile
+
+    try:
+        cfg = section(load_params(params), "tile",
+                      {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips})
+        if "split_fractions" in cfg:
+            cfg["split_fractions"] = tuple(cfg["split_fractions"])
+        options = TileOptions(**cfg, overwrite=overwrite, checksum=not no_checksum)
+        store = run_tile(load_catalog(catalog), out, options, show_progress=not quiet and sys.stderr.isatty())
+    except SarflowError as e:
+        fail(e)
+    from sarflow.data.chipstore import open_store
+
+    typer.echo(f"chip store written: {store} ({open_store(store).n_chips} chips)")
+
+
+def info(store: Path = typer.Argument(..., help="chip store")) -> None:
+    """Summarise a chip store: grid, modalities, chips per split."""
+    from sarflow.data.chipstore import open_store
+
+    try:
+        typer.echo(json.dumps(open_store(store).summary(), indent=1))
+    except SarflowError as e:
+        fail(e)
+
+
+def version(
+    store: Path = typer.Argument(..., help="chip store to version"),
+    remote: Optional[str] = typer.Option(None, help="DVC remote URL (s3://bucket/prefix or a folder) to push to"),
+    repo: Optional[Path] = typer.Option(None, help="DVC repository root (default: the enclosing one, else the store's folder)"),
+) -> None:
+    """Version the store with DVC (dvc add + push); prints the dataset version."""
+    from sarflow.data.versioning import version_store
+
+    try:
+        v = version_store(store, remote=remote, repo=repo)
+    except SarflowError as e:
+        fail(e)
+    typer.echo(json.dumps(v, indent=1))
+
+
+COMMANDS = [synth, ingest, tile, info, version]

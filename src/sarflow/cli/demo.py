@@ -1,0 +1,62 @@
+"""`sarflow demo | results`: the end-to-end pipeline on this machine, and every result on top of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sarflow.cli.common import ParamsOpt, fail
+from sarflow.errors import SarflowError
+
+
+def demo(
+    out: Path = typer.Option(Path("demo-output"), help="output folder (summary.json, store, MLflow, Feast, plots)"),
+    catalog: Optional[Path] = typer.Option(None, help="run on your own catalog instead of a synthetic scene"),
+    size: Optional[int] = typer.Option(None, help="synthetic scene side in pixels"),
+    services: Optional[Path] = typer.Option(None, help="use the servers of `sarflow services up DIR` instead of files"),
+    fresh: bool = typer.Option(False, "--fresh", help="remove a previous demo's products from OUT first"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Run the end-to-end pipeline with kfp.local on the embedded default; print where everything is."""
+    import pipelines
+    from sarflow.local.demo import clean_output, format_report, run_demo
+    from sarflow.local.services import read_state
+    from sarflow.params import load_params
+
+    try:
+        if fresh:
+            clean_output(out)
+        summary = run_demo(out, pipelines.demo_pipeline(on_catalog=catalog is not None), load_params(params),
+                           catalog=catalog, size_px=size,
+                           services=read_state(services) if services else None)
+    except SarflowError as e:
+        fail(e)
+    typer.echo(format_report(summary))
+    typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
+
+
+def results(
+    out: Path = typer.Option(Path("demo-output"), help="a finished demo's output folder"),
+    real_data: Optional[Path] = typer.Option(Path("../shared/data/real"), "--real-data", envvar="SARFLOW_REAL_DATA",
+                                             help="the real-data folder (Kansas LLP case; skipped when absent)"),
+) -> None:
+    """Every other downstream result on top of a finished demo (segmentation, modality ablation,
+    synthetic regions, the real LLP case), gathered into one MLflow results report."""
+    import os
+
+    from sarflow.cli.downstream import echo_report
+    from sarflow.local.results import demo_results
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        r = demo_results(out, real_data)
+    except SarflowError as e:
+        fail(e)
+    if not r["real_case"]:
+        typer.echo(f"note: {real_data} has no sen1floods11/: the real LLP case is left out of the report")
+    echo_report(r)
+
+
+COMMANDS = [demo, results]

@@ -1,0 +1,58 @@
+"""`sarflow pretrain`: a self-supervised encoder, tracked and registered in MLflow."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sarflow.cli.common import ParamsOpt, fail
+from sarflow.errors import SarflowError
+
+
+def _pretrain_config(p: dict, store: str, overrides: dict):
+    """PretrainConfig from params.yaml's `pretrain:` section and the command's flags."""
+    from sarflow.training.pretrain import PretrainConfig
+
+    return PretrainConfig.from_params(p.get("pretrain") or {}, store, **overrides)
+
+def pretrain(
+    store: str = typer.Argument(..., help="chip store (folder or s3://)"),
+    method: Optional[str] = typer.Option(None, help="mae | dino | clip"),
+    max_steps: Optional[int] = typer.Option(None, help="optimisation steps"),
+    batch_size: Optional[int] = typer.Option(None),
+    vit_size: Optional[str] = typer.Option(None, help="tiny | small | base"),
+    patch: Optional[int] = typer.Option(None, help="patch size (8 or 16)"),
+    depth: Optional[int] = typer.Option(None, help="override the ViT depth (tiny CPU configs)"),
+    dim: Optional[int] = typer.Option(None, help="override the ViT width"),
+    output_size: Optional[int] = typer.Option(None, help="resize chips to this side (e.g. 224)"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers"),
+    devices: Optional[str] = typer.Option(None, help="'auto', a GPU count, or -1 for all GPUs (DDP)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+    experiment: Optional[str] = typer.Option(None),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Pretrain a self-supervised encoder (MAE, DINO or CLIP-multimodal), track it in MLflow and
+    register it as sarflow-encoder-<method>."""
+    from sarflow.params import load_params
+    from sarflow.training.pretrain import pretrain as run_pretrain
+
+    try:
+        cfg = _pretrain_config(load_params(params), store, {
+            "method": method, "batch_size": batch_size, "output_size": output_size, "workers": workers,
+            "tracking_uri": tracking_uri, "experiment": experiment,
+            "devices": int(devices) if devices and devices.lstrip("-").isdigit() else devices,
+            "vit": {"size": vit_size, "patch": patch, "depth": depth, "dim": dim}, "optim": {"max_steps": max_steps}})
+        result = run_pretrain(cfg, show_progress=sys.stderr.isatty())
+    except SarflowError as e:
+        fail(e)
+    except (ValueError, TypeError) as e:
+        fail(SarflowError(str(e)))
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "losses"} |
+                          {"first_loss": result["losses"][0], "last_loss": result["losses"][-1]}, indent=1))
+
+
+COMMANDS = [pretrain]
