@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo results test test-fast bench clean
+.PHONY: setup demo results test test-fast bench lock clean
 
 setup: $(STAMP) gdal
 
@@ -36,6 +36,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_tile.py --out benchmarks/results
+
+# requirements.lock: every package of the dev environment pinned as installed here (after a
+# change to pyproject.toml's dependencies: make setup, then make lock)
+lock: setup
+	$(PY) -m pip freeze --exclude-editable | grep -v -e '^-e' -e '^sarflow' -e '^ruff==' | sed 's/+cpu$$//' > requirements.lock
 
 clean:
 	rm -rf demo-output data .pytest_cache

@@ -110,3 +110,38 @@ def test_the_arrow_check_sees_an_import_inside_a_function(tmp_path):
 def test_nothing_edits_sys_path(forbidden):
     for path in [*modules().values(), *(ROOT / "benchmarks").glob("*.py")]:
         assert forbidden not in path.read_text(), f"{path} edits sys.path"
+
+
+def _distribution(requirement: str) -> str:
+    import re
+
+    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_dependencies_are_what_the_code_imports():
+    """pyproject.toml declares every third-party package the library, components and pipelines
+    import, and nothing they do not (dev/services extras are for tests and services mode)."""
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    declared = {_distribution(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    dists = {top: {d.lower().replace("_", "-") for d in found} for top, found in packages_distributions().items()}
+    ours = set(PACKAGES)
+    missing, used = [], set()
+    for module, path in modules().items():
+        for target in imported(path, module):
+            top = target.split(".")[0]
+            if not top or top in ours or top in sys.stdlib_module_names or top == "__future__":
+                continue
+            if top == "psycopg2":  # services mode only: the `services` extra, imported on use
+                continue
+            providers = dists.get(top, set())  # a namespace (kfp, pystac, mlflow) has several
+            if not providers & declared:
+                missing.append(f"{module} imports {top} ({sorted(providers) or 'no installed distribution'})")
+            used |= providers & declared
+    # declared for what they add to a package that is imported: kfp-kubernetes is kfp.kubernetes,
+    # dvc and dvc-s3 are DVC and its S3 remote (run as `python -m dvc`)
+    used_without_import = {"kfp-kubernetes", "dvc-s3", "dvc"}
+    unused = sorted(declared - used - used_without_import)
+    assert not missing, "imported but not declared in pyproject.toml:\n" + "\n".join(missing)
+    assert not unused, f"declared in pyproject.toml but never imported: {unused}"

@@ -1,0 +1,2 @@
+"""The `sarflow` command line, one thin module per command group (a door: the library never
+imports it)."""

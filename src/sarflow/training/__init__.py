@@ -1,1 +1,1 @@
-"""The training plane: chip loaders, ViT encoders, self-supervised methods, tracking."""
+"""The training plane: chip loaders, ViT encoders, self-supervised methods, pretraining."""
