@@ -4,7 +4,7 @@ the learning-from-label-proportions models, tracked in MLflow and registered as
 
 Thin wrappers over :func:`sarflow.downstream.probes.run_probes` (linear / kNN / MLP probes,
 label-efficiency curves against raw-pixel and from-scratch baselines) and
-:func:`sarflow.downstream.llp_run.run_llp` (bags from polygons x chips, proportions from a
+:func:`sarflow.downstream.llp.run.run_llp` (bags from polygons x chips, proportions from a
 statistics table; instance classifiers, KDM and a strided convolution). Training sets come
 from Feast under ``features_root``. ``options`` are the library config's keyword arguments
 (params.yaml's ``downstream:`` / ``llp:`` sections).
@@ -72,7 +72,8 @@ def train_llp(
     from collections import namedtuple
     from pathlib import Path
 
-    from sarflow.downstream.llp_run import LLPConfig, run_llp
+    from sarflow.downstream.llp.config import LLPConfig
+    from sarflow.downstream.llp.run import run_llp
     from sarflow.params import config_kwargs
     from sarflow.mlops.tracking import flat_metrics
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 import zarr
 
-from sarflow.downstream.kdm import KDM
-from sarflow.downstream.llp import (InstanceClassifier, StridedConvLLP, bag_loss, bag_matrix, chip_bags,
-                                    evaluate_proportions, select_steps, train_llp)
+from sarflow.downstream.llp.bags import bag_matrix, chip_bags
+from sarflow.downstream.llp.kdm import KDM
+from sarflow.downstream.llp.metrics import evaluate_proportions
+from sarflow.downstream.llp.models import InstanceClassifier, StridedConvLLP
+from sarflow.downstream.llp.train import bag_loss, select_steps, train_llp
 
 CLASSES = [10, 20, 30, 40, 50, 60, 80, 90]
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import shapely
 
-from sarflow.downstream.llp_run import MODELS, PRIMARY_METRIC, LLPConfig, run_llp
+from sarflow.downstream.llp.config import MODELS, LLPConfig
+from sarflow.downstream.llp.run import PRIMARY_METRIC, run_llp
 from sarflow.errors import InputError
 from sarflow.features.bags import read_chip_bags, read_chip_bags_geo
 
@@ -223,7 +224,7 @@ def test_cli_trains_from_a_label_raster_and_reports_errors(scene, tmp_path):
 
 
 def test_real_kansas_case_beats_the_baseline(real_data, tmp_path):
-    from sarflow.downstream.llp_run import run_real_case
+    from sarflow.downstream.llp.real_case import run_real_case
 
     res = run_real_case(real_data, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "real", bag_sizes=(1, 2))
     m = res["metrics"]
@@ -236,7 +237,7 @@ def test_real_kansas_case_beats_the_baseline(real_data, tmp_path):
 
 
 def test_label_raster_aggregation_reproduces_the_statistics(scene):
-    from sarflow.downstream.llp_run import polygon_class_fractions, read_polygons
+    from sarflow.downstream.llp.data import polygon_class_fractions, read_polygons
 
     stats = pd.read_csv(scene["stats"], dtype={"muni_id": str})
     classes = [int(c[5:]) for c in stats.columns if c.startswith("frac_")]

@@ -21,7 +21,8 @@ MODEL = "sarflow-encoder-mae"
 def produced(tiny_store, tmp_path_factory):
     """Probes, ablation, region and segmentation runs on the tiny store, all in one MLflow db."""
     from sarflow.downstream.probes import ProbeConfig, run_ablation, run_probes, run_region_generalization
-    from sarflow.downstream.segment import SegmentConfig, run_segmentation
+    from sarflow.downstream.segmentation.config import SegmentConfig
+    from sarflow.downstream.segmentation.run import run_segmentation
 
     built = tiny_features(tiny_store, tmp_path_factory.mktemp("report"), MODEL)
     store, root, uri, tmp = str(built["store"]), str(built["root"]), built["uri"], built["tmp"]

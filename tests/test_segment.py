@@ -9,8 +9,10 @@ import pytest
 import torch
 import zarr
 
-from sarflow.downstream.segment import (IGNORE, SegmentConfig, UNet, ViTSegmenter, confusion_matrix, miou,
-                                        run_segmentation, segmentation_scores)
+from sarflow.downstream.segmentation.config import SegmentConfig
+from sarflow.downstream.segmentation.metrics import IGNORE, confusion_matrix, miou, segmentation_scores
+from sarflow.downstream.segmentation.models import UNet, ViTSegmenter
+from sarflow.downstream.segmentation.run import run_segmentation
 from sarflow.errors import InputError
 
 # ---------------------------------------------------------------- metrics
@@ -139,7 +141,8 @@ def test_runs_carry_lineage_metrics_and_figures_and_the_best_model_is_registered
 
 
 def test_frozen_encoder_trains_only_the_head(tiny_store, encoder):
-    from sarflow.downstream.segment import _build, load_data, load_encoder, resolve_inputs, train_model
+    from sarflow.downstream.segmentation.data import load_data, load_encoder, resolve_inputs
+    from sarflow.downstream.segmentation.train import _build, train_model
 
     uri, enc = encoder
     import mlflow

@@ -54,7 +54,8 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Bags from polygons x chips, LLP models trained on bag proportions, scored on held-out chips."""
-    from sarflow.downstream.llp_run import LLPConfig, run_llp
+    from sarflow.downstream.llp.config import LLPConfig
+    from sarflow.downstream.llp.run import run_llp
 
     try:
         cfg = LLPConfig(store=store, tracking_uri=tracking_uri, polygons=polygons, id_column=id_column, stats=stats,
@@ -89,7 +90,7 @@ def real_case(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """LLP on the real Sen1Floods11 Kansas chip (water vs dry, county FIPS 20121)."""
-    from sarflow.downstream.llp_run import run_real_case
+    from sarflow.downstream.llp.real_case import run_real_case
 
     try:
         if not real_dir.is_dir():

@@ -43,7 +43,8 @@ def train(store: str = typer.Argument(..., help="chip store (local path or s3://
           seed: int = typer.Option(0, "--seed"),
           as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table")) -> None:
     """Train both models on the train split, score them on the test split, track and register."""
-    from sarflow.downstream.segment import SegmentConfig, run_segmentation
+    from sarflow.downstream.segmentation.config import SegmentConfig
+    from sarflow.downstream.segmentation.run import run_segmentation
 
     try:
         cfg = SegmentConfig(store=store, tracking_uri=tracking_uri, encoder_uri=encoder, label_modality=label,

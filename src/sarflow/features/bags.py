@@ -7,7 +7,7 @@ Two files under ``<root>/bags/``, both written atomically (temporary file + ``os
   ``chip_id`` (string), ``bag_ids`` (list<string>), ``bag_weights`` (list<float64>, summing to
   1 per chip), ``area_fractions`` (list<float64>: the share of the chip inside each bag polygon),
   ``event_timestamp`` (timestamp[us, UTC]). Chips outside every polygon have no row; they are
-  reported by `sarflow.downstream.llp.chip_bags` (``Bags.outside``).
+  reported by `sarflow.downstream.llp.bags.chip_bags` (``Bags.outside``).
 - ``chip_bags_geo.parquet``: GeoParquet of the membership rows (chip_id, index, bag_id, weight,
   area_fraction) with the chip footprint as geometry (EPSG:4326), readable by geopandas.
 """

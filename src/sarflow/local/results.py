@@ -24,11 +24,12 @@ REGION_SIZE_PX = 512  # the synthetic regions' side: enough held-out chips per r
 def demo_results(out: str | Path, real_dir: str | Path | None = None) -> dict:
     """Runs every section missing from the demo's MLflow and reports them all; returns the
     report's result (`build_results_report`) with `real_case` (whether it ran)."""
-    from sarflow.downstream.llp_run import run_real_case
+    from sarflow.downstream.llp.real_case import run_real_case
     from sarflow.downstream.probes import (run_ablation, run_region_stores, synth_ablation_stores,
                                            synth_region_stores)
     from sarflow.downstream.results_report import build_results_report
-    from sarflow.downstream.segment import SegmentConfig, run_segmentation
+    from sarflow.downstream.segmentation.config import SegmentConfig
+    from sarflow.downstream.segmentation.run import run_segmentation
 
     out = Path(out)
     summary_path = out / "summary.json"

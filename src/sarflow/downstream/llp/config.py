@@ -1,0 +1,41 @@
+"""The configuration of an LLP run (`run_llp`): inputs, models, training, split, outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODELS = ("linear", "mlp", "kdm", "conv")
+
+
+@dataclass
+class LLPConfig:
+    store: str
+    tracking_uri: str
+    polygons: str
+    id_column: str = "muni_id"
+    stats: str | None = None  # CSV: id_column, frac_<class>... (optionally valid_pixels)
+    label_raster: str | None = None  # or: aggregate bag proportions from a coarse label raster
+    label_nodata: float | None = None  # nodata of the label raster (default: its own, else 0)
+    features_root: str | None = None  # embeddings partitions; the bags are written here
+    model: str | None = None  # embeddings partition (default: the newest)
+    version: str | None = None
+    models: tuple[str, ...] = MODELS
+    loss: str = "kl"
+    steps: int = 300  # at most: with val_fraction > 0 the steps are chosen on held-out training bags
+    lr: float = 0.03
+    val_fraction: float = 0.25  # training bags held out to choose the steps (0: train `steps`)
+    classes: tuple[int, ...] | None = None  # default: the classes of the statistics
+    experiment: str = "sarflow-llp"
+    register: bool = True
+    task: str = "llp-landcover"
+    seed: int = 0
+    split: str = "bags"  # "bags": held-out bags; "store": the store's train vs val+test chips
+    test_fraction: float = 0.3
+    bag_sizes: tuple[int, ...] = (1, 2, 4, 8)  # bags merged per bag for the curve
+    curve_model: str = "linear"
+    hidden: int = 32
+    prototypes: int = 48
+    conv_stride: int = 8
+    pixel_modalities: tuple[str, ...] = ("s1grd", "s2rgb")
+    truth_modality: str = "worldcover"
+    out_dir: str | None = None  # table and plots (default <features_root>/llp or a temp folder)

@@ -1,0 +1,47 @@
+"""The configuration of a segmentation run (`run_segmentation`) and its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sarflow.errors import InputError
+
+DEFAULT_GROUPS = [("s1", "s1grd", None)]
+
+
+@dataclass
+class SegmentConfig:
+    store: str
+    tracking_uri: str = "sqlite:///mlflow.db"
+    encoder_uri: str | None = None  # e.g. models:/sarflow-encoder-mae/1; None trains only the U-Net
+    label_modality: str = "worldcover"
+    groups: list[tuple[str, str, list[str] | None]] | None = None  # (group, modality, bands); default: the encoder's
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 2e-3
+    encoder_lr_scale: float = 0.1  # fine-tuning: the encoder learns at lr * this
+    freeze_encoder: bool = False  # True: head on frozen tokens (linear-probe-like); False: full fine-tune
+    head: str = "progressive"  # "linear" (1x1 conv + bilinear) or "progressive" (x2 upsampling stages)
+    head_dim: int = 64
+    unet_widths: tuple[int, ...] = (16, 32, 64)
+    train_unet: bool = True
+    label_fractions: tuple[float, ...] = ()  # extra label-efficiency points, e.g. (0.1,): fraction of train chips
+    augment: bool = True  # random flips / 90-degree rotations of each batch
+    test_split: str = "test"
+    plot_chips: int = 4
+    experiment: str = "sarflow-segmentation"
+    register: bool = True  # registers the better of the two (by test mIoU) as sarflow-segmentation
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads while training (None: leave torch's setting)
+
+
+def check_config(cfg: SegmentConfig) -> None:
+    if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise InputError("segment config", f"steps ({cfg.steps}), batch_size ({cfg.batch_size}) and lr ({cfg.lr}) must be positive")
+    if cfg.head not in ("linear", "progressive"):
+        raise InputError("segment config", f"head must be linear or progressive, not {cfg.head!r}")
+    bad = [f for f in cfg.label_fractions if not 0 < f <= 1]
+    if bad:
+        raise InputError("segment config", f"label fractions must be in (0, 1], got {bad}")
+    if cfg.encoder_uri is None and not cfg.train_unet:
+        raise InputError("segment config", "nothing to train: give an encoder URI or keep the U-Net")
