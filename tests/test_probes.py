@@ -13,9 +13,13 @@ import pandas as pd
 import pytest
 
 from helpers import tiny_features
-from sarflow.downstream.probes import (PRIMARY_METRIC, ProbeConfig, Region, fit_probe, load_probe_data, mmd2_rbf,
-                                       mmd_permutation_pvalue, region_transfer, registered_task_name, run_ablation,
-                                       run_region_generalization, run_probes, score, synth_region_stores, task_target)
+from sarflow.downstream.ablation import run_ablation
+from sarflow.downstream.estimators import fit_probe, score
+from sarflow.downstream.probes import ProbeConfig, load_probe_data, run_probes
+from sarflow.downstream.region import (Region, mmd2_rbf, mmd_permutation_pvalue, region_transfer,
+                                       run_region_generalization)
+from sarflow.downstream.synthetic_stores import synth_region_stores
+from sarflow.downstream.tasks import PRIMARY_METRIC, registered_task_name, task_target
 from sarflow.errors import InputError
 
 MODEL = "sarflow-encoder-mae"

@@ -20,7 +20,9 @@ MODEL = "sarflow-encoder-mae"
 @pytest.fixture(scope="module")
 def produced(tiny_store, tmp_path_factory):
     """Probes, ablation, region and segmentation runs on the tiny store, all in one MLflow db."""
-    from sarflow.downstream.probes import ProbeConfig, run_ablation, run_probes, run_region_generalization
+    from sarflow.downstream.ablation import run_ablation
+    from sarflow.downstream.probes import ProbeConfig, run_probes
+    from sarflow.downstream.region import run_region_generalization
     from sarflow.downstream.segmentation.config import SegmentConfig
     from sarflow.downstream.segmentation.run import run_segmentation
 
@@ -103,7 +105,7 @@ def test_html_report_is_self_contained(produced):
 
 
 def test_a_newer_run_replaces_the_older_one_in_the_next_report(produced):
-    from sarflow.downstream.probes import run_ablation
+    from sarflow.downstream.ablation import run_ablation
 
     again = run_ablation({"clear": str(produced["store"])}, produced["uri"], out_dir=str(produced["tmp"] / "a2"))
     r = build_results_report(produced["uri"], out_dir=str(produced["tmp"] / "out2"))

@@ -43,7 +43,8 @@ def probe(store: str = typer.Argument(..., help="chip store"), features_root: Pa
           out_dir: Optional[Path] = typer.Option(None, help="where plots and tables go (default: a temp folder)"),
           experiment: str = ExpOpt, seed: int = typer.Option(0)) -> None:
     """Label-efficiency curves of probes on frozen embeddings vs baselines; registers the best probe per task."""
-    from sarflow.downstream.probes import BASELINES, TASKS, ProbeConfig, run_probes
+    from sarflow.downstream.probes import BASELINES, ProbeConfig, run_probes
+    from sarflow.downstream.tasks import TASKS
 
     try:
         cfg = ProbeConfig(store=store, features_root=str(features_root), tracking_uri=tracking_uri, model=model,
@@ -54,7 +55,7 @@ def probe(store: str = typer.Argument(..., help="chip store"), features_root: Pa
     except SarflowError as e:
         fail(e)
     typer.echo(f"{'task':<20}{'probe':<8}{'metric':<16}{'n=all':>8}  label savings (n to match baseline at all)")
-    from sarflow.downstream.probes import PRIMARY_METRIC
+    from sarflow.downstream.tasks import PRIMARY_METRIC
 
     for t in cfg.tasks:
         metric = PRIMARY_METRIC[t][0]
@@ -79,7 +80,8 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
              tracking_uri: str = UriOpt, experiment: str = ExpOpt,
              out_dir: Optional[Path] = typer.Option(None, help="where the table goes")) -> None:
     """SAR-only vs optical-only vs fused features under clear and clouded skies."""
-    from sarflow.downstream.probes import run_ablation, synth_ablation_stores
+    from sarflow.downstream.ablation import run_ablation
+    from sarflow.downstream.synthetic_stores import synth_ablation_stores
 
     try:
         if synth is not None:
@@ -115,8 +117,8 @@ def region(store: Optional[str] = typer.Argument(None, help="chip store: its two
            probe_name: str = typer.Option("linear", "--probe"), experiment: str = ExpOpt,
            out_dir: Optional[Path] = typer.Option(None)) -> None:
     """Train in one region, test in-region and out-of-region, both ways; error gap next to MMD and mean-embedding distance."""
-    from sarflow.downstream.probes import (REGION_TASKS, SYNTH_REGION_PAIRS, run_region_generalization,
-                                           run_region_stores, synth_region_stores)
+    from sarflow.downstream.region import REGION_TASKS, SYNTH_REGION_PAIRS, run_region_generalization, run_region_stores
+    from sarflow.downstream.synthetic_stores import synth_region_stores
 
     tasks = tuple(task or REGION_TASKS)
     out = str(out_dir) if out_dir else None

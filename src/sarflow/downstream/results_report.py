@@ -64,7 +64,7 @@ class Section:
 
 
 def label_efficiency(runs: list[SourceRun]) -> pd.DataFrame:
-    from sarflow.downstream.probes import label_efficiency_table
+    from sarflow.downstream.label_efficiency import label_efficiency_table
 
     return label_efficiency_table(pd.read_csv(runs[0].artifacts / "downstream" / "curves_summary.csv"))
 

@@ -24,12 +24,13 @@ REGION_SIZE_PX = 512  # the synthetic regions' side: enough held-out chips per r
 def demo_results(out: str | Path, real_dir: str | Path | None = None) -> dict:
     """Runs every section missing from the demo's MLflow and reports them all; returns the
     report's result (`build_results_report`) with `real_case` (whether it ran)."""
+    from sarflow.downstream.ablation import run_ablation
     from sarflow.downstream.llp.real_case import run_real_case
-    from sarflow.downstream.probes import (run_ablation, run_region_stores, synth_ablation_stores,
-                                           synth_region_stores)
+    from sarflow.downstream.region import run_region_stores
     from sarflow.downstream.results_report import build_results_report
     from sarflow.downstream.segmentation.config import SegmentConfig
     from sarflow.downstream.segmentation.run import run_segmentation
+    from sarflow.downstream.synthetic_stores import synth_ablation_stores, synth_region_stores
 
     out = Path(out)
     summary_path = out / "summary.json"
