@@ -28,19 +28,17 @@ def train_probes(
 ) -> NamedTuple("Probes", [("run_id", str), ("landcover_version", str)]):
     """Probes + label-efficiency curves; registers the best probe per task."""
     import json
-    import os
     from collections import namedtuple
     from pathlib import Path
 
     from sarflow.downstream.probes import ProbeConfig, run_probes
-    from sarflow.params import config_kwargs
     from sarflow.mlops.tracking import flat_metrics
+    from sarflow.params import Params, stage_config
 
     described = json.loads(Path(embeddings.path).read_text())
-    opts = config_kwargs(options)
-    cfg = ProbeConfig(store=store.path, features_root=features_root, model=described["model"],
-                      version=str(described["version"]),
-                      tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), **opts)
+    cfg = stage_config(ProbeConfig, Params({"downstream": options}, "pipeline parameter downstream"), "downstream",
+                       {"tracking_uri": tracking_uri or None}, store=store.path, features_root=features_root,
+                       model=described["model"], version=str(described["version"]))
     result = run_probes(cfg)
     Path(probes_report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(probes_report.path).write_text(json.dumps(result, indent=1, default=str))
@@ -68,21 +66,20 @@ def train_llp(
 ) -> NamedTuple("LLP", [("run_id", str), ("registered_model", str), ("version", str)]):
     """LLP from bag statistics: `bags` is a folder with the polygons and the statistics table."""
     import json
-    import os
     from collections import namedtuple
     from pathlib import Path
 
     from sarflow.downstream.llp.config import LLPConfig
     from sarflow.downstream.llp.run import run_llp
-    from sarflow.params import config_kwargs
     from sarflow.mlops.tracking import flat_metrics
+    from sarflow.params import Params, stage_config
 
     described = json.loads(Path(embeddings.path).read_text())
-    opts = config_kwargs(options)
-    cfg = LLPConfig(store=store.path, tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
-                    polygons=str(Path(bags.path) / polygons_file), stats=str(Path(bags.path) / stats_file),
-                    id_column=id_column, features_root=features_root, model=described["model"],
-                    version=str(described["version"]), **opts)
+    cfg = stage_config(LLPConfig, Params({"llp": {"id_column": id_column, **options}}, "pipeline parameter llp"), "llp",
+                       {"tracking_uri": tracking_uri or None},
+                       store=store.path, polygons=str(Path(bags.path) / polygons_file),
+                       stats=str(Path(bags.path) / stats_file), features_root=features_root,
+                       model=described["model"], version=str(described["version"]))
     result = run_llp(cfg)
     Path(llp_report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(llp_report.path).write_text(json.dumps(result, indent=1, default=str))
@@ -104,16 +101,16 @@ def report_results(
 ) -> str:
     """The results report of this pipeline run's probes and LLP runs (a `results-report` MLflow
     run); `report_html` is its self-contained HTML, shown by the Kubeflow UI. Returns the run id."""
-    import os
     import shutil
     import tempfile
     from pathlib import Path
 
     from sarflow.downstream.results_report import build_results_report
+    from sarflow.params import default_tracking_uri
 
     run_ids = {k: [v] for k, v in (("label_efficiency", probes_run_id), ("llp", llp_run_id)) if v}
     with tempfile.TemporaryDirectory() as tmp:
-        result = build_results_report(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), run_ids=run_ids,
+        result = build_results_report(tracking_uri or default_tracking_uri(), run_ids=run_ids,
                                       out_dir=tmp)
         Path(report_html.path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result["html"], report_html.path)

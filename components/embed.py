@@ -19,21 +19,25 @@ def embed_chips(
     metrics: Output[Metrics],
     features_root: str,
     tracking_uri: str = "",
-    batch_size: int = 256,
+    options: dict = {},
 ):
-    """Embeds every chip with the encoder the `encoder` reference names; writes chip labels too."""
+    """Embeds every chip with the encoder the `encoder` reference names; writes chip labels too.
+    `options` is params.yaml's `embed:` section (batch_size, device, tracking_uri)."""
     import json
-    import os
     from pathlib import Path
 
     import mlflow
 
-    from sarflow.features.embed import embed_store
+    from sarflow.features.embed import EmbedConfig, embed_store
     from sarflow.features.labels import chip_labels
+    from sarflow.params import Params, stage_config
 
     ref = json.loads(Path(encoder.path).read_text())
-    mlflow.set_tracking_uri(tracking_uri or ref.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", ""))
-    result = embed_store(store.path, ref["model_uri"], features_root, batch_size=int(batch_size), overwrite=True)
+    cfg = stage_config(EmbedConfig, Params({"embed": options}, "pipeline parameter embed"), "embed",
+                       {"tracking_uri": tracking_uri or ref.get("tracking_uri") or None})
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    result = embed_store(store.path, ref["model_uri"], features_root, batch_size=cfg.batch_size, overwrite=True,
+                         device=cfg.device)
     labels = chip_labels(store.path, features_root)
     result.update({"features_root": features_root, "labels": str(labels), "model_uri": ref["model_uri"]})
     Path(embeddings.path).parent.mkdir(parents=True, exist_ok=True)

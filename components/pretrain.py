@@ -27,16 +27,16 @@ def pretrain_encoder(
     """Trains, tracks and registers the encoder; `dataset_version` (the store's DVC md5) is part
     of the task's cache key, so a new dataset version always retrains."""
     import json
-    import os
     from collections import namedtuple
     from pathlib import Path
 
-    from sarflow.params import integral_floats_to_int
+    from sarflow.params import Params, stage_config
     from sarflow.training.pretrain import PretrainConfig
     from sarflow.training.pretrain import pretrain as run_pretrain
 
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or pretrain.get("tracking_uri") or "sqlite:///mlflow.db"
-    cfg = PretrainConfig.from_params(integral_floats_to_int(pretrain), store.path, tracking_uri=tracking_uri)
+    cfg = stage_config(PretrainConfig, Params({"pretrain": pretrain}, "pipeline parameter pretrain"), "pretrain",
+                       {"tracking_uri": tracking_uri or None}, store=store.path)
+    tracking_uri = cfg.tracking_uri
     result = run_pretrain(cfg)
     ref = {"model_uri": f"models:/{result['registered_model']}/{result['version']}",
            "registered_model": result["registered_model"], "version": str(result["version"]),

@@ -27,15 +27,17 @@ def promote_model(
     it; the gate always judges the newest version. A single unnamed output on purpose:
     kfp.local resolves a condition on a task's `Output`, not on a named output."""
     import json
-    import os
     from pathlib import Path
 
     import mlflow
 
-    from sarflow.mlops.registry import promote
+    from sarflow.mlops.registry import PromoteConfig, promote
+    from sarflow.params import Params, stage_config
 
-    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
-    d = promote(name, metric, higher_is_better=bool(higher_is_better), margin=float(margin))
+    cfg = stage_config(PromoteConfig, Params({"promote": {"margin": margin, "tracking_uri": tracking_uri or None}},
+                                             "promote-model parameters"), "promote")
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    d = promote(name, metric, higher_is_better=bool(higher_is_better), margin=cfg.margin)
     champion = str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version) \
         if d.promoted or d.champion else ""
     record = {"model": name, "metric": metric, "promoted": d.promoted, "challenger": d.challenger,
@@ -51,13 +53,14 @@ def promote_model(
 def publish_champion(card: Output[Artifact], name: str, tracking_uri: str = ""):
     """Loads `models:/<name>@champion`, predicts its input example, writes a model card."""
     import json
-    import os
     from pathlib import Path
 
     import mlflow
     import numpy as np
 
-    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    from sarflow.params import default_tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
     uri = f"models:/{name}@champion"
     model = mlflow.pyfunc.load_model(uri)
     example = model.input_example

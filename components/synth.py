@@ -25,10 +25,12 @@ def synth_scene(
 
     from sarflow.data.catalog import load_catalog
     from sarflow.data.synth import SynthConfig, synthesize
+    from sarflow.params import Params, stage_config
 
-    # the KFP IR keeps numbers as doubles: a ParallelFor item may arrive as 3.0
-    cfg = SynthConfig(size_px=int(size_px), seed=int(seed), chip_size=int(chip_size),
-                      cloud_fraction=float(cloud_fraction), seasons=list(seasons))
+    # the KFP IR keeps numbers as doubles (a ParallelFor item may arrive as 3.0): stage_config reads them as written
+    section = {"size_px": size_px, "seed": seed, "chip_size": chip_size, "cloud_fraction": cloud_fraction,
+               "seasons": list(seasons)}
+    cfg = stage_config(SynthConfig, Params({"synth": section}, "synth-scene parameters"), "synth")
     catalog = synthesize(Path(scene.path), cfg)
     scene.metadata.update({
         "catalog": Path(catalog).name,

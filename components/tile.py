@@ -5,6 +5,8 @@ Thin wrapper over :func:`sarflow.data.tile.tile`. The chip store is a folder-val
 renames it into place, so the artifact appears whole or not at all.
 """
 
+from typing import List
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
@@ -18,6 +20,8 @@ def tile_scene(
     shard_chips: int = 64,
     block_chips: int = 4,
     split_block: int = 4,
+    split_fractions: List[float] = [0.8, 0.1, 0.1],
+    clevel: int = 3,
     checksum: bool = True,
     s3_endpoint: str = "",
 ):
@@ -31,10 +35,12 @@ def tile_scene(
     from sarflow.data.catalog import catalog_path, load_catalog
     from sarflow.data.chipstore import open_store
     from sarflow.data.tile import TileOptions, tile
+    from sarflow.params import Params, stage_config
 
     catalog = catalog_path(scene.path, scene.metadata.get("catalog", "catalog.yaml"))
-    options = TileOptions(workers=int(workers), shard_chips=int(shard_chips), block_chips=int(block_chips),
-                          split_block=int(split_block), checksum=bool(checksum), overwrite=True)
+    section = {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips, "split_block": split_block,
+               "split_fractions": split_fractions, "clevel": clevel, "checksum": checksum}
+    options = stage_config(TileOptions, Params({"tile": section}, "tile-scene parameters"), "tile", overwrite=True)
     os.makedirs(os.path.dirname(store.path), exist_ok=True)
     out = tile(load_catalog(catalog), store.path, options, show_progress=False)
     summary = open_store(out).summary()

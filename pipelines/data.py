@@ -47,33 +47,31 @@ from pipelines.platform import exit_task, stage
 
 PIPELINE_NAME = "sarflow-data"
 PARAMS_SECTIONS = ("synth", "tile")  # params.yaml sections whose keys become pipeline arguments
+PARAMS_NOT_ARGUMENTS = {"synth.seed": "the data pipeline fans out over `seeds`"}
 PARALLELISM = 4  # scenes tiled at once
 
 
-def chip_stages(scene, workers, shard_chips, block_chips, split_block, checksum, dvc_remote,
-                s3_endpoint) -> dict[str, dsl.PipelineTask]:
-    """ingest -> tile -> version of a scene (a Dataset channel: a folder with its catalog)."""
+def chip_stages(scene, tile: dict, checksum, dvc_remote, s3_endpoint) -> dict[str, dsl.PipelineTask]:
+    """ingest -> tile -> version of a scene (a Dataset channel: a folder with its catalog);
+    `tile` holds the tile-scene arguments (params.yaml's `tile:` keys)."""
     ingest = ingest_scene(scene=scene, checksum=checksum, s3_endpoint=s3_endpoint)
     stage(ingest, "ingest", "ingest", cache=True)
 
-    tile = tile_scene(scene=scene, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
-                      split_block=split_block, checksum=checksum, s3_endpoint=s3_endpoint)
-    tile.after(ingest)  # ingest is the gate: bad inputs fail before any tiling
-    stage(tile, "tile", "tile", cache=True)
+    tiled = tile_scene(scene=scene, **tile, checksum=checksum, s3_endpoint=s3_endpoint)
+    tiled.after(ingest)  # ingest is the gate: bad inputs fail before any tiling
+    stage(tiled, "tile", "tile", cache=True)
 
-    version = version_chips(store=tile.outputs["store"], remote=dvc_remote, s3_endpoint=s3_endpoint)
+    version = version_chips(store=tiled.outputs["store"], remote=dvc_remote, s3_endpoint=s3_endpoint)
     stage(version, "version", "version", cache=False)
-    return {"ingest": ingest, "tile": tile, "version": version}
+    return {"ingest": ingest, "tile": tiled, "version": version}
 
 
-def data_stages(seed, size_px, chip_size, cloud_fraction, workers, shard_chips, block_chips, split_block,
-                checksum, dvc_remote, s3_endpoint) -> dict[str, dsl.PipelineTask]:
+def data_stages(seed, synth: dict, tile: dict, checksum, dvc_remote, s3_endpoint) -> dict[str, dsl.PipelineTask]:
     """synth, then the chip stages, for one scene (the data pipeline's loop body, and the first
-    half of the end-to-end pipeline)."""
-    synth = synth_scene(seed=seed, size_px=size_px, chip_size=chip_size, cloud_fraction=cloud_fraction)
-    stage(synth, "synth", "synth", cache=True, services=False)
-    return {"synth": synth, **chip_stages(synth.outputs["scene"], workers, shard_chips, block_chips, split_block,
-                                          checksum, dvc_remote, s3_endpoint)}
+    half of the end-to-end pipeline); `synth` holds the synth-scene arguments but the seed."""
+    scene = synth_scene(seed=seed, **synth)
+    stage(scene, "synth", "synth", cache=True, services=False)
+    return {"synth": scene, **chip_stages(scene.outputs["scene"], tile, checksum, dvc_remote, s3_endpoint)}
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="sarflow data plane: synthetic scenes -> ingest -> chip stores -> DVC versions")
@@ -82,16 +80,21 @@ def data_pipeline(
     size_px: int = 512,
     chip_size: int = 64,
     cloud_fraction: float = 0.3,
+    seasons: List[str] = ["summer", "winter"],
     workers: int = 2,
     shard_chips: int = 64,
     block_chips: int = 4,
     split_block: int = 4,
+    split_fractions: List[float] = [0.8, 0.1, 0.1],
+    clevel: int = 3,
     checksum: bool = True,
     dvc_remote: str = "",
     s3_endpoint: str = "",
     failure_log: str = "",
 ):
+    synth = dict(size_px=size_px, chip_size=chip_size, cloud_fraction=cloud_fraction, seasons=seasons)
+    tile = dict(workers=workers, shard_chips=shard_chips, block_chips=block_chips, split_block=split_block,
+                split_fractions=split_fractions, clevel=clevel)
     with dsl.ExitHandler(exit_task(failure_log), name="data-plane"):
         with dsl.ParallelFor(seeds, parallelism=PARALLELISM, name="scenes") as seed:
-            data_stages(seed, size_px, chip_size, cloud_fraction, workers, shard_chips, block_chips,
-                        split_block, checksum, dvc_remote, s3_endpoint)
+            data_stages(seed, synth, tile, checksum, dvc_remote, s3_endpoint)

@@ -11,6 +11,8 @@ the rasters it references, plus the polygons and statistics table for LLP) is im
 instead of synthesised.
 """
 
+from typing import List
+
 from kfp import dsl
 from kfp.dsl import Dataset
 
@@ -19,8 +21,10 @@ from pipelines.platform import exit_task
 from pipelines.training import training_stages
 
 PIPELINE_NAME = "sarflow-e2e"
-# synth/tile: their keys become arguments; pretrain/downstream/llp: passed whole (inputs of those names)
-PARAMS_SECTIONS = ("synth", "tile", "pretrain", "downstream", "llp")
+# synth/tile/promote: their keys become arguments; pretrain/embed/downstream/llp: passed whole (inputs of
+# those names). `features:` is not read: a pipeline's features root and online store are its arguments.
+PARAMS_SECTIONS = {"e2e_pipeline": ("synth", "tile", "pretrain", "embed", "downstream", "llp", "promote"),
+                   "e2e_catalog_pipeline": ("tile", "pretrain", "embed", "downstream", "llp", "promote")}
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="sarflow end to end: synthetic AOI -> chip store -> SSL -> Feast -> downstream + LLP -> registry")
@@ -29,16 +33,20 @@ def e2e_pipeline(
     size_px: int = 512,
     chip_size: int = 64,
     cloud_fraction: float = 0.3,
+    seasons: List[str] = ["summer", "winter"],
     workers: int = 2,
     shard_chips: int = 64,
     block_chips: int = 4,
     split_block: int = 4,
+    split_fractions: List[float] = [0.8, 0.1, 0.1],
+    clevel: int = 3,
     checksum: bool = True,
     dvc_remote: str = "",
     s3_endpoint: str = "",
     tracking_uri: str = "",
     features_root: str = "s3://sarflow-features",
     pretrain: dict = {},
+    embed: dict = {},
     downstream: dict = {},
     llp: dict = {},
     online: str = "redis",
@@ -47,11 +55,13 @@ def e2e_pipeline(
     failure_log: str = "",
 ):
     with dsl.ExitHandler(exit_task(failure_log), name="end-to-end"):
-        data = data_stages(seed, size_px, chip_size, cloud_fraction, workers, shard_chips, block_chips,
-                           split_block, checksum, dvc_remote, s3_endpoint)
+        synth = dict(size_px=size_px, chip_size=chip_size, cloud_fraction=cloud_fraction, seasons=seasons)
+        tile = dict(workers=workers, shard_chips=shard_chips, block_chips=block_chips, split_block=split_block,
+                    split_fractions=split_fractions, clevel=clevel)
+        data = data_stages(seed, synth, tile, checksum, dvc_remote, s3_endpoint)
         training_stages(data["tile"].outputs["store"], data["synth"].outputs["scene"],
                         data["version"].outputs["dvc_md5"], tracking_uri=tracking_uri,
-                        features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
+                        features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
                         online=online, redis=redis, margin=margin)
 
 
@@ -63,12 +73,15 @@ def e2e_catalog_pipeline(
     shard_chips: int = 64,
     block_chips: int = 4,
     split_block: int = 4,
+    split_fractions: List[float] = [0.8, 0.1, 0.1],
+    clevel: int = 3,
     checksum: bool = True,
     dvc_remote: str = "",
     s3_endpoint: str = "",
     tracking_uri: str = "",
     features_root: str = "s3://sarflow-features",
     pretrain: dict = {},
+    embed: dict = {},
     downstream: dict = {},
     llp: dict = {},
     online: str = "redis",
@@ -80,9 +93,10 @@ def e2e_catalog_pipeline(
         scene = dsl.importer(artifact_uri=scene_uri, artifact_class=Dataset, reimport=False,
                              metadata={"catalog": catalog})
         scene.set_display_name("scene")
-        chips = chip_stages(scene.output, workers, shard_chips, block_chips, split_block, checksum, dvc_remote,
-                            s3_endpoint)
+        tile = dict(workers=workers, shard_chips=shard_chips, block_chips=block_chips, split_block=split_block,
+                    split_fractions=split_fractions, clevel=clevel)
+        chips = chip_stages(scene.output, tile, checksum, dvc_remote, s3_endpoint)
         training_stages(chips["tile"].outputs["store"], scene.output, chips["version"].outputs["dvc_md5"],
                         tracking_uri=tracking_uri,
-                        features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
+                        features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
                         online=online, redis=redis, margin=margin)

@@ -26,8 +26,9 @@ The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.
   moves ``@champion`` only when the newest version beats it by ``margin`` on the same
   evaluation set and dataset version (sarflow.mlops.registry).
 
-Pipeline parameters ``pretrain``, ``downstream`` and ``llp`` take params.yaml's sections of
-those names whole (``sarflow pipeline run`` fills them in).
+Pipeline parameters ``pretrain``, ``embed``, ``downstream`` and ``llp`` take params.yaml's
+sections of those names whole, and ``promote.margin`` becomes ``margin`` (``sarflow pipeline
+run`` fills them in); each component builds its stage's typed config from them.
 """
 
 from kfp import dsl
@@ -44,7 +45,9 @@ PIPELINE_NAME = "sarflow-training"
 # GPUs of the pretraining task: a compile-time constant (kfp.local cannot resolve a pipeline
 # parameter as an accelerator count); with more than one, Lightning trains with DDP on the node
 PRETRAIN_GPUS = 1
-PARAMS_SECTIONS = ("pretrain", "downstream", "llp")  # passed whole: the pipeline has inputs of these names
+# pretrain/embed/downstream/llp: passed whole (the pipeline has inputs of these names); promote: its keys
+# become arguments. `features:` is not read: a pipeline's features root and online store are its arguments.
+PARAMS_SECTIONS = ("pretrain", "embed", "downstream", "llp", "promote")
 # gated model -> (metric, higher is better, the upstream task and its output naming the version)
 PROMOTIONS = {
     "sarflow-landcover": ("test_macro_f1", True, "probes", "landcover_version"),
@@ -52,14 +55,14 @@ PROMOTIONS = {
 }
 
 
-def training_stages(store, bags, dataset_version, *, tracking_uri, features_root, pretrain, downstream, llp,
+def training_stages(store, bags, dataset_version, *, tracking_uri, features_root, pretrain, embed, downstream, llp,
                     online, redis, margin, gpus: int = PRETRAIN_GPUS) -> dict[str, dsl.PipelineTask]:
     """Every task after the chip store exists; `store` and `bags` are Dataset channels."""
     pre = pretrain_encoder(store=store, pretrain=pretrain, tracking_uri=tracking_uri, dataset_version=dataset_version)
     on_gpu(stage(pre, "pretrain", "pretrain", cache=True), gpus)
 
     emb = embed_chips(store=store, encoder=pre.outputs["encoder"], features_root=features_root,
-                      tracking_uri=tracking_uri)
+                      tracking_uri=tracking_uri, options=embed)
     on_gpu(stage(emb, "embed", "embed", cache=False), 1)
 
     bag_task = train_llp(store=store, embeddings=emb.outputs["embeddings"], bags=bags, features_root=features_root,
@@ -100,6 +103,7 @@ def training_pipeline(
     tracking_uri: str = "",
     features_root: str = "s3://sarflow-features",
     pretrain: dict = {},
+    embed: dict = {},
     downstream: dict = {},
     llp: dict = {},
     online: str = "redis",
@@ -113,5 +117,5 @@ def training_pipeline(
         bags = dsl.importer(artifact_uri=bags_uri, artifact_class=Dataset, reimport=False)
         bags.set_display_name("bags")
         training_stages(store.output, bags.output, dataset_version, tracking_uri=tracking_uri,
-                        features_root=features_root, pretrain=pretrain, downstream=downstream, llp=llp,
+                        features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
                         online=online, redis=redis, margin=margin)

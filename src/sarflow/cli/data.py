@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, fail
+from sarflow.cli.common import ParamsOpt, fail, stage_config
 from sarflow.errors import SarflowError
 
 
@@ -22,13 +22,12 @@ def synth(
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Generate a synthetic AOI: S1 GRD/coherence/phase, S2 with clouds, labels, municipalities, catalog."""
-    from sarflow.params import load_params, section
-    from sarflow.data.synth import SynthConfig, synthesize
+    from sarflow.data.synth import synthesize
 
     try:
-        cfg = section(load_params(params), "synth",
-                      {"size_px": size, "seed": seed, "chip_size": chip_size, "cloud_fraction": cloud_fraction})
-        catalog = synthesize(out_dir, SynthConfig(**cfg))
+        cfg = stage_config("synth", params,
+                           {"size_px": size, "seed": seed, "chip_size": chip_size, "cloud_fraction": cloud_fraction})
+        catalog = synthesize(out_dir, cfg)
     except (SarflowError, ValueError, TypeError) as e:
         fail(e if isinstance(e, SarflowError) else SarflowError(str(e)))
     typer.echo(f"scene written: {catalog}")
@@ -57,9 +56,10 @@ def ingest(
 def tile(
     catalog: Path = typer.Argument(..., help="catalog.yaml"),
     out: Path = typer.Option(..., "--out", help="chip store to write (a .zarr folder)"),
-    workers: Optional[int] = typer.Option(None, help="warping threads (default: params or 2)"),
+    workers: Optional[int] = typer.Option(None, help="warping threads"),
     shard_chips: Optional[int] = typer.Option(None, help="chips per shard file"),
     block_chips: Optional[int] = typer.Option(None, help="chips per side of a warped block"),
+    split_block: Optional[int] = typer.Option(None, help="chips per side of a block that goes whole to one split"),
     overwrite: bool = typer.Option(False, help="replace an existing store"),
     no_checksum: bool = typer.Option(False, "--no-checksum", help="skip sha256 of the inputs (faster, less provenance)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -67,16 +67,12 @@ def tile(
 ) -> None:
     """Align every source onto the grid and write the sharded Zarr v3 chip store (resumes a killed run)."""
     from sarflow.data.catalog import load_catalog
-    from sarflow.params import load_params, section
-    from sarflow.data.tile import TileOptions
     from sarflow.data.tile import tile as run_tile
 
     try:
-        cfg = section(load_params(params), "tile",
-                      {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips})
-        if "split_fractions" in cfg:
-            cfg["split_fractions"] = tuple(cfg["split_fractions"])
-        options = TileOptions(**cfg, overwrite=overwrite, checksum=not no_checksum)
+        options = stage_config("tile", params, {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips,
+                                                "split_block": split_block, "overwrite": overwrite or None,
+                                                "checksum": False if no_checksum else None})
         store = run_tile(load_catalog(catalog), out, options, show_progress=not quiet and sys.stderr.isatty())
     except SarflowError as e:
         fail(e)

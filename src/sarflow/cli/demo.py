@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, fail
+from sarflow.cli.common import ParamsOpt, check_params, fail, read_params
 from sarflow.errors import SarflowError
 
 
@@ -23,12 +23,13 @@ def demo(
     import pipelines
     from sarflow.local.demo import clean_output, format_report, run_demo
     from sarflow.local.services import read_state
-    from sarflow.params import load_params
 
     try:
+        p = read_params(params)
+        check_params(p)
         if fresh:
             clean_output(out)
-        summary = run_demo(out, pipelines.demo_pipeline(on_catalog=catalog is not None), load_params(params),
+        summary = run_demo(out, pipelines.demo_pipeline(on_catalog=catalog is not None), p,
                            catalog=catalog, size_px=size,
                            services=read_state(services) if services else None)
     except SarflowError as e:

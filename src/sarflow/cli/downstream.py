@@ -7,14 +7,15 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import fail
+from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, read_params, stage_config
 from sarflow.errors import InputError, SarflowError
 
 downstream_app = typer.Typer(help="Downstream science on frozen embeddings: probes and label-efficiency curves, "
                                   "modality ablation, region generalization.", no_args_is_help=True)
 
-RootOpt = typer.Option(Path("data/features"), "--features-root", help="features root (embeddings/, labels/, feast/)")
-UriOpt = typer.Option("sqlite:///mlflow.db", "--tracking-uri", help="MLflow tracking URI")
+RootOpt = typer.Option(None, "--features-root",
+                       help="features root (embeddings/, labels/, feast/; default params features.root)")
+UriOpt = TrackingOpt
 ExpOpt = typer.Option("sarflow-downstream", "--experiment", help="MLflow experiment")
 
 
@@ -30,27 +31,32 @@ def _fmt(v) -> str:
 
 
 @downstream_app.command()
-def probe(store: str = typer.Argument(..., help="chip store"), features_root: Path = RootOpt, tracking_uri: str = UriOpt,
+def probe(store: str = typer.Argument(..., help="chip store"), features_root: Optional[Path] = RootOpt,
+          tracking_uri: Optional[str] = UriOpt,
           model: Optional[str] = typer.Option(None, help="embeddings of this model (default: newest)"),
           version: Optional[str] = typer.Option(None, help="embeddings version (default: newest)"),
           task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: all five)"),
-          sizes: str = typer.Option("25,50,100,200,500,1000,0", help="label budgets, comma-separated; 0 = all"),
-          draws: int = typer.Option(5, help="random draws per label budget"),
+          sizes: Optional[str] = typer.Option(None, help="label budgets, comma-separated; 0 = all (default params)"),
+          draws: Optional[int] = typer.Option(None, help="random draws per label budget"),
           baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="pixel_stats, scratch (default both)"),
           no_baselines: bool = typer.Option(False, "--no-baselines", help="embeddings only"),
-          scratch_epochs: int = typer.Option(6, help="epochs of the from-scratch CNN"),
-          register: bool = typer.Option(True, "--register/--no-register", help="register the best probe per task"),
+          scratch_epochs: Optional[int] = typer.Option(None, help="epochs of the from-scratch CNN"),
+          register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the best probe per task"),
           out_dir: Optional[Path] = typer.Option(None, help="where plots and tables go (default: a temp folder)"),
-          experiment: str = ExpOpt, seed: int = typer.Option(0)) -> None:
+          experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment"),
+          seed: Optional[int] = typer.Option(None), params: Optional[Path] = ParamsOpt) -> None:
     """Label-efficiency curves of probes on frozen embeddings vs baselines; registers the best probe per task."""
-    from sarflow.downstream.probes import BASELINES, ProbeConfig, run_probes
-    from sarflow.downstream.tasks import TASKS
+    from sarflow.downstream.probes import run_probes
 
     try:
-        cfg = ProbeConfig(store=store, features_root=str(features_root), tracking_uri=tracking_uri, model=model,
-                          version=version, tasks=tuple(task or TASKS), sizes=_ints(sizes, "--sizes"), draws=draws,
-                          baselines=() if no_baselines else tuple(baseline or BASELINES), scratch_epochs=scratch_epochs,
-                          register=register, out_dir=str(out_dir) if out_dir else None, experiment=experiment, seed=seed)
+        p = read_params(params)
+        root = str(features_root) if features_root else stage_config("features", p).root
+        cfg = stage_config("downstream", p, {
+            "tracking_uri": tracking_uri, "model": model, "version": version, "tasks": task or None,
+            "sizes": _ints(sizes, "--sizes") if sizes else None, "draws": draws,
+            "baselines": () if no_baselines else (baseline or None), "scratch_epochs": scratch_epochs,
+            "register": register, "out_dir": str(out_dir) if out_dir else None, "experiment": experiment, "seed": seed},
+            store=store, features_root=root)
         r = run_probes(cfg)
     except SarflowError as e:
         fail(e)
@@ -77,7 +83,7 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
              encoder: Optional[str] = typer.Option(None, help="multimodal encoder URI (e.g. models:/sarflow-encoder-clip/1); "
                                                               "default raw-pixel statistics"),
              probe_name: str = typer.Option("linear", "--probe", help="linear, knn or mlp"),
-             tracking_uri: str = UriOpt, experiment: str = ExpOpt,
+             tracking_uri: Optional[str] = UriOpt, experiment: str = ExpOpt,
              out_dir: Optional[Path] = typer.Option(None, help="where the table goes")) -> None:
     """SAR-only vs optical-only vs fused features under clear and clouded skies."""
     from sarflow.downstream.ablation import run_ablation
@@ -103,7 +109,7 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
 @downstream_app.command()
 def region(store: Optional[str] = typer.Argument(None, help="chip store: its two halves are the regions, or region A "
                                                             "with --other"),
-           features_root: Path = RootOpt, tracking_uri: str = UriOpt,
+           features_root: Optional[Path] = RootOpt, tracking_uri: Optional[str] = UriOpt,
            model: Optional[str] = typer.Option(None), version: Optional[str] = typer.Option(None),
            task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default landcover, water, tree_cover)"),
            axis: str = typer.Option("x", help="halves of STORE; x: west/east, y: south/north"),
@@ -132,7 +138,8 @@ def region(store: Optional[str] = typer.Argument(None, help="chip store: its two
         elif store is None:
             raise InputError("region", "give a chip STORE (its halves, or region A with --other STORE), or --synth DIR")
         else:
-            r = run_region_generalization(store, str(features_root), tracking_uri, model=model, version=version,
+            root = str(features_root) if features_root else stage_config("features", None).root
+            r = run_region_generalization(store, root, tracking_uri, model=model, version=version,
                                           tasks=tasks, probe=probe_name, axis=axis, experiment=experiment, out_dir=out,
                                           other=other, other_features_root=str(other_features_root) if other_features_root else None)
     except SarflowError as e:
@@ -148,7 +155,7 @@ def region(store: Optional[str] = typer.Argument(None, help="chip store: its two
 
 
 @downstream_app.command()
-def report(tracking_uri: str = UriOpt,
+def report(tracking_uri: Optional[str] = UriOpt,
            experiment_filter: Optional[List[str]] = typer.Option(None, "--from-experiment",
                                                                  help="look for source runs only here (default: all)"),
            experiment: str = typer.Option("sarflow-reports", "--experiment", help="MLflow experiment of the report run"),
@@ -159,7 +166,9 @@ def report(tracking_uri: str = UriOpt,
     import os
 
     from sarflow.downstream.results_report import build_results_report
+    from sarflow.params import default_tracking_uri
 
+    tracking_uri = tracking_uri or default_tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per section instead
     try:
         r = build_results_report(tracking_uri, experiments=experiment_filter, experiment=experiment,

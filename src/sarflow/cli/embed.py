@@ -8,17 +8,18 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, fail, tracking_uri_or_default
+from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, read_params, stage_config
 from sarflow.errors import SarflowError
 
 
 def embed(
     store: str = typer.Argument(..., help="chip store"),
     model: str = typer.Option(..., "--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/encoder"),
-    root: Path = typer.Option(Path("data/features"), "--root", help="features root (the offline store)"),
-    batch_size: int = typer.Option(256),
+    root: Optional[str] = typer.Option(None, "--root", help="features root (the offline store; default params features.root)"),
+    batch_size: Optional[int] = typer.Option(None, help="chips per forward pass"),
+    device: Optional[str] = typer.Option(None, help="torch device (default: CUDA when present)"),
     overwrite: bool = typer.Option(False, help="replace this model version's embeddings"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: params pretrain.tracking_uri)"),
+    tracking_uri: Optional[str] = TrackingOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Embed every chip with a registered encoder into the Parquet offline source (one partition per model version)."""
@@ -27,8 +28,12 @@ def embed(
     from sarflow.features.embed import embed_store
 
     try:
-        mlflow.set_tracking_uri(tracking_uri_or_default(tracking_uri, params))
-        result = embed_store(store, model, root, batch_size=batch_size, overwrite=overwrite)
+        p = read_params(params)
+        cfg = stage_config("embed", p, {"batch_size": batch_size, "device": device, "tracking_uri": tracking_uri})
+        features = stage_config("features", p, {"root": root})
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+        result = embed_store(store, model, features.root, batch_size=cfg.batch_size, overwrite=overwrite,
+                             device=cfg.device)
     except SarflowError as e:
         fail(e)
     typer.echo(json.dumps(result, indent=1))

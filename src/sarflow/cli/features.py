@@ -10,77 +10,81 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import fail
+from sarflow.cli.common import ParamsOpt, fail, stage_config
 from sarflow.errors import SarflowError
 
 features_app = typer.Typer(help="Feast feature store: apply, materialize, online get, similarity search, serve.",
                            no_args_is_help=True)
 
-RootOpt = typer.Option("data/features", "--root",
-                       help="features root (embeddings/, labels/, bags/): a local folder or an s3:// prefix "
+RootOpt = typer.Option(None, "--root",
+                       help="features root (default params features.root) (embeddings/, labels/, bags/): a local folder or an s3:// prefix "
                             "(endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
 RepoOpt = typer.Option(None, "--repo",
                        help="local Feast repo (feature_store.yaml, registry, SQLite online store, materialize state); "
                             "default ROOT/feast, or ./feast-repo/BUCKET/PREFIX for an s3:// root")
-OnlineOpt = typer.Option("sqlite", "--online", help="online store: sqlite (embedded default) or redis")
-RedisOpt = typer.Option("127.0.0.1:6379", "--redis", help="Redis host:port for --online redis")
+OnlineOpt = typer.Option(None, "--online", help="online store: sqlite (embedded default) or redis")
+RedisOpt = typer.Option(None, "--redis", help="Redis host:port for --online redis")
 
 
-def _cfg(root: str, online: str, redis: str, repo: Optional[Path] = None):
-    from sarflow.features.feast_store import FeatureConfig
-
-    if online not in ("sqlite", "redis"):
-        raise SarflowError(f"--online must be sqlite or redis, not {online!r}")
-    return FeatureConfig(root=str(root), online=online, redis=redis, repo=repo)
+def _cfg(params: Optional[Path], root: Optional[str] = None, online: Optional[str] = None,
+         redis: Optional[str] = None, repo: Optional[Path] = None, **flags):
+    """FeatureConfig: params.yaml's `features:` section, the command's flags on top."""
+    return stage_config("features", params, {"root": root, "online": online, "redis": redis,
+                                             "repo": str(repo) if repo else None, **flags})
 
 
 @features_app.command()
-def labels(store: str = typer.Argument(..., help="chip store"), root: str = RootOpt) -> None:
+def labels(store: str = typer.Argument(..., help="chip store"), root: Optional[str] = RootOpt,
+           params: Optional[Path] = ParamsOpt) -> None:
     """Derive per-chip label features (class fractions, water, tree cover, built-up) from the store."""
     from sarflow.features.labels import chip_labels
 
     try:
-        typer.echo(f"labels written: {chip_labels(store, root)}")
+        typer.echo(f"labels written: {chip_labels(store, _cfg(params, root).root)}")
     except SarflowError as e:
         fail(e)
 
 
 @features_app.command()
-def apply(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, repo: Optional[Path] = RepoOpt) -> None:
+def apply(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
+          repo: Optional[Path] = RepoOpt, params: Optional[Path] = ParamsOpt) -> None:
     """Register the entity, feature views (one per embedded model version) and services."""
     from sarflow.features.feast_store import apply as run_apply
 
     try:
-        typer.echo(json.dumps(run_apply(_cfg(root, online, redis, repo))))
+        typer.echo(json.dumps(run_apply(_cfg(params, root, online, redis, repo))))
     except SarflowError as e:
         fail(e)
 
 
 @features_app.command()
-def materialize(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, repo: Optional[Path] = RepoOpt,
+def materialize(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
+                repo: Optional[Path] = RepoOpt,
                 view: Optional[List[str]] = typer.Option(None, help="only these views"),
-                batch_rows: int = typer.Option(8192, help="rows per streamed batch")) -> None:
+                batch_rows: Optional[int] = typer.Option(None, help="rows per streamed batch"),
+                params: Optional[Path] = ParamsOpt) -> None:
     """Apply, then stream new offline rows into the online store (incremental)."""
     from sarflow.features.feast_store import apply as run_apply
     from sarflow.features.feast_store import materialize as run
 
     try:
-        cfg = _cfg(root, online, redis, repo)
+        cfg = _cfg(params, root, online, redis, repo, batch_rows=batch_rows)
         run_apply(cfg)
-        typer.echo(json.dumps(run(cfg, views=view, batch_rows=batch_rows), indent=1))
+        typer.echo(json.dumps(run(cfg, views=view), indent=1))
     except SarflowError as e:
         fail(e)
 
 
 @features_app.command()
-def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: str = RootOpt, online: str = OnlineOpt,
-        redis: str = RedisOpt, repo: Optional[Path] = RepoOpt,
-        feature: Optional[List[str]] = typer.Option(None, help="view:feature (default: newest embeddings)")) -> None:
+def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: Optional[str] = RootOpt,
+        online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt, repo: Optional[Path] = RepoOpt,
+        feature: Optional[List[str]] = typer.Option(None, help="view:feature (default: newest embeddings)"),
+        params: Optional[Path] = ParamsOpt) -> None:
     """Online lookup of features for chips."""
     from sarflow.features.feast_store import newest_embeddings_view, online_features
 
     try:
-        cfg = _cfg(root, online, redis, repo)
+        cfg = _cfg(params, root, online, redis, repo)
         feats = feature or [f"{newest_embeddings_view(cfg)}:embedding"]
         df = online_features(cfg, chip_ids, feats)
         typer.echo(df.to_json(orient="records"))
@@ -90,25 +94,28 @@ def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: str = 
 
 @features_app.command()
 def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = typer.Option(10, "--k"),
-            root: str = RootOpt, model: Optional[str] = typer.Option(None, help="model name (default newest)"),
-            version: Optional[str] = typer.Option(None, help="model version"), repo: Optional[Path] = RepoOpt) -> None:
+            root: Optional[str] = RootOpt, model: Optional[str] = typer.Option(None, help="model name (default newest)"),
+            version: Optional[str] = typer.Option(None, help="model version"), repo: Optional[Path] = RepoOpt,
+            params: Optional[Path] = ParamsOpt) -> None:
     """The k most similar chips by cosine similarity, with distances and metadata."""
     from sarflow.features.search import similar as run
 
     try:
-        typer.echo(json.dumps(run(root, chip_id, k, model, version, repo=repo), indent=1))
+        cfg = _cfg(params, root, repo=repo)
+        typer.echo(json.dumps(run(cfg.root, chip_id, k, model, version, repo=cfg.repo), indent=1))
     except SarflowError as e:
         fail(e)
 
 
 @features_app.command()
-def serve(root: str = RootOpt, online: str = OnlineOpt, redis: str = RedisOpt, repo: Optional[Path] = RepoOpt,
-          host: str = typer.Option("127.0.0.1"), port: int = typer.Option(6566)) -> None:
+def serve(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
+          repo: Optional[Path] = RepoOpt, host: str = typer.Option("127.0.0.1"), port: int = typer.Option(6566),
+          params: Optional[Path] = ParamsOpt) -> None:
     """Run the Feast feature server (HTTP) over this features root."""
     from sarflow.features.feast_store import open_feature_store
 
     try:
-        cfg = _cfg(root, online, redis, repo)
+        cfg = _cfg(params, root, online, redis, repo)
     except SarflowError as e:
         fail(e)
     open_feature_store(cfg)

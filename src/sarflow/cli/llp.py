@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import fail
+from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, stage_config
 from sarflow.errors import SarflowError
 
 llp_app = typer.Typer(help="Learning from label proportions: bags from polygons + statistics, LLP models, MLflow.",
@@ -33,36 +33,38 @@ def train(
     stats: Optional[str] = typer.Option(None, "--stats", help="CSV: ID, frac_<class>... per polygon"),
     label_raster: Optional[str] = typer.Option(None, "--label-raster", help="aggregate bag proportions from this raster"),
     features_root: Optional[str] = typer.Option(None, "--features-root", help="embeddings; bags are written here"),
-    tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri"),
-    id_column: str = typer.Option("muni_id", "--id-column", help="polygon/statistics id column"),
+    tracking_uri: Optional[str] = TrackingOpt,
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="polygon/statistics id column"),
     model: Optional[str] = typer.Option(None, "--model", help="embeddings model (default newest)"),
     version: Optional[str] = typer.Option(None, "--version", help="embeddings version"),
-    models: List[str] = typer.Option(["linear", "mlp", "kdm", "conv"], "--models", help="LLP models to train"),
-    loss: str = typer.Option("kl", "--loss", help="kl, mse or ce"),
-    steps: int = typer.Option(300, "--steps"),
-    lr: float = typer.Option(0.03, "--lr"),
-    val_fraction: float = typer.Option(0.25, "--val-fraction",
-                                       help="training bags held out to choose the steps (0: train --steps)"),
+    models: Optional[List[str]] = typer.Option(None, "--models", help="LLP models to train (default all)"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="kl, mse or ce"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
+                                                 help="training bags held out to choose the steps (0: train --steps)"),
     classes: Optional[List[int]] = typer.Option(None, "--classes", help="class codes (default: those of the stats)"),
-    split: str = typer.Option("bags", "--split", help="bags (held-out bags) or store (the store's split)"),
-    bag_sizes: List[int] = typer.Option([1, 2, 4, 8], "--bag-size", help="merge factors for the bag-size curve"),
-    experiment: str = typer.Option("sarflow-llp", "--experiment"),
-    task: str = typer.Option("llp-landcover", "--task", help="registered as sarflow-<task>"),
-    register: bool = typer.Option(True, "--register/--no-register"),
-    seed: int = typer.Option(0, "--seed"),
+    split: Optional[str] = typer.Option(None, "--split", help="bags (held-out bags) or store (the store's split)"),
+    bag_sizes: Optional[List[int]] = typer.Option(None, "--bag-size", help="merge factors for the bag-size curve"),
+    experiment: Optional[str] = typer.Option(None, "--experiment"),
+    task: Optional[str] = typer.Option(None, "--task", help="registered as sarflow-<task>"),
+    register: Optional[bool] = typer.Option(None, "--register/--no-register"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="table and plots (default <features-root>/llp)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """Bags from polygons x chips, LLP models trained on bag proportions, scored on held-out chips."""
-    from sarflow.downstream.llp.config import LLPConfig
+    """Bags from polygons x chips, LLP models trained on bag proportions, scored on held-out chips.
+    Defaults: params.yaml's `llp:` section; flags override it."""
     from sarflow.downstream.llp.run import run_llp
 
     try:
-        cfg = LLPConfig(store=store, tracking_uri=tracking_uri, polygons=polygons, id_column=id_column, stats=stats,
-                        label_raster=label_raster, features_root=features_root, model=model, version=version,
-                        models=tuple(models), loss=loss, steps=steps, lr=lr, val_fraction=val_fraction,
-                        classes=tuple(classes) if classes else None, split=split, bag_sizes=tuple(bag_sizes),
-                        experiment=experiment, task=task, register=register, seed=seed, out_dir=out_dir)
+        cfg = stage_config("llp", params, {
+            "tracking_uri": tracking_uri, "id_column": id_column, "stats": stats, "label_raster": label_raster,
+            "features_root": features_root, "model": model, "version": version, "models": models or None, "loss": loss,
+            "steps": steps, "lr": lr, "val_fraction": val_fraction, "classes": classes or None, "split": split,
+            "bag_sizes": bag_sizes or None, "experiment": experiment, "task": task, "register": register, "seed": seed,
+            "out_dir": out_dir}, store=store, polygons=polygons)
         result = run_llp(cfg)
     except SarflowError as e:
         fail(e)
@@ -82,7 +84,7 @@ def train(
 @llp_app.command("real-case")
 def real_case(
     real_dir: Path = typer.Argument(..., help="the real-data folder (with sen1floods11/ and admin/)"),
-    tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri"),
+    tracking_uri: Optional[str] = TrackingOpt,
     out_dir: Path = typer.Option(Path("data/llp-real"), "--out", help="table, plots and bags"),
     grid: int = typer.Option(4, "--grid", help="the county is cut into GRID x GRID bags"),
     chip: int = typer.Option(32, "--chip", help="chip side in pixels"),
@@ -97,7 +99,9 @@ def real_case(
             from sarflow.errors import InputError
 
             raise InputError(str(real_dir), "the real-data folder does not exist")
-        result = run_real_case(real_dir, tracking_uri, out_dir, chip=chip, grid=grid, steps=steps, seed=seed)
+        from sarflow.params import default_tracking_uri
+
+        result = run_real_case(real_dir, tracking_uri or default_tracking_uri(), out_dir, chip=chip, grid=grid, steps=steps, seed=seed)
     except SarflowError as e:
         fail(e)
         return

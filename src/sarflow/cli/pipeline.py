@@ -2,8 +2,9 @@
 
 A typer sub-app; the main CLI registers it with ``app.add_typer(pipeline_app, name="pipeline")``.
 Pipeline arguments come from ``params.yaml`` (the keys of the pipeline's sections, its
-module's ``PARAMS_SECTIONS``, that name a pipeline parameter: for ``data``,
-``synth.size_px`` -> ``size_px``, ``tile.shard_chips`` -> ``shard_chips``), and
+module's ``PARAMS_SECTIONS``: a section named like a parameter is passed whole, the keys of
+the others name parameters: for ``data``, ``synth.size_px`` -> ``size_px``,
+``tile.shard_chips`` -> ``shard_chips``; a key that names none is refused), and
 ``--arg KEY=VALUE`` overrides them (VALUE is read as JSON when it parses: ``seeds=[0,1]``,
 ``size_px=256``, ``checksum=false``; otherwise it is a string).
 """
@@ -16,7 +17,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, fail
+from sarflow.cli.common import ParamsOpt, check_params, fail, read_params
 from sarflow.errors import SarflowError
 
 pipeline_app = typer.Typer(
@@ -43,9 +44,10 @@ def parse_arguments(pairs: List[str] | None) -> dict[str, Any]:
 
 def _arguments(pipeline, params: Optional[Path], pairs: List[str] | None) -> dict[str, Any]:
     from sarflow.mlops.kfp_runner import arguments_from_params
-    from sarflow.params import load_params
 
-    args = arguments_from_params(pipeline, load_params(params))
+    p = read_params(params)
+    check_params(p)  # every section through its stage config: a bad key fails here, not in a task
+    args = arguments_from_params(pipeline, p)
     args.update(parse_arguments(pairs))
     return args
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, fail, tracking_uri_or_default
+from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, stage_config
 from sarflow.errors import SarflowError
 
 
@@ -16,8 +16,9 @@ def promote(
     name: str = typer.Argument(..., help="registered model, e.g. sarflow-landcover"),
     metric: str = typer.Option(..., help="the evaluation metric logged on each version's run"),
     lower_is_better: bool = typer.Option(False, help="for losses and errors"),
-    margin: float = typer.Option(0.0, help="the challenger must beat the champion by more than this"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: params pretrain.tracking_uri)"),
+    margin: Optional[float] = typer.Option(None, help="the challenger must beat the champion by more than this "
+                                           "(default params promote.margin)"),
+    tracking_uri: Optional[str] = TrackingOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Gate: move @champion to the newest version only if it is better on the same evaluation set and data."""
@@ -26,8 +27,9 @@ def promote(
     from sarflow.mlops.registry import promote as run_promote
 
     try:
-        mlflow.set_tracking_uri(tracking_uri_or_default(tracking_uri, params))
-        d = run_promote(name, metric, higher_is_better=not lower_is_better, margin=margin)
+        cfg = stage_config("promote", params, {"margin": margin, "tracking_uri": tracking_uri})
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+        d = run_promote(name, metric, higher_is_better=not lower_is_better, margin=cfg.margin)
     except SarflowError as e:
         fail(e)
     typer.echo(json.dumps(d.__dict__, indent=1))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import fail
+from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, stage_config
 from sarflow.errors import SarflowError
 
 segment_app = typer.Typer(help="Semantic segmentation: ViT head on a registered encoder vs a from-scratch U-Net (mIoU).",
@@ -28,29 +29,31 @@ def _fmt(v) -> str:
 def train(store: str = typer.Argument(..., help="chip store (local path or s3://)"),
           encoder: Optional[str] = typer.Option(None, "--encoder", help="registered encoder, e.g. models:/sarflow-encoder-mae/1 "
                                                 "(without it only the U-Net is trained)"),
-          tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri", help="MLflow tracking URI"),
-          label: str = typer.Option("worldcover", "--label", help="categorical label modality"),
-          steps: int = typer.Option(100, "--steps", help="training steps per model"),
-          batch_size: int = typer.Option(16, "--batch-size"),
-          lr: float = typer.Option(2e-3, "--lr"),
-          freeze: bool = typer.Option(False, "--freeze/--finetune", help="head on frozen tokens, or fine-tune the encoder"),
-          head: str = typer.Option("progressive", "--head", help="linear (1x1 conv + bilinear) or progressive"),
+          tracking_uri: Optional[str] = TrackingOpt,
+          label: Optional[str] = typer.Option(None, "--label", help="categorical label modality"),
+          steps: Optional[int] = typer.Option(None, "--steps", help="training steps per model"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+          lr: Optional[float] = typer.Option(None, "--lr"),
+          freeze: Optional[bool] = typer.Option(None, "--freeze/--finetune", help="head on frozen tokens, or fine-tune the encoder"),
+          head: Optional[str] = typer.Option(None, "--head", help="linear (1x1 conv + bilinear) or progressive"),
           no_unet: bool = typer.Option(False, "--no-unet", help="train only the ViT head"),
           label_fraction: Optional[List[float]] = typer.Option(None, "--label-fraction",
                                                                help="extra label-efficiency point (fraction of train chips); repeatable"),
-          experiment: str = typer.Option("sarflow-segmentation", "--experiment"),
-          register: bool = typer.Option(True, "--register/--no-register", help="register the better model as sarflow-segmentation"),
-          seed: int = typer.Option(0, "--seed"),
-          as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table")) -> None:
-    """Train both models on the train split, score them on the test split, track and register."""
-    from sarflow.downstream.segmentation.config import SegmentConfig
+          experiment: Optional[str] = typer.Option(None, "--experiment"),
+          register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the better model as sarflow-segmentation"),
+          seed: Optional[int] = typer.Option(None, "--seed"),
+          as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
+          params: Optional[Path] = ParamsOpt) -> None:
+    """Train both models on the train split, score them on the test split, track and register.
+    Defaults: params.yaml's `segment:` section; flags override it."""
     from sarflow.downstream.segmentation.run import run_segmentation
 
     try:
-        cfg = SegmentConfig(store=store, tracking_uri=tracking_uri, encoder_uri=encoder, label_modality=label,
-                            steps=steps, batch_size=batch_size, lr=lr, freeze_encoder=freeze, head=head,
-                            train_unet=not no_unet, label_fractions=tuple(label_fraction or ()),
-                            experiment=experiment, register=register, seed=seed)
+        cfg = stage_config("segment", params, {
+            "tracking_uri": tracking_uri, "encoder_uri": encoder, "label_modality": label, "steps": steps,
+            "batch_size": batch_size, "lr": lr, "freeze_encoder": freeze, "head": head,
+            "train_unet": False if no_unet else None, "label_fractions": label_fraction or None,
+            "experiment": experiment, "register": register, "seed": seed}, store=store)
         out = run_segmentation(cfg)
     except SarflowError as e:
         fail(e)
@@ -62,7 +65,7 @@ def train(store: str = typer.Argument(..., help="chip store (local path or s3://
                                "classes": out["classes"], "best": out["best"], "registered": out["registered"],
                                "majority_baseline": out["majority_baseline"]}, indent=1, default=str))
         return
-    names = {"vit": "ViT head" + (" (frozen)" if freeze else " (fine-tuned)"), "unet": "U-Net (scratch)"}
+    names = {"vit": "ViT head" + (" (frozen)" if cfg.freeze_encoder else " (fine-tuned)"), "unet": "U-Net (scratch)"}
     fracs = sorted({f for k in kinds for f in out[k]["label_efficiency"]})
     header = f"{'model':<22}{'mIoU':>8}{'pix acc':>9}" + "".join(f"{'mIoU@' + format(f, 'g'):>11}" for f in fracs if f < 1) \
         + f"{'trainable':>11}  run"

@@ -9,15 +9,8 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, fail
+from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, stage_config
 from sarflow.errors import SarflowError
-
-
-def _pretrain_config(p: dict, store: str, overrides: dict):
-    """PretrainConfig from params.yaml's `pretrain:` section and the command's flags."""
-    from sarflow.training.pretrain import PretrainConfig
-
-    return PretrainConfig.from_params(p.get("pretrain") or {}, store, **overrides)
 
 def pretrain(
     store: str = typer.Argument(..., help="chip store (folder or s3://)"),
@@ -31,21 +24,20 @@ def pretrain(
     output_size: Optional[int] = typer.Option(None, help="resize chips to this side (e.g. 224)"),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers"),
     devices: Optional[str] = typer.Option(None, help="'auto', a GPU count, or -1 for all GPUs (DDP)"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+    tracking_uri: Optional[str] = TrackingOpt,
     experiment: Optional[str] = typer.Option(None),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Pretrain a self-supervised encoder (MAE, DINO or CLIP-multimodal), track it in MLflow and
     register it as sarflow-encoder-<method>."""
-    from sarflow.params import load_params
     from sarflow.training.pretrain import pretrain as run_pretrain
 
     try:
-        cfg = _pretrain_config(load_params(params), store, {
+        cfg = stage_config("pretrain", params, {
             "method": method, "batch_size": batch_size, "output_size": output_size, "workers": workers,
             "tracking_uri": tracking_uri, "experiment": experiment,
             "devices": int(devices) if devices and devices.lstrip("-").isdigit() else devices,
-            "vit": {"size": vit_size, "patch": patch, "depth": depth, "dim": dim}, "optim": {"max_steps": max_steps}})
+            "vit": {"size": vit_size, "patch": patch, "depth": depth, "dim": dim}, "optim": {"max_steps": max_steps}}, store=store)
         result = run_pretrain(cfg, show_progress=sys.stderr.isatty())
     except SarflowError as e:
         fail(e)

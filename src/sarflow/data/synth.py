@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,11 @@ from affine import Affine
 from pyproj import CRS, Transformer
 from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
+from pydantic.dataclasses import dataclass
 from scipy import ndimage
 
 from sarflow.data.grid import utm_epsg
+from sarflow.params import STAGE_CONFIG
 
 # class code -> (prior weight, VV dB, VH dB, seasonal dB swing)
 CLASSES: dict[int, tuple[float, float, float, float]] = {
@@ -62,8 +64,10 @@ GTIFF = dict(driver="GTiff", tiled=True, blockxsize=256, blockysize=256, compres
 STRIP = 1024
 
 
-@dataclass
+@dataclass(config=STAGE_CONFIG)
 class SynthConfig:
+    """params.yaml's `synth:` section."""
+
     size_px: int = 512
     seed: int = 0
     center_lon: float = 8.95

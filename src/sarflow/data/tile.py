@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import zarr
+from pydantic.dataclasses import dataclass as config_dataclass
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
@@ -45,6 +46,7 @@ from sarflow.data.chipstore import CHIPS_TABLE
 from sarflow.errors import InputError
 from sarflow.data.grid import ChipGrid, block_split, transform_geometry
 from sarflow.data.ingest import WGS84, Ingested, RasterFile, Source, gdal_env, ingest, valid_mask
+from sarflow.params import STAGE_CONFIG
 from sarflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,10 @@ def _grid_raster(grid: ChipGrid) -> tuple[int, int, int, int]:
     return iy0, ix0, grid.window_pixels(rows), grid.window_pixels(cols)
 
 
-@dataclass(frozen=True)
+@config_dataclass(frozen=True, config=STAGE_CONFIG)
 class TileOptions:
+    """params.yaml's `tile:` section (`overwrite` and `checksum` are the command's flags)."""
+
     workers: int = 2
     shard_chips: int = 64
     block_chips: int = 4

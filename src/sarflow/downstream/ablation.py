@@ -50,7 +50,7 @@ def ablation_features(store: str, modalities: tuple[str, ...], encoder_uri: str 
     return np.concatenate(out).astype(np.float32)
 
 
-def run_ablation(stores: dict[str, str], tracking_uri: str = "sqlite:///mlflow.db", encoder_uri: str | None = None,
+def run_ablation(stores: dict[str, str], tracking_uri: str | None = None, encoder_uri: str | None = None,
                  probe: str = "linear", draws: int = 3, seed: int = 0, experiment: str = "sarflow-downstream",
                  out_dir: str | None = None) -> dict:
     """Modality ablation: SAR-only vs optical-only vs fused features, per cloud condition.

@@ -18,26 +18,30 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic.dataclasses import dataclass as config_dataclass
 
 from sarflow.downstream.estimators import DETERMINISTIC, PROBES, fit_probe, score
 from sarflow.downstream.label_efficiency import best_by_val, embedding_curve, label_savings, plot_curves, summarize
 from sarflow.downstream.tasks import KIND, LABEL_COLUMNS, PRIMARY_METRIC, TASKS, registered_task_name, task_target
 from sarflow.errors import InputError
+from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
 BASELINES = ("pixel_stats", "scratch")
 
 
-@dataclass
+@config_dataclass(config=STAGE_CONFIG)
 class ProbeConfig:
+    """params.yaml's `downstream:` section (store and features root come from the command)."""
+
     store: str
     features_root: str
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = field(default_factory=default_tracking_uri)
     model: str | None = None  # embeddings partition (model name); default the newest
     version: str | None = None  # its version; default the newest of that model
     tasks: tuple[str, ...] = TASKS
@@ -46,7 +50,7 @@ class ProbeConfig:
     probes: tuple[str, ...] = PROBES
     baselines: tuple[str, ...] = BASELINES
     scratch_tasks: tuple[str, ...] = ("landcover", "landcover_presence")  # the CNN costs most: classification only
-    scratch_epochs: int = 6
+    scratch_epochs: int = 8
     scratch_draws: int = 2  # draws of the CNN per n (at most `draws`)
     threads: int | None = 1  # BLAS/torch threads for the many tiny fits (1 is fastest for them)
     experiment: str = "sarflow-downstream"

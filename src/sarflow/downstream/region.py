@@ -105,7 +105,7 @@ def _shift(a: Region, b: Region, seed: int) -> dict[str, float]:
 
 
 def region_transfer(regions: dict[str, Region], pairs, tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear",
-                    seed: int = 0, tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "sarflow-downstream",
+                    seed: int = 0, tracking_uri: str | None = None, experiment: str = "sarflow-downstream",
                     out_dir: str | None = None, lineage_store: str | None = None, params: dict | None = None,
                     tags: dict | None = None, extra: dict | None = None) -> dict:
     """For each (a, b) of `pairs`: a probe trained on a's train chips, tested on a's held-out
@@ -180,7 +180,7 @@ def _probe_region(name: str, data: ProbeData) -> Region:
     return Region(name, data.x, data.labels, data.split == "train", data.split == "test")
 
 
-def run_region_generalization(store: str, features_root: str, tracking_uri: str = "sqlite:///mlflow.db",
+def run_region_generalization(store: str, features_root: str, tracking_uri: str | None = None,
                               model: str | None = None, version: str | None = None,
                               tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear",
                               axis: str = "x", holdout: float = 0.3, seed: int = 0,
@@ -234,7 +234,7 @@ def run_region_generalization(store: str, features_root: str, tracking_uri: str 
 
 def run_region_stores(stores: dict[str, str], pairs=SYNTH_REGION_PAIRS, encoder_uri: str | None = None,
                       tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear", seed: int = 0,
-                      tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "sarflow-downstream",
+                      tracking_uri: str | None = None, experiment: str = "sarflow-downstream",
                       out_dir: str | None = None) -> dict:
     """Region transfer between whole stores (region name -> store; e.g. `synth_region_stores`)
     on features computed from the chips, no Feast needed: `ablation_features` of every

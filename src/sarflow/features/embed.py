@@ -23,7 +23,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,12 +31,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
+from pydantic.dataclasses import dataclass as config_dataclass
 
 from sarflow.data.paths import is_remote, join, filesystem, fs_path, exists, parquet_files, check_root, write_table_atomic
 from sarflow.errors import InputError
+from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
 log = logging.getLogger(__name__)
 EMBEDDINGS = "embeddings"
+
+
+@config_dataclass(config=STAGE_CONFIG)
+class EmbedConfig:
+    """params.yaml's `embed:` section (the features root is `features.root`): chips per forward
+    pass, the device (None: CUDA when present), and the MLflow server holding the encoder."""
+
+    batch_size: int = 256
+    device: str | None = None
+    tracking_uri: str = field(default_factory=default_tracking_uri)
 
 
 @dataclass(frozen=True)

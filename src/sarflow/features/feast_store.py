@@ -17,16 +17,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import yaml
+from pydantic.dataclasses import dataclass
 
 from sarflow.errors import InputError
+from sarflow.params import STAGE_CONFIG
 
 PROJECT = "sarflow"
 
@@ -47,16 +49,19 @@ def default_repo(root: str) -> Path:
     return Path(root).resolve() / "feast"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STAGE_CONFIG)
 class FeatureConfig:
-    """root: the features root (embeddings/, labels/, bags/), a local folder or an s3:// prefix.
+    """params.yaml's `features:` section.
+    root: the features root (embeddings/, labels/, bags/), a local folder or an s3:// prefix.
     repo: the local Feast repo folder; default `default_repo(root)` (after construction always a Path).
-    online: "sqlite" (a file in repo) or "redis" (at `redis`, host:port)."""
+    online: "sqlite" (a file in repo) or "redis" (at `redis`, host:port).
+    batch_rows: rows per streamed batch when materializing."""
 
-    root: str
-    online: str = "sqlite"  # or "redis"
+    root: str = "data/features"
+    online: Literal["sqlite", "redis"] = "sqlite"
     redis: str = "127.0.0.1:6379"
     repo: Path | str | None = None
+    batch_rows: int = 8192
 
     def __post_init__(self):
         object.__setattr__(self, "root", str(self.root))
@@ -124,7 +129,7 @@ def _check_partition(view, dataset: pads.Dataset) -> None:
                              f"view {view.name} takes {tags['dim']}-d embeddings, the data has dimension(s) {lengths}")
 
 
-def materialize(cfg: FeatureConfig, views: list[str] | None = None, batch_rows: int = 8192) -> dict:
+def materialize(cfg: FeatureConfig, views: list[str] | None = None, batch_rows: int | None = None) -> dict:
     """Streams new offline rows of every (or the named) view into the online store."""
     fs = open_feature_store(cfg)
     state_path = cfg.repo / "materialized.json"
@@ -140,7 +145,7 @@ def materialize(cfg: FeatureConfig, views: list[str] | None = None, batch_rows: 
         flt = pc.field("event_timestamp") > pd.Timestamp(since).to_pydatetime() if since else None
         columns = ["chip_id", "event_timestamp"] + [f.name for f in view.features]
         t0, rows, newest = time.perf_counter(), 0, since
-        for batch in dataset.to_batches(columns=columns, filter=flt, batch_size=batch_rows):
+        for batch in dataset.to_batches(columns=columns, filter=flt, batch_size=batch_rows or cfg.batch_rows):
             if batch.num_rows == 0:
                 continue
             provider.online_write_batch(fs.config, view, _online_rows(view, batch), progress=None)

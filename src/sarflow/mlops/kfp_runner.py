@@ -51,20 +51,33 @@ def pipeline_parameters(pipeline) -> dict[str, Any]:
     return {k: getattr(v, "default", None) for k, v in (spec.inputs or {}).items()}
 
 
+def _pipeline_module(pipeline):
+    return sys.modules.get(getattr(pipeline, "pipeline_func", pipeline).__module__)
+
+
+def _function_name(pipeline) -> str:
+    return getattr(getattr(pipeline, "pipeline_func", None), "__name__", "")
+
+
 def params_sections(pipeline) -> tuple[str, ...] | None:
-    """The params.yaml sections a pipeline reads (its module's PARAMS_SECTIONS; None: all)."""
-    module = sys.modules.get(getattr(pipeline, "pipeline_func", pipeline).__module__)
-    sections = getattr(module, "PARAMS_SECTIONS", None)
+    """The params.yaml sections a pipeline reads: its module's PARAMS_SECTIONS, a tuple, or a
+    mapping from pipeline function name to a tuple (None: all sections)."""
+    sections = getattr(_pipeline_module(pipeline), "PARAMS_SECTIONS", None)
+    if isinstance(sections, dict):
+        sections = sections.get(_function_name(pipeline))
     return tuple(sections) if sections is not None else None
 
 
 def arguments_from_params(pipeline, params: dict) -> dict[str, Any]:
     """Pipeline arguments from a params.yaml mapping, section by section (the pipeline's
     ``PARAMS_SECTIONS``, in order, later ones win): a section named like a pipeline input is
-    passed whole as that (dict) argument (``pretrain:`` -> ``pretrain``); otherwise its keys
-    that name an input become arguments (``synth.size_px`` -> ``size_px``)."""
+    passed whole as that (dict) argument (``pretrain:`` -> ``pretrain``); otherwise each of its
+    keys names an input (``synth.size_px`` -> ``size_px``). A key that names no input is an
+    error (nothing is dropped silently) unless the module's ``PARAMS_NOT_ARGUMENTS`` lists it
+    (``section.key`` -> why); a null value means the pipeline's default."""
     inputs = pipeline_parameters(pipeline)
     wanted = params_sections(pipeline)
+    skipped = getattr(_pipeline_module(pipeline), "PARAMS_NOT_ARGUMENTS", {})
     out: dict[str, Any] = {}
     for key in wanted if wanted is not None else list(params):
         section = params.get(key)
@@ -72,8 +85,12 @@ def arguments_from_params(pipeline, params: dict) -> dict[str, Any]:
             continue
         if key in inputs:
             out[key] = _without_none(section)  # KFP cannot encode null; absent means the default
-        else:
-            out.update({k: v for k, v in section.items() if k in inputs})
+            continue
+        unknown = sorted(k for k in section if k not in inputs and f"{key}.{k}" not in skipped)
+        if unknown and wanted is not None:
+            raise PipelineError(f"{getattr(params, 'source', 'params')}: {key}.{unknown[0]}: pipeline "
+                                f"{pipeline_name(pipeline)!r} has no parameter {unknown[0]!r}; it takes {sorted(inputs)}")
+        out.update({k: v for k, v in section.items() if k in inputs and v is not None})
     return out
 
 

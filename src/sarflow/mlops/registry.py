@@ -18,11 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock
+from pydantic.dataclasses import dataclass as config_dataclass
 
 from sarflow.errors import InputError
+from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
 CHAMPION, PREVIOUS = "champion", "previous"
 DATASET_TAG, EVAL_TAG = "sarflow.dataset_dvc_md5", "sarflow.eval_set"
+
+
+@config_dataclass(config=STAGE_CONFIG)
+class PromoteConfig:
+    """params.yaml's `promote:` section: the gate's margin (a challenger must beat @champion by
+    more than this) and the tracking server. The metric and its direction are per model."""
+
+    margin: float = 0.0
+    tracking_uri: str = field(default_factory=default_tracking_uri)
 
 
 @dataclass

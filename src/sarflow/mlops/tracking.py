@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-def setup_mlflow(tracking_uri: str, experiment: str) -> str:
-    """Points MLflow at the tracking URI and returns the experiment id. With a sqlite:/// backend
-    the artifacts go in `mlartifacts/` beside the database (the embedded default)."""
+def setup_mlflow(tracking_uri: str | None, experiment: str) -> str:
+    """Points MLflow at the tracking URI (None or empty: `default_tracking_uri()`) and returns the
+    experiment id. With a sqlite:/// backend the artifacts go in `mlartifacts/` beside the
+    database (the embedded default)."""
     import mlflow
 
+    from sarflow.params import default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:

@@ -14,15 +14,17 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic.dataclasses import dataclass as config_dataclass
 from torch import nn
 
+from sarflow.params import STAGE_CONFIG
 from sarflow.training.encoder import ChipEncoder
 from sarflow.training.vit import Block, ViT, ViTConfig, pos_embed_on
 
 METHODS = ("mae", "dino", "clip")
 
 
-@dataclass
+@config_dataclass(config=STAGE_CONFIG)
 class OptimConfig:
     lr: float = 1.5e-4
     weight_decay: float = 0.05

@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from pydantic.dataclasses import dataclass
 
 from sarflow.errors import InputError
+from sarflow.params import STAGE_CONFIG, default_tracking_uri
 from sarflow.training.data import Augment, ChipDataModule, LoaderConfig, ModalitySpec
 from sarflow.training.methods import METHODS, Group, OptimConfig, build_method
 from sarflow.training.vit import ViTConfig
@@ -32,8 +35,11 @@ DEFAULT_GROUPS = {
 }
 
 
-@dataclass
+@dataclass(config=STAGE_CONFIG)
 class PretrainConfig:
+    """params.yaml's `pretrain:` section (the store comes from the command). `methods` holds
+    extra arguments per method; those of `method` apply, under any `method_kwargs`."""
+
     store: str
     method: str = "mae"
     groups: list[tuple[str, str, list[str] | None]] | None = None  # (group, modality, bands)
@@ -49,30 +55,14 @@ class PretrainConfig:
     accelerator: str = "auto"
     devices: int | str = "auto"
     compile: bool = False
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = field(default_factory=default_tracking_uri)
     experiment: str = "sarflow-pretrain"
     register: bool = True
-    method_kwargs: dict = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_params(cls, section: dict, store: str, **overrides) -> "PretrainConfig":
-        """From params.yaml's `pretrain:` section (vit, optim, per-method arguments under
-        `methods:`); `overrides` (None = not given) win, `vit=`/`optim=` dicts merge key by key."""
-        cfg = dict(section or {})
-        vit_flags, optim_flags = overrides.pop("vit", None) or {}, overrides.pop("optim", None) or {}
-        cfg.update({k: v for k, v in overrides.items() if v is not None})
-        vit = {**(cfg.pop("vit", None) or {}), **{k: v for k, v in vit_flags.items() if v is not None}}
-        optim = {**(cfg.pop("optim", None) or {}), **{k: v for k, v in optim_flags.items() if v is not None}}
-        method_kwargs = (cfg.pop("methods", None) or {}).get(cfg.get("method", "mae"), {})
-        unknown = sorted(set(cfg) - {f.name for f in fields(cls)} - {"store"})
-        if unknown:
-            raise InputError("pretrain parameters", f"unknown key(s) {unknown}")
-        cfg.pop("store", None)
-        try:
-            return cls(store=store, vit=ViTConfig(**vit), optim=OptimConfig(**optim),
-                       method_kwargs=dict(method_kwargs), **cfg)
-        except TypeError as e:
-            raise InputError("pretrain parameters", str(e)) from None
+    def __post_init__(self):
+        self.method_kwargs = {**self.methods.get(self.method, {}), **self.method_kwargs}
 
 
 class Throughput(L.Callback):

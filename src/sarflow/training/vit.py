@@ -7,17 +7,19 @@ the chip size. No weights are ever downloaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from pydantic.dataclasses import dataclass
 from torch import nn
+
+from sarflow.params import STAGE_CONFIG
 
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
 
 
-@dataclass
+@dataclass(config=STAGE_CONFIG)
 class ViTConfig:
     size: str = "tiny"
     patch: int = 16

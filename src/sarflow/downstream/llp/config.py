@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import field
+
+from pydantic.dataclasses import dataclass
+
+from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
 MODELS = ("linear", "mlp", "kdm", "conv")
 
 
-@dataclass
+@dataclass(config=STAGE_CONFIG)
 class LLPConfig:
+    """params.yaml's `llp:` section (the store and the bags' polygons come from the command)."""
+
     store: str
-    tracking_uri: str
     polygons: str
+    tracking_uri: str = field(default_factory=default_tracking_uri)
     id_column: str = "muni_id"
     stats: str | None = None  # CSV: id_column, frac_<class>... (optionally valid_pixels)
     label_raster: str | None = None  # or: aggregate bag proportions from a coarse label raster

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import field
+
+from pydantic.dataclasses import dataclass
 
 from sarflow.errors import InputError
+from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
 DEFAULT_GROUPS = [("s1", "s1grd", None)]
 
 
-@dataclass
+@dataclass(config=STAGE_CONFIG)
 class SegmentConfig:
+    """params.yaml's `segment:` section (the store and the encoder come from the command)."""
+
     store: str
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = field(default_factory=default_tracking_uri)
     encoder_uri: str | None = None  # e.g. models:/sarflow-encoder-mae/1; None trains only the U-Net
     label_modality: str = "worldcover"
     groups: list[tuple[str, str, list[str] | None]] | None = None  # (group, modality, bands); default: the encoder's
