@@ -324,13 +324,13 @@ def test_a_failed_upload_leaves_nothing_at_the_final_key(featured, s3featured, m
     assert _s3_files(root) == []  # neither the partition nor the temporary key
     # and a writer failing half-way through never reaches S3 at all
     monkeypatch.undo()
-    from sarflow.features import embed
+    from sarflow.data import paths
 
     def half_written(table, where, **kwargs):
         pq.write_table(table.slice(0, 1), where)
         raise OSError("disk full")
 
-    monkeypatch.setattr(embed, "_write_table", half_written)
+    monkeypatch.setattr(paths, "_write_table", half_written)
     with pytest.raises(OSError, match="disk full"):
         embed_store(str(featured["store"]), f"models:/{MODEL}/1", root, batch_size=16)
     assert _s3_files(root) == []

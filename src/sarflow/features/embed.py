@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import shapely
 from pydantic.dataclasses import dataclass as config_dataclass
 
-from sarflow.data.paths import is_remote, join, filesystem, fs_path, exists, parquet_files, check_root, write_table_atomic
+from sarflow.data.paths import check_root, exists, filesystem, fs_path, is_remote, join, parquet_files, write_table_atomic
 from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
