@@ -74,11 +74,10 @@ def merge(base: dict, overrides: dict) -> dict:
     for k, v in overrides.items():
         if v is None:
             continue
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        elif isinstance(v, dict):
-            if merge({}, v):
-                out[k] = merge({}, v)
+        if isinstance(v, dict):
+            nested = merge(out[k] if isinstance(out.get(k), dict) else {}, v)
+            if nested:  # a mapping of nothing but Nones overrides nothing
+                out[k] = nested
         else:
             out[k] = v
     return out
@@ -138,7 +137,7 @@ def _field_types(cls) -> dict:
 
     try:
         return typing.get_type_hints(cls)
-    except Exception:
+    except (NameError, TypeError):  # a forward reference the module cannot resolve
         return {}
 
 

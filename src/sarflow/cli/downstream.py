@@ -15,7 +15,6 @@ downstream_app = typer.Typer(help="Downstream science on frozen embeddings: prob
 
 RootOpt = typer.Option(None, "--features-root",
                        help="features root (embeddings/, labels/, feast/; default params features.root)")
-UriOpt = TrackingOpt
 ExpOpt = typer.Option("sarflow-downstream", "--experiment", help="MLflow experiment")
 
 
@@ -32,7 +31,7 @@ def _fmt(v) -> str:
 
 @downstream_app.command()
 def probe(store: str = typer.Argument(..., help="chip store"), features_root: Optional[Path] = RootOpt,
-          tracking_uri: Optional[str] = UriOpt,
+          tracking_uri: Optional[str] = TrackingOpt,
           model: Optional[str] = typer.Option(None, help="embeddings of this model (default: newest)"),
           version: Optional[str] = typer.Option(None, help="embeddings version (default: newest)"),
           task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: all five)"),
@@ -83,7 +82,7 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
              encoder: Optional[str] = typer.Option(None, help="multimodal encoder URI (e.g. models:/sarflow-encoder-clip/1); "
                                                               "default raw-pixel statistics"),
              probe_name: str = typer.Option("linear", "--probe", help="linear, knn or mlp"),
-             tracking_uri: Optional[str] = UriOpt, experiment: str = ExpOpt,
+             tracking_uri: Optional[str] = TrackingOpt, experiment: str = ExpOpt,
              out_dir: Optional[Path] = typer.Option(None, help="where the table goes")) -> None:
     """SAR-only vs optical-only vs fused features under clear and clouded skies."""
     from sarflow.downstream.ablation import run_ablation
@@ -109,7 +108,7 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
 @downstream_app.command()
 def region(store: Optional[str] = typer.Argument(None, help="chip store: its two halves are the regions, or region A "
                                                             "with --other"),
-           features_root: Optional[Path] = RootOpt, tracking_uri: Optional[str] = UriOpt,
+           features_root: Optional[Path] = RootOpt, tracking_uri: Optional[str] = TrackingOpt,
            model: Optional[str] = typer.Option(None), version: Optional[str] = typer.Option(None),
            task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default landcover, water, tree_cover)"),
            axis: str = typer.Option("x", help="halves of STORE; x: west/east, y: south/north"),
@@ -155,7 +154,7 @@ def region(store: Optional[str] = typer.Argument(None, help="chip store: its two
 
 
 @downstream_app.command()
-def report(tracking_uri: Optional[str] = UriOpt,
+def report(tracking_uri: Optional[str] = TrackingOpt,
            experiment_filter: Optional[List[str]] = typer.Option(None, "--from-experiment",
                                                                  help="look for source runs only here (default: all)"),
            experiment: str = typer.Option("sarflow-reports", "--experiment", help="MLflow experiment of the report run"),
