@@ -287,3 +287,48 @@ def test_gpu_bf16_training_step():
         loss, _, _ = mae.forward_loss(x)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- never a silent wrong result
+
+def _runs(uri: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name("sarflow-pretrain")
+    return [] if exp is None else mlflow.search_runs([exp.experiment_id], output_format="list")
+
+
+def test_mae_on_a_chip_of_one_patch_is_refused_before_any_run(tiny_store, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    one_patch = ViTConfig(size="tiny", patch=32, depth=1, dim=32, heads=2)  # the tiny store's chips are 32 px
+    with pytest.raises(InputError, match=r"has 1 patch\(es\) and masks none of them"):
+        pretrain(PretrainConfig(store=str(tiny_store), method="mae", vit=one_patch, batch_size=4, tracking_uri=uri,
+                                optim=OptimConfig(max_steps=2)))
+    assert _runs(uri) == []
+    # DINO has no masking: one patch is a legitimate (if coarse) token grid
+    assert len(resolve_groups(PretrainConfig(store=str(tiny_store), method="dino", vit=one_patch))) == 1
+
+
+def test_a_batch_larger_than_the_train_split_is_refused_with_the_fix_named(tiny_store, tmp_path):
+    n_train = len(ShardChipDataset(_cfg(tiny_store, ["s1grd"], split="train")))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(InputError, match=rf"batch_size {n_train + 1} is larger than the train split \({n_train} chips\): "
+                                         rf"pass --batch-size {n_train} or less"):
+        pretrain(PretrainConfig(store=str(tiny_store), vit=TINY, batch_size=n_train + 1, tracking_uri=uri,
+                                optim=OptimConfig(max_steps=2)))
+    assert _runs(uri) == []
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_training_and_registers_nothing(tiny_store, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(InputError, match="loss is (nan|inf).*nothing registered"):  # an infinite step size diverges
+        pretrain(PretrainConfig(store=str(tiny_store), method="mae", vit=TINY, batch_size=4, tracking_uri=uri,
+                                optim=OptimConfig(lr=float("inf"), warmup_steps=0, max_steps=6),
+                                method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
+    (run,) = _runs(uri)
+    assert run.info.status == "FAILED" and "train/final_loss" not in run.data.metrics
+    assert mlflow.MlflowClient().search_registered_models() == []

@@ -93,6 +93,12 @@ def _single_encoder(module: SSLModule, vit: ViT, pool: str = "cls") -> ChipEncod
 
 # ------------------------------------------------------------------------- MAE
 
+def visible_patches(n: int, mask_ratio: float) -> int:
+    """How many of a chip's `n` patches MAE leaves visible (at least one); the rest are masked
+    and carry the loss, so MAE needs at least one of each."""
+    return max(1, int(round(n * (1 - mask_ratio))))
+
+
 class MAE(SSLModule):
     """Masked autoencoder: 75% of patches hidden, the loss on the hidden ones only."""
 
@@ -129,7 +135,7 @@ class MAE(SSLModule):
     def forward_loss(self, x: torch.Tensor):
         tokens = self.encoder.patchify_embed(x)
         b, n, d = tokens.shape
-        keep = max(1, int(round(n * (1 - self.mask_ratio))))
+        keep = visible_patches(n, self.mask_ratio)
         noise = torch.rand(b, n, device=x.device)
         ids_shuffle = noise.argsort(dim=1)
         ids_restore = ids_shuffle.argsort(dim=1)

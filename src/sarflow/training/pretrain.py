@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
 from sarflow.training.data import Augment, ChipDataModule, LoaderConfig, ModalitySpec
-from sarflow.training.methods import METHODS, Group, OptimConfig, build_method
+from sarflow.training.methods import METHODS, Group, OptimConfig, build_method, visible_patches
 from sarflow.training.vit import ViTConfig
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,40 @@ def resolve_groups(cfg: PretrainConfig) -> list[Group]:
     if size < cfg.vit.patch or size % cfg.vit.patch:
         raise InputError(cfg.store, f"chips of {size} px cannot be cut into {cfg.vit.patch} px patches "
                                     "(the chip must be at least the patch size and a multiple of it)")
+    if cfg.method == "mae":
+        patches = (size // cfg.vit.patch) ** 2
+        ratio = float(cfg.method_kwargs.get("mask_ratio", 0.75))
+        if patches - visible_patches(patches, ratio) < 1:
+            raise InputError(cfg.store, f"MAE on chips of {size} px with {cfg.vit.patch} px patches has {patches} patch(es) "
+                                        f"and masks none of them at mask_ratio {ratio}: nothing to reconstruct, the loss "
+                                        "is undefined; use a smaller patch (vit.patch), a larger output_size, or dino/clip")
     return out
+
+
+class NonFiniteLoss(L.Callback):
+    """Stops training at the first loss that is NaN or infinite: a model trained on it is not
+    a result, so it is never logged or registered."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            raise InputError(f"pretrain step {trainer.global_step}",
+                             f"the {type(module).__name__} loss is {float(loss.detach().float().cpu())}: training stopped, "
+                             "nothing registered (check the store's statistics and nodata, or lower optim.lr)")
+
+
+def train_chips(cfg: PretrainConfig, data: ChipDataModule) -> int:
+    """How many chips the train loader yields per epoch (over all ranks); a batch larger than that
+    would yield none (drop_last), so the batch is refused with the fix named."""
+    from sarflow.training.data import ShardChipDataset
+
+    n = len(ShardChipDataset(data.cfg))
+    if n == 0:
+        raise InputError(cfg.store, "the train split has no chip with valid data: nothing to pretrain on")
+    if cfg.batch_size > n:
+        raise InputError(cfg.store, f"batch_size {cfg.batch_size} is larger than the train split ({n} chips): "
+                                    f"pass --batch-size {n} or less (params.yaml pretrain.batch_size)")
+    return n
 
 
 def make_datamodule(cfg: PretrainConfig, groups: list[Group]) -> ChipDataModule:
@@ -197,6 +230,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
     if cfg.compile:
         module = torch.compile(module)
     data = make_datamodule(cfg, groups)
+    n_train = train_chips(cfg, data)
     lineage = dataset_lineage(cfg.store)
     exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
@@ -207,13 +241,14 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
     with mlflow.start_run(experiment_id=exp_id, tags=lineage) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_params({k: v for k, v in lineage.items()})
+        mlflow.log_param("train_chips", n_train)
         logger = MLFlowLogger(tracking_uri=cfg.tracking_uri, run_id=run.info.run_id, experiment_name=cfg.experiment)
         throughput = Throughput()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=max(1, cfg.optim.max_steps))
             trainer = L.Trainer(
                 max_steps=cfg.optim.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
-                precision="bf16-mixed" if gpu else "32-true", logger=logger, callbacks=[throughput, ckpt],
+                precision="bf16-mixed" if gpu else "32-true", logger=logger, callbacks=[throughput, NonFiniteLoss(), ckpt],
                 log_every_n_steps=1, enable_progress_bar=show_progress, enable_model_summary=False,
                 strategy="ddp" if gpu and torch.cuda.device_count() > 1 and cfg.devices not in (1, "1") else "auto",
             )
