@@ -111,6 +111,27 @@ def test_training_set_is_point_in_time_correct(featured):
     assert after.frac_10.notna().all()
 
 
+
+def test_a_relative_features_root_is_the_working_directory_s_not_the_feast_repo_s(featured, tmp_path, monkeypatch):
+    """`--root data/features` as the README writes it: the root is resolved once, where the
+    command runs, and Feast's sources hold the absolute path (Feast resolves a relative one
+    against its repo folder, where there is nothing)."""
+    import shutil
+
+    from sarflow.features.feast_store import FeatureConfig, apply
+
+    work = tmp_path / "work"
+    shutil.copytree(featured["root"], work / "data" / "features", ignore=shutil.ignore_patterns("feast"))
+    monkeypatch.chdir(work)
+    cfg = FeatureConfig(root="data/features")
+    assert cfg.root == str(work / "data" / "features") and cfg.repo == work / "data" / "features" / "feast"
+    apply(cfg)
+    monkeypatch.chdir(tmp_path)  # a later command elsewhere reads the same sources
+    table = read_embeddings(cfg.root, MODEL, "1").to_pandas()
+    entity = pd.DataFrame({"chip_id": table.chip_id[:3], "event_timestamp": [table.event_timestamp.iloc[0] + pd.Timedelta(hours=1)] * 3})
+    df = training_set(cfg, entity, [f"{VIEW}:embedding"]).set_index("chip_id").loc[table.chip_id[:3]]
+    np.testing.assert_allclose(np.stack(df.embedding.to_numpy()), np.stack(table.embedding[:3].to_numpy()), rtol=1e-6)
+
 @pytest.mark.integration
 def test_feature_server_answers_over_http(featured):
     import requests

@@ -64,7 +64,10 @@ class FeatureConfig:
     batch_rows: int = 8192
 
     def __post_init__(self):
-        object.__setattr__(self, "root", str(self.root))
+        # a local root is absolute from here on: Feast resolves a relative source path against
+        # its repo folder, not the working directory the user meant
+        root = str(self.root)
+        object.__setattr__(self, "root", root if root.startswith("s3://") else str(Path(root).resolve()))
         if self.repo is not None and str(self.repo).startswith("s3://"):
             raise InputError(str(self.repo), "the Feast repo (registry, online store, state) must be a local folder")
         object.__setattr__(self, "repo", Path(self.repo).resolve() if self.repo is not None else default_repo(self.root))
