@@ -2,6 +2,8 @@
 (Debian's gdal-bin, a different GDAL build from rasterio's) on the same grid and resampling.
 
 Values are compared where both have data: categorical exactly, continuous to 1e-4 relative.
+Sources in dB are resampled in linear power (the store records `resampling_domain`), so their
+reference is gdalwarp run on a linear-power copy of the input, converted back to dB.
 Whether a pixel on the very edge of a source's footprint is nodata differs between GDAL
 versions for averaging/mode kernels (partial coverage), so validity may differ there and only
 there: every such pixel must touch the reference's footprint boundary.
@@ -39,15 +41,26 @@ def compare_with_gdalwarp(store, modality, srcs, tmp_path, src_nodata=None, band
     store_nodata = arr.attrs["nodata_in_store"]
     dst_nodata = "nan" if ours.dtype.kind == "f" else store_nodata
     methods = {Path(k).name: v for k, v in arr.attrs["resampling"].items()}  # recorded relative to the catalog
+    linear = arr.attrs["resampling_domain"] == "linear_power"
+    assert linear == (arr.attrs["units"].lower() == "db")
+    warp_srcs, warp_src_nodata, warp_dst_nodata = srcs, src_nodata, dst_nodata
+    if linear:  # gdalwarp on linear-power copies (their names stay, so `methods` still applies)
+        warp_srcs = [_linear_power_copy(s, src_nodata, tmp_path / "linear") for s in srcs]
+        warp_src_nodata = warp_dst_nodata = "nan"
     if band_files:  # one single-band file per band
         ref = np.concatenate([
             gdalwarp_reference(s, tmp_path / f"{modality}_{b}.tif", g.attrs["crs_wkt"], res, extent, _cli(methods[Path(s).name]),
-                               dst_nodata=dst_nodata, src_nodata=src_nodata)
-            for b, s in enumerate(srcs)])
+                               dst_nodata=warp_dst_nodata, src_nodata=warp_src_nodata)
+            for b, s in enumerate(warp_srcs)])
     else:
         assert len({methods[Path(s).name] for s in srcs}) == 1
-        ref = gdalwarp_reference(srcs, tmp_path / f"{modality}.tif", g.attrs["crs_wkt"], res, extent,
-                                 _cli(methods[Path(srcs[0]).name]), dst_nodata=dst_nodata, src_nodata=src_nodata)
+        ref = gdalwarp_reference(warp_srcs, tmp_path / f"{modality}.tif", g.attrs["crs_wkt"], res, extent,
+                                 _cli(methods[Path(srcs[0]).name]), dst_nodata=warp_dst_nodata, src_nodata=warp_src_nodata)
+    if linear:  # back to dB, nodata as the store keeps it
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ref = 10 * np.log10(ref)
+        if ours.dtype.kind != "f":
+            ref = np.where(np.isnan(ref), store_nodata, np.rint(ref))
     ref = ref.astype(ours.dtype)
     size = g.attrs["chip_size"]
     ref_valid_full = _valid(ref, store_nodata)
@@ -71,6 +84,25 @@ def compare_with_gdalwarp(store, modality, srcs, tmp_path, src_nodata=None, band
                                        err_msg=f"{modality} chip {i}")
         compared += int(both.sum())
     return compared
+
+
+def _linear_power_copy(src, nodata, folder: Path) -> str:
+    """The dB raster `src` as linear power 10**(dB/10) in float64, nodata as NaN, same name."""
+    import rasterio
+
+    with rasterio.open(src) as ds:
+        data = ds.read().astype(np.float64)
+        profile = ds.profile
+    invalid = np.isnan(data)
+    if nodata not in (None, "nan"):
+        invalid |= data == float(nodata)
+    power = np.where(invalid, np.nan, 10 ** (data / 10))
+    profile.update(dtype="float64", nodata=float("nan"), driver="GTiff")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / Path(src).name
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(power)
+    return str(out)
 
 
 def _partially_nodata(src, nodata, crs, res, extent, stem):

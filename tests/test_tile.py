@@ -52,7 +52,7 @@ def test_store_layout_matches_the_contract(tiny_store):
         assert a.shape == (n, nb, size, size)
         assert a.chunks == (1, nb, size, size)  # one chip per chunk
         assert a.shards == (16, nb, size, size)  # many chips per shard
-        for key in ("bands", "units", "kind", "nodata", "resampling", "sources", "stats"):
+        for key in ("bands", "units", "kind", "nodata", "resampling", "resampling_domain", "sources", "stats"):
             assert key in a.attrs, (name, key)
         assert all(len(s["sha256"]) == 64 for s in a.attrs["sources"])
         shard_files = [p for p in (tiny_store / name / "c").rglob("*") if p.is_file()]

@@ -107,6 +107,44 @@ def choose_resampling(source: Source, f: RasterFile, grid: ChipGrid) -> str:
     return "average" if downsampling else "bilinear"
 
 
+LINEAR_POWER = "linear_power"
+
+
+def resampling_domain(source: Source) -> str:
+    """Where a source's values are resampled: dB is logarithmic, so averaging or interpolating it
+    directly would take a geometric mean of power (biased low under speckle); dB sources are
+    resampled in linear power (10**(dB/10)) and converted back (multilooking). Others as they are."""
+    return LINEAR_POWER if source.spec.units.lower() == "db" else "native"
+
+
+def _linear_power_vrt(ds, src_nodata) -> str:
+    """A GDAL VRT (XML) of `ds` in linear power: every band is 10**(dB/10) (the dB2pow pixel
+    function, in float64); nodata pixels become NaN. Streams block by block like the file."""
+    from xml.sax.saxutils import escape
+
+    nodata = "" if src_nodata is None or math.isnan(src_nodata) else f"<NODATA>{src_nodata!r}</NODATA>"
+    bands = "".join(
+        f'<VRTRasterBand dataType="Float64" band="{b}" subClass="VRTDerivedRasterBand">'
+        "<NoDataValue>nan</NoDataValue><PixelFunctionType>dB2pow</PixelFunctionType>"
+        f'<ComplexSource><SourceFilename relativeToVRT="0">{escape(ds.name)}</SourceFilename>'
+        f"<SourceBand>{b}</SourceBand>{nodata}</ComplexSource></VRTRasterBand>"
+        for b in range(1, ds.count + 1)
+    )
+    return (f'<VRTDataset rasterXSize="{ds.width}" rasterYSize="{ds.height}"><SRS>{escape(ds.crs.to_wkt())}</SRS>'
+            f"<GeoTransform>{', '.join(repr(v) for v in ds.transform.to_gdal())}</GeoTransform>{bands}</VRTDataset>")
+
+
+def _power_to_db(power: np.ndarray, source: Source) -> np.ndarray:
+    """Linear power (float64, NaN = nodata) back to dB in the store's dtype and fill value."""
+    valid = ~np.isnan(power)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        db = 10.0 * np.log10(power)
+    dtype = np.dtype(source.dtype)
+    if dtype.kind != "f":
+        db = np.rint(db)
+    return np.where(valid, db, source.fill_value).astype(dtype)
+
+
 # ---------------------------------------------------------------- planning
 
 @dataclass(frozen=True)
@@ -175,6 +213,12 @@ class BlockRenderer:
             src_nodata = source.nodata
             if src_nodata is None and np.dtype(source.dtype).kind == "f":
                 src_nodata = float("nan")
+            nodata, dtype, opened = source.fill_value, source.dtype, [ds]
+            if resampling_domain(source) == LINEAR_POWER:  # warp power; `warp` converts back to dB
+                ds = rasterio.open(_linear_power_vrt(ds, src_nodata))
+                opened.append(ds)
+                src_nodata = nodata = float("nan")
+                dtype = "float64"
             vrt = WarpedVRT(
                 ds,
                 crs=self.grid.crs,
@@ -183,12 +227,12 @@ class BlockRenderer:
                 height=self.height,
                 resampling=Resampling[self.resampling[key]],
                 src_nodata=src_nodata,
-                nodata=source.fill_value,
-                dtype=source.dtype,
+                nodata=nodata,
+                dtype=dtype,
             )
             loc.vrts[key] = vrt
             with self._lock:
-                self._all.extend([vrt, ds])
+                self._all.extend([vrt, *reversed(opened)])
         return vrt
 
     def close(self):
@@ -211,6 +255,8 @@ class BlockRenderer:
                     data = vrt.read(list(range(1, len(bands) + 1)), window=window)
                 except RasterioError as e:
                     raise InputError(uri, f"cannot read pixels while warping, the file is truncated or corrupt ({e})") from None
+                if resampling_domain(source) == LINEAR_POWER:
+                    data = _power_to_db(data, source)
                 if len(item) == 1 and len(source.items) == 1:
                     return data
                 ok = valid_mask(data, fill)
@@ -316,6 +362,7 @@ def _fingerprint(ing: Ingested, options: TileOptions) -> str:
         "catalog": ing.catalog.catalog.hash(),
         "grid": ing.grid.key,
         "options": options.fingerprint_fields(),
+        "resampling_domains": {s.name: resampling_domain(s) for s in ing.sources},
         "inputs": sorted((ing.catalog.relative(u), f.sha256, f.size) for s in ing.sources for u, f in s.files.items()),
         "version": __version__,
     }
@@ -345,6 +392,7 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
                 "nodata": None if s.nodata is None or np.dtype(s.dtype).kind == "f" else s.nodata,
                 "nodata_in_store": "NaN" if dtype.kind == "f" else s.nodata,
                 "resampling": {ing.catalog.relative(u): resampling[(s.name, u)] for u in s.files},
+                "resampling_domain": resampling_domain(s),
                 "date": s.spec.date.isoformat() if s.spec.date else None,
                 "required": s.spec.required,
                 "sources": [{"uri": ing.catalog.relative(u), "sha256": f.sha256, "size": f.size}
