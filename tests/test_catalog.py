@@ -51,7 +51,7 @@ def test_wrong_types_are_refused(tmp_path):
 def test_inconsistent_values_are_refused(tmp_path):
     assert "overlap" in _bad(tmp_path, lambda d: d["grid"].update(overlap=64))
     assert "interpolate class codes" in _bad(tmp_path, lambda d: d["sources"][0].update(
-        kind="categorical", units="class", resampling="bilinear"))
+        kind="categorical", units="class", resampling="bilinear", role="input"))
     assert "exactly one of" in _bad(tmp_path, lambda d: d["sources"][0].pop("uris"))
     assert "unique" in _bad(tmp_path, lambda d: d["sources"].append(dict(d["sources"][0])))
     assert "bbox" in _bad(tmp_path, lambda d: d["grid"].update(aoi=[1, 2, 3]))
@@ -73,3 +73,38 @@ def test_hash_is_stable_and_sensitive(tmp_path):
     changed["grid"]["resolution"] = 20
     c = load_catalog(_write(tmp_path, changed, "c.yaml")).catalog.hash()
     assert a == b != c
+
+
+def test_label_declarations(tmp_path):
+    """A label declares itself: a legend, its own classes, or a continuous range; the role follows."""
+    d = yaml.safe_load(yaml.safe_dump(GOOD))
+    d["sources"] += [
+        {"name": "lc", "uris": ["lc.tif"], "bands": ["c"], "units": "class", "kind": "categorical", "nodata": 0,
+         "legend": "worldcover"},
+        {"name": "flood", "uris": ["f.tif"], "bands": ["w"], "units": "class", "kind": "categorical", "nodata": -1,
+         "classes": {0: "dry", 1: {"name": "water", "color": "#0000ff"}}},
+        {"name": "trees", "uris": ["t.tif"], "bands": ["p"], "units": "percent", "kind": "continuous", "range": [0, 100]},
+        {"name": "scl", "uris": ["s.tif"], "bands": ["scl"], "units": "class", "kind": "categorical", "role": "input"},
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(d))
+    cat = load_catalog(path).catalog
+    assert [s.name for s in cat.labels] == ["lc", "flood", "trees"]
+    assert "scl" in [s.name for s in cat.inputs] and "lc" not in [s.name for s in cat.inputs]
+    assert cat.source("flood").class_table() == [{"code": 0, "name": "dry", "color": None},
+                                                 {"code": 1, "name": "water", "color": "#0000ff"}]
+    wc = cat.source("lc").class_table()
+    assert len(wc) == 11 and wc[0]["code"] == 10 and wc[-1]["code"] == 100
+
+
+def test_bad_label_declarations_are_refused(tmp_path):
+    def lab(**kw):
+        return lambda d: d["sources"].append({"name": "lab", "uris": ["l.tif"], "bands": ["c"], "units": "class",
+                                              "kind": "categorical", **kw})
+    assert "say what it is" in _bad(tmp_path, lab())
+    assert "unknown legend 'modis'" in _bad(tmp_path, lab(legend="modis"))
+    assert "not both" in _bad(tmp_path, lab(legend="igbp", classes={1: "a", 2: "b"}))
+    assert "at least two" in _bad(tmp_path, lab(classes={1: "water"}))
+    assert "also a class code" in _bad(tmp_path, lab(classes={0: "dry", 1: "water"}, nodata=0))
+    assert "range" in _bad(tmp_path, lambda d: d["sources"][0].update(range=[5, 1]))
+    assert "one band" in _bad(tmp_path, lambda d: d["sources"][0].update(range=[-30, 5]))

@@ -138,7 +138,7 @@ def spain(real_data, tmp_path_factory):
         {"name": "s2", "uris": [str(d / "Spain_7370579_S2Hand.tif")], "bands": [f"B{i}" for i in range(1, 14)],
          "units": "reflectance", "kind": "continuous", "nodata": 0},
         {"name": "water", "uris": [str(d / "Spain_7370579_LabelHand.tif")], "bands": ["water"], "units": "class",
-         "kind": "categorical", "nodata": -1},
+         "kind": "categorical", "nodata": -1, "classes": {0: "dry", 1: "water"}},
     ])
     return tile(load_catalog(cat), tmp / "spain.zarr", TileOptions(shard_chips=16), show_progress=False), d
 
@@ -193,7 +193,7 @@ def test_corine_2006_onto_offset_2012_grid(real_data, gdalwarp, tmp_path):
         "crs": 2056, "resolution": t.a, "chip_size": 32, "origin": [t.c, t.f],
         "aoi": "intersection"}, [
         {"name": "clc2006", "uris": [str(d / "ls100_06.tif")], "bands": ["clc"], "units": "class",
-         "kind": "categorical"},
+         "kind": "categorical", "legend": "corine"},
     ])
     store = tile(load_catalog(cat), tmp_path / "clc.zarr", TileOptions(), show_progress=False)
     g = zarr.open_group(str(store), mode="r")

@@ -162,7 +162,7 @@ def _one_source_catalog(path: Path, uri: str) -> Path:
     path.write_text(yaml.safe_dump({
         "grid": {"crs": "utm", "resolution": 10, "chip_size": 32},
         "sources": [{"name": "worldcover", "uris": [uri], "bands": ["class"], "units": "class",
-                     "kind": "categorical", "nodata": 0}],
+                     "kind": "categorical", "nodata": 0, "legend": "worldcover"}],
     }, sort_keys=False))
     return path
 

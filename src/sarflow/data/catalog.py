@@ -16,8 +16,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sarflow.data.legends import LEGENDS
 from sarflow.errors import CatalogError
 
+Role = Literal["input", "label"]
 Units = Literal["dB", "linear", "amplitude", "coherence", "radians", "reflectance", "class", "percent", "m"]
 Kind = Literal["continuous", "categorical"]
 ResamplingName = Literal["nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med"]
@@ -26,6 +28,13 @@ CATEGORICAL_SAFE = {"nearest", "mode", "min", "max", "med"}
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassSpec(_Strict):
+    """One class of a categorical label: its name and, optionally, a colour for maps."""
+
+    name: str = Field(min_length=1)
+    color: str | None = Field(default=None, pattern=r"^#[0-9a-fA-F]{6}$")
 
 
 class StacRef(_Strict):
@@ -83,6 +92,66 @@ class SourceSpec(_Strict):
     resampling: ResamplingName | None = None
     date: Date | None = None
     required: bool = Field(default=True, description="chips without any valid pixel of a required source are skipped")
+    role: Role | None = Field(
+        default=None,
+        description="'input' (a model reads it) or 'label' (tasks are derived from it); default: label when "
+        "categorical with classes or a legend, or continuous with a range; input otherwise",
+    )
+    legend: str | None = Field(default=None, description=f"a well-known class legend: {sorted(LEGENDS)}")
+    classes: dict[int, ClassSpec | str] | None = Field(
+        default=None, description="categorical labels: code -> name (or {name, color})"
+    )
+    range: tuple[float, float] | None = Field(
+        default=None, description="continuous labels: the valid [min, max] in `units` (values outside are nodata)"
+    )
+
+    @property
+    def effective_role(self) -> Role:
+        if self.role is not None:
+            return self.role
+        return "label" if (self.legend or self.classes or self.range is not None) else "input"
+
+    def class_table(self) -> list[dict]:
+        """The declared classes as [{code, name, color}] in code order (from `classes` or `legend`)."""
+        if self.classes is not None:
+            table = {c: (v if isinstance(v, ClassSpec) else ClassSpec(name=v)) for c, v in self.classes.items()}
+            return [{"code": c, "name": v.name, "color": v.color} for c, v in sorted(table.items())]
+        if self.legend is not None:
+            return [{"code": c, "name": n, "color": col} for c, (n, col) in sorted(LEGENDS[self.legend].items())]
+        return []
+
+    @model_validator(mode="after")
+    def _check_label(self):
+        if self.legend is not None and self.legend not in LEGENDS:
+            raise ValueError(f"source {self.name!r}: unknown legend {self.legend!r} (known: {sorted(LEGENDS)}; "
+                             "or list the classes as code: name)")
+        if self.legend is not None and self.classes is not None:
+            raise ValueError(f"source {self.name!r}: give either 'legend' or 'classes', not both")
+        if (self.legend or self.classes) and self.kind != "categorical":
+            raise ValueError(f"source {self.name!r}: classes or a legend need kind 'categorical'")
+        if self.range is not None:
+            if self.kind != "continuous":
+                raise ValueError(f"source {self.name!r}: 'range' is for continuous labels")
+            if not self.range[0] < self.range[1]:
+                raise ValueError(f"source {self.name!r}: range {list(self.range)} is empty (min must be below max)")
+        if self.kind == "categorical" and self.role is None and not (self.legend or self.classes):
+            raise ValueError(
+                f"source {self.name!r} is categorical: say what it is, a label with its classes (code: name) or a "
+                f"well-known legend ({', '.join(sorted(LEGENDS))}), or 'role: input' for a categorical input layer"
+            )
+        if self.effective_role == "label":
+            if len(self.bands) != 1:
+                raise ValueError(f"source {self.name!r}: a label source has one band (it has {len(self.bands)})")
+            if self.kind == "categorical":
+                table = self.class_table()
+                if len(table) < 2:
+                    raise ValueError(
+                        f"source {self.name!r} is a categorical label: declare its classes (code: name, at least two) "
+                        f"or a well-known legend ({', '.join(sorted(LEGENDS))})"
+                    )
+                if self.nodata is not None and any(c["code"] == self.nodata for c in table):
+                    raise ValueError(f"source {self.name!r}: nodata {self.nodata:g} is also a class code")
+        return self
 
     @model_validator(mode="after")
     def _check(self):
@@ -115,6 +184,14 @@ class Catalog(_Strict):
         if dup:
             raise ValueError(f"source names must be unique, repeated: {dup}")
         return self
+
+    @property
+    def labels(self) -> list[SourceSpec]:
+        return [s for s in self.sources if s.effective_role == "label"]
+
+    @property
+    def inputs(self) -> list[SourceSpec]:
+        return [s for s in self.sources if s.effective_role == "input"]
 
     def source(self, name: str) -> SourceSpec:
         for s in self.sources:

@@ -1,5 +1,11 @@
 """The chip store and its reader (for every later stage and users' scripts): arrays, chip table,
-attributes, on a local path or s3://."""
+attributes, on a local path or s3://.
+
+One reader, one nodata rule: `read_masked` gives chips as float32 with NaN wherever the store
+holds nodata (NaN in float arrays, the declared value in integer arrays) or, for a label with a
+declared range, a value outside it. Every stage reads chips through it. The store says which
+sources are inputs and which are labels (`input_modalities`, `label_sources`), as its catalog declared.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +48,104 @@ def read_chip_table(uri: str):
     return pd.read_parquet(path)
 
 
+@dataclass(frozen=True)
+class LabelSource:
+    """A label source as its catalog declared it: categorical with classes, or continuous (units, range)."""
+
+    name: str
+    kind: str  # "categorical" | "continuous"
+    units: str
+    classes: tuple[dict, ...] = ()  # ({code, name, color}, ...) in code order
+    range: tuple[float, float] | None = None
+    legend: str | None = None
+
+    @property
+    def codes(self) -> list[int]:
+        return [int(c["code"]) for c in self.classes]
+
+    def class_name(self, code: int) -> str:
+        return next((c["name"] for c in self.classes if int(c["code"]) == int(code)), str(code))
+
+
+def _roles(group: zarr.Group, where: str) -> tuple[list[str], list[str]]:
+    attrs = group.attrs
+    if "inputs" not in attrs or "labels" not in attrs:
+        raise InputError(where, "the store does not record which sources are inputs and labels (built by an older "
+                                "sarflow): rerun `sarflow tile` on its catalog")
+    return list(attrs["inputs"]), list(attrs["labels"])
+
+
+def input_modalities(group: zarr.Group, chosen=None, where: str = "store") -> list[str]:
+    """The input sources a model reads: every non-label source of the store, or `chosen` (checked)."""
+    inputs, labels = _roles(group, where)
+    if not chosen:
+        if not inputs:
+            raise InputError(where, f"the store has no input source (only labels {labels})")
+        return inputs
+    chosen = list(chosen)
+    unknown = [m for m in chosen if m not in inputs]
+    if unknown:
+        why = "are labels" if all(m in labels for m in unknown) else "are not in the store"
+        raise InputError(where, f"modalities {unknown} {why}: choose from the store's inputs {inputs}")
+    return chosen
+
+
+def label_sources(group: zarr.Group, where: str = "store") -> list[LabelSource]:
+    """The store's label sources with their declared classes or range, in catalog order."""
+    _, labels = _roles(group, where)
+    out = []
+    for name in labels:
+        a = group[name].attrs
+        rng = a.get("range")
+        out.append(LabelSource(name=name, kind=a["kind"], units=a["units"], classes=tuple(a.get("classes") or ()),
+                               range=tuple(rng) if rng else None, legend=a.get("legend")))
+    return out
+
+
+def label_source(group: zarr.Group, name: str, where: str = "store") -> LabelSource:
+    labels = label_sources(group, where)
+    for lab in labels:
+        if lab.name == name:
+            return lab
+    raise InputError(where, f"the store has no label source {name!r} (its labels: {[x.name for x in labels]})")
+
+
+def masked(arr: zarr.Array, raw: np.ndarray) -> np.ndarray:
+    """Raw values of `arr` as float32 with NaN at nodata (and, for a declared range, outside it)."""
+    x = raw.astype(np.float32, copy=True)
+    nodata = arr.attrs.get("nodata_in_store")
+    if nodata not in (None, "NaN"):
+        x[raw == nodata] = np.nan
+    rng = arr.attrs.get("range")
+    if rng:
+        with np.errstate(invalid="ignore"):
+            x[(x < rng[0]) | (x > rng[1])] = np.nan
+    return x
+
+
+def read_masked(arr: zarr.Array, rows=slice(None), bands=None) -> np.ndarray:
+    """Chips `rows` (a slice, sorted row indices, or one row) of a store array, (n, bands, H, W) float32 with NaN
+    for nodata; `bands` picks band indices. The one reader of chips for every stage."""
+    if isinstance(rows, (int, np.integer)):
+        return read_masked(arr, slice(int(rows), int(rows) + 1), bands)[0]
+    if isinstance(rows, slice):
+        raw = arr[rows]
+    else:
+        rows = np.asarray(rows, dtype=np.int64)
+        raw = arr.oindex[rows.tolist()] if len(rows) else np.zeros((0,) + arr.shape[1:], arr.dtype)
+    if bands is not None:
+        raw = raw[:, list(bands)]
+    return masked(arr, raw)
+
+
+def iter_masked(arr: zarr.Array, n: int | None = None, bands=None):
+    """(start, chips) over the first `n` rows of `arr` (default all), one shard at a time, masked."""
+    n = arr.shape[0] if n is None else n
+    step = int(arr.shards[0]) if arr.shards else int(arr.chunks[0])
+    for start in range(0, n, step):
+        yield start, read_masked(arr, slice(start, min(start + step, n)), bands)
+
+
 @dataclass
 class ChipStore:
     path: Path
@@ -59,13 +163,22 @@ class ChipStore:
     def n_chips(self) -> int:
         return int(self.attrs["chips"])
 
+    @property
+    def inputs(self) -> list[str]:
+        return input_modalities(self.group, where=str(self.path))
+
+    @property
+    def labels(self) -> list[LabelSource]:
+        return label_sources(self.group, where=str(self.path))
+
     def array(self, modality: str) -> zarr.Array:
         if modality not in self.modalities:
             raise InputError(str(self.path), f"the store has no modality {modality!r} (it has {self.modalities})")
         return self.group[modality]
 
-    def read(self, modality: str, index) -> np.ndarray:
-        return self.array(modality)[index]
+    def read(self, modality: str, rows=slice(None)) -> np.ndarray:
+        """Chips of a modality, masked (float32, NaN at nodata): `read_masked`."""
+        return read_masked(self.array(modality), rows)
 
     @cached_property
     def chips(self):

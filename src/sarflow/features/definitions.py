@@ -25,6 +25,7 @@ from feast.value_type import ValueType
 from sarflow.errors import InputError
 from sarflow.data.paths import check_root, exists, fs_path, is_remote, join, parquet_files
 from sarflow.features.embed import embedding_partitions
+from sarflow.features.labels import KEY_COLUMNS
 
 LABELS = "labels"
 BAGS = "bags"
@@ -83,7 +84,7 @@ def labels_view(root: str | Path) -> FeatureView | None:
     if not files:
         return None
     schema = _schema(files[0])
-    fields = [Field(name=n, dtype=Float64) for n in schema.names if n.startswith(("frac_", "tree_", "builtup_", "water_"))]
+    fields = [Field(name=n, dtype=Float64) for n in schema.names if n not in KEY_COLUMNS]
     return FeatureView(name="chip_labels", entities=[chip], ttl=TTL, online=True, schema=fields,
                        source=file_source("chip_labels_source", path))
 
