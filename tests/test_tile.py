@@ -237,7 +237,8 @@ def test_truncated_tiff_is_refused(tiny_scene, tmp_path):
     good = (tiny_scene.parent / "worldcover.tif").read_bytes()
     bad = tmp_path / "truncated.tif"
     bad.write_bytes(good[: len(good) // 2])
-    _assert_refused(_one_source(tmp_path, bad, units="class", kind="categorical", nodata=0), tmp_path / "o.zarr",
+    _assert_refused(_one_source(tmp_path, bad, units="class", kind="categorical", nodata=0,
+                                    legend="worldcover"), tmp_path / "o.zarr",
                     str(bad), "truncated")
 
 
@@ -288,7 +289,8 @@ def test_integer_source_without_nodata_is_refused(tmp_path):
     with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:32632",
                        transform=rasterio.transform.from_origin(500000, 5000000, 10, 10)) as ds:
         ds.write(np.full((1, 64, 64), 10, np.uint8))
-    _assert_refused(_one_source(tmp_path, path, units="class", kind="categorical"), tmp_path / "o.zarr",
+    _assert_refused(_one_source(tmp_path, path, units="class", kind="categorical",
+                                    legend="worldcover"), tmp_path / "o.zarr",
                     str(path), "no nodata value")
 
 

@@ -395,6 +395,10 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
                 "resampling_domain": resampling_domain(s),
                 "date": s.spec.date.isoformat() if s.spec.date else None,
                 "required": s.spec.required,
+                "role": s.spec.effective_role,
+                "legend": s.spec.legend,
+                "classes": s.spec.class_table(),
+                "range": list(s.spec.range) if s.spec.range is not None else None,
                 "sources": [{"uri": ing.catalog.relative(u), "sha256": f.sha256, "size": f.size}
                             for u, f in s.files.items()],
             },
@@ -569,6 +573,8 @@ def _finalize(ing, out: Path, partial: Path, progress: _Progress, state: dict, s
         "catalog_hash": ing.catalog.catalog.hash(),
         "sarflow_version": __version__,
         "modalities": [s.name for s in ing.sources],
+        "inputs": [s.name for s in ing.sources if s.spec.effective_role == "input"],
+        "labels": [s.name for s in ing.sources if s.spec.effective_role == "label"],
         "chips": total,
         "chips_table": CHIPS_TABLE,
     })
