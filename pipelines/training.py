@@ -7,11 +7,11 @@ exit handler (record-status)
 ├── importer(bags_uri)              -> bags  (Dataset: polygons + statistics table, for LLP)
 ├── pretrain-encoder(store)         -> encoder (Model: reference to sarflow-encoder-<method>/<v>)   [GPU]
 ├── embed-chips(store, encoder)     -> embeddings (Dataset: the Feast offline partition written)      [GPU]
-├── train-llp(store, embeddings, bags) -> registers sarflow-llp-landcover; writes the chip_bags source
+├── train-llp(store, embeddings, bags) -> registers sarflow-llp-<label>; writes the chip_bags source
 ├── materialize-features(embeddings)-> features (Feast apply + streaming materialize + similarity index), after LLP
-├── train-probes(store, embeddings) -> registers sarflow-landcover, ... (after materialize: Feast training sets)
+├── train-probes(store, embeddings) -> registers sarflow-<task> per evaluable task (after materialize: Feast training sets)
 ├── report-results(probes, llp)     -> one MLflow results-report run (tables + plots), its HTML in the UI
-└── for each gated model: promote-model -> dsl.If(promoted) -> publish-champion
+└── for probes and LLP: promote-model (every model it registered) -> dsl.If(any promoted) -> publish-champion
 ```
 
 The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.py):
@@ -22,9 +22,10 @@ The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.
 - **caching**: only pretraining caches, and its key includes ``dataset_version`` (the store's
   DVC md5), so a new dataset version always retrains; everything after it writes shared state
   (Feast, the registry) and always runs;
-- **promotion**: ``PROMOTIONS`` names each gated model, its metric and direction; the gate
-  moves ``@champion`` only when the newest version beats it by ``margin`` on the same
-  evaluation set and dataset version (sarflow.mlops.registry).
+- **promotion**: each task in ``GATED`` returns the models it registered with their metric and
+  direction (tasks come from the catalog's labels, so the pipeline cannot name them); the gate
+  moves each one's ``@champion`` only when its newest version beats it by ``margin`` on the same
+  evaluation set (dataset version, split, task) (sarflow.mlops.registry).
 
 Pipeline parameters ``pretrain``, ``embed``, ``downstream`` and ``llp`` take params.yaml's
 sections of those names whole, and ``promote.margin`` becomes ``margin`` (``sarflow pipeline
@@ -48,11 +49,9 @@ PRETRAIN_GPUS = 1
 # pretrain/embed/downstream/llp: passed whole (the pipeline has inputs of these names); promote: its keys
 # become arguments. `features:` is not read: a pipeline's features root and online store are its arguments.
 PARAMS_SECTIONS = ("pretrain", "embed", "downstream", "llp", "promote")
-# gated model -> (metric, higher is better, the upstream task and its output naming the version)
-PROMOTIONS = {
-    "sarflow-landcover": ("test_macro_f1", True, "probes", "landcover_version"),
-    "sarflow-llp-landcover": ("test_proportion_mae", False, "llp", "version"),
-}
+# the gated training tasks: each returns `models`, the JSON map of what it registered
+# ({name: {version, metric, higher_is_better}}); which models exist follows the catalog's labels
+GATED = ("probes", "llp")
 
 
 def training_stages(store, bags, dataset_version, *, tracking_uri, features_root, pretrain, embed, downstream, llp,
@@ -83,15 +82,13 @@ def training_stages(store, bags, dataset_version, *, tracking_uri, features_root
     stage(report, "report", "report", cache=False)
 
     tasks = {"pretrain": pre, "embed": emb, "materialize": mat, "probes": probes, "llp": bag_task, "report": report}
-    for name, (metric, higher, upstream, output) in PROMOTIONS.items():
-        short = name.removeprefix("sarflow-")
-        gate = promote_model(name=name, metric=metric, higher_is_better=higher, margin=margin,
-                             tracking_uri=tracking_uri, trained_version=tasks[upstream].outputs[output])
-        stage(gate, f"promote-{short}", "promote", cache=False)
-        with dsl.If(gate.outputs["Output"] == True, name=f"promoted-{short}"):  # noqa: E712 (a KFP condition)
-            publish = publish_champion(name=name, tracking_uri=tracking_uri)
-            stage(publish, f"publish-{short}", "promote", cache=False)
-        tasks[f"promote-{short}"] = gate
+    for upstream in GATED:
+        gate = promote_model(models=tasks[upstream].outputs["models"], margin=margin, tracking_uri=tracking_uri)
+        stage(gate, f"promote-{upstream}", "promote", cache=False)
+        with dsl.If(gate.outputs["Output"] == True, name=f"promoted-{upstream}"):  # noqa: E712 (a KFP condition)
+            publish = publish_champion(decision=gate.outputs["decision"], tracking_uri=tracking_uri)
+            stage(publish, f"publish-{upstream}", "promote", cache=False)
+        tasks[f"promote-{upstream}"] = gate
     return tasks
 
 

@@ -60,9 +60,9 @@ def _check_products(summary: dict, out: Path) -> None:
         tags = client.get_run(summary["mlflow"][key]).data.tags
         assert tags["sarflow.dataset_dvc_md5"] == md5 and tags["sarflow.catalog_hash"], key
     models = summary["mlflow"]["registered_models"]
-    for name in ("sarflow-encoder-mae", "sarflow-landcover", "sarflow-llp-landcover"):
+    for name in ("sarflow-encoder-mae", "sarflow-worldcover", "sarflow-llp-worldcover"):
         assert name in models, sorted(models)
-    for name in ("sarflow-landcover", "sarflow-llp-landcover"):
+    for name in ("sarflow-worldcover", "sarflow-llp-worldcover"):
         champion = client.get_model_version_by_alias(name, "champion")
         assert champion.tags["sarflow.dataset_dvc_md5"] == md5
         assert summary["champions"][name]["champion"] == str(champion.version)
@@ -71,7 +71,7 @@ def _check_products(summary: dict, out: Path) -> None:
     assert any(v.startswith("chip_embeddings_mae_v") for v in summary["features"]["views"])
     assert {"chip_labels", "chip_bags"} <= set(summary["features"]["views"])  # bags written by LLP, then materialized
     example = summary["features"]["online_example"]
-    assert len(example["embedding_head"]) == 4 and 0.0 <= example["water_fraction"] <= 1.0
+    assert len(example["embedding_head"]) == 4 and 0.0 <= example["worldcover__frac_10"] <= 1.0
     hits = summary["features"]["similar_to_first_chip"]
     assert hits[0]["chip_id"] == example["chip_id"]
     # one results-report run gathers this run's probes and LLP tables and plots
@@ -99,7 +99,7 @@ def test_demo_runs_the_end_to_end_pipeline_under_kfp_local(tmp_path):
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--params", str(params)])
     assert res.exit_code == 0, res.output[-4000:]
-    assert "gate sarflow-landcover" in res.output and "summary:" in res.output
+    assert "gate sarflow-worldcover" in res.output and "summary:" in res.output
     summary = json.loads((out / "summary.json").read_text())
     _check_products(summary, out)
     assert summary["dvc"]["pushed"] is True and Path(summary["dvc"]["remote"]).is_dir()

@@ -460,14 +460,14 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
 
     # the gate on the encoder's registered model: first version becomes champion, publish loads it
     decision = art(Artifact, "decision")
-    gate = promote_model.python_func(decision=decision, name="sarflow-encoder-mae", metric="train/final_loss",
-                                     higher_is_better=False, tracking_uri=tracking)
+    gated = json.dumps({"sarflow-encoder-mae": {"version": "1", "metric": "train/final_loss", "higher_is_better": False}})
+    gate = promote_model.python_func(decision=decision, models=gated, tracking_uri=tracking)
     assert gate is True
-    assert json.loads(Path(decision.path).read_text())["champion"] == "1"
+    record = json.loads(Path(decision.path).read_text())
+    assert record["promoted"] == ["sarflow-encoder-mae"] and record["models"][0]["champion"] == "1"
     card = art(Artifact, "card")
-    publish_champion.python_func(card=card, name="sarflow-encoder-mae", tracking_uri=tracking)
-    published = json.loads(Path(card.path).read_text())
+    publish_champion.python_func(decision=handed_over(decision), card=card, tracking_uri=tracking)
+    (published,) = json.loads(Path(card.path).read_text())["models"]
     assert published["version"] == "1" and published["prediction_shape"][1] == described["dim"]
-    again = promote_model.python_func(decision=art(Artifact, "decision2"), name="sarflow-encoder-mae",
-                                      metric="train/final_loss", higher_is_better=False, tracking_uri=tracking)
+    again = promote_model.python_func(decision=art(Artifact, "decision2"), models=gated, tracking_uri=tracking)
     assert again is False  # already the champion: nothing moves

@@ -25,7 +25,6 @@ from sarflow.mlops.kfp_runner import LocalRun, arguments_from_params, run_local
 from sarflow.local.services import environ, pipeline_arguments
 
 FIGURE_SUFFIXES = (".png",)
-LLP_POLYGONS, LLP_STATS = "municipalities.geojson", "municipality_stats.csv"  # train-llp's defaults
 
 
 def demo_arguments(pipeline, out: Path, params: dict, catalog: Path | None, services: dict | None,
@@ -37,11 +36,6 @@ def demo_arguments(pipeline, out: Path, params: dict, catalog: Path | None, serv
         catalog = Path(catalog).resolve()
         if not catalog.is_file():
             raise InputError(str(catalog), "no such catalog file")
-        for bag_file in (LLP_POLYGONS, LLP_STATS):  # train-llp reads them from the catalog's folder
-            if not (catalog.parent / bag_file).is_file():
-                raise InputError(str(catalog.parent / bag_file), "missing: the end-to-end pipeline's LLP stage needs the "
-                                 f"bag polygons ({LLP_POLYGONS}, id column muni_id) and their class proportions "
-                                 f"({LLP_STATS}) beside the catalog")
         args.update(scene_uri=str(catalog.parent), catalog=catalog.name)
     if services is None:
         args.update(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", features_root=str(out / "features"),
@@ -89,6 +83,7 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
     from sarflow.features.feast_store import FeatureConfig, online_features
     from sarflow.data.quicklook import chip_quicklook
     from sarflow.data.chipstore import open_store
+    from sarflow.features.labels import label_columns
 
     stores = [p for p in run.files("store") if p.is_dir()]
     store = open_store(stores[0])
@@ -98,8 +93,8 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
     features = _one(run, "features")
     probes = _one(run, "probes_report")
     llp = _one(run, "llp_report")
-    decisions = run.records("decision")
-    cards = run.records("card")
+    decisions = [d for record in run.records("decision") for d in record["models"]]
+    cards = [c for record in run.records("card") for c in record["models"]]
 
     mlflow.set_tracking_uri(args["tracking_uri"])
     client = mlflow.MlflowClient()
@@ -113,7 +108,9 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
                          redis=args.get("redis", "127.0.0.1:6379"))
     view = next(v for v in features["objects"] if v.startswith("chip_embeddings_"))
     first = store.chips.sort_values("index")["chip_id"].iloc[0]
-    online = online_features(fcfg, [first], [f"{view}:embedding", "chip_labels:water_fraction"])
+    label_column = next(iter(label_columns(store.group, str(store.path))), None)
+    online = online_features(fcfg, [first], [f"{view}:embedding"]
+                             + ([f"chip_labels:{label_column}"] if label_column else []))
     neighbours = load_index(args["features_root"], embeddings["model"], str(embeddings["version"])).similar(first, k=5)
 
     report_html = _one_file(run, "report_html")
@@ -122,6 +119,8 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
     plots = {"chips_quicklook": str(chip_quicklook(store, out / "chips_quicklook.png"))}
     figures = out / "figures"
     for run_id, what in ((encoder["run_id"], "pretrain"), (probes["run_id"], "probes"), (llp["run_id"], "llp")):
+        if not run_id:  # a skipped stage (LLP without bags)
+            continue
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(figures / what)))
         for f in sorted(local.rglob("*")):
             if f.suffix in FIGURE_SUFFIXES:
@@ -138,6 +137,9 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
         "mlflow": {"tracking_uri": args["tracking_uri"], "pretrain_run": encoder["run_id"],
                    "encoder": encoder["model_uri"], "probes_run": probes["run_id"], "llp_run": llp["run_id"],
                    "registered_models": models},
+        "skipped": {**{f"probe {t}": why for t, why in (probes.get("not_evaluable") or {}).items()},
+                    **{f"llp {t}": why for t, why in (llp.get("not_evaluable") or {}).items()},
+                    **({"llp": llp["skipped"]} if llp.get("skipped") else {})},
         "champions": {name: {"promoted": d["promoted"], "champion": d["champion"], "metric": d["metric"],
                              "value": d["challenger_metric"], "reasons": d["reasons"]}
                       for name, d in champion_models.items()},
@@ -147,7 +149,7 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
                      "services": [o for o in features["objects"] if not o.startswith("chip")],
                      "materialized": features["materialized"], "embedding_dim": embeddings["dim"],
                      "online_example": {"chip_id": first, "embedding_head": [float(v) for v in online.embedding[0][:4]],
-                                        "water_fraction": float(online.water_fraction[0])},
+                                        **({label_column: float(online[label_column][0])} if label_column else {})},
                      "similar_to_first_chip": neighbours},
         "metrics": {"pretrain_final_loss": _final_loss(client, encoder["run_id"]),
                     "probes": probes.get("metrics"), "label_savings": probes.get("label_savings"),
@@ -194,6 +196,8 @@ def format_report(summary: dict) -> str:
         f"  similar chips    {_short(f['online_example']['chip_id'])} -> "
         + ", ".join(f"{_short(h['chip_id'])} ({h['similarity']:.3f})" for h in f["similar_to_first_chip"][1:4]),
     ]
+    for what, why in summary.get("skipped", {}).items():
+        lines.append(f"  skipped          {what}: {why}")
     savings = summary["metrics"].get("label_savings")
     if savings:
         lines.append(f"  label savings    {json.dumps(savings)[:160]}")
