@@ -9,6 +9,7 @@ import pytest
 
 from sarflow.errors import InputError
 from sarflow.mlops.registry import promote
+from sarflow.mlops.tracking import model_requirements
 
 NAME = "sarflow-landcover"
 
@@ -34,7 +35,8 @@ def _register(score: float, dataset: str = "md5-a", features: int = 4, eval_set:
     with mlflow.start_run():
         mlflow.log_metric("macro_f1", score)
         info = mlflow.sklearn.log_model(model, name="model", signature=infer_signature(x, model.predict(x)),
-                                        input_example=x[:2], registered_model_name=NAME)
+                                        input_example=x[:2], registered_model_name=NAME,
+                                        pip_requirements=model_requirements())  # not inferred: ~15 s a model
     client = mlflow.MlflowClient()
     v = info.registered_model_version
     client.set_model_version_tag(NAME, v, "sarflow.dataset_dvc_md5", dataset)
@@ -118,3 +120,72 @@ def test_champion_loads_and_predicts(registry):
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     pred = model.predict(np.zeros((3, 4), dtype=np.float32))
     assert len(pred) == 3
+
+
+def _encoder_probe(encoder: str, task: str, score: float, metric: str, dataset: str = "md5-a") -> str:
+    """A probe on one encoder's embeddings (16-d), logged and registered as the probes stage
+    does: `log_downstream_model` with the evaluation set `<dataset>:test:<task>`."""
+    import mlflow
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    from sarflow.downstream.models import evaluation_set, log_downstream_model
+
+    rng = np.random.default_rng(abs(hash(encoder)) % 2**32)
+    x = rng.normal(size=(60, 16)).astype(np.float32)  # this encoder's embeddings
+    model = (LogisticRegression().fit(x, (x[:, 0] > 0).astype(int)) if metric == "test_macro_f1"
+             else Ridge().fit(x, x[:, 0]))
+    lineage = {"sarflow.dataset_dvc_md5": dataset, "sarflow.catalog_hash": "cat"}
+    with mlflow.start_run(run_name=f"probe-{task}", tags={"sarflow.embeddings_model": encoder}):
+        info = log_downstream_model(model, f"sarflow-{task}", x[:5], lineage=lineage,
+                                    eval_set=evaluation_set(dataset, "test", task), metrics={metric: score})
+    return info["version"]
+
+
+def test_a_better_encoders_probe_is_promoted_and_a_worse_one_is_not(registry):
+    """Issue 12 item 6: the evaluation set names the dataset, split and task, not the encoder, so
+    probes of different encoders on one dataset are compared (before, every encoder's probe was
+    refused for an evaluation set that differed)."""
+    name = "sarflow-worldcover"
+    v1 = _encoder_probe("sarflow-encoder-mae", "worldcover", 0.70, "test_macro_f1")
+    assert promote(name, "test_macro_f1").promoted
+    v2 = _encoder_probe("sarflow-encoder-dino", "worldcover", 0.80, "test_macro_f1")  # a better encoder
+    d = promote(name, "test_macro_f1")
+    assert d.promoted and d.reasons == ["test_macro_f1 0.8 beats 0.7 by more than 0.0"], d.reasons
+    mv = registry.get_model_version_by_alias(name, "champion")
+    assert str(mv.version) == v2 and mv.tags["sarflow.eval_set"] == "md5-a:test:worldcover"
+    assert str(registry.get_model_version_by_alias(name, "previous").version) == v1
+    _encoder_probe("sarflow-encoder-clip", "worldcover", 0.75, "test_macro_f1")  # a worse one
+    d = promote(name, "test_macro_f1")
+    assert not d.promoted and d.reasons == ["test_macro_f1 0.75 is not better than the champion's 0.8 by more than 0.0"]
+    assert _champion_of(registry, name) == v2
+
+
+def test_lower_is_better_and_another_dataset_version(registry):
+    name = "sarflow-vegetation"
+    _encoder_probe("sarflow-encoder-mae", "vegetation", 12.0, "test_rmse")
+    assert promote(name, "test_rmse", higher_is_better=False).promoted
+    better = _encoder_probe("sarflow-encoder-dino", "vegetation", 9.5, "test_rmse")
+    assert promote(name, "test_rmse", higher_is_better=False).promoted and _champion_of(registry, name) == better
+    _encoder_probe("sarflow-encoder-clip", "vegetation", 11.0, "test_rmse")
+    assert not promote(name, "test_rmse", higher_is_better=False).promoted
+    # a probe scored on another version of the data is never compared, however good
+    _encoder_probe("sarflow-encoder-clip", "vegetation", 1.0, "test_rmse", dataset="md5-b")
+    d = promote(name, "test_rmse", higher_is_better=False)
+    assert not d.promoted and any("dataset version differs" in r for r in d.reasons)
+    assert any("evaluation set differs: champion md5-a:test:vegetation, challenger md5-b:test:vegetation" in r
+               for r in d.reasons)
+    assert _champion_of(registry, name) == better
+
+
+def test_evaluation_set_format():
+    from sarflow.downstream.models import evaluation_set
+
+    assert evaluation_set("abc.dir", "test", "worldcover_presence") == "abc.dir:test:worldcover_presence"
+    with pytest.raises(ValueError, match="task"):
+        evaluation_set("abc", "test", "")
+    with pytest.raises(ValueError, match="dataset version"):
+        evaluation_set("a:b", "test", "t")
+
+
+def _champion_of(client, name: str) -> str:
+    return str(client.get_model_version_by_alias(name, "champion").version)

@@ -28,10 +28,10 @@ def produced(tiny_store, tmp_path_factory):
 
     built = tiny_features(tiny_store, tmp_path_factory.mktemp("report"), MODEL)
     store, root, uri, tmp = str(built["store"]), str(built["root"]), built["uri"], built["tmp"]
-    probes = run_probes(ProbeConfig(store=store, features_root=root, tracking_uri=uri, tasks=("landcover",),
+    probes = run_probes(ProbeConfig(store=store, features_root=root, tracking_uri=uri, tasks=("worldcover",),
                                     sizes=(25, 0), draws=1, scratch_epochs=1, register=False, out_dir=str(tmp / "p")))
     ablation = run_ablation({"clear": store}, uri, out_dir=str(tmp / "a"))
-    region = run_region_generalization(store, root, uri, tasks=("landcover",), out_dir=str(tmp / "r"))
+    region = run_region_generalization(store, root, uri, tasks=("worldcover",), out_dir=str(tmp / "r"))
     seg = run_segmentation(SegmentConfig(store=store, tracking_uri=uri, encoder_uri=f"models:/{MODEL}/1", steps=3,
                                          batch_size=16, threads=1, register=False))
     report = build_results_report(uri, out_dir=str(tmp / "out"))
@@ -71,7 +71,7 @@ def test_report_run_points_at_the_newest_source_runs_and_lists_what_is_missing(p
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert {"report/report.md", "report/report.html", "report/sources.json", "report/tables/label_efficiency.csv",
             "report/tables/modality_ablation.csv", "report/tables/region_generalization.csv",
-            "report/tables/segmentation.csv", "report/plots/label_efficiency/curve_landcover.png"} <= files
+            "report/tables/segmentation.csv", "report/plots/label_efficiency/curve_worldcover.png"} <= files
     assert any(f.startswith("report/plots/segmentation/") and f.endswith(".png") for f in files)
     md = (local / "report" / "report.md").read_text()
     assert "Not run yet. Produce it with `sarflow llp train STORE`" in md and produced["probes"]["run_id"] in md
@@ -91,7 +91,7 @@ def test_report_tables_agree_with_their_sources(produced):
     eff = pd.read_csv(out / "tables" / "label_efficiency.csv", dtype=str)
     assert set(eff.columns) >= {"task", "metric", "features", "n=25", "all"}
     pixel = eff[eff.features.str.startswith("pixel_stats")].iloc[0]
-    saving = produced["probes"]["label_savings"]["landcover"]["pixel_stats"]
+    saving = produced["probes"]["label_savings"]["worldcover"]["pixel_stats"]
     assert pixel.features == f"pixel_stats ({saving['baseline_probe']})"
     assert pixel["all"] == f"{saving['baseline_all']:.3f}"  # one draw: no ± std
     assert set(eff.features) >= {"embeddings", "scratch (cnn)"}

@@ -1,51 +1,47 @@
 """Baselines for the label-efficiency curves: hand-made raw-pixel statistics, and a small CNN
 trained from scratch on the chips.
 
-- `pixel_statistics(store, modalities)`: per band NaN-aware mean, std and 10/50/90th
-  percentiles of the continuous modalities (S1 backscatter, coherence, S2 RGB by default), one
-  row per chip in store order. A chip without any valid pixel of a modality gets NaN there
-  (the probes impute with the train mean and add a missing-indicator).
+Both read the store's input sources (`chipstore.input_modalities`: every non-label source, or
+the ones chosen) through the one reader (`chipstore.read_masked`: NaN at nodata).
+
+- `pixel_statistics(store, modalities)`: per band mean, std and 10/50/90th percentiles of the
+  valid pixels (NaN ignored), one row per chip in store order. A chip without any valid pixel
+  of a band gets NaN there (the probes impute with the train mean and add a missing-indicator).
 - `chip_tensor(store, modalities)`: the chips z-scored with the store's train statistics,
-  NaN at 0: the input of the scratch CNN.
+  nodata filled with the band's mean (0 after z-scoring): the input of the scratch CNN.
 - `ScratchCNN`: two strided conv blocks + global pooling + a linear head, trained with Adam
   for a few epochs on CPU (classification, multi-label or regression).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
 
 from sarflow.errors import InputError
 
-DEFAULT_MODALITIES = ("s1grd", "s1coh", "s2rgb")
+log = logging.getLogger(__name__)
 PERCENTILES = (10, 50, 90)
 
 
-def _continuous(group, store: str, modalities) -> list[str]:
-    mods = list(group.attrs.get("modalities", []))
-    out = []
-    for m in modalities:
-        if m not in mods:
-            continue
-        if group[m].attrs.get("kind") != "continuous":
-            raise InputError(store, f"modality {m!r} is categorical: pixel statistics need continuous data")
-        out.append(m)
+def continuous_inputs(group, store: str, modalities=None) -> list[str]:
+    """The store's input sources (or `modalities`, checked) that hold continuous values;
+    categorical inputs are left out with a log line."""
+    from sarflow.data.chipstore import input_modalities
+
+    chosen = input_modalities(group, modalities, where=store)
+    out = [m for m in chosen if group[m].attrs.get("kind") != "categorical"]
+    left = [m for m in chosen if m not in out]
+    if left and modalities:
+        raise InputError(store, f"modalities {left} are categorical: pixel statistics and the scratch CNN need "
+                                "continuous inputs")
+    if left:
+        log.info("%s: categorical inputs %s are left out of the pixel baselines", store, left)
     if not out:
-        raise InputError(store, f"none of the modalities {list(modalities)} is in the store (it has {mods})")
+        raise InputError(store, f"the store has no continuous input source (inputs {chosen})")
     return out
-
-
-def read_float(arr, n: int | None = None) -> np.ndarray:
-    """The first `n` chips (default all) of a store array as float32, NaN at its nodata;
-    the array is read once."""
-    raw = arr[:n]
-    x = raw.astype(np.float32)
-    nd = arr.attrs.get("nodata_in_store")
-    if nd not in (None, "NaN"):
-        x[raw == nd] = np.nan
-    return x
 
 
 def band_mean_std(arr) -> tuple[np.ndarray, np.ndarray]:
@@ -56,38 +52,53 @@ def band_mean_std(arr) -> tuple[np.ndarray, np.ndarray]:
             np.array([st[b]["std"] or 1.0 for b in bands], np.float32))
 
 
-def pixel_statistics(store: str, modalities=DEFAULT_MODALITIES) -> tuple[np.ndarray, list[str]]:
-    """(chips, features) float32 in store row order, and the feature names."""
-    from sarflow.data.chipstore import open_chip_group
+def pixel_statistics(store: str, modalities=None) -> tuple[np.ndarray, list[str]]:
+    """(chips, features) float32 in store row order, and the feature names (`modality:band:stat`)."""
+    from sarflow.data.chipstore import iter_masked, open_chip_group
 
     group = open_chip_group(store)
+    n = int(group.attrs["chips"])
     feats, names = [], []
-    for m in _continuous(group, store, modalities):
+    for m in continuous_inputs(group, store, modalities):
         arr = group[m]
-        x = read_float(arr)
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN chips give NaN, on purpose
-            stats = [np.nanmean(flat, axis=2), np.nanstd(flat, axis=2)]
-            stats += list(np.nanpercentile(flat, PERCENTILES, axis=2))
-        for s, label in zip(stats, ["mean", "std"] + [f"p{p}" for p in PERCENTILES]):
+        bands = list(arr.attrs["bands"])
+        labels = ["mean", "std"] + [f"p{p}" for p in PERCENTILES]
+        out = np.full((len(labels), n, len(bands)), np.nan, np.float32)
+        for start, x in iter_masked(arr, n):
+            flat = x.reshape(x.shape[0], x.shape[1], -1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN chips give NaN, on purpose
+                stats = [np.nanmean(flat, axis=2), np.nanstd(flat, axis=2)]
+                stats += list(np.nanpercentile(flat, PERCENTILES, axis=2))
+            out[:, start:start + len(x)] = np.stack(stats)
+        for s, label in zip(out, labels):
             feats.append(s)
-            names += [f"{m}:{b}:{label}" for b in arr.attrs["bands"]]
+            names += [f"{m}:{b}:{label}" for b in bands]
     return np.concatenate(feats, axis=1).astype(np.float32), names
 
 
-def chip_tensor(store: str, modalities=DEFAULT_MODALITIES) -> np.ndarray:
-    """(chips, channels, H, W) float32, z-scored with the store's train statistics, NaN -> 0."""
-    from sarflow.data.chipstore import open_chip_group
+def chip_tensor(store: str, modalities=None) -> np.ndarray:
+    """(chips, channels, H, W) float32, z-scored with the store's train statistics; nodata is
+    filled with the band's mean (0 once z-scored)."""
+    from sarflow.data.chipstore import iter_masked, open_chip_group
 
     group = open_chip_group(store)
-    parts = []
-    for m in _continuous(group, store, modalities):
-        arr = group[m]
-        x = read_float(arr)
+    n = int(group.attrs["chips"])
+    mods = continuous_inputs(group, store, modalities)
+    arrays = [group[m] for m in mods]
+    shapes = {a.shape[2:] for a in arrays}
+    if len(shapes) > 1:
+        raise InputError(store, f"inputs {mods} have chips of different sizes {sorted(shapes)}")
+    out = np.zeros((n, sum(a.shape[1] for a in arrays)) + arrays[0].shape[2:], np.float32)
+    c = 0
+    for arr in arrays:
         mean, std = band_mean_std(arr)
-        parts.append((x - mean[None, :, None, None]) / std[None, :, None, None])
-    return np.nan_to_num(np.concatenate(parts, axis=1), nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        k = arr.shape[1]
+        for start, x in iter_masked(arr, n):
+            x = np.where(np.isfinite(x), x, mean[None, :, None, None])  # nodata: the band mean
+            out[start:start + len(x), c:c + k] = (x - mean[None, :, None, None]) / std[None, :, None, None]
+        c += k
+    return out
 
 
 def _net(in_ch: int, out: int, width: int = 16):

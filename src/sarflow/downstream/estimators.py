@@ -1,5 +1,6 @@
 """The probes themselves: linear / kNN / small-MLP estimators for a task's kind, fitted and
-scored (accuracy + macro-F1, mAP, or RMSE + R²).
+scored (accuracy + macro-F1, mAP, or RMSE + R²). `task` is a `tasks.Task` or its kind
+("multiclass", "multilabel", "regression").
 """
 
 from __future__ import annotations
@@ -8,10 +9,32 @@ import warnings
 
 import numpy as np
 
-from sarflow.downstream.tasks import KIND
+from sarflow.downstream.tasks import Task
 
 PROBES = ("linear", "knn", "mlp")
 DETERMINISTIC = ("linear", "knn")  # same data, same fit: at n = all their draws are not refit
+KINDS = ("multiclass", "multilabel", "regression")
+
+
+def task_kind(task: Task | str) -> str:
+    kind = task.kind if isinstance(task, Task) else task
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}: one of {KINDS}")
+    return kind
+
+
+def fittable(task: Task | str, y: np.ndarray) -> bool:
+    """Whether a training draw can teach anything: two classes (multiclass), a class present in
+    some chips and absent in others (multilabel), a target that varies (regression)."""
+    kind = task_kind(task)
+    if len(y) < 2:
+        return False
+    if kind == "multiclass":
+        return len(np.unique(y)) > 1
+    if kind == "multilabel":
+        present = np.asarray(y).sum(axis=0)
+        return bool(((present > 0) & (present < len(y))).any())
+    return bool(np.nanstd(np.asarray(y, np.float64)) > 0)
 
 
 def make_probe(name: str, kind: str, n_train: int, seed: int = 0, impute: bool = False):
@@ -42,16 +65,14 @@ def make_probe(name: str, kind: str, n_train: int, seed: int = 0, impute: bool =
     return make_pipeline(*steps)
 
 
-def fit_probe(name: str, task: str, x: np.ndarray, y: np.ndarray, seed: int = 0, impute: bool = False):
-    """Fits a probe; a multiclass draw with a single class gets a constant predictor."""
-    from sklearn.dummy import DummyClassifier
-    from sklearn.pipeline import make_pipeline
-
-    kind = KIND[task]
-    if kind == "multiclass" and len(np.unique(y)) < 2:
-        model = make_pipeline(DummyClassifier(strategy="most_frequent"))
-    else:
-        model = make_probe(name, kind, len(y), seed, impute)
+def fit_probe(name: str, task: Task | str, x: np.ndarray, y: np.ndarray, seed: int = 0, impute: bool = False):
+    """Fits a probe. A draw that cannot teach anything (`fittable`: one class, a constant target)
+    is refused: callers skip such points instead of scoring a constant predictor."""
+    kind = task_kind(task)
+    if not fittable(kind, y):
+        raise ValueError(f"a {kind} probe needs a training draw with two classes or a varying target "
+                         f"({len(y)} chips given)")
+    model = make_probe(name, kind, len(y), seed, impute)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence of tiny probes, constant labels in a draw
         model.fit(x, y)
@@ -77,13 +98,13 @@ def label_scores(model, x: np.ndarray, n_labels: int) -> np.ndarray:
     return p
 
 
-def score(task: str, model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def score(task: Task | str, model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Metrics of a fitted model on (x, y): accuracy + macro_f1, map, or rmse + r2."""
     from sklearn.metrics import accuracy_score, average_precision_score, f1_score, mean_squared_error, r2_score
 
     if len(y) == 0:
         return {}
-    kind = KIND[task]
+    kind = task_kind(task)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "multiclass":

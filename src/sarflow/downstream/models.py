@@ -23,8 +23,18 @@ REGISTERED_PREFIX = "sarflow-"
 
 
 def registered_name(task: str) -> str:
-    """`landcover` -> `sarflow-landcover` (already prefixed names are kept)."""
+    """`worldcover` -> `sarflow-worldcover` (already prefixed names are kept; a task's own
+    name is `Task.registered_name`)."""
     return task if task.startswith(REGISTERED_PREFIX) else REGISTERED_PREFIX + task
+
+
+def evaluation_set(dataset_version: str, split: str, task: str) -> str:
+    """The evaluation set a model is scored on: `<dataset md5>:<split>:<task>`. It names the data
+    and the task, never the encoder or embeddings, so the gate compares encoders on one set."""
+    for part, what in ((dataset_version, "dataset version"), (split, "split"), (task, "task")):
+        if not part or ":" in str(part):
+            raise ValueError(f"evaluation set: the {what} {part!r} must be non-empty and contain no ':'")
+    return f"{dataset_version}:{split}:{task}"
 
 
 def log_downstream_model(model, task: str, example: np.ndarray, *, lineage: dict[str, str], eval_set: str,
@@ -35,7 +45,7 @@ def log_downstream_model(model, task: str, example: np.ndarray, *, lineage: dict
     `example` is a small real input batch (float32); `predict` computes the output used for the
     signature (default: ``model.predict`` for sklearn, a forward pass for torch). `lineage` are
     the run's ``sarflow.*`` tags (tracking.dataset_lineage); `eval_set` names the evaluation set
-    (e.g. ``"<dataset md5>:test"``) so the promotion gate compares like with like. Returns
+    (`evaluation_set`: ``"<dataset md5>:test:<task>"``) so the promotion gate compares like with like. Returns
     ``{"name", "version", "model_uri"}`` (version None when not registered)."""
     import mlflow
     import torch

@@ -1,22 +1,31 @@
 """Probes on frozen embeddings: label-efficiency curves against baselines and registration of the
 best probe per task.
 
-`run_probes(ProbeConfig)` reads embeddings and labels through Feast (a point-in-time join on
-the store's chips), trains linear / kNN / small-MLP probes on n = 25, 50, ... labelled train
-chips (several seeded draws per n), scores them on the store's test split, and does the same
-with two baselines on the same chips: the same probes on raw-pixel statistics, and a small
-CNN trained from scratch on the chips. It writes a curve per task (PNG), the curves as a
-table (CSV + JSON), logs everything to one MLflow run with the dataset lineage, and registers
-the best probe at n = all (chosen on the val split) as `sarflow-<task>` through
-`log_downstream_model`, in a nested run per task whose metrics the promotion gate reads.
+`run_probes(ProbeConfig)` probes every task the store's labels declare (`tasks.store_tasks`, or
+the ones named). It reads embeddings and the tasks' label columns through Feast (a
+point-in-time join on the store's chips), trains linear / kNN / small-MLP probes on n = 25, 50,
+... labelled train chips (several seeded draws per n), scores them on the store's val and test
+splits, and does the same with two baselines on the same chips: the same probes on raw-pixel
+statistics of the store's inputs, and a small CNN trained from scratch on the chips. It writes a
+curve per task (PNG), the curves as a table (CSV + JSON), logs everything to one MLflow run with
+the dataset lineage, and registers the best probe at n = all (chosen on the val split) as
+`Task.registered_name` through `log_downstream_model`, in a nested run per task whose metrics
+the promotion gate reads.
 
-The tasks and their targets are in `tasks`, the estimators in `estimators`, what the curves
-say in `label_efficiency`.
+Honest numbers: a task whose train split cannot teach it, or whose test split cannot measure it
+(`tasks.not_evaluable`: too few chips, one class, zero variance), is reported as not evaluable
+(a console line, the parent run's tag `sarflow.not_evaluable.<task>`, `result["not_evaluable"]`):
+it gets no curve and is never registered. A curve point whose train draw has one class is
+skipped, not scored. The probe is chosen on val only; where val cannot measure the task the
+default probe (the first of `probes`) is taken and the run says so. No evaluable task at all is
+an InputError. A registered model's evaluation set is `<dataset md5>:test:<task>`
+(`models.evaluation_set`), whatever encoder made the embeddings, so the gate compares encoders.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,13 +35,18 @@ import numpy as np
 import pandas as pd
 from pydantic.dataclasses import dataclass as config_dataclass
 
-from sarflow.downstream.estimators import DETERMINISTIC, PROBES, fit_probe, score
-from sarflow.downstream.label_efficiency import best_by_val, embedding_curve, label_savings, plot_curves, summarize
-from sarflow.downstream.tasks import KIND, LABEL_COLUMNS, PRIMARY_METRIC, TASKS, registered_task_name, task_target
+from sarflow.downstream.estimators import DETERMINISTIC, PROBES, fit_probe, fittable, score
+from sarflow.downstream.label_efficiency import (best_by_val, embedding_curve, label_savings, plot_curves, summarize,
+                                                 tasks_json)
+from sarflow.downstream.tasks import Task, not_evaluable, select_tasks, store_tasks, task_target
 from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
+log = logging.getLogger(__name__)
+
 BASELINES = ("pixel_stats", "scratch")
+SPLITS = ("train", "val", "test")
+MIN_TRAIN_CHIPS = 2  # a train split below this cannot fit a probe (classes and variance: tasks.not_evaluable)
 
 
 @config_dataclass(config=STAGE_CONFIG)
@@ -44,12 +58,13 @@ class ProbeConfig:
     tracking_uri: str = field(default_factory=default_tracking_uri)
     model: str | None = None  # embeddings partition (model name); default the newest
     version: str | None = None  # its version; default the newest of that model
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = ()  # task names; empty = every task the store's labels declare
     sizes: tuple[int, ...] = (25, 50, 100, 200, 500, 1000, 0)  # 0 = every train chip
     draws: int = 5
-    probes: tuple[str, ...] = PROBES
+    probes: tuple[str, ...] = PROBES  # the first one is the default when val cannot choose
     baselines: tuple[str, ...] = BASELINES
-    scratch_tasks: tuple[str, ...] = ("landcover", "landcover_presence")  # the CNN costs most: classification only
+    modalities: tuple[str, ...] = ()  # the baselines' inputs; empty = every input source of the store
+    scratch_tasks: tuple[str, ...] | None = None  # the CNN costs most; None = the classification tasks
     scratch_epochs: int = 8
     scratch_draws: int = 2  # draws of the CNN per n (at most `draws`)
     threads: int | None = 1  # BLAS/torch threads for the many tiny fits (1 is fastest for them)
@@ -59,12 +74,9 @@ class ProbeConfig:
     out_dir: str | None = None  # plots and tables; default a temporary folder
 
     def check(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise InputError(",".join(unknown), f"unknown task(s): choose from {list(TASKS)}")
         bad = [p for p in self.probes if p not in PROBES]
-        if bad:
-            raise InputError(",".join(bad), f"unknown probe(s): choose from {list(PROBES)}")
+        if bad or not self.probes:
+            raise InputError(",".join(bad) or "probes", f"unknown probe(s): choose from {list(PROBES)}")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise InputError(",".join(bad), f"unknown baseline(s): choose from {list(BASELINES)}")
@@ -72,6 +84,25 @@ class ProbeConfig:
             raise InputError(str(self.draws), "draws must be at least 1")
         if any(int(s) < 0 for s in self.sizes):
             raise InputError(str(self.sizes), "sizes must be positive (0 = every train chip)")
+
+
+def probe_tasks(cfg: ProbeConfig) -> tuple[list[Task], set[str]]:
+    """(the tasks to probe, the names of those the scratch CNN also runs on), from the store."""
+    try:
+        declared = store_tasks(cfg.store)
+    except InputError:
+        raise
+    except (FileNotFoundError, OSError, KeyError, ValueError) as e:
+        raise InputError(cfg.store, f"not a sarflow chip store ({type(e).__name__}: {e})") from None
+    if not declared:
+        raise InputError(cfg.store, "the store declares no label source: nothing to probe (give a label source "
+                                    "`classes`, a `legend` or a `range` in its catalog and rerun `sarflow tile`)")
+    tasks = select_tasks(declared, cfg.tasks, cfg.store)
+    if cfg.scratch_tasks is None:
+        scratch = {t.name for t in tasks if t.kind in ("multiclass", "multilabel")}
+    else:
+        scratch = {t.name for t in select_tasks(declared, cfg.scratch_tasks, cfg.store)} if cfg.scratch_tasks else set()
+    return tasks, scratch
 
 
 # ------------------------------------------------------------------------------------ data
@@ -82,8 +113,9 @@ class ProbeData:
     split: np.ndarray
     store_index: np.ndarray  # row of each chip in the store's arrays
     x: np.ndarray  # embeddings (chips, dim)
-    labels: pd.DataFrame  # LABEL_COLUMNS present, aligned with chip_ids
+    labels: pd.DataFrame  # the tasks' label columns (Task.columns), aligned with chip_ids
     centroid: np.ndarray  # (chips, 2) chip centre in the store's CRS
+    cells: np.ndarray  # (chips, 2) grid cell (ix, iy) of each chip
     model: str
     version: str
     view: str
@@ -100,15 +132,26 @@ def _select_partition(root: str, model: str | None, version: str | None) -> tupl
     return found[0], found[1]
 
 
-def load_probe_data(store: str, features_root: str, model: str | None = None, version: str | None = None) -> ProbeData:
-    """Embeddings and labels of every chip of the store, through a Feast historical join."""
+def chip_cells(chips: pd.DataFrame) -> np.ndarray:
+    """(chips, 2) integer grid cells (ix, iy): the chip table's `ix`/`iy`, else from the bounds."""
+    if {"ix", "iy"} <= set(chips.columns):
+        return chips[["ix", "iy"]].to_numpy(np.int64)
+    w = float(np.median(chips.maxx - chips.minx)) or 1.0
+    h = float(np.median(chips.maxy - chips.miny)) or 1.0
+    return np.stack([np.rint((chips.minx - chips.minx.min()) / w), np.rint((chips.maxy.max() - chips.maxy) / h)],
+                    axis=1).astype(np.int64)
+
+
+def load_probe_data(store: str, features_root: str, model: str | None = None, version: str | None = None,
+                    tasks: list[Task] | None = None) -> ProbeData:
+    """Embeddings and the label columns of `tasks` (default every task of the store) of every
+    chip of the store, through a Feast historical join."""
     import pyarrow.parquet as pq
 
+    from sarflow.data.chipstore import read_chip_table
+    from sarflow.data.paths import fs_path, join, parquet_files
     from sarflow.features.definitions import view_name
     from sarflow.features.feast_store import FeatureConfig, apply, open_feature_store, training_set
-    from sarflow.data.chipstore import read_chip_table
-
-    from sarflow.data.paths import fs_path, join, parquet_files
 
     labels_dir = join(features_root, "labels")
     model, version = _select_partition(features_root, model, version)
@@ -120,14 +163,21 @@ def load_probe_data(store: str, features_root: str, model: str | None = None, ve
         chips = read_chip_table(store).sort_values("index").reset_index(drop=True)
     except (FileNotFoundError, OSError) as e:
         raise InputError(store, f"not a sarflow chip store (no chips table: {e})") from None
-    view = view_name(model, version)
-    cfg = FeatureConfig(root=str(features_root))
-    have = {v.name for v in open_feature_store(cfg).list_feature_views()}
-    if view not in have or "chip_labels" not in have:
-        apply(cfg)
+    if tasks is None:
+        tasks = store_tasks(store)
+    columns = list(dict.fromkeys(c for t in tasks for c in t.columns))
     filesystem, first = fs_path(sorted(label_files)[0])
     schema = pq.read_schema(first, filesystem=filesystem)
-    columns = [c for c in LABEL_COLUMNS if c in schema.names]
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise InputError(str(labels_dir), f"the chip labels have no columns {missing} for the tasks "
+                                          f"{[t.name for t in tasks]}: rerun `sarflow features labels {store} --root ROOT`")
+    view = view_name(model, version)
+    cfg = FeatureConfig(root=str(features_root))
+    views = {v.name: v for v in open_feature_store(cfg).list_feature_views()}
+    registered = {f.name for f in views["chip_labels"].features} if "chip_labels" in views else set()
+    if view not in views or not set(columns) <= registered:
+        apply(cfg)
     ts = pd.Timestamp(datetime.now(timezone.utc))
     entity = pd.DataFrame({"chip_id": chips["chip_id"].astype(str), "event_timestamp": ts})
     df = training_set(cfg, entity, [f"{view}:embedding"] + [f"chip_labels:{c}" for c in columns])
@@ -141,7 +191,29 @@ def load_probe_data(store: str, features_root: str, model: str | None = None, ve
     centroid = np.stack([(chips.minx + chips.maxx).to_numpy() / 2, (chips.miny + chips.maxy).to_numpy() / 2], axis=1)
     return ProbeData(chip_ids=chips["chip_id"].to_numpy(), split=chips["split"].to_numpy(),
                      store_index=chips["index"].to_numpy(), x=x, labels=labels, centroid=centroid,
-                     model=model, version=version, view=view)
+                     cells=chip_cells(chips), model=model, version=version, view=view)
+
+
+# ---------------------------------------------------------------------------- evaluability
+
+@dataclass
+class TaskSplits:
+    """A task's targets on the probe data, its labelled chips per split, and whether the splits
+    can measure it: `reason` (train or test cannot: not evaluable) and `val_reason` (val cannot:
+    the probe is the default one)."""
+    task: Task
+    y: np.ndarray
+    idx: dict[str, np.ndarray]
+    reason: str | None
+    val_reason: str | None
+
+
+def task_splits(task: Task, data: ProbeData, where: str) -> TaskSplits:
+    y, valid = task_target(task, data.labels, where)
+    idx = {s: np.flatnonzero(valid & (data.split == s)) for s in SPLITS}
+    reason = (not_evaluable(task, y[idx["train"]], "train", min_chips=MIN_TRAIN_CHIPS)
+              or not_evaluable(task, y[idx["test"]], "test"))
+    return TaskSplits(task, y, idx, reason, not_evaluable(task, y[idx["val"]], "val"))
 
 
 # ---------------------------------------------------------------------------------- curves
@@ -151,16 +223,20 @@ def _draw(train: np.ndarray, n: int, seed: int, draw: int) -> np.ndarray:
     return np.sort(rng.choice(train, size=n, replace=False)) if n < len(train) else train
 
 
-def _curves(cfg: ProbeConfig, data: ProbeData, pixel: np.ndarray | None, chips: np.ndarray | None) -> pd.DataFrame:
+CURVE_COLUMNS = ["task", "source", "probe", "n", "is_all", "draw", "split", "metric", "value"]
+
+
+def _curves(cfg: ProbeConfig, data: ProbeData, splits: list[TaskSplits], scratch_tasks: set[str],
+            pixel: np.ndarray | None, chips: np.ndarray | None) -> tuple[pd.DataFrame, list[dict]]:
+    """The curve points (long table) of the evaluable tasks, and the points skipped because their
+    train draw could not teach the task."""
     from sarflow.downstream.baselines import ScratchCNN
 
-    rows = []
-    for task in cfg.tasks:
-        y, valid = task_target(task, data.labels, cfg.features_root)
-        idx = {s: np.flatnonzero(valid & (data.split == s)) for s in ("train", "val", "test")}
+    rows, skipped = [], []
+    for ts in splits:
+        task, y, idx = ts.task, ts.y, ts.idx
+        evals = ("test",) if ts.val_reason else ("test", "val")
         n_all = len(idx["train"])
-        if n_all < 2 or len(idx["test"]) == 0:
-            raise InputError(cfg.store, f"task {task}: {n_all} labelled train and {len(idx['test'])} test chips: too few to probe")
         sizes = sorted({int(s) for s in cfg.sizes if 0 < int(s) < n_all}) + [n_all]
         sources = [("embeddings", data.x, False)]
         if "pixel_stats" in cfg.baselines:
@@ -169,6 +245,11 @@ def _curves(cfg: ProbeConfig, data: ProbeData, pixel: np.ndarray | None, chips: 
         for n in sizes:
             for draw in range(cfg.draws):
                 tr = _draw(idx["train"], n, cfg.seed, draw)
+                if not fittable(task, y[tr]):
+                    skipped.append({"task": task.name, "n": int(n), "draw": draw,
+                                    "why": "the train draw has one class" if task.kind != "regression"
+                                    else "the train draw's target is constant"})
+                    continue
                 for source, feats, impute in sources:
                     for probe in cfg.probes:
                         key = (source, probe)
@@ -176,25 +257,24 @@ def _curves(cfg: ProbeConfig, data: ProbeData, pixel: np.ndarray | None, chips: 
                             scores = same[key]
                         else:
                             model = fit_probe(probe, task, feats[tr], y[tr], seed=cfg.seed + draw, impute=impute)
-                            scores = {ev: score(task, model, feats[idx[ev]], y[idx[ev]]) for ev in ("test", "val")}
+                            scores = {ev: score(task, model, feats[idx[ev]], y[idx[ev]]) for ev in evals}
                             if n == n_all:
                                 same[key] = scores
                         for ev, values in scores.items():
                             for metric, value in values.items():
-                                rows.append((task, source, probe, n, n == n_all, draw, ev, metric, value))
-                if ("scratch" in cfg.baselines and task in cfg.scratch_tasks and draw < cfg.scratch_draws
-                        and len(np.unique(y[tr], axis=0)) > 1):
-                    cnn = ScratchCNN(KIND[task], epochs=cfg.scratch_epochs, seed=cfg.seed + draw).fit(chips[tr], y[tr])
-                    for ev in ("test", "val"):
+                                rows.append((task.name, source, probe, n, n == n_all, draw, ev, metric, value))
+                if "scratch" in cfg.baselines and task.name in scratch_tasks and draw < cfg.scratch_draws:
+                    cnn = ScratchCNN(task.kind, epochs=cfg.scratch_epochs, seed=cfg.seed + draw).fit(chips[tr], y[tr])
+                    for ev in evals:
                         for metric, value in score(task, cnn, chips[idx[ev]], y[idx[ev]]).items():
-                            rows.append((task, "scratch", "cnn", n, n == n_all, draw, ev, metric, value))
-    return pd.DataFrame(rows, columns=["task", "source", "probe", "n", "is_all", "draw", "split", "metric", "value"])
+                            rows.append((task.name, "scratch", "cnn", n, n == n_all, draw, ev, metric, value))
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS), skipped
 
 
 # -------------------------------------------------------------------------------- run_probes
 
 def run_probes(cfg: ProbeConfig) -> dict:
-    """Curves, baselines, plots and tables logged in one MLflow run; best probe per task registered."""
+    """Curves, baselines, plots and tables logged in one MLflow run; best probe per evaluable task registered."""
     cfg.check()
     if cfg.threads is None:
         return _run_probes(cfg)
@@ -214,77 +294,122 @@ def _run_probes(cfg: ProbeConfig) -> dict:
     import mlflow
 
     from sarflow.downstream.baselines import chip_tensor, pixel_statistics
-    from sarflow.downstream.models import log_downstream_model
+    from sarflow.downstream.models import evaluation_set, log_downstream_model
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.mlops.tracking import setup_mlflow
 
-    data = load_probe_data(cfg.store, cfg.features_root, cfg.model, cfg.version)
+    tasks, scratch_tasks = probe_tasks(cfg)
+    data = load_probe_data(cfg.store, cfg.features_root, cfg.model, cfg.version, tasks)
+    splits = [task_splits(t, data, cfg.features_root) for t in tasks]
+    skipped_tasks = {ts.task.name: ts.reason for ts in splits if ts.reason}
+    for name, reason in skipped_tasks.items():
+        log.warning("%s: task %s is not evaluable, not probed nor registered: %s", cfg.store, name, reason)
+    splits = [ts for ts in splits if not ts.reason]
+    if not splits:
+        raise InputError(cfg.store, "no task is evaluable on this store: " +
+                         "; ".join(f"{k}: {v}" for k, v in skipped_tasks.items()))
+    evaluable = [ts.task for ts in splits]
+    selection_note = {}
+    for ts in splits:
+        if ts.val_reason:
+            selection_note[ts.task.name] = f"default probe {cfg.probes[0]} (val cannot choose: {ts.val_reason})"
+            log.warning("%s: task %s: %s", cfg.store, ts.task.name, selection_note[ts.task.name])
+
     pixel = chips = None
     if "pixel_stats" in cfg.baselines:
-        pixel = pixel_statistics(cfg.store)[0][data.store_index]
-    if "scratch" in cfg.baselines and any(t in cfg.scratch_tasks for t in cfg.tasks):
-        chips = chip_tensor(cfg.store)[data.store_index]
-    curves = _curves(cfg, data, pixel, chips)
+        pixel = pixel_statistics(cfg.store, cfg.modalities or None)[0][data.store_index]
+    if "scratch" in cfg.baselines and any(t.name in scratch_tasks for t in evaluable):
+        chips = chip_tensor(cfg.store, cfg.modalities or None)[data.store_index]
+    curves, skipped_points = _curves(cfg, data, splits, scratch_tasks, pixel, chips)
     summary = summarize(curves)
-    savings = label_savings(summary, cfg.tasks)
+    default = cfg.probes[0]
+    savings = label_savings(summary, evaluable, default)
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(tempfile.mkdtemp(prefix="sarflow-probes-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     curves_path, summary_path = out_dir / "curves.csv", out_dir / "curves_summary.csv"
     curves.to_csv(curves_path, index=False)
     summary.to_csv(summary_path, index=False)
-    plots = plot_curves(summary, cfg.tasks, out_dir, f"({data.model} v{data.version})")
+    plots = plot_curves(summary, evaluable, out_dir, f"({data.model} v{data.version})")
 
     metrics: dict[str, float] = {}
     at_all = summary[summary.is_all & (summary["split"] == "test")]
     for r in at_all.itertuples():
         metrics[f"{r.task}_{r.source}_{r.probe}_test_{r.metric}"] = float(r.mean)
-    selected = {t: best_by_val(summary, t, "embeddings") or cfg.probes[0] for t in cfg.tasks}
-    for task, probe in selected.items():
-        for r in at_all[(at_all.task == task) & (at_all.source == "embeddings") & (at_all.probe == probe)].itertuples():
-            metrics[f"{task}_test_{r.metric}"] = float(r.mean)
+    selected = {t.name: best_by_val(summary, t, "embeddings") or default for t in evaluable}
+    for name, probe in selected.items():
+        if name not in selection_note:
+            selection_note[name] = f"best on val: {probe}"
+        for r in at_all[(at_all.task == name) & (at_all.source == "embeddings") & (at_all.probe == probe)].itertuples():
+            metrics[f"{name}_test_{r.metric}"] = float(r.mean)
 
     lineage = dataset_lineage(cfg.store)
-    eval_set = f"{lineage['sarflow.dataset_dvc_md5']}:{data.model}:{data.version}:test"
+    dataset = lineage["sarflow.dataset_dvc_md5"]
+    eval_sets = {t.name: evaluation_set(dataset, "test", t.name) for t in evaluable}
     exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
     tags = {**lineage, "sarflow.embeddings_model": data.model, "sarflow.embeddings_version": data.version,
-            "sarflow.embeddings_view": data.view, "sarflow.eval_set": eval_set}
-    models: dict[str, str | None] = {}
-    with mlflow.start_run(experiment_id=exp_id, run_name="probes", tags=tags) as run:
+            "sarflow.embeddings_view": data.view}
+    parent_tags = {**tags, **{f"sarflow.eval_set.{k}": v for k, v in eval_sets.items()},
+                   **{f"sarflow.not_evaluable.{k}": v[:4900] for k, v in skipped_tasks.items()},
+                   **{f"sarflow.selection.{k}": v[:4900] for k, v in selection_note.items()}}
+    models: dict[str, dict] = {}
+    with mlflow.start_run(experiment_id=exp_id, run_name="probes", tags=parent_tags) as run:
         params = {k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
         for p in [curves_path, summary_path, *plots]:
             mlflow.log_artifact(str(p), artifact_path="downstream")
-        mlflow.log_dict({"label_savings": savings, "selected_probe": selected,
-                         "curves": {t: embedding_curve(summary, t) for t in cfg.tasks}}, "downstream/label_savings.json")
+        mlflow.log_dict({"label_savings": savings, "selected_probe": selected, "selection": selection_note,
+                         "not_evaluable": skipped_tasks, "skipped_points": skipped_points,
+                         "curves": {t.name: embedding_curve(summary, t, default) for t in evaluable}},
+                        "downstream/label_savings.json")
+        mlflow.log_dict({"tasks": tasks_json(evaluable), "not_evaluable": skipped_tasks}, "downstream/tasks.json")
         mlflow.log_table(summary, artifact_file="downstream/curves_summary.json")
-        for task in cfg.tasks:
-            y, valid = task_target(task, data.labels, cfg.features_root)
-            tr = np.flatnonzero(valid & (data.split == "train"))
-            te = np.flatnonzero(valid & (data.split == "test"))
-            probe = selected[task]
-            model = fit_probe(probe, task, data.x[tr], y[tr], seed=cfg.seed)
-            test = {f"test_{k}": v for k, v in score(task, model, data.x[te], y[te]).items()}
-            primary = PRIMARY_METRIC[task][0]
+        for ts in splits:
+            task, probe = ts.task, selected[ts.task.name]
+            tr, te = ts.idx["train"], ts.idx["test"]
+            model = fit_probe(probe, task, data.x[tr], ts.y[tr], seed=cfg.seed)
+            test = {f"test_{k}": v for k, v in score(task, model, data.x[te], ts.y[te]).items()}  # test, read once
+            primary = f"test_{task.metric}"
+            if not np.isfinite(test.get(primary, np.nan)):
+                skipped_tasks[task.name] = f"its {primary} on the test split is not finite"
+                mlflow.set_tag(f"sarflow.not_evaluable.{task.name}", skipped_tasks[task.name])
+                log.warning("%s: task %s is not evaluable: %s", cfg.store, task.name, skipped_tasks[task.name])
+                continue
             ordered = {primary: test[primary], **{k: v for k, v in test.items() if k != primary and np.isfinite(v)}}
-            name = registered_task_name(task)
-            with mlflow.start_run(run_name=f"probe-{task}", nested=True,
-                                  tags={**tags, "sarflow.task": task, "sarflow.probe": probe}):
-                mlflow.log_params({"task": task, "probe": probe, "n_train": len(tr), "embeddings_model": data.model,
-                                   "embeddings_version": data.version})
-                info = log_downstream_model(model, name, data.x[te[:5]], lineage=lineage, eval_set=eval_set,
-                                            metrics=ordered, register=cfg.register)
-            models[name] = info["version"]
+            name = task.registered_name
+            with mlflow.start_run(run_name=f"probe-{task.name}", nested=True,
+                                  tags={**tags, "sarflow.task": task.name, "sarflow.probe": probe,
+                                        "sarflow.eval_set": eval_sets[task.name],
+                                        "sarflow.selection": selection_note[task.name][:4900]}):
+                mlflow.log_params({"task": task.name, "probe": probe, "n_train": len(tr), "n_test": len(te),
+                                   "embeddings_model": data.model, "embeddings_version": data.version})
+                info = log_downstream_model(model, name, data.x[te[:5]], lineage=lineage,
+                                            eval_set=eval_sets[task.name], metrics=ordered, register=cfg.register)
             if cfg.register:
+                models[name] = {"version": str(info["version"]), "metric": primary,
+                                "higher_is_better": bool(task.higher_is_better)}
                 client = mlflow.MlflowClient()
                 client.set_model_version_tag(name, info["version"], "sarflow.probe", probe)
+                client.set_model_version_tag(name, info["version"], "sarflow.task", task.name)
                 client.set_model_version_tag(name, info["version"], "sarflow.embeddings_model", data.model)
                 client.set_model_version_tag(name, info["version"], "sarflow.embeddings_version", data.version)
-    result = {"run_id": run.info.run_id, "models": models, "metrics": metrics, "curves": str(curves_path),
-              "summary": str(summary_path), "plots": [str(p) for p in plots], "label_savings": savings,
-              "selected_probe": selected, "embeddings": {"model": data.model, "version": data.version, "view": data.view},
-              "out_dir": str(out_dir)}
-    (out_dir / "probes.json").write_text(json.dumps(result, indent=1, default=str))
+    task_info = {t.name: {"kind": t.kind, "metric": t.metric, "higher_is_better": t.higher_is_better,
+                          "eval_set": eval_sets[t.name], "selection": selection_note[t.name],
+                          "classes": list(t.class_names), "units": t.units}
+                 for t in evaluable if t.name not in skipped_tasks}
+    result = {"run_id": run.info.run_id, "models": models, "not_evaluable": skipped_tasks, "tasks": task_info,
+              "metrics": metrics, "curves": str(curves_path), "summary": str(summary_path),
+              "plots": [str(p) for p in plots], "label_savings": savings, "selected_probe": selected,
+              "skipped_points": skipped_points,
+              "embeddings": {"model": data.model, "version": data.version, "view": data.view}, "out_dir": str(out_dir)}
+    write_json_atomic(out_dir / "probes.json", result)
     result["json"] = str(out_dir / "probes.json")
     return result
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Writes JSON beside `path`, then renames: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)

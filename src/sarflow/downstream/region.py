@@ -1,10 +1,16 @@
 """Region generalization: a probe trained in one region, tested in-region and in another, next
 to the shift in features between the two (unbiased MMD² with a permutation p-value).
+
+Tasks are the store's (`tasks.store_tasks`, or the ones named). The held-out chips of a region
+are whole spatial blocks of grid cells (`block_holdout`), never random chips, so a held-out
+chip's neighbours do not train the probe. A transfer whose train chips cannot teach a task or
+whose held-out chips cannot measure it (`tasks.not_evaluable`) is reported as not evaluable,
+not scored.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -13,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sarflow.downstream.ablation import ABLATION_SETS, ablation_features
+from sarflow.downstream.ablation import ablation_features
 from sarflow.downstream.estimators import PROBES, fit_probe, score
-from sarflow.downstream.probes import ProbeData, _select_partition, load_probe_data
-from sarflow.downstream.tasks import TASKS, primary, store_labels, task_target
+from sarflow.downstream.probes import (MIN_TRAIN_CHIPS, ProbeData, _select_partition, load_probe_data,
+                                       write_json_atomic)
+from sarflow.downstream.tasks import Task, not_evaluable, select_tasks, store_labels, store_tasks, task_target
 from sarflow.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ MMD
@@ -62,13 +71,16 @@ def mmd_permutation_pvalue(x: np.ndarray, y: np.ndarray, permutations: int = 200
 
 # ------------------------------------------------------------------------- region transfer
 
-REGION_TASKS = ("landcover", "water", "tree_cover")
+TABLE_COLUMNS = ["train", "test_out", "task", "probe", "metric", "in_region", "out_region", "error_in", "error_out",
+                 "error_gap", "n_train", "n_in", "n_out", "mmd2", "mmd2_in_region", "mmd_pvalue", "mean_distance",
+                 "mean_distance_in_region"]
 SYNTH_REGION_PAIRS = (("A", "B_same"), ("A", "B_shifted"), ("B_same", "A"), ("B_shifted", "A"))
+REGION_BLOCK = 2  # held-out blocks of REGION_BLOCK x REGION_BLOCK grid cells
 
 
 @dataclass
 class Region:
-    """One region's chips: features (chips, dim; NaN = missing), labels (LABEL_COLUMNS), and
+    """One region's chips: features (chips, dim; NaN = missing), labels (the tasks' columns), and
     boolean masks of the chips a probe trains on and of the held-out chips it is tested on."""
     name: str
     x: np.ndarray
@@ -77,10 +89,38 @@ class Region:
     test: np.ndarray
 
 
-def _check_region_args(tasks: tuple[str, ...], probe: str, axis: str = "x") -> None:
-    bad = [t for t in tasks if t not in TASKS]
+def region_tasks(store: str, names=None) -> list[Task]:
+    """The store's tasks (all, or the ones named, checked)."""
+    tasks = select_tasks(store_tasks(store), names, store)
+    if not tasks:
+        raise InputError(store, "the store declares no label source: no task to transfer")
+    return tasks
+
+
+def block_holdout(cells: np.ndarray, mask: np.ndarray, holdout: float, block: int, seed: int) -> np.ndarray:
+    """Held-out chips of the region `mask`: a `holdout` fraction of its spatial blocks (cells
+    grouped by floor(ix / block), floor(iy / block)), drawn with `seed`; at least one block is
+    held out and one trains."""
+    if block < 1:
+        raise InputError(str(block), "the hold-out block must be at least one grid cell")
+    if not 0 < holdout < 1:
+        raise InputError(str(holdout), "holdout must be a fraction between 0 and 1")
+    keys = np.floor_divide(cells, block)
+    idx = np.flatnonzero(mask)
+    blocks, inverse = np.unique(keys[idx], axis=0, return_inverse=True)
+    held = np.zeros(len(cells), bool)
+    if len(blocks) < 2:
+        return held
+    k = min(len(blocks) - 1, max(1, int(round(holdout * len(blocks)))))
+    chosen = np.random.default_rng(seed).choice(len(blocks), size=k, replace=False)
+    held[idx[np.isin(inverse.ravel(), chosen)]] = True
+    return held
+
+
+def _check_region_args(tasks, probe: str, axis: str = "x") -> None:
+    bad = [t for t in tasks if not isinstance(t, Task)]
     if bad:
-        raise InputError(",".join(bad), f"unknown task(s): choose from {list(TASKS)}")
+        raise TypeError(f"tasks must be Task objects (tasks.store_tasks), got {bad}")
     if probe not in PROBES:
         raise InputError(probe, f"unknown probe: choose from {list(PROBES)}")
     if axis not in ("x", "y"):
@@ -104,7 +144,7 @@ def _shift(a: Region, b: Region, seed: int) -> dict[str, float]:
             "mean_distance": float(np.linalg.norm(zb.mean(0))), "mean_distance_in_region": float(np.linalg.norm(zin.mean(0)))}
 
 
-def region_transfer(regions: dict[str, Region], pairs, tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear",
+def region_transfer(regions: dict[str, Region], pairs, tasks: list[Task], probe: str = "linear",
                     seed: int = 0, tracking_uri: str | None = None, experiment: str = "sarflow-downstream",
                     out_dir: str | None = None, lineage_store: str | None = None, params: dict | None = None,
                     tags: dict | None = None, extra: dict | None = None) -> dict:
@@ -113,11 +153,13 @@ def region_transfer(regions: dict[str, Region], pairs, tasks: tuple[str, ...] = 
     unbiased MMD² (RBF, median heuristic) with a permutation p-value, and the distance between
     the mean features in units of a's train std (`_shift`).
 
-    Error = 1 - macro-F1 for landcover, 1 - mAP for presence, RMSE for regressions. Writes
-    region_generalization.csv and region.json into `out_dir`, logs a MLflow run
-    "region-generalization" (lineage of `lineage_store`, `params`, `tags`, the table as
-    artifact downstream/region_generalization.csv) and returns {"rows", "shift", "table",
-    "json", "run_id", **extra}."""
+    Error = 1 - score for a metric where higher is better (macro-F1, mAP), the score itself
+    otherwise (RMSE). A (pair, task) whose train chips cannot teach the task, or whose held-out
+    chips in either region cannot measure it, is left out of the table and listed in
+    "not_evaluable". Writes region_generalization.csv and region.json into `out_dir`, logs a
+    MLflow run "region-generalization" (lineage of `lineage_store`, `params`, `tags`, the table
+    as artifact downstream/region_generalization.csv) and returns {"rows", "shift",
+    "not_evaluable", "table", "json", "run_id", **extra}."""
     import mlflow
 
     from sarflow.mlops.lineage import dataset_lineage
@@ -132,7 +174,7 @@ def region_transfer(regions: dict[str, Region], pairs, tasks: tuple[str, ...] = 
             raise InputError(r.name, f"region {r.name} has {int(r.train.sum())} train and {int(r.test.sum())} held-out "
                                      "chips: at least 2 of each are needed")
     impute = any(np.isnan(r.x).any() for r in regions.values())
-    rows, shift, fits = [], {}, {}
+    rows, shift, fits, skipped = [], {}, {}, {}
     for a, b in pairs:
         ra, rb = regions[a], regions[b]
         shift[f"{a}->{b}"] = _shift(ra, rb, seed)
@@ -140,27 +182,34 @@ def region_transfer(regions: dict[str, Region], pairs, tasks: tuple[str, ...] = 
             ya, va = task_target(task, ra.labels, a)
             yb, vb = task_target(task, rb.labels, b)
             tr, ia, ib = ra.train & va, ra.test & va, rb.test & vb
-            if tr.sum() < 2 or not ia.any() or not ib.any():
+            why = (not_evaluable(task, ya[tr], f"region {a}'s train", min_chips=MIN_TRAIN_CHIPS)
+                   or not_evaluable(task, ya[ia], f"region {a}'s held-out")
+                   or not_evaluable(task, yb[ib], f"region {b}'s held-out"))
+            if why:
+                skipped[f"{task.name}:{a}->{b}"] = why
+                log.warning("region transfer %s -> %s, task %s: not evaluable: %s", a, b, task.name, why)
                 continue
-            if (a, task) not in fits:  # one probe per training region and task, whatever it is tested on
-                fits[a, task] = fit_probe(probe, task, ra.x[tr], ya[tr], seed=seed, impute=impute)
-            m = fits[a, task]
-            metric, higher = primary(task)
+            if (a, task.name) not in fits:  # one probe per training region and task, whatever it is tested on
+                fits[a, task.name] = fit_probe(probe, task, ra.x[tr], ya[tr], seed=seed, impute=impute)
+            m = fits[a, task.name]
+            metric, higher = task.metric, task.higher_is_better
             s_in, s_out = score(task, m, ra.x[ia], ya[ia])[metric], score(task, m, rb.x[ib], yb[ib])[metric]
             err_in, err_out = (1 - s_in, 1 - s_out) if higher else (s_in, s_out)
-            rows.append({"train": a, "test_out": b, "task": task, "probe": probe, "metric": metric,
+            rows.append({"train": a, "test_out": b, "task": task.name, "probe": probe, "metric": metric,
                          "in_region": s_in, "out_region": s_out, "error_in": err_in, "error_out": err_out,
                          "error_gap": err_out - err_in, "n_train": int(tr.sum()), "n_in": int(ia.sum()),
                          "n_out": int(ib.sum()), **shift[f"{a}->{b}"]})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS) if not rows else pd.DataFrame(rows)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="sarflow-region-"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "region_generalization.csv"
     table.to_csv(path, index=False)
     lineage = dataset_lineage(lineage_store) if lineage_store else {}
     exp_id = setup_mlflow(tracking_uri, experiment)
-    with mlflow.start_run(experiment_id=exp_id, run_name="region-generalization", tags={**lineage, **(tags or {})}) as run:
-        mlflow.log_params({"probe": probe, "seed": seed, "tasks": ",".join(tasks), **(params or {})})
+    run_tags = {**lineage, **(tags or {}), **{f"sarflow.not_evaluable.{k.replace(':', '.').replace('->', '_to_')}":
+                                               v[:4900] for k, v in skipped.items()}}
+    with mlflow.start_run(experiment_id=exp_id, run_name="region-generalization", tags=run_tags) as run:
+        mlflow.log_params({"probe": probe, "seed": seed, "tasks": ",".join(t.name for t in tasks), **(params or {})})
         for r in rows:
             key = f"{r['task']}_{r['train']}_to_{r['test_out']}"
             mlflow.log_metrics({f"{key}_error_in": r["error_in"], f"{key}_error_out": r["error_out"],
@@ -170,8 +219,9 @@ def region_transfer(regions: dict[str, Region], pairs, tasks: tuple[str, ...] = 
         mlflow.log_artifact(str(path), artifact_path="downstream")
         if len(table):
             mlflow.log_table(table, artifact_file="downstream/region_generalization.json")
-    result = {"run_id": run.info.run_id, "table": str(path), "rows": rows, "shift": shift, **(extra or {})}
-    (out / "region.json").write_text(json.dumps(result, indent=1, default=str))
+    result = {"run_id": run.info.run_id, "table": str(path), "rows": rows, "shift": shift, "not_evaluable": skipped,
+              **(extra or {})}
+    write_json_atomic(out / "region.json", result)
     result["json"] = str(out / "region.json")
     return result
 
@@ -182,34 +232,40 @@ def _probe_region(name: str, data: ProbeData) -> Region:
 
 def run_region_generalization(store: str, features_root: str, tracking_uri: str | None = None,
                               model: str | None = None, version: str | None = None,
-                              tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear",
+                              tasks: tuple[str, ...] = (), probe: str = "linear",
                               axis: str = "x", holdout: float = 0.3, seed: int = 0,
                               experiment: str = "sarflow-downstream", out_dir: str | None = None,
-                              other: str | None = None, other_features_root: str | None = None) -> dict:
+                              other: str | None = None, other_features_root: str | None = None,
+                              block: int = REGION_BLOCK) -> dict:
     """Region transfer (`region_transfer`) on embeddings and labels read through Feast, as in
     `run_probes`, both ways between two regions:
 
+    `tasks`: task names (default every task of `store`).
+
     - without `other`: the two halves of the store's scene, west/east along `axis` x (or
-      south/north for y), chips assigned by their centre; a `holdout` fraction of each half,
-      drawn with `seed`, is held out, the rest trains;
+      south/north for y), chips assigned by their centre; a `holdout` fraction of each half's
+      spatial blocks (`block` x `block` grid cells), drawn with `seed`, is held out, the rest
+      trains;
     - with `other`: `store` (region A, embeddings under `features_root`) and `other` (region
       B, under `other_features_root`, default `features_root`); each store's train split
       trains and its test split is held out. Both must have embeddings of one model and
       version (`model`/`version`, default the newest in each root), else an InputError."""
-    _check_region_args(tasks, probe, axis)
+    if probe not in PROBES:
+        raise InputError(probe, f"unknown probe: choose from {list(PROBES)}")
+    if axis not in ("x", "y"):
+        raise InputError(axis, "axis must be x (west/east) or y (south/north)")
+    chosen = region_tasks(store, tasks)
     if other is None:
-        data = load_probe_data(store, features_root, model, version)
+        data = load_probe_data(store, features_root, model, version, chosen)
         coord = data.centroid[:, 0 if axis == "x" else 1]
         cut = float(np.median(coord))
         names = ("west", "east") if axis == "x" else ("south", "north")
         in_a = coord <= cut
-        rng = np.random.default_rng(seed)
         held = np.zeros(len(coord), bool)
-        for mask in (in_a, ~in_a):
-            idx = np.flatnonzero(mask)
-            held[rng.choice(idx, size=max(2, int(round(holdout * len(idx)))), replace=False)] = True
+        for i, mask in enumerate((in_a, ~in_a)):
+            held |= block_holdout(data.cells, mask, holdout, block, seed + i)
         regions = {n: Region(n, data.x, data.labels, mask & ~held, mask & held) for n, mask in zip(names, (in_a, ~in_a))}
-        params = {"regions": "halves", "axis": axis, "holdout": holdout, "cut": cut}
+        params = {"regions": "halves", "axis": axis, "holdout": holdout, "cut": cut, "block": block}
         embeddings = {"model": data.model, "version": data.version}
     else:
         other_root = other_features_root or features_root
@@ -219,13 +275,17 @@ def run_region_generalization(store: str, features_root: str, tracking_uri: str 
                              f"the regions' embeddings differ: {store} has {pa[0]} v{pa[1]} (under {features_root}), "
                              f"{other} has {pb[0]} v{pb[1]} (under {other_root}); embed both with one model and "
                              "version, or choose one with --model/--version")
-        regions = {"A": _probe_region("A", load_probe_data(store, features_root, *pa)),
-                   "B": _probe_region("B", load_probe_data(other, other_root, *pb))}
+        other_tasks = {t.name: t for t in store_tasks(other)}
+        if any(other_tasks.get(t.name) != t for t in chosen):
+            raise InputError(other, f"its labels do not give the tasks {[t.name for t in chosen]} of {store}: "
+                                    "choose common ones with --task")
+        regions = {"A": _probe_region("A", load_probe_data(store, features_root, *pa, chosen)),
+                   "B": _probe_region("B", load_probe_data(other, other_root, *pb, chosen))}
         names = ("A", "B")
         params = {"regions": "stores", "store_A": store, "store_B": other, "features_root_A": features_root,
                   "features_root_B": other_root}
         embeddings = {"model": pa[0], "version": pa[1]}
-    return region_transfer(regions, (names, names[::-1]), tasks, probe, seed, tracking_uri, experiment, out_dir,
+    return region_transfer(regions, (names, names[::-1]), chosen, probe, seed, tracking_uri, experiment, out_dir,
                            lineage_store=store, params=params,
                            tags={"sarflow.embeddings_model": embeddings["model"],
                                  "sarflow.embeddings_version": embeddings["version"]},
@@ -233,21 +293,34 @@ def run_region_generalization(store: str, features_root: str, tracking_uri: str 
 
 
 def run_region_stores(stores: dict[str, str], pairs=SYNTH_REGION_PAIRS, encoder_uri: str | None = None,
-                      tasks: tuple[str, ...] = REGION_TASKS, probe: str = "linear", seed: int = 0,
+                      tasks: tuple[str, ...] = (), probe: str = "linear", seed: int = 0,
                       tracking_uri: str | None = None, experiment: str = "sarflow-downstream",
                       out_dir: str | None = None) -> dict:
     """Region transfer between whole stores (region name -> store; e.g. `synth_region_stores`)
     on features computed from the chips, no Feast needed: `ablation_features` of every
-    modality (raw-pixel statistics, or the encoder `encoder_uri`), labels from `chip_labels`;
-    each store's train split trains and its test split is held out."""
-    _check_region_args(tasks, probe)
+    input (raw-pixel statistics, or the encoder `encoder_uri`), labels from `chip_labels`;
+    each store's train split trains and its test split is held out (the store's split is
+    spatially blocked). `tasks`: names (default every task of the first store; every store must
+    give them)."""
+    from sarflow.data.chipstore import input_modalities, open_chip_group
+
+    if not stores:
+        raise InputError("stores", "no stores to compare")
+    if probe not in PROBES:
+        raise InputError(probe, f"unknown probe: choose from {list(PROBES)}")
+    first = next(iter(stores.values()))
+    chosen = region_tasks(first, tasks)
     regions = {}
     for name, store in stores.items():
+        have = {t.name: t for t in store_tasks(store)}
+        if any(have.get(t.name) != t for t in chosen):
+            raise InputError(store, f"region {name}'s labels do not give the tasks {[t.name for t in chosen]} of {first}")
         labels, split = store_labels(store)
-        regions[name] = Region(name, ablation_features(store, ABLATION_SETS["fused"], encoder_uri), labels,
+        inputs = input_modalities(open_chip_group(store), where=store)
+        regions[name] = Region(name, ablation_features(store, inputs, encoder_uri), labels,
                                split == "train", split == "test")
     features = encoder_uri or "pixel_stats"
-    return region_transfer(regions, pairs, tasks, probe, seed, tracking_uri, experiment, out_dir,
-                           lineage_store=next(iter(stores.values())),
+    return region_transfer(regions, pairs, chosen, probe, seed, tracking_uri, experiment, out_dir,
+                           lineage_store=first,
                            params={"regions": "stores", "features": features, **{f"store_{k}": v for k, v in stores.items()}},
                            tags={"sarflow.features": features}, extra={"features": features, "stores": dict(stores)})

@@ -64,9 +64,26 @@ class Section:
 
 
 def label_efficiency(runs: list[SourceRun]) -> pd.DataFrame:
-    from sarflow.downstream.label_efficiency import label_efficiency_table
+    """The probes run's label-efficiency table, for the tasks it logged (downstream/tasks.json:
+    their primary metric and its direction, as the store's labels declared them)."""
+    from sarflow.downstream.label_efficiency import label_efficiency_table, tasks_from_json
 
-    return label_efficiency_table(pd.read_csv(runs[0].artifacts / "downstream" / "curves_summary.csv"))
+    from sarflow.downstream.tasks import Task
+
+    folder = runs[0].artifacts / "downstream"
+    summary = pd.read_csv(folder / "curves_summary.csv")
+    tasks_file = folder / "tasks.json"
+    if tasks_file.is_file():
+        tasks = tasks_from_json(json.loads(tasks_file.read_text())["tasks"])
+    else:  # a run of an older sarflow: each task's primary metric from the metrics it has
+        tasks = []
+        for name in summary.task.unique():
+            have = set(summary[summary.task == name].metric)
+            kind, metric = next(((k, m) for k, m in (("multiclass", "macro_f1"), ("multilabel", "map"),
+                                                     ("regression", "rmse")) if m in have), (None, None))
+            if kind:
+                tasks.append(Task(str(name), str(name), kind, metric, metric != "rmse"))
+    return label_efficiency_table(summary, tasks)
 
 
 def _csv_table(path: str, columns: tuple[str, ...] = ()) -> Callable[[list[SourceRun]], pd.DataFrame]:

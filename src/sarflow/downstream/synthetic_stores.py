@@ -1,5 +1,7 @@
 """Synthetic chip stores for the downstream checks: a clear and a clouded scene of one land cover
-(modality ablation), and regions with the same or a shifted class mix (region transfer).
+(modality ablation), and regions with the same or a shifted class mix (region transfer). Their
+tasks are the synthetic scene's labels (`worldcover`, `vegetation`, `builtup`), derived like any
+catalog's; the splits hold 30% test chips in 2x2-chip blocks so that small scenes can measure them.
 """
 
 from __future__ import annotations
@@ -7,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sarflow.errors import InputError
+
+SMALL_SCENE_SPLIT = {"split_block": 2, "split_fractions": (0.6, 0.1, 0.3)}
 
 
 def _synth_store(base: Path, cfg, options=None) -> str:
@@ -22,11 +26,14 @@ def _synth_store(base: Path, cfg, options=None) -> str:
 def synth_ablation_stores(folder: str | Path, size_px: int = 384, seed: int = 7, chip_size: int = 32,
                           clouded: float = 0.6) -> dict[str, str]:
     """Two synthetic scenes with the same seed (so the same land cover), one without clouds and
-    one with `clouded` cloud cover, tiled into stores: {"clear": store, "clouded": store}."""
+    one with `clouded` cloud cover, tiled into stores (`SMALL_SCENE_SPLIT`): {"clear": store,
+    "clouded": store}."""
     from sarflow.data.synth import SynthConfig
+    from sarflow.data.tile import TileOptions
 
+    options = TileOptions(**SMALL_SCENE_SPLIT)
     return {cond: _synth_store(Path(folder) / cond, SynthConfig(size_px=size_px, seed=seed, chip_size=chip_size,
-                                                               cloud_fraction=frac))
+                                                               cloud_fraction=frac), options)
             for cond, frac in (("clear", 0.0), ("clouded", clouded))}
 
 
@@ -48,7 +55,7 @@ def synth_region_stores(folder: str | Path, size_px: int = 384, seed_a: int = 7,
 
     if seed_a == seed_b:
         raise InputError(str(seed_b), "seed_b must differ from seed_a (region B is another scene)")
-    options = TileOptions(split_block=2, split_fractions=(0.6, 0.1, 0.3))
+    options = TileOptions(**SMALL_SCENE_SPLIT)
     configs = {"A": SynthConfig(size_px=size_px, seed=seed_a, chip_size=chip_size),
                "B_same": SynthConfig(size_px=size_px, seed=seed_b, chip_size=chip_size),
                "B_shifted": SynthConfig(size_px=size_px, seed=seed_b, chip_size=chip_size,
