@@ -34,7 +34,9 @@ def probe(store: str = typer.Argument(..., help="chip store"), features_root: Op
           tracking_uri: Optional[str] = TrackingOpt,
           model: Optional[str] = typer.Option(None, help="embeddings of this model (default: newest)"),
           version: Optional[str] = typer.Option(None, help="embeddings version (default: newest)"),
-          task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: all five)"),
+          task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: every task the store's labels declare)"),
+          modality: Optional[List[str]] = typer.Option(None, "--modality",
+                                                       help="inputs of the pixel baselines (default: every input source)"),
           sizes: Optional[str] = typer.Option(None, help="label budgets, comma-separated; 0 = all (default params)"),
           draws: Optional[int] = typer.Option(None, help="random draws per label budget"),
           baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="pixel_stats, scratch (default both)"),
@@ -52,6 +54,7 @@ def probe(store: str = typer.Argument(..., help="chip store"), features_root: Op
         root = str(features_root) if features_root else stage_config("features", p).root
         cfg = stage_config("downstream", p, {
             "tracking_uri": tracking_uri, "model": model, "version": version, "tasks": task or None,
+            "modalities": modality or None,
             "sizes": _ints(sizes, "--sizes") if sizes else None, "draws": draws,
             "baselines": () if no_baselines else (baseline or None), "scratch_epochs": scratch_epochs,
             "register": register, "out_dir": str(out_dir) if out_dir else None, "experiment": experiment, "seed": seed},
@@ -59,16 +62,18 @@ def probe(store: str = typer.Argument(..., help="chip store"), features_root: Op
         r = run_probes(cfg)
     except SarflowError as e:
         fail(e)
-    typer.echo(f"{'task':<20}{'probe':<8}{'metric':<16}{'n=all':>8}  label savings (n to match baseline at all)")
-    from sarflow.downstream.tasks import PRIMARY_METRIC
-
-    for t in cfg.tasks:
-        metric = PRIMARY_METRIC[t][0]
+    typer.echo(f"{'task':<24}{'probe':<8}{'metric':<16}{'n=all':>8}  label savings (n to match baseline at all)")
+    for t, info in r["tasks"].items():
+        metric = info["metric"]
         saving = ", ".join(f"{b}: {v['n_to_match'] or '>'+str(v['n_all'])}/{v['n_all']}"
                            for b, v in r["label_savings"].get(t, {}).items())
-        typer.echo(f"{t:<20}{r['selected_probe'][t]:<8}{metric:<16}{_fmt(r['metrics'].get(f'{t}_{metric}')):>8}  {saving}")
-    if r["models"] and cfg.register:
-        typer.echo("registered: " + ", ".join(f"{k} v{v}" for k, v in r["models"].items()))
+        typer.echo(f"{t:<24}{r['selected_probe'][t]:<8}{metric:<16}{_fmt(r['metrics'].get(f'{t}_test_{metric}')):>8}  {saving}")
+        if not info["selection"].startswith("best on val"):
+            typer.echo(f"  {t}: {info['selection']}")
+    for t, why in r["not_evaluable"].items():
+        typer.echo(f"not evaluable: {t}: {why} (not registered)")
+    if r["models"]:
+        typer.echo("registered: " + ", ".join(f"{k} v{v['version']}" for k, v in r["models"].items()))
     typer.echo(f"mlflow run: {r['run_id']}")
     typer.echo(f"json: {r['json']}")
 
@@ -99,9 +104,16 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
                          out_dir=str(out_dir) if out_dir else None)
     except SarflowError as e:
         fail(e)
-    typer.echo(f"{'condition':<10}{'modalities':<11}{'landcover macro-F1':>20}{'water RMSE':>12}   features: {r['features']}")
+    cols = r["columns"]
+    width = max([22] + [len(c) + 2 for c in cols])
+    typer.echo(f"{'condition':<10}{'modalities':<11}" + "".join(f"{c:>{width}}" for c in cols)
+               + f"   features: {r['features']}")
     for row in r["rows"]:
-        typer.echo(f"{row['condition']:<10}{row['modalities']:<11}{row['landcover_macro_f1']:>20.4f}{row['water_rmse']:>12.4f}")
+        typer.echo(f"{row['condition']:<10}{row['modalities']:<11}" + "".join(f"{row[c]:>{width}.4f}" for c in cols))
+    for line in r["skipped_sets"]:
+        typer.echo(f"skipped: {line}")
+    for k, why in r["not_evaluable"].items():
+        typer.echo(f"not evaluable: {k}: {why}")
     typer.echo(f"json: {r['json']}")
 
 
@@ -110,7 +122,7 @@ def region(store: Optional[str] = typer.Argument(None, help="chip store: its two
                                                             "with --other"),
            features_root: Optional[Path] = RootOpt, tracking_uri: Optional[str] = TrackingOpt,
            model: Optional[str] = typer.Option(None), version: Optional[str] = typer.Option(None),
-           task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default landcover, water, tree_cover)"),
+           task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: every task the store's labels declare)"),
            axis: str = typer.Option("x", help="halves of STORE; x: west/east, y: south/north"),
            other: Optional[str] = typer.Option(None, "--other", help="a second chip store: region B"),
            other_features_root: Optional[Path] = typer.Option(None, "--other-features-root",
@@ -122,10 +134,10 @@ def region(store: Optional[str] = typer.Argument(None, help="chip store: its two
            probe_name: str = typer.Option("linear", "--probe"), experiment: str = ExpOpt,
            out_dir: Optional[Path] = typer.Option(None)) -> None:
     """Train in one region, test in-region and out-of-region, both ways; error gap next to MMD and mean-embedding distance."""
-    from sarflow.downstream.region import REGION_TASKS, SYNTH_REGION_PAIRS, run_region_generalization, run_region_stores
+    from sarflow.downstream.region import SYNTH_REGION_PAIRS, run_region_generalization, run_region_stores
     from sarflow.downstream.synthetic_stores import synth_region_stores
 
-    tasks = tuple(task or REGION_TASKS)
+    tasks = tuple(task or ())
     out = str(out_dir) if out_dir else None
     try:
         if synth is not None:
@@ -143,12 +155,15 @@ def region(store: Optional[str] = typer.Argument(None, help="chip store: its two
                                           other=other, other_features_root=str(other_features_root) if other_features_root else None)
     except SarflowError as e:
         fail(e)
-    typer.echo(f"{'train':<11}{'target':<11}{'task':<12}{'metric':<10}{'in':>8}{'out':>8}{'err gap':>9}{'MMD2':>9}"
+    tw = max([12] + [len(row["task"]) + 2 for row in r["rows"]])
+    typer.echo(f"{'train':<11}{'target':<11}{'task':<{tw}}{'metric':<10}{'in':>8}{'out':>8}{'err gap':>9}{'MMD2':>9}"
                f"{'p':>7}{'mean d':>8}")
     for row in r["rows"]:
-        typer.echo(f"{row['train']:<11}{row['test_out']:<11}{row['task']:<12}{row['metric']:<10}{row['in_region']:>8.3f}"
+        typer.echo(f"{row['train']:<11}{row['test_out']:<11}{row['task']:<{tw}}{row['metric']:<10}{row['in_region']:>8.3f}"
                    f"{row['out_region']:>8.3f}{row['error_gap']:>9.3f}{row['mmd2']:>9.4f}{row['mmd_pvalue']:>7.3f}"
                    f"{row['mean_distance']:>8.2f}")
+    for k, why in r["not_evaluable"].items():
+        typer.echo(f"not evaluable: {k}: {why}")
     typer.echo(f"json: {r['json']}")
 
 
