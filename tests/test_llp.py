@@ -100,7 +100,8 @@ def test_select_steps_picks_the_lowest_held_out_bag_loss(llp_case):
         torch.manual_seed(0)
         return InstanceClassifier(x.shape[1], k)
 
-    best, curve = select_steps(make, x, a, target, steps=95, lr=0.1, seed=3, val_fraction=0.25, every=10)
+    choice = select_steps(make, x, a, target, steps=95, lr=0.1, seed=3, val_fraction=0.25, every=10)
+    best, curve = choice.steps, choice.curve
     assert [s for s, _ in curve] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 95]
     assert best == min(curve, key=lambda c: c[1])[0]
     # the held-out loss is the loss of the model trained on the other bags only: recompute it at `best`
@@ -110,10 +111,16 @@ def test_select_steps_picks_the_lowest_held_out_bag_loss(llp_case):
     model = make()
     train_llp(model, x, a[fit], target[fit], steps=best, lr=0.1, seed=3)
     with torch.no_grad():
-        held_out = bag_loss(a[val] @ model.instance(x), target[val], "kl").item()
+        pred = a[val] @ model.instance(x)
+        held_out = bag_loss(pred, target[val], "kl").item()
     assert held_out == pytest.approx(dict(curve)[best], rel=1e-4)
-    assert select_steps(make, x, a, target, steps=95, lr=0.1, seed=3) == (best, curve)  # deterministic
-    assert select_steps(make, x, a[:2], target[:2], steps=40) == (40, [])  # too few bags to hold any out
+    # the held-out bags' proportion MAE at that step is what models are compared by (validation, not test)
+    assert choice.val_mae == pytest.approx((pred - target[val]).abs().mean().item(), rel=1e-4)
+    assert choice.val_bags == n_val
+    assert select_steps(make, x, a, target, steps=95, lr=0.1, seed=3) == choice  # deterministic
+    none = select_steps(make, x, a[:2], target[:2], steps=40)  # too few bags to hold any out
+    assert (none.steps, none.curve, none.val_bags) == (40, [], 0) and np.isnan(none.val_mae)
+    assert select_steps(make, x, a, target, steps=40, val_fraction=0).steps == 40
 
 
 def test_kdm_bag_prediction_is_the_weighted_mean_of_instance_predictions():

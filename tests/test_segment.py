@@ -10,6 +10,7 @@ import torch
 import zarr
 
 from sarflow.downstream.segmentation.config import SegmentConfig
+from sarflow.downstream.segmentation.data import load_encoder, resolve_inputs
 from sarflow.downstream.segmentation.metrics import IGNORE, confusion_matrix, miou, segmentation_scores
 from sarflow.downstream.segmentation.models import UNet, ViTSegmenter
 from sarflow.downstream.segmentation.run import run_segmentation
@@ -93,7 +94,10 @@ def test_both_models_learn_and_beat_the_majority_class(result):
         assert r["test_miou"] > result["majority_baseline"]["miou"], kind
         assert set(r["iou"]) == set(result["classes"])
         assert np.asarray(r["confusion"]).shape == (len(result["classes"]),) * 2
-    assert result["best"] in ("vit", "unet")
+    # the model to register is chosen on the val split; the test split is only scored
+    assert result["best"] == max(("vit", "unet"), key=lambda k: (result[k]["val_miou"], k == "vit"))
+    assert result["selection"] == "best mIoU on the val split" and result["not_evaluable"] == {}
+    assert result["task"] == "segmentation-worldcover" and len(result["class_names"]) == len(result["classes"])
     # fine-tuning trains the encoder too
     assert result["vit"]["trainable_params"] == result["vit"]["params"]
 
@@ -118,14 +122,21 @@ def test_runs_carry_lineage_metrics_and_figures_and_the_best_model_is_registered
         assert "confusion_matrix.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert result["vit"]["model_uri"] != result["unet"]["model_uri"]
     reg = result["registered"]
-    assert reg["name"] == "sarflow-segmentation" and reg["model"] == result["best"]
+    assert reg["name"] == "sarflow-segmentation-worldcover" and reg["model"] == result["best"]
+    assert result["models"] == {reg["name"]: {"version": reg["version"], "metric": "test_miou", "higher_is_better": True}}
     mv = client.get_model_version(reg["name"], reg["version"])
     assert mv.tags["sarflow.classes"] == ",".join(map(str, result["classes"]))
     assert float(mv.tags["sarflow.metric.test_miou"]) == pytest.approx(result[result["best"]]["test_miou"])
-    assert mv.tags["sarflow.eval_set"].endswith(":test")
+    assert mv.tags["sarflow.eval_set"] == f"{mv.tags['sarflow.dataset_dvc_md5']}:test:segmentation-worldcover"
+    assert client.get_run(result[result["best"]]["run_id"]).data.metrics["val_miou"] == pytest.approx(
+        result[result["best"]]["val_miou"])
 
     # the registered model takes chips straight from the store (physical units, NaN) -> per-pixel output
-    x = g["s1grd"][0:3].astype(np.float32)
+    from sarflow.data.chipstore import read_masked
+
+    groups, _, _ = resolve_inputs(SegmentConfig(store=str(tiny_store), encoder_uri=enc), load_encoder(enc))
+    x = np.concatenate([read_masked(g[m], slice(0, 3), [list(g[m].attrs["bands"]).index(b) for b in bands])
+                        for _, m, bands in groups], axis=1)
     x[0, :, :4] = np.nan
     model = mlflow.pytorch.load_model(f"models:/{reg['name']}/{reg['version']}")
     assert isinstance(model, (ViTSegmenter, UNet)) and model.class_codes == result["classes"]
@@ -165,10 +176,14 @@ def test_frozen_encoder_trains_only_the_head(tiny_store, encoder):
 
 def test_bad_inputs_say_what_is_wrong(tiny_store, encoder, tmp_path):
     uri, enc = encoder
-    with pytest.raises(InputError, match="no label modality 'landcover'"):
+    with pytest.raises(InputError, match="no label source 'landcover'"):
         run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri, label_modality="landcover", steps=1))
-    with pytest.raises(InputError, match="'dem' is not categorical"):
+    with pytest.raises(InputError, match="no label source 'dem'"):  # an input, not a label
         run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri, label_modality="dem", steps=1))
+    with pytest.raises(InputError, match="label 'vegetation' is continuous: a categorical label is needed"):
+        run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri, label_modality="vegetation", steps=1))
+    with pytest.raises(InputError, match=r"modalities \['worldcover'\] are labels"):
+        run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri, modalities=("worldcover",), steps=1))
     with pytest.raises(InputError, match="cannot load the encoder") as e:
         run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri,
                                        encoder_uri="models:/sarflow-encoder-nope/1", steps=1))
@@ -201,3 +216,61 @@ def test_cli_trains_prints_the_table_and_fails_cleanly(tiny_store, encoder):
     bad = CliRunner().invoke(segment_app, ["train", str(tiny_store), "--encoder", "models:/sarflow-encoder-nope/1",
                                            "--tracking-uri", uri, "--steps", "1"])
     assert bad.exit_code == 2 and "error: models:/sarflow-encoder-nope/1: cannot load the encoder" in bad.output
+
+
+# ---------------------------------------------------------------- any catalog: a 0/1 water label, nodata -1
+
+def test_a_water_label_is_segmented_with_its_declared_classes_and_colours(tmp_path):
+    """No encoder: the U-Net reads the store's inputs; the label is the store's only categorical
+    one (0 dry / 1 water, nodata -1); figures colour and name the declared classes."""
+    import mlflow
+    from matplotlib.colors import to_hex
+
+    from sarflow.downstream.segmentation.data import load_data, resolve_inputs
+    from sarflow.downstream.segmentation.figures import _code_cmap, class_label
+    from test_llp_run import water_store
+
+    _, store = water_store(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = SegmentConfig(store=str(store), tracking_uri=uri, steps=40, batch_size=8, threads=1, unet_widths=(8, 16))
+    groups, mean, std = resolve_inputs(cfg)
+    assert groups == [("sar", "sar", ["VV", "VH"])]
+    data = load_data(cfg, groups, mean, std)
+    assert data.classes == [0, 1] and data.class_names == ["dry", "water"] and data.label == "flood"
+    y = data.y_train.numpy()
+    assert set(np.unique(y)) == {0, 1, IGNORE}  # dry is a class; the -1 strip is ignored, never a class
+    assert (y[:, :, :5] == IGNORE).sum() > 0 and torch.isnan(data.x_train).any()  # nodata masked in both
+    cmap = _code_cmap(data)
+    assert to_hex(cmap(2)) == "#1f5fd0"  # water's declared colour; dry gets the palette's
+    assert [class_label(data, k) for k in range(2)] == ["0 dry", "1 water"]
+
+    res = run_segmentation(cfg)
+    assert res["task"] == "segmentation-flood" and res["best"] == "unet" and "vit" not in res
+    assert res["unet"]["test_miou"] > res["majority_baseline"]["miou"]
+    assert list(res["models"]) == ["sarflow-segmentation-flood"]
+    mlflow.set_tracking_uri(uri)
+    mv = mlflow.MlflowClient().get_model_version("sarflow-segmentation-flood", res["models"]["sarflow-segmentation-flood"]["version"])
+    assert mv.tags["sarflow.eval_set"].endswith(":test:segmentation-flood") and mv.tags["sarflow.classes"] == "0,1"
+
+
+def test_a_one_class_test_split_is_not_evaluable_and_nothing_is_registered(tmp_path):
+    import mlflow
+
+    from test_llp_run import water_store
+
+    import pandas as pd
+
+    _, first = water_store(tmp_path / "first")
+    chips = pd.read_parquet(first / "chips.parquet")
+    test = chips[chips["split"] == "test"]
+    assert len(test) >= 10
+    # the same scene with its test chips all dry: train and val see water, test does not
+    _, store = water_store(tmp_path, dry_boxes=test[["minx", "miny", "maxx", "maxy"]].to_numpy().tolist())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(InputError, match="no task is evaluable on this store: segmentation-flood: test split shows "
+                                         "fewer than two classes") as e:
+        run_segmentation(SegmentConfig(store=str(store), tracking_uri=uri, steps=2))
+    assert e.value.where == str(store)
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.MlflowClient().search_registered_models() == []
+    assert mlflow.search_runs(search_all_experiments=True).empty

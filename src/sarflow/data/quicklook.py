@@ -6,10 +6,27 @@ from pathlib import Path
 
 import numpy as np
 
-from sarflow.data.chipstore import ChipStore
+from sarflow.data.chipstore import ChipStore, read_masked
 
-WORLDCOVER_COLORS = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
-                     70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}
+
+def class_colors(classes) -> dict[int, str]:
+    """Code -> colour of a label's declared classes ([{code, name, color}], as the store records
+    them): the declared colour, else the next colour of matplotlib's tab20 palette that is not
+    close to a declared one."""
+    import matplotlib
+    from matplotlib.colors import to_hex, to_rgb
+
+    declared = [np.array(to_rgb(c["color"])) for c in classes if c.get("color")]
+    tab = [to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
+    spare = [c for c in tab if all(np.linalg.norm(np.array(to_rgb(c)) - d) > 0.25 for d in declared)] or tab
+    out, i = {}, 0
+    for c in classes:
+        if c.get("color"):
+            out[int(c["code"])] = c["color"]
+        else:
+            out[int(c["code"])] = spare[i % len(spare)]
+            i += 1
+    return out
 
 
 def _stretch(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -32,15 +49,15 @@ def chip_quicklook(store: ChipStore, path: str | Path, n: int = 4) -> Path:
         for c, m in enumerate(mods):
             ax = axes[r, c]
             arr = store.array(m)
-            chip = arr[int(row["index"])].astype("float32")
+            chip = read_masked(arr, int(row["index"]))  # NaN at nodata
             units, kind = arr.attrs["units"], arr.attrs["kind"]
-            if kind == "categorical" and units == "class":
-                codes = sorted(WORLDCOVER_COLORS)
-                lut = np.full(256, np.nan)
+            if kind == "categorical" and arr.attrs.get("classes"):
+                colors = class_colors(arr.attrs["classes"])
+                codes = list(colors)
+                img = np.full(chip[0].shape, np.nan)
                 for i, code in enumerate(codes):
-                    lut[code] = i
-                img = lut[np.nan_to_num(chip[0], nan=0).astype(int).clip(0, 255)]
-                ax.imshow(img, cmap=ListedColormap([WORLDCOVER_COLORS[k] for k in codes]), vmin=0, vmax=len(codes) - 1,
+                    img[chip[0] == code] = i
+                ax.imshow(img, cmap=ListedColormap([colors[k] for k in codes]), vmin=0, vmax=max(len(codes) - 1, 1),
                           interpolation="nearest")
             elif chip.shape[0] == 3 and units == "reflectance":
                 ax.imshow(np.moveaxis(_stretch(chip, 0.0, 0.3), 0, -1))

@@ -3,6 +3,7 @@ bag x chip matrix that averages chip predictions over each bag (`bag_matrix`).""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,8 @@ import shapely
 import torch
 
 from sarflow.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,10 +53,18 @@ def chip_bags(chips: pd.DataFrame, grid_crs: str, polygons, id_column: str, stat
     stats = stats.assign(**{id_column: stats[id_column].astype(str)})
     df["bag_id"] = df["bag_id"].astype(str)
     props = stats.set_index(id_column)[cols].fillna(0.0)
-    props = props.div(props.sum(axis=1).replace(0, 1), axis=0)
     unknown = sorted(set(df.bag_id) - set(props.index))
     if unknown:
         raise InputError(stats_source, f"no proportions for bag(s) {unknown[:5]}")
+    total = props.sum(axis=1)
+    empty = sorted(set(props.index[~(total > 0)]) & set(df.bag_id))
+    if empty:  # a bag with no labelled pixel has no proportions to learn from: not a bag
+        log.warning("%s: bag(s) %s have no class proportions (no labelled pixel): left out", stats_source, empty[:5])
+        df = df[~df.bag_id.isin(empty)].copy()
+        df["weight"] = df.area_fraction / df.groupby("pos")["area_fraction"].transform("sum")
+        outside = sorted(set(chips["chip_id"]) - set(df.chip_id))
+    props = props[total > 0]
+    props = props.div(props.sum(axis=1), axis=0)
     return Bags(members=df[["chip_id", "index", "bag_id", "weight", "area_fraction"]].reset_index(drop=True),
                 outside=outside, proportions=props)
 

@@ -21,7 +21,8 @@ class LLPConfig:
     id_column: str = "muni_id"
     stats: str | None = None  # CSV: id_column, frac_<class>... (optionally valid_pixels)
     label_raster: str | None = None  # or: aggregate bag proportions from a coarse label raster
-    label_nodata: float | None = None  # nodata of the label raster (default: its own, else 0)
+    label_nodata: float | None = None  # nodata of the label raster (default: the store's declared nodata of the label,
+    # else the raster's own tag; none known: refused)
     features_root: str | None = None  # embeddings partitions; the bags are written here
     model: str | None = None  # embeddings partition (default: the newest)
     version: str | None = None
@@ -29,11 +30,11 @@ class LLPConfig:
     loss: str = "kl"
     steps: int = 300  # at most: with val_fraction > 0 the steps are chosen on held-out training bags
     lr: float = 0.03
-    val_fraction: float = 0.25  # training bags held out to choose the steps (0: train `steps`)
-    classes: tuple[int, ...] | None = None  # default: the classes of the statistics
+    val_fraction: float = 0.25  # training bags held out to choose the steps and the model (0: defaults)
+    classes: tuple[int, ...] | None = None  # default: the statistics' classes, or the label's declared ones
     experiment: str = "sarflow-llp"
     register: bool = True
-    task: str = "llp-landcover"
+    task: str | None = None  # default llp-<label> (registered as sarflow-llp-<label>)
     seed: int = 0
     split: str = "bags"  # "bags": held-out bags; "store": the store's train vs val+test chips
     test_fraction: float = 0.3
@@ -42,6 +43,6 @@ class LLPConfig:
     hidden: int = 32
     prototypes: int = 48
     conv_stride: int = 8
-    pixel_modalities: tuple[str, ...] = ("s1grd", "s2rgb")
-    truth_modality: str = "worldcover"
+    pixel_modalities: tuple[str, ...] = ()  # the conv model's inputs (default: the store's continuous inputs)
+    truth_modality: str | None = None  # the label the proportions are of (default: the store's one categorical label)
     out_dir: str | None = None  # table and plots (default <features_root>/llp or a temp folder)

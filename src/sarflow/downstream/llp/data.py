@@ -54,16 +54,77 @@ def read_stats(path: str | Path, id_column: str) -> pd.DataFrame:
     return df
 
 
-def stats_classes(stats: pd.DataFrame) -> list[int]:
-    return sorted(int(c[len("frac_"):]) for c in stats.columns if c.startswith("frac_") and c[5:].lstrip("-").isdigit())
+def stats_classes(stats: pd.DataFrame, source: str = "bag statistics") -> list[int]:
+    """The class codes of a statistics table's ``frac_<code>`` columns (sorted); a column whose
+    suffix is not an integer code is refused, naming `source`."""
+    suffixes = [c[len("frac_"):] for c in stats.columns if c.startswith("frac_")]
+    bad = [x for x in suffixes if not x.lstrip("-").isdigit()]
+    if bad:
+        raise InputError(source, f"proportion columns frac_{{code}} must name integer class codes, not {bad}")
+    return sorted(int(x) for x in suffixes)
+
+
+def llp_label(group, store: str, name: str | None = None):
+    """The categorical label source whose class proportions the bags carry: `name`, or the store's
+    one categorical label (several: the caller must choose, and the error names them)."""
+    return categorical_label(group, store, name, "the one the bag proportions are of with --label (llp.truth_modality)",
+                             "LLP learns the class proportions of one")
+
+
+def categorical_label(group, store: str, name: str | None, choose: str, why: str):
+    """`name` (checked: a categorical label of the store), or the store's only categorical label;
+    none or several: an InputError naming the store's labels; `choose` says how to pick one."""
+    from sarflow.data.chipstore import label_source, label_sources
+
+    labels = label_sources(group, store)
+    categorical = [lab.name for lab in labels if lab.kind == "categorical"]
+    if name is None:
+        if len(categorical) == 1:
+            return next(lab for lab in labels if lab.name == categorical[0])
+        if not categorical:
+            raise InputError(store, f"the store declares no categorical label (its labels: {[lab.name for lab in labels]}): "
+                                    f"{why}; declare its classes (or a legend) in the catalog and tile again")
+        raise InputError(store, f"the store has several categorical labels {categorical}: choose {choose}")
+    lab = label_source(group, name, store)
+    if lab.kind != "categorical":
+        raise InputError(store, f"label {name!r} is {lab.kind}: a categorical label is needed ({why}; this store's: "
+                                f"{categorical})")
+    return lab
+
+
+def check_codes(codes, label, source: str) -> None:
+    """Refuses class codes the label does not declare, naming `source` and the codes."""
+    unknown = [int(c) for c in codes if int(c) not in label.codes]
+    if unknown:
+        declared = ", ".join(f"{c['code']}: {c['name']}" for c in label.classes)
+        raise InputError(source, f"class code(s) {unknown} are not classes of label {label.name!r} (it declares {declared})")
+
+
+def declared_nodata(arr) -> float | None:
+    """The nodata a store array's catalog declared (attr `nodata`, else `nodata_in_store`); None if
+    none or NaN (a float label masks NaN anyway)."""
+    for key in ("nodata", "nodata_in_store"):
+        v = arr.attrs.get(key)
+        if v is None or v == "NaN":
+            continue
+        v = float(v)
+        if np.isfinite(v):
+            return v
+    return None
 
 
 def polygon_class_fractions(raster: str | Path, polygons, id_column: str, classes: list[int] | None = None,
                             nodata: float | None = None) -> pd.DataFrame:
-    """Per-polygon class fractions of a (coarse) label raster by rasterio masking: the
-    "statistics" of each bag. Returns id_column, valid_pixels, frac_<class>..."""
+    """Per-polygon class fractions of a (coarse) label raster (the pixels whose centre lies in the
+    polygon): the "statistics" of each bag. Returns id_column, valid_pixels, frac_<class>...
+
+    `nodata`: the label's nodata (the caller's choice: a flag, else the store's declaration);
+    None takes the raster's own tag, and a raster without one is refused (no value is assumed).
+    Pixels with codes outside `classes` are not a class: they are left out of every fraction and
+    counted (a warning, and ``df.attrs["undeclared"]``: code -> pixels). `classes` None: every code
+    the raster shows except nodata."""
     import rasterio
-    from rasterio.mask import mask as rio_mask
+    from rasterio.mask import raster_geometry_mask
 
     p = Path(raster)
     if not p.is_file():
@@ -73,22 +134,46 @@ def polygon_class_fractions(raster: str | Path, polygons, id_column: str, classe
     except Exception as e:  # noqa: BLE001
         raise InputError(str(raster), f"not a readable raster ({type(e).__name__}: {e})") from None
     with src:
-        nod = nodata if nodata is not None else (src.nodata if src.nodata is not None else 0)
+        nod = nodata if nodata is not None else src.nodata
+        if nod is None:
+            raise InputError(str(raster), "the label raster has no nodata tag and no nodata is declared for its label: "
+                                          "give --label-nodata (llp.label_nodata) or declare `nodata` on the label "
+                                          "source in the catalog")
+        nod = float(nod)
+
+        def valid_of(a: np.ndarray) -> np.ndarray:
+            a = a.ravel()
+            return a[~np.isnan(a)] if np.isnan(nod) else a[a != nod]
+
         polys = polygons.to_crs(src.crs)
         if classes is None:
-            data = src.read(1)
-            classes = sorted(int(v) for v in np.unique(data) if v != nod)
-        rows = []
+            classes = sorted(int(v) for v in np.unique(valid_of(src.read(1))))
+        classes = [int(c) for c in classes]
+        rows, undeclared = [], {}
         for pid, geom in zip(polys[id_column], polys.geometry):
-            try:
-                arr, _ = rio_mask(src, [geom], crop=True, filled=True, nodata=nod, indexes=1)
+            try:  # the pixels whose centre lies in the polygon, read as they are (the raster's own nodata
+                # tag masks nothing here: `nod` decides)
+                outside, _, window = raster_geometry_mask(src, [geom], crop=True)
+                arr = src.read(1, window=window)[~outside]
             except ValueError:  # the polygon misses the raster
-                arr = np.full((1, 1), nod)
-            valid = arr[arr != nod]
+                arr = np.zeros(0, src.dtypes[0])
+            valid = valid_of(arr)
+            known = np.isin(valid, classes)
+            if not known.all():
+                codes, counts = np.unique(valid[~known], return_counts=True)
+                for c, k in zip(codes.tolist(), counts.tolist()):
+                    undeclared[c] = undeclared.get(c, 0) + int(k)
+            valid = valid[known]
             total = int(valid.size)
             rows.append({id_column: str(pid), "valid_pixels": total,
                          **{f"frac_{c}": (float((valid == c).sum()) / total if total else np.nan) for c in classes}})
-    return pd.DataFrame(rows)
+    if undeclared:
+        log.warning("%s: %d pixel(s) inside the bags have codes %s that are not classes %s: left out of the proportions",
+                    raster, sum(undeclared.values()), sorted(undeclared), classes)
+    df = pd.DataFrame(rows)
+    df.attrs["undeclared"] = undeclared
+    df.attrs["nodata"] = nod
+    return df
 
 
 @dataclass
@@ -103,10 +188,14 @@ class LLPData:
     truth: np.ndarray  # (n, k) chip class fractions from the fine labels
     truth_valid: np.ndarray  # (n,) bool: the chip has fine labels
     features: np.ndarray | None = None  # (n, d) embeddings or band statistics
-    pixels: np.ndarray | None = None  # (n, c, H, W) normalised, NaN -> 0
+    pixels: np.ndarray | None = None  # (n, c, H, W) normalised, NaN where the store has no data
     pixel_norm: tuple[np.ndarray, np.ndarray] | None = None  # mean, std per pixel channel (raw units)
     truth_map: np.ndarray | None = None  # (n, H, W) class position, -1 invalid
     feature_source: str = "embeddings"
+    input_valid: np.ndarray | None = None  # (n,) bool: the chip has some input data (None: all)
+    label: str = "label"  # the label source the classes are of
+    class_names: list[str] | None = None  # declared names, in the order of `classes`
+    class_colors: dict[int, str] | None = None  # code -> colour (declared, else a palette)
 
 
 def zscore(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,7 +233,7 @@ def train_test(data: LLPData, split: str, test_fraction: float, seed: int) -> tu
         row_split = data.chips["split"].to_numpy()
         train_idx = set(data.chips["index"][row_split == "train"].astype(int))
         train_bags = sorted(m[m["index"].astype(int).isin(train_idx)].bag_id.unique())
-        test = (row_split != "train") & data.truth_valid
+        test = (row_split != "train") & _scorable(data)
         return train_bags, np.flatnonzero(test)
     if split != "bags":
         raise InputError("split", f"unknown split {split!r}: bags or store")
@@ -157,8 +246,20 @@ def train_test(data: LLPData, split: str, test_fraction: float, seed: int) -> tu
     in_train = set(m[m.bag_id.isin(train_bags)]["index"].astype(int))
     in_test = set(m[m.bag_id.isin(test_bags)]["index"].astype(int))
     idx = data.chips["index"].astype(int).to_numpy()
-    test = np.array([(i in in_test) and (i not in in_train) for i in idx]) & data.truth_valid
+    test = np.array([(i in in_test) and (i not in in_train) for i in idx]) & _scorable(data)
     return train_bags, np.flatnonzero(test)
+
+
+def _scorable(data: LLPData) -> np.ndarray:
+    """Chips a model can be scored on: fine labels and some input data."""
+    return data.truth_valid & (data.input_valid if data.input_valid is not None else True)
+
+
+def test_bag_count(data: LLPData, test_rows: np.ndarray) -> int:
+    """How many bags the test chips come from."""
+    idx = set(data.chips["index"].to_numpy()[test_rows].astype(int))
+    m = data.bags.members
+    return int(m[m["index"].astype(int).isin(idx)].bag_id.nunique())
 
 
 def subset_bags(bags: Bags, keep: list[str]) -> Bags:
@@ -205,30 +306,62 @@ def block_counts(truth_map: np.ndarray, h: int, w: int, k: int) -> np.ndarray:
     return np.stack([(t == c).sum(axis=(2, 4)) for c in range(k)], axis=1)
 
 
-def _store_pixels(group, modalities: tuple[str, ...], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw pixels (NaN where invalid), normalised pixels (NaN -> 0), per-channel mean and std."""
-    from sarflow.downstream.baselines import band_mean_std, read_float
+def pixel_modalities(group, store: str, chosen=()) -> list[str]:
+    """The pixel model's inputs: the chosen input sources (checked), else the store's continuous inputs."""
+    from sarflow.data.chipstore import input_modalities
+
+    mods = input_modalities(group, list(chosen) or None, where=store)
+    categorical = [m for m in mods if group[m].attrs["kind"] != "continuous"]
+    if chosen and categorical:
+        raise InputError(store, f"pixel modalities {categorical} are categorical: the pixel model reads continuous inputs")
+    mods = [m for m in mods if m not in categorical]
+    if not mods:
+        raise InputError(store, "the store has no continuous input source for the pixel model")
+    return mods
+
+
+def store_pixels(group, modalities: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw pixels (NaN at nodata: `chipstore.iter_masked`), normalised pixels (NaN kept), per-channel
+    mean and std (the store's train statistics)."""
+    from sarflow.data.chipstore import iter_masked
+    from sarflow.downstream.baselines import band_mean_std
 
     raws, means, stds = [], [], []
     for name in modalities:
-        if name not in group.attrs["modalities"]:
-            continue
         arr = group[name]
-        raws.append(read_float(arr, n))
+        raw = np.empty((n,) + tuple(arr.shape[1:]), np.float32)
+        for start, chips in iter_masked(arr, n):
+            raw[start:start + len(chips)] = chips
+        raws.append(raw)
         mean, std = band_mean_std(arr)
         means.append(mean)
         stds.append(std)
-    if not raws:
-        raise InputError("pixel_modalities", f"the store has none of {list(modalities)}")
     raw = np.concatenate(raws, axis=1)
     mean, std = np.concatenate(means), np.concatenate(stds)
-    norm = np.nan_to_num((raw - mean[None, :, None, None]) / std[None, :, None, None], nan=0.0, posinf=0.0, neginf=0.0)
-    return raw, norm.astype(np.float32), mean, std
+    with np.errstate(invalid="ignore"):
+        norm = ((raw - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+    norm[~np.isfinite(norm)] = np.nan
+    return raw, norm, mean, std
+
+
+def store_truth(arr, classes: list[int], n: int) -> np.ndarray:
+    """(n, H, W) class position of every pixel of a categorical label (`chipstore.iter_masked`:
+    -1 at nodata and for codes that are not among `classes`)."""
+    from sarflow.data.chipstore import iter_masked
+
+    truth = np.full((n,) + tuple(arr.shape[2:]), -1, np.int64)
+    for start, chips in iter_masked(arr, n, bands=[0]):
+        part = truth[start:start + len(chips)]
+        for i, c in enumerate(classes):
+            part[chips[:, 0] == c] = i
+    return truth
 
 
 def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
-    """Bags, features, pixels and fine labels of a chip store."""
+    """Bags, features, pixels and fine labels of a chip store, for the label the catalog declares
+    (`llp_label`) and its classes (the statistics' or the declared ones)."""
     from sarflow.data.chipstore import open_chip_group, read_chip_table
+    from sarflow.data.quicklook import class_colors
 
     polygons = read_polygons(cfg.polygons, cfg.id_column)
     if (cfg.stats is None) == (cfg.label_raster is None):
@@ -239,16 +372,26 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
         raise InputError(cfg.store, f"not a chip store ({type(e).__name__})") from None
     if "modalities" not in group.attrs:
         raise InputError(cfg.store, "not a sarflow chip store (no 'modalities' attribute)")
+    label = llp_label(group, cfg.store, cfg.truth_modality)
+    if cfg.classes:
+        check_codes(cfg.classes, label, "classes")
     chips = read_chip_table(cfg.store).sort_values("index").reset_index(drop=True)
     n = len(chips)
+    undeclared: dict = {}
     if cfg.stats is not None:
         stats = read_stats(cfg.stats, cfg.id_column)
+        found = stats_classes(stats, cfg.stats)
+        check_codes(found, label, cfg.stats)
         source = cfg.stats
+        classes = sorted(int(c) for c in cfg.classes) if cfg.classes else found
+        nodata = None
     else:
-        stats = polygon_class_fractions(cfg.label_raster, polygons, cfg.id_column,
-                                        list(cfg.classes) if cfg.classes else None, cfg.label_nodata)
+        classes = sorted(int(c) for c in cfg.classes) if cfg.classes else list(label.codes)
+        nodata = cfg.label_nodata if cfg.label_nodata is not None else declared_nodata(group[label.name])
+        stats = polygon_class_fractions(cfg.label_raster, polygons, cfg.id_column, classes, nodata)
+        undeclared = dict(stats.attrs.get("undeclared", {}))
+        nodata = stats.attrs.get("nodata")
         source = cfg.label_raster
-    classes = list(cfg.classes) if cfg.classes else stats_classes(stats)
     bags = chip_bags(chips, group.attrs["crs"], polygons, cfg.id_column, stats, classes,
                      polygons_source=cfg.polygons, stats_source=source)
     if bags.members.empty:
@@ -260,16 +403,15 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
         bag_pixels = stats.set_index(stats[cfg.id_column].astype(str))["valid_pixels"].astype(float)
     else:
         bag_pixels = pd.Series(polys_grid.geometry.area.to_numpy(), index=polys_grid[cfg.id_column].astype(str))
-    # fine labels (evaluation only)
-    if cfg.truth_modality not in group.attrs["modalities"]:
-        raise InputError(cfg.store, f"no {cfg.truth_modality!r} modality to evaluate the chips against")
-    wc = group[cfg.truth_modality][:n][:, 0]
-    code_pos = {c: i for i, c in enumerate(classes)}
-    truth_map = np.full(wc.shape, -1, np.int64)
-    for c, i in code_pos.items():
-        truth_map[wc == c] = i
+    # fine labels (evaluation only), through the one reader: nodata and undeclared codes are no class
+    truth_map = store_truth(group[label.name], classes, n)
     truth, valid = chip_fractions(truth_map, len(classes))
-    raw, pixels, pmean, pstd = _store_pixels(group, cfg.pixel_modalities, n)
+    mods = pixel_modalities(group, cfg.store, cfg.pixel_modalities)
+    raw, pixels, pmean, pstd = store_pixels(group, mods, n)
+    input_valid = np.isfinite(raw).reshape(n, -1).any(axis=1)
+    if not input_valid.all():
+        log.warning("%s: %d chip(s) have no input data in %s: left out of training and scoring", cfg.store,
+                    int((~input_valid).sum()), mods)
     # chip features: embeddings of the features root, or band statistics
     feature_source, emb_model, emb_version = "band-stats", "", ""
     if cfg.features_root:
@@ -290,7 +432,7 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
         if cfg.model or cfg.version:
             raise InputError("features_root", "a --model/--version needs a --features-root with embeddings")
         raw_feats = band_statistics(raw)
-        log.warning("no embeddings under %s: using per-chip band statistics as features", cfg.features_root)
+        log.warning("no embeddings under %s: using per-chip band statistics of %s as features", cfg.features_root, mods)
     feats, fmean, fstd = zscore(raw_feats)
     # grid position for the maps: column from x, row from -y (north up)
     side = float((chips.maxx - chips.minx).iloc[0])
@@ -298,10 +440,13 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
                                 "col": np.round((chips.minx - chips.minx.min()) / side).astype(int),
                                 "row": np.round((chips.maxy.max() - chips.maxy) / side).astype(int),
                                 "split": chips["split"].astype(str) if "split" in chips else "train"})
+    colors = class_colors(label.classes)
     data = LLPData(chips=table_chips, bags=bags, bag_pixels=bag_pixels, bag_xy=bag_xy, classes=classes, truth=truth,
                    truth_valid=valid > 0, features=feats, pixels=pixels, pixel_norm=(pmean, pstd), truth_map=truth_map,
-                   feature_source=feature_source)
+                   feature_source=feature_source, input_valid=input_valid, label=label.name,
+                   class_names=[label.class_name(c) for c in classes], class_colors={c: colors[c] for c in classes})
     extra = {"chips_table": chips, "grid_crs": group.attrs["crs"], "feature_norm": (fmean, fstd),
              "raw_features": raw_feats.astype(np.float32), "raw_pixels": raw, "embedding_model": emb_model,
-             "embedding_version": emb_version, "stats_source": source}
+             "embedding_version": emb_version, "stats_source": source, "label": label, "pixel_modalities": mods,
+             "label_nodata": nodata, "undeclared_pixels": undeclared}
     return data, extra

@@ -8,18 +8,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sarflow.data.quicklook import WORLDCOVER_COLORS
 from sarflow.downstream.llp.data import LLPData, block_counts
 
 
-def _colors(classes: list[int]):
+def _colors(data: LLPData):
+    """The classes' colours as the label declares them (else a palette), white for no data."""
     from matplotlib.colors import ListedColormap
 
-    if set(classes) <= {0, 1}:
-        palette = {0: "#d8c8a0", 1: "#1f5fd0"}
-    else:
-        palette = WORLDCOVER_COLORS
-    return ListedColormap([palette.get(int(c), f"C{i}") for i, c in enumerate(classes)] + ["#ffffff"])
+    from sarflow.data.quicklook import class_colors
+
+    palette = data.class_colors or class_colors([{"code": c} for c in data.classes])
+    return ListedColormap([palette[int(c)] for c in data.classes] + ["#ffffff"])
+
+
+def class_labels(data: LLPData) -> list[str]:
+    names = data.class_names or [str(c) for c in data.classes]
+    return [f"{c} {n}" if str(c) != n else n for c, n in zip(data.classes, names)]
 
 
 def _grid_image(values: np.ndarray, chips: pd.DataFrame, block: int = 1) -> np.ndarray:
@@ -41,7 +45,7 @@ def plot_llp_map(data: LLPData, results: dict, best: str, path: Path, test_rows:
     import matplotlib.pyplot as plt
 
     k = len(data.classes)
-    cmap = _colors(data.classes)
+    cmap = _colors(data)
     truth = np.where(data.truth_valid, data.truth.argmax(1), -1)
     pred = results[best]["pred"].argmax(1)
     panels = [("truth: chip majority class", _grid_image(truth, data.chips)),
@@ -69,8 +73,8 @@ def plot_llp_map(data: LLPData, results: dict, best: str, path: Path, test_rows:
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
-    fig.legend(handles, [str(c) for c in data.classes], loc="lower center", ncol=min(k, 10), fontsize=8)
-    fig.suptitle("learning from label proportions (black outline: held-out test chips)", fontsize=10)
+    fig.legend(handles, class_labels(data), loc="lower center", ncol=min(k, 6), fontsize=8)
+    fig.suptitle(f"learning from label proportions: {data.label} (black outline: held-out test chips)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     fig.savefig(path, dpi=90)
     plt.close(fig)

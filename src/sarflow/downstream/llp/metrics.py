@@ -43,11 +43,12 @@ def pixel_scores(coarse: np.ndarray, truth_map: np.ndarray, k: int) -> dict:
 
 
 def model_metrics(results: dict, names) -> dict[str, float]:
-    """Every model's test scores, final loss and chosen steps, as flat MLflow metrics `<model>_<name>`."""
+    """Every model's test scores, final loss, chosen steps and held-out bag scores, as flat MLflow
+    metrics `<model>_<name>`."""
     out = {}
     for m in names:
         r = results[m]["metrics"]
-        for key in ("proportion_mae", "f1_macro", "iou_macro", "final_loss", "steps", "val_bag_loss",
+        for key in ("proportion_mae", "f1_macro", "iou_macro", "final_loss", "steps", "val_bag_loss", "val_bag_mae",
                     "pixel_f1_macro", "pixel_iou_macro"):
             if key in r:
                 out[f"{m}_{key}"] = float(r[key])

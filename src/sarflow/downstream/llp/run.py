@@ -1,4 +1,14 @@
-"""The LLP experiment on a chip store, logged to MLflow, the best model registered (`run_llp`)."""
+"""The LLP experiment on a chip store, logged to MLflow, the model chosen on validation bags
+registered (`run_llp`).
+
+Honest numbers: the test chips (held-out bags, or the store's test split) must be able to measure
+the task (`tasks.not_evaluable`: enough labelled chips with input data, two classes with chips of
+their own); otherwise the run is refused with an InputError
+that names the store and the reason, before anything is trained, written or registered. The
+number of steps and the model are chosen on training bags held out for validation (their bag
+proportions only); where none can be held out, the defaults are taken (`steps`, the first model
+listed) and the run says so. The test chips are scored once, at the end.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sarflow.downstream.llp.config import MODELS, LLPConfig
-from sarflow.downstream.llp.data import prepare_store_data, train_test
+from sarflow.downstream.llp.data import prepare_store_data, test_bag_count, train_test
 from sarflow.downstream.llp.figures import write_outputs
 from sarflow.downstream.llp.metrics import model_metrics, results_table
 from sarflow.downstream.llp.models import ProportionModel
@@ -22,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 PRIMARY_METRIC = ("test_proportion_mae", False)  # (metric, higher is better)
+MIN_VAL_BAGS = 2  # held-out training bags: fewer than this cannot choose the model
 
 
 def _out_dir(cfg_out: str | None, features_root: str | None) -> Path:
@@ -35,11 +46,45 @@ def _out_dir(cfg_out: str | None, features_root: str | None) -> Path:
     return out
 
 
+def llp_task(data, task_name: str):
+    """The LLP task as a `tasks.Task`: the chips' majority class of the label, scored by proportion MAE."""
+    from sarflow.downstream.tasks import Task
+
+    return Task(task_name, data.label, "multiclass", "proportion_mae", False, tuple(data.classes),
+                tuple(data.class_names or [str(c) for c in data.classes]), "class")
+
+
+def test_reason(data, task, test_rows: np.ndarray, split: str) -> str | None:
+    """Why the test chips cannot measure the task, or None."""
+    from sarflow.downstream.tasks import not_evaluable
+
+    y = np.asarray(data.classes)[data.truth[test_rows].argmax(axis=1)] if len(test_rows) else np.zeros(0, int)
+    return not_evaluable(task, y, "test" if split == "store" else "test (held-out bags)")
+
+
+def choose_model(results: dict, names: list[str], val_fraction: float) -> tuple[str, str]:
+    """(model, how it was chosen): the lowest held-out bag proportion MAE, or the first model
+    listed where validation cannot choose."""
+    val = {m: results[m]["metrics"].get("val_bag_mae", float("nan")) for m in names}
+    held = min(int(results[m]["metrics"].get("val_bags", 0)) for m in names)
+    if val_fraction <= 0:
+        why = "val_fraction is 0"
+    elif held < MIN_VAL_BAGS:
+        why = f"{held} training bag(s) held out (at least {MIN_VAL_BAGS} needed)"
+    elif not all(np.isfinite(v) for v in val.values()):
+        why = "no held-out bag score"
+    else:
+        best = min(names, key=lambda m: val[m])
+        return best, f"lowest proportion MAE on {held} held-out training bags"
+    return names[0], f"default (the first model listed): validation cannot choose, {why}"
+
+
 def run_llp(cfg: LLPConfig) -> dict:
     """The whole LLP experiment on a chip store; see the package docstring (sarflow.downstream.llp)."""
     import mlflow
 
     from sarflow.downstream.models import log_downstream_model
+    from sarflow.downstream.tasks import registered_task_name
     from sarflow.features.bags import write_chip_bags
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.mlops.tracking import setup_mlflow
@@ -51,16 +96,21 @@ def run_llp(cfg: LLPConfig) -> dict:
     if not 0 <= cfg.val_fraction < 1:
         raise InputError("val_fraction", f"{cfg.val_fraction} is not a fraction of the training bags in [0, 1)")
     data, extra = prepare_store_data(cfg)
+    task_name = cfg.task or f"llp-{data.label}"
+    task = llp_task(data, task_name)
+    train_bags, test_rows = train_test(data, cfg.split, cfg.test_fraction, cfg.seed)
+    reason = test_reason(data, task, test_rows, cfg.split)
+    if reason:
+        log.warning("%s: task %s is not evaluable, not trained nor registered: %s", cfg.store, task_name, reason)
+        raise InputError(cfg.store, f"no task is evaluable on this store: {task_name}: {reason}")
     out = _out_dir(cfg.out_dir, cfg.features_root)
     bags_path = write_chip_bags(data.bags, extra["chips_table"], cfg.features_root or out, crs=extra["grid_crs"])
-    train_bags, test_rows = train_test(data, cfg.split, cfg.test_fraction, cfg.seed)
-    if len(test_rows) == 0:
-        raise InputError(cfg.polygons, "no test chip: every chip with labels is in a training bag")
     kw = dict(loss=cfg.loss, steps=cfg.steps, lr=cfg.lr, hidden=cfg.hidden, prototypes=cfg.prototypes,
               stride=cfg.conv_stride, seed=cfg.seed, val_fraction=cfg.val_fraction)
     results = fit_and_evaluate(data, tuple(cfg.models), train_bags, test_rows, **kw)
     names = list(cfg.models)
-    best = min(names, key=lambda m: results[m]["metrics"]["proportion_mae"])
+    best, selection = choose_model(results, names, cfg.val_fraction)
+    log.info("LLP model %s: %s", best, selection)
     table = results_table(results)
     curve = None
     if cfg.bag_sizes and cfg.curve_model in MODELS:
@@ -71,28 +121,36 @@ def run_llp(cfg: LLPConfig) -> dict:
     mlflow.set_experiment(cfg.experiment)
     lineage = dataset_lineage(cfg.store)
     dataset_md5 = lineage.get("sarflow.dataset_dvc_md5", "untracked")
-    metrics = {"baseline_mae": results[best]["metrics"]["baseline_mae"],
-               "baseline_f1_macro": results[best]["metrics"]["baseline_f1_macro"]}
+    eval_set = f"{dataset_md5}:test:{task_name}"
+    best_metrics = results[best]["metrics"]
+    metrics = {"baseline_mae": best_metrics["baseline_mae"], "baseline_f1_macro": best_metrics["baseline_f1_macro"]}
     metrics.update(model_metrics(results, names))
-    metrics.update({"test_proportion_mae": results[best]["metrics"]["proportion_mae"],
-                    "test_f1_macro": results[best]["metrics"]["f1_macro"],
-                    "test_iou_macro": results[best]["metrics"]["iou_macro"]})
+    metrics.update({"test_proportion_mae": best_metrics["proportion_mae"], "test_f1_macro": best_metrics["f1_macro"],
+                    "test_iou_macro": best_metrics["iou_macro"]})
+    if "val_bag_mae" in best_metrics:
+        metrics["val_bag_mae"] = best_metrics["val_bag_mae"]
     if curve is not None:
         for row in curve.itertuples():
             metrics[f"curve_mae_x{row.merge_factor}"] = row.proportion_mae
     n_bags = data.bags.members.bag_id.nunique()
     params = {"polygons": cfg.polygons, "id_column": cfg.id_column, "proportions_source": extra["stats_source"],
               "proportions_from": "stats" if cfg.stats else "label_raster", "features": data.feature_source,
+              "label": data.label, "label_nodata": extra["label_nodata"],
               "models": ",".join(names), "loss": cfg.loss, "steps": cfg.steps, "val_fraction": cfg.val_fraction, "lr": cfg.lr,
               "classes": ",".join(map(str, data.classes)), "split": cfg.split, "test_fraction": cfg.test_fraction,
               "seed": cfg.seed, "bags": n_bags, "train_bags": len(train_bags), "test_chips": len(test_rows),
-              "chips": len(data.chips), "outside_chips": len(data.bags.outside), "best_model": best,
+              "test_bags": test_bag_count(data, test_rows), "chips": len(data.chips),
+              "outside_chips": len(data.bags.outside), "best_model": best, "selection": selection,
+              "undeclared_pixels": sum(extra["undeclared_pixels"].values()),
               "bag_sizes": ",".join(map(str, cfg.bag_sizes)), "hidden": cfg.hidden, "prototypes": cfg.prototypes,
-              "conv_stride": cfg.conv_stride, "pixel_modalities": ",".join(cfg.pixel_modalities)}
+              "conv_stride": cfg.conv_stride, "pixel_modalities": ",".join(extra["pixel_modalities"])}
     registered = {"name": None, "version": None}
-    with mlflow.start_run(run_name=cfg.task if cfg.task.startswith("llp-") else f"llp-{cfg.task}") as run:
-        mlflow.set_tags({**lineage, "sarflow.task": cfg.task, "sarflow.llp.best_model": best,
-                         "sarflow.llp.classes": json.dumps(data.classes)})
+    models: dict[str, dict] = {}
+    classes_tag = json.dumps(data.classes)
+    with mlflow.start_run(run_name=task_name if task_name.startswith("llp-") else f"llp-{task_name}") as run:
+        mlflow.set_tags({**lineage, "sarflow.task": task_name, "sarflow.llp.best_model": best,
+                         "sarflow.llp.selection": selection, "sarflow.llp.label": data.label,
+                         "sarflow.llp.classes": classes_tag})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
         mlflow.log_artifact(str(table_path), "llp")
@@ -105,27 +163,34 @@ def run_llp(cfg: LLPConfig) -> dict:
             mlflow.log_text("\n".join(data.bags.outside), "llp/outside_chips.txt")
         if cfg.register:
             with mlflow.start_run(run_name=f"register-{best}", nested=True):
-                mlflow.set_tags({**lineage, "sarflow.task": cfg.task, "sarflow.llp.model": best,
-                                 "sarflow.llp.classes": json.dumps(data.classes)})
+                mlflow.set_tags({**lineage, "sarflow.task": task_name, "sarflow.llp.model": best,
+                                 "sarflow.llp.classes": classes_tag})
+                rows = test_rows[:4]
                 if best == "conv":
                     wrapped = ProportionModel(results[best]["model"], *data.pixel_norm, data.classes, "conv")
-                    example = np.nan_to_num(extra["raw_pixels"][test_rows[:4]])
+                    raw = extra["raw_pixels"][rows]
+                    example = np.where(np.isfinite(raw), raw, data.pixel_norm[0][None, :, None, None])
                 else:
                     wrapped = ProportionModel(results[best]["model"], *extra["feature_norm"], data.classes, best)
-                    example = extra["raw_features"][test_rows[:4]]
+                    example = extra["raw_features"][rows]
                 info = log_downstream_model(
-                    wrapped, cfg.task, example, lineage=lineage, eval_set=f"{dataset_md5}:llp:test",
+                    wrapped, registered_task_name(task_name), example, lineage=lineage, eval_set=eval_set,
                     metrics={"test_proportion_mae": metrics["test_proportion_mae"],
                              "test_f1_macro": metrics["test_f1_macro"]})
                 registered = {"name": info["name"], "version": info["version"]}
-                mlflow.MlflowClient().set_model_version_tag(info["name"], info["version"], "sarflow.llp.classes",
-                                                            json.dumps(data.classes))
-                mlflow.MlflowClient().set_model_version_tag(info["name"], info["version"], "sarflow.llp.input",
-                                                            "pixels" if best == "conv" else data.feature_source)
-    log.info("LLP done in %.1fs: best %s, test MAE %.4f vs baseline %.4f", time.perf_counter() - t0, best,
+                models[info["name"]] = {"version": info["version"], "metric": PRIMARY_METRIC[0],
+                                        "higher_is_better": PRIMARY_METRIC[1]}
+                client = mlflow.MlflowClient()
+                client.set_model_version_tag(info["name"], info["version"], "sarflow.llp.classes", classes_tag)
+                client.set_model_version_tag(info["name"], info["version"], "sarflow.llp.label", data.label)
+                client.set_model_version_tag(info["name"], info["version"], "sarflow.llp.input",
+                                             "pixels" if best == "conv" else data.feature_source)
+    log.info("LLP done in %.1fs: %s (%s), test MAE %.4f vs baseline %.4f", time.perf_counter() - t0, best, selection,
              metrics["test_proportion_mae"], metrics["baseline_mae"])
-    return {"run_id": run.info.run_id, "registered": registered, "metrics": metrics, "table": str(table_path),
-            "plots": [str(p) for p in plots], "bags": str(bags_path), "outside": len(data.bags.outside),
-            "outside_chips": list(data.bags.outside), "best_model": best, "features": data.feature_source,
+    return {"run_id": run.info.run_id, "task": task_name, "label": data.label, "classes": data.classes,
+            "models": models, "not_evaluable": {}, "registered": registered, "metrics": metrics,
+            "table": str(table_path), "plots": [str(p) for p in plots], "bags": str(bags_path),
+            "outside": len(data.bags.outside), "outside_chips": list(data.bags.outside), "best_model": best,
+            "selection": selection, "features": data.feature_source, "eval_set": eval_set,
             "curve": str(out / "bag_size_curve.csv") if curve is not None else None, "rows": table.to_dict(orient="records"),
             "seconds": time.perf_counter() - t0}

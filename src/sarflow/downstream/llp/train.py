@@ -1,11 +1,13 @@
 """Training on bag proportions only: the bag loss (KL, MSE or cross-entropy between predicted and
-known bag proportions), full-batch training, the number of steps chosen on held-out training bags,
-every model fit and scored on the test chips (`fit_and_evaluate`), and the bag-size curve."""
+known bag proportions), full-batch training, the number of steps chosen on held-out training bags
+(whose proportion MAE also ranks the models: validation, never the test chips), every model fit
+and scored on the test chips (`fit_and_evaluate`), and the bag-size curve."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -64,30 +66,51 @@ def train_llp(model: nn.Module, x: torch.Tensor, a: torch.Tensor, target: torch.
     return history
 
 
+class StepChoice(NamedTuple):
+    steps: int  # the step with the lowest held-out bag loss (or the given steps when none is held out)
+    curve: list  # [(step, held-out bag loss)]
+    val_mae: float  # held-out bag proportion MAE at `steps` (NaN when none is held out)
+    val_bags: int  # bags held out
+
+
+def held_out_bags(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(val, fit) bag positions: a seeded random `val_fraction` of `n` bags held out; None when
+    fewer than two bags would be left to fit on (or nothing is held out)."""
+    if val_fraction <= 0:
+        return None
+    n_val = max(1, int(round(val_fraction * n)))
+    if n - n_val < 2:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:n_val], order[n_val:]
+
+
 def select_steps(make_model, x: torch.Tensor, a: torch.Tensor, target: torch.Tensor, loss: str = "kl",
                  steps: int = 300, lr: float = 0.05, seed: int = 0, val_fraction: float = 0.25,
-                 every: int = 10) -> tuple[int, list[tuple[int, float]]]:
+                 every: int = 10) -> StepChoice:
     """Early stopping from bag proportions alone (no chip label): a fresh `make_model()` is
     trained on a random (1 - val_fraction) of the bags (rows of `a`) and its loss on the
     held-out bags is read every `every` steps; returns the step with the lowest held-out loss
-    (refit on every bag for that many steps) and the curve [(step, loss)]. With fewer than two
-    bags to fit on it returns `steps`."""
-    n = a.shape[0]
-    n_val = max(1, int(round(val_fraction * n)))
-    if n - n_val < 2:
-        return steps, []
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val, fit = order[:n_val], order[n_val:]
+    (refit on every bag for that many steps), the curve [(step, loss)], the held-out bags'
+    proportion MAE at that step (what models are compared by) and how many bags were held out.
+    With fewer than two bags to fit on it returns `steps`, no curve and NaN."""
+    split = held_out_bags(a.shape[0], val_fraction, seed)
+    if split is None:
+        return StepChoice(steps, [], float("nan"), 0)
+    val, fit = split
     curve: list[tuple[int, float]] = []
+    mae: dict[int, float] = {}
 
-    def held_out_loss(step: int, model: nn.Module) -> None:
+    def held_out(step: int, model: nn.Module) -> None:
         if step % every == 0 or step == steps:
             with torch.no_grad():
-                curve.append((step, bag_loss(a[val] @ model.instance(x), target[val], loss).item()))
+                pred = a[val] @ model.instance(x)
+                curve.append((step, bag_loss(pred, target[val], loss).item()))
+                mae[step] = (pred - target[val]).abs().mean().item()
 
-    train_llp(make_model(), x, a[fit], target[fit], loss=loss, steps=steps, lr=lr, seed=seed, after_step=held_out_loss)
+    train_llp(make_model(), x, a[fit], target[fit], loss=loss, steps=steps, lr=lr, seed=seed, after_step=held_out)
     best = min(curve, key=lambda c: c[1])[0]
-    return best, curve
+    return StepChoice(best, curve, mae[best], len(val))
 
 
 def _make_model(name: str, x_train: torch.Tensor, k: int, hidden: int, prototypes: int,
@@ -116,6 +139,8 @@ def fit_and_evaluate(data: LLPData, models: tuple[str, ...], train_bags: list[st
     k = len(data.classes)
     in_bags = data.chips["index"].astype(int).isin(set(bags.members["index"].astype(int))).to_numpy()
     in_bags[test_rows] = False  # test chips never enter a training bag (with split="store" they are dropped from it)
+    if data.input_valid is not None:
+        in_bags &= data.input_valid  # a chip without input data says nothing about its bag
     rows = np.flatnonzero(in_bags)
     row_of = {int(data.chips["index"].iloc[r]): j for j, r in enumerate(rows)}
     a, ids = bag_matrix(bags, len(rows), row_of)
@@ -155,8 +180,8 @@ def _fit_one(name, data, out, rows, a, target, mean_prop, test_rows, k, loss, st
     def make():
         return _make_model(name, x_train, k, hidden, prototypes, stride, seed)
 
-    chosen, curve = (select_steps(make, x_train, a, target, loss=loss, steps=steps, lr=lr, seed=seed,
-                                  val_fraction=val_fraction) if val_fraction > 0 else (steps, []))
+    choice = select_steps(make, x_train, a, target, loss=loss, steps=steps, lr=lr, seed=seed, val_fraction=val_fraction)
+    chosen, curve = choice.steps, choice.curve
     model = make()
     history = train_llp(model, x_train, a, target, loss=loss, steps=chosen, lr=lr, seed=seed)
     model.eval()
@@ -168,12 +193,14 @@ def _fit_one(name, data, out, rows, a, target, mean_prop, test_rows, k, loss, st
     metrics["steps"] = chosen
     if curve:
         metrics["val_bag_loss"] = min(v for _, v in curve)
+        metrics["val_bag_mae"] = choice.val_mae
+    metrics["val_bags"] = choice.val_bags
     if coarse is not None and data.truth_map is not None:
         metrics.update(pixel_scores(coarse[test_rows], data.truth_map[test_rows], k))
     out[name] = {"model": model, "metrics": metrics, "pred": pred, "coarse": coarse,
                  "seconds": time.perf_counter() - t0}
-    log.info("LLP %s: test MAE %.4f (baseline %.4f), %d steps, in %.1fs", name, metrics["proportion_mae"],
-             metrics["baseline_mae"], chosen, out[name]["seconds"])
+    log.info("LLP %s: %d steps, held-out bag MAE %.4f; test MAE %.4f (baseline %.4f), in %.1fs", name, chosen,
+             choice.val_mae, metrics["proportion_mae"], metrics["baseline_mae"], out[name]["seconds"])
 
 
 def bag_size_curve(data: LLPData, train_bags: list[str], test_rows: np.ndarray, factors, model: str,

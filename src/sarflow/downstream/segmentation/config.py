@@ -9,8 +9,6 @@ from pydantic.dataclasses import dataclass
 from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
-DEFAULT_GROUPS = [("s1", "s1grd", None)]
-
 
 @dataclass(config=STAGE_CONFIG)
 class SegmentConfig:
@@ -19,8 +17,10 @@ class SegmentConfig:
     store: str
     tracking_uri: str = field(default_factory=default_tracking_uri)
     encoder_uri: str | None = None  # e.g. models:/sarflow-encoder-mae/1; None trains only the U-Net
-    label_modality: str = "worldcover"
-    groups: list[tuple[str, str, list[str] | None]] | None = None  # (group, modality, bands); default: the encoder's
+    label_modality: str | None = None  # a categorical label of the store (default: its only one)
+    groups: list[tuple[str, str, list[str] | None]] | None = None  # (group, modality, bands); default: the encoder's,
+    # else one group per input source (`modalities`)
+    modalities: tuple[str, ...] = ()  # the U-Net's inputs without an encoder (default: the store's continuous inputs)
     steps: int = 100
     batch_size: int = 16
     lr: float = 2e-3
@@ -32,10 +32,11 @@ class SegmentConfig:
     train_unet: bool = True
     label_fractions: tuple[float, ...] = ()  # extra label-efficiency points, e.g. (0.1,): fraction of train chips
     augment: bool = True  # random flips / 90-degree rotations of each batch
-    test_split: str = "test"
+    val_split: str = "val"  # chooses the model to register
+    test_split: str = "test"  # scored once, at the end
     plot_chips: int = 4
     experiment: str = "sarflow-segmentation"
-    register: bool = True  # registers the better of the two (by test mIoU) as sarflow-segmentation
+    register: bool = True  # registers the better of the two (by val mIoU) as sarflow-segmentation-<label>
     seed: int = 0
     threads: int | None = None  # torch CPU threads while training (None: leave torch's setting)
 

@@ -1,31 +1,41 @@
 """Segmentation inputs: the registered encoder, the input channels with the store's train statistics,
-and the train and test chips in memory with labels mapped to contiguous class indices."""
+and the train, val and test chips in memory (read through `chipstore.read_masked`: NaN at nodata)
+with labels mapped to the positions of the label's declared classes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from sarflow.downstream.segmentation.config import DEFAULT_GROUPS, SegmentConfig
+from sarflow.downstream.segmentation.config import SegmentConfig
 from sarflow.downstream.segmentation.metrics import IGNORE
+from sarflow.downstream.tasks import MIN_CLASS_CHIPS, MIN_EVAL_CHIPS
 from sarflow.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class SegData:
     x_train: torch.Tensor  # (n, C, H, W) physical units, NaN = missing
-    y_train: torch.Tensor  # (n, H, W) contiguous class indices, IGNORE for nodata / unknown codes
+    y_train: torch.Tensor  # (n, H, W) class positions, IGNORE for nodata / undeclared codes
     x_test: torch.Tensor
     y_test: torch.Tensor
-    codes_test: np.ndarray  # (n, H, W) raw label codes of the test chips
-    classes: list[int]
+    codes_test: np.ndarray  # (n, H, W) raw label codes of the test chips (NaN at nodata)
+    classes: list[int]  # the label's declared class codes
     channel_names: list[str]
     mean: np.ndarray
     std: np.ndarray
     test_chip_ids: list[str]
-    unknown_test_fraction: float  # labelled test pixels whose code the train split never shows
+    unknown_test_fraction: float  # test pixels with a code the label does not declare (not a class: ignored)
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+    label: str = "label"
+    class_names: list[str] = field(default_factory=list)
+    class_colors: dict[int, str] = field(default_factory=dict)
 
 
 def load_encoder(uri: str):
@@ -43,6 +53,35 @@ def load_encoder(uri: str):
     return model.cpu().float()
 
 
+def segmentation_label(group, store: str, name: str | None):
+    """The categorical label to segment: `name`, or the store's only categorical label."""
+    from sarflow.downstream.llp.data import categorical_label
+
+    return categorical_label(group, store, name, "the one to segment with --label (segment.label_modality)",
+                             "segmentation predicts one")
+
+
+def default_groups(group, store: str, chosen=()) -> list[tuple[str, str, None]]:
+    """One group per input source: the chosen ones (checked), else the store's continuous inputs."""
+    from sarflow.data.chipstore import input_modalities
+
+    mods = input_modalities(group, list(chosen) or None, where=store)
+    categorical = [m for m in mods if group[m].attrs["kind"] != "continuous"]
+    if chosen and categorical:
+        raise InputError(store, f"modalities {categorical} are categorical: model inputs must be continuous data")
+    mods = [m for m in mods if m not in categorical]
+    if not mods:
+        raise InputError(store, "the store has no continuous input source to segment from")
+    return [(m, m, None) for m in mods]
+
+
+def encoder_sources(encoder) -> list[tuple[str, str, list[str]]]:
+    """(group, store source, bands) blocks the encoder reads, in channel order."""
+    if getattr(encoder, "sources", None):
+        return [(name, mod, list(bands)) for name, mod, bands in encoder.sources]
+    return [(name, mod, list(bands)) for (name, bands), mod in zip(encoder.groups, encoder.modalities)]  # older encoders
+
+
 def resolve_inputs(cfg: SegmentConfig, encoder=None) -> tuple[list[tuple[str, str, list[str]]], np.ndarray, np.ndarray]:
     """(group, modality, bands) of the input channels, with the store's train mean/std per channel."""
     from sarflow.data.chipstore import open_chip_group
@@ -52,15 +91,17 @@ def resolve_inputs(cfg: SegmentConfig, encoder=None) -> tuple[list[tuple[str, st
     if not group.attrs.get("modalities"):
         raise InputError(cfg.store, "not a sarflow chip store (no 'modalities' attribute)")
     if encoder is not None:
-        enc_groups = [(name, mod, list(bands)) for (name, bands), mod in zip(encoder.groups, encoder.modalities)]
+        enc_groups = encoder_sources(encoder)
         if cfg.groups is not None:
             asked = [(n, m, list(b) if b else None) for n, m, b in cfg.groups]
             if [(m, b or bb) for (n, m, b), (_, _, bb) in zip(asked, enc_groups)] != [(m, b) for _, m, b in enc_groups] \
                     or len(asked) != len(enc_groups):
                 raise InputError(cfg.encoder_uri or "encoder", f"the encoder takes {enc_groups}, not the groups {cfg.groups}")
         groups = enc_groups
+    elif cfg.groups:
+        groups = [(n, m, list(b) if b else None) for n, m, b in cfg.groups]
     else:
-        groups = [(n, m, list(b) if b else None) for n, m, b in (cfg.groups or DEFAULT_GROUPS)]
+        groups = default_groups(group, cfg.store, cfg.modalities)
     resolved = [store_group(group, cfg.store, name, modality, bands) for name, modality, bands in groups]
     out = [(g.name, g.modality, g.bands) for g in resolved]
     mean = [m for g in resolved for m in g.mean]
@@ -69,59 +110,77 @@ def resolve_inputs(cfg: SegmentConfig, encoder=None) -> tuple[list[tuple[str, st
 
 
 def _read_inputs(group, groups, rows: np.ndarray) -> np.ndarray:
+    from sarflow.data.chipstore import read_masked
+
     parts = []
     for _, modality, bands in groups:
         arr = group[modality]
-        idx = [list(arr.attrs["bands"]).index(b) for b in bands]
-        raw = arr.oindex[rows.tolist()] if len(rows) else np.zeros((0,) + arr.shape[1:], arr.dtype)
-        x = raw[:, idx].astype(np.float32)
-        nodata = arr.attrs.get("nodata_in_store")
-        if nodata not in (None, "NaN"):
-            x[raw[:, idx] == nodata] = np.nan
-        parts.append(x)
+        parts.append(read_masked(arr, rows, [list(arr.attrs["bands"]).index(b) for b in bands]))
     return np.concatenate(parts, axis=1)
 
 
+def to_positions(codes: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Label codes (NaN at nodata) -> positions of the declared classes, IGNORE elsewhere."""
+    y = np.full(codes.shape, IGNORE, np.int64)
+    for i, c in enumerate(classes):
+        y[codes == c] = i
+    return y
+
+
+def not_evaluable(y: np.ndarray, k: int, split: str) -> str | None:
+    """Why a split's labels (n, H, W class positions) cannot measure a segmentation, or None: too
+    few chips, or fewer than two classes present in `MIN_CLASS_CHIPS` chips each (the rule of
+    `tasks.not_evaluable`, on the classes a chip shows)."""
+    n = len(y)
+    if n < MIN_EVAL_CHIPS:
+        return f"{split} split has {n} labelled chips (at least {MIN_EVAL_CHIPS} needed)"
+    flat = y.reshape(n, -1)
+    chips_with = np.array([(flat == i).any(axis=1).sum() for i in range(k)])
+    if (chips_with >= MIN_CLASS_CHIPS).sum() < 2:
+        return f"{split} split shows fewer than two classes in {MIN_CLASS_CHIPS}+ chips each (chips per class: " \
+               f"{chips_with.tolist()})"
+    return None
+
+
 def load_data(cfg: SegmentConfig, groups, mean, std) -> SegData:
-    """Train and test chips in memory (inputs in physical units), labels mapped to indices."""
-    from sarflow.data.chipstore import open_chip_group, read_chip_table
+    """Train, val and test chips in memory (inputs in physical units), labels mapped to the positions
+    of the label's declared classes (nodata and undeclared codes: IGNORE)."""
+    from sarflow.data.chipstore import open_chip_group, read_chip_table, read_masked
+    from sarflow.data.quicklook import class_colors
 
     group = open_chip_group(cfg.store)
-    mods = list(group.attrs.get("modalities", []))
-    if cfg.label_modality not in mods:
-        raise InputError(cfg.store, f"the store has no label modality {cfg.label_modality!r} (it has {mods})")
-    lab = group[cfg.label_modality]
-    if lab.attrs["kind"] != "categorical":
-        raise InputError(cfg.store, f"label modality {cfg.label_modality!r} is not categorical (it is {lab.attrs['kind']})")
-    nodata = lab.attrs.get("nodata_in_store")
-    nodata = 0 if nodata in (None, "NaN") else int(nodata)
+    label = segmentation_label(group, cfg.store, cfg.label_modality)
+    lab = group[label.name]
+    classes = list(label.codes)
     table = read_chip_table(cfg.store)
-    col = f"valid_{cfg.label_modality}"
+    col = f"valid_{label.name}"
     labelled = table[table[col] > 0] if col in table.columns else table
 
     def rows(split):
         return np.sort(labelled.loc[labelled["split"] == split, "index"].to_numpy())
 
-    train_rows, test_rows = rows("train"), rows(cfg.test_split)
+    train_rows, val_rows, test_rows = rows("train"), rows(cfg.val_split), rows(cfg.test_split)
     if not len(train_rows):
-        raise InputError(cfg.store, f"no train chips with {cfg.label_modality!r} labels")
-    if not len(test_rows):
-        raise InputError(cfg.store, f"no {cfg.test_split!r} chips with {cfg.label_modality!r} labels to evaluate on")
-    y_train_codes = lab.oindex[train_rows.tolist()][:, 0].astype(np.int64)
-    y_test_codes = lab.oindex[test_rows.tolist()][:, 0].astype(np.int64)
-    classes = sorted(int(c) for c in np.unique(y_train_codes) if c != nodata)
-    if len(classes) < 2:
-        raise InputError(cfg.store, f"the train chips show {len(classes)} label class(es) {classes}: need at least 2")
-    lut = np.full(max(int(y_train_codes.max()), int(y_test_codes.max()), max(classes)) + 1, IGNORE, np.int64)
-    lut[classes] = np.arange(len(classes))
-    if 0 <= nodata < len(lut):
-        lut[nodata] = IGNORE
-    labelled_test = y_test_codes != nodata
-    unknown = labelled_test & (lut[y_test_codes] == IGNORE)
-    x_train = _read_inputs(group, groups, train_rows)
-    x_test = _read_inputs(group, groups, test_rows)
+        raise InputError(cfg.store, f"no train chips with {label.name!r} labels")
+    y_train = to_positions(read_masked(lab, train_rows)[:, 0], classes)
+    seen = sorted(classes[i] for i in np.unique(y_train) if i != IGNORE)
+    if len(seen) < 2:
+        raise InputError(cfg.store, f"the train chips show {len(seen)} class(es) {seen} of label {label.name!r}: "
+                                    "need at least 2 to train")
+    codes_val = read_masked(lab, val_rows)[:, 0]
+    codes_test = read_masked(lab, test_rows)[:, 0]
+    y_test = to_positions(codes_test, classes)
+    labelled_test = np.isfinite(codes_test)
+    unknown = labelled_test & (y_test == IGNORE)
+    if unknown.any():
+        log.warning("%s: %d test pixel(s) of %r have codes %s that the label does not declare: ignored", cfg.store,
+                    int(unknown.sum()), label.name, sorted(np.unique(codes_test[unknown]).astype(int).tolist()))
     ids = dict(zip(table["index"].tolist(), table["chip_id"].tolist()))
-    return SegData(torch.from_numpy(x_train), torch.from_numpy(lut[y_train_codes]), torch.from_numpy(x_test),
-                   torch.from_numpy(lut[y_test_codes]), y_test_codes, classes,
-                   [f"{g}:{b}" for g, _, bands in groups for b in bands], mean, std,
-                   [ids[int(r)] for r in test_rows], float(unknown.sum() / max(labelled_test.sum(), 1)))
+    colors = class_colors(label.classes)
+    return SegData(torch.from_numpy(_read_inputs(group, groups, train_rows)), torch.from_numpy(y_train),
+                   torch.from_numpy(_read_inputs(group, groups, test_rows)), torch.from_numpy(y_test), codes_test,
+                   classes, [f"{m}:{b}" for _, m, bands in groups for b in bands], mean, std,
+                   [ids[int(r)] for r in test_rows], float(unknown.sum() / max(labelled_test.sum(), 1)),
+                   x_val=torch.from_numpy(_read_inputs(group, groups, val_rows)),
+                   y_val=torch.from_numpy(to_positions(codes_val, classes)), label=label.name,
+                   class_names=[c["name"] for c in label.classes], class_colors=colors)

@@ -7,19 +7,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sarflow.data.quicklook import WORLDCOVER_COLORS
 from sarflow.downstream.segmentation.data import SegData
 from sarflow.downstream.segmentation.metrics import IGNORE
 
 
-def _code_cmap(classes: list[int]):
+def _code_cmap(data: SegData):
+    """Black for ignored pixels, then each class in its declared colour (else a tab20 colour)."""
     from matplotlib.colors import ListedColormap
 
-    import matplotlib.pyplot as plt
+    from sarflow.data.quicklook import class_colors
 
-    tab = plt.get_cmap("tab20")
-    colors = ["#000000"] + [WORLDCOVER_COLORS.get(c, tab(i % 20)) for i, c in enumerate(classes)]
-    return ListedColormap(colors)
+    palette = data.class_colors or class_colors([{"code": c} for c in data.classes])
+    return ListedColormap(["#000000"] + [palette[c] for c in data.classes])
+
+
+def class_label(data: SegData, k: int) -> str:
+    code = data.classes[k]
+    name = data.class_names[k] if k < len(data.class_names) else str(code)
+    return name if name == str(code) else f"{code} {name}"
 
 
 def prediction_figure(data: SegData, preds: dict[str, torch.Tensor], path: Path, n: int = 4) -> Path:
@@ -30,7 +35,7 @@ def prediction_figure(data: SegData, preds: dict[str, torch.Tensor], path: Path,
     import matplotlib.pyplot as plt
 
     n = min(n, len(data.x_test))
-    cmap = _code_cmap(data.classes)
+    cmap = _code_cmap(data)
     codes = np.array([0] + data.classes)
 
     def to_slot(idx: np.ndarray) -> np.ndarray:  # class index -> colour slot (0 = ignored/nodata)
@@ -48,9 +53,10 @@ def prediction_figure(data: SegData, preds: dict[str, torch.Tensor], path: Path,
             if i == 0:
                 axes[i, j].set_title(title, fontsize=8)
         axes[i, 0].set_ylabel(data.test_chip_ids[i], fontsize=6)
-    handles = [matplotlib.patches.Patch(color=cmap(k + 1), label=str(c)) for k, c in enumerate(data.classes)]
+    handles = [matplotlib.patches.Patch(color=cmap(k + 1), label=class_label(data, k)) for k in range(len(data.classes))]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.suptitle(f"{data.label}: truth and predictions on test chips (black: no label)", fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -1,4 +1,12 @@
-"""The segmentation run: trains the ViT head and the U-Net, one MLflow run each, registers the better."""
+"""The segmentation run: trains the ViT head and the U-Net, one MLflow run each, registers the one
+with the better val mIoU.
+
+Honest numbers: a test split that cannot measure the segmentation (too few chips, fewer than two
+classes with chips of their own: `data.not_evaluable`) refuses the run with an InputError naming the
+store, before anything is trained or registered. The model to register is chosen on the val split;
+where val cannot measure it, the default (the ViT head when an encoder is given, else the U-Net) is
+taken and the run says so. The test split is scored once per model, at the end.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ import numpy as np
 import torch
 
 from sarflow.downstream.segmentation.config import SegmentConfig, check_config
-from sarflow.downstream.segmentation.data import load_data, load_encoder, resolve_inputs
+from sarflow.downstream.segmentation.data import load_data, load_encoder, not_evaluable, resolve_inputs
 from sarflow.downstream.segmentation.figures import loss_figure, prediction_figure
 from sarflow.downstream.segmentation.models import encoder_patch
 from sarflow.downstream.segmentation.train import _build, evaluate, majority_baseline, subset, train_model
@@ -20,12 +28,13 @@ from sarflow.errors import InputError
 log = logging.getLogger(__name__)
 
 
-TASK = "segmentation"
+PRIMARY_METRIC = ("test_miou", True)  # (metric, higher is better)
 
 
 def run_segmentation(cfg: SegmentConfig) -> dict:
-    """Trains the ViT head (when `encoder_uri` is given) and the U-Net, evaluates both on the
-    test split, tracks one MLflow run per model and registers the better one."""
+    """Trains the ViT head (when `encoder_uri` is given) and the U-Net, chooses on the val split,
+    scores both on the test split, tracks one MLflow run per model and registers the chosen one as
+    ``sarflow-segmentation-<label>``."""
     check_config(cfg)
     previous_threads = torch.get_num_threads()
     if cfg.threads:
@@ -57,15 +66,25 @@ def _run(cfg: SegmentConfig) -> dict:
         if size < patch or size % patch:
             raise InputError(cfg.store, f"chips of {size} px cannot be cut into the {patch} px patches of the encoder "
                                         f"{cfg.encoder_uri} (the chip side must be a multiple of the patch size)")
+    from sarflow.downstream.tasks import registered_task_name
+
     groups, mean, std = resolve_inputs(cfg, encoder)
     data = load_data(cfg, groups, mean, std)
+    task = f"segmentation-{data.label}"
+    k = len(data.classes)
+    reason = not_evaluable(data.y_test.numpy(), k, cfg.test_split)
+    if reason:
+        log.warning("%s: task %s is not evaluable, not trained nor registered: %s", cfg.store, task, reason)
+        raise InputError(cfg.store, f"no task is evaluable on this store: {task}: {reason}")
     kinds = (["vit"] if encoder is not None else []) + (["unet"] if cfg.train_unet else [])
+    val_reason = not_evaluable(data.y_val.numpy(), k, cfg.val_split)
     baseline = majority_baseline(data)
     results, models, curves = {}, {}, {}
     for kind in kinds:
         t = time.perf_counter()
         model, enc_params = _build(kind, cfg, data, encoder)
         losses = train_model(model, data.x_train, data.y_train, cfg, enc_params)
+        val = evaluate(model, data, "val") if val_reason is None else None
         ev = evaluate(model, data)
         label_eff = {}
         for frac in cfg.label_fractions:
@@ -76,24 +95,34 @@ def _run(cfg: SegmentConfig) -> dict:
             train_model(sub, xs, ys, cfg, enc_sub)
             label_eff[frac] = evaluate(sub, data)["miou"]
         models[kind], curves[kind] = model, losses
-        results[kind] = {"test_miou": ev["miou"], "test_pixel_accuracy": ev["pixel_accuracy"], "iou": ev["iou"],
+        results[kind] = {"val_miou": val["miou"] if val else float("nan"),
+                         "test_miou": ev["miou"], "test_pixel_accuracy": ev["pixel_accuracy"], "iou": ev["iou"],
                          "confusion": ev["confusion"], "pred": ev["pred"], "losses": losses,
                          "label_efficiency": {**label_eff, 1.0: ev["miou"]},
                          "params": sum(p.numel() for p in model.parameters()),
                          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                          "train_seconds": time.perf_counter() - t}
-        log.info("%s: test mIoU %.3f in %.1fs", kind, ev["miou"], results[kind]["train_seconds"])
+        log.info("%s: val mIoU %.3f, test mIoU %.3f in %.1fs", kind, results[kind]["val_miou"], ev["miou"],
+                 results[kind]["train_seconds"])
 
     lineage = dataset_lineage(cfg.store)
     exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
-    eval_set = f"{lineage.get('sarflow.dataset_dvc_md5', 'untracked')}:{cfg.test_split}"
-    best = max(kinds, key=lambda k: (np.nan_to_num(results[k]["test_miou"], nan=-1.0), k == "vit"))
+    eval_set = f"{lineage.get('sarflow.dataset_dvc_md5', 'untracked')}:{cfg.test_split}:{task}"
+    if val_reason is None:
+        best = max(kinds, key=lambda k: (np.nan_to_num(results[k]["val_miou"], nan=-1.0), k == "vit"))
+        selection = f"best mIoU on the {cfg.val_split} split"
+    else:
+        best = kinds[0]
+        selection = f"default ({best}): the {cfg.val_split} split cannot choose, {val_reason}"
+        log.warning("%s: %s: %s", cfg.store, task, selection)
     example = data.x_test[:2].numpy()
-    common = {"store": cfg.store, "label_modality": cfg.label_modality, "classes": data.classes,
+    common = {"store": cfg.store, "label_modality": data.label, "classes": data.classes,
               "channels": data.channel_names, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
               "augment": cfg.augment, "seed": cfg.seed, "train_chips": len(data.x_train),
-              "test_chips": len(data.x_test), "test_split": cfg.test_split, "chip_size": size}
-    out = {"classes": data.classes, "plots": [], "registered": None, "best": best,
+              "val_chips": len(data.x_val), "test_chips": len(data.x_test), "val_split": cfg.val_split,
+              "test_split": cfg.test_split, "chip_size": size, "selection": selection}
+    out = {"task": task, "label": data.label, "classes": data.classes, "class_names": data.class_names, "plots": [],
+           "registered": None, "best": best, "selection": selection, "models": {}, "not_evaluable": {},
            "majority_baseline": baseline, "unknown_test_fraction": data.unknown_test_fraction}
     with tempfile.TemporaryDirectory() as tmp:
         fig = prediction_figure(data, {k: results[k]["pred"] for k in kinds}, Path(tmp) / "predictions.png",
@@ -110,7 +139,8 @@ def _run(cfg: SegmentConfig) -> dict:
             params.update(trainable_params=r["trainable_params"], params=r["params"])
             metrics = {"test_miou": r["test_miou"], "test_pixel_accuracy": r["test_pixel_accuracy"],
                        **{f"test_iou_{c}": v for c, v in r["iou"].items() if np.isfinite(v)}}
-            tags = {**lineage, "sarflow.task": TASK, "sarflow.segmentation.model": kind,
+            tags = {**lineage, "sarflow.task": task, "sarflow.segmentation.model": kind,
+                    "sarflow.segmentation.selection": selection, "sarflow.segmentation.label": data.label,
                     "sarflow.classes": ",".join(map(str, data.classes))}
             if kind == "vit":
                 tags["sarflow.encoder_uri"] = cfg.encoder_uri
@@ -125,6 +155,8 @@ def _run(cfg: SegmentConfig) -> dict:
                           for f, v in r["label_efficiency"].items()]
                 extra += [Metric("baseline_majority_miou", baseline["miou"], now, 0),
                           Metric("train_seconds", r["train_seconds"], now, 0)]
+                if np.isfinite(r["val_miou"]):
+                    extra.append(Metric("val_miou", r["val_miou"], now, 0))
                 for i in range(0, len(extra), 900):
                     client.log_batch(run.info.run_id, metrics=extra[i:i + 900])
                 mlflow.log_dict({"classes": data.classes, "rows_truth_cols_pred": r["confusion"]},
@@ -132,9 +164,11 @@ def _run(cfg: SegmentConfig) -> dict:
                 mlflow.log_artifact(str(fig), artifact_path="figures")
                 mlflow.log_artifact(str(lfig), artifact_path="figures")
                 register = cfg.register and kind == best
-                info = log_downstream_model(model, TASK, example, lineage=lineage, eval_set=eval_set, metrics=metrics,
-                                            register=register)
+                info = log_downstream_model(model, registered_task_name(task), example, lineage=lineage,
+                                            eval_set=eval_set, metrics=metrics, register=register)
                 if register:
+                    out["models"][info["name"]] = {"version": info["version"], "metric": PRIMARY_METRIC[0],
+                                                   "higher_is_better": PRIMARY_METRIC[1]}
                     client.set_model_version_tag(info["name"], info["version"], "sarflow.classes",
                                                  ",".join(map(str, data.classes)))
                     client.set_model_version_tag(info["name"], info["version"], "sarflow.segmentation.model", kind)
@@ -142,7 +176,7 @@ def _run(cfg: SegmentConfig) -> dict:
                                                  ",".join(data.channel_names))
                     out["registered"] = dict(info, model=kind)
             out[kind] = {"run_id": run.info.run_id, "model_uri": info["model_uri"],
-                         **{k: r[k] for k in ("test_miou", "test_pixel_accuracy", "iou", "confusion", "losses",
+                         **{k: r[k] for k in ("val_miou", "test_miou", "test_pixel_accuracy", "iou", "confusion", "losses",
                                               "label_efficiency", "params", "trainable_params", "train_seconds")}}
         out["plots"] = [f"figures/{fig.name}", f"figures/{lfig.name}"]
     out["seconds"] = time.perf_counter() - t0

@@ -1,5 +1,5 @@
 """Training a segmentation model (AdamW, cosine schedule, flips and rotations), prediction, scores on
-the test chips and the majority-class baseline."""
+the val or test chips and the majority-class baseline."""
 
 from __future__ import annotations
 
@@ -67,9 +67,11 @@ def predict_indices(model: Segmenter, x: torch.Tensor, batch: int = 64) -> torch
     return torch.cat([model.logits(x[i:i + batch]).argmax(dim=1) for i in range(0, len(x), batch)])
 
 
-def evaluate(model: Segmenter, data: SegData) -> dict:
-    pred = predict_indices(model, data.x_test)
-    cm = confusion_matrix(data.y_test.numpy(), pred.numpy(), len(data.classes))
+def evaluate(model: Segmenter, data: SegData, split: str = "test") -> dict:
+    """Scores on the `split` chips ("val" or "test") of `data`."""
+    x, y = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
+    pred = predict_indices(model, x)
+    cm = confusion_matrix(y.numpy(), pred.numpy(), len(data.classes))
     s = segmentation_scores(cm)
     return {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"],
             "iou": {c: v for c, v in zip(data.classes, s["iou"])}, "confusion": cm.tolist(), "pred": pred}
