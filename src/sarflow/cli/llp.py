@@ -43,11 +43,18 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                  help="training bags held out to choose the steps (0: train --steps)"),
-    classes: Optional[List[int]] = typer.Option(None, "--classes", help="class codes (default: those of the stats)"),
+    classes: Optional[List[int]] = typer.Option(None, "--classes", help="class codes (default: those of the stats, "
+                                                "else the label's declared classes)"),
+    label: Optional[str] = typer.Option(None, "--label", help="the store's categorical label the proportions are of "
+                                        "(default: its only one)"),
+    label_nodata: Optional[float] = typer.Option(None, "--label-nodata", help="nodata of --label-raster (default: the "
+                                                 "label's declared nodata, else the raster's tag)"),
+    modalities: Optional[List[str]] = typer.Option(None, "--modalities", help="input sources of the pixel model "
+                                                   "(default: the store's continuous inputs)"),
     split: Optional[str] = typer.Option(None, "--split", help="bags (held-out bags) or store (the store's split)"),
     bag_sizes: Optional[List[int]] = typer.Option(None, "--bag-size", help="merge factors for the bag-size curve"),
     experiment: Optional[str] = typer.Option(None, "--experiment"),
-    task: Optional[str] = typer.Option(None, "--task", help="registered as sarflow-<task>"),
+    task: Optional[str] = typer.Option(None, "--task", help="registered as sarflow-<task> (default llp-<label>)"),
     register: Optional[bool] = typer.Option(None, "--register/--no-register"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="table and plots (default <features-root>/llp)"),
@@ -63,6 +70,7 @@ def train(
             "tracking_uri": tracking_uri, "id_column": id_column, "stats": stats, "label_raster": label_raster,
             "features_root": features_root, "model": model, "version": version, "models": models or None, "loss": loss,
             "steps": steps, "lr": lr, "val_fraction": val_fraction, "classes": classes or None, "split": split,
+            "truth_modality": label, "label_nodata": label_nodata, "pixel_modalities": modalities or None,
             "bag_sizes": bag_sizes or None, "experiment": experiment, "task": task, "register": register, "seed": seed,
             "out_dir": out_dir}, store=store, polygons=polygons)
         result = run_llp(cfg)
@@ -74,8 +82,8 @@ def train(
         return
     _print_table(result["rows"])
     reg = result["registered"]
-    typer.echo(f"best: {result['best_model']}  features: {result['features']}  chips outside every polygon: "
-               f"{result['outside']}")
+    typer.echo(f"task: {result['task']}  best: {result['best_model']} ({result['selection']})  features: "
+               f"{result['features']}  chips outside every polygon: {result['outside']}")
     typer.echo(f"run: {result['run_id']}  registered: {reg['name']} v{reg['version']}" if reg["name"]
                else f"run: {result['run_id']}  (not registered)")
     typer.echo(f"bags: {result['bags']}\ntable: {result['table']}\nplots: {', '.join(result['plots'])}")

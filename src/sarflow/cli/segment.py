@@ -30,7 +30,10 @@ def train(store: str = typer.Argument(..., help="chip store (local path or s3://
           encoder: Optional[str] = typer.Option(None, "--encoder", help="registered encoder, e.g. models:/sarflow-encoder-mae/1 "
                                                 "(without it only the U-Net is trained)"),
           tracking_uri: Optional[str] = TrackingOpt,
-          label: Optional[str] = typer.Option(None, "--label", help="categorical label modality"),
+          label: Optional[str] = typer.Option(None, "--label", help="categorical label to segment (default: the "
+                                              "store's only one)"),
+          modalities: Optional[List[str]] = typer.Option(None, "--modalities", help="U-Net inputs without --encoder "
+                                                         "(default: the store's continuous inputs)"),
           steps: Optional[int] = typer.Option(None, "--steps", help="training steps per model"),
           batch_size: Optional[int] = typer.Option(None, "--batch-size"),
           lr: Optional[float] = typer.Option(None, "--lr"),
@@ -40,7 +43,8 @@ def train(store: str = typer.Argument(..., help="chip store (local path or s3://
           label_fraction: Optional[List[float]] = typer.Option(None, "--label-fraction",
                                                                help="extra label-efficiency point (fraction of train chips); repeatable"),
           experiment: Optional[str] = typer.Option(None, "--experiment"),
-          register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the better model as sarflow-segmentation"),
+          register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the model with the better "
+                                                  "val mIoU as sarflow-segmentation-<label>"),
           seed: Optional[int] = typer.Option(None, "--seed"),
           as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
           params: Optional[Path] = ParamsOpt) -> None:
@@ -53,7 +57,7 @@ def train(store: str = typer.Argument(..., help="chip store (local path or s3://
             "tracking_uri": tracking_uri, "encoder_uri": encoder, "label_modality": label, "steps": steps,
             "batch_size": batch_size, "lr": lr, "freeze_encoder": freeze, "head": head,
             "train_unet": False if no_unet else None, "label_fractions": label_fraction or None,
-            "experiment": experiment, "register": register, "seed": seed}, store=store)
+            "experiment": experiment, "register": register, "seed": seed, "modalities": modalities or None}, store=store)
         out = run_segmentation(cfg)
     except SarflowError as e:
         fail(e)
@@ -62,7 +66,9 @@ def train(store: str = typer.Argument(..., help="chip store (local path or s3://
     if as_json:
         keep = ("run_id", "model_uri", "test_miou", "test_pixel_accuracy", "iou", "label_efficiency", "trainable_params")
         typer.echo(json.dumps({**{k: {f: out[k][f] for f in keep} for k in kinds},
-                               "classes": out["classes"], "best": out["best"], "registered": out["registered"],
+                               "task": out["task"], "classes": out["classes"], "best": out["best"],
+                               "selection": out["selection"], "models": out["models"],
+                               "not_evaluable": out["not_evaluable"], "registered": out["registered"],
                                "majority_baseline": out["majority_baseline"]}, indent=1, default=str))
         return
     names = {"vit": "ViT head" + (" (frozen)" if cfg.freeze_encoder else " (fine-tuned)"), "unet": "U-Net (scratch)"}
@@ -79,5 +85,6 @@ def train(store: str = typer.Argument(..., help="chip store (local path or s3://
     typer.echo(f"{'majority class ' + str(b['class']):<22}{_fmt(b['miou']):>8}{_fmt(b['pixel_accuracy']):>9}")
     typer.echo("per-class IoU: " + "; ".join(
         f"{c}: " + "/".join(_fmt(out[k]["iou"].get(c)) for k in kinds) for c in out["classes"]) + f"  ({'/'.join(kinds)})")
+    typer.echo(f"task: {out['task']}  chosen: {out['best']} ({out['selection']})")
     reg = out["registered"]
     typer.echo(f"registered: {reg['name']} v{reg['version']} ({reg['model']})" if reg else "registered: none")
