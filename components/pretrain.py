@@ -2,7 +2,8 @@
 encoder on a chip store, tracked in MLflow and registered as ``sarflow-encoder-<method>``.
 
 Thin wrapper over :func:`sarflow.training.pretrain.pretrain`. The ``pretrain`` parameter is
-params.yaml's ``pretrain:`` section as a dict (method, batch_size, vit, optim, methods); the
+params.yaml's ``pretrain:`` section as a dict (method, modalities, groups, batch_size, vit, optim,
+methods: the inputs default to every input source of the store); the
 ``encoder`` output is a ``dsl.Model`` whose file is a JSON reference to the registered model
 (the registry, not the pipeline root, is where models live). On a cluster this task runs on a
 GPU node (pipelines/training.py sets the accelerator, node selector and toleration); the

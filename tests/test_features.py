@@ -24,7 +24,7 @@ import zarr
 
 from helpers import tiny_features
 from sarflow.errors import InputError
-from sarflow.features.embed import _chip_batches, embed_store, embedding_matrix, read_embeddings
+from sarflow.features.embed import _chip_batches, embed_store, embedding_matrix, encoder_arrays, encoder_chips, read_embeddings
 from sarflow.features.labels import chip_labels
 from sarflow.features.feast_store import FeatureConfig, apply, materialize, online_features, training_set
 from servers import free_port, stop, wait_http
@@ -50,22 +50,28 @@ def test_embeddings_equal_a_direct_forward_pass(featured):
     encoder = mlflow.pytorch.load_model(f"models:/{MODEL}/1")
     chips = pd.read_parquet(featured["store"] / "chips.parquet").set_index("chip_id")["index"]
     rows = [chips[c] for c in table.chip_id[:10]]
+    arrays = encoder_arrays(g, encoder, str(featured["store"]))  # the sources the encoder was trained on
+    assert encoder.modalities == list(g.attrs["inputs"])  # every input source of the store, no label
     with torch.no_grad():
-        direct = encoder(torch.from_numpy(g["s1grd"].get_orthogonal_selection((rows,)).astype(np.float32))).numpy()
+        direct = encoder(torch.from_numpy(np.concatenate([encoder_chips(arrays, slice(r, r + 1)) for r in rows]))).numpy()
     np.testing.assert_allclose(np.stack(table.embedding[:10].to_numpy()), direct, rtol=1e-5, atol=1e-5)
     assert (featured["root"] / "embeddings" / f"model={MODEL}" / "version=1").is_dir()
 
 
 def test_chip_batches_come_in_order_and_raise_the_readers_errors():
-    a = np.arange(10 * 3 * 4 * 4, dtype=np.float32).reshape(10, 3, 4, 4)
-    b = np.arange(10 * 2 * 4 * 4, dtype=np.int16).reshape(10, 2, 4, 4)
-    expected = np.concatenate([a[:, [2, 0]], b[:, [1]]], axis=1).astype(np.float32)
+    a = zarr.array(np.arange(10 * 3 * 4 * 4, dtype=np.float32).reshape(10, 3, 4, 4))
+    b = zarr.array(np.arange(10 * 2 * 4 * 4, dtype=np.int16).reshape(10, 2, 4, 4) % 7)
+    b.attrs["nodata_in_store"] = 0  # an integer array's nodata is masked (the one reader), never a value
+    expected = np.concatenate([a[:][:, [2, 0]], b[:][:, [1]]], axis=1).astype(np.float32)
+    expected[:, 2][b[:][:, 1] == 0] = np.nan
+    assert np.isnan(expected).any()
     for prefetch in (0, 1, 2, 5):
         got = torch.cat(list(_chip_batches([(a, [2, 0]), (b, [1])], 10, 3, prefetch=prefetch)))
-        assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected)
+        assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected, equal_nan=True)
 
     class Failing:
         shape = a.shape
+        attrs = {}
 
         def __getitem__(self, key):
             if key.start >= 6:
@@ -309,8 +315,10 @@ def test_embeddings_on_s3_materialize_and_equal_a_direct_forward_pass(featured, 
     g = zarr.open_group(str(featured["store"]), mode="r")
     chips = pd.read_parquet(featured["store"] / "chips.parquet").set_index("chip_id")["index"]
     encoder = mlflow.pytorch.load_model(f"models:/{MODEL}/1")
+    arrays = encoder_arrays(g, encoder, str(featured["store"]))
     with torch.no_grad():
-        direct = encoder(torch.from_numpy(g["s1grd"].get_orthogonal_selection(([chips[c] for c in ids],)).astype(np.float32))).numpy()
+        direct = encoder(torch.from_numpy(np.concatenate([encoder_chips(arrays, slice(chips[c], chips[c] + 1))
+                                                          for c in ids]))).numpy()
     np.testing.assert_allclose(np.stack(online.embedding.to_numpy()), direct, rtol=1e-5, atol=1e-5)
     assert online.water_fraction.between(0, 1).all()
     assert materialize(cfg)[VIEW]["rows"] == 0  # incremental from S3 as well

@@ -11,6 +11,7 @@ import torch
 import zarr
 
 from sarflow.errors import InputError
+from sarflow.features.embed import encoder_arrays, encoder_chips
 from sarflow.training.data import Augment, ChipDataset, LoaderConfig, ModalitySpec, ShardChipDataset
 from sarflow.training.methods import DINO, MAE, Group, MultiModalCLIP, OptimConfig
 from sarflow.training.pretrain import PretrainConfig, pretrain, resolve_groups
@@ -254,8 +255,14 @@ def test_pretrain_tracks_lineage_registers_and_the_model_loads_back(method, tiny
 
     assert isinstance(model, ChipEncoder)  # the encoder itself, not an opaque exported graph
     g = zarr.open_group(str(store), mode="r")
-    mods = ["s1grd"] if method != "clip" else ["s1grd", "s1coh", "s2rgb"]
-    x = torch.from_numpy(np.concatenate([g[m][0:3] for m in mods], axis=1).astype(np.float32))
+    inputs = list(g.attrs["inputs"])  # every input source of the store, no label
+    assert model.modalities == inputs and not set(model.modalities) & set(g.attrs["labels"])
+    assert model.in_chans == r["in_chans"] == sum(len(g[m].attrs["bands"]) for m in inputs)
+    if method == "clip":  # one encoder per input source
+        assert [name for name, _ in model.groups] == inputs
+    else:  # one encoder on every input band
+        assert len(model.groups) == 1 and model.backbones["inputs"].patch_embed.in_channels == model.in_chans
+    x = torch.from_numpy(encoder_chips(encoder_arrays(g, model, str(store)), slice(0, 3)))
     with torch.no_grad():
         e = model(x)
     assert e.shape == (3, r["embedding_dim"]) and torch.isfinite(e).all()
@@ -264,7 +271,7 @@ def test_pretrain_tracks_lineage_registers_and_the_model_loads_back(method, tiny
 # ---------------------------------------------------------------- bad input
 
 def test_bad_pretrain_inputs_are_clear_errors(tiny_store):
-    with pytest.raises(InputError, match="no modality 'sentinel3'"):
+    with pytest.raises(InputError, match=r"modalities \['sentinel3'\] are not in the store: choose from the store's inputs"):
         resolve_groups(PretrainConfig(store=str(tiny_store), groups=[("x", "sentinel3", None)], vit=TINY))
     with pytest.raises(InputError, match=r"no band\(s\) \['HH'\]"):
         resolve_groups(PretrainConfig(store=str(tiny_store), groups=[("x", "s1grd", ["HH"])], vit=TINY))
@@ -272,8 +279,13 @@ def test_bad_pretrain_inputs_are_clear_errors(tiny_store):
         resolve_groups(PretrainConfig(store=str(tiny_store), method="simclr", vit=TINY))
     with pytest.raises(InputError, match="cannot be cut into 64 px patches"):
         resolve_groups(PretrainConfig(store=str(tiny_store), vit=ViTConfig(patch=64)))
-    with pytest.raises(InputError, match="categorical"):
+    with pytest.raises(InputError, match=r"modalities \['worldcover'\] are labels"):  # a label is never an input
         resolve_groups(PretrainConfig(store=str(tiny_store), groups=[("x", "worldcover", None)], vit=TINY))
+    with pytest.raises(InputError, match=r"mae trains one encoder on one input group, pretrain.groups declares \['a', 'b'\]"):
+        resolve_groups(PretrainConfig(store=str(tiny_store), groups=[("a", "s1grd", None), ("b", "s2rgb", None)], vit=TINY))
+    with pytest.raises(InputError, match=r"modalities \['s2rgb'\] are in no group of pretrain.groups"):
+        resolve_groups(PretrainConfig(store=str(tiny_store), method="clip", modalities=["s1grd", "s2rgb"], vit=TINY,
+                                      groups=[("a", "s1grd", ["VV"]), ("b", "s1grd", ["VH"])]))
 
 
 @pytest.mark.gpu
@@ -307,7 +319,7 @@ def test_mae_on_a_chip_of_one_patch_is_refused_before_any_run(tiny_store, tmp_pa
                                 optim=OptimConfig(max_steps=2)))
     assert _runs(uri) == []
     # DINO has no masking: one patch is a legitimate (if coarse) token grid
-    assert len(resolve_groups(PretrainConfig(store=str(tiny_store), method="dino", vit=one_patch))) == 1
+    assert {b.name for b in resolve_groups(PretrainConfig(store=str(tiny_store), method="dino", vit=one_patch))} == {"inputs"}
 
 
 def test_a_batch_larger_than_the_train_split_is_refused_with_the_fix_named(tiny_store, tmp_path):
@@ -332,3 +344,128 @@ def test_a_non_finite_loss_stops_training_and_registers_nothing(tiny_store, tmp_
     (run,) = _runs(uri)
     assert run.info.status == "FAILED" and "train/final_loss" not in run.data.metrics
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+# ---------------------------------------------------------------- inputs come from the store
+
+def _store_of(tiny_scene, out, names: list[str], **extra):
+    """A store of some of the tiny scene's sources (uris made absolute)."""
+    import yaml
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile import TileOptions, tile
+
+    data = yaml.safe_load(tiny_scene.read_text())
+    sources = []
+    for s in data["sources"]:
+        if s["name"] in names:
+            s = {**s, "uris": [str(tiny_scene.parent / u) for u in s["uris"]], **extra.get(s["name"], {})}
+            sources.append(s)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "catalog.yaml").write_text(yaml.safe_dump({"grid": data["grid"], "sources": sources}))
+    return tile(load_catalog(out / "catalog.yaml"), out / "chips.zarr", TileOptions(shard_chips=16), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def insar_store(tiny_scene, tmp_path_factory):
+    """Only interferometric inputs: coherence (0..1) and unwrapped phase (radians), with a label."""
+    return _store_of(tiny_scene, tmp_path_factory.mktemp("insar"), ["s1coh", "s1ifg", "worldcover"],
+                     s1coh={"required": True}, s1ifg={"required": True})
+
+
+def test_default_groups_come_from_the_store(tiny_store):
+    g = zarr.open_group(str(tiny_store), mode="r")
+    inputs = list(g.attrs["inputs"])
+    assert "worldcover" not in inputs and "s1coh" in inputs and "s2rgb" in inputs
+    for method in ("mae", "dino"):  # one group: every input source, every band
+        groups = resolve_groups(PretrainConfig(store=str(tiny_store), method=method, vit=TINY))
+        assert {b.name for b in groups} == {"inputs"} and [b.modality for b in groups] == inputs
+        assert [b.bands for b in groups] == [list(g[m].attrs["bands"]) for m in inputs]
+    clip = resolve_groups(PretrainConfig(store=str(tiny_store), method="clip", vit=TINY))
+    assert [(b.name, b.modality) for b in clip] == [(m, m) for m in inputs]  # one group per source
+    chosen = resolve_groups(PretrainConfig(store=str(tiny_store), modalities=["s2rgb", "s1grd"], vit=TINY))
+    assert [b.modality for b in chosen] == ["s2rgb", "s1grd"]
+    # declared groups: several sources in one group, and one source's bands split over two groups
+    declared = resolve_groups(PretrainConfig(store=str(tiny_store), method="clip", vit=TINY, groups=[
+        ("sar", "s1grd", None), ("opt", "s2rgb", None), ("sar", "s1coh", None)]))
+    assert [(b.name, b.modality) for b in declared] == [("sar", "s1grd"), ("sar", "s1coh"), ("opt", "s2rgb")]
+    split = resolve_groups(PretrainConfig(store=str(tiny_store), method="clip", vit=TINY, groups=[
+        ("vv", "s1grd", ["VV"]), ("vh", "s1grd", ["VH"])]))
+    batches = [torch.utils.data.default_collate([s for s, _ in zip(ChipDataset(LoaderConfig(
+        store=str(tiny_store), modalities=[ModalitySpec(b.modality, b.bands, b.key) for b in split], split=None,
+        augment=None)), range(8))])]
+    clip = MultiModalCLIP(split, TINY, OptimConfig(), embed_dim=16)
+    assert torch.isfinite(clip.loss(batches[0]))
+    assert [s[1:] for s in clip.export_encoder().sources] == [("s1grd", ["VV"]), ("s1grd", ["VH"])]
+
+
+def test_a_store_of_coherence_and_phase_only_pretrains_mae(insar_store, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    g = zarr.open_group(str(insar_store), mode="r")
+    assert list(g.attrs["inputs"]) == ["s1coh", "s1ifg"]
+    assert {g[m].attrs["units"] for m in g.attrs["inputs"]} == {"coherence", "radians"}
+    r = pretrain(PretrainConfig(store=str(insar_store), method="mae", vit=TINY, batch_size=8, tracking_uri=uri,
+                                optim=OptimConfig(lr=1e-3, warmup_steps=1, max_steps=2),
+                                method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
+    assert len(r["losses"]) == 2 and all(math.isfinite(v) and v > 0 for v in r["losses"])
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(r["model_uri"])
+    assert model.in_chans == 5 == sum(len(g[m].attrs["bands"]) for m in ("s1coh", "s1ifg"))  # 4 baselines + phase
+    assert model.backbones["inputs"].patch_embed.in_channels == 5
+    assert model.sources == [("inputs", "s1coh", ["coh12", "coh24", "coh36", "coh48"]), ("inputs", "s1ifg", ["phase_12d"])]
+    tags = mlflow.MlflowClient().get_model_version("sarflow-encoder-mae", r["version"]).tags
+    assert tags["sarflow.inputs"] == "s1coh,s1ifg"
+
+
+def _tiny_params(tmp_path):
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"pretrain": {
+        "vit": {"size": "tiny", "patch": 8, "depth": 1, "dim": 32, "heads": 2},
+        "optim": {"lr": 0.001, "warmup_steps": 1, "max_steps": 2},
+        "methods": {"mae": {"decoder_dim": 32, "decoder_depth": 1}}}}))
+    return path
+
+
+def test_pretrain_modalities_flag_chooses_inputs_and_refuses_a_label(tiny_store, tmp_path):
+    import json
+
+    import mlflow
+    from typer.testing import CliRunner
+
+    from sarflow.cli.main import app
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = _tiny_params(tmp_path)
+    args = ["pretrain", str(tiny_store), "--params", str(params), "--batch-size", "8", "--tracking-uri", uri]
+    bad = CliRunner().invoke(app, args + ["--modalities", "s1grd,worldcover"])
+    assert bad.exit_code != 0
+    assert "modalities ['worldcover'] are labels: choose from the store's inputs" in bad.output
+    assert _runs(uri) == []
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.MlflowClient().search_registered_models() == []
+    ok = CliRunner().invoke(app, args + ["--modalities", "s2rgb,s1grd"])
+    assert ok.exit_code == 0, ok.output
+    out = json.loads(ok.stdout[ok.stdout.index("{"):])
+    assert out["in_chans"] == 5 and [s[1] for s in out["sources"]] == ["s2rgb", "s1grd"]
+    assert out["channels"][:3] == ["inputs:s2rgb:B04", "inputs:s2rgb:B03", "inputs:s2rgb:B02"]
+
+
+def test_clip_on_a_store_with_one_input_source_is_refused_and_registers_nothing(tiny_scene, tiny_store, tmp_path):
+    import mlflow
+
+    store = _store_of(tiny_scene, tmp_path / "one", ["s1grd", "worldcover"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(InputError, match=r"CLIP contrasts two or more input sources and the store has one: 's1grd' "
+                                         r"\(its only input source\); add another input source to the catalog.*"
+                                         r"declare pretrain.groups .*or use --method mae or dino"):
+        pretrain(PretrainConfig(store=str(store), method="clip", vit=TINY, batch_size=4, tracking_uri=uri,
+                                optim=OptimConfig(max_steps=2)))
+    assert _runs(uri) == []
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.MlflowClient().search_registered_models() == []
+    # the same through --modalities on a store with several inputs names the choice
+    with pytest.raises(InputError, match=r"has one: 's1grd' \(as chosen by --modalities\)"):
+        resolve_groups(PretrainConfig(store=str(tiny_store), method="clip", modalities=["s1grd"], vit=TINY))

@@ -15,6 +15,8 @@ from sarflow.errors import SarflowError
 def pretrain(
     store: str = typer.Argument(..., help="chip store (folder or s3://)"),
     method: Optional[str] = typer.Option(None, help="mae | dino | clip"),
+    modalities: Optional[str] = typer.Option(None, help="input sources to train on, comma-separated (default: every "
+                                                         "input source of the store; params pretrain.modalities)"),
     max_steps: Optional[int] = typer.Option(None, help="optimisation steps"),
     batch_size: Optional[int] = typer.Option(None),
     vit_size: Optional[str] = typer.Option(None, help="tiny | small | base"),
@@ -35,6 +37,7 @@ def pretrain(
     try:
         cfg = stage_config("pretrain", params, {
             "method": method, "batch_size": batch_size, "output_size": output_size, "workers": workers,
+            "modalities": [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
             "tracking_uri": tracking_uri, "experiment": experiment,
             "devices": int(devices) if devices and devices.lstrip("-").isdigit() else devices,
             "vit": {"size": vit_size, "patch": patch, "depth": depth, "dim": dim}, "optim": {"max_steps": max_steps}}, store=store)

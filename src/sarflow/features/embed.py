@@ -87,26 +87,51 @@ def partition(root: str | Path, model: ModelRef) -> str | Path:
     return join(root, EMBEDDINGS, f"model={model.name}", f"version={model.version}")
 
 
+def encoder_sources(encoder) -> list[tuple[str, str, list[str]]]:
+    """(group, store source, bands) blocks the encoder reads, in its channel order."""
+    sources = getattr(encoder, "sources", None)
+    if sources is None:  # a ChipEncoder pickled before encoders recorded their sources: one source per group
+        sources = [(name, m, list(bands)) for (name, bands), m in zip(encoder.groups, encoder.modalities)]
+    return sources
+
+
 def encoder_arrays(group, encoder, store: str) -> list:
-    """(zarr array, band indices) of each of the encoder's modality groups in the chip store's
-    zarr `group` (opened from `store`), in the encoder's channel order."""
+    """(zarr array, band indices) of each of the encoder's input blocks in the chip store's zarr
+    `group` (opened from `store`), in the encoder's channel order: the same sources and bands it
+    was trained on (recorded by `pretrain`)."""
     arrays = []
-    for (_, bands), modality in zip(encoder.groups, encoder.modalities):
-        if modality not in group.attrs["modalities"]:
-            raise InputError(store, f"the encoder needs modality {modality!r}, the store has {group.attrs['modalities']}")
+    mods = list(group.attrs["modalities"])
+    for _, modality, bands in encoder_sources(encoder):
+        if modality not in mods:
+            raise InputError(store, f"the encoder needs modality {modality!r}, the store has {mods}")
         arr = group[modality]
-        arrays.append((arr, [list(arr.attrs["bands"]).index(b) for b in bands]))
+        have = list(arr.attrs["bands"])
+        missing = [b for b in bands if b not in have]
+        if missing:
+            raise InputError(store, f"the encoder needs band(s) {missing} of {modality!r}, the store has {have}")
+        arrays.append((arr, [have.index(b) for b in bands]))
     return arrays
+
+
+def encoder_chips(arrays: list, rows=slice(None)) -> np.ndarray:
+    """The encoder's input for store rows `rows`: its blocks read with the one reader
+    (`read_masked`: float32, NaN at nodata) and concatenated on channels."""
+    from sarflow.data.chipstore import read_masked
+
+    return np.concatenate([read_masked(arr, rows, idx) for arr, idx in arrays], axis=1)
 
 
 def _chip_batches(arrays: list, n: int, batch_size: int, prefetch: int = 2, pin: bool = False):
     """Yields the chips [0, n) in order as float32 tensors of up to `batch_size` chips, the
-    channels of `arrays` ((zarr array, band indices) pairs) concatenated. One background thread
-    reads and decompresses up to `prefetch` batches ahead of the one the caller holds; with `pin`
-    the batches are in page-locked memory (for non-blocking copies to a GPU). An error in the
-    reader is raised here; closing the generator cancels what is pending and joins the thread."""
+    channels of `arrays` ((zarr array, band indices) pairs) concatenated, read with the one
+    reader (`chipstore.read_masked`: NaN at nodata, integer arrays included). One background
+    thread reads and decompresses up to `prefetch` batches ahead of the one the caller holds;
+    with `pin` the batches are in page-locked memory (for non-blocking copies to a GPU). An error
+    in the reader is raised here; closing the generator cancels what is pending and joins the thread."""
     import torch
     import zarr
+
+    from sarflow.data.chipstore import read_masked
 
     channels = sum(len(idx) for _, idx in arrays)
     shape = arrays[0][0].shape[2:]
@@ -122,7 +147,7 @@ def _chip_batches(arrays: list, n: int, batch_size: int, prefetch: int = 2, pin:
         # so it is set only for the duration of this read.
         with zarr.config.set({"codec_pipeline.batch_size": stop - start}):
             for arr, idx in arrays:
-                out[:, c:c + len(idx)] = arr[start:stop][:, idx]
+                out[:, c:c + len(idx)] = read_masked(arr, slice(start, stop), idx)
                 c += len(idx)
         return x
 

@@ -1,10 +1,14 @@
 """Chip loaders over the chip store (local folder or s3://).
 
-A sample is a dict: for every requested modality `m`, `m` is a float32 tensor (bands, H, W)
-normalised with the store's train-split statistics (z-score per band; dB stays the unit that
-is z-scored), NaN/nodata set to 0 (the mean), and `m_present` says whether the chip has any
-valid pixel of it. A missing modality is an explicit zero tensor with `m_present = False`,
-never another sample. Categorical modalities come as int64 class codes (`m` shaped (H, W)).
+Chips are read with the store's one reader (`chipstore.read_masked`: NaN at nodata, for integer
+arrays too). A sample is a dict: for every requested input `k` (the key of its `ModalitySpec`,
+default the modality), `k` is a float32 tensor (bands, H, W) normalised with the store's
+train-split statistics (z-score per band; dB stays the unit that is z-scored) with masked pixels
+set to 0 (the mean), `k_valid` the bool mask (bands, H, W) of the pixels that carry data (losses
+ignore the rest), and `k_present` whether the chip has any valid pixel of it. A missing modality
+is an explicit zero tensor with `k_valid` all False and `k_present = False`, never another
+sample. Categorical modalities come as int64 class codes (`k` shaped (H, W); masked pixels hold
+the store's nodata code, -1 where it has none, and `k_valid` is (H, W)).
 
 Two datasets:
 - `ChipDataset` (map-style): random access by row, for evaluation and small stores;
@@ -25,16 +29,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from sarflow.data.chipstore import open_chip_group, read_chip_table
+from sarflow.data.chipstore import open_chip_group, read_chip_table, read_masked
 from sarflow.errors import InputError
 
 
 @dataclass
 class ModalitySpec:
-    """What to read of one modality: which bands (default all)."""
+    """What to read of one modality: which bands (default all), under which sample key (default
+    the modality's name; two specs of one modality need two keys)."""
 
     name: str
     bands: list[str] | None = None
+    key: str | None = None
+
+    @property
+    def input_key(self) -> str:
+        return self.key or self.name
 
 
 @dataclass
@@ -51,7 +61,7 @@ class LoaderConfig:
     store: str
     modalities: list[ModalitySpec]
     split: str | None = "train"
-    min_valid: float = 0.0  # fraction of valid pixels required in the first modality
+    min_valid: float = 0.0  # a chip is read when one of its modalities has more than this fraction of valid pixels
     output_size: int | None = None  # resize chips to this side (e.g. 224); None keeps the chip size
     augment: Augment | None = field(default_factory=Augment)
     shuffle_buffer: int = 512
@@ -67,6 +77,9 @@ class _StoreView:
         mods = list(self.group.attrs.get("modalities", []))
         if not mods:
             raise InputError(cfg.store, "not a sarflow chip store (no 'modalities' attribute)")
+        keys = [spec.input_key for spec in cfg.modalities]
+        if len(set(keys)) != len(keys):
+            raise InputError(cfg.store, f"two inputs share a key in {keys}: give each spec of one modality its own key")
         self.table = read_chip_table(cfg.store)
         self.specs = []
         for spec in cfg.modalities:
@@ -86,43 +99,50 @@ class _StoreView:
                 std = np.array([st[b]["std"] or 1.0 for b in bands], np.float32)
             else:
                 mean = std = None
-            self.specs.append((spec.name, arr, idx, kind, mean, std, arr.attrs.get("nodata_in_store")))
+            self.specs.append((spec.input_key, spec.name, arr, idx, kind, mean, std, arr.attrs.get("nodata_in_store")))
         rows = self.table
         if cfg.split:
             rows = rows[rows["split"] == cfg.split]
-        first = cfg.modalities[0].name
-        rows = rows[rows[f"valid_{first}"] > cfg.min_valid]
+        best = rows[[f"valid_{m}" for m in dict.fromkeys(spec.name for spec in cfg.modalities)]].max(axis=1)
+        rows = rows[best > cfg.min_valid]
         self.rows = rows.sort_values("index")
         self.indexes = self.rows["index"].to_numpy()
         self.chip_ids = dict(zip(self.rows["index"].to_numpy().tolist(), self.rows["chip_id"].tolist()))
-        self.present = {s[0]: dict(zip(self.rows["index"].tolist(), (self.rows[f"valid_{s[0]}"] > 0).tolist()))
+        self.present = {s[0]: dict(zip(self.rows["index"].tolist(), (self.rows[f"valid_{s[1]}"] > 0).tolist()))
                         for s in self.specs}
         self.chip_size = int(self.group.attrs["chip_size"])
-        self.shard = int(self.specs[0][1].shards[0])
+        self.shard = int(self.specs[0][2].shards[0]) if self.specs[0][2].shards else int(self.specs[0][2].chunks[0])
 
-    def normalise(self, name, raw: np.ndarray, kind, mean, std, nodata) -> torch.Tensor:
-        """raw: (n, bands, H, W) -> float32 z-scores with invalid pixels at 0, or int64 classes."""
+    @staticmethod
+    def normalise(x: np.ndarray, kind, mean, std, nodata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (n, bands, H, W) from `read_masked` (NaN = masked) -> (float32 z-scores with masked
+        pixels at 0, valid mask), or for categorical data (int64 codes, valid mask) of band 0."""
+        valid = np.isfinite(x)
         if kind == "continuous":
-            x = raw.astype(np.float32)
-            if nodata not in (None, "NaN"):
-                x[raw == nodata] = np.nan
-            x = (x - mean[None, :, None, None]) / std[None, :, None, None]
-            return torch.from_numpy(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
-        return torch.from_numpy(raw[:, 0].astype(np.int64))
+            z = (x - mean[None, :, None, None]) / std[None, :, None, None]
+            z = np.where(valid, z, np.float32(0.0)).astype(np.float32, copy=False)
+            return torch.from_numpy(z), torch.from_numpy(valid)
+        fill = -1 if nodata in (None, "NaN") else int(nodata)
+        codes = np.where(valid[:, 0], x[:, 0], fill).astype(np.int64)
+        return torch.from_numpy(codes), torch.from_numpy(valid[:, 0].copy())
 
     def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Every requested modality for store rows [start, stop) (one contiguous read per array)."""
+        """Every requested input for store rows [start, stop) (one contiguous masked read per
+        spec): `key` and `key_valid`."""
         out = {}
-        for name, arr, idx, kind, mean, std, nodata in self.specs:
-            raw = arr[start:stop]
-            raw = raw[:, idx] if len(idx) != raw.shape[1] else raw
-            out[name] = self.normalise(name, raw, kind, mean, std, nodata)
+        for key, _, arr, idx, kind, mean, std, nodata in self.specs:
+            bands = None if idx == list(range(arr.shape[1])) else idx
+            out[key], out[f"{key}_valid"] = self.normalise(read_masked(arr, slice(start, stop), bands), kind, mean, std,
+                                                           nodata)
         return out
 
 
 def _augment(sample: dict, names: list[str], kinds: dict[str, str], aug: Augment | None, out_size: int | None,
              rng: random.Random) -> dict:
-    """The same flips, rotation and crop for every modality of the sample."""
+    """The same flips, rotation and crop for every modality of the sample and its valid mask. A
+    resized valid mask keeps only output pixels made of valid inputs alone."""
+    keys = [k for n in names for k in (n, f"{n}_valid") if k in sample]
+    kind_of = {**kinds, **{f"{n}_valid": "mask" for n in names}}
     if aug is not None:
         k = rng.randrange(4) if aug.rot90 else 0
         flip = aug.flips and rng.random() < 0.5
@@ -132,7 +152,7 @@ def _augment(sample: dict, names: list[str], kinds: dict[str, str], aug: Augment
             area = rng.uniform(*aug.resized_crop)
             side = max(4, int(round(size * math.sqrt(area))))
             crop = (rng.randrange(size - side + 1), rng.randrange(size - side + 1), side)
-        for n in names:
+        for n in keys:
             x = sample[n]
             if crop:
                 r, c, s = crop
@@ -146,12 +166,17 @@ def _augment(sample: dict, names: list[str], kinds: dict[str, str], aug: Augment
     if aug is not None and aug.resized_crop and target is None:
         target = sample.get("_chip_size")
     if target is not None:
-        for n in names:
+        for n in keys:
             x = sample[n]
             if x.shape[-1] != target:
-                if kinds[n] == "continuous":
+                kind = kind_of[n]
+                if kind == "continuous":
                     x = torch.nn.functional.interpolate(x[None], size=(target, target), mode="bilinear",
                                                         align_corners=False)[0]
+                elif kind == "mask":
+                    v = x.float()[None] if x.ndim == 3 else x.float()[None, None]
+                    v = torch.nn.functional.interpolate(v, size=(target, target), mode="bilinear", align_corners=False)
+                    x = (v >= 1.0 - 1e-6)[0] if x.ndim == 3 else (v >= 1.0 - 1e-6)[0, 0]
                 else:
                     x = torch.nn.functional.interpolate(x[None, None].float(), size=(target, target),
                                                         mode="nearest")[0, 0].long()
@@ -166,7 +191,7 @@ class ChipDataset(Dataset):
     def __init__(self, cfg: LoaderConfig):
         self.cfg = cfg
         self.view = _StoreView(cfg)
-        self.kinds = {s[0]: s[3] for s in self.view.specs}
+        self.kinds = {s[0]: s[4] for s in self.view.specs}
         self.names = [s[0] for s in self.view.specs]
 
     def __len__(self) -> int:
@@ -175,7 +200,7 @@ class ChipDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = int(self.view.indexes[i])
         data = self.view.read_rows(row, row + 1)
-        sample = {n: data[n][0] for n in self.names}
+        sample = {k: v[0] for k, v in data.items()}
         for n in self.names:
             sample[f"{n}_present"] = torch.tensor(self.view.present[n][row])
         sample["index"] = row
@@ -193,7 +218,7 @@ class ShardChipDataset(IterableDataset):
     def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
         self.view = _StoreView(cfg)
-        self.kinds = {s[0]: s[3] for s in self.view.specs}
+        self.kinds = {s[0]: s[4] for s in self.view.specs}
         self.names = [s[0] for s in self.view.specs]
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -227,7 +252,7 @@ class ShardChipDataset(IterableDataset):
             data = self.view.read_rows(start, stop)
             for j in np.flatnonzero(self.keep[start:stop]).tolist():
                 row = start + j
-                sample = {n: data[n][j] for n in self.names}
+                sample = {k: v[j] for k, v in data.items()}
                 for n in self.names:
                     sample[f"{n}_present"] = torch.tensor(self.view.present[n][row])
                 sample["index"] = row

@@ -1,10 +1,12 @@
 """`ChipEncoder`: what every pretraining method exports and registers.
 
-It takes chips in the store's physical units (dB, coherence, reflectance...), the channels of
-its modality groups concatenated in a fixed order, NaN where a pixel, a channel or a whole
-modality is missing. It normalises with the train-split statistics it carries, zeroes what is
-missing, and returns one embedding per chip. So a registered encoder embeds chips read
-straight from the store, with nothing else to know.
+It takes chips in the store's physical units (dB, coherence, reflectance...), NaN where a pixel,
+a channel or a whole source is missing (what `chipstore.read_masked` gives), the channels of
+its input `sources` concatenated in their order. `sources` lists (group, store source, bands)
+blocks; the blocks of one group are one backbone's channels. It normalises with the train-split
+statistics it carries, zeroes what is missing, and returns one embedding per chip. So a
+registered encoder embeds chips read straight from the store, with nothing else to know:
+`sarflow.features.embed.encoder_arrays` reads exactly its sources.
 """
 
 from __future__ import annotations
@@ -14,19 +16,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def group_channels(sources: list[tuple[str, str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """(group, channel names) per group, in order: the band names for a group of one source,
+    `source:band` for a group of several."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name, modality, bands in sources:
+        out.setdefault(name, []).extend((modality, b) for b in bands)
+    return [(name, [b for _, b in chans] if len({m for m, _ in chans}) == 1 else [f"{m}:{b}" for m, b in chans])
+            for name, chans in out.items()]
+
+
 class ChipEncoder(nn.Module):
-    def __init__(self, groups: list[tuple[str, list[str]]], backbones: nn.ModuleDict, projections: nn.ModuleDict,
-                 mean: torch.Tensor, std: torch.Tensor, pool: str = "cls", normalize_output: bool = False,
-                 modalities: list[str] | None = None):
+    def __init__(self, sources: list[tuple[str, str, list[str]]], backbones: nn.ModuleDict, projections: nn.ModuleDict,
+                 mean: torch.Tensor, std: torch.Tensor, pool: str = "cls", normalize_output: bool = False):
         super().__init__()
-        self.groups = [(name, list(bands)) for name, bands in groups]
-        self.modalities = list(modalities or [name for name, _ in groups])  # store modality of each group
+        self.sources = [(name, modality, list(bands)) for name, modality, bands in sources]
+        order = list(dict.fromkeys(name for name, _, _ in self.sources))
+        if [name for name, _, _ in self.sources] != [n for n in order for s in self.sources if s[0] == n]:
+            raise ValueError(f"the blocks of a group must be adjacent: {[(n, m) for n, m, _ in self.sources]}")
+        self.groups = group_channels(self.sources)
         self.backbones = backbones
         self.projections = projections
         self.register_buffer("mean", mean.float().clone())
         self.register_buffer("std", std.float().clone())
         self.pool = pool
         self.normalize_output = normalize_output
+
+    @property
+    def modalities(self) -> list[str]:
+        """The store sources the encoder reads, in channel order (each once)."""
+        return list(dict.fromkeys(m for _, m, _ in self.sources))
 
     @property
     def in_chans(self) -> int:

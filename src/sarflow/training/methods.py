@@ -1,7 +1,10 @@
 """Self-supervised methods as LightningModules: MAE, DINO and CLIP-style multimodal.
 
-Each module trains on batches from `sarflow.training.data` (normalised tensors per modality
-and `<modality>_present` flags) and exports a `ChipEncoder` (see encoder.py).
+Each module trains on batches from `sarflow.training.data` (normalised tensors per input key,
+masked pixels at 0, with `<key>_valid` masks and `<key>_present` flags) and exports a
+`ChipEncoder` (see encoder.py). A model's input is a list of `Group` blocks: one block is some
+bands of one store source; blocks that share a group name are concatenated (in order) into
+one encoder's channels. MAE and DINO train one group; CLIP one encoder per group (two or more).
 """
 
 from __future__ import annotations
@@ -34,13 +37,49 @@ class OptimConfig:
 
 @dataclass
 class Group:
-    """A modality group: which store modality, which bands, normalisation constants."""
+    """One block of a model's input: `bands` of the store source `modality`, with the store's
+    train-split mean/std per band, in encoder group `name` (blocks sharing a name are one
+    encoder's channels). `key` is the batch key the loader gives the block (default: the modality)."""
 
     name: str
     modality: str
     bands: list[str]
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    key: str | None = None
+
+    @property
+    def input_key(self) -> str:
+        return self.key or self.modality
+
+
+def group_names(groups: list[Group]) -> list[str]:
+    """The encoder groups of a list of blocks, in order of first appearance."""
+    return list(dict.fromkeys(g.name for g in groups))
+
+
+def blocks_of(groups: list[Group], name: str) -> list[Group]:
+    return [g for g in groups if g.name == name]
+
+
+def group_input(batch: dict, blocks: list[Group]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, valid) of one encoder group: its blocks' normalised tensors concatenated on channels,
+    masked pixels set to 0 here as well (never the value under the mask), and the valid mask
+    (all valid where the batch carries none)."""
+    xs, vs = [], []
+    for b in blocks:
+        x = batch[b.input_key]
+        v = batch.get(f"{b.input_key}_valid")
+        v = torch.ones_like(x, dtype=torch.bool) if v is None else v.to(device=x.device, dtype=torch.bool)
+        xs.append(x)
+        vs.append(v)
+    x, v = (torch.cat(xs, dim=1), torch.cat(vs, dim=1)) if len(xs) > 1 else (xs[0], vs[0])
+    return torch.where(v, x, torch.zeros((), dtype=x.dtype, device=x.device)), v
+
+
+def group_present(batch: dict, blocks: list[Group]) -> torch.Tensor:
+    """Whether each chip has any valid pixel of the group (any of its blocks present)."""
+    return torch.stack([batch[f"{b.input_key}_present"].bool() for b in blocks], dim=0).any(dim=0)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -55,7 +94,7 @@ class SSLModule(L.LightningModule):
 
     def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig):
         super().__init__()
-        self.groups = groups
+        self.groups = [b for n in group_names(groups) for b in blocks_of(groups, n)]  # a group's blocks adjacent
         self.vit_cfg = vit
         self.optim = optim
 
@@ -83,11 +122,23 @@ def _vit_for(cfg: ViTConfig, chans: int) -> ViT:
     return ViT(ViTConfig(**{**cfg.__dict__, "in_chans": chans}))
 
 
+def _sources(groups: list[Group]) -> list[tuple[str, str, list[str]]]:
+    return [(g.name, g.modality, list(g.bands)) for g in groups]
+
+
+def _one_group(groups: list[Group], method: str) -> str:
+    names = group_names(groups)
+    if len(names) != 1:
+        raise ValueError(f"{method} trains one encoder on one input group (its sources' bands concatenated), "
+                         f"got groups {names}")
+    return names[0]
+
+
 def _single_encoder(module: SSLModule, vit: ViT, pool: str = "cls") -> ChipEncoder:
-    g = module.groups[0]
+    name = group_names(module.groups)[0]
     mean, std = module._stats()
-    enc = ChipEncoder([(g.name, g.bands)], nn.ModuleDict({g.name: copy.deepcopy(vit)}),
-                      nn.ModuleDict({g.name: nn.Identity()}), mean, std, pool=pool, modalities=[g.modality])
+    enc = ChipEncoder(_sources(module.groups), nn.ModuleDict({name: copy.deepcopy(vit)}),
+                      nn.ModuleDict({name: nn.Identity()}), mean, std, pool=pool)
     return enc.eval()
 
 
@@ -100,16 +151,16 @@ def visible_patches(n: int, mask_ratio: float) -> int:
 
 
 class MAE(SSLModule):
-    """Masked autoencoder: 75% of patches hidden, the loss on the hidden ones only."""
+    """Masked autoencoder: 75% of patches hidden, the loss on the hidden ones only, and there on
+    valid pixels only: a masked (nodata) pixel is neither seen nor reconstructed."""
 
     def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, mask_ratio: float = 0.75,
                  norm_pix_loss: bool = True, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4):
         super().__init__(groups, vit, optim)
-        if len(groups) != 1:
-            raise ValueError("MAE trains on one modality group")
+        _one_group(groups, "MAE")
         self.save_hyperparameters(ignore=["groups", "vit", "optim"])
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        self.chans = len(groups[0].bands)
+        self.chans = sum(len(g.bands) for g in self.groups)
         self.encoder = _vit_for(vit, self.chans)
         dim, p = self.encoder.dim, vit.patch
         self.decoder_embed = nn.Linear(dim, decoder_dim)
@@ -132,7 +183,27 @@ class MAE(SSLModule):
         x = x.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, h, w)
 
-    def forward_loss(self, x: torch.Tensor):
+    def patch_targets(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target, valid) per patch, (B, N, p*p*C): masked values at 0; with norm_pix_loss the
+        target is standardised with the mean/variance of the patch's valid values only."""
+        v = self.patchify(valid.to(x.dtype)) > 0.5
+        t = torch.where(v, self.patchify(x).float(), 0.0)
+        if self.norm_pix_loss:
+            n = v.sum(dim=-1, keepdim=True)
+            mu = t.sum(dim=-1, keepdim=True) / n.clamp(min=1)
+            var = (torch.where(v, t - mu, 0.0) ** 2).sum(dim=-1, keepdim=True) / (n - 1).clamp(min=1)
+            t = torch.where(v, (t - mu) / (var + 1e-6).sqrt(), 0.0)
+        return t, v
+
+    def forward_loss(self, x: torch.Tensor, valid: torch.Tensor | None = None):
+        """Loss, predictions (B, N, p*p*C) and the patch mask (1 = hidden). `valid` (like x, bool)
+        marks the pixels that carry data; without it every pixel does. The loss is the mean over
+        hidden patches with at least one valid value of the patch's mean squared error over its
+        valid values; a batch with no valid hidden value gives a loss of 0 (still a graph)."""
+        if valid is None:
+            valid = torch.isfinite(x)
+        valid = valid.to(torch.bool) & torch.isfinite(x)
+        x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
         tokens = self.encoder.patchify_embed(x)
         b, n, d = tokens.shape
         keep = visible_patches(n, self.mask_ratio)
@@ -155,25 +226,35 @@ class MAE(SSLModule):
         for blk in self.decoder_blocks:
             seq, _ = blk(seq)
         pred = self.decoder_pred(self.decoder_norm(seq))[:, 1:]
-        target = self.patchify(x)
-        if self.norm_pix_loss:
-            mu, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mu) / (var + 1e-6).sqrt()
-        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum(), pred, mask
+        target, v = self.patch_targets(x, valid)
+        err = torch.where(v, (pred.float() - target) ** 2, 0.0)
+        count = v.sum(dim=-1)
+        per_patch = err.sum(dim=-1) / count.clamp(min=1)
+        weight = mask * (count > 0).to(mask.dtype)
+        total = weight.sum()
+        if total == 0:  # nothing valid to reconstruct in this batch: a zero that keeps the graph
+            return pred.float().sum() * 0.0, pred, mask
+        return (per_patch * weight).sum() / total, pred, mask
 
     def training_step(self, batch, _):
-        loss, _, _ = self.forward_loss(batch[self.groups[0].modality])
+        x, valid = group_input(batch, self.groups)
+        loss, _, _ = self.forward_loss(x, valid)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def reconstruct(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input, masked input, reconstruction) of the first channel, for figures."""
-        _, pred, mask = self.forward_loss(x)
-        if self.norm_pix_loss:  # un-normalise with the target patches' own statistics
+        valid = torch.isfinite(x) if valid is None else valid.bool() & torch.isfinite(x)
+        x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        _, pred, mask = self.forward_loss(x, valid)
+        if self.norm_pix_loss:  # un-normalise with the target patches' own statistics (valid values)
             t = self.patchify(x)
-            pred = pred * (t.var(dim=-1, keepdim=True) + 1e-6).sqrt() + t.mean(dim=-1, keepdim=True)
+            v = self.patchify(valid.to(x.dtype)) > 0.5
+            n = v.sum(dim=-1, keepdim=True).clamp(min=1)
+            mu = torch.where(v, t, 0.0).sum(dim=-1, keepdim=True) / n
+            var = (torch.where(v, t - mu, 0.0) ** 2).sum(dim=-1, keepdim=True) / (n - 1).clamp(min=1)
+            pred = pred * (var + 1e-6).sqrt() + mu
         h, w = x.shape[-2:]
         rec = self.unpatchify(pred.float(), h, w)
         m = self.unpatchify(mask[..., None].expand(-1, -1, self.patchify(x).shape[-1]).float(), h, w)
@@ -221,10 +302,9 @@ class DINO(SSLModule):
                  local_crops: int = 4, teacher_temp: float = 0.04, student_temp: float = 0.1,
                  center_momentum: float = 0.9, ema_start: float = 0.996):
         super().__init__(groups, vit, optim)
-        if len(groups) != 1:
-            raise ValueError("DINO trains on one modality group")
+        _one_group(groups, "DINO")
         self.save_hyperparameters(ignore=["groups", "vit", "optim"])
-        chans = len(groups[0].bands)
+        chans = sum(len(g.bands) for g in self.groups)
         self.student = _vit_for(vit, chans)
         self.student_head = DINOHead(self.student.dim, out_dim)
         self.teacher = copy.deepcopy(self.student)
@@ -261,7 +341,7 @@ class DINO(SSLModule):
         return total / terms
 
     def training_step(self, batch, _):
-        loss = self.loss(batch[self.groups[0].modality])
+        loss = self.loss(group_input(batch, self.groups)[0])  # masked pixels at 0 (the mean)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -293,31 +373,34 @@ class MultiModalCLIP(SSLModule):
     def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, embed_dim: int = 256,
                  modality_dropout: float = 0.2, channel_dropout: float = 0.1, init_temperature: float = 0.07):
         super().__init__(groups, vit, optim)
-        if len(groups) < 2:
-            raise ValueError("CLIP-style training needs at least two modality groups")
+        names = group_names(groups)
+        if len(names) < 2:
+            raise ValueError(f"CLIP-style training contrasts two or more input groups, got {names}")
         self.save_hyperparameters(ignore=["groups", "vit", "optim"])
-        self.encoders = nn.ModuleDict({g.name: _vit_for(vit, len(g.bands)) for g in groups})
-        self.projections = nn.ModuleDict({g.name: nn.Linear(self.encoders[g.name].dim, embed_dim) for g in groups})
+        self.encoders = nn.ModuleDict({n: _vit_for(vit, sum(len(g.bands) for g in blocks_of(self.groups, n)))
+                                       for n in names})
+        self.projections = nn.ModuleDict({n: nn.Linear(self.encoders[n].dim, embed_dim) for n in names})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.modality_dropout, self.channel_dropout = modality_dropout, channel_dropout
 
     def _drop(self, batch):
-        """Training-time dropout of whole modalities (keep at least one) and of channels."""
+        """Training-time dropout of whole groups (keep at least one) and of channels."""
         xs, present = {}, {}
-        names = [g.name for g in self.groups]
-        b = batch[self.groups[0].modality].shape[0]
-        device = batch[self.groups[0].modality].device
+        names = group_names(self.groups)
+        first = batch[self.groups[0].input_key]
+        b, device = first.shape[0], first.device
         keep = torch.stack([torch.rand(b, device=device) >= self.modality_dropout for _ in names], dim=1)
         keep[~keep.any(dim=1), torch.randint(len(names), (1,)).item()] = True
-        for i, g in enumerate(self.groups):
-            x = batch[g.modality]
+        for i, name in enumerate(names):
+            blocks = blocks_of(self.groups, name)
+            x, _ = group_input(batch, blocks)
             if self.training and self.channel_dropout > 0 and x.shape[1] > 1:
                 ch = torch.rand(b, x.shape[1], device=device) >= self.channel_dropout
                 ch[~ch.any(dim=1), 0] = True
                 x = x * ch[:, :, None, None].to(x.dtype)
-            pres = batch[f"{g.modality}_present"].bool()
-            present[g.name] = pres & keep[:, i] if self.training else pres
-            xs[g.name] = x * present[g.name][:, None, None, None].to(x.dtype)
+            pres = group_present(batch, blocks)
+            present[name] = pres & keep[:, i] if self.training else pres
+            xs[name] = x * present[name][:, None, None, None].to(x.dtype)
         return xs, present
 
     def embeddings(self, xs):
@@ -327,7 +410,7 @@ class MultiModalCLIP(SSLModule):
         xs, present = self._drop(batch)
         z = self.embeddings(xs)
         scale = self.logit_scale.exp().clamp(max=100)
-        names = [g.name for g in self.groups]
+        names = group_names(self.groups)
         total, pairs = 0.0, 0
         for i, a in enumerate(names):
             for b in names[i + 1:]:
@@ -349,9 +432,8 @@ class MultiModalCLIP(SSLModule):
 
     def export_encoder(self) -> ChipEncoder:
         mean, std = self._stats()
-        enc = ChipEncoder([(g.name, g.bands) for g in self.groups], copy.deepcopy(self.encoders),
-                          copy.deepcopy(self.projections), mean, std, pool="cls", normalize_output=True,
-                          modalities=[g.modality for g in self.groups])
+        enc = ChipEncoder(_sources(self.groups), copy.deepcopy(self.encoders), copy.deepcopy(self.projections),
+                          mean, std, pool="cls", normalize_output=True)
         return enc.eval()
 
 

@@ -23,26 +23,28 @@ from pydantic.dataclasses import dataclass
 from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
 from sarflow.training.data import Augment, ChipDataModule, LoaderConfig, ModalitySpec
-from sarflow.training.methods import METHODS, Group, OptimConfig, build_method, visible_patches
+from sarflow.training.methods import METHODS, Group, OptimConfig, build_method, group_input, group_names, visible_patches
 from sarflow.training.vit import ViTConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUPS = {
-    "mae": [("s1", "s1grd", None)],
-    "dino": [("s1", "s1grd", None)],
-    "clip": [("s1", "s1grd", None), ("coh", "s1coh", None), ("s2", "s2rgb", None)],
-}
+ONE_GROUP = "inputs"  # the name of MAE's and DINO's one input group by default
 
 
 @dataclass(config=STAGE_CONFIG)
 class PretrainConfig:
     """params.yaml's `pretrain:` section (the store comes from the command). `methods` holds
-    extra arguments per method; those of `method` apply, under any `method_kwargs`."""
+    extra arguments per method; those of `method` apply, under any `method_kwargs`.
+
+    Inputs come from the store: `modalities` (default: every input source the store declares;
+    labels never) and `groups`, a list of (group, source, bands or None) blocks; the blocks of
+    one group are one encoder's channels, in order. Without `groups`, MAE and DINO train one
+    encoder on every chosen source's bands concatenated, CLIP one encoder per source."""
 
     store: str
     method: str = "mae"
-    groups: list[tuple[str, str, list[str] | None]] | None = None  # (group, modality, bands)
+    modalities: list[str] | None = None  # input sources to use; None: every input source of the store
+    groups: list[tuple[str, str, list[str] | None]] | None = None  # (group, source, bands); None: from the store
     vit: ViTConfig = field(default_factory=lambda: ViTConfig(size="tiny", patch=16))
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 32
@@ -86,8 +88,8 @@ class Throughput(L.Callback):
 
 
 def store_group(group, store: str, name: str, modality: str, bands: list[str] | None) -> Group:
-    """A modality group of the chip store (zarr `group` opened from `store`): the bands (all
-    when None) with the train-split mean/std the store holds; a modality or band the store
+    """A block of the chip store (zarr `group` opened from `store`): the bands (all when None)
+    of one source with the train-split mean/std the store holds; a modality or band the store
     lacks, or categorical data, is an InputError naming the store."""
     mods = list(group.attrs.get("modalities", []))
     if modality not in mods:
@@ -104,14 +106,66 @@ def store_group(group, store: str, name: str, modality: str, bands: list[str] | 
     return Group(name, modality, bands, [st[b]["mean"] or 0.0 for b in bands], [st[b]["std"] or 1.0 for b in bands])
 
 
+def input_blocks(cfg: PretrainConfig, group) -> list[tuple[str, str, list[str] | None]]:
+    """(group, source, bands) blocks of the model's input, from the store's declarations: the
+    declared `groups` (restricted to `modalities` when both are given), else every chosen input
+    source in one group (MAE, DINO) or one group per source (CLIP)."""
+    from sarflow.data.chipstore import input_modalities
+
+    chosen = input_modalities(group, cfg.modalities, where=cfg.store)
+    if not cfg.modalities and not cfg.groups:  # by default the continuous inputs: a categorical layer is no z-score
+        categorical = [m for m in chosen if group[m].attrs["kind"] != "continuous"]
+        chosen = [m for m in chosen if m not in categorical]
+        if categorical:
+            log.warning("pretrain: categorical input source(s) %s left out (model inputs are continuous data)", categorical)
+        if not chosen:
+            raise InputError(cfg.store, f"the store's input sources {categorical} are all categorical: model inputs "
+                                        "must be continuous data")
+    if cfg.groups:
+        declared = [(n, m, list(b) if b else None) for n, m, b in cfg.groups]
+        input_modalities(group, list(dict.fromkeys(m for _, m, _ in declared)), where=f"{cfg.store} (pretrain.groups)")
+        if cfg.modalities:
+            unused = [m for m in chosen if m not in {m for _, m, _ in declared}]
+            if unused:
+                raise InputError(cfg.store, f"modalities {unused} are in no group of pretrain.groups "
+                                            f"{[n for n in dict.fromkeys(n for n, _, _ in declared)]}: add them to a group "
+                                            "or drop pretrain.groups to group by source")
+            declared = [blk for blk in declared if blk[1] in chosen]
+        return declared
+    if cfg.method == "clip":
+        if len(chosen) < 2:
+            raise InputError(cfg.store, f"CLIP contrasts two or more input sources and the store has one: {chosen[0]!r} "
+                                        f"({'as chosen by --modalities' if cfg.modalities else 'its only input source'}); "
+                                        "add another input source to the catalog (or to --modalities), declare "
+                                        "pretrain.groups that split its bands into two groups, or use --method mae or dino")
+        return [(m, m, None) for m in chosen]
+    return [(ONE_GROUP, m, None) for m in chosen]
+
+
 def resolve_groups(cfg: PretrainConfig) -> list[Group]:
+    """The model's input blocks (`Group`s) with the store's statistics, checked against the store
+    and the method before anything runs."""
     from sarflow.data.chipstore import open_chip_group
 
     if cfg.method not in METHODS:
         raise InputError(cfg.method, f"unknown method: choose from {list(METHODS)}")
     group = open_chip_group(cfg.store)
-    out = [store_group(group, cfg.store, name, modality, bands)
-           for name, modality, bands in cfg.groups or DEFAULT_GROUPS[cfg.method]]
+    blocks = input_blocks(cfg, group)
+    out = [store_group(group, cfg.store, name, modality, bands) for name, modality, bands in blocks]
+    names = group_names(out)
+    out = [g for n in names for g in out if g.name == n]  # a group's blocks adjacent, in group order
+    counts = {m: sum(g.modality == m for g in out) for m in {g.modality for g in out}}
+    for g in out:
+        if counts[g.modality] > 1:
+            g.key = f"{g.modality}@{g.name}"
+    keys = [g.input_key for g in out]
+    if len(set(keys)) != len(keys):
+        raise InputError(cfg.store, f"pretrain.groups lists a source twice in one group: {blocks}")
+    if cfg.method in ("mae", "dino") and len(names) != 1:
+        raise InputError(cfg.store, f"{cfg.method} trains one encoder on one input group, pretrain.groups declares {names}: "
+                                    "give every block the same group name (their bands are concatenated) or use clip")
+    if cfg.method == "clip" and len(names) < 2:
+        raise InputError(cfg.store, f"CLIP contrasts two or more input groups, pretrain.groups declares one: {names}")
     size = cfg.output_size or int(group.attrs["chip_size"])
     if size < cfg.vit.patch or size % cfg.vit.patch:
         raise InputError(cfg.store, f"chips of {size} px cannot be cut into {cfg.vit.patch} px patches "
@@ -155,7 +209,7 @@ def train_chips(cfg: PretrainConfig, data: ChipDataModule) -> int:
 def make_datamodule(cfg: PretrainConfig, groups: list[Group]) -> ChipDataModule:
     loader_cfg = LoaderConfig(
         store=cfg.store,
-        modalities=[ModalitySpec(g.modality, g.bands) for g in groups],
+        modalities=[ModalitySpec(g.modality, g.bands, g.key) for g in groups],
         split="train",
         min_valid=-1.0 if cfg.method == "clip" else 0.0,  # CLIP embeds chips with missing modalities
         output_size=cfg.output_size,
@@ -181,9 +235,10 @@ def _figures(module, method: str, batch: dict, losses: list[float], outdir: Path
     fig.savefig(paths[-1], dpi=80)
     plt.close(fig)
     module.eval()
-    x = batch[module.groups[0].modality][:4].to(module.device)
+    blocks = [g for g in module.groups if g.name == module.groups[0].name]
+    x, valid = group_input({k: v[:4].to(module.device) for k, v in batch.items() if torch.is_tensor(v)}, blocks)
     if method == "mae":
-        inp, masked, rec = module.reconstruct(x)
+        inp, masked, rec = module.reconstruct(x, valid)
         fig, axes = plt.subplots(len(inp), 3, figsize=(6, 2 * len(inp)), squeeze=False)
         for i in range(len(inp)):
             for j, (img, title) in enumerate(((inp[i], "input"), (masked[i], "masked 75%"), (rec[i], "reconstruction"))):
@@ -235,7 +290,8 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
     exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     params = {"method": cfg.method, "batch_size": cfg.batch_size, "output_size": cfg.output_size,
-              "groups": [(g.name, g.modality, g.bands) for g in groups], **{f"vit_{k}": v for k, v in asdict(cfg.vit).items()},
+              "groups": [(g.name, g.modality, g.bands) for g in groups], "modalities": list(dict.fromkeys(g.modality for g in groups)),
+              "in_chans": sum(len(g.bands) for g in groups), **{f"vit_{k}": v for k, v in asdict(cfg.vit).items() if k != "in_chans"},
               **{f"optim_{k}": v for k, v in asdict(cfg.optim).items()}, **cfg.method_kwargs,
               "precision": "bf16-mixed" if gpu else "32-true"}
     with mlflow.start_run(experiment_id=exp_id, tags=lineage) as run:
@@ -279,6 +335,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
                 client.set_model_version_tag(name, version, k, v)
             client.set_model_version_tag(name, version, "sarflow.embedding_dim", str(out.shape[1]))
             client.set_model_version_tag(name, version, "sarflow.channels", ",".join(encoder.channel_names))
+            client.set_model_version_tag(name, version, "sarflow.inputs", ",".join(encoder.modalities))
     return {
         "run_id": run.info.run_id,
         "model_uri": info.model_uri,
@@ -287,21 +344,30 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
         "losses": throughput.losses,
         "embedding_dim": int(out.shape[1]),
         "channels": encoder.channel_names,
+        "in_chans": encoder.in_chans,
+        "sources": encoder.sources,
         "lineage": lineage,
     }
 
 
 def _example_input(cfg: PretrainConfig, groups: list[Group]) -> np.ndarray:
-    """Two real chips from the store, in physical units, as the model's input example."""
-    from sarflow.data.chipstore import open_chip_group
+    """Two real chips from the store, in physical units, as the model's input example: read with
+    the one reader (`read_masked`), the chips with the most valid pixels, masked pixels at the
+    store's train mean (an example for the signature, not a masked chip)."""
+    from sarflow.data.chipstore import open_chip_group, read_masked
 
     g = open_chip_group(cfg.store)
+    n = int(g.attrs["chips"])
     parts = []
     for grp in groups:
         arr = g[grp.modality]
         idx = [list(arr.attrs["bands"]).index(b) for b in grp.bands]
-        parts.append(arr[0:2][:, idx].astype(np.float32))
+        parts.append(read_masked(arr, slice(0, min(n, 16)), idx))
     x = np.concatenate(parts, axis=1)
+    best = np.argsort(-np.isfinite(x).reshape(len(x), -1).mean(axis=1), kind="stable")[:2]
+    x = x[np.sort(best)]
+    mean = np.array([m for grp in groups for m in grp.mean], np.float32)[None, :, None, None]
+    x = np.where(np.isfinite(x), x, mean).astype(np.float32)
     if cfg.output_size and cfg.output_size != x.shape[-1]:
         x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(cfg.output_size,) * 2, mode="bilinear",
                                             align_corners=False).numpy()
