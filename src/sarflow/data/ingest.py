@@ -23,7 +23,7 @@ from rasterio.errors import RasterioError
 
 from sarflow.data.catalog import LoadedCatalog, SourceSpec
 from sarflow.errors import InputError
-from sarflow.data.grid import ChipGrid, parse_crs, transform_geometry, utm_epsg
+from sarflow.data.grid import ChipGrid, parse_crs, transform_geometry, utm_epsg, utm_zone
 from sarflow.data.storage import check_s3_object, gdal_path, is_s3, read_bytes, s3_settings, sha256_of
 
 WGS84 = CRS.from_epsg(4326)
@@ -274,6 +274,37 @@ def _aoi_wgs84(loaded: LoadedCatalog, sources: list[Source]) -> shapely.Geometry
     return shapely.union_all(gdf.to_crs(4326).geometry.values)
 
 
+def _parts(geom: shapely.Geometry) -> list:
+    return list(getattr(geom, "geoms", [geom]))
+
+
+def utm_for_aoi(aoi84: shapely.Geometry, where: str) -> CRS:
+    """`crs: utm`: the zone of the AOI's centroid. An AOI that reaches beyond two neighbouring
+    zones (or parts of it lying in zones two or more apart) has no one UTM zone: refused, naming
+    the zones and the remedy, before anything is planned."""
+    zones = sorted({z for p in _parts(aoi84) for z in range(utm_zone(p.bounds[0]), utm_zone(p.bounds[2]) + 1)})
+    c = aoi84.centroid
+    if zones[-1] - zones[0] > 1:
+        hemi = 32600 if c.y >= 0 else 32700
+        named = ", ".join(f"{z} (EPSG:{hemi + z})" for z in zones)
+        raise InputError(where, (
+            f"grid.crs 'utm' needs an AOI in one UTM zone (or straddling two neighbouring ones), but the AOI "
+            f"({len(_parts(aoi84))} part(s), longitudes {aoi84.bounds[0]:.4f}..{aoi84.bounds[2]:.4f}) spans UTM zones "
+            f"{named}: set grid.crs to one EPSG code that covers them all (e.g. 3035, the European LAEA grid, or "
+            "an equal-area CRS of your region), or split the catalog into one catalog per zone"))
+    return CRS.from_epsg(utm_epsg(c.x, c.y))
+
+
+def coverage(sources: list[Source], crs: CRS) -> shapely.Geometry | None:
+    """Where a chip can hold data of every required source, in the grid CRS: the intersection
+    of their files' footprints (None when no source is required). The grid plans chips within
+    one chip of it, and weighs them by their area inside it when it splits."""
+    feet = [s.footprint() for s in sources if s.spec.required]
+    if not feet:
+        return None
+    return transform_geometry(shapely.intersection_all(feet), WGS84, crs)
+
+
 def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
     """Validates every source and builds the grid; raises InputError on the first bad input."""
     cat = loaded.catalog
@@ -282,8 +313,7 @@ def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
         sources = [resolve_source(loaded, spec, checksum) for spec in cat.sources]
     aoi84 = _aoi_wgs84(loaded, sources)
     if cat.grid.crs == "utm":
-        c = aoi84.centroid
-        crs = CRS.from_epsg(utm_epsg(c.x, c.y))
+        crs = utm_for_aoi(aoi84, str(loaded.path))
     else:
         crs = parse_crs(cat.grid.crs)
     aoi = transform_geometry(aoi84, WGS84, crs)
@@ -298,7 +328,8 @@ def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
         overlap=cat.grid.overlap,
         origin=tuple(cat.grid.origin),
         aoi=aoi,
+        coverage=coverage(sources, crs),
     )
     if len(grid.candidates) == 0:
-        raise InputError(str(loaded.path), "the AOI covers no chip of the grid")
+        raise InputError(str(loaded.path), "the AOI covers no chip of the grid where every required source has data")
     return Ingested(catalog=loaded, sources=sources, grid=grid)

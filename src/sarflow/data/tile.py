@@ -556,6 +556,10 @@ def _finalize(ing, out: Path, partial: Path, progress: _Progress, state: dict, s
         raise InputError(str(ing.catalog.path), "no chip has a valid pixel in every required source")
     records = progress.records(math.ceil(total / arrays[next(iter(arrays))].shards[0]))
     assert len(records) == total, (len(records), total)
+    kept = {k: sum(r["split"] == k for r in records) for k in ("train", "val", "test")}
+    log.info("kept %d of %d candidate chips (%d dropped: no valid pixel in a required source: %s); kept per split: %s",
+             total, len(ing.grid.candidates), len(ing.grid.candidates) - total,
+             ", ".join(s.name for s in ing.sources if s.spec.required) or "none", kept)
     root = zarr.open_group(str(partial), mode="r+", zarr_format=3)
     for s in ing.sources:
         arr = arrays[s.name]
