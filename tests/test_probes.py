@@ -532,7 +532,10 @@ def own_stores(tmp_path_factory):
                 show_progress=False)
     sar = tile(load_catalog(write_catalog(tmp / "b.yaml", grid, [cohs, flood])), tmp / "b.zarr", options,
                show_progress=False)
-    return str(both), str(sar)
+    classes_in = {**flood, "name": "wet_in", "role": "input"}  # a categorical input only (like CORINE 2006)
+    categorical = tile(load_catalog(write_catalog(tmp / "c.yaml", grid, [classes_in, flood])), tmp / "c.zarr", options,
+                       show_progress=False)
+    return str(both), str(sar), str(categorical)
 
 
 def test_pixel_baselines_read_the_inputs_masked(own_stores):
@@ -567,3 +570,15 @@ def test_ablation_sets_come_from_units_and_tasks_from_the_labels(own_stores, tmp
     only_sar = run_ablation({"sar": own_stores[1]}, f"sqlite:///{tmp_path / 'mlflow.db'}", out_dir=str(tmp_path / "b"))
     assert [x["modalities"] for x in only_sar["rows"]] == ["sar", "fused"]
     assert only_sar["skipped_sets"] == [f"sar: no optical inputs in {own_stores[1]} (by their units), set skipped"]
+
+
+def test_pixel_baselines_are_left_out_where_no_input_is_continuous(own_stores):
+    from sarflow.downstream.probes import _usable_baselines
+
+    store = own_stores[2]
+    kept, why = _usable_baselines(ProbeConfig(store=store, features_root="r"))
+    assert kept == () and why == {b: "the store has no continuous input source (inputs ['wet_in'])"
+                                  for b in ("pixel_stats", "scratch")}
+    with pytest.raises(InputError, match=r"modalities \['wet_in'\] are categorical"):
+        _usable_baselines(ProbeConfig(store=store, features_root="r", modalities=("wet_in",)))
+    assert _usable_baselines(ProbeConfig(store=own_stores[0], features_root="r")) == (("pixel_stats", "scratch"), {})

@@ -226,11 +226,32 @@ def _draw(train: np.ndarray, n: int, seed: int, draw: int) -> np.ndarray:
 CURVE_COLUMNS = ["task", "source", "probe", "n", "is_all", "draw", "split", "metric", "value"]
 
 
+def _usable_baselines(cfg: ProbeConfig) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The configured baselines the store can feed (pixel baselines need a continuous input), and
+    why the others are left out. Inputs chosen with `modalities` that cannot feed them are an error."""
+    from sarflow.data.chipstore import open_chip_group
+    from sarflow.downstream.baselines import continuous_inputs
+
+    if not cfg.baselines:
+        return (), {}
+    try:
+        continuous_inputs(open_chip_group(cfg.store), cfg.store, cfg.modalities or None)
+    except InputError as e:
+        if cfg.modalities:
+            raise
+        log.warning("%s: baselines %s left out: %s", cfg.store, list(cfg.baselines), e.cause)
+        return (), {b: e.cause for b in cfg.baselines}
+    return tuple(cfg.baselines), {}
+
+
 def _curves(cfg: ProbeConfig, data: ProbeData, splits: list[TaskSplits], scratch_tasks: set[str],
-            pixel: np.ndarray | None, chips: np.ndarray | None) -> tuple[pd.DataFrame, list[dict]]:
+            pixel: np.ndarray | None, chips: np.ndarray | None,
+            baselines: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """The curve points (long table) of the evaluable tasks, and the points skipped because their
     train draw could not teach the task."""
     from sarflow.downstream.baselines import ScratchCNN
+
+    baselines = cfg.baselines if baselines is None else baselines
 
     rows, skipped = [], []
     for ts in splits:
@@ -239,7 +260,7 @@ def _curves(cfg: ProbeConfig, data: ProbeData, splits: list[TaskSplits], scratch
         n_all = len(idx["train"])
         sizes = sorted({int(s) for s in cfg.sizes if 0 < int(s) < n_all}) + [n_all]
         sources = [("embeddings", data.x, False)]
-        if "pixel_stats" in cfg.baselines:
+        if "pixel_stats" in baselines:
             sources.append(("pixel_stats", pixel, True))
         same: dict = {}
         for n in sizes:
@@ -263,7 +284,7 @@ def _curves(cfg: ProbeConfig, data: ProbeData, splits: list[TaskSplits], scratch
                         for ev, values in scores.items():
                             for metric, value in values.items():
                                 rows.append((task.name, source, probe, n, n == n_all, draw, ev, metric, value))
-                if "scratch" in cfg.baselines and task.name in scratch_tasks and draw < cfg.scratch_draws:
+                if "scratch" in baselines and task.name in scratch_tasks and draw < cfg.scratch_draws:
                     cnn = ScratchCNN(task.kind, epochs=cfg.scratch_epochs, seed=cfg.seed + draw).fit(chips[tr], y[tr])
                     for ev in evals:
                         for metric, value in score(task, cnn, chips[idx[ev]], y[idx[ev]]).items():
@@ -315,12 +336,13 @@ def _run_probes(cfg: ProbeConfig) -> dict:
             selection_note[ts.task.name] = f"default probe {cfg.probes[0]} (val cannot choose: {ts.val_reason})"
             log.warning("%s: task %s: %s", cfg.store, ts.task.name, selection_note[ts.task.name])
 
+    baselines, skipped_baselines = _usable_baselines(cfg)
     pixel = chips = None
-    if "pixel_stats" in cfg.baselines:
+    if "pixel_stats" in baselines:
         pixel = pixel_statistics(cfg.store, cfg.modalities or None)[0][data.store_index]
-    if "scratch" in cfg.baselines and any(t.name in scratch_tasks for t in evaluable):
+    if "scratch" in baselines and any(t.name in scratch_tasks for t in evaluable):
         chips = chip_tensor(cfg.store, cfg.modalities or None)[data.store_index]
-    curves, skipped_points = _curves(cfg, data, splits, scratch_tasks, pixel, chips)
+    curves, skipped_points = _curves(cfg, data, splits, scratch_tasks, pixel, chips, baselines)
     summary = summarize(curves)
     default = cfg.probes[0]
     savings = label_savings(summary, evaluable, default)
@@ -351,7 +373,8 @@ def _run_probes(cfg: ProbeConfig) -> dict:
             "sarflow.embeddings_view": data.view}
     parent_tags = {**tags, **{f"sarflow.eval_set.{k}": v for k, v in eval_sets.items()},
                    **{f"sarflow.not_evaluable.{k}": v[:4900] for k, v in skipped_tasks.items()},
-                   **{f"sarflow.selection.{k}": v[:4900] for k, v in selection_note.items()}}
+                   **{f"sarflow.selection.{k}": v[:4900] for k, v in selection_note.items()},
+                   **{f"sarflow.baseline_left_out.{k}": v[:4900] for k, v in skipped_baselines.items()}}
     models: dict[str, dict] = {}
     with mlflow.start_run(experiment_id=exp_id, run_name="probes", tags=parent_tags) as run:
         params = {k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
@@ -361,6 +384,7 @@ def _run_probes(cfg: ProbeConfig) -> dict:
             mlflow.log_artifact(str(p), artifact_path="downstream")
         mlflow.log_dict({"label_savings": savings, "selected_probe": selected, "selection": selection_note,
                          "not_evaluable": skipped_tasks, "skipped_points": skipped_points,
+                         "baselines_left_out": skipped_baselines,
                          "curves": {t.name: embedding_curve(summary, t, default) for t in evaluable}},
                         "downstream/label_savings.json")
         mlflow.log_dict({"tasks": tasks_json(evaluable), "not_evaluable": skipped_tasks}, "downstream/tasks.json")
@@ -401,7 +425,7 @@ def _run_probes(cfg: ProbeConfig) -> dict:
     result = {"run_id": run.info.run_id, "models": models, "not_evaluable": skipped_tasks, "tasks": task_info,
               "metrics": metrics, "curves": str(curves_path), "summary": str(summary_path),
               "plots": [str(p) for p in plots], "label_savings": savings, "selected_probe": selected,
-              "skipped_points": skipped_points,
+              "skipped_points": skipped_points, "baselines_left_out": skipped_baselines,
               "embeddings": {"model": data.model, "version": data.version, "view": data.view}, "out_dir": str(out_dir)}
     write_json_atomic(out_dir / "probes.json", result)
     result["json"] = str(out_dir / "probes.json")
