@@ -19,20 +19,31 @@ in the current interpreter (``kfp.local.SubprocessRunner(use_venv=False)``). Hen
   library function, and records what it returned.
 
 ``components`` is an installed package (pyproject.toml), like ``pipelines``, which imports
-them as ``components.<stage>``; the library never imports either.
+them as ``components.<stage>``; the library never imports either. ``components.paths`` is the
+doors' one helper that makes a user's path absolute (the CLI imports it too; importing it
+does not import kfp: the components themselves load on first use).
 """
 
-from components.downstream import train_llp, train_probes
-from components.embed import embed_chips
-from components.ingest import ingest_scene
-from components.materialize import materialize_features
-from components.pretrain import pretrain_encoder
-from components.promote import promote_model, publish_champion
-from components.synth import synth_scene
-from components.tile import tile_scene
-from components.version import version_chips
+import importlib
 
 BASE_IMAGE = "ghcr.io/sarflow/sarflow:0.1.0"
 
+# component -> its module, imported on first use (PEP 562): `import components.paths` (what the
+# CLI uses to make paths absolute) must not cost every command an import of kfp
+_MODULES = {"synth_scene": "synth", "ingest_scene": "ingest", "tile_scene": "tile", "version_chips": "version",
+            "pretrain_encoder": "pretrain", "embed_chips": "embed", "materialize_features": "materialize",
+            "train_probes": "downstream", "train_llp": "downstream", "report_results": "downstream",
+            "promote_model": "promote", "publish_champion": "promote"}
+
 __all__ = ["BASE_IMAGE", "synth_scene", "ingest_scene", "tile_scene", "version_chips", "pretrain_encoder",
            "embed_chips", "materialize_features", "train_probes", "train_llp", "promote_model", "publish_champion"]
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return getattr(importlib.import_module(f"components.{_MODULES[name]}"), name)
+    raise AttributeError(f"module 'components' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULES})

@@ -31,10 +31,12 @@ def train_probes(
     from collections import namedtuple
     from pathlib import Path
 
+    from components.paths import absolute, absolute_uri
     from sarflow.downstream.probes import ProbeConfig, run_probes
     from sarflow.mlops.tracking import flat_metrics
     from sarflow.params import Params, stage_config
 
+    features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
     described = json.loads(Path(embeddings.path).read_text())
     cfg = stage_config(ProbeConfig, Params({"downstream": options}, "pipeline parameter downstream"), "downstream",
                        {"tracking_uri": tracking_uri or None}, store=store.path, features_root=features_root,
@@ -69,11 +71,13 @@ def train_llp(
     from collections import namedtuple
     from pathlib import Path
 
+    from components.paths import absolute, absolute_uri
     from sarflow.downstream.llp.config import LLPConfig
     from sarflow.downstream.llp.run import run_llp
     from sarflow.mlops.tracking import flat_metrics
     from sarflow.params import Params, stage_config
 
+    features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
     described = json.loads(Path(embeddings.path).read_text())
     cfg = stage_config(LLPConfig, Params({"llp": {"id_column": id_column, **options}}, "pipeline parameter llp"), "llp",
                        {"tracking_uri": tracking_uri or None},
@@ -105,9 +109,11 @@ def report_results(
     import tempfile
     from pathlib import Path
 
+    from components.paths import absolute_uri
     from sarflow.downstream.results_report import build_results_report
     from sarflow.params import default_tracking_uri
 
+    tracking_uri = absolute_uri(tracking_uri)
     run_ids = {k: [v] for k, v in (("label_efficiency", probes_run_id), ("llp", llp_run_id)) if v}
     with tempfile.TemporaryDirectory() as tmp:
         result = build_results_report(tracking_uri or default_tracking_uri(), run_ids=run_ids,

@@ -28,10 +28,13 @@ def embed_chips(
 
     import mlflow
 
+    from components.paths import absolute, absolute_uri
     from sarflow.features.embed import EmbedConfig, embed_store
     from sarflow.features.labels import chip_labels
     from sarflow.params import Params, stage_config
 
+    # a relative path or SQLite file means the task's working directory (the launcher's, under kfp.local)
+    features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
     ref = json.loads(Path(encoder.path).read_text())
     cfg = stage_config(EmbedConfig, Params({"embed": options}, "pipeline parameter embed"), "embed",
                        {"tracking_uri": tracking_uri or ref.get("tracking_uri") or None})

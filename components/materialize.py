@@ -23,9 +23,11 @@ def materialize_features(
     import json
     from pathlib import Path
 
+    from components.paths import absolute
     from sarflow.features.search import build_index
     from sarflow.features.feast_store import FeatureConfig, apply, materialize
 
+    features_root = absolute(features_root)  # recorded below: the task's working directory resolved here
     described = json.loads(Path(embeddings.path).read_text())
     cfg = FeatureConfig(root=features_root, online=online, redis=redis)
     objects = apply(cfg)

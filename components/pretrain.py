@@ -31,13 +31,14 @@ def pretrain_encoder(
     from collections import namedtuple
     from pathlib import Path
 
+    from components.paths import absolute_uri
     from sarflow.params import Params, stage_config
     from sarflow.training.pretrain import PretrainConfig
     from sarflow.training.pretrain import pretrain as run_pretrain
 
     cfg = stage_config(PretrainConfig, Params({"pretrain": pretrain}, "pipeline parameter pretrain"), "pretrain",
                        {"tracking_uri": tracking_uri or None}, store=store.path)
-    tracking_uri = cfg.tracking_uri
+    tracking_uri = absolute_uri(cfg.tracking_uri)  # recorded in the reference: the same database from any folder
     result = run_pretrain(cfg)
     ref = {"model_uri": f"models:/{result['registered_model']}/{result['version']}",
            "registered_model": result["registered_model"], "version": str(result["version"]),

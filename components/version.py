@@ -34,8 +34,11 @@ def version_chips(
 
     if s3_endpoint:  # credentials come from the environment (the sarflow-minio secret)
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from components.paths import absolute
     from sarflow.data.versioning import version_store
 
+    # a local remote made absolute here: `dvc remote add` (run in the repository) would resolve it there
+    remote, repo = absolute(remote), absolute(repo)
     path = Path(store.path)
     v = version_store(path, remote=remote or None, repo=repo or path.parent, push=push)
     Path(version.path).parent.mkdir(parents=True, exist_ok=True)

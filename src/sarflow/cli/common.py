@@ -1,5 +1,13 @@
-"""What every `sarflow` command shares: how an error ends it, the --params option, and the one
-path from params.yaml to a stage's typed config (its section, the command's flags on top)."""
+"""What every `sarflow` command shares: how an error ends it, the --params option, paths made
+absolute at the door, and the one path from params.yaml to a stage's typed config (its section,
+the command's flags on top).
+
+Paths: every path-like argument and option of every command goes through :func:`absolute_path`
+(a typer callback: local paths resolved against the working directory, ``~`` expanded,
+``s3://`` kept), the tracking URI through :func:`absolute_tracking_uri` (a relative
+``sqlite:///mlflow.db`` made absolute), and the path keys of a params file read by a command
+(``PATH_KEYS``) likewise, so everything a stage records (MLflow tags, Feast sources, DVC
+remotes, JSON summaries) names the same place from any other working directory."""
 
 from __future__ import annotations
 
@@ -9,8 +17,23 @@ from typing import Any
 
 import typer
 
-ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: ./params.yaml when present)")
-TrackingOpt = typer.Option(None, "--tracking-uri",
+from components.paths import absolute, absolute_like, absolute_uri
+
+
+def absolute_path(value):
+    """Typer callback: what the user typed for a path (a Path, a str, a list of them), resolved
+    against the working directory once, here; ``s3://`` URIs, None and "" unchanged."""
+    return absolute_like(value)
+
+
+def absolute_tracking_uri(value: str | None) -> str | None:
+    """Typer callback for --tracking-uri: a relative SQLite file made absolute, any other URI unchanged."""
+    return absolute_uri(value)
+
+
+ParamsOpt = typer.Option(None, "--params", callback=absolute_path,
+                         help="params.yaml to read (default: ./params.yaml when present)")
+TrackingOpt = typer.Option(None, "--tracking-uri", callback=absolute_tracking_uri,
                            help="MLflow tracking URI (default: the section's tracking_uri, else $MLFLOW_TRACKING_URI, "
                                 "else sqlite:///mlflow.db)")
 
@@ -28,6 +51,17 @@ STAGE_CONFIGS = {
 }
 
 
+# params.yaml keys that name a local path (or an s3:// prefix): made absolute when a command reads
+# the file (read_params), like the same value given as a flag; every section's tracking_uri too
+PATH_KEYS = {
+    "features": ("root", "repo"),
+    "pretrain": ("store",),
+    "downstream": ("store", "features_root", "out_dir"),
+    "llp": ("store", "polygons", "stats", "label_raster", "features_root", "out_dir"),
+    "segment": ("store",),
+}
+
+
 def fail(e: Exception) -> None:
     """Prints `error: <e>` on stderr and exits with status 2."""
     typer.secho(f"error: {e}", fg="red", err=True)
@@ -40,13 +74,27 @@ def config_class(section: str):
     return getattr(importlib.import_module(module), name)
 
 
-def read_params(path: Path | None):
-    """params.yaml (or `path`), its top-level sections checked against the stages that read them."""
-    from sarflow.params import check_sections, load_params
+def read_params(path: Path | None, resolve: bool = True):
+    """params.yaml (or `path`), its top-level sections checked against the stages that read them;
+    with `resolve`, its path keys (PATH_KEYS) and tracking URIs made absolute against the working
+    directory (off for a pipeline compiled or submitted to a cluster, whose paths are the cluster's)."""
+    from sarflow.params import Params, check_sections, load_params
 
     params = load_params(path)
     check_sections(params, STAGE_CONFIGS)
-    return params
+    if not resolve:
+        return params
+    sections = {}
+    for name, section in params.items():
+        if isinstance(section, dict):
+            section = dict(section)
+            for key in PATH_KEYS.get(name, ()):
+                if isinstance(section.get(key), str):
+                    section[key] = absolute(section[key])
+            if isinstance(section.get("tracking_uri"), str):
+                section["tracking_uri"] = absolute_uri(section["tracking_uri"])
+        sections[name] = section
+    return Params(sections, params.source)
 
 
 def stage_config(section: str, params: Path | dict | None, overrides: dict[str, Any] | None = None, **given):

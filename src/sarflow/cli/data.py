@@ -9,12 +9,12 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, fail, stage_config
+from sarflow.cli.common import ParamsOpt, absolute_path, fail, stage_config
 from sarflow.errors import SarflowError
 
 
 def synth(
-    out_dir: Path = typer.Argument(..., help="folder to write the scene into"),
+    out_dir: Path = typer.Argument(..., callback=absolute_path, help="folder to write the scene into"),
     size: Optional[int] = typer.Option(None, help="scene side in 10 m pixels (up to 10980, a Sentinel-2 tile)"),
     seed: Optional[int] = typer.Option(None, help="random seed; the same seed gives the same bytes"),
     chip_size: Optional[int] = typer.Option(None, help="chip size written into catalog.yaml"),
@@ -34,8 +34,8 @@ def synth(
 
 
 def ingest(
-    catalog: Path = typer.Argument(..., help="catalog.yaml"),
-    out: Optional[Path] = typer.Option(None, help="write the provenance manifest (JSON) here"),
+    catalog: Path = typer.Argument(..., callback=absolute_path, help="catalog.yaml"),
+    out: Optional[Path] = typer.Option(None, callback=absolute_path, help="write the provenance manifest (JSON) here"),
 ) -> None:
     """Validate every source of a catalog and print (or write) the provenance manifest."""
     from sarflow.data.catalog import load_catalog
@@ -54,8 +54,8 @@ def ingest(
 
 
 def tile(
-    catalog: Path = typer.Argument(..., help="catalog.yaml"),
-    out: Path = typer.Option(..., "--out", help="chip store to write (a .zarr folder)"),
+    catalog: Path = typer.Argument(..., callback=absolute_path, help="catalog.yaml"),
+    out: Path = typer.Option(..., "--out", callback=absolute_path, help="chip store to write (a .zarr folder)"),
     workers: Optional[int] = typer.Option(None, help="warping threads"),
     shard_chips: Optional[int] = typer.Option(None, help="chips per shard file"),
     block_chips: Optional[int] = typer.Option(None, help="chips per side of a warped block"),
@@ -81,7 +81,7 @@ def tile(
     typer.echo(f"chip store written: {store} ({open_store(store).n_chips} chips)")
 
 
-def info(store: Path = typer.Argument(..., help="chip store")) -> None:
+def info(store: Path = typer.Argument(..., callback=absolute_path, help="chip store")) -> None:
     """Summarise a chip store: grid, modalities, chips per split."""
     from sarflow.data.chipstore import open_store
 
@@ -92,9 +92,11 @@ def info(store: Path = typer.Argument(..., help="chip store")) -> None:
 
 
 def version(
-    store: Path = typer.Argument(..., help="chip store to version"),
-    remote: Optional[str] = typer.Option(None, help="DVC remote URL (s3://bucket/prefix or a folder) to push to"),
-    repo: Optional[Path] = typer.Option(None, help="DVC repository root (default: the enclosing one, else the store's folder)"),
+    store: Path = typer.Argument(..., callback=absolute_path, help="chip store to version"),
+    remote: Optional[str] = typer.Option(None, callback=absolute_path,
+                                         help="DVC remote URL (s3://bucket/prefix or a folder) to push to"),
+    repo: Optional[Path] = typer.Option(None, callback=absolute_path,
+                                        help="DVC repository root (default: the enclosing one, else the store's folder)"),
 ) -> None:
     """Version the store with DVC (dvc add + push); prints the dataset version."""
     from sarflow.data.versioning import version_store

@@ -7,15 +7,17 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, check_params, fail, read_params
+from sarflow.cli.common import ParamsOpt, absolute_path, check_params, fail, read_params
 from sarflow.errors import SarflowError
 
 
 def demo(
-    out: Path = typer.Option(Path("demo-output"), help="output folder (summary.json, store, MLflow, Feast, plots)"),
-    catalog: Optional[Path] = typer.Option(None, help="run on your own catalog instead of a synthetic scene"),
+    out: Path = typer.Option(Path("demo-output"), callback=absolute_path,
+                             help="output folder (summary.json, store, MLflow, Feast, plots)"),
+    catalog: Optional[Path] = typer.Option(None, callback=absolute_path, help="run on your own catalog instead of a synthetic scene"),
     size: Optional[int] = typer.Option(None, help="synthetic scene side in pixels"),
-    services: Optional[Path] = typer.Option(None, help="use the servers of `sarflow services up DIR` instead of files"),
+    services: Optional[Path] = typer.Option(None, callback=absolute_path,
+                                            help="use the servers of `sarflow services up DIR` instead of files"),
     fresh: bool = typer.Option(False, "--fresh", help="remove a previous demo's products from OUT first"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -39,8 +41,9 @@ def demo(
 
 
 def results(
-    out: Path = typer.Option(Path("demo-output"), help="a finished demo's output folder"),
+    out: Path = typer.Option(Path("demo-output"), callback=absolute_path, help="a finished demo's output folder"),
     real_data: Optional[Path] = typer.Option(Path("../shared/data/real"), "--real-data", envvar="SARFLOW_REAL_DATA",
+                                             callback=absolute_path,
                                              help="the real-data folder (Kansas LLP case; skipped when absent)"),
 ) -> None:
     """Every other downstream result on top of a finished demo (segmentation, modality ablation,

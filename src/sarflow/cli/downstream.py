@@ -7,13 +7,13 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, read_params, stage_config
+from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, read_params, stage_config
 from sarflow.errors import InputError, SarflowError
 
 downstream_app = typer.Typer(help="Downstream science on frozen embeddings: probes and label-efficiency curves, "
                                   "modality ablation, region generalization.", no_args_is_help=True)
 
-RootOpt = typer.Option(None, "--features-root",
+RootOpt = typer.Option(None, "--features-root", callback=absolute_path,
                        help="features root (embeddings/, labels/, feast/; default params features.root)")
 ExpOpt = typer.Option("sarflow-downstream", "--experiment", help="MLflow experiment")
 
@@ -30,7 +30,7 @@ def _fmt(v) -> str:
 
 
 @downstream_app.command()
-def probe(store: str = typer.Argument(..., help="chip store"), features_root: Optional[Path] = RootOpt,
+def probe(store: str = typer.Argument(..., callback=absolute_path, help="chip store"), features_root: Optional[Path] = RootOpt,
           tracking_uri: Optional[str] = TrackingOpt,
           model: Optional[str] = typer.Option(None, help="embeddings of this model (default: newest)"),
           version: Optional[str] = typer.Option(None, help="embeddings version (default: newest)"),
@@ -43,7 +43,8 @@ def probe(store: str = typer.Argument(..., help="chip store"), features_root: Op
           no_baselines: bool = typer.Option(False, "--no-baselines", help="embeddings only"),
           scratch_epochs: Optional[int] = typer.Option(None, help="epochs of the from-scratch CNN"),
           register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the best probe per task"),
-          out_dir: Optional[Path] = typer.Option(None, help="where plots and tables go (default: a temp folder)"),
+          out_dir: Optional[Path] = typer.Option(None, callback=absolute_path,
+                                                 help="where plots and tables go (default: a temp folder)"),
           experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment"),
           seed: Optional[int] = typer.Option(None), params: Optional[Path] = ParamsOpt) -> None:
     """Label-efficiency curves of probes on frozen embeddings vs baselines; registers the best probe per task."""
@@ -79,16 +80,16 @@ def probe(store: str = typer.Argument(..., help="chip store"), features_root: Op
 
 
 @downstream_app.command()
-def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a clear scene"),
-             clouded: Optional[str] = typer.Option(None, help="chip store of a clouded scene"),
-             synth: Optional[Path] = typer.Option(None, help="synthesize a clear and a clouded scene here instead"),
+def ablation(clear: Optional[str] = typer.Option(None, callback=absolute_path, help="chip store of a clear scene"),
+             clouded: Optional[str] = typer.Option(None, callback=absolute_path, help="chip store of a clouded scene"),
+             synth: Optional[Path] = typer.Option(None, callback=absolute_path, help="synthesize a clear and a clouded scene here instead"),
              cloud_fraction: float = typer.Option(0.6, help="cloud cover of the synthesized clouded scene"),
              size_px: int = typer.Option(384, help="side of the synthesized scenes"),
              encoder: Optional[str] = typer.Option(None, help="multimodal encoder URI (e.g. models:/sarflow-encoder-clip/1); "
                                                               "default raw-pixel statistics"),
              probe_name: str = typer.Option("linear", "--probe", help="linear, knn or mlp"),
              tracking_uri: Optional[str] = TrackingOpt, experiment: str = ExpOpt,
-             out_dir: Optional[Path] = typer.Option(None, help="where the table goes")) -> None:
+             out_dir: Optional[Path] = typer.Option(None, callback=absolute_path, help="where the table goes")) -> None:
     """SAR-only vs optical-only vs fused features under clear and clouded skies."""
     from sarflow.downstream.ablation import run_ablation
     from sarflow.downstream.synthetic_stores import synth_ablation_stores
@@ -118,21 +119,21 @@ def ablation(clear: Optional[str] = typer.Option(None, help="chip store of a cle
 
 
 @downstream_app.command()
-def region(store: Optional[str] = typer.Argument(None, help="chip store: its two halves are the regions, or region A "
+def region(store: Optional[str] = typer.Argument(None, callback=absolute_path, help="chip store: its two halves are the regions, or region A "
                                                             "with --other"),
            features_root: Optional[Path] = RootOpt, tracking_uri: Optional[str] = TrackingOpt,
            model: Optional[str] = typer.Option(None), version: Optional[str] = typer.Option(None),
            task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: every task the store's labels declare)"),
            axis: str = typer.Option("x", help="halves of STORE; x: west/east, y: south/north"),
-           other: Optional[str] = typer.Option(None, "--other", help="a second chip store: region B"),
-           other_features_root: Optional[Path] = typer.Option(None, "--other-features-root",
+           other: Optional[str] = typer.Option(None, "--other", callback=absolute_path, help="a second chip store: region B"),
+           other_features_root: Optional[Path] = typer.Option(None, "--other-features-root", callback=absolute_path,
                                                               help="features root of --other (default --features-root)"),
-           synth: Optional[Path] = typer.Option(None, help="synthesize regions A, B_same and B_shifted here instead of STORE"),
+           synth: Optional[Path] = typer.Option(None, callback=absolute_path, help="synthesize regions A, B_same and B_shifted here instead of STORE"),
            shift: float = typer.Option(2.0, help="B_shifted's class mix: built-up and water x (1 + S), trees / (1 + S)"),
            size_px: int = typer.Option(512, help="side of the synthesized scenes"),
            encoder: Optional[str] = typer.Option(None, help="with --synth: multimodal encoder URI; default raw-pixel statistics"),
            probe_name: str = typer.Option("linear", "--probe"), experiment: str = ExpOpt,
-           out_dir: Optional[Path] = typer.Option(None)) -> None:
+           out_dir: Optional[Path] = typer.Option(None, callback=absolute_path)) -> None:
     """Train in one region, test in-region and out-of-region, both ways; error gap next to MMD and mean-embedding distance."""
     from sarflow.downstream.region import SYNTH_REGION_PAIRS, run_region_generalization, run_region_stores
     from sarflow.downstream.synthetic_stores import synth_region_stores
@@ -174,7 +175,8 @@ def report(tracking_uri: Optional[str] = TrackingOpt,
                                                                  help="look for source runs only here (default: all)"),
            experiment: str = typer.Option("sarflow-reports", "--experiment", help="MLflow experiment of the report run"),
            strict: bool = typer.Option(False, "--strict", help="fail, writing nothing, while a section was never run"),
-           out_dir: Optional[Path] = typer.Option(None, help="where report.md/report.html go (default: a temp folder)")) -> None:
+           out_dir: Optional[Path] = typer.Option(None, callback=absolute_path,
+                                                  help="where report.md/report.html go (default: a temp folder)")) -> None:
     """One MLflow run gathering every result table and plot: label efficiency, modality ablation,
     region generalization, segmentation, LLP (synthetic and real)."""
     import os

@@ -8,14 +8,14 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, read_params, stage_config
+from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, read_params, stage_config
 from sarflow.errors import SarflowError
 
 
 def embed(
-    store: str = typer.Argument(..., help="chip store"),
+    store: str = typer.Argument(..., callback=absolute_path, help="chip store"),
     model: str = typer.Option(..., "--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/encoder"),
-    root: Optional[str] = typer.Option(None, "--root", help="features root (the offline store; default params features.root)"),
+    root: Optional[str] = typer.Option(None, "--root", callback=absolute_path, help="features root (the offline store; default params features.root)"),
     batch_size: Optional[int] = typer.Option(None, help="chips per forward pass"),
     device: Optional[str] = typer.Option(None, help="torch device (default: CUDA when present)"),
     overwrite: bool = typer.Option(False, help="replace this model version's embeddings"),

@@ -10,16 +10,16 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, fail, stage_config
+from sarflow.cli.common import ParamsOpt, absolute_path, fail, stage_config
 from sarflow.errors import SarflowError
 
 features_app = typer.Typer(help="Feast feature store: apply, materialize, online get, similarity search, serve.",
                            no_args_is_help=True)
 
-RootOpt = typer.Option(None, "--root",
+RootOpt = typer.Option(None, "--root", callback=absolute_path,
                        help="features root (default params features.root) (embeddings/, labels/, bags/): a local folder or an s3:// prefix "
                             "(endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
-RepoOpt = typer.Option(None, "--repo",
+RepoOpt = typer.Option(None, "--repo", callback=absolute_path,
                        help="local Feast repo (feature_store.yaml, registry, SQLite online store, materialize state); "
                             "default ROOT/feast, or ./feast-repo/BUCKET/PREFIX for an s3:// root")
 OnlineOpt = typer.Option(None, "--online", help="online store: sqlite (embedded default) or redis")
@@ -34,7 +34,7 @@ def _cfg(params: Optional[Path], root: Optional[str] = None, online: Optional[st
 
 
 @features_app.command()
-def labels(store: str = typer.Argument(..., help="chip store"), root: Optional[str] = RootOpt,
+def labels(store: str = typer.Argument(..., callback=absolute_path, help="chip store"), root: Optional[str] = RootOpt,
            params: Optional[Path] = ParamsOpt) -> None:
     """Derive per-chip label features (class fractions, water, tree cover, built-up) from the store."""
     from sarflow.features.labels import chip_labels

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, stage_config
+from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, stage_config
 from sarflow.errors import SarflowError
 
 llp_app = typer.Typer(help="Learning from label proportions: bags from polygons + statistics, LLP models, MLflow.",
@@ -28,11 +28,11 @@ def _print_table(rows: list[dict]) -> None:
 
 @llp_app.command()
 def train(
-    store: str = typer.Argument(..., help="chip store (Zarr)"),
-    polygons: str = typer.Option(..., "--polygons", help="bag polygons (GeoJSON, GeoPackage, ...)"),
-    stats: Optional[str] = typer.Option(None, "--stats", help="CSV: ID, frac_<class>... per polygon"),
-    label_raster: Optional[str] = typer.Option(None, "--label-raster", help="aggregate bag proportions from this raster"),
-    features_root: Optional[str] = typer.Option(None, "--features-root", help="embeddings; bags are written here"),
+    store: str = typer.Argument(..., callback=absolute_path, help="chip store (Zarr)"),
+    polygons: str = typer.Option(..., "--polygons", callback=absolute_path, help="bag polygons (GeoJSON, GeoPackage, ...)"),
+    stats: Optional[str] = typer.Option(None, "--stats", callback=absolute_path, help="CSV: ID, frac_<class>... per polygon"),
+    label_raster: Optional[str] = typer.Option(None, "--label-raster", callback=absolute_path, help="aggregate bag proportions from this raster"),
+    features_root: Optional[str] = typer.Option(None, "--features-root", callback=absolute_path, help="embeddings; bags are written here"),
     tracking_uri: Optional[str] = TrackingOpt,
     id_column: Optional[str] = typer.Option(None, "--id-column", help="polygon/statistics id column"),
     model: Optional[str] = typer.Option(None, "--model", help="embeddings model (default newest)"),
@@ -57,7 +57,7 @@ def train(
     task: Optional[str] = typer.Option(None, "--task", help="registered as sarflow-<task> (default llp-<label>)"),
     register: Optional[bool] = typer.Option(None, "--register/--no-register"),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    out_dir: Optional[str] = typer.Option(None, "--out", help="table and plots (default <features-root>/llp)"),
+    out_dir: Optional[str] = typer.Option(None, "--out", callback=absolute_path, help="table and plots (default <features-root>/llp)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -91,9 +91,9 @@ def train(
 
 @llp_app.command("real-case")
 def real_case(
-    real_dir: Path = typer.Argument(..., help="the real-data folder (with sen1floods11/ and admin/)"),
+    real_dir: Path = typer.Argument(..., callback=absolute_path, help="the real-data folder (with sen1floods11/ and admin/)"),
     tracking_uri: Optional[str] = TrackingOpt,
-    out_dir: Path = typer.Option(Path("data/llp-real"), "--out", help="table, plots and bags"),
+    out_dir: Path = typer.Option(Path("data/llp-real"), "--out", callback=absolute_path, help="table, plots and bags"),
     grid: int = typer.Option(4, "--grid", help="the county is cut into GRID x GRID bags"),
     chip: int = typer.Option(32, "--chip", help="chip side in pixels"),
     steps: int = typer.Option(300, "--steps"),

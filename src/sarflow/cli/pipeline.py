@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, check_params, fail, read_params
+from sarflow.cli.common import ParamsOpt, absolute_path, check_params, fail, read_params
 from sarflow.errors import SarflowError
 
 pipeline_app = typer.Typer(
@@ -26,6 +26,11 @@ pipeline_app = typer.Typer(
 
 NameArg = typer.Argument("data", help="pipeline: a short name (data) or module:function")
 ArgOpt = typer.Option(None, "--arg", "-a", help="pipeline argument KEY=VALUE (VALUE as JSON when it parses); repeatable")
+
+# pipeline parameters that name a local path (or an s3:// URI) on the machine that runs the tasks:
+# for a local run (`run --local`) made absolute against the working directory, like any other path
+# a command takes; a compiled or submitted pipeline's paths are the cluster's, left as given
+LOCAL_PATH_ARGS = ("features_root", "dvc_remote", "scene_uri", "store_uri", "bags_uri", "failure_log")
 
 
 def parse_arguments(pairs: List[str] | None) -> dict[str, Any]:
@@ -42,13 +47,21 @@ def parse_arguments(pairs: List[str] | None) -> dict[str, Any]:
     return out
 
 
-def _arguments(pipeline, params: Optional[Path], pairs: List[str] | None) -> dict[str, Any]:
+def _arguments(pipeline, params: Optional[Path], pairs: List[str] | None, local: bool = False) -> dict[str, Any]:
+    """The pipeline's arguments: params.yaml, then --arg; for a `local` run, paths made absolute."""
+    from components.paths import absolute, absolute_uri
     from sarflow.mlops.kfp_runner import arguments_from_params
 
-    p = read_params(params)
+    p = read_params(params, resolve=local)
     check_params(p)  # every section through its stage config: a bad key fails here, not in a task
     args = arguments_from_params(pipeline, p)
     args.update(parse_arguments(pairs))
+    if local:
+        for key in LOCAL_PATH_ARGS:
+            if isinstance(args.get(key), str):
+                args[key] = absolute(args[key])
+        if isinstance(args.get("tracking_uri"), str):
+            args["tracking_uri"] = absolute_uri(args["tracking_uri"])
     return args
 
 
@@ -67,7 +80,8 @@ def list_cmd() -> None:
 @pipeline_app.command("compile")
 def compile_cmd(
     name: str = NameArg,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="IR YAML to write (default: <name>_pipeline.yaml)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=absolute_path,
+                                       help="IR YAML to write (default: <name>_pipeline.yaml)"),
     arg: Optional[List[str]] = ArgOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -88,12 +102,13 @@ def compile_cmd(
 def run_cmd(
     name: str = NameArg,
     local: bool = typer.Option(False, "--local", help="run here with kfp.local (SubprocessRunner, use_venv=False)"),
-    pipeline_root: Path = typer.Option(Path("data/kfp-local"), help="folder for the run's outputs (one subfolder per run)"),
+    pipeline_root: Path = typer.Option(Path("data/kfp-local"), callback=absolute_path,
+                                       help="folder for the run's outputs (one subfolder per run)"),
     arg: Optional[List[str]] = ArgOpt,
     params: Optional[Path] = ParamsOpt,
     cache: bool = typer.Option(False, "--cache/--no-cache", help="reuse outputs of tasks already run with the same inputs"),
-    summary: Optional[Path] = typer.Option(None, help="also write the run summary (JSON) here"),
-    services: Optional[Path] = typer.Option(None, help="target the servers of `sarflow services up DIR` "
+    summary: Optional[Path] = typer.Option(None, callback=absolute_path, help="also write the run summary (JSON) here"),
+    services: Optional[Path] = typer.Option(None, callback=absolute_path, help="target the servers of `sarflow services up DIR` "
                                             "(MLflow server, S3, Redis) instead of the embedded default"),
 ) -> None:
     """Run a pipeline on this machine (--local); prints where the stores and versions are."""
@@ -110,7 +125,7 @@ def run_cmd(
             state = read_state(services)
             inputs = pipeline_parameters(pipeline)
             args, env = {k: v for k, v in pipeline_arguments(state).items() if k in inputs}, state["env"]
-        args.update(_arguments(pipeline, params, arg))
+        args.update(_arguments(pipeline, params, arg, local=True))
         with environ(env):
             result = run_local(pipeline, pipeline_root, enable_caching=cache, **args)
     except SarflowError as e:

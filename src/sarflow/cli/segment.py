@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, stage_config
+from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, stage_config
 from sarflow.errors import SarflowError
 
 segment_app = typer.Typer(help="Semantic segmentation: ViT head on a registered encoder vs a from-scratch U-Net (mIoU).",
@@ -26,7 +26,7 @@ def _fmt(v) -> str:
 
 
 @segment_app.command()
-def train(store: str = typer.Argument(..., help="chip store (local path or s3://)"),
+def train(store: str = typer.Argument(..., callback=absolute_path, help="chip store (local path or s3://)"),
           encoder: Optional[str] = typer.Option(None, "--encoder", help="registered encoder, e.g. models:/sarflow-encoder-mae/1 "
                                                 "(without it only the U-Net is trained)"),
           tracking_uri: Optional[str] = TrackingOpt,

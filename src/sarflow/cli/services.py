@@ -7,21 +7,22 @@ from pathlib import Path
 
 import typer
 
-from sarflow.cli.common import fail
+from sarflow.cli.common import absolute_path, absolute_tracking_uri, fail
 from sarflow.errors import SarflowError
 
 services_app = typer.Typer(
     help="Real servers on 127.0.0.1 standing in for the cluster's: S3 (MinIO), MLflow, the Feast feature server.",
     no_args_is_help=True, pretty_exceptions_enable=False)
 
-DirArg = typer.Argument(Path(".sarflow-services"), help="state folder (logs, services.json, the Feast repo)")
+DirArg = typer.Argument(Path(".sarflow-services"), callback=absolute_path, help="state folder (logs, services.json, the Feast repo)")
 
 
 @services_app.command("up")
 def up_cmd(
     state_dir: Path = DirArg,
     redis: str = typer.Option("127.0.0.1:6379", help="Redis for Feast's online store (host:port)"),
-    backend: str = typer.Option("", help="MLflow backend store URI (default: PostgreSQL on 127.0.0.1:5432, else SQLite)"),
+    backend: str = typer.Option("", callback=absolute_tracking_uri,
+                                help="MLflow backend store URI (default: PostgreSQL on 127.0.0.1:5432, else SQLite)"),
     feast: bool = typer.Option(True, "--feast/--no-feast", help="also start the Feast feature server"),
 ) -> None:
     """Start the services; prints their URLs and the environment clients need."""

@@ -9,11 +9,11 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, fail, stage_config
+from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, stage_config
 from sarflow.errors import SarflowError
 
 def pretrain(
-    store: str = typer.Argument(..., help="chip store (folder or s3://)"),
+    store: str = typer.Argument(..., callback=absolute_path, help="chip store (folder or s3://)"),
     method: Optional[str] = typer.Option(None, help="mae | dino | clip"),
     modalities: Optional[str] = typer.Option(None, help="input sources to train on, comma-separated (default: every "
                                                          "input source of the store; params pretrain.modalities)"),
