@@ -34,9 +34,11 @@ def promote_model(
 
     import mlflow
 
+    from components.paths import absolute_uri
     from sarflow.mlops.registry import PromoteConfig, promote
     from sarflow.params import Params, stage_config
 
+    tracking_uri = absolute_uri(tracking_uri)
     cfg = stage_config(PromoteConfig, Params({"promote": {"margin": margin, "tracking_uri": tracking_uri or None}},
                                              "promote-model parameters"), "promote")
     mlflow.set_tracking_uri(cfg.tracking_uri)
@@ -68,9 +70,10 @@ def publish_champion(decision: Input[Artifact], card: Output[Artifact], tracking
     import mlflow
     import numpy as np
 
+    from components.paths import absolute_uri
     from sarflow.params import default_tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    mlflow.set_tracking_uri(absolute_uri(tracking_uri or default_tracking_uri()))
     records = []
     for name in json.loads(Path(decision.path).read_text())["promoted"]:
         uri = f"models:/{name}@champion"
