@@ -67,7 +67,10 @@ def test_pretrain_with_mlflow_server_on_postgres_and_s3_artifacts(postgres_db, m
         assert client.get_run(r["run_id"]).data.tags["sarflow.catalog_hash"]
         assert client.get_model_version("sarflow-encoder-mae", r["version"]).status == "READY"
         model = mlflow.pytorch.load_model(f"models:/sarflow-encoder-mae/{r['version']}")
-        x = torch.from_numpy(zarr.open_group(str(tiny_store), mode="r")["s1grd"][0:2].astype(np.float32))
+        from sarflow.features.embed import encoder_arrays, encoder_chips
+
+        g = zarr.open_group(str(tiny_store), mode="r")
+        x = torch.from_numpy(encoder_chips(encoder_arrays(g, model, str(tiny_store)), slice(0, 2)))  # its own inputs
         assert torch.isfinite(model(x)).all()
         # the artifacts really are in the S3 server's bucket, the runs in PostgreSQL
         from sarflow.data.storage import minio_client
