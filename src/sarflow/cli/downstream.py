@@ -73,6 +73,8 @@ def probe(store: str = typer.Argument(..., callback=absolute_path, help="chip st
             typer.echo(f"  {t}: {info['selection']}")
     for t, why in r["not_evaluable"].items():
         typer.echo(f"not evaluable: {t}: {why} (not registered)")
+    for b, why in r["baselines_left_out"].items():
+        typer.echo(f"baseline left out: {b}: {why}")
     if r["models"]:
         typer.echo("registered: " + ", ".join(f"{k} v{v['version']}" for k, v in r["models"].items()))
     typer.echo(f"mlflow run: {r['run_id']}")
