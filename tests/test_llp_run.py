@@ -259,6 +259,8 @@ def test_cli_trains_from_a_label_raster_and_reports_errors(scene, tmp_path):
 def test_real_kansas_case_beats_the_baseline(real_data, tmp_path):
     from sarflow.downstream.llp.real_case import run_real_case
 
+    import rasterio
+
     res = run_real_case(real_data, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "real", bag_sizes=(1, 2))
     m = res["metrics"]
     for name in MODELS:
@@ -267,6 +269,16 @@ def test_real_kansas_case_beats_the_baseline(real_data, tmp_path):
     assert res["outside"] == 0  # the Kansas chip lies inside county 20121
     bags = read_chip_bags(tmp_path / "real")
     assert len(bags) == 256
+    # through the store, without renaming: the hand label's raster has no nodata tag, the catalog's -1 is used
+    assert res["task"] == "llp-real-USA_905409" and res["classes"] == [0, 1] and res["models"] == {}
+    assert "held-out training bags" in res["selection"]
+    with rasterio.open(real_data / "sen1floods11" / "USA_905409_LabelHand.tif") as src:
+        assert src.nodata is None
+        lab = src.read(1)
+    stats = pd.read_csv(tmp_path / "real" / "bag_statistics.csv")
+    assert stats.valid_pixels.sum() == (lab >= 0).sum()  # every labelled pixel: dry and water, not the -1s
+    dry = float((stats.frac_0 * stats.valid_pixels).sum() / stats.valid_pixels.sum())
+    assert dry == pytest.approx((lab == 0).sum() / (lab >= 0).sum(), abs=1e-6) and 0.8 < dry < 0.85
 
 
 def test_label_raster_aggregation_reproduces_the_statistics(scene):

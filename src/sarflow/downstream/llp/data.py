@@ -5,6 +5,7 @@ aggregated from a label raster), chip features and pixels, fine labels of a chip
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,7 +398,9 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
     if bags.members.empty:
         raise InputError(cfg.polygons, f"no chip of {cfg.store} intersects any polygon")
     polys_grid = polygons.to_crs(group.attrs["crs"])
-    cent = polys_grid.geometry.centroid
+    with warnings.catch_warnings():  # a geographic grid: centroids only place bags for merging neighbours
+        warnings.simplefilter("ignore", UserWarning)
+        cent = polys_grid.geometry.centroid
     bag_xy = pd.DataFrame({"x": cent.x.to_numpy(), "y": cent.y.to_numpy()}, index=polys_grid[cfg.id_column].astype(str))
     if "valid_pixels" in stats.columns:
         bag_pixels = stats.set_index(stats[cfg.id_column].astype(str))["valid_pixels"].astype(float)
@@ -448,5 +451,5 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
     extra = {"chips_table": chips, "grid_crs": group.attrs["crs"], "feature_norm": (fmean, fstd),
              "raw_features": raw_feats.astype(np.float32), "raw_pixels": raw, "embedding_model": emb_model,
              "embedding_version": emb_version, "stats_source": source, "label": label, "pixel_modalities": mods,
-             "label_nodata": nodata, "undeclared_pixels": undeclared}
+             "label_nodata": nodata, "undeclared_pixels": undeclared, "stats": stats}
     return data, extra

@@ -116,6 +116,8 @@ def run_llp(cfg: LLPConfig) -> dict:
     if cfg.bag_sizes and cfg.curve_model in MODELS:
         curve = bag_size_curve(data, train_bags, test_rows, cfg.bag_sizes, cfg.curve_model, done=results, **kw)
     table_path, plots = write_outputs(out, table, curve, data, results, best, test_rows)
+    if cfg.label_raster:  # the bag proportions as aggregated from the raster
+        extra["stats"].to_csv(out / "bag_statistics.csv", index=False, float_format="%.6f")
 
     setup_mlflow(cfg.tracking_uri, cfg.experiment)
     mlflow.set_experiment(cfg.experiment)
@@ -159,6 +161,8 @@ def run_llp(cfg: LLPConfig) -> dict:
             mlflow.log_artifact(str(out / "bag_size_curve.csv"), "llp")
         for p in plots:
             mlflow.log_artifact(str(p), "llp")
+        if cfg.label_raster:
+            mlflow.log_artifact(str(out / "bag_statistics.csv"), "llp")
         if data.bags.outside:
             mlflow.log_text("\n".join(data.bags.outside), "llp/outside_chips.txt")
         if cfg.register:
