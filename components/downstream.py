@@ -25,8 +25,9 @@ def train_probes(
     features_root: str,
     tracking_uri: str = "",
     options: dict = {},
-) -> NamedTuple("Probes", [("run_id", str), ("landcover_version", str)]):
-    """Probes + label-efficiency curves; registers the best probe per task."""
+) -> NamedTuple("Probes", [("run_id", str), ("models", str)]):
+    """Probes + label-efficiency curves; registers the best probe per evaluable task. `models`:
+    JSON {name: {version, metric, higher_is_better}} of what it registered (the gate's input)."""
     import json
     from collections import namedtuple
     from pathlib import Path
@@ -48,8 +49,8 @@ def train_probes(
     for key, value in flat_metrics(result["metrics"]).items():
         metrics.log_metric(key, value)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
-    out = namedtuple("Probes", ["run_id", "landcover_version"])
-    return out(result["run_id"], str(result["models"].get("sarflow-landcover", "")))
+    out = namedtuple("Probes", ["run_id", "models"])
+    return out(result["run_id"], json.dumps(result["models"]))
 
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
@@ -65,8 +66,10 @@ def train_llp(
     stats_file: str = "municipality_stats.csv",
     id_column: str = "muni_id",
     options: dict = {},
-) -> NamedTuple("LLP", [("run_id", str), ("registered_model", str), ("version", str)]):
-    """LLP from bag statistics: `bags` is a folder with the polygons and the statistics table."""
+) -> NamedTuple("LLP", [("run_id", str), ("models", str)]):
+    """LLP from bag statistics: `bags` is a folder with the polygons and the statistics table.
+    Without them (a catalog that declares no bags) the task is skipped: run_id "" and no models.
+    `models`: JSON {name: {version, metric, higher_is_better}} of what it registered."""
     import json
     from collections import namedtuple
     from pathlib import Path
@@ -78,6 +81,15 @@ def train_llp(
     from sarflow.params import Params, stage_config
 
     features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
+    out = namedtuple("LLP", ["run_id", "models"])
+    missing = [f for f in (polygons_file, stats_file) if not (Path(bags.path) / f).is_file()]
+    if missing:
+        reason = f"skipped: no bags ({', '.join(missing)} not in {bags.path})"
+        print(f"train-llp {reason}")
+        Path(llp_report.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(llp_report.path).write_text(json.dumps({"run_id": "", "models": {}, "skipped": reason}, indent=1))
+        Path(metrics.path).write_text("{}")
+        return out("", "{}")
     described = json.loads(Path(embeddings.path).read_text())
     cfg = stage_config(LLPConfig, Params({"llp": {"id_column": id_column, **options}}, "pipeline parameter llp"), "llp",
                        {"tracking_uri": tracking_uri or None},
@@ -91,9 +103,7 @@ def train_llp(
     for key, value in flat_metrics(result["metrics"]).items():
         metrics.log_metric(key, value)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
-    reg = result.get("registered") or {}
-    out = namedtuple("LLP", ["run_id", "registered_model", "version"])
-    return out(result["run_id"], str(reg.get("name", "")), str(reg.get("version", "")))
+    return out(result["run_id"], json.dumps(result["models"]))
 
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)

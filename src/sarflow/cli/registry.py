@@ -13,7 +13,7 @@ from sarflow.errors import SarflowError
 
 
 def promote(
-    name: str = typer.Argument(..., help="registered model, e.g. sarflow-landcover"),
+    name: str = typer.Argument(..., help="registered model, e.g. sarflow-worldcover"),
     metric: str = typer.Option(..., help="the evaluation metric logged on each version's run"),
     lower_is_better: bool = typer.Option(False, help="for losses and errors"),
     margin: Optional[float] = typer.Option(None, help="the challenger must beat the champion by more than this "
