@@ -177,10 +177,17 @@ def load_data(cfg: SegmentConfig, groups, mean, std) -> SegData:
                     int(unknown.sum()), label.name, sorted(np.unique(codes_test[unknown]).astype(int).tolist()))
     ids = dict(zip(table["index"].tolist(), table["chip_id"].tolist()))
     colors = class_colors(label.classes)
-    return SegData(torch.from_numpy(_read_inputs(group, groups, train_rows)), torch.from_numpy(y_train),
-                   torch.from_numpy(_read_inputs(group, groups, test_rows)), torch.from_numpy(y_test), codes_test,
-                   classes, [f"{m}:{b}" for _, m, bands in groups for b in bands], mean, std,
-                   [ids[int(r)] for r in test_rows], float(unknown.sum() / max(labelled_test.sum(), 1)),
-                   x_val=torch.from_numpy(_read_inputs(group, groups, val_rows)),
-                   y_val=torch.from_numpy(to_positions(codes_val, classes)), label=label.name,
+    x_train, x_val, x_test = (_read_inputs(group, groups, r) for r in (train_rows, val_rows, test_rows))
+    y_val = to_positions(codes_val, classes)
+    blind = 0
+    for x, y in ((x_train, y_train), (x_val, y_val), (x_test, y_test)):  # a pixel without input is neither
+        no_input = ~np.isfinite(x).any(axis=1)  # learnt nor scored
+        blind += int((no_input & (y != IGNORE)).sum())
+        y[no_input] = IGNORE
+    if blind:
+        log.warning("%s: %d labelled pixel(s) have no input data: ignored in training and scoring", cfg.store, blind)
+    return SegData(torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test),
+                   torch.from_numpy(y_test), codes_test, classes, [f"{m}:{b}" for _, m, bands in groups for b in bands],
+                   mean, std, [ids[int(r)] for r in test_rows], float(unknown.sum() / max(labelled_test.sum(), 1)),
+                   x_val=torch.from_numpy(x_val), y_val=torch.from_numpy(y_val), label=label.name,
                    class_names=[c["name"] for c in label.classes], class_colors=colors)
