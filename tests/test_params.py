@@ -50,7 +50,8 @@ SPECIAL = {
     "threads": 2, "out_dir": "/tmp/out", "method": "dino", "size": "small", "accelerator": "cpu", "loss": "mse",
     "stats": "stats.csv", "label_raster": "labels.tif", "label_nodata": 0.0, "features_root": "/tmp/features",
     "classes": [10, 20], "encoder_uri": "models:/enc/1", "label_fractions": [0.5], "head": "linear",
-    "modalities": ["s1grd", "s2rgb"],
+    "modalities": ["s1grd", "s2rgb"], "scratch_tasks": ["worldcover"], "task": "llp-x", "label_modality": "x",
+    "tasks": ["worldcover"], "truth_modality": "worldcover", "pixel_modalities": ["s1grd"],
 }
 
 
