@@ -67,7 +67,7 @@ def test_chip_table_is_geoparquet_with_stable_ids_and_valid_fractions(tiny_store
     assert t.crs.to_epsg() == 4326
     assert list(t["index"]) == list(range(len(t)))
     assert t["chip_id"].is_unique
-    assert set(t["split"]) == {"train", "val", "test"}
+    assert set(t["split"]) == {"train", "val", "test", "buffer"}  # buffer: train chips next to a test block
     key = g.attrs["grid_key"]
     for row in t.head(5).itertuples():
         assert row.chip_id == f"{key}_x{row.ix}_y{row.iy}"
@@ -79,9 +79,11 @@ def test_chip_table_is_geoparquet_with_stable_ids_and_valid_fractions(tiny_store
         np.testing.assert_allclose(valid.all(axis=1).mean(axis=(1, 2)), t[f"valid_{name}"], atol=1e-6)
         if g[name].attrs["required"]:
             assert (t[f"valid_{name}"] > 0).all()
-    # split blocks are spatial: 4x4-chip cells never mix splits
-    cells = t.assign(cx=t.ix // 4, cy=t.iy // 4).groupby(["cx", "cy"])["split"].nunique()
+    # split blocks are spatial: cells of the recorded block side never mix splits
+    side = g.attrs["split"]["block_chips"]
+    cells = t.assign(cx=t.ix // side, cy=t.iy // side).groupby(["cx", "cy"])["split"].nunique()
     assert (cells == 1).all()
+    assert g.attrs["split"]["chips"] == t["split"].value_counts().reindex(["train", "val", "test", "buffer"], fill_value=0).to_dict()
 
 
 def test_normalisation_statistics_come_from_the_train_split_only(tiny_store):

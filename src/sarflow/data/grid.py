@@ -8,6 +8,7 @@ always gets the same id whatever the AOI. iy grows southwards.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,7 +19,11 @@ from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry.base import BaseGeometry
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+BUFFER = "buffer"  # chips.parquet `split` of train chips next to a test block: in no split, read by no task
+SPLIT_LABELS = SPLITS + (BUFFER,)
 
 _SCAN_LEAF = 1 << 16  # chip boxes tested one by one at most at a time while finding candidates
 
@@ -191,22 +196,181 @@ class ChipGrid:
         return np.clip(out, 0.0, 1.0)
 
 
-def block_split(grid: ChipGrid, ix: np.ndarray, iy: np.ndarray, block: int, fractions: tuple[float, float, float]) -> np.ndarray:
-    """Spatially blocked split: all chips of one `block` x `block` cell share a split, so
-    neighbours don't straddle train and test. Cells are ranked by a stable hash of their grid
-    position and cut by the fractions (at least one cell each for val and test when there are
-    three or more), so a split is the same on every run and every machine."""
-    cells = np.column_stack([np.floor_divide(ix, block), np.floor_divide(iy, block)])
-    uniq, inverse = np.unique(cells, axis=0, return_inverse=True)
-    digests = [hashlib.sha256(f"{grid.key}|{block}|{cx}|{cy}".encode()).hexdigest() for cx, cy in uniq.tolist()]
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[np.argsort(digests, kind="stable")] = np.arange(len(uniq))
-    total = sum(fractions)
-    n = len(uniq)
-    n_test = int(round(n * fractions[2] / total))
-    n_val = int(round(n * fractions[1] / total))
-    if n >= 3:
-        n_test, n_val = max(1, n_test) if fractions[2] > 0 else 0, max(1, n_val) if fractions[1] > 0 else 0
-    n_train = n - n_val - n_test
-    cell_split = np.where(rank < n_train, "train", np.where(rank < n_train + n_val, "val", "test"))
-    return cell_split[inverse.ravel()].astype(object)
+# ---------------------------------------------------------------- the split
+
+AUTO_TARGET_BLOCKS = 1000  # `auto` block side: about this many blocks (one chip per block below ~2,000 chips)
+SEGMENTS = 20  # runs of blocks along a Hilbert curve, of equal chip counts, dealt to the splits whole
+MAX_BUFFER_SHARE = 1 / 3  # the train-test buffer is dropped (with a warning) when it would take more of train
+MIN_EVAL_CHIPS = 10  # fewer val or test chips (or blocks) than these get a warning
+MIN_EVAL_BLOCKS = 2
+
+
+def auto_block_side(n_chips: int) -> int:
+    """Side in chips of a split block, from the number of candidate chips: about
+    AUTO_TARGET_BLOCKS blocks, so fractions hold to within a block and the buffer (one block
+    wide) costs a few percent of train."""
+    return max(1, int(round(math.sqrt(n_chips / AUTO_TARGET_BLOCKS))))
+
+
+def hilbert_index(x: np.ndarray, y: np.ndarray, order: int) -> np.ndarray:
+    """Distance along a Hilbert curve of cells (x, y), integers in [0, 2**order): cells close
+    on the curve are close in space, so a run of the curve is a compact patch."""
+    x, y = np.array(x, dtype=np.int64), np.array(y, dtype=np.int64)
+    n = 1 << order
+    d = np.zeros_like(x)
+    s = n >> 1
+    while s > 0:
+        rx = (x & s) > 0
+        ry = (y & s) > 0
+        d += s * s * ((3 * rx.astype(np.int64)) ^ ry.astype(np.int64))
+        flip = ~ry & rx
+        x, y = np.where(flip, n - 1 - x, x), np.where(flip, n - 1 - y, y)
+        swap = ~ry
+        x, y = np.where(swap, y, x), np.where(swap, x, y)
+        s >>= 1
+    return d
+
+
+@dataclass(frozen=True)
+class Split:
+    """The split of every candidate chip: a label per chip (`labels`, in the order given),
+    `split[(iy, ix)]` for one chip, and what was achieved (`summary()`)."""
+
+    iy: np.ndarray
+    ix: np.ndarray
+    codes: np.ndarray  # int8 index into SPLIT_LABELS, per chip
+    block: int  # side of a block in chips
+    n_blocks: int
+    buffered: bool
+    counts: dict  # label -> {"chips": n, "blocks": n}
+
+    @cached_property
+    def _lookup(self):
+        iy0, ix0 = (int(self.iy.min()), int(self.ix.min())) if self.iy.size else (0, 0)
+        width = int(self.ix.max()) - ix0 + 1 if self.ix.size else 1
+        keys = (self.iy - iy0) * width + (self.ix - ix0)
+        order = np.argsort(keys, kind="stable")
+        return iy0, ix0, width, keys[order], self.codes[order]
+
+    def __getitem__(self, chip: tuple[int, int]) -> str:
+        iy0, ix0, width, keys, codes = self._lookup
+        iy, ix = chip
+        key = (iy - iy0) * width + (ix - ix0)
+        pos = int(np.searchsorted(keys, key))
+        if not (0 <= ix - ix0 < width and pos < keys.size and keys[pos] == key):
+            raise KeyError(chip)
+        return SPLIT_LABELS[codes[pos]]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array(SPLIT_LABELS, dtype=object)[self.codes]
+
+    def summary(self) -> dict:
+        return {"block_chips": self.block, "blocks": self.n_blocks, "buffer": self.buffered, "candidates": self.counts}
+
+    def describe(self) -> str:
+        c = self.counts
+        parts = ", ".join(f"{s} {c[s]['chips']} chips ({c[s]['blocks']} blocks)" for s in SPLIT_LABELS)
+        return f"{int(self.codes.size)} candidate chips in {self.n_blocks} blocks of {self.block}x{self.block} chips: {parts}"
+
+
+def _cut(cum: np.ndarray, target: float, lo: int, hi: int) -> int:
+    """Number of leading blocks whose chips come closest to `target` (cum[k] = chips of the
+    first k blocks), kept within [lo, hi]."""
+    k = int(np.argmin(np.abs(cum - target)))
+    return min(max(k, lo), hi)
+
+
+def block_split(grid: ChipGrid, ix: np.ndarray, iy: np.ndarray, block: int | str,
+                fractions: tuple[float, float, float]) -> Split:
+    """Spatially blocked split whose fractions hold in chips.
+
+    - Chips are grouped in `block` x `block` cells (`"auto"` or 0: `auto_block_side`); a block
+      goes whole to one split.
+    - Blocks are laid along a Hilbert curve and cut into SEGMENTS runs of equal chip counts
+      (compact patches); runs are ranked by a stable hash of their first block's grid position,
+      and the blocks, run after run, are cut where the cumulative chip count meets the test,
+      then the val fraction; the rest is train. Test and val are thus a few compact patches.
+      Chips count by their area inside the grid's data area (`ChipGrid.chip_weights`), so the
+      fractions hold in the chips that will have data, not in slivers along the AOI's edge.
+    - Train blocks next to a test block (8-neighbourhood) become `buffer`: a strip one block
+      wide that no task reads, so no train chip touches a test chip. When that would take more
+      than MAX_BUFFER_SHARE of train, there is no buffer, and a warning says so.
+    - A warning names the achieved counts when val or test get fewer than MIN_EVAL_CHIPS chips
+      or MIN_EVAL_BLOCKS blocks.
+    The result depends only on the chips, the grid and the options: the same on every run,
+    every machine and whatever the number of workers."""
+    ix, iy = np.asarray(ix, dtype=np.int64), np.asarray(iy, dtype=np.int64)
+    if block in ("auto", 0, None):
+        # chips k apart overlap while k * stride < chip_size: the one-block buffer must span them
+        side = max(auto_block_side(ix.size), -(-grid.chip_size // grid.stride) - 1)
+    elif isinstance(block, str) or int(block) < 1:
+        raise ValueError(f"split block must be 'auto', 0 (auto) or a positive number of chips, not {block!r}")
+    else:
+        side = int(block)
+    if any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split fractions must be non-negative with a positive sum, not {fractions}")
+    empty = {s: {"chips": 0, "blocks": 0} for s in SPLIT_LABELS}
+    if ix.size == 0:
+        return Split(iy, ix, np.empty(0, np.int8), side, 0, False, empty)
+
+    cy, cx = np.floor_divide(iy, side), np.floor_divide(ix, side)
+    cy0, cx0 = int(cy.min()), int(cx.min())
+    width = int(cx.max()) - cx0 + 1
+    uniq, inverse, sizes = np.unique((cy - cy0) * width + (cx - cx0), return_inverse=True, return_counts=True)
+    del cy, cx
+    inverse = inverse.ravel()
+    nb = len(uniq)
+    by, bx = uniq // width + cy0, uniq % width + cx0
+    rel_x, rel_y = bx - bx.min(), by - by.min()
+    order_bits = max(1, int(max(rel_x.max(), rel_y.max())).bit_length())
+    along = np.argsort(hilbert_index(rel_x, rel_y, order_bits), kind="stable")  # blocks along the curve
+    weight = np.bincount(inverse, weights=grid.chip_weights(ix, iy), minlength=nb)  # chips' worth per block
+    if not weight.sum() > 0:
+        weight = sizes.astype(np.float64)
+    total = float(weight.sum())
+    before = np.concatenate([[0.0], np.cumsum(weight[along])[:-1]])
+    k = min(SEGMENTS, nb)
+    segment = np.minimum(np.floor((before + weight[along] / 2) * k / total), k - 1)  # by each block's middle
+    starts = np.flatnonzero(np.r_[True, segment[1:] != segment[:-1]])
+    digests = [hashlib.sha256(f"{grid.key}|{side}|{bx[along[j]]}|{by[along[j]]}".encode()).hexdigest()
+               for j in starts.tolist()]
+    seg_rank = np.empty(len(starts), dtype=np.int64)
+    seg_rank[np.argsort(digests, kind="stable")] = np.arange(len(starts))
+    run = np.repeat(seg_rank, np.diff(np.r_[starts, nb]))
+    dealt = along[np.lexsort((np.arange(nb), run))]  # runs in hash order, each along the curve
+
+    f = np.asarray(fractions, dtype=np.float64) / float(sum(fractions))
+    cum = np.concatenate([[0.0], np.cumsum(weight[dealt])])
+    need = 1 if nb >= 3 else 0
+    n_test = _cut(cum, total * f[2], need if f[2] > 0 else 0, nb - (need if f[0] > 0 else 0) - (need if f[1] > 0 else 0))
+    n_tv = _cut(cum, total * (f[2] + f[1]), n_test + (need if f[1] > 0 else 0), nb - (need if f[0] > 0 else 0))
+    code = np.zeros(nb, dtype=np.int8)  # train
+    code[dealt[n_test:n_tv]] = 1
+    code[dealt[:n_test]] = 2
+
+    # the buffer: train blocks touching a test block
+    span = int(bx.max() - bx.min()) + 3
+    bkey = (by - by.min() + 1) * span + (bx - bx.min() + 1)
+    test_keys = bkey[code == 2]
+    near = np.unique((test_keys[:, None] + (np.array([-span, 0, span])[:, None] + np.array([-1, 0, 1])).ravel()).ravel())
+    next_to_test = (code == 0) & np.isin(bkey, near)
+    train_chips, buffer_chips = int(sizes[code == 0].sum()), int(sizes[next_to_test].sum())
+    buffered = bool(buffer_chips > 0 and weight[next_to_test].sum() <= MAX_BUFFER_SHARE * weight[code == 0].sum())
+    if buffered:
+        code[next_to_test] = 3
+    counts = {s: {"chips": int(sizes[code == i].sum()), "blocks": int((code == i).sum())} for i, s in enumerate(SPLIT_LABELS)}
+    split = Split(iy, ix, code[inverse], side, nb, buffered, counts)
+
+    problems = []
+    if buffer_chips and not buffered:
+        problems.append(f"no buffer between train and test: it would take {buffer_chips} of {train_chips} train chips")
+    for i, name in ((1, "val"), (2, "test")):
+        if f[i] > 0 and (counts[name]["chips"] < MIN_EVAL_CHIPS or counts[name]["blocks"] < MIN_EVAL_BLOCKS):
+            problems.append(f"{name} has fewer than {MIN_EVAL_CHIPS} chips or {MIN_EVAL_BLOCKS} blocks")
+    if problems:
+        log.warning("the AOI is too small for the split %s: %s; %s", "/".join(f"{v:g}" for v in fractions),
+                    "; ".join(problems), split.describe())
+    else:
+        log.info("split: %s", split.describe())
+    return split

@@ -29,10 +29,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import rasterio
 import zarr
+from pydantic import field_validator
 from pydantic.dataclasses import dataclass as config_dataclass
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
@@ -44,7 +46,7 @@ from sarflow import __version__
 from sarflow.data.catalog import LoadedCatalog
 from sarflow.data.chipstore import CHIPS_TABLE
 from sarflow.errors import InputError
-from sarflow.data.grid import ChipGrid, block_split, transform_geometry
+from sarflow.data.grid import SPLIT_LABELS, ChipGrid, block_split, transform_geometry
 from sarflow.data.ingest import WGS84, Ingested, RasterFile, Source, gdal_env, ingest, valid_mask
 from sarflow.params import STAGE_CONFIG
 from sarflow.progress import progress_bar
@@ -71,17 +73,31 @@ class TileOptions:
     workers: int = 2
     shard_chips: int = 64
     block_chips: int = 4
-    split_block: int = 4
+    split_block: int | Literal["auto"] = 0  # chips per side of a split block; 0 (or "auto"): sized from the AOI
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     clevel: int = 3
     overwrite: bool = False
     checksum: bool = True
 
+    @field_validator("split_block")
+    @classmethod
+    def _check_split_block(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError(f"split_block must be 'auto', 0 (auto) or a positive number of chips, not {v}")
+        return v
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _check_split_fractions(cls, v):
+        if any(f < 0 for f in v) or sum(v) <= 0:
+            raise ValueError(f"split_fractions (train, val, test) must be non-negative with a positive sum, not {list(v)}")
+        return v
+
     def fingerprint_fields(self) -> dict:
         return {
             "shard_chips": self.shard_chips,
             "block_chips": self.block_chips,
-            "split_block": self.split_block,
+            "split_block": self.split_block or "auto",
             "split_fractions": list(self.split_fractions),
             "clevel": self.clevel,
         }
@@ -484,7 +500,7 @@ def _build(ing: Ingested, out: Path, partial: Path, options: TileOptions, show_p
         resampling = {(s.name, u): choose_resampling(s, f, grid) for s in ing.sources for u, f in s.files.items()}
     blocks = plan_blocks(grid, options.block_chips)
     cand = grid.candidates
-    split_of = dict(zip(map(tuple, cand.tolist()), block_split(grid, cand[:, 1], cand[:, 0], options.split_block, options.split_fractions)))
+    split_of = block_split(grid, cand[:, 1], cand[:, 0], options.split_block, options.split_fractions)  # split_of[(iy, ix)]
 
     if state is None:
         root = zarr.open_group(str(partial), mode="w", zarr_format=3)
@@ -494,6 +510,7 @@ def _build(ing: Ingested, out: Path, partial: Path, options: TileOptions, show_p
     else:
         root = zarr.open_group(str(partial), mode="r+", zarr_format=3)
         log.info("resuming %s at block %d/%d (%d shards written)", partial, state["block"], len(blocks), state["shards"])
+    state["split"] = {**split_of.summary(), "fractions": list(options.split_fractions)}  # for the group attributes
 
     stats = Stats(ing.sources, state["stats"])
     S = options.shard_chips
@@ -556,7 +573,7 @@ def _finalize(ing, out: Path, partial: Path, progress: _Progress, state: dict, s
         raise InputError(str(ing.catalog.path), "no chip has a valid pixel in every required source")
     records = progress.records(math.ceil(total / arrays[next(iter(arrays))].shards[0]))
     assert len(records) == total, (len(records), total)
-    kept = {k: sum(r["split"] == k for r in records) for k in ("train", "val", "test")}
+    kept = {k: sum(r["split"] == k for r in records) for k in SPLIT_LABELS}
     log.info("kept %d of %d candidate chips (%d dropped: no valid pixel in a required source: %s); kept per split: %s",
              total, len(ing.grid.candidates), len(ing.grid.candidates) - total,
              ", ".join(s.name for s in ing.sources if s.spec.required) or "none", kept)
@@ -581,6 +598,7 @@ def _finalize(ing, out: Path, partial: Path, progress: _Progress, state: dict, s
         "labels": [s.name for s in ing.sources if s.spec.effective_role == "label"],
         "chips": total,
         "chips_table": CHIPS_TABLE,
+        "split": {**state.get("split", {}), "chips": kept},  # block side, buffer, counts (candidates, kept chips)
     })
     with warnings.catch_warnings():  # zarr notes consolidated metadata is not in the v3 spec yet
         warnings.simplefilter("ignore")
