@@ -91,9 +91,9 @@ def test_online_features_match_the_offline_source_and_materialize_is_incremental
     assert featured["report"][VIEW]["rows"] == featured["embed"]["rows"]
     table = read_embeddings(featured["root"], MODEL, "1").to_pandas()
     ids = table.chip_id[:5].tolist()
-    df = online_features(cfg, ids, [f"{VIEW}:embedding", "chip_labels:water_fraction"])
+    df = online_features(cfg, ids, [f"{VIEW}:embedding", "chip_labels:worldcover__frac_80"])
     np.testing.assert_allclose(np.stack(df.embedding.to_numpy()), np.stack(table.embedding[:5].to_numpy()), rtol=1e-6)
-    assert df.water_fraction.between(0, 1).all()
+    assert df.worldcover__frac_80.between(0, 1).all()
     again = materialize(cfg)
     assert again[VIEW]["rows"] == 0  # nothing new
 
@@ -109,12 +109,12 @@ def test_training_set_is_point_in_time_correct(featured):
     ids = table.chip_id[:4].tolist()
     entity = pd.DataFrame({"chip_id": ids * 2,
                            "event_timestamp": [written - pd.Timedelta(days=1)] * 4 + [written + pd.Timedelta(hours=1)] * 4})
-    df = training_set(featured["cfg"], entity, [f"{VIEW}:embedding", "chip_labels:frac_10"])
+    df = training_set(featured["cfg"], entity, [f"{VIEW}:embedding", "chip_labels:worldcover__frac_10"])
     before = df[df.event_timestamp < written]
     after = df[df.event_timestamp > written].set_index("chip_id").loc[ids]
     assert before.embedding.isna().all()  # the embedding did not exist yet
     np.testing.assert_allclose(np.stack(after.embedding.to_numpy()), np.stack(table.embedding[:4].to_numpy()), rtol=1e-6)
-    assert after.frac_10.notna().all()
+    assert after.worldcover__frac_10.notna().all()
 
 
 
@@ -311,7 +311,7 @@ def test_embeddings_on_s3_materialize_and_equal_a_direct_forward_pass(featured, 
     assert s3featured["report"][VIEW]["rows"] == s3featured["embed"]["rows"]
     table = read_embeddings(root, MODEL, "1").to_pandas()
     ids = table.chip_id[:6].tolist()
-    online = online_features(cfg, ids, [f"{VIEW}:embedding", "chip_labels:water_fraction"]).set_index("chip_id").loc[ids]
+    online = online_features(cfg, ids, [f"{VIEW}:embedding", "chip_labels:worldcover__frac_80"]).set_index("chip_id").loc[ids]
     g = zarr.open_group(str(featured["store"]), mode="r")
     chips = pd.read_parquet(featured["store"] / "chips.parquet").set_index("chip_id")["index"]
     encoder = mlflow.pytorch.load_model(f"models:/{MODEL}/1")
@@ -320,7 +320,7 @@ def test_embeddings_on_s3_materialize_and_equal_a_direct_forward_pass(featured, 
         direct = encoder(torch.from_numpy(np.concatenate([encoder_chips(arrays, slice(chips[c], chips[c] + 1))
                                                           for c in ids]))).numpy()
     np.testing.assert_allclose(np.stack(online.embedding.to_numpy()), direct, rtol=1e-5, atol=1e-5)
-    assert online.water_fraction.between(0, 1).all()
+    assert online.worldcover__frac_80.between(0, 1).all()
     assert materialize(cfg)[VIEW]["rows"] == 0  # incremental from S3 as well
 
 
@@ -330,10 +330,10 @@ def test_training_set_reads_the_s3_sources(s3featured):
     written = table.event_timestamp.iloc[0]
     ids = table.chip_id[:4].tolist()
     entity = pd.DataFrame({"chip_id": ids, "event_timestamp": [written + pd.Timedelta(hours=1)] * 4})
-    df = training_set(s3featured["cfg"], entity, [f"{VIEW}:embedding", "chip_labels:frac_10", "chip_labels:water_fraction"])
+    df = training_set(s3featured["cfg"], entity, [f"{VIEW}:embedding", "chip_labels:worldcover__frac_10", "chip_labels:worldcover__frac_80"])
     df = df.set_index("chip_id").loc[ids]
     np.testing.assert_allclose(np.stack(df.embedding.to_numpy()), np.stack(table.embedding[:4].to_numpy()), rtol=1e-6)
-    assert df.frac_10.notna().all() and df.water_fraction.between(0, 1).all()
+    assert df.worldcover__frac_10.notna().all() and df.worldcover__frac_80.between(0, 1).all()
 
 
 @pytest.mark.integration
