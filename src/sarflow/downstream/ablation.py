@@ -60,18 +60,16 @@ def ablation_features(store: str, modalities, encoder_uri: str | None = None) ->
     import torch
 
     from sarflow.data.chipstore import open_chip_group, read_masked
+    from sarflow.features.embed import encoder_arrays, encoder_sources
 
     encoder = mlflow.pytorch.load_model(encoder_uri, map_location="cpu").eval()
-    if not any(m in modalities for m in encoder.modalities):
-        raise InputError(encoder_uri, f"the encoder has none of the modalities {list(modalities)} (it has {encoder.modalities})")
+    sources = encoder_sources(encoder)
+    if not any(m in modalities for _, m, _ in sources):
+        raise InputError(encoder_uri, f"the encoder has none of the modalities {list(modalities)} "
+                                      f"(it reads {sorted({m for _, m, _ in sources})})")
     group = open_chip_group(store)
-    missing = [m for m in encoder.modalities if m not in group]
-    if missing:
-        raise InputError(store, f"the encoder {encoder_uri} reads modalities {missing} that the store does not have")
     parts = []
-    for (_, bands), modality in zip(encoder.groups, encoder.modalities):
-        arr = group[modality]
-        idx = [list(arr.attrs["bands"]).index(b) for b in bands]
+    for (_, modality, _), (arr, idx) in zip(sources, encoder_arrays(group, encoder, store)):
         x = read_masked(arr, bands=idx)
         if modality not in modalities:
             x[:] = np.nan
