@@ -84,7 +84,7 @@ def data_pipeline(
     workers: int = 2,
     shard_chips: int = 64,
     block_chips: int = 4,
-    split_block: int = 4,
+    split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
     clevel: int = 3,
     checksum: bool = True,

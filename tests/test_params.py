@@ -201,7 +201,7 @@ def test_pipelines_receive_every_key_of_their_sections(name):
                 assert value is None or key in args or (name == "data" and f"{section}.{key}" == "synth.seed"), \
                     f"{name}: {section}.{key} is dropped"
     if name in ("data", "e2e", "e2e-catalog"):
-        assert args["split_fractions"] == [0.8, 0.1, 0.1] and args["split_block"] == 4
+        assert args["split_fractions"] == [0.8, 0.1, 0.1] and args["split_block"] == 0
     if name != "data":
         assert "embed" in args and args["margin"] == 0.0
 

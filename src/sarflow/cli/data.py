@@ -59,7 +59,7 @@ def tile(
     workers: Optional[int] = typer.Option(None, help="warping threads"),
     shard_chips: Optional[int] = typer.Option(None, help="chips per shard file"),
     block_chips: Optional[int] = typer.Option(None, help="chips per side of a warped block"),
-    split_block: Optional[int] = typer.Option(None, help="chips per side of a block that goes whole to one split"),
+    split_block: Optional[int] = typer.Option(None, help="chips per side of a block that goes whole to one split (0 = auto, sized from the AOI)"),
     overwrite: bool = typer.Option(False, help="replace an existing store"),
     no_checksum: bool = typer.Option(False, "--no-checksum", help="skip sha256 of the inputs (faster, less provenance)"),
     quiet: bool = typer.Option(False, help="no progress bar"),

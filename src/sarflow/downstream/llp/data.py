@@ -234,7 +234,7 @@ def train_test(data: LLPData, split: str, test_fraction: float, seed: int) -> tu
         row_split = data.chips["split"].to_numpy()
         train_idx = set(data.chips["index"][row_split == "train"].astype(int))
         train_bags = sorted(m[m["index"].astype(int).isin(train_idx)].bag_id.unique())
-        test = (row_split != "train") & _scorable(data)
+        test = (row_split == "test") & _scorable(data)
         return train_bags, np.flatnonzero(test)
     if split != "bags":
         raise InputError("split", f"unknown split {split!r}: bags or store")
