@@ -490,3 +490,15 @@ def test_the_label_must_be_chosen_when_the_store_has_several(tmp_path):
                             label_raster=str(scene_dir / "flood.tif"), models=("linear",), steps=30, bag_sizes=(),
                             register=False, out_dir=str(tmp_path / "out")))
     assert res["task"] == "llp-flood_again" and res["models"] == {} and res["classes"] == [0, 1]
+
+
+def test_the_store_split_trains_on_bags_with_train_chips_and_scores_the_test_chips_only(water, tmp_path):
+    res = run_llp(_water_cfg(water, split="store", models=("linear", "conv"), register=False,
+                             out_dir=str(tmp_path / "out")))
+    import mlflow
+
+    chips = pd.read_parquet(water["store"] / "chips.parquet")
+    mlflow.set_tracking_uri(water["uri"])
+    params = mlflow.get_run(res["run_id"]).data.params
+    assert int(params["test_chips"]) == (chips["split"] == "test").sum()  # not val, not buffer
+    assert res["models"] == {} and res["metrics"]["test_proportion_mae"] < res["metrics"]["baseline_mae"]

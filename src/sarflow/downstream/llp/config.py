@@ -36,7 +36,7 @@ class LLPConfig:
     register: bool = True
     task: str | None = None  # default llp-<label> (registered as sarflow-llp-<label>)
     seed: int = 0
-    split: str = "bags"  # "bags": held-out bags; "store": the store's train vs val+test chips
+    split: str = "bags"  # "bags": held-out bags; "store": bags with train chips, scored on the store's test chips
     test_fraction: float = 0.3
     bag_sizes: tuple[int, ...] = (1, 2, 4, 8)  # bags merged per bag for the curve
     curve_model: str = "linear"
