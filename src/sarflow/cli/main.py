@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import typer
 
@@ -12,9 +13,21 @@ app = typer.Typer(help="sarflow: SAR + optical Earth-observation data to ML-read
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+_handler: logging.Handler | None = None
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log more")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # one handler of ours on the stderr of this invocation: a later invocation in the same process
+    # (a notebook, a test) replaces it instead of logging to a stream that may have been closed
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(_handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each CPU-feature build it tries
 
 
