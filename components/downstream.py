@@ -33,11 +33,20 @@ def train_probes(
     from pathlib import Path
 
     from components.paths import absolute, absolute_uri
+    from sarflow.data.chipstore import label_sources, open_chip_group
     from sarflow.downstream.probes import ProbeConfig, run_probes
     from sarflow.mlops.tracking import flat_metrics
     from sarflow.params import Params, stage_config
 
     features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
+    out = namedtuple("Probes", ["run_id", "models"])
+    if not label_sources(open_chip_group(store.path), store.path):
+        reason = "skipped: the catalog declares no label source (a source with classes, a legend or a range)"
+        print(f"train-probes {reason}")
+        Path(probes_report.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(probes_report.path).write_text(json.dumps({"run_id": "", "models": {}, "skipped": reason}, indent=1))
+        Path(metrics.path).write_text("{}")
+        return out("", "{}")
     described = json.loads(Path(embeddings.path).read_text())
     cfg = stage_config(ProbeConfig, Params({"downstream": options}, "pipeline parameter downstream"), "downstream",
                        {"tracking_uri": tracking_uri or None}, store=store.path, features_root=features_root,
@@ -49,7 +58,6 @@ def train_probes(
     for key, value in flat_metrics(result["metrics"]).items():
         metrics.log_metric(key, value)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
-    out = namedtuple("Probes", ["run_id", "models"])
     return out(result["run_id"], json.dumps(result["models"]))
 
 
@@ -125,6 +133,12 @@ def report_results(
 
     tracking_uri = absolute_uri(tracking_uri)
     run_ids = {k: [v] for k, v in (("label_efficiency", probes_run_id), ("llp", llp_run_id)) if v}
+    if not run_ids:  # both stages skipped (a catalog without labels): nothing to report, and the page says so
+        Path(report_html.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_html.path).write_text("<html><body><h1>sarflow results report</h1><p>No downstream run to report "
+                                          "on: the probes and LLP stages were skipped (see their reports).</p></body></html>")
+        report_html.metadata.update({"run_id": "", "sections": {}})
+        return ""
     with tempfile.TemporaryDirectory() as tmp:
         result = build_results_report(tracking_uri or default_tracking_uri(), run_ids=run_ids,
                                       out_dir=tmp)

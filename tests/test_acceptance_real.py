@@ -27,6 +27,7 @@ import yaml
 
 pytestmark = [pytest.mark.slow]
 
+ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {
     "pretrain": {"method": "mae", "batch_size": 16, "workers": 0,
                  "vit": {"size": "tiny", "patch": 8, "depth": 1, "dim": 32, "heads": 2},
@@ -191,6 +192,25 @@ def test_kansas_gate_promotes_a_measured_probe(kansas):
         res = sarflow("promote", name, "--metric", info["metric"], "--tracking-uri", kansas["uri"],
                       *([] if info["higher_is_better"] else ["--lower-is-better"]), ok=False)
         assert res.exit_code == 0, res.output[-2000:]
+
+
+@pytest.mark.timeout(900)
+def test_demo_on_the_kansas_catalog_runs_its_own_tasks_and_skips_llp(kansas, tmp_path, monkeypatch):
+    """`sarflow demo --catalog` on a catalog the demo never saw: its own label's tasks are probed,
+    registered and gated; LLP (no bag files beside the catalog) is skipped with a line."""
+    monkeypatch.chdir(ROOT)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**PARAMS, "tile": {"shard_chips": 16, "workers": 2}}))
+    out = tmp_path / "demo"
+    res = sarflow("demo", "--catalog", kansas["catalog"], "--out", out, "--params", params)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pipeline"]["state"] == "SUCCEEDED"
+    assert summary["store_summary"]["modalities"].keys() == {"s1", "flood"}
+    assert "sarflow-flood" in summary["mlflow"]["registered_models"]
+    assert summary["champions"]["sarflow-flood"]["promoted"] is True
+    assert "llp" in summary["skipped"] and "no bags" in summary["skipped"]["llp"]
+    assert "skipped          llp" in res.output
+    assert 0.0 <= summary["features"]["online_example"]["flood__frac_1"] <= 1.0
 
 
 # ------------------------------------------------------------------------------ BigEarthNet

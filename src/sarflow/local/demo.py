@@ -139,7 +139,8 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
                    "registered_models": models},
         "skipped": {**{f"probe {t}": why for t, why in (probes.get("not_evaluable") or {}).items()},
                     **{f"llp {t}": why for t, why in (llp.get("not_evaluable") or {}).items()},
-                    **({"llp": llp["skipped"]} if llp.get("skipped") else {})},
+                    **({"llp": llp["skipped"]} if llp.get("skipped") else {}),
+                    **({"probes": probes["skipped"]} if probes.get("skipped") else {})},
         "champions": {name: {"promoted": d["promoted"], "champion": d["champion"], "metric": d["metric"],
                              "value": d["challenger_metric"], "reasons": d["reasons"]}
                       for name, d in champion_models.items()},
