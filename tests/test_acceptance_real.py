@@ -210,7 +210,7 @@ def test_demo_on_the_kansas_catalog_runs_its_own_tasks_and_skips_llp(kansas, tmp
     assert summary["champions"]["sarflow-flood"]["promoted"] is True
     assert "llp" in summary["skipped"] and "no bags" in summary["skipped"]["llp"]
     assert "skipped          llp" in res.output
-    assert 0.0 <= summary["features"]["online_example"]["flood__frac_1"] <= 1.0
+    assert 0.0 <= summary["features"]["online_example"]["flood__frac_0"] <= 1.0  # the first label column
 
 
 # ------------------------------------------------------------------------------ BigEarthNet

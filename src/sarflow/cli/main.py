@@ -13,20 +13,26 @@ app = typer.Typer(help="sarflow: SAR + optical Earth-observation data to ML-read
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-_handler: logging.Handler | None = None
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the `sys.stderr` of the moment: a later invocation in the same process (a
+    notebook, a script calling the app twice) never logs to a stream an earlier one closed."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
 
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log more")) -> None:
-    # one handler of ours on the stderr of this invocation: a later invocation in the same process
-    # (a notebook, a test) replaces it instead of logging to a stream that may have been closed
-    global _handler
     root = logging.getLogger()
-    if _handler is not None:
-        root.removeHandler(_handler)
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(_handler)
+    if not root.handlers:  # as logging.basicConfig: a host that configured logging keeps its handlers
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each CPU-feature build it tries
 

@@ -402,7 +402,7 @@ def _run_probes(cfg: ProbeConfig) -> dict:
                 continue
             ordered = {primary: test[primary], **{k: v for k, v in test.items() if k != primary and np.isfinite(v)}}
             name = task.registered_name
-            with mlflow.start_run(run_name=f"probe-{task.name}", nested=True,
+            with mlflow.start_run(experiment_id=exp_id, run_name=f"probe-{task.name}", nested=True,
                                   tags={**tags, "sarflow.task": task.name, "sarflow.probe": probe,
                                         "sarflow.eval_set": eval_sets[task.name],
                                         "sarflow.selection": selection_note[task.name][:4900]}):

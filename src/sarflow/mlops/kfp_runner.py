@@ -195,6 +195,9 @@ def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = Fal
     before = {p.name for p in root.iterdir()}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=raise_on_error, enable_caching=enable_caching)
+    # tasks get their tracking URI as an argument; an experiment id that mlflow.set_experiment left in
+    # this process's environment (for subprocesses) belongs to another tracking store: not theirs
+    leaked = os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # the project image's name has no "python" in it: kfp warns
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -205,6 +208,9 @@ def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = Fal
         except RuntimeError as e:
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # kfp colours task names
             raise PipelineError(f"local run of pipeline {pipeline_name(pipeline)!r} under {root} failed: {plain}") from None
+        finally:
+            if leaked is not None:
+                os.environ["MLFLOW_EXPERIMENT_ID"] = leaked
     seconds = time.perf_counter() - t0
     new = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith(".")),
                  key=lambda p: p.stat().st_mtime)

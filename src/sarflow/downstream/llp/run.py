@@ -166,7 +166,7 @@ def run_llp(cfg: LLPConfig) -> dict:
         if data.bags.outside:
             mlflow.log_text("\n".join(data.bags.outside), "llp/outside_chips.txt")
         if cfg.register:
-            with mlflow.start_run(run_name=f"register-{best}", nested=True):
+            with mlflow.start_run(experiment_id=run.info.experiment_id, run_name=f"register-{best}", nested=True):
                 mlflow.set_tags({**lineage, "sarflow.task": task_name, "sarflow.llp.model": best,
                                  "sarflow.llp.classes": classes_tag})
                 rows = test_rows[:4]
