@@ -577,7 +577,7 @@ def test_pixel_baselines_are_left_out_where_no_input_is_continuous(own_stores):
 
     store = own_stores[2]
     kept, why = _usable_baselines(ProbeConfig(store=store, features_root="r"))
-    assert kept == () and why == {b: "the store has no continuous input source (inputs ['wet_in'])"
+    assert kept == () and why == {b: "the store's inputs ['wet_in'] are all categorical: continuous inputs only for the pixel baselines"
                                   for b in ("pixel_stats", "scratch")}
     with pytest.raises(InputError, match=r"modalities \['wet_in'\] are categorical"):
         _usable_baselines(ProbeConfig(store=store, features_root="r", modalities=("wet_in",)))

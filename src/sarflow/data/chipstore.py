@@ -9,6 +9,7 @@ sources are inputs and which are labels (`input_modalities`, `label_sources`), a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,7 @@ import zarr
 from sarflow.errors import InputError
 
 CHIPS_TABLE = "chips.parquet"
+log = logging.getLogger(__name__)
 
 
 def open_chip_group(uri: str) -> zarr.Group:
@@ -88,6 +90,21 @@ def input_modalities(group: zarr.Group, chosen=None, where: str = "store") -> li
         why = "are labels" if all(m in labels for m in unknown) else "are not in the store"
         raise InputError(where, f"modalities {unknown} {why}: choose from the store's inputs {inputs}")
     return chosen
+
+
+def continuous_inputs(group: zarr.Group, chosen=None, where: str = "store", reader: str = "the model") -> list[str]:
+    """The input sources a model of continuous values reads: the chosen ones (a categorical one is
+    refused), else the store's continuous inputs (categorical inputs are left out, with a log line)."""
+    mods = input_modalities(group, chosen, where)
+    categorical = [m for m in mods if group[m].attrs["kind"] != "continuous"]
+    if chosen and categorical:
+        raise InputError(where, f"modalities {categorical} are categorical: continuous inputs only for {reader}")
+    if categorical:
+        log.info("%s: categorical inputs %s are left out (continuous inputs only for %s)", where, categorical, reader)
+    mods = [m for m in mods if m not in categorical]
+    if not mods:
+        raise InputError(where, f"the store's inputs {categorical} are all categorical: continuous inputs only for {reader}")
+    return mods
 
 
 def label_sources(group: zarr.Group, where: str = "store") -> list[LabelSource]:

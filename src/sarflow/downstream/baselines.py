@@ -26,24 +26,6 @@ log = logging.getLogger(__name__)
 PERCENTILES = (10, 50, 90)
 
 
-def continuous_inputs(group, store: str, modalities=None) -> list[str]:
-    """The store's input sources (or `modalities`, checked) that hold continuous values;
-    categorical inputs are left out with a log line."""
-    from sarflow.data.chipstore import input_modalities
-
-    chosen = input_modalities(group, modalities, where=store)
-    out = [m for m in chosen if group[m].attrs.get("kind") != "categorical"]
-    left = [m for m in chosen if m not in out]
-    if left and modalities:
-        raise InputError(store, f"modalities {left} are categorical: pixel statistics and the scratch CNN need "
-                                "continuous inputs")
-    if left:
-        log.info("%s: categorical inputs %s are left out of the pixel baselines", store, left)
-    if not out:
-        raise InputError(store, f"the store has no continuous input source (inputs {chosen})")
-    return out
-
-
 def band_mean_std(arr) -> tuple[np.ndarray, np.ndarray]:
     """Per-band mean and std of a store array from its train statistics (0 / 1 where unknown)."""
     st = arr.attrs["stats"]["bands"]
@@ -54,12 +36,12 @@ def band_mean_std(arr) -> tuple[np.ndarray, np.ndarray]:
 
 def pixel_statistics(store: str, modalities=None) -> tuple[np.ndarray, list[str]]:
     """(chips, features) float32 in store row order, and the feature names (`modality:band:stat`)."""
-    from sarflow.data.chipstore import iter_masked, open_chip_group
+    from sarflow.data.chipstore import continuous_inputs, iter_masked, open_chip_group
 
     group = open_chip_group(store)
     n = int(group.attrs["chips"])
     feats, names = [], []
-    for m in continuous_inputs(group, store, modalities):
+    for m in continuous_inputs(group, modalities, store, "the pixel baselines"):
         arr = group[m]
         bands = list(arr.attrs["bands"])
         labels = ["mean", "std"] + [f"p{p}" for p in PERCENTILES]
@@ -80,11 +62,11 @@ def pixel_statistics(store: str, modalities=None) -> tuple[np.ndarray, list[str]
 def chip_tensor(store: str, modalities=None) -> np.ndarray:
     """(chips, channels, H, W) float32, z-scored with the store's train statistics; nodata is
     filled with the band's mean (0 once z-scored)."""
-    from sarflow.data.chipstore import iter_masked, open_chip_group
+    from sarflow.data.chipstore import continuous_inputs, iter_masked, open_chip_group
 
     group = open_chip_group(store)
     n = int(group.attrs["chips"])
-    mods = continuous_inputs(group, store, modalities)
+    mods = continuous_inputs(group, modalities, store, "the pixel baselines")
     arrays = [group[m] for m in mods]
     shapes = {a.shape[2:] for a in arrays}
     if len(shapes) > 1:

@@ -229,13 +229,12 @@ CURVE_COLUMNS = ["task", "source", "probe", "n", "is_all", "draw", "split", "met
 def _usable_baselines(cfg: ProbeConfig) -> tuple[tuple[str, ...], dict[str, str]]:
     """The configured baselines the store can feed (pixel baselines need a continuous input), and
     why the others are left out. Inputs chosen with `modalities` that cannot feed them are an error."""
-    from sarflow.data.chipstore import open_chip_group
-    from sarflow.downstream.baselines import continuous_inputs
+    from sarflow.data.chipstore import continuous_inputs, open_chip_group
 
     if not cfg.baselines:
         return (), {}
     try:
-        continuous_inputs(open_chip_group(cfg.store), cfg.store, cfg.modalities or None)
+        continuous_inputs(open_chip_group(cfg.store), cfg.modalities or None, cfg.store, "the pixel baselines")
     except InputError as e:
         if cfg.modalities:
             raise

@@ -110,17 +110,12 @@ def input_blocks(cfg: PretrainConfig, group) -> list[tuple[str, str, list[str] |
     """(group, source, bands) blocks of the model's input, from the store's declarations: the
     declared `groups` (restricted to `modalities` when both are given), else every chosen input
     source in one group (MAE, DINO) or one group per source (CLIP)."""
-    from sarflow.data.chipstore import input_modalities
+    from sarflow.data.chipstore import continuous_inputs, input_modalities
 
-    chosen = input_modalities(group, cfg.modalities, where=cfg.store)
-    if not cfg.modalities and not cfg.groups:  # by default the continuous inputs: a categorical layer is no z-score
-        categorical = [m for m in chosen if group[m].attrs["kind"] != "continuous"]
-        chosen = [m for m in chosen if m not in categorical]
-        if categorical:
-            log.warning("pretrain: categorical input source(s) %s left out (model inputs are continuous data)", categorical)
-        if not chosen:
-            raise InputError(cfg.store, f"the store's input sources {categorical} are all categorical: model inputs "
-                                        "must be continuous data")
+    if cfg.groups:
+        chosen = input_modalities(group, cfg.modalities, where=cfg.store)
+    else:  # a categorical layer is no z-score: the encoder reads continuous inputs
+        chosen = continuous_inputs(group, cfg.modalities, cfg.store, "the encoder")
     if cfg.groups:
         declared = [(n, m, list(b) if b else None) for n, m, b in cfg.groups]
         input_modalities(group, list(dict.fromkeys(m for _, m, _ in declared)), where=f"{cfg.store} (pretrain.groups)")

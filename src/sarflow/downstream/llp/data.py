@@ -307,20 +307,6 @@ def block_counts(truth_map: np.ndarray, h: int, w: int, k: int) -> np.ndarray:
     return np.stack([(t == c).sum(axis=(2, 4)) for c in range(k)], axis=1)
 
 
-def pixel_modalities(group, store: str, chosen=()) -> list[str]:
-    """The pixel model's inputs: the chosen input sources (checked), else the store's continuous inputs."""
-    from sarflow.data.chipstore import input_modalities
-
-    mods = input_modalities(group, list(chosen) or None, where=store)
-    categorical = [m for m in mods if group[m].attrs["kind"] != "continuous"]
-    if chosen and categorical:
-        raise InputError(store, f"pixel modalities {categorical} are categorical: the pixel model reads continuous inputs")
-    mods = [m for m in mods if m not in categorical]
-    if not mods:
-        raise InputError(store, "the store has no continuous input source for the pixel model")
-    return mods
-
-
 def store_pixels(group, modalities: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw pixels (NaN at nodata: `chipstore.iter_masked`), normalised pixels (NaN kept), per-channel
     mean and std (the store's train statistics)."""
@@ -361,7 +347,7 @@ def store_truth(arr, classes: list[int], n: int) -> np.ndarray:
 def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
     """Bags, features, pixels and fine labels of a chip store, for the label the catalog declares
     (`llp_label`) and its classes (the statistics' or the declared ones)."""
-    from sarflow.data.chipstore import open_chip_group, read_chip_table
+    from sarflow.data.chipstore import continuous_inputs, open_chip_group, read_chip_table
     from sarflow.data.quicklook import class_colors
 
     polygons = read_polygons(cfg.polygons, cfg.id_column)
@@ -409,7 +395,7 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
     # fine labels (evaluation only), through the one reader: nodata and undeclared codes are no class
     truth_map = store_truth(group[label.name], classes, n)
     truth, valid = chip_fractions(truth_map, len(classes))
-    mods = pixel_modalities(group, cfg.store, cfg.pixel_modalities)
+    mods = continuous_inputs(group, list(cfg.pixel_modalities) or None, cfg.store, "the pixel model")
     raw, pixels, pmean, pstd = store_pixels(group, mods, n)
     input_valid = np.isfinite(raw).reshape(n, -1).any(axis=1)
     if not input_valid.all():

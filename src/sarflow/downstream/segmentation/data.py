@@ -61,30 +61,10 @@ def segmentation_label(group, store: str, name: str | None):
                              "segmentation predicts one")
 
 
-def default_groups(group, store: str, chosen=()) -> list[tuple[str, str, None]]:
-    """One group per input source: the chosen ones (checked), else the store's continuous inputs."""
-    from sarflow.data.chipstore import input_modalities
-
-    mods = input_modalities(group, list(chosen) or None, where=store)
-    categorical = [m for m in mods if group[m].attrs["kind"] != "continuous"]
-    if chosen and categorical:
-        raise InputError(store, f"modalities {categorical} are categorical: model inputs must be continuous data")
-    mods = [m for m in mods if m not in categorical]
-    if not mods:
-        raise InputError(store, "the store has no continuous input source to segment from")
-    return [(m, m, None) for m in mods]
-
-
-def encoder_sources(encoder) -> list[tuple[str, str, list[str]]]:
-    """(group, store source, bands) blocks the encoder reads, in channel order."""
-    if getattr(encoder, "sources", None):
-        return [(name, mod, list(bands)) for name, mod, bands in encoder.sources]
-    return [(name, mod, list(bands)) for (name, bands), mod in zip(encoder.groups, encoder.modalities)]  # older encoders
-
-
 def resolve_inputs(cfg: SegmentConfig, encoder=None) -> tuple[list[tuple[str, str, list[str]]], np.ndarray, np.ndarray]:
     """(group, modality, bands) of the input channels, with the store's train mean/std per channel."""
-    from sarflow.data.chipstore import open_chip_group
+    from sarflow.data.chipstore import continuous_inputs, open_chip_group
+    from sarflow.features.embed import encoder_sources
     from sarflow.training.pretrain import store_group
 
     group = open_chip_group(cfg.store)
@@ -101,7 +81,7 @@ def resolve_inputs(cfg: SegmentConfig, encoder=None) -> tuple[list[tuple[str, st
     elif cfg.groups:
         groups = [(n, m, list(b) if b else None) for n, m, b in cfg.groups]
     else:
-        groups = default_groups(group, cfg.store, cfg.modalities)
+        groups = [(m, m, None) for m in continuous_inputs(group, list(cfg.modalities) or None, cfg.store, "the U-Net")]
     resolved = [store_group(group, cfg.store, name, modality, bands) for name, modality, bands in groups]
     out = [(g.name, g.modality, g.bands) for g in resolved]
     mean = [m for g in resolved for m in g.mean]
