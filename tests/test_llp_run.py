@@ -15,6 +15,7 @@ import pytest
 import shapely
 
 from sarflow.downstream.llp.config import MODELS, LLPConfig
+from sarflow.downstream.models import dataset_id
 from sarflow.downstream.llp.run import PRIMARY_METRIC, run_llp
 from sarflow.errors import InputError
 from sarflow.features.bags import read_chip_bags, read_chip_bags_geo
@@ -126,7 +127,7 @@ def test_mlflow_run_has_lineage_and_the_registered_model_predicts_proportions(sc
                                               "higher_is_better": False}}
     assert run.data.tags["sarflow.llp.selection"] == result["selection"]
     mv = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"])
-    assert mv.tags["sarflow.eval_set"] == f"{tags['sarflow.dataset_dvc_md5']}:test:llp-worldcover"
+    assert mv.tags["sarflow.eval_set"] == f"{dataset_id(tags)}:test:llp-worldcover"
     assert float(mv.tags["sarflow.metric.test_proportion_mae"]) == pytest.approx(result["metrics"]["test_proportion_mae"])
     classes = json.loads(mv.tags["sarflow.llp.classes"])
     assert classes == [10, 20, 30, 40, 50, 60, 80, 90]  # the statistics' classes, all declared by the label

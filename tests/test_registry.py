@@ -189,3 +189,15 @@ def test_evaluation_set_format():
 
 def _champion_of(client, name: str) -> str:
     return str(client.get_model_version_by_alias(name, "champion").version)
+
+
+def test_unversioned_stores_are_told_apart_by_their_catalog():
+    """A store DVC does not track is named by its catalog hash in the evaluation set, so the gate
+    never compares probes of two different unversioned stores as if they were one dataset."""
+    from sarflow.downstream.models import dataset_id, evaluation_set
+
+    a = {"sarflow.dataset_dvc_md5": "untracked", "sarflow.catalog_hash": "a" * 64}
+    b = {"sarflow.dataset_dvc_md5": "untracked", "sarflow.catalog_hash": "b" * 64}
+    assert dataset_id(a) == "catalog-" + "a" * 16
+    assert evaluation_set(dataset_id(a), "test", "flood") != evaluation_set(dataset_id(b), "test", "flood")
+    assert dataset_id({**a, "sarflow.dataset_dvc_md5": "0123.dir"}) == "0123.dir"

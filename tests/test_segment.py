@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 
+from sarflow.downstream.models import dataset_id
 from sarflow.downstream.segmentation.config import SegmentConfig
 from sarflow.downstream.segmentation.data import load_encoder, resolve_inputs
 from sarflow.downstream.segmentation.metrics import IGNORE, confusion_matrix, miou, segmentation_scores
@@ -127,7 +128,7 @@ def test_runs_carry_lineage_metrics_and_figures_and_the_best_model_is_registered
     mv = client.get_model_version(reg["name"], reg["version"])
     assert mv.tags["sarflow.classes"] == ",".join(map(str, result["classes"]))
     assert float(mv.tags["sarflow.metric.test_miou"]) == pytest.approx(result[result["best"]]["test_miou"])
-    assert mv.tags["sarflow.eval_set"] == f"{mv.tags['sarflow.dataset_dvc_md5']}:test:segmentation-worldcover"
+    assert mv.tags["sarflow.eval_set"] == f"{dataset_id(mv.tags)}:test:segmentation-worldcover"
     assert client.get_run(result[result["best"]]["run_id"]).data.metrics["val_miou"] == pytest.approx(
         result[result["best"]]["val_miou"])
 

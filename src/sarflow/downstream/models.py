@@ -28,6 +28,16 @@ def registered_name(task: str) -> str:
     return task if task.startswith(REGISTERED_PREFIX) else REGISTERED_PREFIX + task
 
 
+def dataset_id(lineage: dict[str, str]) -> str:
+    """The dataset part of an evaluation set: the store's DVC hash, or for a store DVC does not
+    track, its catalog hash (`catalog-<hash>`: tiling is deterministic, so one catalog is one
+    dataset), never one shared "untracked" that would make two unversioned stores comparable."""
+    md5 = lineage.get("sarflow.dataset_dvc_md5", "untracked")
+    if md5 and md5 != "untracked":
+        return md5
+    return f"catalog-{lineage.get('sarflow.catalog_hash', 'unknown')[:16]}"
+
+
 def evaluation_set(dataset_version: str, split: str, task: str) -> str:
     """The evaluation set a model is scored on: `<dataset md5>:<split>:<task>`. It names the data
     and the task, never the encoder or embeddings, so the gate compares encoders on one set."""

@@ -314,7 +314,7 @@ def _run_probes(cfg: ProbeConfig) -> dict:
     import mlflow
 
     from sarflow.downstream.baselines import chip_tensor, pixel_statistics
-    from sarflow.downstream.models import evaluation_set, log_downstream_model
+    from sarflow.downstream.models import dataset_id, evaluation_set, log_downstream_model
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.mlops.tracking import setup_mlflow
 
@@ -365,7 +365,7 @@ def _run_probes(cfg: ProbeConfig) -> dict:
             metrics[f"{name}_test_{r.metric}"] = float(r.mean)
 
     lineage = dataset_lineage(cfg.store)
-    dataset = lineage["sarflow.dataset_dvc_md5"]
+    dataset = dataset_id(lineage)
     eval_sets = {t.name: evaluation_set(dataset, "test", t.name) for t in evaluable}
     exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
     tags = {**lineage, "sarflow.embeddings_model": data.model, "sarflow.embeddings_version": data.version,

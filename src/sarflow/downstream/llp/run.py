@@ -83,7 +83,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     """The whole LLP experiment on a chip store; see the package docstring (sarflow.downstream.llp)."""
     import mlflow
 
-    from sarflow.downstream.models import log_downstream_model
+    from sarflow.downstream.models import dataset_id, evaluation_set, log_downstream_model
     from sarflow.downstream.tasks import registered_task_name
     from sarflow.features.bags import write_chip_bags
     from sarflow.mlops.lineage import dataset_lineage
@@ -122,8 +122,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     setup_mlflow(cfg.tracking_uri, cfg.experiment)
     mlflow.set_experiment(cfg.experiment)
     lineage = dataset_lineage(cfg.store)
-    dataset_md5 = lineage.get("sarflow.dataset_dvc_md5", "untracked")
-    eval_set = f"{dataset_md5}:test:{task_name}"
+    eval_set = evaluation_set(dataset_id(lineage), "test", task_name)
     best_metrics = results[best]["metrics"]
     metrics = {"baseline_mae": best_metrics["baseline_mae"], "baseline_f1_macro": best_metrics["baseline_f1_macro"]}
     metrics.update(model_metrics(results, names))

@@ -48,7 +48,7 @@ def run_segmentation(cfg: SegmentConfig) -> dict:
 def _run(cfg: SegmentConfig) -> dict:
     import mlflow
 
-    from sarflow.downstream.models import log_downstream_model
+    from sarflow.downstream.models import dataset_id, evaluation_set, log_downstream_model
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.mlops.tracking import setup_mlflow
     from sarflow.data.chipstore import open_chip_group
@@ -107,7 +107,7 @@ def _run(cfg: SegmentConfig) -> dict:
 
     lineage = dataset_lineage(cfg.store)
     exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
-    eval_set = f"{lineage.get('sarflow.dataset_dvc_md5', 'untracked')}:{cfg.test_split}:{task}"
+    eval_set = evaluation_set(dataset_id(lineage), cfg.test_split, task)
     if val_reason is None:
         best = max(kinds, key=lambda k: (np.nan_to_num(results[k]["val_miou"], nan=-1.0), k == "vit"))
         selection = f"best mIoU on the {cfg.val_split} split"
