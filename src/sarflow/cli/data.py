@@ -1,4 +1,4 @@
-"""`sarflow synth | ingest | tile | info | version`: the data plane, catalog to versioned chip store."""
+"""`sarflow synth | ingest | tile | info | version | export`: the data plane, catalog to versioned chip store."""
 
 from __future__ import annotations
 
@@ -108,4 +108,26 @@ def version(
     typer.echo(json.dumps(v, indent=1))
 
 
-COMMANDS = [synth, ingest, tile, info, version]
+def export(
+    store: Path = typer.Argument(..., callback=absolute_path, help="chip store"),
+    modality: str = typer.Option(..., "--modality", help="the store's array to export (an input or a label)"),
+    out: Path = typer.Option(..., "--out", callback=absolute_path, help="folder to write the GeoTIFFs into"),
+    chips: Optional[str] = typer.Option(None, "--chips", help="comma-separated chip ids to export"),
+    split: Optional[str] = typer.Option(None, "--split", help="export every chip of this split (train, val, test)"),
+    all_chips: bool = typer.Option(False, "--all", help="export every chip of the store"),
+    mosaic: bool = typer.Option(False, "--mosaic", help="one mosaic of the chosen chips on the store's grid "
+                                                        "instead of one file per chip"),
+) -> None:
+    """Write chips as Cloud-Optimized GeoTIFFs (one <modality>_<chip_id>.tif each, or one <modality>_mosaic.tif)
+    that GDAL, QGIS and rasterio open in place; nodata kept (NaN for floats, the declared value for integers)."""
+    from sarflow.data.export import export_chips
+
+    ids = [c.strip() for c in chips.split(",") if c.strip()] if chips else None
+    try:
+        written = export_chips(store, modality, out, chips=ids, split=split, all_chips=all_chips, mosaic=mosaic)
+    except SarflowError as e:
+        fail(e)
+    typer.echo(f"{len(written)} GeoTIFF(s) written to {out}" + (f": {written[0].name}" if len(written) == 1 else ""))
+
+
+COMMANDS = [synth, ingest, tile, info, version, export]

@@ -230,3 +230,92 @@ def open_store(path: str | Path) -> ChipStore:
     if "modalities" not in group.attrs:
         raise InputError(str(path), "a Zarr group but not a sarflow chip store (no 'modalities' attribute)")
     return ChipStore(path=path, group=group)
+
+
+# --- chips on a map: the grid of one chip, the CF grid mapping, one chip as a georeferenced DataArray ---
+
+
+def store_crs(attrs: dict):
+    """The store's grid CRS (pyproj), from its `crs_wkt` (or `crs`) group attribute."""
+    from pyproj import CRS
+
+    return CRS.from_user_input(attrs.get("crs_wkt") or attrs["crs"])
+
+
+def cf_grid_mapping(crs) -> dict:
+    """CF grid-mapping attributes of `crs` as rioxarray's `rio.write_crs` writes them on the `spatial_ref`
+    coordinate: pyproj's CF attributes plus `crs_wkt` and GDAL's `spatial_ref` (both GDAL's WKT, as rasterio
+    writes it, which GDAL's netCDF/Zarr drivers and older readers parse)."""
+    from pyproj import CRS
+    from rasterio.crs import CRS as RioCRS
+
+    wkt = RioCRS.from_user_input(crs.to_wkt() if isinstance(crs, CRS) else crs).to_wkt()
+    attrs = CRS.from_wkt(wkt).to_cf()
+    attrs["crs_wkt"] = wkt
+    attrs["spatial_ref"] = wkt
+    return attrs
+
+
+def chip_record(chips, chip, where: str = "store"):
+    """The row of the chip table for `chip`: a chip id (str) or a row index of the arrays (int)."""
+    if isinstance(chip, (int, np.integer)) and not isinstance(chip, bool):
+        hit = chips[chips["index"] == int(chip)]
+        what = f"row {int(chip)}"
+    else:
+        hit = chips[chips["chip_id"] == str(chip)]
+        what = f"chip id {str(chip)!r}"
+    if len(hit) != 1:
+        raise InputError(where, f"the chip table has no {what} (ids look like {chips['chip_id'].iloc[0]!r})"
+                         if len(hit) == 0 else f"the chip table holds {what} {len(hit)} times")
+    return hit.iloc[0]
+
+
+def chip_transform(record, resolution: float):
+    """Affine of a chip (north up): its top-left corner (minx, maxy) from the chip table, pixels of `resolution`."""
+    from affine import Affine
+
+    res = float(resolution)
+    return Affine(res, 0.0, float(record["minx"]), 0.0, -res, float(record["maxy"]))
+
+
+def open_chip_xarray(store, modality: str, chip):
+    """One chip of `modality` as an xarray.DataArray (band, y, x), georeferenced the CF way, readable by rioxarray
+    and odc-geo as it is.
+
+    `store`: a ChipStore or its path; `chip`: a chip id or a row index. Values through `read_masked` (float32,
+    NaN at nodata); `band` holds the band names; `x`/`y` are pixel centres in the grid CRS (from the chip table's
+    minx/maxy and the store's resolution); a scalar `spatial_ref` coordinate carries the CRS (`crs_wkt`,
+    `spatial_ref`, CF grid-mapping attributes, GDAL `GeoTransform`) and the array names it as its `grid_mapping`
+    (in `encoding`, as rioxarray writes it). Attributes: modality, chip_id, units, kind, nodata."""
+    import xarray as xr
+
+    st = store if isinstance(store, ChipStore) else open_store(store)
+    arr = st.array(modality)
+    rec = chip_record(st.chips, chip, where=str(st.path))
+    res = float(st.attrs["resolution"])
+    data = read_masked(arr, int(rec["index"]))
+    _, h, w = data.shape
+    transform = chip_transform(rec, res)
+    x = transform.c + (np.arange(w) + 0.5) * res
+    y = transform.f - (np.arange(h) + 0.5) * res
+    crs = store_crs(st.attrs)
+    gm = cf_grid_mapping(crs)
+    gm["GeoTransform"] = " ".join(repr(float(v)) for v in transform.to_gdal())
+    bands = list(arr.attrs.get("bands") or range(data.shape[0]))
+    da = xr.DataArray(
+        data, dims=("band", "y", "x"),
+        coords={"band": bands, "y": y, "x": x, "spatial_ref": xr.Variable((), 0, attrs=gm)},
+        name=modality,
+        # _FillValue: the masked value (NaN), as rioxarray's write_nodata(encoded=False) records it
+        attrs={"modality": modality, "chip_id": str(rec["chip_id"]), "units": arr.attrs.get("units"),
+               "kind": arr.attrs.get("kind"), "_FillValue": np.float32(np.nan)},
+    )
+    if crs.is_geographic:
+        da.x.attrs.update(axis="X", standard_name="longitude", units="degrees_east")
+        da.y.attrs.update(axis="Y", standard_name="latitude", units="degrees_north")
+    else:
+        unit = crs.axis_info[0].unit_name if crs.axis_info else "metre"
+        da.x.attrs.update(axis="X", standard_name="projection_x_coordinate", units=unit)
+        da.y.attrs.update(axis="Y", standard_name="projection_y_coordinate", units=unit)
+    da.encoding["grid_mapping"] = "spatial_ref"
+    return da

@@ -1,0 +1,189 @@
+"""Chips on a map: a chip opened as a georeferenced DataArray (read by rioxarray), and `sarflow export` writing
+Cloud-Optimized GeoTIFFs (read by gdalinfo and rasterio) of single chips and of a mosaic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from sarflow.data.chipstore import open_chip_xarray, open_store, read_masked
+from sarflow.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return open_store(tiny_store)
+
+
+def _expected_transform(store, rec):
+    res = float(store.attrs["resolution"])
+    return (res, 0.0, float(rec["minx"]), 0.0, -res, float(rec["maxy"]))
+
+
+def _adjacent_pair(store):
+    """Two chips side by side (same row of the grid, the second one chip east of the first)."""
+    t = store.chips
+    for _, a in t.iterrows():
+        b = t[(t["iy"] == a["iy"]) & (t["ix"] == a["ix"] + 1)]
+        if len(b):
+            return a, b.iloc[0]
+    pytest.fail("the tiny store has no two horizontally adjacent chips")
+
+
+def _gdalinfo(path) -> dict:
+    exe = shutil.which("gdalinfo")
+    if not exe:
+        pytest.skip("gdalinfo not installed (Debian gdal-bin)")
+    return json.loads(subprocess.run([exe, "-json", str(path)], check=True, capture_output=True, text=True).stdout)
+
+
+@pytest.mark.parametrize("modality", ["s1grd", "worldcover"])
+def test_chip_as_dataarray_is_georeferenced_for_rioxarray(store, modality):
+    rioxarray = pytest.importorskip("rioxarray")  # noqa: F841 (registers the .rio accessor)
+    from rasterio.crs import CRS
+
+    rec = store.chips.iloc[5]
+    da = open_chip_xarray(store, modality, rec["chip_id"])
+    assert da.dims == ("band", "y", "x")
+    assert list(da.band.values) == list(store.array(modality).attrs["bands"])
+    np.testing.assert_array_equal(da.values, read_masked(store.array(modality), int(rec["index"])))
+    assert da.rio.crs == CRS.from_user_input(store.attrs["crs"])
+    assert tuple(da.rio.transform())[:6] == pytest.approx(_expected_transform(store, rec))
+    assert da.rio.bounds() == pytest.approx((rec["minx"], rec["miny"], rec["maxx"], rec["maxy"]))
+    # the CF grid mapping is what rioxarray itself writes for the store's CRS
+    ref = da.drop_vars("spatial_ref").rio.write_crs(store.attrs["crs_wkt"])
+    theirs = dict(ref.spatial_ref.attrs)
+    ours = {k: v for k, v in da.spatial_ref.attrs.items() if k != "GeoTransform"}
+    assert ours == theirs
+    assert da.encoding["grid_mapping"] == "spatial_ref"
+    # a row index opens the same chip
+    assert open_chip_xarray(store, modality, int(rec["index"])).attrs["chip_id"] == rec["chip_id"]
+
+
+def test_chip_as_dataarray_pixel_centres_without_rioxarray(store):
+    rec = store.chips.iloc[0]
+    res = float(store.attrs["resolution"])
+    da = open_chip_xarray(store, "dem", rec["chip_id"])
+    assert da.x.values[0] == pytest.approx(rec["minx"] + res / 2)
+    assert da.y.values[0] == pytest.approx(rec["maxy"] - res / 2)
+    assert da.x.values[-1] == pytest.approx(rec["maxx"] - res / 2)
+    assert da.y.values[-1] == pytest.approx(rec["miny"] + res / 2)
+    assert da.spatial_ref.attrs["grid_mapping_name"] == "transverse_mercator"
+
+
+def test_chip_as_dataarray_refuses_unknown_modality_and_chip(store):
+    with pytest.raises(InputError, match="no modality 'nope'") as e:
+        open_chip_xarray(store, "nope", 0)
+    assert str(store.path) in str(e.value)
+    with pytest.raises(InputError, match="no chip id 'no-such-chip'") as e:
+        open_chip_xarray(store, "dem", "no-such-chip")
+    assert str(store.path) in str(e.value)
+
+
+def _read_back(path):
+    import rasterio
+
+    with rasterio.open(path) as src:
+        data = src.read()
+        nodata = src.nodata
+        return src, data, nodata
+
+
+@pytest.mark.parametrize("modality,dtype,nodata", [("s1grd", "float32", None), ("worldcover", "uint8", 0),
+                                                   ("vegetation", "uint8", 255)])
+def test_export_chip_is_a_cog_gdal_and_rasterio_read(store, tmp_path, modality, dtype, nodata):
+    from rasterio.crs import CRS
+
+    from sarflow.data.export import export_chips
+
+    rec = store.chips.iloc[7]
+    [path] = export_chips(store, modality, tmp_path, chips=[rec["chip_id"]])
+    assert path.name == f"{modality}_{rec['chip_id']}.tif"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
+
+    info = _gdalinfo(path)
+    assert info["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG"
+    assert info["geoTransform"] == pytest.approx([rec["minx"], 10.0, 0.0, rec["maxy"], 0.0, -10.0])
+    assert CRS.from_wkt(info["coordinateSystem"]["wkt"]) == CRS.from_user_input(store.attrs["crs"])
+    assert [b["description"] for b in info["bands"]] == list(store.array(modality).attrs["bands"])
+
+    src, data, nd = _read_back(path)
+    assert data.dtype == np.dtype(dtype)
+    expected = read_masked(store.array(modality), int(rec["index"]))
+    if nodata is None:
+        assert np.isnan(nd)
+        got = data
+    else:
+        assert nd == nodata
+        got = np.where(data == nodata, np.nan, data.astype(np.float32))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_export_label_masks_out_of_range_with_declared_nodata(store, tmp_path):
+    """An integer label keeps its dtype; a pixel the one reader masks (here: forced out of the declared range) is
+    written as the declared nodata, not as its raw value."""
+    from sarflow.data.export import _encode, _encoding
+
+    arr = store.array("vegetation")
+    raw = arr[0].copy()
+    raw[0, 0, 0] = 200  # outside the declared range [0, 100]
+    out, valid = _encode(arr, raw, _encoding(store, "vegetation"))
+    assert out.dtype == np.uint8 and out[0, 0, 0] == 255 and not valid[0, 0, 0]
+
+
+def test_mosaic_of_two_adjacent_chips_is_them_side_by_side(store, tmp_path):
+    from sarflow.data.export import export_chips
+
+    a, b = _adjacent_pair(store)
+    for modality in ("s1coh", "worldcover"):
+        [path] = export_chips(store, modality, tmp_path, chips=[a["chip_id"], b["chip_id"]], mosaic=True)
+        assert path.name == f"{modality}_mosaic.tif"
+        info = _gdalinfo(path)
+        assert info["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG"
+        assert info["geoTransform"] == pytest.approx([a["minx"], 10.0, 0.0, a["maxy"], 0.0, -10.0])
+        src, data, nd = _read_back(path)
+        arr = store.array(modality)
+        expected = np.concatenate([read_masked(arr, int(a["index"])), read_masked(arr, int(b["index"]))], axis=2)
+        got = data if np.isnan(nd) else np.where(data == nd, np.nan, data.astype(np.float32))
+        assert data.dtype == arr.dtype
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_mosaic_leaves_uncovered_pixels_nodata(store, tmp_path):
+    """Two chips on a diagonal: the mosaic covers their bounding box, the two other cells are nodata."""
+    from sarflow.data.export import export_chips
+
+    t = store.chips
+    a = t.iloc[0]
+    b = t[(t["ix"] == a["ix"] + 1) & (t["iy"] == a["iy"] + 1)].iloc[0]
+    [path] = export_chips(store, "worldcover", tmp_path, chips=[a["chip_id"], b["chip_id"]], mosaic=True)
+    _, data, nd = _read_back(path)
+    assert data.shape[1:] == (64, 64)
+    # iy grows northward here when b's maxy is above a's; whichever way, two quadrants are all nodata
+    quads = [data[:, :32, :32], data[:, :32, 32:], data[:, 32:, :32], data[:, 32:, 32:]]
+    assert sum(bool((q == nd).all()) for q in quads) == 2
+
+
+def test_cli_export_split_and_errors(tiny_store, store, tmp_path):
+    from typer.testing import CliRunner
+
+    from sarflow.cli.main import app
+
+    out = tmp_path / "cogs"
+    res = CliRunner().invoke(app, ["export", str(tiny_store), "--modality", "dem", "--out", str(out), "--split", "test"])
+    assert res.exit_code == 0, res.output
+    test_ids = store.chips.loc[store.chips["split"] == "test", "chip_id"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"dem_{c}.tif" for c in test_ids)
+
+    bad = tmp_path / "bad"
+    for args, cause in ((["--modality", "nope", "--all"], "no modality 'nope'"),
+                        (["--modality", "dem", "--chips", "nope"], "no chip id 'nope'"),
+                        (["--modality", "dem"], "choose exactly one")):
+        res = CliRunner().invoke(app, ["export", str(tiny_store), "--out", str(bad), *args])
+        assert res.exit_code == 2, res.output
+        assert str(tiny_store) in res.output and cause in res.output
+    assert not bad.exists() or not any(bad.iterdir())
