@@ -4,7 +4,11 @@ embeddings as a Parquet offline source, one partition per model version so versi
     <root>/embeddings/model=<name>/version=<version>/part-00000.parquet
 
 Columns: chip_id, embedding (fixed-size list of float32), model_name, model_version,
-dataset_version (the store's DVC hash), event_timestamp, lon, lat (chip centroid), split.
+dataset_version (the store's DVC hash), event_timestamp, lon, lat (chip centroid), split, and
+geometry: the chip's footprint polygon in EPSG:4326 (from the store's chips.parquet) as WKB. The
+file is GeoParquet 1.1 (the `geo` file metadata names `geometry` as its primary column, with its
+encoding, types, CRS as PROJJSON and bbox), so geopandas.read_parquet gives a GeoDataFrame and
+DuckDB, GDAL/QGIS and other GeoParquet readers find the geometry as they are.
 
 The root is a local folder or an s3:// prefix (on the endpoint and keys of `sarflow.data.storage`,
 i.e. AWS_ENDPOINT_URL and the AWS key variables). A partition only appears once complete: locally
@@ -15,6 +19,7 @@ the final object exists whole or not at all), then the temporary key is removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -81,6 +86,32 @@ def resolve_model(uri: str) -> ModelRef:
     except MlflowException as e:
         raise InputError(uri, f"no such model in the MLflow registry at {mlflow.get_tracking_uri()} ({e.error_code})") from None
     raise InputError(uri, "not a model URI: use models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH")
+
+
+GEOPARQUET_VERSION = "1.1.0"
+
+
+def geoparquet_metadata(wkb: list[bytes] | np.ndarray, column: str = "geometry") -> dict:
+    """The GeoParquet 1.1 `geo` file metadata of one WKB geometry column in EPSG:4326 (lon/lat):
+    primary column, encoding, geometry types, CRS as PROJJSON (EPSG:4326, so readers report
+    EPSG:4326, not the OGC:CRS84 an omitted crs means) and bbox [xmin, ymin, xmax, ymax]."""
+    from pyproj import CRS
+
+    geoms = shapely.from_wkb(np.asarray(wkb, dtype=object))
+    types = sorted({shapely.get_type_id(g) for g in geoms if g is not None})
+    names = ["Point", "LineString", "LineString", "Polygon", "MultiPoint", "MultiLineString", "MultiPolygon",
+             "GeometryCollection"]
+    bounds = shapely.total_bounds(geoms) if len(geoms) else np.full(4, np.nan)
+    return {
+        "version": GEOPARQUET_VERSION,
+        "primary_column": column,
+        "columns": {column: {
+            "encoding": "WKB",
+            "geometry_types": [names[t] for t in types],
+            "crs": CRS.from_epsg(4326).to_json_dict(),
+            **({"bbox": [float(v) for v in bounds]} if np.isfinite(bounds).all() else {}),
+        }},
+    }
 
 
 def partition(root: str | Path, model: ModelRef) -> str | Path:
@@ -213,7 +244,8 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     loop_s = time.perf_counter() - t0
     dim = emb.shape[1]
     t1 = time.perf_counter()
-    centroids = shapely.centroid(shapely.from_wkb(table["geometry"].to_numpy()))
+    wkb = [bytes(b) for b in table["geometry"]]  # the chips' footprints in EPSG:4326, as chips.parquet has them
+    centroids = shapely.centroid(shapely.from_wkb(np.asarray(wkb, dtype=object)))
     lon, lat = shapely.get_x(centroids), shapely.get_y(centroids)
     ts = datetime.now(timezone.utc).replace(microsecond=0)
     arrow = pa.table({
@@ -226,7 +258,9 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
         "lon": pa.array(lon, pa.float64()),
         "lat": pa.array(lat, pa.float64()),
         "split": pa.array(table["split"].tolist(), pa.string()),
+        "geometry": pa.array(wkb, pa.binary()),
     })
+    arrow = arrow.replace_schema_metadata({b"geo": json.dumps(geoparquet_metadata(wkb)).encode()})
     if is_remote(out):
         write_table_atomic(arrow, f"{out}/part-00000.parquet", row_group_size=65536)
         fs = filesystem()

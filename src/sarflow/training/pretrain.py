@@ -22,6 +22,7 @@ from pydantic.dataclasses import dataclass
 
 from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
+from sarflow.training.export import PLAIN_ENCODER, save_plain_encoder
 from sarflow.training.data import Augment, ChipDataModule, LoaderConfig, ModalitySpec
 from sarflow.training.methods import METHODS, Group, OptimConfig, build_method, group_input, group_names, visible_patches
 from sarflow.training.vit import ViTConfig
@@ -322,6 +323,8 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
             registered_model_name=name if cfg.register else None,
         )
         mlflow.log_metric("train/final_loss", throughput.losses[-1])
+        with tempfile.TemporaryDirectory() as tmp:  # the same encoder without the pickle: weights + JSON config
+            mlflow.log_artifacts(str(save_plain_encoder(encoder, Path(tmp) / "encoder")), artifact_path=PLAIN_ENCODER)
         version = None
         if cfg.register:
             client = mlflow.MlflowClient()
@@ -331,6 +334,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
             client.set_model_version_tag(name, version, "sarflow.embedding_dim", str(out.shape[1]))
             client.set_model_version_tag(name, version, "sarflow.channels", ",".join(encoder.channel_names))
             client.set_model_version_tag(name, version, "sarflow.inputs", ",".join(encoder.modalities))
+            client.set_model_version_tag(name, version, "sarflow.plain_encoder", f"runs:/{run.info.run_id}/{PLAIN_ENCODER}")
     return {
         "run_id": run.info.run_id,
         "model_uri": info.model_uri,
@@ -341,6 +345,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
         "channels": encoder.channel_names,
         "in_chans": encoder.in_chans,
         "sources": encoder.sources,
+        "plain_encoder_uri": f"runs:/{run.info.run_id}/{PLAIN_ENCODER}",
         "lineage": lineage,
     }
 
