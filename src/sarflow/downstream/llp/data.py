@@ -55,6 +55,37 @@ def read_stats(path: str | Path, id_column: str) -> pd.DataFrame:
     return df
 
 
+PROPORTION_SUM_TOLERANCE = 0.02
+
+
+def check_proportions(df: pd.DataFrame, id_column: str, source: str,
+                      tolerance: float = PROPORTION_SUM_TOLERANCE) -> None:
+    """Refuses proportions that are not proportions: non-numeric or negative values, or a row whose
+    ``frac_`` columns do not sum to 1 within `tolerance` (a row that is all zero or all empty is a
+    bag with no labelled pixel: allowed, left out later). The InputError names `source`, the rows'
+    ids and the columns."""
+    cols = [c for c in df.columns if c.startswith("frac_")]
+    ids = df[id_column].astype(str).to_numpy()
+    try:
+        values = df[cols].apply(pd.to_numeric, errors="raise").to_numpy(dtype=float)
+    except (ValueError, TypeError) as e:
+        raise InputError(source, f"proportion columns must be numbers ({e})") from None
+    neg_rows, neg_cols = np.nonzero(values < 0)
+    if len(neg_rows):
+        where = [f"{ids[r]}/{cols[c]}={values[r, c]:g}" for r, c in zip(neg_rows[:5], neg_cols[:5])]
+        raise InputError(source, f"negative proportion(s) in {len(set(neg_rows.tolist()))} row(s): "
+                                 f"{', '.join(where)} (proportions are in [0, 1])")
+    if np.isinf(values).any():
+        raise InputError(source, "infinite proportion(s) (proportions are in [0, 1])")
+    total = np.nansum(values, axis=1)
+    bad = np.nonzero((total != 0) & (np.abs(total - 1.0) > tolerance))[0]
+    if len(bad):
+        where = [f"{ids[r]} (sum {total[r]:.4g})" for r in bad[:5]]
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise InputError(source, f"the proportions {cols} of {len(bad)} row(s) do not sum to 1 "
+                                 f"(within {tolerance:g}): {', '.join(where)}{more}")
+
+
 def stats_classes(stats: pd.DataFrame, source: str = "bag statistics") -> list[int]:
     """The class codes of a statistics table's ``frac_<code>`` columns (sorted); a column whose
     suffix is not an integer code is refused, naming `source`."""
@@ -371,6 +402,10 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
         check_codes(found, label, cfg.stats)
         source = cfg.stats
         classes = sorted(int(c) for c in cfg.classes) if cfg.classes else found
+        missing = [f"frac_{c}" for c in classes if f"frac_{c}" not in stats.columns]
+        if missing:
+            raise InputError(cfg.stats, f"missing proportion columns {missing}")
+        check_proportions(stats, cfg.id_column, cfg.stats)
         nodata = None
     else:
         classes = sorted(int(c) for c in cfg.classes) if cfg.classes else list(label.codes)
