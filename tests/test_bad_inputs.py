@@ -51,3 +51,111 @@ def test_llp_statistics_within_tolerance_or_empty_are_accepted(tmp_path):
     check_proportions(df, "id", "s.csv")  # 1.005 is within the tolerance; empty rows are no bag
     with pytest.raises(InputError, match="a \\(sum 1.005\\)"):
         check_proportions(df, "id", "s.csv", tolerance=1e-3)
+
+
+# --- catalogs: coordinates, CRS and URIs ------------------------------------------------------
+
+def _sarflow(*args):
+    from typer.testing import CliRunner
+
+    from sarflow.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _refused(res, *needles):
+    """A clean refusal: non-zero exit, the needles in the output, no traceback."""
+    assert res.exit_code not in (0, None), res.output
+    assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), res.exception
+    assert "Traceback" not in res.output
+    for needle in needles:
+        assert needle in res.output, (needle, res.output)
+
+
+def _catalog(tiny_scene, tmp_path, mutate):
+    import yaml
+
+    data = yaml.safe_load(tiny_scene.read_text())
+    mutate(data)
+    # the uris stay valid: they are resolved against the scene folder
+    for s in data["sources"]:
+        if "uris" in s:
+            s["uris"] = [[str(tiny_scene.parent / x) for x in u] if isinstance(u, list) else str(tiny_scene.parent / u)
+                         for u in s["uris"]]
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("aoi, needle", [
+    ([10.0, 45.0, 11.0, 95.0], "latitude 95 outside [-90, 90]"),
+    ([-200.0, 45.0, 11.0, 46.0], "longitude -200 outside [-180, 180]"),
+])
+def test_bbox_aoi_out_of_range_is_refused(tiny_scene, tmp_path, aoi, needle):
+    from sarflow.data.catalog import load_catalog
+    from sarflow.errors import CatalogError
+
+    path = _catalog(tiny_scene, tmp_path, lambda d: d["grid"].update(aoi=aoi))
+    with pytest.raises(CatalogError, match=needle.replace("[", r"\[").replace("]", r"\]")) as e:
+        load_catalog(path)
+    assert e.value.where == str(path)
+    _refused(_sarflow("ingest", path), str(path), needle)
+
+
+@pytest.mark.parametrize("crs", [99999, "EPSG:99999", "not-a-crs"])
+def test_invalid_epsg_code_is_refused_naming_the_catalog(tiny_scene, tmp_path, crs):
+    from sarflow.data.catalog import load_catalog
+    from sarflow.errors import CatalogError
+
+    path = _catalog(tiny_scene, tmp_path, lambda d: d["grid"].update(crs=crs))
+    with pytest.raises(CatalogError, match="grid.crs") as e:
+        load_catalog(path)
+    assert e.value.where == str(path) and str(crs) in e.value.cause
+    _refused(_sarflow("ingest", path), str(path), "grid.crs", str(crs), "not a known CRS")
+
+
+def test_directory_as_uri_is_not_reported_missing(tiny_scene, tmp_path):
+    folder = tmp_path / "a_folder.tif"
+    folder.mkdir()
+
+    def mutate(d):
+        d["sources"][0]["uris"] = [str(folder)] + d["sources"][0]["uris"][1:]
+
+    path = _catalog(tiny_scene, tmp_path, mutate)
+    res = _sarflow("ingest", path)
+    _refused(res, str(folder), "is a directory, not a raster file")
+    assert "does not exist" not in res.output
+
+
+# --- a grid too large to plan -----------------------------------------------------------------
+
+def test_absurd_grid_is_refused_before_allocating(tiny_scene, tmp_path):
+    import resource
+    import time
+
+    path = _catalog(tiny_scene, tmp_path, lambda d: d["grid"].update(resolution=0.001))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    res = _sarflow("ingest", path)
+    _refused(res, str(path), "chips", "resolution 0.001", "the limit is 50,000,000")
+    out = tmp_path / "chips.zarr"
+    _refused(_sarflow("tile", path, "--out", out), "resolution 0.001")
+    assert time.monotonic() - start < 60
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2 * 1024 * 1024  # < 2 GiB more (KiB)
+    assert not out.exists() and not list(tmp_path.glob("chips.zarr*"))
+
+
+def test_grid_size_is_checked_by_the_grid_itself():
+    import shapely
+    from pyproj import CRS
+
+    from sarflow.data.grid import ChipGrid
+
+    grid = ChipGrid(crs=CRS.from_epsg(32632), resolution=0.01, chip_size=32, overlap=0, origin=(0.0, 0.0),
+                    aoi=shapely.box(500_000, 5_000_000, 510_000, 5_010_000))
+    assert grid.estimated_chips() > 9 * 10 ** 8  # (10 km / 0.32 m)^2
+    with pytest.raises(InputError, match=r"about [\d,]+ chips \(resolution 0.01"):
+        grid.candidates
+    ok = ChipGrid(crs=CRS.from_epsg(32632), resolution=10, chip_size=32, overlap=0, origin=(0.0, 0.0),
+                  aoi=shapely.box(500_000, 5_000_000, 510_000, 5_010_000))
+    assert ok.size_problem() is None and 0 < len(ok.candidates) <= ok.estimated_chips()

@@ -65,6 +65,31 @@ class GridSpec(_Strict):
                 raise ValueError("a bbox AOI needs 4 numbers [minlon, minlat, maxlon, maxlat]")
             if not (v[0] < v[2] and v[1] < v[3]):
                 raise ValueError(f"bbox AOI {v} is empty (min must be below max)")
+            lon = [x for x in (v[0], v[2]) if not -180.0 <= x <= 180.0]
+            lat = [x for x in (v[1], v[3]) if not -90.0 <= x <= 90.0]
+            if lon or lat:
+                bad = ([f"longitude {x:g} outside [-180, 180]" for x in lon]
+                       + [f"latitude {x:g} outside [-90, 90]" for x in lat])
+                raise ValueError(f"bbox AOI {v} is in WGS84 degrees [minlon, minlat, maxlon, maxlat]: "
+                                 + ", ".join(bad))
+        return v
+
+    @field_validator("crs")
+    @classmethod
+    def _check_crs(cls, v):
+        if v == "utm":
+            return v
+        from pyproj import CRS
+        from pyproj.exceptions import CRSError
+
+        try:
+            if isinstance(v, int) or v.isdigit():
+                CRS.from_epsg(int(v))
+            else:
+                CRS.from_user_input(v)
+        except CRSError:
+            raise ValueError(f"{v!r} is not a known CRS (give an EPSG code such as 32630 or 'EPSG:32630', "
+                             "or 'utm')") from None
         return v
 
     @model_validator(mode="after")

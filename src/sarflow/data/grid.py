@@ -26,6 +26,7 @@ BUFFER = "buffer"  # chips.parquet `split` of train chips next to a test block: 
 SPLIT_LABELS = SPLITS + (BUFFER,)
 
 _SCAN_LEAF = 1 << 16  # chip boxes tested one by one at most at a time while finding candidates
+MAX_CHIPS = 50_000_000  # a grid of more chips is refused before anything is allocated for it
 
 
 def utm_epsg(lon: float, lat: float) -> int:
@@ -119,6 +120,27 @@ class ChipGrid:
         """Side in pixels of a window spanning `chips` chips along one axis."""
         return (chips - 1) * self.stride + self.chip_size
 
+    def _search_area(self) -> BaseGeometry:
+        return self.aoi if self.coverage is None else shapely.intersection(
+            self.aoi, shapely.buffer(self.coverage, self.extent))
+
+    def estimated_chips(self) -> int:
+        """About how many chips intersect the AOI (and coverage): its area plus a chip-wide band
+        along its outline, in chips; computed from the geometry alone, nothing allocated."""
+        area = self._search_area()
+        if area.is_empty:
+            return 0
+        return int(math.ceil((area.area + area.length * self.extent + self.extent ** 2) / self.step ** 2))
+
+    def size_problem(self, limit: int = MAX_CHIPS) -> str | None:
+        """Why this grid is too large to plan (its chip count beyond `limit`), or None."""
+        n = self.estimated_chips()
+        if n <= limit:
+            return None
+        return (f"the grid would have about {n:,} chips (resolution {_num(self.resolution)} grid-CRS units, "
+                f"chip_size {self.chip_size}, stride {self.stride}; the limit is {limit:,}): raise "
+                f"grid.resolution or grid.chip_size, or shrink grid.aoi")
+
     @cached_property
     def candidates(self) -> np.ndarray:
         """(iy, ix) of every chip intersecting the AOI (and the coverage, when there is one),
@@ -127,9 +149,14 @@ class ChipGrid:
         Found by halving the AOI's bounding range of chips: a part that misses the AOI is
         dropped whole, a part inside it is taken whole, and only parts along its edge of at most
         `_SCAN_LEAF` chips are tested chip by chip. Memory follows the chips found, not the AOI's
-        bounding box (an AOI of four patches across Europe has a continent-sized box)."""
-        area = self.aoi if self.coverage is None else shapely.intersection(
-            self.aoi, shapely.buffer(self.coverage, self.extent))
+        bounding box (an AOI of four patches across Europe has a continent-sized box). A grid of
+        more than `MAX_CHIPS` chips is refused first (`size_problem`)."""
+        problem = self.size_problem()
+        if problem:
+            from sarflow.errors import InputError
+
+            raise InputError(f"grid {self.key}", problem)
+        area = self._search_area()
         if area.is_empty:
             return np.empty((0, 2), dtype=np.int64)
         x0, y0 = self.origin

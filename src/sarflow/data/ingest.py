@@ -156,6 +156,8 @@ def inspect_file(uri: str, expected_bands: int, spec: SourceSpec, checksum: bool
     if is_s3(uri):
         size = check_s3_object(uri)
     else:
+        if Path(uri).is_dir():
+            raise InputError(uri, "is a directory, not a raster file")
         if not Path(uri).is_file():
             raise InputError(uri, "file does not exist")
         size = Path(uri).stat().st_size
@@ -330,6 +332,9 @@ def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
         aoi=aoi,
         coverage=coverage(sources, crs),
     )
+    problem = grid.size_problem()
+    if problem:
+        raise InputError(str(loaded.path), problem)
     if len(grid.candidates) == 0:
         raise InputError(str(loaded.path), "the AOI covers no chip of the grid where every required source has data")
     return Ingested(catalog=loaded, sources=sources, grid=grid)
