@@ -159,3 +159,38 @@ def test_grid_size_is_checked_by_the_grid_itself():
     ok = ChipGrid(crs=CRS.from_epsg(32632), resolution=10, chip_size=32, overlap=0, origin=(0.0, 0.0),
                   aoi=shapely.box(500_000, 5_000_000, 510_000, 5_010_000))
     assert ok.size_problem() is None and 0 < len(ok.candidates) <= ok.estimated_chips()
+
+
+# --- pretrain / embed on something that is not a finished store -------------------------------
+
+def _not_stores(tmp_path):
+    missing = tmp_path / "missing.zarr"
+    unfinished = tmp_path / "unfinished.zarr"
+    (tmp_path / "unfinished.zarr.partial").mkdir()
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    return [(missing, "the path does not exist"), (unfinished, "the store is unfinished (a .partial build exists)"),
+            (empty, "not a chip store (no zarr.json)")]
+
+
+def test_pretrain_and_embed_refuse_a_path_that_is_not_a_finished_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for store, cause in _not_stores(tmp_path):
+        res = _sarflow("pretrain", store, "--max-steps", 1, "--tracking-uri", uri)
+        _refused(res, str(store), cause)
+        res = _sarflow("embed", store, "--model", "models:/nothing/1", "--root", tmp_path / "features",
+                       "--tracking-uri", uri)
+        _refused(res, str(store), cause)  # the store is checked before the model is looked up
+        if "unfinished" in cause:
+            assert f"sarflow tile CATALOG --out {store}" in res.output
+    assert not (tmp_path / "features").exists()
+
+
+def test_llp_on_an_unfinished_store_says_how_to_finish_it(tiny_scene, tmp_path):
+    from sarflow.downstream.llp.data import prepare_store_data
+
+    (tmp_path / "unfinished.zarr.partial").mkdir()
+    store = tmp_path / "unfinished.zarr"
+    with pytest.raises(InputError, match="unfinished .*sarflow tile CATALOG --out") as e:
+        prepare_store_data(_llp_cfg(tiny_scene, store, tiny_scene.parent / "municipality_stats.csv"))
+    assert e.value.where == str(store)

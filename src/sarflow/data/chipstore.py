@@ -35,7 +35,23 @@ def open_chip_group(uri: str) -> zarr.Group:
         else:
             opts["anon"] = True
         return zarr.open_group(uri, mode="r", storage_options=opts)
+    check_local_store(uri)
     return zarr.open_group(uri, mode="r")
+
+
+def check_local_store(path: str | Path) -> None:
+    """Refuses a local path that is not a finished chip store, naming it and the fix: missing, a
+    file, an unfinished build (a `.partial` beside it) or a folder without `zarr.json`."""
+    path = Path(path)
+    if (path / "zarr.json").is_file():
+        return
+    if path.with_name(path.name + ".partial").exists():
+        raise InputError(str(path), "the store is unfinished (a .partial build exists): rerun `sarflow tile "
+                                    f"CATALOG --out {path}` to resume it")
+    if not path.exists():
+        raise InputError(str(path), "no chip store here (the path does not exist): build one with "
+                                    f"`sarflow tile CATALOG --out {path}`")
+    raise InputError(str(path), "not a chip store (no zarr.json): give the folder `sarflow tile --out` wrote")
 
 
 def read_chip_table(uri: str):
@@ -222,10 +238,7 @@ class ChipStore:
 
 def open_store(path: str | Path) -> ChipStore:
     path = Path(path)
-    if not (path / "zarr.json").is_file():
-        if path.with_name(path.name + ".partial").exists():
-            raise InputError(str(path), "the store is unfinished (a .partial build exists): rerun `sarflow tile` to resume")
-        raise InputError(str(path), "not a chip store (no zarr.json)")
+    check_local_store(path)
     group = zarr.open_group(str(path), mode="r", zarr_format=3)
     if "modalities" not in group.attrs:
         raise InputError(str(path), "a Zarr group but not a sarflow chip store (no 'modalities' attribute)")

@@ -212,6 +212,10 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.data.chipstore import open_chip_group, read_chip_table
 
+    if not store.startswith("s3://"):
+        from sarflow.data.chipstore import check_local_store
+
+        check_local_store(store)  # before the model is loaded: a missing store is the cheaper answer
     model = resolve_model(model_uri)
     check_root(root)
     out = partition(root, model)

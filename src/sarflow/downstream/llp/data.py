@@ -386,6 +386,8 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
         raise InputError("llp", "give exactly one of --stats (a CSV) or --label-raster (a raster)")
     try:
         group = open_chip_group(cfg.store)
+    except InputError:  # already names the store and the fix (missing, unfinished, no zarr.json)
+        raise
     except Exception as e:  # noqa: BLE001
         raise InputError(cfg.store, f"not a chip store ({type(e).__name__})") from None
     if "modalities" not in group.attrs:
