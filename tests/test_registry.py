@@ -201,3 +201,68 @@ def test_unversioned_stores_are_told_apart_by_their_catalog():
     assert dataset_id(a) == "catalog-" + "a" * 16
     assert evaluation_set(dataset_id(a), "test", "flood") != evaluation_set(dataset_id(b), "test", "flood")
     assert dataset_id({**a, "sarflow.dataset_dvc_md5": "0123.dir"}) == "0123.dir"
+
+
+def test_a_champion_without_the_metric_is_incomparable_not_a_crash(registry):
+    """Issue 16: a champion with no value for the metric used to crash the gate (TypeError)."""
+    v1 = _register(0.70)
+    promote(NAME, "macro_f1")
+    v2 = _register(0.80)
+    registry.set_model_version_tag(NAME, v2, "sarflow.metric.accuracy", "0.9")  # only the challenger has it
+    d = promote(NAME, "accuracy")
+    assert not d.promoted and d.outcome == "incomparable" and _champion(registry) == v1
+    assert d.reasons[0].startswith(f"the champion v{v1} has no finite 'accuracy': cannot compare; promote by hand")
+    tags = registry.get_model_version(NAME, v2).tags
+    assert tags["sarflow.promotion.decision"] == "incomparable" and "cannot compare" in tags["sarflow.promotion.reasons"]
+
+
+def test_a_challenger_without_the_metric_is_rejected(registry):
+    v1 = _register(0.70)
+    registry.set_model_version_tag(NAME, v1, "sarflow.metric.accuracy", "0.8")
+    promote(NAME, "accuracy")
+    v2 = _register(0.80)  # no accuracy
+    d = promote(NAME, "accuracy")
+    assert not d.promoted and d.outcome == "rejected" and _champion(registry) == v1
+    assert d.reasons == [f"challenger v{v2} has no finite 'accuracy'"]
+
+
+def test_cli_exits_non_zero_when_the_champion_has_no_metric(registry, tmp_path):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from sarflow.cli.main import app
+
+    _register(0.70)
+    promote(NAME, "macro_f1")
+    v2 = _register(0.80)
+    registry.set_model_version_tag(NAME, v2, "sarflow.metric.accuracy", "0.9")
+    r = CliRunner().invoke(app, ["promote", NAME, "--metric", "accuracy", "--tracking-uri", mlflow.get_tracking_uri()])
+    assert r.exit_code != 0 and "the champion v1 has no finite 'accuracy': cannot compare" in r.output
+
+
+def test_a_rerun_leaves_the_champions_record_alone(registry):
+    """Issue 16: every rerun of the gate retagged the champion 'rejected (already the champion)'."""
+    v1 = _register(0.70)
+    promote(NAME, "macro_f1")
+    before = registry.get_model_version(NAME, v1).tags
+    d = promote(NAME, "macro_f1")
+    assert not d.promoted and d.outcome == "already the champion" and d.reasons == [f"v{v1} already is the champion"]
+    after = registry.get_model_version(NAME, v1).tags
+    assert after["sarflow.promotion.decision"] == "promoted" and after == before
+
+
+def test_an_unreachable_tracking_server_fails_fast_naming_it():
+    """Issue 16: a closed port hung ~259 s in MLflow's retries, then said 'not a registered model'."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from sarflow.cli.main import app
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    r = CliRunner().invoke(app, ["promote", NAME, "--metric", "macro_f1", "--tracking-uri", uri])
+    assert r.exit_code != 0 and f"{uri}: cannot reach the tracking server" in r.output, r.output
+    assert "not a registered model" not in r.output

@@ -33,6 +33,8 @@ def promote(
     except SarflowError as e:
         fail(e)
     typer.echo(json.dumps(d.__dict__, indent=1))
+    if d.outcome == "incomparable":  # nothing moved, and nobody should read this as a rejection
+        fail(SarflowError(f"{name}: {d.reasons[0]}"))
 
 
 COMMANDS = [promote]

@@ -5,15 +5,20 @@
 challenger is better by `margin` and every check passes: the metric is present and finite,
 the dataset version and evaluation set are the champion's, and the input signature is
 compatible. The old champion becomes `@previous`; the decision and its reasons are recorded
-as tags on the challenger. Promotions of one model are serialised by a lock, and `@champion`
+as tags on the challenger. A champion without the metric is "incomparable" (nothing moves; the
+reason says how to promote by hand); a rerun when the newest version already is the champion
+writes nothing, so the champion keeps the record of its promotion. An http(s) tracking server
+is probed first (5 s) so an unreachable one fails fast, naming it. Promotions of one model are serialised by a lock, and `@champion`
 is only ever moved (never removed), so a model never has two champions or none.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +50,12 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     challenger_metric: float | None = None
     champion_metric: float | None = None
+    # "promoted", "rejected", "incomparable" (the champion has no value for the metric: nothing is
+    # moved and `sarflow promote` exits non-zero) or "already the champion" (nothing is written)
+    outcome: str = "rejected"
 
     def as_tags(self) -> dict[str, str]:
-        return {"sarflow.promotion.decision": "promoted" if self.promoted else "rejected",
+        return {"sarflow.promotion.decision": self.outcome,
                 "sarflow.promotion.reasons": "; ".join(self.reasons)[:4900],
                 "sarflow.promotion.compared_to": self.champion or "none",
                 "sarflow.promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -78,17 +86,63 @@ def _lock_path(tracking_uri: str, name: str, lock_dir: str | Path | None) -> Pat
     return Path(lock_dir) / f".promote-{name}.lock"
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def _check_reachable(tracking_uri: str) -> None:
+    """Fails fast, naming the server, when an http(s) tracking server cannot be reached (without
+    this, MLflow retries for ~4 minutes and the gate then blames the model name)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(tracking_uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
+    except requests.RequestException as e:
+        raise InputError(tracking_uri, f"cannot reach the tracking server ({type(e).__name__}); check "
+                         "--tracking-uri / params promote.tracking_uri and that the server is up") from None
+
+
+@contextmanager
+def _few_retries():
+    """MLflow's HTTP retries (7, exponential backoff: ~4 minutes) lowered for the gate's calls,
+    unless set by the user."""
+    saved = {k: os.environ.get(k) for k in _RETRY_ENV}
+    for k, v in _RETRY_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 def promote(name: str, metric: str, higher_is_better: bool = True, margin: float = 0.0,
             lock_dir: str | Path | None = None) -> Decision:
     import mlflow
+
+    tracking_uri = mlflow.get_tracking_uri()
+    _check_reachable(tracking_uri)
+    with _few_retries():
+        return _promote(mlflow.MlflowClient(), tracking_uri, name, metric, higher_is_better, margin, lock_dir)
+
+
+def _promote(client, tracking_uri: str, name: str, metric: str, higher_is_better: bool, margin: float,
+             lock_dir: str | Path | None) -> Decision:
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
-    with FileLock(str(_lock_path(mlflow.get_tracking_uri(), name, lock_dir)), timeout=120):
+    with FileLock(str(_lock_path(tracking_uri, name, lock_dir)), timeout=120):
         try:
             versions = client.search_model_versions(f"name='{name}'")
         except MlflowException as e:
-            raise InputError(name, f"not a registered model ({e.error_code})") from None
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise InputError(name, f"not a registered model ({e.error_code})") from None
+            raise InputError(tracking_uri, f"the tracking server failed to list {name!r}: {e.message}") from None
         if not versions:
             raise InputError(name, "the registered model has no versions")
         challenger = max(versions, key=lambda v: int(v.version))
@@ -102,9 +156,18 @@ def promote(name: str, metric: str, higher_is_better: bool = True, margin: float
         if d.challenger_metric is None or not math.isfinite(d.challenger_metric):
             d.reasons.append(f"challenger v{challenger.version} has no finite {metric!r}")
         if champion is not None and str(champion.version) == str(challenger.version):
-            d.reasons.append(f"v{challenger.version} already is the champion")
-        elif champion is not None:
+            # a rerun of the gate: the champion's tags keep the record of its promotion
+            d.reasons = [f"v{challenger.version} already is the champion"]
+            d.outcome = "already the champion"
+            return d
+        if champion is not None:
             d.champion_metric = _metric(client, champion, metric)
+            if d.champion_metric is None or not math.isfinite(d.champion_metric):
+                d.reasons.append(f"the champion v{champion.version} has no finite {metric!r}: cannot compare; "
+                                 f"promote by hand with MlflowClient().set_registered_model_alias("
+                                 f"{name!r}, 'champion', '{challenger.version}')")
+                if d.challenger_metric is not None and math.isfinite(d.challenger_metric):
+                    d.outcome = "incomparable"
             for tag, what in ((DATASET_TAG, "dataset version"), (EVAL_TAG, "evaluation set")):
                 if champion.tags.get(tag) != challenger.tags.get(tag):
                     d.reasons.append(f"{what} differs: champion {champion.tags.get(tag)}, challenger {challenger.tags.get(tag)}")
@@ -117,6 +180,7 @@ def promote(name: str, metric: str, higher_is_better: bool = True, margin: float
                                      f"{d.champion_metric:.6g} by more than {margin}")
         d.promoted = not d.reasons
         if d.promoted:
+            d.outcome = "promoted"
             d.reasons.append(f"{metric} {d.challenger_metric:.6g}" + (
                 f" beats {d.champion_metric:.6g} by more than {margin}" if champion else " (first champion)"))
             if champion is not None:
