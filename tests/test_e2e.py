@@ -136,7 +136,8 @@ def test_services_mode_runs_the_same_pipeline_against_servers(tmp_path):
 
     from pipelines import demo_pipeline
     from sarflow.local.demo import run_demo
-    from sarflow.local.services import environ, read_state, services_down, services_up
+    from sarflow.local.services import read_state, services_down, services_up
+    from sarflow.params import environ
     from sarflow.data.storage import minio_client
 
     _postgres_and_redis_or_skip()

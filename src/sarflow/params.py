@@ -10,6 +10,7 @@ room: it imports no stage (the doors map section names to config classes).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,17 @@ def integral_floats_to_int(value: Any) -> Any:
         return int(value)
     return value
 
+
+@contextmanager
+def environ(env: dict[str, str]):
+    """`env` set in os.environ for the duration of the block, then restored."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -115,7 +115,8 @@ def run_cmd(
     if not local:
         fail(SarflowError("`run` runs pipelines locally: pass --local, or use `sarflow pipeline submit --host URL`"))
     import pipelines
-    from sarflow.local.services import environ, pipeline_arguments, read_state
+    from sarflow.local.services import pipeline_arguments, read_state
+    from sarflow.params import environ
     from sarflow.mlops.kfp_runner import pipeline_parameters, run_local
 
     try:

@@ -22,7 +22,8 @@ import mlflow
 
 from sarflow.errors import InputError
 from sarflow.mlops.kfp_runner import LocalRun, arguments_from_params, run_local
-from sarflow.local.services import environ, pipeline_arguments
+from sarflow.local.services import pipeline_arguments
+from sarflow.params import environ
 
 FIGURE_SUFFIXES = (".png",)
 

@@ -30,10 +30,10 @@ import sys
 import time
 import urllib.request
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 from sarflow.errors import SarflowError
+from sarflow.params import environ
 
 STATE = "services.json"
 BUCKETS = ("sarflow-dvc", "sarflow-mlflow", "sarflow-features", "sarflow-chips")
@@ -176,19 +176,6 @@ def read_state(state_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-@contextmanager
-def environ(env: dict[str, str]):
-    """`env` set in os.environ for the duration of the block, then restored."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _alive(pid: int) -> bool:

@@ -18,7 +18,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from filelock import FileLock
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from sarflow.errors import InputError
-from sarflow.params import STAGE_CONFIG, default_tracking_uri
+from sarflow.params import STAGE_CONFIG, default_tracking_uri, environ
 
 CHAMPION, PREVIOUS = "champion", "previous"
 DATASET_TAG, EVAL_TAG = "sarflow.dataset_dvc_md5", "sarflow.eval_set"
@@ -103,19 +102,10 @@ def _check_reachable(tracking_uri: str) -> None:
                          "--tracking-uri / params promote.tracking_uri and that the server is up") from None
 
 
-@contextmanager
 def _few_retries():
     """MLflow's HTTP retries (7, exponential backoff: ~4 minutes) lowered for the gate's calls,
     unless set by the user."""
-    saved = {k: os.environ.get(k) for k in _RETRY_ENV}
-    for k, v in _RETRY_ENV.items():
-        os.environ.setdefault(k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
+    return environ({k: os.environ.get(k, v) for k, v in _RETRY_ENV.items()})
 
 
 _RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
