@@ -266,3 +266,24 @@ def test_an_unreachable_tracking_server_fails_fast_naming_it():
     r = CliRunner().invoke(app, ["promote", NAME, "--metric", "macro_f1", "--tracking-uri", uri])
     assert r.exit_code != 0 and f"{uri}: cannot reach the tracking server" in r.output, r.output
     assert "not a registered model" not in r.output
+
+
+def test_a_model_with_a_non_finite_primary_metric_is_never_logged_or_registered(tmp_path):
+    """The last guard before the registry: whatever a stage computed, NaN is not a score."""
+    import mlflow
+    from sklearn.linear_model import LogisticRegression
+
+    from sarflow.downstream.models import log_downstream_model
+    from sarflow.errors import InputError
+
+    from sarflow.mlops.tracking import setup_mlflow
+
+    exp = setup_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "guard")
+    x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    model = LogisticRegression().fit(x, (x[:, 0] > 0).astype(int))
+    with mlflow.start_run(experiment_id=exp) as run:
+        with pytest.raises(InputError, match="primary metric test_macro_f1 is nan"):
+            log_downstream_model(model, "flood", x[:2], lineage={}, eval_set="d:test:flood",
+                                 metrics={"test_macro_f1": float("nan"), "test_accuracy": 0.5})
+    assert mlflow.MlflowClient().search_registered_models() == []
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {}

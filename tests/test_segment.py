@@ -189,7 +189,7 @@ def test_bad_inputs_say_what_is_wrong(tiny_store, encoder, tmp_path):
         run_segmentation(SegmentConfig(store=str(tiny_store), tracking_uri=uri,
                                        encoder_uri="models:/sarflow-encoder-nope/1", steps=1))
     assert e.value.where == "models:/sarflow-encoder-nope/1"
-    with pytest.raises(InputError, match="cannot open the chip store"):
+    with pytest.raises(InputError, match="no chip store here"):
         run_segmentation(SegmentConfig(store=str(tmp_path / "none.zarr"), tracking_uri=uri, steps=1))
     # a store of 36 px chips cannot be cut into the encoder's 8 px patches
     from sarflow.data.catalog import load_catalog

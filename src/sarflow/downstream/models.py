@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from sarflow.errors import InputError
 from sarflow.mlops.registry import DATASET_TAG, EVAL_TAG
 from sarflow.mlops.tracking import model_requirements
 
@@ -56,7 +57,9 @@ def log_downstream_model(model, task: str, example: np.ndarray, *, lineage: dict
     signature (default: ``model.predict`` for sklearn, a forward pass for torch). `lineage` are
     the run's ``sarflow.*`` tags (tracking.dataset_lineage); `eval_set` names the evaluation set
     (`evaluation_set`: ``"<dataset md5>:test:<task>"``) so the promotion gate compares like with like. Returns
-    ``{"name", "version", "model_uri"}`` (version None when not registered)."""
+    ``{"name", "version", "model_uri"}`` (version None when not registered). The first metric is the
+    primary one: a non-finite one is refused (nothing logged or registered); other non-finite
+    metrics are left out."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -65,8 +68,13 @@ def log_downstream_model(model, task: str, example: np.ndarray, *, lineage: dict
     name = registered_name(task)
     if mlflow.active_run() is None:
         raise RuntimeError("log_downstream_model needs an active MLflow run")
+    primary, value = next(iter(metrics.items()), (None, None))
+    if primary is None or not np.isfinite(float(value)):
+        raise InputError(eval_set, f"{task}: the primary metric {primary} is {value}: a model whose score its "
+                                   "split cannot measure is not logged or registered")
+    metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(float(v))}
     for key, value in metrics.items():
-        mlflow.log_metric(key, float(value))
+        mlflow.log_metric(key, value)
     if isinstance(model, torch.nn.Module):
         model = model.cpu().eval()
         if predict is None:

@@ -7,7 +7,8 @@ their own); otherwise the run is refused with an InputError
 that names the store and the reason, before anything is trained, written or registered. The
 number of steps and the model are chosen on training bags held out for validation (their bag
 proportions only); where none can be held out, the defaults are taken (`steps`, the first model
-listed) and the run says so. The test chips are scored once, at the end.
+listed) and the run says so. The test chips are never used to choose: every model and the bag-size
+curve are reported on them, for comparison only.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Honest numbers: a test split that cannot measure the segmentation (too few chips
 classes with chips of their own: `data.not_evaluable`) refuses the run with an InputError naming the
 store, before anything is trained or registered. The model to register is chosen on the val split;
 where val cannot measure it, the default (the ViT head when an encoder is given, else the U-Net) is
-taken and the run says so. The test split is scored once per model, at the end.
+taken and the run says so. The test split is never used to choose: each model and its label-fraction
+points are reported on it, for comparison only.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def _run(cfg: SegmentConfig) -> dict:
                           Metric("train_seconds", r["train_seconds"], now, 0)]
                 if np.isfinite(r["val_miou"]):
                     extra.append(Metric("val_miou", r["val_miou"], now, 0))
+                extra = [m for m in extra if np.isfinite(m.value)]  # a value its split cannot measure is no metric
                 for i in range(0, len(extra), 900):
                     client.log_batch(run.info.run_id, metrics=extra[i:i + 900])
                 mlflow.log_dict({"classes": data.classes, "rows_truth_cols_pred": r["confusion"]},
