@@ -339,6 +339,13 @@ def _municipalities(cfg, out: Path, label, utm_crs, utm_tr) -> int:
     return len(polys)
 
 
+def shifted_priors(shift: float) -> dict[int, float]:
+    """`SynthConfig.class_prior_scale` of a region whose class mix is shifted: built-up and water x (1 + shift), trees / (1 + shift)."""
+    if not shift >= 0:
+        raise ValueError(f"shift {shift} must be at least 0")
+    return {50: 1 + shift, 80: 1 + shift, 10: 1 / (1 + shift)}
+
+
 def catalog_dict(cfg: SynthConfig, s1_files: dict[str, list[str]]) -> dict:
     sources = []
     for season in cfg.seasons:

@@ -28,7 +28,7 @@ def synth_ablation_stores(folder: str | Path, size_px: int = 384, seed: int = 7,
     """Two synthetic scenes with the same seed (so the same land cover), one without clouds and
     one with `clouded` cloud cover, tiled into stores (`SMALL_SCENE_SPLIT`): {"clear": store,
     "clouded": store}."""
-    from sarflow.data.synth import SynthConfig
+    from sarflow.data.synth import SynthConfig, shifted_priors
     from sarflow.data.tile import TileOptions
 
     options = TileOptions(**SMALL_SCENE_SPLIT)
@@ -37,24 +37,19 @@ def synth_ablation_stores(folder: str | Path, size_px: int = 384, seed: int = 7,
             for cond, frac in (("clear", 0.0), ("clouded", clouded))}
 
 
-def shifted_priors(shift: float) -> dict[int, float]:
-    """Class-prior factors of a shifted region: built-up and water x (1 + shift), trees / (1 + shift)."""
-    if not shift >= 0:
-        raise InputError(str(shift), "shift must be at least 0")
-    return {50: 1 + shift, 80: 1 + shift, 10: 1 / (1 + shift)}
-
-
 def synth_region_stores(folder: str | Path, size_px: int = 384, seed_a: int = 7, seed_b: int = 8, shift: float = 2.0,
                         chip_size: int = 32) -> dict[str, str]:
     """Three synthetic regions tiled into stores: {"A": seed_a, "B_same": seed_b with the same
     class mix, "B_shifted": seed_b with `shifted_priors(shift)`} (B_same and B_shifted share
     their random fields: they differ by the class mix only). Block-split with 2x2-chip cells
     and 30% test chips, so that small scenes have enough held-out chips."""
-    from sarflow.data.synth import SynthConfig
+    from sarflow.data.synth import SynthConfig, shifted_priors
     from sarflow.data.tile import TileOptions
 
     if seed_a == seed_b:
         raise InputError(str(seed_b), "seed_b must differ from seed_a (region B is another scene)")
+    if not shift >= 0:
+        raise InputError(str(shift), "shift must be at least 0")
     options = TileOptions(**SMALL_SCENE_SPLIT)
     configs = {"A": SynthConfig(size_px=size_px, seed=seed_a, chip_size=chip_size),
                "B_same": SynthConfig(size_px=size_px, seed=seed_b, chip_size=chip_size),
