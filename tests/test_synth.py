@@ -13,7 +13,7 @@ from rasterio.warp import reproject
 from scipy.optimize import brentq
 from scipy.special import polygamma
 
-from sarflow.data.synth import CLASSES, ENL, SynthConfig, synthesize
+from sarflow.data.synth import CLASSES, ENL, GRID_PERIOD, STRIPE_PERIOD, TEXTURES, SynthConfig, synthesize
 
 WORLDCOVER_CODES = {10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100}
 
@@ -83,11 +83,53 @@ def test_s1_backscatter_has_class_means_and_gamma_speckle(scene):
         expected = CLASSES[code][1] + CLASSES[code][3]  # summer swing
         assert abs(mean_db - expected) < 1.0, (code, mean_db, expected)
     assert np.nanmean(db[0]) > np.nanmean(db[1]) + 4  # VV brighter than VH
-    # ENL from the log-ratio of horizontal neighbours inside one class: var = 2 * trigamma(L)
-    same = (lab[:, 1:] == lab[:, :-1]) & (lab[:, 1:] > 0) & np.isfinite(db[0][:, 1:]) & np.isfinite(db[0][:, :-1])
+    # ENL from the log-ratio of horizontal neighbours inside one untextured class: var = 2 * trigamma(L)
+    plain = np.isin(lab, [c for c in CLASSES if c not in TEXTURES])
+    same = (lab[:, 1:] == lab[:, :-1]) & plain[:, 1:] & np.isfinite(db[0][:, 1:]) & np.isfinite(db[0][:, :-1])
     d = (db[0][:, 1:] - db[0][:, :-1])[same] * math.log(10) / 10
     enl = brentq(lambda L: 2 * polygamma(1, L) - d.var(), 0.5, 50)
     assert abs(enl - ENL) / ENL < 0.15, enl
+
+
+def _corr(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def _pure_windows(lab, db, code, k=12):
+    return [db[i:i + k, j:j + k] for i in range(0, lab.shape[0] - k, k) for j in range(0, lab.shape[1] - k, k)
+            if (lab[i:i + k, j:j + k] == code).all() and np.isfinite(db[i:i + k, j:j + k]).all()]
+
+
+def _anisotropy(w, lag=STRIPE_PERIOD // 3):
+    """Spread of the lag-2 correlation over four directions: ~0 for isotropic texture."""
+    c = [_corr(w[:, :-lag], w[:, lag:]), _corr(w[:-lag], w[lag:]), _corr(w[:-lag, :-lag], w[lag:, lag:]),
+         _corr(w[:-lag, lag:], w[lag:, :-lag])]
+    return max(c) - min(c)
+
+
+def test_classes_differ_in_texture_not_only_in_mean(scene):
+    """Shrubland and cropland have the same per-pixel backscatter distribution (so no per-chip
+    statistic tells them apart) but cropland is striped (anisotropic) and shrubland is not;
+    built-up repeats with the street-grid period."""
+    lab, db = _labels_on(scene, scene / "s1grd_summer_west.tif")
+    vv = db[0]
+    shrub, crop = vv[(lab == 20) & np.isfinite(vv)], vv[(lab == 40) & np.isfinite(vv)]
+    assert len(shrub) > 2000 and len(crop) > 2000
+    q = [5, 25, 50, 75, 95]
+    np.testing.assert_allclose(np.percentile(shrub, q), np.percentile(crop, q), atol=0.4)
+    assert abs(shrub.std() - crop.std()) < 0.3
+    crop_w, shrub_w = _pure_windows(lab, vv, 40), _pure_windows(lab, vv, 20)
+    assert len(crop_w) >= 10 and len(shrub_w) >= 5
+    assert np.mean([_anisotropy(w) for w in crop_w]) > 2 * np.mean([_anisotropy(w) for w in shrub_w])
+    built = _pure_windows(lab, vv, 50)
+    assert built
+    p = GRID_PERIOD
+    lag_full = np.mean([_corr(w[:, :-p], w[:, p:]) for w in built])
+    lag_half = np.mean([_corr(w[:, :-(p // 2)], w[:, p // 2:]) for w in built])
+    assert lag_full > lag_half + 0.2  # a regular grid: correlated at its period, not at half of it
+    # forest is rougher than grassland at the same scale (canopy and gaps vs plain speckle)
+    assert vv[(lab == 10) & np.isfinite(vv)].std() > vv[(lab == 30) & np.isfinite(vv)].std() + 0.8
 
 
 def test_coherence_decays_with_baseline_and_is_highest_on_built_up(scene):

@@ -3,8 +3,10 @@
 One latent land-cover map (ESA WorldCover codes, UTM 10 m) drives every product:
 - `worldcover.tif`: the land cover itself (uint8, nodata 0), UTM 10 m;
 - `s1grd_<season>_{west,east}.tif`: Sentinel-1 GRD VV/VH sigma0 in dB, EPSG:4326 ~10 m,
-  class- and season-dependent means, multiplicative gamma speckle (ENL 4.4) in linear power,
-  split in two overlapping files that the catalog mosaics;
+  class- and season-dependent means, a class-specific spatial texture (`TEXTURES`, `_texture`:
+  canopy gaps, field stripes, a street grid with point scatterers, ...; shrubland and cropland
+  share every per-pixel statistic and differ only in arrangement), multiplicative gamma speckle
+  (ENL 4.4) in linear power, split in two overlapping files that the catalog mosaics;
 - `s1coh.tif`: interferometric coherence for 12/24/36/48-day baselines, UTM 90 m on an
   origin offset by 30 m, exponential decorrelation per class;
 - `s1ifg.tif`: unwrapped interferometric phase (radians), UTM 90 m: a subsidence bowl,
@@ -42,7 +44,7 @@ from sarflow.params import STAGE_CONFIG
 # class code -> (prior weight, VV dB, VH dB, seasonal dB swing)
 CLASSES: dict[int, tuple[float, float, float, float]] = {
     10: (0.30, -7.5, -13.5, 0.5),   # tree cover
-    20: (0.06, -9.5, -16.0, 1.0),   # shrubland
+    20: (0.06, -11.5, -18.5, 3.0),  # shrubland: cropland's backscatter, arranged in blobs, not stripes (TEXTURES)
     30: (0.18, -11.0, -18.0, 1.5),  # grassland
     40: (0.22, -11.5, -18.5, 3.0),  # cropland
     50: (0.09, -4.0, -11.0, 0.0),   # built-up
@@ -56,6 +58,12 @@ COHERENCE = {10: (0.5, 0.15, 8.0), 20: (0.55, 0.2, 12.0), 30: (0.6, 0.2, 15.0), 
 # class code -> surface reflectance R, G, B
 REFLECTANCE = {10: (0.03, 0.05, 0.03), 20: (0.07, 0.08, 0.05), 30: (0.06, 0.09, 0.05), 40: (0.08, 0.10, 0.06),
                50: (0.16, 0.15, 0.14), 60: (0.22, 0.19, 0.15), 80: (0.02, 0.03, 0.05), 90: (0.05, 0.07, 0.06)}
+# class code -> how its backscatter is arranged in space (`_texture`): a multiplicative pattern in
+# linear power with mean 1 over the scene, so the class mean stays the CLASSES value.
+TEXTURES = {10: "canopy", 20: "blobs", 40: "stripes", 50: "grid", 90: "pools"}
+TEXTURE_DB = 3.0  # the two levels of "stripes" and "blobs": +-3 dB
+GRID_PERIOD = 8  # px between the streets of "grid"
+STRIPE_PERIOD = 6  # px between the furrows of "stripes"
 SEASONS = {"summer": ("2023-07-15", 1.0), "winter": ("2023-01-15", -1.0)}
 BASELINES = (12, 24, 36, 48)
 ENL = 4.4
@@ -165,12 +173,53 @@ def _lut(values: dict[int, float], fill=np.nan) -> np.ndarray:
     return lut
 
 
+def _unit_mean(db: np.ndarray) -> np.ndarray:
+    """dB offsets -> a multiplier in linear power with mean exactly 1 over the array."""
+    lin = 10.0 ** (db.astype(np.float64) / 10.0)
+    return (lin / lin.mean()).astype(np.float32)
+
+
+def _texture(cfg: SynthConfig, kind: str, shape: tuple[int, int]) -> np.ndarray:
+    """The spatial pattern of a class's backscatter (a multiplier, mean 1): what tells classes
+    apart beyond their mean, as in real land cover.
+    - canopy: high-variance crown texture (+-2.5 dB at ~3 px) with dark gaps (-7 dB, ~8 % of the area);
+    - blobs / stripes: the same two levels (+-TEXTURE_DB, half the area each), as random blobs
+      (~4 px) or as parallel furrows (STRIPE_PERIOD px) whose direction changes from field to field;
+      the two have identical per-pixel distributions, only the arrangement differs;
+    - grid: a regular street grid (GRID_PERIOD px, streets -4 dB) of blocks with a bright point
+      scatterer (+10 dB) at each block corner, on a scene-dependent offset;
+    - pools: open-water pools (-8 dB, ~20 % of the area) in the vegetation."""
+    rng = _rng(cfg, "s1pattern", kind)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == "canopy":
+        crowns = 2.5 * _smooth_noise(rng, shape, 3.0)
+        gaps = _smooth_noise(rng, shape, 8.0) > 1.4
+        return _unit_mean(np.where(gaps, -7.0, crowns))
+    if kind == "blobs":
+        return _unit_mean(np.where(_smooth_noise(rng, shape, 4.0) > 0, TEXTURE_DB, -TEXTURE_DB))
+    if kind == "stripes":
+        angle = np.floor((_smooth_noise(rng, shape, 60.0) + 3.0) * 2.0) * (math.pi / 5.0)  # piecewise constant per field
+        phase = (xx * np.cos(angle) + yy * np.sin(angle)) * (2 * math.pi / STRIPE_PERIOD)
+        return _unit_mean(np.where(np.sin(phase) > 0, TEXTURE_DB, -TEXTURE_DB))
+    if kind == "grid":
+        oy, ox = (int(v) for v in rng.integers(0, GRID_PERIOD, 2))
+        ry, rx = (yy.astype(np.int64) + oy) % GRID_PERIOD, (xx.astype(np.int64) + ox) % GRID_PERIOD
+        db = np.where((ry < 2) | (rx < 2), -4.0, 1.0)
+        db[(ry == 2) & (rx == 2)] = 10.0
+        return _unit_mean(db)
+    if kind == "pools":
+        return _unit_mean(np.where(_smooth_noise(rng, shape, 5.0) > 0.85, -8.0, 0.0))
+    raise ValueError(f"unknown texture {kind!r}")
+
+
 def _s1(cfg: SynthConfig, out: Path, label_geo: np.ndarray, geo_tr: Affine) -> dict[str, list[str]]:
     """VV/VH dB with gamma speckle per season, written as two overlapping halves."""
     h, w = label_geo.shape
     files = {}
     split = w // 2
     pad = max(4, w // 10)
+    patterns = {kind: _texture(cfg, kind, (h, w)) for kind in sorted(set(TEXTURES.values()))}  # the same in every season
     for season in cfg.seasons:
         _date, swing = SEASONS[season]
         vv_lut = _lut({c: v[1] + swing * v[3] for c, v in CLASSES.items()})
@@ -180,10 +229,15 @@ def _s1(cfg: SynthConfig, out: Path, label_geo: np.ndarray, geo_tr: Affine) -> d
         for r in range(0, h, STRIP):
             rng = _rng(cfg, "s1speckle", season, r)
             lab = label_geo[r:r + STRIP]
+            pattern = np.ones(lab.shape, dtype=np.float32)
+            for code, kind in TEXTURES.items():
+                sel = lab == code
+                if sel.any():
+                    pattern[sel] = patterns[kind][r:r + STRIP][sel]
             for b, lut in enumerate((vv_lut, vh_lut)):
                 mean_db = lut[lab] + 0.8 * texture[r:r + STRIP]
                 speckle = rng.gamma(ENL, 1.0 / ENL, size=lab.shape).astype(np.float32)
-                db[b, r:r + STRIP] = 10.0 * np.log10(10.0 ** (mean_db / 10.0) * speckle)
+                db[b, r:r + STRIP] = 10.0 * np.log10(10.0 ** (mean_db / 10.0) * pattern * speckle)
         names = []
         for part, (c0, c1) in (("west", (0, split + pad)), ("east", (split - pad, w))):
             path = out / f"s1grd_{season}_{part}.tif"
@@ -411,6 +465,7 @@ def synthesize(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
         "class_fractions": {str(int(c)): float(n) / counts.sum() for c, n in zip(codes, counts)},
         "s1_class_means_db": {str(c): {"VV": v[1], "VH": v[2], "seasonal_swing": v[3]} for c, v in CLASSES.items()},
         "s1_enl": ENL,
+        "s1_textures": {str(c): TEXTURES.get(c, "none") for c in CLASSES},
         "coherence_model": {str(c): v for c, v in COHERENCE.items()},
         "municipalities": n_muni,
         **s2_info,
