@@ -234,7 +234,13 @@ def s3_filesystem(settings: S3Settings | None = None):
     so a listing right after a write sees it); pyarrow.dataset and pandas accept it as `filesystem`."""
     import s3fs
 
+    return s3fs.S3FileSystem(**s3_storage_options(settings))
+
+
+def s3_storage_options(settings: S3Settings | None = None) -> dict:
+    """s3fs keyword arguments for the configured endpoint and credentials (no instance or listings
+    cache): what `s3_filesystem` builds on, and zarr's `storage_options` for an s3:// store."""
     s = settings or s3_settings()
-    return s3fs.S3FileSystem(key=s.access_key, secret=s.secret_key, anon=not (s.access_key and s.secret_key),
-                             endpoint_url=s.endpoint_url, client_kwargs={"region_name": s.region},
-                             skip_instance_cache=True, use_listings_cache=False)
+    return {"key": s.access_key, "secret": s.secret_key, "anon": not (s.access_key and s.secret_key),
+            "endpoint_url": s.endpoint_url, "client_kwargs": {"region_name": s.region},
+            "skip_instance_cache": True, "use_listings_cache": False}

@@ -1,17 +1,19 @@
 """Align + tile: every source reprojected onto the chip grid and written as a sharded Zarr v3
 chip store (the contract in DESIGN.md).
 
-How it runs:
-- candidate chips (those touching the AOI) are grouped in square blocks of `block_chips`;
-  worker threads warp one block window per source with GDAL (reads only the source window
-  it needs, releases the GIL), so peak memory depends on the block, not the scene;
-- the main thread takes blocks in order, drops chips without any valid pixel in a required
-  source, and appends the rest to shard buffers; a full shard is written in one go by this
-  single writer (zarr corrupts concurrent partial-shard writes);
-- everything is built in `<out>.partial/`; after each shard a checkpoint records how far the
-  run got, so a killed run resumes where it stopped; the finished store appears by rename.
-Chip order, split and statistics depend only on the inputs and the options, so the same
-inputs give byte-identical arrays however the run was interrupted.
+How it runs (three steps, data/tile_units.py, so separate processes or pods can share the work):
+- `plan` fixes every chip's index: candidate chips (those touching the AOI) in store order
+  (square blocks of `block_chips`), kept when they have a valid pixel in every required source;
+  it creates the arrays and cuts the chips into work units of whole shards (zarr corrupts
+  concurrent partial-shard writes, so one writer per shard);
+- each unit warps its chips with GDAL in windows of about `window_px` pixels (worker threads
+  read only the source windows they need and release the GIL), writes its shards and a report;
+- `finalize` merges the reports in order (chips.parquet, train statistics), writes the group
+  attributes last and consolidates the metadata.
+`tile()` is the one-process reference: plan -> every unit -> finalize. A local store is built in
+`<out>.partial/` and appears by rename; a killed run resumes at the first unit without a report.
+Chip order, split and statistics depend only on the inputs and the options, so the same inputs
+give byte-identical stores however the run was interrupted or cut into units.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,8 +53,6 @@ from sarflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-PROGRESS_DIR = "_sarflow_progress"
-MANIFEST = "manifest.json"
 GDAL_CACHE_MB = 64  # GDAL's block cache; its default (5% of RAM) would dominate peak memory
 
 
@@ -76,6 +74,8 @@ class TileOptions:
     split_block: int | Literal["auto"] = 0  # chips per side of a split block; 0 (or "auto"): sized from the AOI
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     clevel: int = 3
+    window_px: int = 1024  # side of a warp window in pixels (rounded to whole chips), whatever the chip size
+    unit_shards: int = 0  # shards per work unit; 0: as many as fit 256 MB of chips
     overwrite: bool = False
     checksum: bool = True
 
@@ -333,25 +333,26 @@ class Stats:
                     self.acc[s.name] = {"classes": [{} for _ in range(nb)]}
 
     def add(self, name: str, chip: np.ndarray):
+        self.merge(name, _contribution(self.kinds[name], self.fill[name], chip))
+
+    def merge(self, name: str, contrib: list):
+        """Adds one chip's contribution (`chip_contribution`): merging chips in store order gives the
+        same float64 sums however the chips were cut into units."""
         a = self.acc[name]
-        valid = valid_mask(chip, self.fill[name])
-        for b in range(chip.shape[0]):
-            v = chip[b][valid[b]]
-            if v.size == 0:
+        for b, c in enumerate(contrib):
+            if c is None:
                 continue
             if self.kinds[name] == "continuous":
-                v = v.astype(np.float64)
-                a["count"][b] += int(v.size)
-                a["sum"][b] += float(v.sum())
-                a["sumsq"][b] += float(np.square(v).sum())  # not np.dot: BLAS threads would fight the warpers
-                lo, hi = float(v.min()), float(v.max())
+                n, total, sq, lo, hi = c
+                a["count"][b] += n
+                a["sum"][b] += total
+                a["sumsq"][b] += sq
                 a["min"][b] = lo if a["min"][b] is None else min(a["min"][b], lo)
                 a["max"][b] = hi if a["max"][b] is None else max(a["max"][b], hi)
             else:
-                codes, counts = np.unique(v, return_counts=True)
                 hist = a["classes"][b]
-                for c, n in zip(codes.tolist(), counts.tolist()):
-                    hist[str(c)] = hist.get(str(c), 0) + n
+                for code, n in c:
+                    hist[code] = hist.get(code, 0) + n
 
     def summary(self, name: str, bands: list[str]) -> dict:
         a = self.acc[name]
@@ -369,6 +370,29 @@ class Stats:
                 out[band] = {"count": total,
                              "class_fractions": {k: hist[k] / total for k in sorted(hist, key=int)} if total else {}}
         return out
+
+
+def _contribution(kind: str, fill, chip: np.ndarray) -> list:
+    """Per band: None (no valid pixel), [count, sum, sumsq, min, max] (continuous, float64) or
+    [[code, count], ...] (categorical, codes as strings in first-seen order). JSON round-trips it exactly."""
+    valid = valid_mask(chip, fill)
+    out = []
+    for b in range(chip.shape[0]):
+        v = chip[b][valid[b]]
+        if v.size == 0:
+            out.append(None)
+        elif kind == "continuous":
+            v = v.astype(np.float64)
+            # not np.dot: BLAS threads would fight the warpers
+            out.append([int(v.size), float(v.sum()), float(np.square(v).sum()), float(v.min()), float(v.max())])
+        else:
+            codes, counts = np.unique(v, return_counts=True)
+            out.append([[str(c), n] for c, n in zip(codes.tolist(), counts.tolist())])
+    return out
+
+
+def chip_contribution(source: Source, chip: np.ndarray) -> list:
+    return _contribution(source.spec.kind, source.fill_value, chip)
 
 
 # ---------------------------------------------------------------- the store
@@ -421,38 +445,6 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
         )
 
 
-class _Progress:
-    """The checkpoint inside `<out>.partial/`: state.json plus one record file per committed shard."""
-
-    def __init__(self, partial: Path):
-        self.dir = partial / PROGRESS_DIR
-        self.state_path = self.dir / "state.json"
-
-    def load(self) -> dict | None:
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def save(self, state: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.state_path)
-
-    def save_records(self, shard: int, records: list[dict]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"records-{shard:06d}.tmp"
-        tmp.write_text(json.dumps(records))
-        os.replace(tmp, self.dir / f"records-{shard:06d}.json")
-
-    def records(self, shards: int) -> list[dict]:
-        out = []
-        for k in range(shards):
-            out.extend(json.loads((self.dir / f"records-{k:06d}.json").read_text()))
-        return out
-
-
 def _chips_table(ing: Ingested, records: list[dict]):
     import geopandas as gpd
     import pandas as pd
@@ -470,150 +462,28 @@ def _chips_table(ing: Ingested, records: list[dict]):
     return gpd.GeoDataFrame(df[cols], geometry=geoms, crs="EPSG:4326")
 
 
-def tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions = TileOptions(), show_progress: bool = True) -> Path:
-    """Builds the chip store at `out` from a catalog; returns its path. Resumes a killed run."""
-    out = Path(out).resolve()
-    if out.exists() and not options.overwrite:
-        raise InputError(str(out), "the store already exists (use --overwrite to replace it)")
-    partial = out.with_name(out.name + ".partial")
-    try:
-        ing = ingest(catalog, checksum=options.checksum)
-        return _build(ing, out, partial, options, show_progress)
-    except InputError:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+def tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions = TileOptions(),
+         show_progress: bool = True) -> Path | str:
+    """Builds the chip store at `out` (a folder, or s3://bucket/prefix) from a catalog: plan, every
+    unit in this process, finalize. Returns the store's path (local) or URI. Resumes a killed run."""
+    from sarflow.data.tile_units import Location, finalize, plan, run_units, unit_done
 
-
-def _build(ing: Ingested, out: Path, partial: Path, options: TileOptions, show_progress: bool) -> Path:
-    grid = ing.grid
-    fingerprint = _fingerprint(ing, options)
-    progress = _Progress(partial)
-    state = progress.load() if partial.exists() else None
-    if state is not None and state.get("fingerprint") != fingerprint:
-        log.info("discarding %s: it was built from other inputs or options", partial)
-        state = None
-    if state is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-
-    with gdal_env([u for s in ing.sources for u in s.files]):
-        resampling = {(s.name, u): choose_resampling(s, f, grid) for s in ing.sources for u, f in s.files.items()}
-    blocks = plan_blocks(grid, options.block_chips)
-    cand = grid.candidates
-    split_of = block_split(grid, cand[:, 1], cand[:, 0], options.split_block, options.split_fractions)  # split_of[(iy, ix)]
-
-    if state is None:
-        root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-        _create_arrays(root, ing, len(cand), options, resampling)
-        state = {"fingerprint": fingerprint, "shards": 0, "block": 0, "skip": 0, "stats": {}, "done": False}
-        progress.save(state)
-    else:
-        root = zarr.open_group(str(partial), mode="r+", zarr_format=3)
-        log.info("resuming %s at block %d/%d (%d shards written)", partial, state["block"], len(blocks), state["shards"])
-    state["split"] = {**split_of.summary(), "fractions": list(options.split_fractions)}  # for the group attributes
-
-    stats = Stats(ing.sources, state["stats"])
-    S = options.shard_chips
-    arrays = {s.name: root[s.name] for s in ing.sources}
-    buffers = {s.name: np.empty((S,) + arrays[s.name].shape[1:], dtype=arrays[s.name].dtype) for s in ing.sources}
-    pending: list[dict] = []
-    n_written = state["shards"] * S
+    loc = Location(out)
+    if loc.finished() and not options.overwrite:
+        raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
     t0 = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal n_written
-        k = len(pending)
-        if k == 0:
-            return
-        for name, arr in arrays.items():
-            arr[n_written:n_written + k] = buffers[name][:k]
-        progress.save_records(n_written // S, pending)
-        n_written += k
-        pending.clear()
-
-    if not state["done"]:
-        renderer = BlockRenderer(ing, resampling)
-        start = state["block"]
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool, progress_bar(
-                "tile", total=len(blocks), completed=start, enabled=show_progress
-            ) as bar:
-                results = _ordered(pool, renderer.render, blocks[start:], inflight=options.workers + 1)
-                for bi, kept in enumerate(results, start=start):
-                    skip = state["skip"] if bi == start else 0
-                    for j in range(skip, len(kept)):
-                        iy, ix, chips, fractions = kept[j]
-                        slot = len(pending)
-                        split = split_of[(iy, ix)]
-                        for name, chip in chips.items():
-                            buffers[name][slot] = chip
-                            if split == "train":
-                                stats.add(name, chip)
-                        pending.append({"chip_id": grid.chip_id(ix, iy), "ix": ix, "iy": iy, "split": split,
-                                        **{f"valid_{n}": round(v, 6) for n, v in fractions.items()}})
-                        if len(pending) == S:
-                            flush()
-                            last = j + 1 == len(kept)
-                            state.update(shards=n_written // S, block=bi + 1 if last else bi,
-                                         skip=0 if last else j + 1, stats=stats.acc)
-                            progress.save(state)
-                    bar.advance(1, chips=n_written + len(pending))
-        finally:
-            renderer.close()
-        flush()
-        state.update(done=True, total=n_written, stats=stats.acc)
-        progress.save(state)
+    try:
+        p = plan(catalog, out, options)
+        done = sum(unit_done(out, u) for u in range(len(p.units)))
+        with progress_bar("tile", total=len(p.units), completed=done, enabled=show_progress, unit="units") as bar:
+            run_units(out, workers=options.workers, on_done=lambda u: bar.advance(1, chips=p.units[u][1]))
+        uri = finalize(out)
+    except InputError:
+        if loc.s3:
+            loc.remove()
+        else:
+            shutil.rmtree(loc.work, ignore_errors=True)
+        raise
     elapsed = time.perf_counter() - t0
-    return _finalize(ing, out, partial, progress, state, stats, arrays, elapsed)
-
-
-def _finalize(ing, out: Path, partial: Path, progress: _Progress, state: dict, stats: Stats, arrays, elapsed: float) -> Path:
-    total = state["total"]
-    if total == 0:
-        raise InputError(str(ing.catalog.path), "no chip has a valid pixel in every required source")
-    records = progress.records(math.ceil(total / arrays[next(iter(arrays))].shards[0]))
-    assert len(records) == total, (len(records), total)
-    kept = {k: sum(r["split"] == k for r in records) for k in SPLIT_LABELS}
-    log.info("kept %d of %d candidate chips (%d dropped: no valid pixel in a required source: %s); kept per split: %s",
-             total, len(ing.grid.candidates), len(ing.grid.candidates) - total,
-             ", ".join(s.name for s in ing.sources if s.spec.required) or "none", kept)
-    root = zarr.open_group(str(partial), mode="r+", zarr_format=3)
-    for s in ing.sources:
-        arr = arrays[s.name]
-        arr.resize((total,) + arr.shape[1:])
-        arr.attrs["stats"] = {"split": "train", "bands": stats.summary(s.name, list(s.spec.bands))}
-    g = ing.grid
-    root.attrs.update({
-        "crs": g.crs.to_string(),
-        "crs_wkt": g.crs.to_wkt(),
-        "resolution": g.resolution,
-        "chip_size": g.chip_size,
-        "overlap": g.overlap,
-        "origin": list(g.origin),
-        "grid_key": g.key,
-        "catalog_hash": ing.catalog.catalog.hash(),
-        "sarflow_version": __version__,
-        "modalities": [s.name for s in ing.sources],
-        "inputs": [s.name for s in ing.sources if s.spec.effective_role == "input"],
-        "labels": [s.name for s in ing.sources if s.spec.effective_role == "label"],
-        "chips": total,
-        "chips_table": CHIPS_TABLE,
-        "split": {**state.get("split", {}), "chips": kept},  # block side, buffer, counts (candidates, kept chips)
-    })
-    with warnings.catch_warnings():  # zarr notes consolidated metadata is not in the v3 spec yet
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(partial))
-    table = _chips_table(ing, records)
-    table.to_parquet(partial / CHIPS_TABLE, index=False)
-    (partial / MANIFEST).write_text(json.dumps(ing.manifest(), indent=1, sort_keys=True))
-    shutil.rmtree(partial / PROGRESS_DIR)
-    if out.exists():
-        trash = out.with_name(out.name + ".replaced")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-        os.replace(partial, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(partial, out)
-    log.info("wrote %d chips to %s in %.1fs (%.1f chips/s)", total, out, elapsed, total / max(elapsed, 1e-9))
-    return out
+    log.info("tiled %d chips in %.1fs (%.1f chips/s)", p.total, elapsed, p.total / max(elapsed, 1e-9))
+    return uri if loc.s3 else Path(uri)

@@ -1,0 +1,431 @@
+"""Tiling in three steps, so separate processes (pods) can write one store: plan, units, finalize.
+
+- `plan(catalog, out, options)` ingests the catalog, fixes the grid and every chip's index (it
+  warps the required sources once to find the chips with a valid pixel in each, so any unit can
+  be written on its own), creates the arrays (shape final from the start) and cuts the chips into
+  work units of whole shards (zarr: ONE writer per shard). The build state lives under
+  `_build/` in the store: `plan.json` (written last: its presence means the plan is complete),
+  the kept chips (`chips.npy`), the ingested catalog (`ingested.pkl`) and the inputs' manifest.
+- `write_unit(out, unit)` warps its chips in windows of about `window_px` pixels, writes its
+  shards straight into the store and a report (`_build/units/NNNNNN.json`: chip records and each
+  train chip's statistics contribution) once its shards are written. A rerun of a unit
+  (after kill -9) rewrites the same shards with the same bytes.
+- `finalize(out)` replays the reports in unit order (the statistics are summed chip by chip in
+  store order, so they do not depend on how the chips were cut into units), writes
+  `chips.parquet`, the arrays' statistics and the group attributes last, consolidates the
+  metadata and removes `_build/`.
+
+A local store is built in `<out>.partial/` and appears by rename; an s3:// store is written in
+place (prefix), readers see it finished when the group attributes (`chips`) are there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from sarflow import __version__
+from sarflow.data.catalog import LoadedCatalog
+from sarflow.data.chipstore import CHIPS_TABLE
+from sarflow.data.grid import SPLIT_LABELS, block_split
+from sarflow.data.ingest import Ingested, gdal_env, ingest, valid_mask
+from sarflow.data.storage import is_s3, s3_storage_options
+from sarflow.errors import InputError
+
+log = logging.getLogger("sarflow.data.tile")
+
+BUILD = "_build"
+MANIFEST = "manifest.json"
+UNIT_MEMORY = 256 << 20  # bytes of chips a unit holds at most when its size is automatic
+
+
+# ---------------------------------------------------------------- where the store is built
+
+class Location:
+    """A store's URI (local folder or s3://bucket/prefix) and where it is built: `<out>.partial`
+    locally (renamed into place by finalize), the prefix itself on S3."""
+
+    def __init__(self, uri: str | Path):
+        uri = str(uri)
+        self.s3 = is_s3(uri)
+        self.uri = uri.rstrip("/") if self.s3 else str(Path(uri).resolve())
+        self.work = self.uri if self.s3 else self.uri + ".partial"
+        if self.s3:
+            import s3fs
+
+            self.fs = s3fs.S3FileSystem(**s3_storage_options())
+            self.root = self.work[len("s3://"):]
+        else:
+            from fsspec.implementations.local import LocalFileSystem
+
+            self.fs = LocalFileSystem()
+            self.root = self.work
+
+    def key(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.key(*parts))
+
+    def read(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.key(*parts))
+
+    def write(self, data: bytes, *parts: str) -> None:
+        """Whole or not at all: one PUT on S3, a temporary file renamed locally."""
+        path = self.key(*parts)
+        if self.s3:
+            self.fs.pipe_file(path, data)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = path + ".tmp"
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+
+    def remove(self, *parts: str) -> None:
+        path = self.key(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def finished(self) -> bool:
+        """A finished store is at the URI (locally: the folder; on S3: group attributes with `chips`)."""
+        if not self.s3:
+            return Path(self.uri).exists()
+        try:
+            meta = json.loads(self.read("zarr.json"))
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+        return "chips" in meta.get("attributes", {}) and not self.exists(BUILD, "plan.json")
+
+    def zarr_store(self):
+        if self.s3:
+            return zarr.storage.FsspecStore.from_url(self.work, storage_options=s3_storage_options(), read_only=False)
+        return zarr.storage.LocalStore(self.work)
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class Plan:
+    uri: str
+    fingerprint: str
+    total: int  # chips in the store
+    shard_chips: int
+    window_px: int
+    workers: int
+    units: list[list[int]]  # [first chip, end chip) of each unit: whole shards
+    split: dict  # the split's summary for the group attributes
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def load(cls, loc: Location) -> "Plan":
+        try:
+            return cls(**json.loads(loc.read(BUILD, "plan.json")))
+        except FileNotFoundError:
+            raise InputError(loc.uri, "no tiling plan at this store (run `sarflow tile-plan CATALOG --out "
+                             f"{loc.uri}` first, or the store is already finalized)") from None
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _windows(chips: np.ndarray, side: int) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """Chips (k, 2: iy, ix) grouped by square windows of `side` chips: (iy0, ix0, rows, cols, positions
+    in `chips`), the windows in order of first appearance."""
+    if len(chips) == 0:
+        return []
+    keys = np.floor_divide(chips[:, 0], side) * 1_000_003 + np.floor_divide(chips[:, 1], side)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    out = []
+    for g in np.argsort(first, kind="stable"):
+        pos = np.flatnonzero(inverse == g)
+        part = chips[pos]
+        iy0, ix0 = int(part[:, 0].min()), int(part[:, 1].min())
+        out.append((iy0, ix0, int(part[:, 0].max()) - iy0 + 1, int(part[:, 1].max()) - ix0 + 1, pos))
+    return out
+
+
+def window_side(grid, window_px: int) -> int:
+    """Chips per side of a warp window of about `window_px` pixels (whatever the chip size)."""
+    return max(1, round(window_px / grid.stride))
+
+
+def _required_valid(renderer, ing: Ingested, chips: np.ndarray, side: int, workers: int) -> np.ndarray:
+    """For each chip, whether it has a valid pixel (in every band) of every required source."""
+    from sarflow.data.tile import Block, _ordered
+
+    g = ing.grid
+    required = [s for s in ing.sources if s.spec.required]
+    ok = np.ones(len(chips), dtype=bool)
+    if not required:
+        return ok
+    windows = _windows(chips, side)
+
+    def check(w):
+        iy0, ix0, rows, cols, pos = w
+        block = Block(iy0, ix0, rows, cols, chips[pos])
+        layers = [renderer.warp(s, block) for s in required]
+        out = np.ones(len(pos), dtype=bool)
+        for j, (iy, ix) in enumerate(chips[pos].tolist()):
+            r0, c0 = (iy - iy0) * g.stride, (ix - ix0) * g.stride
+            for s, layer in zip(required, layers):
+                chip = layer[:, r0:r0 + g.chip_size, c0:c0 + g.chip_size]
+                if not valid_mask(chip, s.fill_value).all(axis=0).any():
+                    out[j] = False
+                    break
+        return pos, out
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for pos, out in _ordered(pool, check, windows, inflight=workers + 1):
+            ok[pos] = out
+    return ok
+
+
+def unit_chips(options, ing: Ingested) -> int:
+    """Chips per unit: `unit_shards` whole shards, or (0) as many as fit UNIT_MEMORY, at least one shard."""
+    S = options.shard_chips
+    if options.unit_shards:
+        return options.unit_shards * S
+    chip_bytes = sum(len(s.spec.bands) * np.dtype(s.dtype).itemsize for s in ing.sources) * ing.grid.chip_size ** 2
+    return max(1, UNIT_MEMORY // (chip_bytes * S)) * S
+
+
+def plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
+    """Step 1: the grid, every chip's index, the arrays and the work units (see the module docstring).
+    Reuses a complete plan of the same inputs and options (a resumed build keeps its written units)."""
+    from sarflow.data.tile import BlockRenderer, _create_arrays, _fingerprint, choose_resampling, plan_blocks
+
+    loc = Location(out)
+    if loc.finished() and not options.overwrite:
+        raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
+    ing = ingest(catalog, checksum=options.checksum)
+    fingerprint = _fingerprint(ing, options)
+    if loc.exists(BUILD, "plan.json"):
+        try:
+            existing = Plan.load(loc)
+        except (ValueError, TypeError):
+            existing = None
+        if existing is not None and existing.fingerprint == fingerprint:
+            log.info("resuming %s: %d units planned", loc.work, len(existing.units))
+            return existing
+        log.info("discarding %s: it was built from other inputs or options", loc.work)
+    loc.remove()
+    grid = ing.grid
+    with gdal_env([u for s in ing.sources for u in s.files]):
+        resampling = {(s.name, u): choose_resampling(s, f, grid) for s in ing.sources for u, f in s.files.items()}
+    order = [b.chips for b in plan_blocks(grid, options.block_chips)]
+    chips = np.concatenate(order).astype(np.int64) if order else np.empty((0, 2), np.int64)
+    renderer = BlockRenderer(ing, resampling)
+    try:
+        kept = chips[_required_valid(renderer, ing, chips, window_side(grid, options.window_px), options.workers)]
+    finally:
+        renderer.close()
+    total = len(kept)
+    if total == 0:
+        raise InputError(str(ing.catalog.path), "no chip has a valid pixel in every required source")
+    cand = grid.candidates
+    split_of = block_split(grid, cand[:, 1], cand[:, 0], options.split_block, options.split_fractions)
+    splits = np.array([SPLIT_LABELS.index(split_of[(iy, ix)]) for iy, ix in kept.tolist()], dtype=np.int8)
+    step = unit_chips(options, ing)
+    units = [[a, min(a + step, total)] for a in range(0, total, step)]
+
+    root = zarr.open_group(loc.zarr_store(), mode="w", zarr_format=3)
+    _create_arrays(root, ing, total, options, resampling)
+    loc.write(_npy(np.column_stack([kept, splits.astype(np.int64)])), BUILD, "chips.npy")
+    loc.write(pickle.dumps({"ing": ing, "resampling": resampling}), BUILD, "ingested.pkl")
+    loc.write(json.dumps(ing.manifest(), indent=1, sort_keys=True).encode(), BUILD, MANIFEST)
+    result = Plan(uri=loc.uri, fingerprint=fingerprint, total=total, shard_chips=options.shard_chips,
+                  window_px=options.window_px, workers=options.workers, units=units,
+                  split={**split_of.summary(), "fractions": list(options.split_fractions)})
+    loc.write(result.to_json(), BUILD, "plan.json")  # last: the plan is complete
+    log.info("planned %s: %d chips in %d units of up to %d chips", loc.uri, total, len(units), step)
+    return result
+
+
+# ---------------------------------------------------------------- a unit
+
+def _load_build(loc: Location) -> tuple[Plan, Ingested, dict, np.ndarray]:
+    p = Plan.load(loc)
+    state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
+    chips = np.load(io.BytesIO(loc.read(BUILD, "chips.npy")), allow_pickle=False)
+    return p, state["ing"], state["resampling"], chips
+
+
+def unit_done(out: str | Path, unit: int) -> bool:
+    return Location(out).exists(BUILD, "units", f"{unit:06d}.json")
+
+
+def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bool = False) -> dict:
+    """Step 2: warps and writes the unit's shards into the store, then its report (returned).
+    A unit whose report exists is skipped unless `force`."""
+    from sarflow.data.tile import Block, BlockRenderer, _ordered, chip_contribution
+
+    loc = Location(out)
+    p, ing, resampling, table = _load_build(loc)
+    if not 0 <= unit < len(p.units):
+        raise InputError(loc.uri, f"unit {unit} does not exist (the plan has units 0..{len(p.units) - 1})")
+    if not force and unit_done(loc.uri, unit):
+        return json.loads(loc.read(BUILD, "units", f"{unit:06d}.json"))
+    workers = max(1, workers or p.workers)
+    a, b = p.units[unit]
+    chips = table[a:b, :2]
+    splits = table[a:b, 2]
+    g = ing.grid
+    root = zarr.open_group(loc.zarr_store(), mode="r+", zarr_format=3)
+    arrays = {s.name: root[s.name] for s in ing.sources}
+    buffers = {n: np.empty((b - a,) + arr.shape[1:], dtype=arr.dtype) for n, arr in arrays.items()}
+    fractions = {s.name: np.zeros(b - a) for s in ing.sources}
+    renderer = BlockRenderer(ing, resampling)
+
+    def render(w):
+        iy0, ix0, rows, cols, pos = w
+        block = Block(iy0, ix0, rows, cols, chips[pos])
+        return pos, iy0, ix0, {s.name: renderer.warp(s, block) for s in ing.sources}
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for pos, iy0, ix0, layers in _ordered(pool, render, _windows(chips, window_side(g, p.window_px)),
+                                                  inflight=workers + 1):
+                for j in pos.tolist():
+                    iy, ix = chips[j]
+                    r0, c0 = (iy - iy0) * g.stride, (ix - ix0) * g.stride
+                    for s in ing.sources:
+                        chip = layers[s.name][:, r0:r0 + g.chip_size, c0:c0 + g.chip_size]
+                        buffers[s.name][j] = chip
+                        fractions[s.name][j] = float(valid_mask(chip, s.fill_value).all(axis=0).mean())
+    finally:
+        renderer.close()
+    bad = [j for j in range(b - a) if any(fractions[s.name][j] == 0 for s in ing.sources if s.spec.required)]
+    if bad:
+        raise InputError(loc.uri, f"unit {unit}: chip {g.chip_id(*chips[bad[0]][::-1].tolist())} has no valid pixel in "
+                                  "a required source, unlike when it was planned (did an input change?)")
+    S = p.shard_chips
+    for s0 in range(0, b - a, S):  # whole shards, one writer each
+        for name, arr in arrays.items():
+            arr[a + s0:a + min(s0 + S, b - a)] = buffers[name][s0:s0 + S]
+    records, stats = [], []
+    for j, ((iy, ix), split) in enumerate(zip(chips.tolist(), splits.tolist())):
+        label = SPLIT_LABELS[split]
+        records.append({"chip_id": g.chip_id(ix, iy), "ix": ix, "iy": iy, "split": label,
+                        **{f"valid_{s.name}": round(float(fractions[s.name][j]), 6) for s in ing.sources}})
+        if label == "train":
+            stats.append({s.name: chip_contribution(s, buffers[s.name][j]) for s in ing.sources})
+    report = {"unit": unit, "chips": [a, b], "records": records, "train_stats": stats}
+    loc.write(json.dumps(report).encode(), BUILD, "units", f"{unit:06d}.json")
+    return report
+
+
+# ---------------------------------------------------------------- finalize
+
+def finalize(out: str | Path) -> str:
+    """Step 3: chips.parquet, statistics and group attributes (last), consolidated metadata; removes
+    the build state (and renames a local build into place). Returns the store's URI."""
+    from sarflow.data.tile import Stats, _chips_table
+
+    loc = Location(out)
+    p, ing, _, _ = _load_build(loc)
+    missing = [u for u in range(len(p.units)) if not loc.exists(BUILD, "units", f"{u:06d}.json")]
+    if missing:
+        raise InputError(loc.uri, f"{len(missing)} of {len(p.units)} units are not written yet (first: {missing[0]}); "
+                                  f"run `sarflow tile-unit {loc.uri} --unit N` for them")
+    stats = Stats(ing.sources)
+    records = []
+    for u in range(len(p.units)):
+        report = json.loads(loc.read(BUILD, "units", f"{u:06d}.json"))
+        records.extend(report["records"])
+        for contrib in report["train_stats"]:
+            for name, c in contrib.items():
+                stats.merge(name, c)
+    total = p.total
+    assert len(records) == total, (len(records), total)
+    kept = {k: sum(r["split"] == k for r in records) for k in SPLIT_LABELS}
+    log.info("kept %d of %d candidate chips (%d dropped: no valid pixel in a required source: %s); kept per split: %s",
+             total, len(ing.grid.candidates), len(ing.grid.candidates) - total,
+             ", ".join(s.name for s in ing.sources if s.spec.required) or "none", kept)
+    store = loc.zarr_store()
+    root = zarr.open_group(store, mode="r+", zarr_format=3)
+    for s in ing.sources:
+        root[s.name].attrs["stats"] = {"split": "train", "bands": stats.summary(s.name, list(s.spec.bands))}
+    table = _chips_table(ing, records)
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    loc.write(buf.getvalue(), CHIPS_TABLE)
+    loc.write(loc.read(BUILD, MANIFEST), MANIFEST)
+    g = ing.grid
+    root.attrs.update({  # last: a reader of s3:// sees the store finished when `chips` is there
+        "crs": g.crs.to_string(),
+        "crs_wkt": g.crs.to_wkt(),
+        "resolution": g.resolution,
+        "chip_size": g.chip_size,
+        "overlap": g.overlap,
+        "origin": list(g.origin),
+        "grid_key": g.key,
+        "catalog_hash": ing.catalog.catalog.hash(),
+        "sarflow_version": __version__,
+        "modalities": [s.name for s in ing.sources],
+        "inputs": [s.name for s in ing.sources if s.spec.effective_role == "input"],
+        "labels": [s.name for s in ing.sources if s.spec.effective_role == "label"],
+        "chips": total,
+        "chips_table": CHIPS_TABLE,
+        "split": {**p.split, "chips": kept},
+    })
+    with warnings.catch_warnings():  # zarr notes consolidated metadata is not in the v3 spec yet
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(store)
+    loc.remove(BUILD)
+    if not loc.s3:
+        out_path, partial = Path(loc.uri), Path(loc.work)
+        if out_path.exists():
+            import shutil
+
+            trash = out_path.with_name(out_path.name + ".replaced")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(out_path, trash)
+            os.replace(partial, out_path)
+            shutil.rmtree(trash)
+        else:
+            os.replace(partial, out_path)
+    log.info("wrote %d chips to %s", total, loc.uri)
+    return loc.uri
+
+
+def run_units(out: str | Path, units: list[int] | None = None, processes: int = 1, workers: int | None = None,
+              on_done=None) -> None:
+    """Writes the given units (default: every unit not done yet) with `processes` separate processes
+    (each one writer of its own shards); `on_done(unit)` is called as each finishes."""
+    p = Plan.load(Location(out))
+    todo = [u for u in (range(len(p.units)) if units is None else units) if not unit_done(out, u)]
+    if processes <= 1:
+        for u in todo:
+            write_unit(out, u, workers=workers)
+            if on_done:
+                on_done(u)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_unit_job, str(out), u, workers): u for u in todo}
+        for fut in as_completed(futures):
+            fut.result()
+            if on_done:
+                on_done(futures[fut])
+
+
+def _unit_job(out: str, unit: int, workers: int | None) -> int:
+    write_unit(out, unit, workers=workers)
+    return unit
