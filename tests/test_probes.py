@@ -37,7 +37,7 @@ def featured(tiny_store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def probed(featured):
     cfg = ProbeConfig(store=featured["store"], features_root=featured["root"], tracking_uri=featured["uri"],
-                      tasks=("worldcover", "vegetation"), sizes=(25, 50, 0), draws=2, scratch_epochs=2,
+                      tasks=("worldcover", "vegetation"), sizes=(25, 50, 0), draws=2, scratch_steps=20,
                       out_dir=str(featured["tmp"] / "probe-out"))
     return cfg, run_probes(cfg)
 
@@ -51,8 +51,9 @@ def test_curves_have_every_size_and_draw_and_metrics_are_in_range(featured, prob
         for probe in cfg.probes:
             part = emb[(emb.task == task) & (emb.probe == probe) & (emb.metric == metric)]
             assert sorted(part.n.unique()) == [25, 50, n_all]
-            assert (part.groupby("n").draw.nunique() == cfg.draws).all()
-    assert {"pixel_stats", "scratch"} <= set(curves.source)  # same n for the baselines
+            draws = part.groupby("n").draw.nunique()
+            assert (draws[draws.index < n_all] == cfg.draws).all() and draws[n_all] == 1  # n = all: one fit
+    assert {"pixel_stats", "random_init", "scratch"} <= set(curves.source)  # same n for the baselines
     # the scratch CNN runs on the classification tasks by default, not on a regression
     assert set(curves[curves.source == "scratch"].task) == {"worldcover"}
     assert {"val", "test"} == set(curves["split"])
@@ -468,11 +469,15 @@ def test_curve_points_whose_train_draw_has_one_class_are_skipped():
     ts = task_splits(cover, data, "here")
     assert ts.reason is None and ts.val_reason is None
     cfg = ProbeConfig(store="s", features_root="r", sizes=(5, 0), draws=6, baselines=(), probes=("linear",))
-    curves, skipped = _curves(cfg, data, [ts], set(), None, None)
+    c = _curves(cfg, data, [ts], set(), None, None)
+    curves, skipped = c.points, c.skipped
     assert skipped and {s["n"] for s in skipped} == {5} and all(s["why"] == "the train draw has one class" for s in skipped)
     scored = set(curves[curves.n == 5].draw)
     assert scored.isdisjoint({s["draw"] for s in skipped}) and len(scored) + len(skipped) == 6
-    assert set(curves[curves.n == 120].draw) == set(range(6))  # every train chip: both classes
+    assert set(curves[curves.n == 120].draw) == {0}  # every train chip: both classes, one fit
+    # every scored draw is scored on the same test chips (the outputs kept for the intervals)
+    outs = c.outputs[("cover", "embeddings", "linear", 5)]
+    assert len(outs) == len(scored) and all(len(o) == 20 for o in outs)
 
 
 def test_block_holdout_holds_out_whole_blocks():
@@ -577,8 +582,10 @@ def test_pixel_baselines_are_left_out_where_no_input_is_continuous(own_stores):
 
     store = own_stores[2]
     kept, why = _usable_baselines(ProbeConfig(store=store, features_root="r"))
-    assert kept == () and why == {b: "the store's inputs ['wet_in'] are all categorical: continuous inputs only for the pixel baselines"
-                                  for b in ("pixel_stats", "scratch")}
+    assert kept == ("random_init",)  # an encoder reads categorical inputs too
+    assert why == {b: "the store's inputs ['wet_in'] are all categorical: continuous inputs only for the pixel baselines"
+                   for b in ("pixel_stats", "scratch")}
     with pytest.raises(InputError, match=r"modalities \['wet_in'\] are categorical"):
         _usable_baselines(ProbeConfig(store=store, features_root="r", modalities=("wet_in",)))
-    assert _usable_baselines(ProbeConfig(store=own_stores[0], features_root="r")) == (("pixel_stats", "scratch"), {})
+    assert _usable_baselines(ProbeConfig(store=own_stores[0], features_root="r")) == (("pixel_stats", "random_init",
+                                                                                        "scratch"), {})

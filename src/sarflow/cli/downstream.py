@@ -25,10 +25,6 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
         raise InputError(text, f"{what} must be comma-separated integers (e.g. 25,50,100,0)") from None
 
 
-def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 @downstream_app.command()
 def probe(store: str = typer.Argument(..., callback=absolute_path, help="chip store"), features_root: Optional[Path] = RootOpt,
           tracking_uri: Optional[str] = TrackingOpt,
@@ -39,9 +35,10 @@ def probe(store: str = typer.Argument(..., callback=absolute_path, help="chip st
                                                        help="inputs of the pixel baselines (default: every input source)"),
           sizes: Optional[str] = typer.Option(None, help="label budgets, comma-separated; 0 = all (default params)"),
           draws: Optional[int] = typer.Option(None, help="random draws per label budget"),
-          baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="pixel_stats, scratch (default both)"),
+          baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="pixel_stats, random_init, scratch (default all)"),
           no_baselines: bool = typer.Option(False, "--no-baselines", help="embeddings only"),
-          scratch_epochs: Optional[int] = typer.Option(None, help="epochs of the from-scratch CNN"),
+          scratch_steps: Optional[int] = typer.Option(None, help="optimiser steps of the from-scratch CNN at every n "
+                                                                 "(early-stopped on val)"),
           register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the best probe per task"),
           out_dir: Optional[Path] = typer.Option(None, callback=absolute_path,
                                                  help="where plots and tables go (default: a temp folder)"),
@@ -57,18 +54,25 @@ def probe(store: str = typer.Argument(..., callback=absolute_path, help="chip st
             "tracking_uri": tracking_uri, "model": model, "version": version, "tasks": task or None,
             "modalities": modality or None,
             "sizes": _ints(sizes, "--sizes") if sizes else None, "draws": draws,
-            "baselines": () if no_baselines else (baseline or None), "scratch_epochs": scratch_epochs,
+            "baselines": () if no_baselines else (baseline or None), "scratch_steps": scratch_steps,
             "register": register, "out_dir": str(out_dir) if out_dir else None, "experiment": experiment, "seed": seed},
             store=store, features_root=root)
         r = run_probes(cfg)
     except SarflowError as e:
         fail(e)
-    typer.echo(f"{'task':<24}{'probe':<8}{'metric':<16}{'n=all':>8}  label savings (n to match baseline at all)")
+    from sarflow.downstream.label_efficiency import format_figure, format_saving
+
+    typer.echo("test score with every train label, 95% interval over spatial test blocks "
+               "(the registered probe; baselines beside it)")
     for t, info in r["tasks"].items():
-        metric = info["metric"]
-        saving = ", ".join(f"{b}: {v['n_to_match'] or '>'+str(v['n_all'])}/{v['n_all']}"
-                           for b, v in r["label_savings"].get(t, {}).items())
-        typer.echo(f"{t:<24}{r['selected_probe'][t]:<8}{metric:<16}{_fmt(r['metrics'].get(f'{t}_test_{metric}')):>8}  {saving}")
+        f = r["primary"][t]
+        typer.echo(f"{t}: {info['metric']} ({'higher' if f['higher_is_better'] else 'lower'} is better) "
+                   f"embeddings[{f['probe']}] {format_figure(f['value'], f['ci'])}  "
+                   f"(n={f['n']}, {r['intervals'][t]['blocks']} test blocks of {r['intervals'][t]['block_chips']} chips)")
+        for b, v in f["baselines"].items():
+            saving = r["label_savings"].get(t, {}).get(b)
+            typer.echo(f"  {b + ' [' + v['probe'] + ']':<22} {format_figure(v['value'], v['ci']):<28}"
+                       f" label saving: {format_saving(saving) if saving else '–'}")
         if not info["selection"].startswith("best on val"):
             typer.echo(f"  {t}: {info['selection']}")
     for t, why in r["not_evaluable"].items():

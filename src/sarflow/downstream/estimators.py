@@ -98,8 +98,19 @@ def label_scores(model, x: np.ndarray, n_labels: int) -> np.ndarray:
     return p
 
 
-def score(task: Task | str, model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Metrics of a fitted model on (x, y): accuracy + macro_f1, map, or rmse + r2."""
+def model_output(task: Task | str, model, x: np.ndarray, n_labels: int | None = None) -> np.ndarray:
+    """What the metrics are computed from: predicted classes (multiclass), label scores
+    (multilabel: `n_labels` columns) or predicted values (regression)."""
+    kind = task_kind(task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "multilabel":
+            return label_scores(model, x, n_labels)
+        return np.asarray(model.predict(x))
+
+
+def output_metrics(task: Task | str, y: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Metrics of a model's `model_output` on targets y: accuracy + macro_f1, map, or rmse + r2."""
     from sklearn.metrics import accuracy_score, average_precision_score, f1_score, mean_squared_error, r2_score
 
     if len(y) == 0:
@@ -108,13 +119,62 @@ def score(task: Task | str, model, x: np.ndarray, y: np.ndarray) -> dict[str, fl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "multiclass":
-            pred = model.predict(x)
-            return {"accuracy": float(accuracy_score(y, pred)), "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+            return {"accuracy": float(accuracy_score(y, out)), "macro_f1": float(f1_score(y, out, average="macro", zero_division=0))}
         if kind == "multilabel":
-            p = label_scores(model, x, y.shape[1])
             cols = y.sum(axis=0) > 0
-            ap = float(average_precision_score(y[:, cols], p[:, cols], average="macro")) if cols.any() else float("nan")
+            ap = float(average_precision_score(y[:, cols], out[:, cols], average="macro")) if cols.any() else float("nan")
             return {"map": ap}
-        pred = model.predict(x)
-        r2 = float(r2_score(y, pred)) if len(y) > 1 and np.var(y) > 0 else float("nan")
-        return {"rmse": float(np.sqrt(mean_squared_error(y, pred))), "r2": r2}
+        r2 = float(r2_score(y, out)) if len(y) > 1 and np.var(y) > 0 else float("nan")
+        return {"rmse": float(np.sqrt(mean_squared_error(y, out))), "r2": r2}
+
+
+def score(task: Task | str, model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Metrics of a fitted model on (x, y): accuracy + macro_f1, map, or rmse + r2."""
+    if len(y) == 0:
+        return {}
+    return output_metrics(task, y, model_output(task, model, x, y.shape[1] if np.ndim(y) > 1 else None))
+
+
+def weighted_metrics(task: Task | str, y: np.ndarray, out: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """The metrics of `output_metrics` under chip weights `w` (replicates, chips) (e.g. how many
+    times a bootstrap drew each chip's block): one value per replicate. With every weight 1 they
+    equal `output_metrics` (a class counts where it has weight, in the truth or the predictions)."""
+    kind = task_kind(task)
+    w = np.atleast_2d(np.asarray(w, np.float64))
+    total = w.sum(1)
+    with np.errstate(all="ignore"):
+        if kind == "multiclass":
+            classes = np.unique(np.concatenate([np.asarray(y), np.asarray(out)]))
+            t = (np.asarray(y)[:, None] == classes[None]).astype(np.float64)
+            p = (np.asarray(out)[:, None] == classes[None]).astype(np.float64)
+            tp, true, pred = w @ (t * p), w @ t, w @ p
+            seen = (true + pred) > 0
+            f1 = np.where(seen, 2 * tp / np.where(seen, true + pred, 1), 0.0)
+            return {"accuracy": tp.sum(1) / total, "macro_f1": f1.sum(1) / seen.sum(1)}
+        if kind == "multilabel":
+            return {"map": np.array([_weighted_map(np.asarray(y), out, wi) for wi in w])}
+        y, out = np.asarray(y, np.float64), np.asarray(out, np.float64)
+        sse = w @ (y - out) ** 2
+        sy, syy = w @ y, w @ y ** 2
+        sst = syy - sy ** 2 / total
+        r2 = np.where(sst > 1e-12 * np.maximum(syy, 1e-300), 1 - sse / sst, np.nan)
+        return {"rmse": np.sqrt(sse / total), "r2": r2}
+
+
+def _weighted_map(y: np.ndarray, scores: np.ndarray, w: np.ndarray) -> float:
+    """Macro average precision (as sklearn's, ties grouped) over the labels with weighted positives."""
+    aps = []
+    for j in range(y.shape[1]):
+        pos = y[:, j] > 0
+        if not (w * pos).sum() > 0:
+            continue
+        order = np.argsort(-scores[:, j], kind="mergesort")
+        s, tp_w = scores[order, j], (w * pos)[order]
+        tp, allw = np.cumsum(tp_w), np.cumsum(w[order])
+        last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # the end of each distinct score
+        tp, allw = tp[last], allw[last]
+        keep = allw > 0
+        precision = np.where(keep, tp / np.where(keep, allw, 1), 0.0)
+        recall = tp / tp[-1]
+        aps.append(float(np.sum(np.diff(np.r_[0.0, recall]) * precision)))
+    return float(np.mean(aps)) if aps else float("nan")

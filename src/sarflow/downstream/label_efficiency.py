@@ -1,7 +1,26 @@
-"""Label efficiency: what the probe curves say. Summaries over draws, the embedding curve (best
-probe on val at each n), how many labels the embeddings need to match each baseline, the
-curves as a table and as plots. Tasks are `tasks.Task` objects (their primary metric and its
-direction); `tasks_json` / `tasks_from_json` carry them beside a run's curves.
+"""Label efficiency: what the probe curves say. Summaries over draws with 95 % intervals over
+spatial test blocks, the embedding curve (best probe on val at each n), how many labels the
+embeddings need to match each baseline (with its uncertainty), the curves as a table and as
+plots. Tasks are `tasks.Task` objects (their primary metric and its direction);
+`tasks_json` / `tasks_from_json` carry them beside a run's curves.
+
+Intervals (`block_interval`): a hierarchical bootstrap. Each replicate resamples the test
+split's spatial blocks with replacement (a chip weighs as often as its block was drawn) and the
+draws of the point with replacement, and recomputes the metric (`estimators.weighted_metrics`)
+averaged over the resampled draws; the interval is the 2.5-97.5 percentiles. Chips of one block
+are not independent, so blocks, not chips, are the unit (`spatial_blocks`).
+
+Label savings (`label_savings`), per task and baseline, against the baseline's score with
+every train label (B, interval [B-, B+]) along the embedding curve (E(n), interval [E-(n), E+(n)]),
+for a higher-is-better metric (mirrored for lower):
+- n_to_match: the smallest n from which on E+(n') >= B- at every n' >= n (not below the baseline);
+- "measured": some n below n_to_match is clearly below (E+ < B-): the saving n_all / n_to_match
+  is bracketed by the sizes tried (`n_range`);
+- "at least": already clearly above the baseline (E- > B+) at the smallest n: saving >= n_all / n_min;
+- "none": the embeddings are clearly below the baseline with every label, or only match it
+  with every label;
+- "not measurable": the intervals overlap at every n (the test split cannot tell them apart),
+  or an interval could not be computed.
 """
 
 from __future__ import annotations
@@ -11,10 +30,55 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sarflow.downstream.estimators import PROBES
+from sarflow.downstream.estimators import PROBES, weighted_metrics
 from sarflow.downstream.tasks import Task
 
 DEFAULT_PROBE = PROBES[0]  # chosen when the val split cannot measure a task
+BASELINE_SOURCES = ("pixel_stats", "random_init", "scratch")  # the curves beside the embeddings'
+BOOTSTRAP = 500  # replicates per interval
+MIN_BLOCKS = 8  # fewer test blocks than this: the blocks are split (smaller side) for the interval
+LEVEL = 0.95
+
+
+def spatial_blocks(cells: np.ndarray, side: int | None, min_blocks: int = MIN_BLOCKS) -> tuple[np.ndarray, int]:
+    """(block id per chip, block side in chips): the test chips' `cells` (ix, iy) grouped in
+    `side` x `side` blocks (the splitter's side: `store.attrs["split"]["block_chips"]`). Where
+    that gives fewer than `min_blocks` blocks the side is halved (down to single chips) so the
+    bootstrap has blocks to resample; the side used is returned (and reported)."""
+    cells = np.asarray(cells, np.int64).reshape(-1, 2)
+    side = max(1, int(side or 1))
+    while True:
+        ids = np.unique(np.floor_divide(cells, side), axis=0, return_inverse=True)[1].ravel()
+        if side == 1 or ids.max(initial=-1) + 1 >= min_blocks:
+            return ids, side
+        side = max(1, side // 2)
+
+
+def block_interval(task: Task | str, y: np.ndarray, outputs: list[np.ndarray], blocks: np.ndarray,
+                   replicates: int = BOOTSTRAP, seed: int = 0, level: float = LEVEL) -> dict[str, tuple[float, float]]:
+    """{metric: (low, high)}: the `level` interval of the metric averaged over `outputs` (one
+    model output per draw, on the test chips y), by a bootstrap over test `blocks` and draws.
+    (nan, nan) with fewer than two blocks: an interval the test split cannot give."""
+    blocks = np.asarray(blocks)
+    nb = int(blocks.max(initial=-1)) + 1
+    if nb < 2 or not outputs:
+        return {}
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, nb, nb), minlength=nb) for _ in range(replicates)])
+    w = counts[:, blocks].astype(np.float64)  # (replicates, chips)
+    d = len(outputs)
+    draw_counts = np.stack([np.bincount(rng.integers(0, d, d), minlength=d) for _ in range(replicates)]) / d
+    total: dict[str, np.ndarray] = {}
+    for k, out in enumerate(outputs):
+        for metric, values in weighted_metrics(task, y, out, w).items():
+            total[metric] = total.get(metric, 0.0) + draw_counts[:, k] * values
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for metric, values in total.items():
+        values = values[np.isfinite(values)]
+        out[metric] = ((float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+                       if len(values) >= replicates // 2 else (float("nan"), float("nan")))
+    return out
 
 
 def tasks_json(tasks) -> list[dict]:
@@ -28,10 +92,17 @@ def tasks_from_json(items: list[dict]) -> list[Task]:
     return [Task(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}) for d in items]
 
 
-def summarize(curves: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and count over draws per task, source, probe, n, evaluation split and metric."""
-    g = curves.groupby(["task", "source", "probe", "n", "is_all", "split", "metric"], sort=True)["value"]
-    return g.agg(mean="mean", std=lambda v: float(np.std(v)), draws="count").reset_index()
+def summarize(curves: pd.DataFrame, intervals: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Mean, std and count over draws per task, source, probe, n, evaluation split and metric,
+    with the test points' interval (`ci_low`, `ci_high`: `intervals` rows of task, source,
+    probe, n, split, metric, ci_low, ci_high; NaN where none)."""
+    keys = ["task", "source", "probe", "n", "is_all", "split", "metric"]
+    g = curves.groupby(keys, sort=True)["value"]
+    out = g.agg(mean="mean", std=lambda v: float(np.std(v)), draws="count").reset_index()
+    if intervals is None or intervals.empty:
+        return out.assign(ci_low=np.nan, ci_high=np.nan)
+    on = ["task", "source", "probe", "n", "split", "metric"]
+    return out.merge(intervals[on + ["ci_low", "ci_high"]], on=on, how="left")
 
 
 def best_by_val(summary: pd.DataFrame, task: Task, source: str, n: int | None = None) -> str | None:
@@ -48,79 +119,168 @@ def best_by_val(summary: pd.DataFrame, task: Task, source: str, n: int | None = 
     return str(s.iloc[0].probe)
 
 
-def _test_mean(summary: pd.DataFrame, task: str, source: str, probe: str, metric: str, n: int | None = None):
+def curve_point(summary: pd.DataFrame, task: str, source: str, probe: str, metric: str, n: int | None = None) -> dict:
+    """{mean, std, ci_low, ci_high, draws} of a test point (n None: every train label); NaN where absent."""
     s = summary[(summary.task == task) & (summary.source == source) & (summary.probe == probe) & (summary["split"] == "test")
                 & (summary.metric == metric)]
     s = s[s.is_all] if n is None else s[s.n == n]
-    return (float(s.iloc[0]["mean"]), float(s.iloc[0]["std"])) if len(s) else (float("nan"), float("nan"))
+    if not len(s):
+        return {"mean": float("nan"), "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "draws": 0}
+    r = s.iloc[0]
+    get = (lambda k: float(r[k]) if k in r.index else float("nan"))
+    return {"mean": get("mean"), "std": get("std"), "ci_low": get("ci_low"), "ci_high": get("ci_high"),
+            "draws": int(r["draws"])}
 
 
-def embedding_curve(summary: pd.DataFrame, task: Task, default: str = DEFAULT_PROBE) -> list[dict]:
-    """Per n, the test score (mean, std) of the embedding probe with the best val score at that n
-    (`default` where val was not scored)."""
+def source_curve(summary: pd.DataFrame, task: Task, source: str, default: str = DEFAULT_PROBE) -> list[dict]:
+    """Per n, the test point of `source`'s probe: for the embeddings the best on val at that n,
+    for a baseline its best on val with every label (the CNN for scratch); `default` where val
+    was not scored."""
+    part = summary[(summary.task == task.name) & (summary.source == source)]
+    fixed = None
+    if source == "scratch":
+        fixed = "cnn"
+    elif source != "embeddings":
+        fixed = best_by_val(summary, task, source) or default
     out = []
-    for n in sorted(summary[(summary.task == task.name) & (summary.source == "embeddings")].n.unique()):
-        probe = best_by_val(summary, task, "embeddings", int(n)) or default
-        mean, std = _test_mean(summary, task.name, "embeddings", probe, task.metric, int(n))
-        out.append({"n": int(n), "probe": probe, "mean": mean, "std": std})
+    for n in sorted(part.n.unique()):
+        probe = fixed or best_by_val(summary, task, source, int(n)) or default
+        out.append({"n": int(n), "probe": probe, **curve_point(summary, task.name, source, probe, task.metric, int(n))})
     return out
 
 
-def label_savings(summary: pd.DataFrame, tasks, default: str = DEFAULT_PROBE) -> dict:
-    """Per task and baseline: the baseline's test score with every train label, and the smallest
-    n at which the embedding curve reaches it (None: not within the sizes tried)."""
+def embedding_curve(summary: pd.DataFrame, task: Task, default: str = DEFAULT_PROBE) -> list[dict]:
+    """Per n, the test score (mean, std, interval) of the embedding probe with the best val score
+    at that n (`default` where val was not scored)."""
+    return source_curve(summary, task, "embeddings", default)
+
+
+def primary_figures(summary: pd.DataFrame, tasks, default: str = DEFAULT_PROBE) -> dict:
+    """The one number per task: the test score of its primary metric by the embedding probe
+    chosen on val with every train label (the registered probe), with its interval, and each
+    baseline's figure at every label beside it."""
     out = {}
     for task in tasks:
-        metric, higher = task.metric, task.higher_is_better
         curve = embedding_curve(summary, task, default)
         if not curve:
             continue
-        n_all = curve[-1]["n"]
+        top = curve[-1]
+        base = {}
+        for source in BASELINE_SOURCES:
+            c = source_curve(summary, task, source, default)
+            if c:
+                base[source] = {"probe": c[-1]["probe"], "value": c[-1]["mean"], "ci": [c[-1]["ci_low"], c[-1]["ci_high"]]}
+        out[task.name] = {"metric": task.metric, "higher_is_better": bool(task.higher_is_better), "probe": top["probe"],
+                          "n": top["n"], "value": top["mean"], "ci": [top["ci_low"], top["ci_high"]], "baselines": base}
+    return out
+
+
+def format_figure(value: float, ci=None) -> str:
+    """0.812 [0.770, 0.850] (or the value alone when there is no interval; – when unmeasured)."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    if ci is None or not all(v is not None and np.isfinite(v) for v in ci):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _saving(curve: list[dict], base: dict, higher: bool) -> dict:
+    """Label saving of the embedding `curve` against a baseline point (see the module doc)."""
+    def sign(v):
+        return v if higher else -v
+
+    lo_b, hi_b = (base["ci_low"], base["ci_high"]) if higher else (-base["ci_high"], -base["ci_low"])
+    ok = [c for c in curve if np.isfinite(c["ci_low"]) and np.isfinite(c["ci_high"])]
+    n_all = curve[-1]["n"]
+    res = {"n_all": n_all, "n_to_match": None, "label_fraction": None, "saving": None, "n_range": None}
+    if not (np.isfinite(lo_b) and np.isfinite(hi_b)) or len(ok) != len(curve):
+        return {**res, "status": "not measurable", "why": "an interval could not be computed (too few test blocks)"}
+    lo = [min(sign(c["ci_low"]), sign(c["ci_high"])) for c in curve]
+    hi = [max(sign(c["ci_low"]), sign(c["ci_high"])) for c in curve]
+    below = [h < lo_b for h in hi]  # clearly worse than the baseline with every label
+    above = [v > hi_b for v in lo]  # clearly better
+    if not any(below) and not any(above):
+        return {**res, "status": "not measurable", "why": "the intervals overlap at every n"}
+    if below[-1]:
+        return {**res, "status": "none", "why": "below the baseline even with every label"}
+    k = max(i for i, b in enumerate(below) if b) + 1 if any(below) else 0  # from here on never clearly below
+    n = curve[k]["n"]
+    res.update(n_to_match=n, label_fraction=n / n_all, saving=n_all / n)
+    if k == 0:
+        why = (f"clearly above the baseline already at n={n}" if above[0]
+               else f"never clearly below the baseline, from n={n} on")
+        return {**res, "status": "at least", "why": why, "n_range": [None, n]}
+    res["n_range"] = [curve[k - 1]["n"], n]
+    if n == n_all:
+        return {**res, "status": "none", "why": "matches the baseline only with every label"}
+    return {**res, "status": "measured", "why": f"clearly below at n={curve[k - 1]['n']}, matching from n={n}"}
+
+
+def label_savings(summary: pd.DataFrame, tasks, default: str = DEFAULT_PROBE) -> dict:
+    """Per task and baseline: the baseline's test score with every train label (and interval),
+    and where the embedding curve reaches it, with its uncertainty (module doc): `status`
+    (measured, at least, none, not measurable), `n_to_match`, `saving` (n_all / n_to_match),
+    `n_range` (the sizes tried that bracket n_to_match) and `why`."""
+    out = {}
+    for task in tasks:
+        curve = embedding_curve(summary, task, default)
+        if not curve:
+            continue
         res = {}
-        for source in ("pixel_stats", "scratch"):
-            if summary[(summary.task == task.name) & (summary.source == source)].empty:
+        for source in BASELINE_SOURCES:
+            base_curve = source_curve(summary, task, source, default)
+            if not base_curve or not np.isfinite(base_curve[-1]["mean"]):
                 continue
-            probe = "cnn" if source == "scratch" else (best_by_val(summary, task, source) or default)
-            base, _ = _test_mean(summary, task.name, source, probe, metric)
-            if not np.isfinite(base):
-                continue
-            reach = [c["n"] for c in curve if np.isfinite(c["mean"]) and (c["mean"] >= base if higher else c["mean"] <= base)]
-            n = min(reach) if reach else None
-            res[source] = {"baseline_probe": probe, "baseline_all": base, "n_all": n_all, "n_to_match": n,
-                           "label_fraction": (n / n_all) if n else None}
+            base = base_curve[-1]
+            res[source] = {"baseline_probe": base["probe"], "baseline_all": base["mean"],
+                           "baseline_ci": [base["ci_low"], base["ci_high"]],
+                           **_saving(curve, base, task.higher_is_better)}
         out[task.name] = res
     return out
 
 
-def _mean_std(mean: float, std: float) -> str:
-    if not np.isfinite(mean):
-        return "–"
-    return f"{mean:.3f}" if not np.isfinite(std) or std == 0 else f"{mean:.3f} ± {std:.3f}"
+def format_saving(s: dict) -> str:
+    """One line for a label saving: '4x (n=50 of 200, between 25 and 50)', 'none', 'not measurable'."""
+    if s["status"] == "measured":
+        return f"{s['saving']:.0f}x (n={s['n_to_match']} of {s['n_all']}; between n={s['n_range'][0]} and {s['n_range'][1]})"
+    if s["status"] == "at least":
+        return f">= {s['saving']:.0f}x (clearly above at n={s['n_to_match']} of {s['n_all']})"
+    return s["status"]
 
 
 def label_efficiency_table(summary: pd.DataFrame, tasks) -> pd.DataFrame:
     """The curves as a table: per task (of `tasks` that have curves), the test score of its
-    primary metric (mean ± std over draws) at each n, for the embedding curve (best probe on val
-    at each n) and each baseline's best probe on val (the CNN for scratch); columns n=25, ..., all."""
+    primary metric at each n (mean over draws [95 % interval over test blocks]; mean ± std over
+    draws for a run without intervals), for the embedding curve (best probe on val at each n) and
+    each baseline's best probe on val (the CNN for scratch); columns n=25, ..., all, and on each
+    baseline's row the embeddings' label saving against it."""
     rows = []
+    savings = label_savings(summary, tasks)
     for task in tasks:
         if summary[summary.task == task.name].empty:
             continue
         metric, higher = task.metric, task.higher_is_better
-        lines = {"embeddings": {c["n"]: (c["mean"], c["std"]) for c in embedding_curve(summary, task)}}
-        for source in ("pixel_stats", "scratch"):
-            part = summary[(summary.task == task.name) & (summary.source == source)]
-            if part.empty:
-                continue
-            probe = "cnn" if source == "scratch" else (best_by_val(summary, task, source) or DEFAULT_PROBE)
-            lines[f"{source} ({probe})"] = {int(n): _test_mean(summary, task.name, source, probe, metric, int(n))
-                                            for n in sorted(part.n.unique())}
         n_all = int(summary[summary.task == task.name].n.max())
-        for source, curve in lines.items():
-            row = {"task": task.name, "metric": f"{metric} ({'higher' if higher else 'lower'} is better)", "features": source}
-            row.update({("all" if n == n_all else f"n={n}"): _mean_std(*v) for n, v in sorted(curve.items())})
+        for source in ("embeddings",) + BASELINE_SOURCES:
+            curve = source_curve(summary, task, source)
+            if not curve:
+                continue
+            label = source if source == "embeddings" else f"{source} ({curve[-1]['probe']})"
+            row = {"task": task.name, "metric": f"{metric} ({'higher' if higher else 'lower'} is better)", "features": label}
+            for c in curve:
+                ci = (c["ci_low"], c["ci_high"])
+                text = format_figure(c["mean"], ci)
+                if not all(np.isfinite(ci)) and np.isfinite(c["std"]) and c["std"] > 0:
+                    text = f"{c['mean']:.3f} ± {c['std']:.3f}"
+                row["all" if c["n"] == n_all else f"n={c['n']}"] = text
+            if source != "embeddings":
+                s = savings.get(task.name, {}).get(source)
+                row["label saving (embeddings)"] = format_saving(s) if s else "–"
             rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "label saving (embeddings)" in table:
+        table = table[[c for c in table.columns if c != "label saving (embeddings)"] + ["label saving (embeddings)"]]
+    return table.fillna("–") if len(table) else table
 
 
 def plot_curves(summary: pd.DataFrame, tasks, out_dir: Path, title: str = "") -> list[Path]:
@@ -130,23 +290,26 @@ def plot_curves(summary: pd.DataFrame, tasks, out_dir: Path, title: str = "") ->
     import matplotlib.pyplot as plt
 
     paths = []
-    styles = {"embeddings": "-", "pixel_stats": "--", "scratch": ":"}
+    styles = {"embeddings": "-", "pixel_stats": "--", "random_init": "-.", "scratch": ":"}
     for task in tasks:
         metric, higher = task.metric, task.higher_is_better
         s = summary[(summary.task == task.name) & (summary["split"] == "test") & (summary.metric == metric)]
         if s.empty:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for (source, probe), part in s.groupby(["source", "probe"], sort=True):
-            part = part.sort_values("n")
-            line, = ax.plot(part.n, part["mean"], styles.get(source, "-"), marker="o", ms=3, label=f"{source}:{probe}")
-            ax.fill_between(part.n, part["mean"] - part["std"], part["mean"] + part["std"], color=line.get_color(), alpha=0.12)
+        for source in ("embeddings",) + BASELINE_SOURCES:  # the curves of the table: each source's chosen probe
+            curve = pd.DataFrame(source_curve(summary, task, source))
+            if curve.empty:
+                continue
+            label = source if source == "embeddings" else f"{source} ({curve.probe.iloc[-1]})"
+            line, = ax.plot(curve.n, curve["mean"], styles.get(source, "-"), marker="o", ms=3, label=label)
+            ax.fill_between(curve.n, curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.15)
         ax.set_xscale("log")
         ticks = sorted(s.n.unique())
         ax.set_xticks(ticks, [str(int(t)) for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("labelled train chips (n)")
-        ax.set_ylabel(f"test {metric} ({'higher' if higher else 'lower'} is better)")
+        ax.set_ylabel(f"test {metric} ({'higher' if higher else 'lower'} is better; 95% block CI)")
         ax.set_title(f"{task.name} {title}".strip(), fontsize=10)
         if task.class_names and task.kind != "regression":
             names = ", ".join(task.class_names)

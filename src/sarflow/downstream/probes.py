@@ -4,13 +4,24 @@ best probe per task.
 `run_probes(ProbeConfig)` probes every task the store's labels declare (`tasks.store_tasks`, or
 the ones named). It reads embeddings and the tasks' label columns through Feast (a
 point-in-time join on the store's chips), trains linear / kNN / small-MLP probes on n = 25, 50,
-... labelled train chips (several seeded draws per n), scores them on the store's val and test
-splits, and does the same with two baselines on the same chips: the same probes on raw-pixel
-statistics of the store's inputs, and a small CNN trained from scratch on the chips. It writes a
-curve per task (PNG), the curves as a table (CSV + JSON), logs everything to one MLflow run with
-the dataset lineage, and registers the best probe at n = all (chosen on the val split) as
+... labelled train chips (several seeded draws per n; one at n = all, where every draw would
+see the same chips), scores them on the store's val and test splits (the same test chips at
+every n and draw), and does the same with three baselines on the same chips: the same probes on
+raw-pixel statistics of the store's inputs and on the embeddings of a randomly initialised
+encoder of the probed encoder's architecture (`baselines.random_encoder_features`), and a small
+CNN trained from scratch on the chips with the same step budget at every n, stopped at its own
+validation optimum. Every test point gets a 95 % interval by a bootstrap over the test split's
+spatial blocks (`label_efficiency.block_interval`); the label savings against each baseline say
+"measured", "at least", "none" or "not measurable" from those intervals. It writes a curve per
+task (PNG), the curves as a table (CSV + JSON), logs everything to one MLflow run with the
+dataset lineage, and registers the best probe at n = all (chosen on the val split) as
 `Task.registered_name` through `log_downstream_model`, in a nested run per task whose metrics
 the promotion gate reads.
+
+One number per task (`result["primary"]`, `primary_figures`): the registered probe's test score
+of the task's primary metric with every train label and its interval; the console, the run's
+metric `<task>_test_<metric>` (+ `_ci_low`/`_ci_high`), the nested run's `test_<metric>`, the
+results report's `all` column and probes.json all carry that one figure.
 
 Honest numbers: a task whose train split cannot teach it, or whose test split cannot measure it
 (`tasks.not_evaluable`: too few chips, one class, zero variance), is reported as not evaluable
@@ -35,16 +46,17 @@ import numpy as np
 import pandas as pd
 from pydantic.dataclasses import dataclass as config_dataclass
 
-from sarflow.downstream.estimators import DETERMINISTIC, PROBES, fit_probe, fittable, score
-from sarflow.downstream.label_efficiency import (best_by_val, embedding_curve, label_savings, plot_curves, summarize,
-                                                 tasks_json)
+from sarflow.downstream.estimators import PROBES, fit_probe, fittable, model_output, output_metrics, score
+from sarflow.downstream.label_efficiency import (BOOTSTRAP, block_interval, best_by_val, embedding_curve, label_savings,
+                                                 plot_curves, primary_figures, summarize, tasks_json, spatial_blocks)
 from sarflow.downstream.tasks import Task, not_evaluable, select_tasks, store_tasks, task_target
 from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("pixel_stats", "scratch")
+BASELINES = ("pixel_stats", "random_init", "scratch")
+FEATURE_BASELINES = ("pixel_stats", "random_init")  # probed like the embeddings
 SPLITS = ("train", "val", "test")
 MIN_TRAIN_CHIPS = 2  # a train split below this cannot fit a probe (classes and variance: tasks.not_evaluable)
 
@@ -65,8 +77,10 @@ class ProbeConfig:
     baselines: tuple[str, ...] = BASELINES
     modalities: tuple[str, ...] = ()  # the baselines' inputs; empty = every input source of the store
     scratch_tasks: tuple[str, ...] | None = None  # the CNN costs most; None = the classification tasks
-    scratch_epochs: int = 8
+    scratch_steps: int = 300  # the CNN's optimiser steps at every n (early-stopped on val)
+    scratch_epochs: int = 1  # at least this many passes over the train draw
     scratch_draws: int = 2  # draws of the CNN per n (at most `draws`)
+    bootstrap: int = BOOTSTRAP  # replicates of the intervals over test blocks
     threads: int | None = 1  # BLAS/torch threads for the many tiny fits (1 is fastest for them)
     experiment: str = "sarflow-downstream"
     register: bool = True
@@ -231,39 +245,61 @@ def _usable_baselines(cfg: ProbeConfig) -> tuple[tuple[str, ...], dict[str, str]
     why the others are left out. Inputs chosen with `modalities` that cannot feed them are an error."""
     from sarflow.data.chipstore import continuous_inputs, open_chip_group
 
-    if not cfg.baselines:
-        return (), {}
+    pixel = tuple(b for b in cfg.baselines if b != "random_init")
+    kept = tuple(b for b in cfg.baselines if b == "random_init")
+    if not pixel:
+        return kept, {}
     try:
         continuous_inputs(open_chip_group(cfg.store), cfg.modalities or None, cfg.store, "the pixel baselines")
     except InputError as e:
         if cfg.modalities:
             raise
-        log.warning("%s: baselines %s left out: %s", cfg.store, list(cfg.baselines), e.cause)
-        return (), {b: e.cause for b in cfg.baselines}
-    return tuple(cfg.baselines), {}
+        log.warning("%s: baselines %s left out: %s", cfg.store, list(pixel), e.cause)
+        return kept, {b: e.cause for b in pixel}
+    return tuple(b for b in cfg.baselines if b in pixel + kept), {}
+
+
+@dataclass
+class Curves:
+    """The curve points (long table `points`), the points skipped because their train draw could
+    not teach the task, and each test point's model outputs per draw (task, source, probe, n) ->
+    [output of draw 0, ...] on the task's test chips (for the intervals)."""
+    points: pd.DataFrame
+    skipped: list[dict]
+    outputs: dict
 
 
 def _curves(cfg: ProbeConfig, data: ProbeData, splits: list[TaskSplits], scratch_tasks: set[str],
-            pixel: np.ndarray | None, chips: np.ndarray | None,
-            baselines: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, list[dict]]:
-    """The curve points (long table) of the evaluable tasks, and the points skipped because their
-    train draw could not teach the task."""
+            features: dict[str, np.ndarray] | None, chips: np.ndarray | None,
+            baselines: tuple[str, ...] | None = None) -> Curves:
+    """The curve points of the evaluable tasks: every probe on the embeddings and on each feature
+    baseline in `features` (source -> (chips, dim), store rows aligned with `data`), the scratch
+    CNN on `chips`. Every draw at every n is scored on the same test chips; at n = all there is
+    one draw (the train chips are the same), fitted with seed `cfg.seed` like the registered probe."""
     from sarflow.downstream.baselines import ScratchCNN
 
     baselines = cfg.baselines if baselines is None else baselines
-
-    rows, skipped = [], []
+    features = features or {}
+    rows, skipped, outputs = [], [], {}
     for ts in splits:
         task, y, idx = ts.task, ts.y, ts.idx
         evals = ("test",) if ts.val_reason else ("test", "val")
         n_all = len(idx["train"])
         sizes = sorted({int(s) for s in cfg.sizes if 0 < int(s) < n_all}) + [n_all]
         sources = [("embeddings", data.x, False)]
-        if "pixel_stats" in baselines:
-            sources.append(("pixel_stats", pixel, True))
-        same: dict = {}
+        sources += [(b, features[b], b == "pixel_stats") for b in FEATURE_BASELINES if b in baselines and b in features]
+        n_labels = y.shape[1] if y.ndim > 1 else None
+
+        def add(source, probe, n, draw, model, x):
+            for ev in evals:
+                out = model_output(task, model, x[idx[ev]], n_labels)
+                if ev == "test":
+                    outputs.setdefault((task.name, source, probe, n), []).append(out)
+                for metric, value in output_metrics(task, y[idx[ev]], out).items():
+                    rows.append((task.name, source, probe, n, n == n_all, draw, ev, metric, value))
+
         for n in sizes:
-            for draw in range(cfg.draws):
+            for draw in range(cfg.draws if n < n_all else 1):
                 tr = _draw(idx["train"], n, cfg.seed, draw)
                 if not fittable(task, y[tr]):
                     skipped.append({"task": task.name, "n": int(n), "draw": draw,
@@ -272,23 +308,32 @@ def _curves(cfg: ProbeConfig, data: ProbeData, splits: list[TaskSplits], scratch
                     continue
                 for source, feats, impute in sources:
                     for probe in cfg.probes:
-                        key = (source, probe)
-                        if n == n_all and probe in DETERMINISTIC and key in same:  # every draw is the same fit
-                            scores = same[key]
-                        else:
-                            model = fit_probe(probe, task, feats[tr], y[tr], seed=cfg.seed + draw, impute=impute)
-                            scores = {ev: score(task, model, feats[idx[ev]], y[idx[ev]]) for ev in evals}
-                            if n == n_all:
-                                same[key] = scores
-                        for ev, values in scores.items():
-                            for metric, value in values.items():
-                                rows.append((task.name, source, probe, n, n == n_all, draw, ev, metric, value))
+                        add(source, probe, n, draw, fit_probe(probe, task, feats[tr], y[tr], seed=cfg.seed + draw,
+                                                              impute=impute), feats)
                 if "scratch" in baselines and task.name in scratch_tasks and draw < cfg.scratch_draws:
-                    cnn = ScratchCNN(task.kind, epochs=cfg.scratch_epochs, seed=cfg.seed + draw).fit(chips[tr], y[tr])
-                    for ev in evals:
-                        for metric, value in score(task, cnn, chips[idx[ev]], y[idx[ev]]).items():
-                            rows.append((task.name, "scratch", "cnn", n, n == n_all, draw, ev, metric, value))
-    return pd.DataFrame(rows, columns=CURVE_COLUMNS), skipped
+                    val = idx["val"] if not ts.val_reason else idx["val"][:0]
+                    cnn = ScratchCNN(task.kind, steps=cfg.scratch_steps, min_epochs=cfg.scratch_epochs,
+                                     seed=cfg.seed + draw, metric=task.metric, higher_is_better=task.higher_is_better)
+                    add("scratch", "cnn", n, draw, cnn.fit(chips[tr], y[tr], chips[val], y[val]), chips)
+    return Curves(pd.DataFrame(rows, columns=CURVE_COLUMNS), skipped, outputs)
+
+
+def curve_intervals(curves: Curves, data: ProbeData, splits: list[TaskSplits], block_side: int | None,
+                    replicates: int = BOOTSTRAP, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """The test points' 95 % intervals over spatial test blocks (rows of task, source, probe, n,
+    split, metric, ci_low, ci_high), and per task the blocks they resample ({blocks, block_chips,
+    test_chips})."""
+    rows, units = [], {}
+    for ts in splits:
+        te = ts.idx["test"]
+        blocks, side = spatial_blocks(data.cells[te], block_side)
+        units[ts.task.name] = {"blocks": int(blocks.max(initial=-1)) + 1, "block_chips": int(side), "test_chips": len(te)}
+        for (task, source, probe, n), outs in curves.outputs.items():
+            if task != ts.task.name:
+                continue
+            for metric, (lo, hi) in block_interval(ts.task, ts.y[te], outs, blocks, replicates, seed).items():
+                rows.append((task, source, probe, n, "test", metric, lo, hi))
+    return pd.DataFrame(rows, columns=["task", "source", "probe", "n", "split", "metric", "ci_low", "ci_high"]), units
 
 
 # -------------------------------------------------------------------------------- run_probes
@@ -313,7 +358,7 @@ def run_probes(cfg: ProbeConfig) -> dict:
 def _run_probes(cfg: ProbeConfig) -> dict:
     import mlflow
 
-    from sarflow.downstream.baselines import chip_tensor, pixel_statistics
+    from sarflow.downstream.baselines import chip_tensor, pixel_statistics, random_encoder_features
     from sarflow.downstream.models import dataset_id, evaluation_set, log_downstream_model
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.mlops.tracking import setup_mlflow
@@ -336,20 +381,32 @@ def _run_probes(cfg: ProbeConfig) -> dict:
             log.warning("%s: task %s: %s", cfg.store, ts.task.name, selection_note[ts.task.name])
 
     baselines, skipped_baselines = _usable_baselines(cfg)
-    pixel = chips = None
+    exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)  # the random encoder's architecture is read from it
+    features, chips = {}, None
     if "pixel_stats" in baselines:
-        pixel = pixel_statistics(cfg.store, cfg.modalities or None)[0][data.store_index]
+        features["pixel_stats"] = pixel_statistics(cfg.store, cfg.modalities or None)[0][data.store_index]
+    if "random_init" in baselines:
+        try:
+            features["random_init"] = random_encoder_features(cfg.store, data.model, data.version)[data.store_index]
+        except InputError as e:
+            if "random_init" in (cfg.baselines if cfg.baselines != BASELINES else ()):
+                raise
+            skipped_baselines["random_init"] = str(e)
+            log.warning("%s: baseline random_init left out: %s", cfg.store, skipped_baselines["random_init"])
     if "scratch" in baselines and any(t.name in scratch_tasks for t in evaluable):
         chips = chip_tensor(cfg.store, cfg.modalities or None)[data.store_index]
-    curves, skipped_points = _curves(cfg, data, splits, scratch_tasks, pixel, chips, baselines)
-    summary = summarize(curves)
+    curves = _curves(cfg, data, splits, scratch_tasks, features, chips, baselines)
+    intervals, ci_units = curve_intervals(curves, data, splits, _split_block(cfg.store), cfg.bootstrap, cfg.seed)
+    summary = summarize(curves.points, intervals)
+    skipped_points = curves.skipped
     default = cfg.probes[0]
     savings = label_savings(summary, evaluable, default)
+    primary = primary_figures(summary, evaluable, default)
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(tempfile.mkdtemp(prefix="sarflow-probes-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     curves_path, summary_path = out_dir / "curves.csv", out_dir / "curves_summary.csv"
-    curves.to_csv(curves_path, index=False)
+    curves.points.to_csv(curves_path, index=False)
     summary.to_csv(summary_path, index=False)
     plots = plot_curves(summary, evaluable, out_dir, f"({data.model} v{data.version})")
 
@@ -357,17 +414,18 @@ def _run_probes(cfg: ProbeConfig) -> dict:
     at_all = summary[summary.is_all & (summary["split"] == "test")]
     for r in at_all.itertuples():
         metrics[f"{r.task}_{r.source}_{r.probe}_test_{r.metric}"] = float(r.mean)
-    selected = {t.name: best_by_val(summary, t, "embeddings") or default for t in evaluable}
+    selected = {t.name: primary[t.name]["probe"] for t in evaluable}
     for name, probe in selected.items():
         if name not in selection_note:
             selection_note[name] = f"best on val: {probe}"
         for r in at_all[(at_all.task == name) & (at_all.source == "embeddings") & (at_all.probe == probe)].itertuples():
             metrics[f"{name}_test_{r.metric}"] = float(r.mean)
+            metrics[f"{name}_test_{r.metric}_ci_low"] = float(r.ci_low)
+            metrics[f"{name}_test_{r.metric}_ci_high"] = float(r.ci_high)
 
     lineage = dataset_lineage(cfg.store)
     dataset = dataset_id(lineage)
     eval_sets = {t.name: evaluation_set(dataset, "test", t.name) for t in evaluable}
-    exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
     tags = {**lineage, "sarflow.embeddings_model": data.model, "sarflow.embeddings_version": data.version,
             "sarflow.embeddings_view": data.view}
     parent_tags = {**tags, **{f"sarflow.eval_set.{k}": v for k, v in eval_sets.items()},
@@ -381,7 +439,8 @@ def _run_probes(cfg: ProbeConfig) -> dict:
         mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
         for p in [curves_path, summary_path, *plots]:
             mlflow.log_artifact(str(p), artifact_path="downstream")
-        mlflow.log_dict({"label_savings": savings, "selected_probe": selected, "selection": selection_note,
+        mlflow.log_dict({"primary": primary, "label_savings": savings, "intervals": ci_units,
+                         "selected_probe": selected, "selection": selection_note,
                          "not_evaluable": skipped_tasks, "skipped_points": skipped_points,
                          "baselines_left_out": skipped_baselines,
                          "curves": {t.name: embedding_curve(summary, t, default) for t in evaluable}},
@@ -392,14 +451,19 @@ def _run_probes(cfg: ProbeConfig) -> dict:
             task, probe = ts.task, selected[ts.task.name]
             tr, te = ts.idx["train"], ts.idx["test"]
             model = fit_probe(probe, task, data.x[tr], ts.y[tr], seed=cfg.seed)
-            test = {f"test_{k}": v for k, v in score(task, model, data.x[te], ts.y[te]).items()}  # test, read once
-            primary = f"test_{task.metric}"
-            if not np.isfinite(test.get(primary, np.nan)):
-                skipped_tasks[task.name] = f"its {primary} on the test split is not finite"
+            test = {f"test_{k}": v for k, v in score(task, model, data.x[te], ts.y[te]).items()}  # the curve's n = all fit
+            key = f"test_{task.metric}"
+            figure = primary[task.name]
+            if not np.isclose(test.get(key, np.nan), figure["value"], rtol=1e-9, atol=1e-12, equal_nan=True):
+                raise RuntimeError(f"{task.name}: the registered probe's {key} {test.get(key)} differs from the "
+                                   f"curve's n = all point {figure['value']}")  # one number per task, by construction
+            test.update({f"{key}_ci_low": figure["ci"][0], f"{key}_ci_high": figure["ci"][1]})
+            if not np.isfinite(test.get(key, np.nan)):
+                skipped_tasks[task.name] = f"its {key} on the test split is not finite"
                 mlflow.set_tag(f"sarflow.not_evaluable.{task.name}", skipped_tasks[task.name])
                 log.warning("%s: task %s is not evaluable: %s", cfg.store, task.name, skipped_tasks[task.name])
                 continue
-            ordered = {primary: test[primary], **{k: v for k, v in test.items() if k != primary and np.isfinite(v)}}
+            ordered = {key: test[key], **{k: v for k, v in test.items() if k != key and np.isfinite(v)}}
             name = task.registered_name
             with mlflow.start_run(experiment_id=exp_id, run_name=f"probe-{task.name}", nested=True,
                                   tags={**tags, "sarflow.task": task.name, "sarflow.probe": probe,
@@ -410,7 +474,7 @@ def _run_probes(cfg: ProbeConfig) -> dict:
                 info = log_downstream_model(model, name, data.x[te[:5]], lineage=lineage,
                                             eval_set=eval_sets[task.name], metrics=ordered, register=cfg.register)
             if cfg.register:
-                models[name] = {"version": str(info["version"]), "metric": primary,
+                models[name] = {"version": str(info["version"]), "metric": key,
                                 "higher_is_better": bool(task.higher_is_better)}
                 client = mlflow.MlflowClient()
                 client.set_model_version_tag(name, info["version"], "sarflow.probe", probe)
@@ -423,12 +487,21 @@ def _run_probes(cfg: ProbeConfig) -> dict:
                  for t in evaluable if t.name not in skipped_tasks}
     result = {"run_id": run.info.run_id, "models": models, "not_evaluable": skipped_tasks, "tasks": task_info,
               "metrics": metrics, "curves": str(curves_path), "summary": str(summary_path),
-              "plots": [str(p) for p in plots], "label_savings": savings, "selected_probe": selected,
+              "plots": [str(p) for p in plots], "primary": {k: v for k, v in primary.items() if k not in skipped_tasks},
+              "label_savings": savings, "intervals": ci_units, "selected_probe": selected,
               "skipped_points": skipped_points, "baselines_left_out": skipped_baselines,
               "embeddings": {"model": data.model, "version": data.version, "view": data.view}, "out_dir": str(out_dir)}
     write_json_atomic(out_dir / "probes.json", result)
     result["json"] = str(out_dir / "probes.json")
     return result
+
+
+def _split_block(store: str) -> int | None:
+    """The side (chips) of the splitter's blocks, from the store's attributes (None: unknown)."""
+    from sarflow.data.chipstore import open_chip_group
+
+    side = (open_chip_group(store).attrs.get("split") or {}).get("block_chips")
+    return int(side) if isinstance(side, (int, float)) and side > 0 else None
 
 
 def write_json_atomic(path: Path, obj) -> None:
