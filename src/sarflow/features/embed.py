@@ -15,6 +15,20 @@ i.e. AWS_ENDPOINT_URL and the AWS key variables). A partition only appears once 
 it is written to a `.partial-*` folder renamed into place; on S3 the file is uploaded to a
 `.partial-*` key outside every source folder and copied to its final key (one S3 copy is atomic:
 the final object exists whole or not at all), then the temporary key is removed.
+
+Fan-out over shard ranges (one task per range, e.g. one GPU each): `embed_store(..., shards=(a, b))`
+(`sarflow embed --shards a:b`) embeds the chips of store shards [a, b) (the chip axis's zarr
+shards) into its own part, staged outside every source folder:
+
+    <root>/embeddings/.staging/model=<name>/version=<version>/part-<a>-<b>.parquet
+
+(written atomically, its range, model, version, dataset version and totals in the file's
+`sarflow.part` metadata, so a part present is a part complete; a rerun of a range replaces it).
+`finalize_embeddings` (`sarflow embed --finalize`) checks that the parts cover every shard once
+(no gap, no overlap) with one model, version, dataset version and dimension, then publishes
+them as the partition's `part-NNNNN.parquet` files in shard order: locally a `.partial-*` folder
+renamed into place; on S3 the parts are copied under a `_publishing` marker that sarflow's
+readers honour (`embedding_partitions` skips the partition until the marker is removed, last).
 """
 
 from __future__ import annotations
@@ -49,10 +63,12 @@ EMBEDDINGS = "embeddings"
 @config_dataclass(config=STAGE_CONFIG)
 class EmbedConfig:
     """params.yaml's `embed:` section (the features root is `features.root`): chips per forward
-    pass, the device (None: CUDA when present), and the MLflow server holding the encoder."""
+    pass, the device (None: CUDA when present), the chip reader threads, and the MLflow server
+    holding the encoder."""
 
     batch_size: int = 256
     device: str | None = None
+    workers: int = 2
     tracking_uri: str = field(default_factory=default_tracking_uri)
 
 
@@ -152,37 +168,43 @@ def encoder_chips(arrays: list, rows=slice(None)) -> np.ndarray:
     return np.concatenate([read_masked(arr, rows, idx) for arr, idx in arrays], axis=1)
 
 
-def _chip_batches(arrays: list, n: int, batch_size: int, prefetch: int = 2, pin: bool = False):
-    """Yields the chips [0, n) in order as float32 tensors of up to `batch_size` chips, the
+def _chip_batches(arrays: list, n: int, batch_size: int, prefetch: int = 2, pin: bool = False, start: int = 0,
+                  workers: int = 1):
+    """Yields the chips [start, n) in order as float32 tensors of up to `batch_size` chips, the
     channels of `arrays` ((zarr array, band indices) pairs) concatenated, read with the one
-    reader (`chipstore.read_masked`: NaN at nodata, integer arrays included). One background
-    thread reads and decompresses up to `prefetch` batches ahead of the one the caller holds;
+    reader (`chipstore.read_masked`: NaN at nodata, integer arrays included). `workers`
+    background threads read and decompress batches (zarr's codecs and numpy's masking release
+    the GIL), up to `prefetch` + `workers` - 1 batches ahead of the one the caller holds;
     with `pin` the batches are in page-locked memory (for non-blocking copies to a GPU). An error
-    in the reader is raised here; closing the generator cancels what is pending and joins the thread."""
+    in the reader is raised here; closing the generator cancels what is pending and joins the threads."""
     import torch
     import zarr
 
     from sarflow.data.chipstore import read_masked
 
+    if workers < 1:
+        raise InputError("embed", f"reader workers must be >= 1, got {workers}")
     channels = sum(len(idx) for _, idx in arrays)
     shape = arrays[0][0].shape[2:]
-    starts = range(0, n, batch_size)
+    starts = range(start, n, batch_size)
+    prefetch = prefetch + workers - 1
 
     def read(start: int) -> torch.Tensor:
         stop = min(n, start + batch_size)
         x = torch.empty((stop - start, channels, *shape), dtype=torch.float32, pin_memory=pin)
         out, c = x.numpy(), 0
-        # zarr decodes a read's chunks (one chip each) `codec_pipeline.batch_size` at a time:
-        # whole batches at once read ~4x faster than its default of 1 (a performance knob only).
-        # The sharding codec looks the setting up on every read; zarr's config is process-wide,
-        # so it is set only for the duration of this read.
-        with zarr.config.set({"codec_pipeline.batch_size": stop - start}):
-            for arr, idx in arrays:
-                out[:, c:c + len(idx)] = read_masked(arr, slice(start, stop), idx)
-                c += len(idx)
+        for arr, idx in arrays:
+            out[:, c:c + len(idx)] = read_masked(arr, slice(start, stop), idx)
+            c += len(idx)
         return x
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sarflow-embed-read")
+    # zarr decodes a read's chunks (one chip each) `codec_pipeline.batch_size` at a time: whole
+    # batches at once read ~4x faster than its default of 1 (a performance knob only). The
+    # sharding codec looks the setting up on every read and zarr's config is process-wide, so it
+    # is set once, from this thread, for the life of the readers (not per read: concurrent
+    # readers would restore each other's values out of order).
+    knob = zarr.config.set({"codec_pipeline.batch_size": batch_size})
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sarflow-embed-read")
     try:
         ahead = deque(pool.submit(read, s) for s in starts[:prefetch])
         for i in range(len(starts)):
@@ -191,14 +213,46 @@ def _chip_batches(arrays: list, n: int, batch_size: int, prefetch: int = 2, pin:
             yield ahead.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        knob.__exit__(None, None, None)
+
+
+def store_shards(arrays: list, n: int) -> tuple[int, int]:
+    """(chips per shard, number of shards) of the store's chip axis, from the first input array
+    (every array of a store shares the chip shard: one writer per shard)."""
+    arr = arrays[0][0]
+    step = int(arr.shards[0]) if getattr(arr, "shards", None) else int(arr.chunks[0])
+    return step, -(-n // step)
+
+
+def parse_shards(text: str) -> tuple[int, int]:
+    """`a:b` -> (a, b), the shard range [a, b) of `sarflow embed --shards`."""
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise InputError(text, "--shards takes A:B, the store shards [A, B) (e.g. 0:8)") from None
+    return a, b
+
+
+def staging(root: str | Path, model: ModelRef | None = None, name: str | None = None,
+            version: str | None = None) -> str | Path:
+    """Where the parts of a fanned-out run wait for `finalize_embeddings`, outside every source folder."""
+    name, version = (model.name, model.version) if model is not None else (name, version)
+    return join(root, EMBEDDINGS, STAGING, f"model={name}", f"version={version}")
+
+
+STAGING = ".staging"
+PUBLISHING = "_publishing"  # an S3 partition being published: readers skip it until it is removed
+PART_KEY = b"sarflow.part"
 
 
 def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 256, overwrite: bool = False,
-                device: str | None = None) -> dict:
-    """Embeds every chip; returns the partition path, rows, dimension, device and throughput.
+                device: str | None = None, shards: tuple[int, int] | None = None, workers: int = 1) -> dict:
+    """Embeds every chip (or, with `shards=(a, b)`, the chips of store shards [a, b) into a
+    staged part, see the module doc); returns the partition (or part) path, rows, dimension,
+    device and throughput.
 
-    Reading and decompressing chips runs in a background thread, ahead of the forward passes
-    (`_chip_batches`). On CUDA the batches are pinned and copied without blocking, the forward
+    Reading and decompressing chips runs in `workers` background threads, ahead of the forward
+    passes (`_chip_batches`). On CUDA the batches are pinned and copied without blocking, the forward
     runs under bf16 autocast, the embeddings are copied back without blocking into one pinned
     host array, and the host waits for the device once, after the last batch.
 
@@ -221,25 +275,37 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     out = partition(root, model)
     if exists(out) and not overwrite:
         raise InputError(str(out), f"embeddings of {model.name} v{model.version} already exist (use --overwrite)")
+    group = open_chip_group(store)
+    n_all = int(group.attrs["chips"])
+    table = read_chip_table(store).sort_values("index")
+    if not np.array_equal(table["index"].to_numpy(), np.arange(n_all)):
+        raise InputError(store, f"chips.parquet's index column is not the rows 0..{n_all - 1} of the arrays")
     encoder = mlflow.pytorch.load_model(model.uri, map_location="cpu")
+    arrays = encoder_arrays(group, encoder, store)
+    per_shard, n_shards = store_shards(arrays, n_all)
+    first, n = 0, n_all
+    if shards is not None:
+        a, b = int(shards[0]), int(shards[1])
+        if not 0 <= a < b <= n_shards:
+            raise InputError(store, f"shard range {a}:{b} is not within the store's {n_shards} shards "
+                                    f"({per_shard} chips each): use A:B with 0 <= A < B <= {n_shards}")
+        first, n = a * per_shard, min(b * per_shard, n_all)
+        table = table.iloc[first:n]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(device).type == "cuda"
     encoder = encoder.to(device).eval()
-    group = open_chip_group(store)
-    table = read_chip_table(store).sort_values("index")
-    arrays = encoder_arrays(group, encoder, store)
-    n = int(group.attrs["chips"])
     lineage = dataset_lineage(store)
     dataset_version = lineage["sarflow.dataset_dvc_md5"]
+    rows = n - first
     t0 = time.perf_counter()
-    host = None  # (n, dim) float32, pinned on CUDA, allocated once the dimension is known
+    host = None  # (rows, dim) float32, pinned on CUDA, allocated once the dimension is known
     with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda), \
-            closing(_chip_batches(arrays, n, batch_size, pin=cuda)) as batches:
+            closing(_chip_batches(arrays, n, batch_size, pin=cuda, start=first, workers=workers)) as batches:
         start = 0
         for x in batches:
             e = encoder(x.to(device, non_blocking=cuda)).float()
             if host is None:
-                host = torch.empty((n, e.shape[1]), dtype=torch.float32, pin_memory=cuda)
+                host = torch.empty((rows, e.shape[1]), dtype=torch.float32, pin_memory=cuda)
             host[start:start + len(x)].copy_(e, non_blocking=cuda)
             start += len(x)
     if cuda:
@@ -248,24 +314,15 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     loop_s = time.perf_counter() - t0
     dim = emb.shape[1]
     t1 = time.perf_counter()
-    wkb = [bytes(b) for b in table["geometry"]]  # the chips' footprints in EPSG:4326, as chips.parquet has them
-    centroids = shapely.centroid(shapely.from_wkb(np.asarray(wkb, dtype=object)))
-    lon, lat = shapely.get_x(centroids), shapely.get_y(centroids)
-    ts = datetime.now(timezone.utc).replace(microsecond=0)
-    arrow = pa.table({
-        "chip_id": pa.array(table["chip_id"].tolist(), pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), dim).cast(pa.list_(pa.float32())),
-        "model_name": pa.array([model.name] * n, pa.string()),
-        "model_version": pa.array([model.version] * n, pa.string()),
-        "dataset_version": pa.array([dataset_version] * n, pa.string()),
-        "event_timestamp": pa.array([ts] * n, pa.timestamp("us", tz="UTC")),
-        "lon": pa.array(lon, pa.float64()),
-        "lat": pa.array(lat, pa.float64()),
-        "split": pa.array(table["split"].tolist(), pa.string()),
-        "geometry": pa.array(wkb, pa.binary()),
-    })
-    arrow = arrow.replace_schema_metadata({b"geo": json.dumps(geoparquet_metadata(wkb)).encode()})
-    if is_remote(out):
+    arrow = _embedding_table(table, emb, model, dataset_version)
+    if shards is not None:
+        meta = {"model": model.name, "version": model.version, "dataset_version": dataset_version, "dim": dim,
+                "shards": [a, b], "shards_total": n_shards, "chips_per_shard": per_shard, "rows": [first, n],
+                "chips_total": n_all}
+        arrow = arrow.replace_schema_metadata({**arrow.schema.metadata, PART_KEY: json.dumps(meta).encode()})
+        out = join(staging(root, model), f"part-{a:06d}-{b:06d}.parquet")
+        write_table_atomic(arrow, out, row_group_size=65536)  # a rerun of the range replaces its part
+    elif is_remote(out):
         write_table_atomic(arrow, f"{out}/part-00000.parquet", row_group_size=65536)
         fs = filesystem()
         for stale in parquet_files(out):  # an overwritten partition keeps only the new file
@@ -283,11 +340,106 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     write_s = time.perf_counter() - t1
-    log.info("embedded %d chips with %s v%s in %.1fs + %.1fs writing (%.0f chips/s)", n, model.name, model.version,
-             loop_s, write_s, n / (loop_s + write_s))
-    return {"partition": str(out), "rows": n, "dim": dim, "model": model.name, "version": model.version,
-            "dataset_version": dataset_version, "device": device, "loop_s": loop_s, "write_s": write_s,
-            "chips_per_s": n / max(loop_s + write_s, 1e-9), "chips_per_s_loop": n / max(loop_s, 1e-9)}
+    log.info("embedded %d chips with %s v%s in %.1fs + %.1fs writing (%.0f chips/s)", rows, model.name, model.version,
+             loop_s, write_s, rows / (loop_s + write_s))
+    result = {"partition": str(out), "rows": rows, "dim": dim, "model": model.name, "version": model.version,
+              "dataset_version": dataset_version, "device": device, "workers": workers, "loop_s": loop_s,
+              "write_s": write_s, "chips_per_s": rows / max(loop_s + write_s, 1e-9),
+              "chips_per_s_loop": rows / max(loop_s, 1e-9)}
+    if shards is not None:
+        result.update(part=result.pop("partition"), shards=[a, b], shards_total=n_shards)
+    return result
+
+
+def _embedding_table(table, emb: np.ndarray, model: ModelRef, dataset_version: str) -> pa.Table:
+    """The GeoParquet table of embeddings `emb` of the chips of `table` (chips.parquet rows, in order)."""
+    n, dim = emb.shape
+    wkb = [bytes(b) for b in table["geometry"]]  # the chips' footprints in EPSG:4326, as chips.parquet has them
+    centroids = shapely.centroid(shapely.from_wkb(np.asarray(wkb, dtype=object)))
+    lon, lat = shapely.get_x(centroids), shapely.get_y(centroids)
+    ts = datetime.now(timezone.utc).replace(microsecond=0)
+    arrow = pa.table({
+        "chip_id": pa.array(table["chip_id"].tolist(), pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), dim).cast(pa.list_(pa.float32())),
+        "model_name": pa.array([model.name] * n, pa.string()),
+        "model_version": pa.array([model.version] * n, pa.string()),
+        "dataset_version": pa.array([dataset_version] * n, pa.string()),
+        "event_timestamp": pa.array([ts] * n, pa.timestamp("us", tz="UTC")),
+        "lon": pa.array(lon, pa.float64()),
+        "lat": pa.array(lat, pa.float64()),
+        "split": pa.array(table["split"].tolist(), pa.string()),
+        "geometry": pa.array(wkb, pa.binary()),
+    })
+    return arrow.replace_schema_metadata({b"geo": json.dumps(geoparquet_metadata(wkb)).encode()})
+
+
+def finalize_embeddings(root: str | Path, model_name: str, version: str, overwrite: bool = False) -> dict:
+    """Publishes the staged parts of `model_name` v`version` as its partition (see the module doc).
+
+    Refuses, naming the files, parts of another model, version, dataset version, store or
+    dimension, overlapping ranges and missing shard ranges; nothing is published then. Returns
+    the partition, its files, rows and shards."""
+    check_root(root)
+    where = staging(root, name=model_name, version=str(version))
+    out = partition(root, ModelRef(uri="", name=model_name, version=str(version)))
+    if exists(out) and not overwrite:
+        raise InputError(str(out), f"embeddings of {model_name} v{version} already exist (use --overwrite)")
+    parts = parquet_files(where)
+    if not parts:
+        raise InputError(str(where), f"no staged parts of {model_name} v{version} (run `sarflow embed --shards A:B` first)")
+    metas = []
+    for f in parts:
+        fs, p = fs_path(f)
+        md = pq.read_schema(p, filesystem=fs).metadata or {}
+        if PART_KEY not in md:
+            raise InputError(str(f), "not a part written by `sarflow embed --shards` (no sarflow.part metadata)")
+        metas.append((json.loads(md[PART_KEY]), f))
+    ref = metas[0][0]
+    same = ("model", "version", "dataset_version", "dim", "shards_total", "chips_per_shard", "chips_total")
+    for meta, f in metas:
+        diff = [k for k in same if meta[k] != ref[k]]
+        if diff:
+            raise InputError(str(f), f"this part differs from {metas[0][1]} in {', '.join(f'{k} ({meta[k]} vs {ref[k]})' for k in diff)}")
+    metas.sort(key=lambda m: tuple(m[0]["shards"]))
+    at = 0
+    for meta, f in metas:
+        a, b = meta["shards"]
+        if a < at:
+            raise InputError(str(f), f"shards {a}:{b} overlap the part before it (which ends at shard {at})")
+        if a > at:
+            raise InputError(str(where), f"shards {at}:{a} of {ref['shards_total']} have no part (embed them with --shards {at}:{a})")
+        at = b
+    if at != ref["shards_total"]:
+        raise InputError(str(where), f"shards {at}:{ref['shards_total']} of {ref['shards_total']} have no part "
+                                     f"(embed them with --shards {at}:{ref['shards_total']})")
+    names = [f"part-{i:05d}.parquet" for i in range(len(metas))]
+    if is_remote(out):
+        fs = filesystem()
+        key = str(out)[len("s3://"):]
+        fs.pipe(f"{key}/{PUBLISHING}", b"")
+        for (_, f), name in zip(metas, names):
+            fs.copy(str(f)[len("s3://"):], f"{key}/{name}")
+        for stale in parquet_files(out):
+            if str(stale).rsplit("/", 1)[1] not in names:
+                fs.rm(str(stale)[len("s3://"):])
+        fs.rm(f"{key}/{PUBLISHING}")
+        fs.rm(str(where)[len("s3://"):], recursive=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
+        try:
+            for (_, f), name in zip(metas, names):
+                shutil.copyfile(f, tmp / name)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(where)
+    log.info("published %d parts of %s v%s (%d chips) at %s", len(names), model_name, version, ref["chips_total"], out)
+    return {"partition": str(out), "files": names, "rows": ref["chips_total"], "shards": ref["shards_total"],
+            "model": model_name, "version": str(version), "dataset_version": ref["dataset_version"]}
 
 
 def read_embeddings(root: str | Path, model_name: str, version: str) -> pa.Table:
@@ -316,9 +468,10 @@ def embedding_partitions(root: str | Path) -> list[tuple[str, str, str | Path]]:
         fs, base = fs_path(join(root, EMBEDDINGS))
         try:
             files = fs.glob(base.rstrip("/") + "/model=*/version=*/*.parquet")
+            publishing = {f.rsplit("/", 1)[0] for f in fs.glob(base.rstrip("/") + f"/model=*/version=*/{PUBLISHING}")}
         except FileNotFoundError:
-            files = []
-        folders = sorted({f.rsplit("/", 1)[0] for f in files if not f.rsplit("/", 1)[1].startswith((".", "_"))})
+            files, publishing = [], set()
+        folders = sorted({f.rsplit("/", 1)[0] for f in files if not f.rsplit("/", 1)[1].startswith((".", "_"))} - publishing)
         found = [(d.rsplit("/", 2)[1].split("=", 1)[1], d.rsplit("/", 1)[1].split("=", 1)[1], "s3://" + d)
                  for d in folders]
         return sorted(found, key=_partition_order)
