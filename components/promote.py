@@ -1,7 +1,7 @@
 """Components `promote-model` and `publish-champion`: the registry's promotion gate, and what
 happens when it promotes.
 
-`promote-model` wraps :func:`sarflow.mlops.registry.promote` (newest version vs ``@champion`` on the
+`promote-model` wraps :func:`sarflow.mlops.registry.promote` (the version the task registered vs ``@champion`` on the
 same evaluation set and dataset version, by a margin) for every model a training task
 registered, and returns whether it promoted any, so the pipeline can branch on it with
 ``dsl.If``. `publish-champion` runs only in that branch: for each promoted model it loads
@@ -27,7 +27,8 @@ def promote_model(
     one record per model). `models` is what a training task registered, as JSON
     ``{name: {"version", "metric", "higher_is_better"}}`` (the models a run registers depend on
     the labels its catalog declares, so the pipeline cannot name them); or one `name` with its
-    `metric`. The gate always judges each model's newest version. A single unnamed output on
+    `metric`. The gate judges the version the training task registered (a bare `name`: its
+    newest), under the lock of `promote.lock_uri` / $SARFLOW_PROMOTION_LOCK. A single unnamed output on
     purpose: kfp.local resolves a condition on a task's `Output`, not on a named output."""
     import json
     from pathlib import Path
@@ -47,7 +48,8 @@ def promote_model(
         gated[name] = {"metric": metric, "higher_is_better": bool(higher_is_better)}
     records = []
     for model, spec in sorted(gated.items()):
-        d = promote(model, spec["metric"], higher_is_better=bool(spec["higher_is_better"]), margin=cfg.margin)
+        d = promote(model, spec["metric"], higher_is_better=bool(spec["higher_is_better"]), margin=cfg.margin,
+                    version=spec.get("version"), lock_uri=cfg.lock_uri)
         champion = str(mlflow.MlflowClient().get_model_version_by_alias(model, "champion").version) \
             if d.promoted or d.champion else ""
         records.append({"model": model, "metric": spec["metric"], "promoted": d.promoted, "challenger": d.challenger,

@@ -287,3 +287,106 @@ def test_a_model_with_a_non_finite_primary_metric_is_never_logged_or_registered(
                                  metrics={"test_macro_f1": float("nan"), "test_accuracy": 0.5})
     assert mlflow.MlflowClient().search_registered_models() == []
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {}
+
+
+def test_two_pipelines_gating_their_own_versions_leave_the_best_champion(registry):
+    """Issue 16: two gates interleaved left the 0.82 model champion and lost the 0.85 one. Each
+    pipeline judges the version it registered, so either order ends with the best as champion."""
+    import json
+
+    for order in ((3, 2), (2, 3)):
+        if registry.search_registered_models(f"name='{NAME}'"):
+            registry.delete_registered_model(NAME)
+        v1 = _register(0.80)
+        promote(NAME, "macro_f1", version=v1)
+        v2, v3 = _register(0.85), _register(0.82)
+        by_number = {2: v2, 3: v3}
+        decisions = [promote(NAME, "macro_f1", version=by_number[k]) for k in order]
+        assert _champion(registry) == v2, (order, [d.__dict__ for d in decisions])
+        history = json.loads(registry.get_registered_model(NAME).tags["sarflow.promotion.history"])
+        assert [h["version"] for h in history] == [v1, *(by_number[k] for k in order)]
+        assert history[0]["outcome"] == "promoted" and history[0]["champion_before"] is None
+
+
+def test_an_unknown_version_is_refused(registry):
+    _register(0.7)
+    with pytest.raises(InputError, match="has no version 9 \\(versions: 1\\)"):
+        promote(NAME, "macro_f1", version="9")
+
+
+def _postgres_or_skip() -> str:
+    psycopg2 = pytest.importorskip("psycopg2")
+    uri = "postgresql://postgres@127.0.0.1:5432/test"
+    try:
+        psycopg2.connect(uri, connect_timeout=2).close()
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {e}")
+    return uri
+
+
+def _gate_in_another_process(tracking_uri: str, lock_uri: str, tmp: "Path", version: str):
+    """`sarflow promote` as a second pod runs it: its own process and temp folder, the lock in PostgreSQL."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp / "pod-tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp / "pod-tmp"), "SARFLOW_PROMOTION_LOCK": lock_uri}
+    return subprocess.Popen([sys.executable, "-m", "sarflow.cli.main", "promote", NAME, "--metric", "macro_f1",
+                             "--version", version, "--tracking-uri", tracking_uri],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_postgres_lock_serialises_gates_across_processes_and_dies_with_its_holder(registry, tmp_path):
+    """Issue 16: the lock lived in each pod's temp folder. With the lock in PostgreSQL, a gate in
+    another process (another temp folder) waits while the lock is held, then runs; a holder
+    killed with SIGKILL leaves no lock behind."""
+    import mlflow
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sarflow.mlops.locks import promotion_lock
+
+    lock_uri = _postgres_or_skip()
+    v1 = _register(0.7)
+    with promotion_lock(NAME, mlflow.get_tracking_uri(), lock_uri=lock_uri):
+        gate = _gate_in_another_process(mlflow.get_tracking_uri(), lock_uri, tmp_path, v1)
+        time.sleep(4)
+        assert gate.poll() is None, gate.communicate()[0]  # waiting on the lock
+        assert not registry.get_registered_model(NAME).aliases
+    out, _ = gate.communicate(timeout=120)
+    assert gate.returncode == 0, out
+    assert _champion(registry) == v1
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom sarflow.mlops.locks import promotion_lock\n"
+        f"with promotion_lock({NAME!r}, 'sqlite:///x.db', lock_uri={lock_uri!r}):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    t0 = time.monotonic()
+    with promotion_lock(NAME, mlflow.get_tracking_uri(), lock_uri=lock_uri, timeout_s=30):
+        pass
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_held_lock_times_out_with_a_message_and_an_unreachable_lock_database_is_named(registry):
+    import mlflow
+
+    from sarflow.mlops.locks import promotion_lock
+
+    lock_uri = _postgres_or_skip()
+    with promotion_lock(NAME, "sqlite:///x.db", lock_uri=lock_uri):
+        with pytest.raises(InputError, match="another promotion of 'sarflow-landcover' held the lock"):
+            with promotion_lock(NAME, "sqlite:///x.db", lock_uri=lock_uri, timeout_s=0.5):
+                pass
+    with pytest.raises(InputError, match="cannot reach the promotion lock's database") as e:
+        with promotion_lock(NAME, "sqlite:///x.db", lock_uri="postgresql://gate:s3cret@127.0.0.1:1/nowhere"):
+            pass
+    assert "s3cret" not in str(e.value)
+    with pytest.warns(UserWarning, match="does not serialise gates on other machines"):
+        with promotion_lock(NAME, "http://127.0.0.1:5000"):
+            pass

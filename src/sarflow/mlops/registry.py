@@ -1,6 +1,7 @@
 """The promotion gate of the MLflow model registry.
 
-`promote(name)` compares the newest version of a registered model with the current
+`promote(name)` compares a version of a registered model (the one a pipeline registered; by default the
+newest) with the current
 `@champion` on the same evaluation set and dataset version, and moves `@champion` only if the
 challenger is better by `margin` and every check passes: the metric is present and finite,
 the dataset version and evaluation set are the champion's, and the input signature is
@@ -8,23 +9,24 @@ compatible. The old champion becomes `@previous`; the decision and its reasons a
 as tags on the challenger. A champion without the metric is "incomparable" (nothing moves; the
 reason says how to promote by hand); a rerun when the newest version already is the champion
 writes nothing, so the champion keeps the record of its promotion. An http(s) tracking server
-is probed first (5 s) so an unreachable one fails fast, naming it. Promotions of one model are serialised by a lock, and `@champion`
-is only ever moved (never removed), so a model never has two champions or none.
+is probed first (5 s) so an unreachable one fails fast, naming it. Promotions of one model are
+serialised by a lock that spans pods when it lives in PostgreSQL (`sarflow.mlops.locks`), every
+decision is appended to the registered model's history tag, and `@champion` is only ever moved
+(never removed), so a model never has two champions or none.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from sarflow.errors import InputError
+from sarflow.mlops.locks import promotion_lock
 from sarflow.params import STAGE_CONFIG, default_tracking_uri, environ
 
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -38,6 +40,9 @@ class PromoteConfig:
 
     margin: float = 0.0
     tracking_uri: str = field(default_factory=default_tracking_uri)
+    # where the gates' lock lives (sarflow.mlops.locks): postgresql://... spans pods; null:
+    # $SARFLOW_PROMOTION_LOCK, else beside the registry (one machine)
+    lock_uri: str | None = None
 
 
 @dataclass
@@ -76,15 +81,6 @@ def _signature_inputs(mv):
     return None if sig is None else sig.inputs.to_dict()
 
 
-def _lock_path(tracking_uri: str, name: str, lock_dir: str | Path | None) -> Path:
-    if lock_dir is None:
-        # beside a SQLite registry; for a tracking server, this machine's temp folder: the lock
-        # serialises promotions started on this machine (run the gate from one place per model)
-        lock_dir = (Path(tracking_uri[len("sqlite:///"):]).parent if tracking_uri.startswith("sqlite:///")
-                    else Path(tempfile.gettempdir()))
-    return Path(lock_dir) / f".promote-{name}.lock"
-
-
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -113,69 +109,94 @@ _RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKO
 
 
 def promote(name: str, metric: str, higher_is_better: bool = True, margin: float = 0.0,
-            lock_dir: str | Path | None = None) -> Decision:
+            version: str | int | None = None, lock_uri: str | None = None) -> Decision:
+    """Judges `version` (default: the newest) of `name` against `@champion`. A pipeline passes the
+    version it registered, so two pipelines gating at once each judge their own model."""
     import mlflow
 
     tracking_uri = mlflow.get_tracking_uri()
     _check_reachable(tracking_uri)
-    with _few_retries():
-        return _promote(mlflow.MlflowClient(), tracking_uri, name, metric, higher_is_better, margin, lock_dir)
+    with _few_retries(), promotion_lock(name, tracking_uri, lock_uri):
+        return _promote(mlflow.MlflowClient(), tracking_uri, name, metric, higher_is_better, margin, version)
+
+
+HISTORY_TAG, HISTORY_CHARS = "sarflow.promotion.history", 4900
+
+
+def _record_history(client, name: str, d: Decision) -> None:
+    """Appends the decision to the registered model's history tag (newest last; the oldest entries
+    are dropped to fit a tag), so moves of @champion stay on record after later gates."""
+    import json
+
+    model = client.get_registered_model(name)
+    history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
+    history.append({"at": d.as_tags()["sarflow.promotion.at"], "version": d.challenger, "outcome": d.outcome,
+                    "champion_before": d.champion, "metric": d.challenger_metric})
+    while len(json.dumps(history)) > HISTORY_CHARS and len(history) > 1:
+        history.pop(0)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
 def _promote(client, tracking_uri: str, name: str, metric: str, higher_is_better: bool, margin: float,
-             lock_dir: str | Path | None) -> Decision:
+             version: str | int | None = None) -> Decision:
     from mlflow.exceptions import MlflowException
 
-    with FileLock(str(_lock_path(tracking_uri, name, lock_dir)), timeout=120):
-        try:
-            versions = client.search_model_versions(f"name='{name}'")
-        except MlflowException as e:
-            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise InputError(name, f"not a registered model ({e.error_code})") from None
-            raise InputError(tracking_uri, f"the tracking server failed to list {name!r}: {e.message}") from None
-        if not versions:
-            raise InputError(name, "the registered model has no versions")
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise InputError(name, f"not a registered model ({e.error_code})") from None
+        raise InputError(tracking_uri, f"the tracking server failed to list {name!r}: {e.message}") from None
+    if not versions:
+        raise InputError(name, "the registered model has no versions")
+    if version is None:
         challenger = max(versions, key=lambda v: int(v.version))
-        try:
-            champion = client.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException:
-            champion = None
-        d = Decision(model=name, challenger=str(challenger.version),
-                     champion=str(champion.version) if champion else None, promoted=False)
-        d.challenger_metric = _metric(client, challenger, metric)
-        if d.challenger_metric is None or not math.isfinite(d.challenger_metric):
-            d.reasons.append(f"challenger v{challenger.version} has no finite {metric!r}")
-        if champion is not None and str(champion.version) == str(challenger.version):
-            # a rerun of the gate: the champion's tags keep the record of its promotion
-            d.reasons = [f"v{challenger.version} already is the champion"]
-            d.outcome = "already the champion"
-            return d
-        if champion is not None:
-            d.champion_metric = _metric(client, champion, metric)
-            if d.champion_metric is None or not math.isfinite(d.champion_metric):
-                d.reasons.append(f"the champion v{champion.version} has no finite {metric!r}: cannot compare; "
-                                 f"promote by hand with MlflowClient().set_registered_model_alias("
-                                 f"{name!r}, 'champion', '{challenger.version}')")
-                if d.challenger_metric is not None and math.isfinite(d.challenger_metric):
-                    d.outcome = "incomparable"
-            for tag, what in ((DATASET_TAG, "dataset version"), (EVAL_TAG, "evaluation set")):
-                if champion.tags.get(tag) != challenger.tags.get(tag):
-                    d.reasons.append(f"{what} differs: champion {champion.tags.get(tag)}, challenger {challenger.tags.get(tag)}")
-            if _signature_inputs(champion) != _signature_inputs(challenger):
-                d.reasons.append("input signature differs from the champion's")
-            if not d.reasons and d.champion_metric is not None and math.isfinite(d.champion_metric):
-                gain = (d.challenger_metric - d.champion_metric) * (1 if higher_is_better else -1)
-                if gain <= margin:
-                    d.reasons.append(f"{metric} {d.challenger_metric:.6g} is not better than the champion's "
-                                     f"{d.champion_metric:.6g} by more than {margin}")
-        d.promoted = not d.reasons
-        if d.promoted:
-            d.outcome = "promoted"
-            d.reasons.append(f"{metric} {d.challenger_metric:.6g}" + (
-                f" beats {d.champion_metric:.6g} by more than {margin}" if champion else " (first champion)"))
-            if champion is not None:
-                client.set_registered_model_alias(name, PREVIOUS, champion.version)
-            client.set_registered_model_alias(name, CHAMPION, challenger.version)
-        for k, v in d.as_tags().items():
-            client.set_model_version_tag(name, challenger.version, k, v)
+    else:
+        challenger = next((v for v in versions if str(v.version) == str(version)), None)
+        if challenger is None:
+            raise InputError(name, f"has no version {version} (versions: "
+                             f"{', '.join(sorted((str(v.version) for v in versions), key=int))})")
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    d = Decision(model=name, challenger=str(challenger.version),
+                 champion=str(champion.version) if champion else None, promoted=False)
+    d.challenger_metric = _metric(client, challenger, metric)
+    if d.challenger_metric is None or not math.isfinite(d.challenger_metric):
+        d.reasons.append(f"challenger v{challenger.version} has no finite {metric!r}")
+    if champion is not None and str(champion.version) == str(challenger.version):
+        # a rerun of the gate: the champion's tags keep the record of its promotion
+        d.reasons = [f"v{challenger.version} already is the champion"]
+        d.outcome = "already the champion"
         return d
+    if champion is not None:
+        d.champion_metric = _metric(client, champion, metric)
+        if d.champion_metric is None or not math.isfinite(d.champion_metric):
+            d.reasons.append(f"the champion v{champion.version} has no finite {metric!r}: cannot compare; "
+                             f"promote by hand with MlflowClient().set_registered_model_alias("
+                             f"{name!r}, 'champion', '{challenger.version}')")
+            if d.challenger_metric is not None and math.isfinite(d.challenger_metric):
+                d.outcome = "incomparable"
+        for tag, what in ((DATASET_TAG, "dataset version"), (EVAL_TAG, "evaluation set")):
+            if champion.tags.get(tag) != challenger.tags.get(tag):
+                d.reasons.append(f"{what} differs: champion {champion.tags.get(tag)}, challenger {challenger.tags.get(tag)}")
+        if _signature_inputs(champion) != _signature_inputs(challenger):
+            d.reasons.append("input signature differs from the champion's")
+        if not d.reasons and d.champion_metric is not None and math.isfinite(d.champion_metric):
+            gain = (d.challenger_metric - d.champion_metric) * (1 if higher_is_better else -1)
+            if gain <= margin:
+                d.reasons.append(f"{metric} {d.challenger_metric:.6g} is not better than the champion's "
+                                 f"{d.champion_metric:.6g} by more than {margin}")
+    d.promoted = not d.reasons
+    if d.promoted:
+        d.outcome = "promoted"
+        d.reasons.append(f"{metric} {d.challenger_metric:.6g}" + (
+            f" beats {d.champion_metric:.6g} by more than {margin}" if champion else " (first champion)"))
+        if champion is not None:
+            client.set_registered_model_alias(name, PREVIOUS, champion.version)
+        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+    for k, v in d.as_tags().items():
+        client.set_model_version_tag(name, challenger.version, k, v)
+    _record_history(client, name, d)
+    return d
