@@ -475,9 +475,10 @@ def test_curve_points_whose_train_draw_has_one_class_are_skipped():
     scored = set(curves[curves.n == 5].draw)
     assert scored.isdisjoint({s["draw"] for s in skipped}) and len(scored) + len(skipped) == 6
     assert set(curves[curves.n == 120].draw) == {0}  # every train chip: both classes, one fit
-    # every scored draw is scored on the same test chips (the outputs kept for the intervals)
-    outs = c.outputs[("cover", "embeddings", "linear", 5)]
-    assert len(outs) == len(scored) and all(len(o) == 20 for o in outs)
+    # the test chips' outputs are kept for the intervals (all 20 test chips, one output per scored draw)
+    outs = c.outputs[("cover", "embeddings", "linear", 120)]
+    assert len(outs) == 1 and outs[0].shape == (20,)
+    assert len(c.outputs.get(("cover", "embeddings", "linear", 5), [])) == len(scored)
 
 
 def test_block_holdout_holds_out_whole_blocks():
