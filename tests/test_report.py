@@ -29,7 +29,7 @@ def produced(tiny_store, tmp_path_factory):
     built = tiny_features(tiny_store, tmp_path_factory.mktemp("report"), MODEL)
     store, root, uri, tmp = str(built["store"]), str(built["root"]), built["uri"], built["tmp"]
     probes = run_probes(ProbeConfig(store=store, features_root=root, tracking_uri=uri, tasks=("worldcover",),
-                                    sizes=(25, 0), draws=1, scratch_epochs=1, register=False, out_dir=str(tmp / "p")))
+                                    sizes=(25, 0), draws=1, scratch_steps=10, register=False, out_dir=str(tmp / "p")))
     ablation = run_ablation({"clear": store}, uri, out_dir=str(tmp / "a"))
     region = run_region_generalization(store, root, uri, tasks=("worldcover",), out_dir=str(tmp / "r"))
     seg = run_segmentation(SegmentConfig(store=store, tracking_uri=uri, encoder_uri=f"models:/{MODEL}/1", steps=3,
@@ -79,6 +79,8 @@ def test_report_run_points_at_the_newest_source_runs_and_lists_what_is_missing(p
 
 
 def test_report_tables_agree_with_their_sources(produced):
+    from sarflow.downstream.label_efficiency import format_figure, format_saving
+
     out = Path(produced["report"]["markdown"]).parent
     ablation = pd.read_csv(out / "tables" / "modality_ablation.csv")
     pd.testing.assert_frame_equal(ablation, pd.read_csv(produced["ablation"]["table"]))
@@ -93,8 +95,13 @@ def test_report_tables_agree_with_their_sources(produced):
     pixel = eff[eff.features.str.startswith("pixel_stats")].iloc[0]
     saving = produced["probes"]["label_savings"]["worldcover"]["pixel_stats"]
     assert pixel.features == f"pixel_stats ({saving['baseline_probe']})"
-    assert pixel["all"] == f"{saving['baseline_all']:.3f}"  # one draw: no ± std
-    assert set(eff.features) >= {"embeddings", "scratch (cnn)"}
+    assert pixel["all"] == format_figure(saving["baseline_all"], saving["baseline_ci"])  # mean [95% block interval]
+    assert set(eff.features) >= {"embeddings", "scratch (cnn)"} and any(f.startswith("random_init (") for f in eff.features)
+    # one number per task: the report's embeddings figure at n = all is the probes run's primary figure
+    emb = eff[eff.features == "embeddings"].iloc[0]
+    primary = produced["probes"]["primary"]["worldcover"]
+    assert emb["all"] == format_figure(primary["value"], primary["ci"]) and "[" in emb["all"]
+    assert pixel["label saving (embeddings)"] == format_saving(saving)
 
 
 def test_html_report_is_self_contained(produced):
