@@ -7,7 +7,8 @@ import sys
 
 import typer
 
-from sarflow.cli import data, demo, downstream, embed, features, llp, pipeline, registry, segment, services, train
+from sarflow.cli import (data, demo, downstream, embed, features, integrity, llp, pipeline, registry, segment, services,
+                         train)
 
 app = typer.Typer(help="sarflow: SAR + optical Earth-observation data to ML-ready chips and models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -37,7 +38,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log more")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each CPU-feature build it tries
 
 
-for group in (data, train, embed, registry, demo):
+for group in (data, integrity, train, embed, registry, demo):
     for command in group.COMMANDS:
         app.command()(command)
 

@@ -24,19 +24,28 @@ log = logging.getLogger(__name__)
 
 
 def open_chip_group(uri: str) -> zarr.Group:
-    """The store's Zarr group, from a local path or s3:// (endpoint and keys from the AWS env)."""
-    if uri.startswith("s3://"):
-        from sarflow.data.storage import s3_settings
+    """The store's Zarr group, from a local path or s3:// (endpoint and keys from the AWS env). A
+    store whose integrity record (`data.integrity`) names a missing or truncated file is refused."""
+    from sarflow.data.integrity import check_store
 
-        s = s3_settings()
-        opts = {"client_kwargs": {"endpoint_url": s.endpoint_url, "region_name": s.region}}
-        if s.access_key:
-            opts.update(key=s.access_key, secret=s.secret_key)
-        else:
-            opts["anon"] = True
-        return zarr.open_group(uri, mode="r", storage_options=opts)
-    check_local_store(uri)
-    return zarr.open_group(uri, mode="r")
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        from sarflow.data.storage import s3_storage_options
+
+        group = _open_group(uri, s3_storage_options())
+    else:
+        check_local_store(uri)
+        group = _open_group(uri)
+    check_store(uri)
+    return group
+
+
+def _open_group(uri: str, storage_options: dict | None = None) -> zarr.Group:
+    try:
+        return zarr.open_group(uri, mode="r", zarr_format=3, storage_options=storage_options)
+    except (ValueError, KeyError, TypeError) as e:  # a damaged zarr.json (JSON or schema)
+        raise InputError(uri, f"the store's metadata cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                              f"`sarflow verify {uri}` checks the rest; rebuild or restore the store") from None
 
 
 def check_local_store(path: str | Path) -> None:
@@ -63,6 +72,8 @@ def read_chip_table(uri: str):
         import io
 
         return pd.read_parquet(io.BytesIO(read_bytes(path)))
+    if not Path(path).is_file():
+        raise InputError(path, "the store's chip table is missing: rebuild or restore the store")
     return pd.read_parquet(path)
 
 
@@ -217,10 +228,16 @@ class ChipStore:
     def chips(self):
         import geopandas as gpd
 
-        return gpd.read_parquet(self.path / CHIPS_TABLE)
+        path = self.path / CHIPS_TABLE
+        if not path.is_file():
+            raise InputError(str(path), "the store's chip table is missing: rebuild or restore the store")
+        return gpd.read_parquet(path)
 
     def summary(self) -> dict:
+        from sarflow.data.integrity import load_record
+
         splits = self.chips["split"].value_counts().to_dict()
+        record = load_record(self.path)
         return {
             "path": str(self.path),
             "crs": self.attrs["crs"],
@@ -229,6 +246,9 @@ class ChipStore:
             "chips": self.n_chips,
             "splits": {k: int(v) for k, v in sorted(splits.items())},
             "catalog_hash": self.attrs["catalog_hash"],
+            # the store opened, so every recorded file is present with its size (`sarflow verify --full`: hashes)
+            "integrity": (f"recorded files present with their sizes ({len(record['files'])} files)" if record
+                          else "no integrity record (`sarflow verify STORE --record` writes one)"),
             "modalities": {
                 m: {k: self.group[m].attrs[k] for k in ("bands", "units", "kind")} | {"shape": list(self.group[m].shape)}
                 for m in self.modalities
@@ -238,8 +258,7 @@ class ChipStore:
 
 def open_store(path: str | Path) -> ChipStore:
     path = Path(path)
-    check_local_store(path)
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    group = open_chip_group(str(path))
     if "modalities" not in group.attrs:
         raise InputError(str(path), "a Zarr group but not a sarflow chip store (no 'modalities' attribute)")
     return ChipStore(path=path, group=group)

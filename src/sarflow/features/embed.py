@@ -266,16 +266,12 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.data.chipstore import open_chip_group, read_chip_table
 
-    if not store.startswith("s3://"):
-        from sarflow.data.chipstore import check_local_store
-
-        check_local_store(store)  # before the model is loaded: a missing store is the cheaper answer
+    group = open_chip_group(store)  # before the model is loaded: a missing or damaged store is the cheaper answer
     model = resolve_model(model_uri)
     check_root(root)
     out = partition(root, model)
     if exists(out) and not overwrite:
         raise InputError(str(out), f"embeddings of {model.name} v{model.version} already exist (use --overwrite)")
-    group = open_chip_group(store)
     n_all = int(group.attrs["chips"])
     table = read_chip_table(store).sort_values("index")
     if not np.array_equal(table["index"].to_numpy(), np.arange(n_all)):
