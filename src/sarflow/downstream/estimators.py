@@ -12,7 +12,6 @@ import numpy as np
 from sarflow.downstream.tasks import Task
 
 PROBES = ("linear", "knn", "mlp")
-DETERMINISTIC = ("linear", "knn")  # same data, same fit: at n = all their draws are not refit
 KINDS = ("multiclass", "multilabel", "regression")
 
 

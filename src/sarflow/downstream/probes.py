@@ -47,7 +47,7 @@ import pandas as pd
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from sarflow.downstream.estimators import PROBES, fit_probe, fittable, model_output, output_metrics, score
-from sarflow.downstream.label_efficiency import (BOOTSTRAP, block_interval, best_by_val, embedding_curve, label_savings,
+from sarflow.downstream.label_efficiency import (BOOTSTRAP, block_interval, embedding_curve, label_savings,
                                                  plot_curves, primary_figures, summarize, tasks_json, spatial_blocks)
 from sarflow.downstream.tasks import Task, not_evaluable, select_tasks, store_tasks, task_target
 from sarflow.errors import InputError

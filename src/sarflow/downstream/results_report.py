@@ -65,7 +65,10 @@ class Section:
 
 def label_efficiency(runs: list[SourceRun]) -> pd.DataFrame:
     """The probes run's label-efficiency table, for the tasks it logged (downstream/tasks.json:
-    their primary metric and its direction, as the store's labels declared them)."""
+    their primary metric and its direction, as the store's labels declared them): each figure
+    with its 95 % interval over test blocks (mean ± std for a run logged before intervals), the
+    `all` column of the embeddings row being the task's one primary figure, and the label saving
+    against each baseline."""
     from sarflow.downstream.label_efficiency import label_efficiency_table, tasks_from_json
 
     from sarflow.downstream.tasks import Task
