@@ -1,0 +1,152 @@
+"""`sarflow pretrain` under torchrun, as a Kubeflow Trainer TrainJob runs it, and the TrainJob
+manifest that does so on a cluster (sarflow.training.distributed).
+
+The torchrun test starts two CPU processes (gloo) with the variables the Trainer's torch plugin
+sets in a node's pod (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR,
+PET_MASTER_PORT) and nothing else: torchrun reads them as its options, exactly as in the pod.
+This file is also the per-rank driver torchrun runs (``__main__`` below): the real `sarflow`
+command, with `Trainer.fit` wrapped to record each rank's chips and final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ topology (unit)
+
+
+def test_topology_from_the_torchrun_environment():
+    from sarflow.errors import InputError
+    from sarflow.training.distributed import is_main_process, launched_topology, topology
+
+    assert launched_topology({}) is None and is_main_process({})
+    assert topology("auto", gpu=False, environ={}) == {"devices": "auto", "num_nodes": 1, "strategy": "auto"}
+    # 2 nodes x 4 processes, this one global rank 5 (node 1, local rank 1)
+    env = {"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    topo = launched_topology(env)
+    assert (topo.num_nodes, topo.devices, topo.rank, topo.distributed) == (2, 4, 5, True)
+    assert not is_main_process(env) and is_main_process({**env, "RANK": "0", "LOCAL_RANK": "0"})
+    kwargs = topology("auto", gpu=False, environ=env)
+    assert (kwargs["devices"], kwargs["num_nodes"]) == (4, 2)
+    assert kwargs["strategy"].process_group_backend == "gloo"
+    assert topology(4, gpu=True, environ=env)["strategy"].process_group_backend == "nccl"
+    with pytest.raises(InputError, match="torchrun started 4 process"):
+        topology(1, gpu=False, environ=env)  # a config that contradicts the launcher is refused
+    with pytest.raises(InputError, match="multiple of LOCAL_WORLD_SIZE"):
+        launched_topology({**env, "WORLD_SIZE": "6"})
+    # one process under torchrun: no DDP
+    one = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    assert topology("auto", gpu=False, environ=one) == {"devices": 1, "num_nodes": 1, "strategy": "auto"}
+
+
+# ------------------------------------------------------------------------ torchrun, two ranks
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_with_the_trainjob_environment(tiny_store, tmp_path):
+    """Two ranks, as a one-node TrainJob with numProcPerNode 2: one MLflow run, identical weights
+    on both ranks after training on different chips, the loss going down."""
+    import mlflow
+    import numpy as np
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    store = tmp_path / "chips.zarr"
+    shutil.copytree(tiny_store, store)
+    db = tmp_path / "mlflow.db"  # a fresh SQLite database: two ranks creating its schema would race
+    out = tmp_path / "ranks"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_")) and
+           k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": "0",
+                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port()),
+                "SARFLOW_TEST_RANK_DIR": str(out), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    cmd = [str(torchrun), __file__, "pretrain", str(store), "--method", "mae", "--max-steps", "12",
+           "--batch-size", "8", "--vit-size", "tiny", "--patch", "16", "--depth", "1", "--dim", "32",
+           "--tracking-uri", f"sqlite:///{db}", "--experiment", "ddp-test"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 12
+    # each rank read its own shards, and DDP kept the weights identical
+    assert ranks[0]["chips"] and ranks[1]["chips"] and not set(ranks[0]["chips"]) & set(ranks[1]["chips"])
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0]["weights_sha256"] != ranks[0]["initial_sha256"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("ddp-test").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # rank 1 opened no run
+    assert len(client.search_experiments()) == 2  # Default + ddp-test: rank 1 created nothing either
+    assert [v.version for v in client.search_model_versions("name='sarflow-encoder-mae'")] == ["1"]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # rank 0 alone reports
+    assert summary["run_id"] == runs[0].info.run_id
+    losses = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert len(losses) == 12 and np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+# -------------------------------------------------------------- the per-rank driver (torchrun)
+
+
+def _state_sha256(module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _driver(argv: list[str]) -> None:
+    """One torchrun rank: the `sarflow` command, recording this rank's chips and weights."""
+    import lightning as L
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(os.environ["SARFLOW_TEST_RANK_DIR"])
+    fit = L.Trainer.fit
+
+    class Chips(L.Callback):
+        def __init__(self):
+            self.chips = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.chips += [int(i) for i in batch["index"]]
+
+    def fit_and_record(self, model, *args, **kwargs):
+        chips = Chips()
+        self.callbacks.append(chips)
+        initial = _state_sha256(model)
+        fit(self, model, *args, **kwargs)
+        record = {"rank": self.global_rank, "world_size": self.world_size, "steps": self.global_step,
+                  "chips": chips.chips, "initial_sha256": initial, "weights_sha256": _state_sha256(model)}
+        (out / f"rank{self.global_rank}.json").write_text(json.dumps(record))
+
+    L.Trainer.fit = fit_and_record
+    from sarflow.cli.main import app
+
+    app(argv, prog_name="sarflow")
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1:])
