@@ -19,6 +19,7 @@ Two datasets:
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -213,7 +214,9 @@ class ShardChipDataset(IterableDataset):
     """Iterable: whole shards read sequentially, samples shuffled within a buffer.
 
     Shards are dealt round-robin to (DDP rank, DataLoader worker) pairs, so every chip is read
-    once per epoch across all of them. Call `set_epoch` to reshuffle between epochs."""
+    once per epoch across all of them. Under DDP every pair yields as many chips (the fewest
+    any pair holds that epoch), so every rank steps as many batches: ranks that ran out first
+    would wait forever on the others' collectives. Call `set_epoch` to reshuffle between epochs."""
 
     def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
@@ -234,15 +237,36 @@ class ShardChipDataset(IterableDataset):
     def __len__(self) -> int:
         return len(self.view.indexes)
 
-    def _my_shards(self) -> list[int]:
+    def _slots(self) -> tuple[list[int], int, int]:
+        """This epoch's shard order, this (rank, worker) pair's slot and the number of slots."""
         order = list(self.shards)
         random.Random(self.cfg.seed + self.epoch).shuffle(order)
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * nw + wid, self.world_size * nw
+        return order, self.rank * nw + wid, self.world_size * nw
+
+    def _my_shards(self) -> list[int]:
+        order, slot, slots = self._slots()
         return order[slot::slots]
 
+    def _equal_share(self) -> int:
+        """The fewest chips any (rank, worker) pair holds this epoch."""
+        order, _, slots = self._slots()
+        S = self.view.shard
+        share = min(int(sum(self.keep[s * S:(s + 1) * S].sum() for s in order[i::slots])) for i in range(slots))
+        if share == 0:
+            raise InputError(self.cfg.store, f"{len(self.shards)} shard(s) with train chips cannot feed {slots} "
+                                             "DDP processes x DataLoader workers: use fewer processes or workers, or "
+                                             "a store with smaller shards (tile.shard_chips)")
+        return share
+
     def __iter__(self) -> Iterator[dict]:
+        samples = self._samples()
+        if self.world_size > 1:  # DDP: the same number of chips from every pair, so the same batches per rank
+            samples = itertools.islice(samples, self._equal_share())
+        yield from samples
+
+    def _samples(self) -> Iterator[dict]:
         info = get_worker_info()
         rng = random.Random(hash((self.cfg.seed, self.epoch, self.rank, info.id if info else 0)))
         buffer: list[dict] = []

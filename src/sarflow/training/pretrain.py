@@ -274,6 +274,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
 
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.mlops.tracking import model_requirements, setup_mlflow
+    from sarflow.training.distributed import is_main_process, main_run, topology
 
     groups = resolve_groups(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -283,26 +284,28 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
     data = make_datamodule(cfg, groups)
     n_train = train_chips(cfg, data)
     lineage = dataset_lineage(cfg.store)
-    exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment)
+    main = is_main_process()  # under torchrun only global rank 0 talks to MLflow (training.distributed)
+    exp_id = setup_mlflow(cfg.tracking_uri, cfg.experiment) if main else None
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     params = {"method": cfg.method, "batch_size": cfg.batch_size, "output_size": cfg.output_size,
               "groups": [(g.name, g.modality, g.bands) for g in groups], "modalities": list(dict.fromkeys(g.modality for g in groups)),
               "in_chans": sum(len(g.bands) for g in groups), **{f"vit_{k}": v for k, v in asdict(cfg.vit).items() if k != "in_chans"},
               **{f"optim_{k}": v for k, v in asdict(cfg.optim).items()}, **cfg.method_kwargs,
               "precision": "bf16-mixed" if gpu else "32-true"}
-    with mlflow.start_run(experiment_id=exp_id, tags=lineage) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        mlflow.log_params({k: v for k, v in lineage.items()})
-        mlflow.log_param("train_chips", n_train)
-        logger = MLFlowLogger(tracking_uri=cfg.tracking_uri, run_id=run.info.run_id, experiment_name=cfg.experiment)
+    with main_run(exp_id, lineage) as run:  # None on the other ranks: they log nothing
+        if main:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_params({k: v for k, v in lineage.items()})
+            mlflow.log_param("train_chips", n_train)
+        logger = MLFlowLogger(tracking_uri=cfg.tracking_uri, run_id=run.info.run_id,
+                              experiment_name=cfg.experiment) if main else False
         throughput = Throughput()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=max(1, cfg.optim.max_steps))
             trainer = L.Trainer(
-                max_steps=cfg.optim.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
+                max_steps=cfg.optim.max_steps, accelerator=cfg.accelerator, **topology(cfg.devices, gpu),
                 precision="bf16-mixed" if gpu else "32-true", logger=logger, callbacks=[throughput, NonFiniteLoss(), ckpt],
                 log_every_n_steps=1, enable_progress_bar=show_progress, enable_model_summary=False,
-                strategy="ddp" if gpu and torch.cuda.device_count() > 1 and cfg.devices not in (1, "1") else "auto",
             )
             trainer.fit(module, datamodule=data)
             if trainer.global_rank != 0:
