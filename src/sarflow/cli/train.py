@@ -46,6 +46,8 @@ def pretrain(
         fail(e)
     except (ValueError, TypeError) as e:
         fail(SarflowError(str(e)))
+    if not result:  # a torchrun rank other than 0: rank 0 tracks, registers and reports
+        return
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "losses"} |
                           {"first_loss": result["losses"][0], "last_loss": result["losses"][-1]}, indent=1))
 
