@@ -194,3 +194,36 @@ def test_llp_on_an_unfinished_store_says_how_to_finish_it(tiny_scene, tmp_path):
     with pytest.raises(InputError, match="unfinished .*sarflow tile CATALOG --out") as e:
         prepare_store_data(_llp_cfg(tiny_scene, store, tiny_scene.parent / "municipality_stats.csv"))
     assert e.value.where == str(store)
+
+
+def _footprint84(tiny_scene) -> tuple[float, float, float, float]:
+    import rasterio
+    from rasterio.warp import transform_bounds
+
+    import yaml
+
+    data = yaml.safe_load(tiny_scene.read_text())
+    first = data["sources"][0]["uris"][0]
+    first = first[0] if isinstance(first, list) else first
+    with rasterio.open(tiny_scene.parent / first) as ds:
+        return transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+
+
+def test_an_aoi_off_every_source_blames_the_aoi_not_a_raster(tiny_scene, tmp_path):
+    """Issue 16: a bbox with lon/lat swapped (or a file in another CRS than it says) was reported as
+    'source ... does not overlap the AOI' against the first raster."""
+    w, s, e, n = _footprint84(tiny_scene)
+    swapped = [s, w, n, e]  # latitudes where longitudes belong: still valid degrees, somewhere else
+    path = _catalog(tiny_scene, tmp_path, lambda d: d["grid"].update(aoi=swapped))
+    _refused(_sarflow("ingest", path), str(path), "overlaps none of the sources", "check the AOI's CRS")
+
+
+def test_an_aoi_file_without_a_crs_is_refused_naming_it(tiny_scene, tmp_path):
+    import geopandas as gpd
+    import shapely
+
+    w, s, e, n = _footprint84(tiny_scene)  # a shapefile without .prj (GeoJSON is WGS84 by definition)
+    gpd.GeoDataFrame(geometry=[shapely.box(w, s, e, n)]).to_file(tmp_path / "aoi.shp")
+    (tmp_path / "aoi.prj").unlink(missing_ok=True)
+    path = _catalog(tiny_scene, tmp_path, lambda d: d["grid"].update(aoi=str(tmp_path / "aoi.shp")))
+    _refused(_sarflow("ingest", path), "aoi.shp", "the AOI file has no CRS")

@@ -273,7 +273,28 @@ def _aoi_wgs84(loaded: LoadedCatalog, sources: list[Source]) -> shapely.Geometry
         raise InputError(path, f"cannot read the AOI file: {e}") from None
     if gdf.empty:
         raise InputError(path, "the AOI file has no features")
+    if gdf.crs is None:
+        raise InputError(path, "the AOI file has no CRS (a .prj, or a GeoPackage/GeoJSON with one); cannot place it "
+                               "on the map")
     return shapely.union_all(gdf.to_crs(4326).geometry.values)
+
+
+def _check_overlap(loaded: LoadedCatalog, sources: list[Source], aoi84: shapely.Geometry) -> None:
+    """A source off the AOI is that source's problem; an AOI off every source is the AOI's (most
+    often lon/lat swapped, or its coordinates in another CRS than the one it declares)."""
+    bounds = lambda g: tuple(round(v, 5) for v in g.bounds)  # noqa: E731
+    off = [s for s in sources if not s.footprint().intersects(aoi84)]
+    if off and len(off) == len(sources):
+        aoi = loaded.catalog.grid.aoi
+        where = str(loaded.path) if isinstance(aoi, list) else loaded.resolve(aoi)
+        feet = shapely.union_all([s.footprint() for s in sources])
+        raise InputError(where, f"the AOI {bounds(aoi84)} (lon/lat) overlaps none of the sources, which cover "
+                                f"{bounds(feet)}: check the AOI's CRS (a bbox is [west, south, east, north] in "
+                                "degrees; a file needs its true CRS) and the order of its coordinates")
+    if off:
+        first = next(iter(off[0].files))
+        raise InputError(first, f"source {off[0].name!r} does not overlap the AOI {bounds(aoi84)} (lon/lat), which "
+                                f"the other sources cover; its footprint is {bounds(off[0].footprint())}")
 
 
 def _parts(geom: shapely.Geometry) -> list:
@@ -319,10 +340,7 @@ def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
     else:
         crs = parse_crs(cat.grid.crs)
     aoi = transform_geometry(aoi84, WGS84, crs)
-    for s in sources:
-        if not s.footprint().intersects(aoi84):
-            first = next(iter(s.files))
-            raise InputError(first, f"source {s.name!r} does not overlap the AOI {tuple(round(v, 5) for v in aoi84.bounds)}")
+    _check_overlap(loaded, sources, aoi84)
     grid = ChipGrid(
         crs=crs,
         resolution=cat.grid.resolution,
