@@ -1,7 +1,8 @@
 """Kubeflow components of sarflow: one module per stage, each a thin wrapper over the library.
 
 Every component is a KFP *lightweight Python component*: the function body is shipped as
-source and runs inside the project image ``ghcr.io/sarflow/sarflow:0.1.0`` (on a cluster) or
+source and runs inside the project image ``ghcr.io/sarflow/sarflow:0.1.0`` (on a cluster; the GPU
+tasks, pretraining and embedding, in ``ghcr.io/sarflow/sarflow-gpu:0.1.0``) or
 in the current interpreter (``kfp.local.SubprocessRunner(use_venv=False)``). Hence:
 
 - all imports (``sarflow`` included) live inside the function bodies; the module level of
@@ -27,6 +28,8 @@ does not import kfp: the components themselves load on first use).
 import importlib
 
 BASE_IMAGE = "ghcr.io/sarflow/sarflow:0.1.0"
+# the GPU tasks' image (pretraining, embedding): docker/Dockerfile.gpu, the same code with CUDA torch
+GPU_IMAGE = "ghcr.io/sarflow/sarflow-gpu:0.1.0"
 
 # component -> its module, imported on first use (PEP 562): `import components.paths` (what the
 # CLI uses to make paths absolute) must not cost every command an import of kfp
@@ -35,7 +38,7 @@ _MODULES = {"synth_scene": "synth", "ingest_scene": "ingest", "tile_scene": "til
             "train_probes": "downstream", "train_llp": "downstream", "report_results": "downstream",
             "promote_model": "promote", "publish_champion": "promote"}
 
-__all__ = ["BASE_IMAGE", "synth_scene", "ingest_scene", "tile_scene", "version_chips", "pretrain_encoder",
+__all__ = ["BASE_IMAGE", "GPU_IMAGE", "synth_scene", "ingest_scene", "tile_scene", "version_chips", "pretrain_encoder",
            "embed_chips", "materialize_features", "train_probes", "train_llp", "promote_model", "publish_champion"]
 
 

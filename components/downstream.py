@@ -25,9 +25,12 @@ def train_probes(
     features_root: str,
     tracking_uri: str = "",
     options: dict = {},
+    dataset_version: str = "",
+    dataset_git_commit: str = "",
 ) -> NamedTuple("Probes", [("run_id", str), ("models", str)]):
     """Probes + label-efficiency curves; registers the best probe per evaluable task. `models`:
-    JSON {name: {version, metric, higher_is_better}} of what it registered (the gate's input)."""
+    JSON {name: {version, metric, higher_is_better}} of what it registered (the gate's input).
+    `dataset_version`/`dataset_git_commit`: the version task's outputs, the runs' lineage by value."""
     import json
     from collections import namedtuple
     from pathlib import Path
@@ -35,6 +38,7 @@ def train_probes(
     from components.paths import absolute, absolute_uri
     from sarflow.data.chipstore import label_sources, open_chip_group
     from sarflow.downstream.probes import ProbeConfig, run_probes
+    from sarflow.mlops.lineage import given_lineage
     from sarflow.mlops.tracking import flat_metrics
     from sarflow.params import Params, stage_config
 
@@ -51,7 +55,8 @@ def train_probes(
     cfg = stage_config(ProbeConfig, Params({"downstream": options}, "pipeline parameter downstream"), "downstream",
                        {"tracking_uri": tracking_uri or None}, store=store.path, features_root=features_root,
                        model=described["model"], version=str(described["version"]))
-    result = run_probes(cfg)
+    with given_lineage(dataset_version, dataset_git_commit):
+        result = run_probes(cfg)
     Path(probes_report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(probes_report.path).write_text(json.dumps(result, indent=1, default=str))
     probes_report.metadata.update({"run_id": result["run_id"], "models": result["models"]})
@@ -74,10 +79,13 @@ def train_llp(
     stats_file: str = "municipality_stats.csv",
     id_column: str = "muni_id",
     options: dict = {},
+    dataset_version: str = "",
+    dataset_git_commit: str = "",
 ) -> NamedTuple("LLP", [("run_id", str), ("models", str)]):
     """LLP from bag statistics: `bags` is a folder with the polygons and the statistics table.
     Without them (a catalog that declares no bags) the task is skipped: run_id "" and no models.
-    `models`: JSON {name: {version, metric, higher_is_better}} of what it registered."""
+    `models`: JSON {name: {version, metric, higher_is_better}} of what it registered.
+    `dataset_version`/`dataset_git_commit`: the version task's outputs, the runs' lineage by value."""
     import json
     from collections import namedtuple
     from pathlib import Path
@@ -85,6 +93,7 @@ def train_llp(
     from components.paths import absolute, absolute_uri
     from sarflow.downstream.llp.config import LLPConfig
     from sarflow.downstream.llp.run import run_llp
+    from sarflow.mlops.lineage import given_lineage
     from sarflow.mlops.tracking import flat_metrics
     from sarflow.params import Params, stage_config
 
@@ -104,7 +113,8 @@ def train_llp(
                        store=store.path, polygons=str(Path(bags.path) / polygons_file),
                        stats=str(Path(bags.path) / stats_file), features_root=features_root,
                        model=described["model"], version=str(described["version"]))
-    result = run_llp(cfg)
+    with given_lineage(dataset_version, dataset_git_commit):
+        result = run_llp(cfg)
     Path(llp_report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(llp_report.path).write_text(json.dumps(result, indent=1, default=str))
     llp_report.metadata.update({"run_id": result["run_id"], "outside": int(result.get("outside", 0))})

@@ -10,8 +10,10 @@ output is a JSON descriptor of the partition written (model, version, rows, dime
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
+from components import GPU_IMAGE
 
-@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)  # a GPU task: the CUDA image
 def embed_chips(
     store: Input[Dataset],
     encoder: Input[Model],
@@ -20,9 +22,12 @@ def embed_chips(
     features_root: str,
     tracking_uri: str = "",
     options: dict = {},
+    dataset_version: str = "",
+    dataset_git_commit: str = "",
 ):
     """Embeds every chip with the encoder the `encoder` reference names; writes chip labels too.
-    `options` is params.yaml's `embed:` section (batch_size, device, tracking_uri)."""
+    `options` is params.yaml's `embed:` section (batch_size, device, tracking_uri);
+    `dataset_version`/`dataset_git_commit`: the version task's outputs, the partition's lineage."""
     import json
     from pathlib import Path
 
@@ -31,6 +36,7 @@ def embed_chips(
     from components.paths import absolute, absolute_uri
     from sarflow.features.embed import EmbedConfig, embed_store
     from sarflow.features.labels import chip_labels
+    from sarflow.mlops.lineage import given_lineage
     from sarflow.params import Params, stage_config
 
     # a relative path or SQLite file means the task's working directory (the launcher's, under kfp.local)
@@ -39,8 +45,9 @@ def embed_chips(
     cfg = stage_config(EmbedConfig, Params({"embed": options}, "pipeline parameter embed"), "embed",
                        {"tracking_uri": tracking_uri or ref.get("tracking_uri") or None})
     mlflow.set_tracking_uri(cfg.tracking_uri)
-    result = embed_store(store.path, ref["model_uri"], features_root, batch_size=cfg.batch_size, overwrite=True,
-                         device=cfg.device)
+    with given_lineage(dataset_version, dataset_git_commit):
+        result = embed_store(store.path, ref["model_uri"], features_root, batch_size=cfg.batch_size, overwrite=True,
+                             device=cfg.device)
     labels = chip_labels(store.path, features_root)
     result.update({"features_root": features_root, "labels": str(labels), "model_uri": ref["model_uri"]})
     Path(embeddings.path).parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,10 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
+from components import GPU_IMAGE
 
-@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)  # a GPU task: the CUDA image
 def pretrain_encoder(
     store: Input[Dataset],
     encoder: Output[Model],
@@ -24,14 +26,18 @@ def pretrain_encoder(
     pretrain: dict = {},
     tracking_uri: str = "",
     dataset_version: str = "",
+    dataset_git_commit: str = "",
 ) -> NamedTuple("Encoder", [("model_uri", str), ("registered_model", str), ("version", str), ("run_id", str)]):
-    """Trains, tracks and registers the encoder; `dataset_version` (the store's DVC md5) is part
-    of the task's cache key, so a new dataset version always retrains."""
+    """Trains, tracks and registers the encoder. `dataset_version` and `dataset_git_commit` are
+    the version task's outputs (the store's DVC md5, the data commit), recorded as the run's
+    lineage by value (a fresh pod has no DVC repository to discover them from); the version is
+    part of the task's cache key too, so a new dataset version always retrains."""
     import json
     from collections import namedtuple
     from pathlib import Path
 
     from components.paths import absolute_uri
+    from sarflow.mlops.lineage import given_lineage
     from sarflow.params import Params, stage_config
     from sarflow.training.pretrain import PretrainConfig
     from sarflow.training.pretrain import pretrain as run_pretrain
@@ -39,7 +45,8 @@ def pretrain_encoder(
     cfg = stage_config(PretrainConfig, Params({"pretrain": pretrain}, "pipeline parameter pretrain"), "pretrain",
                        {"tracking_uri": tracking_uri or None}, store=store.path)
     tracking_uri = absolute_uri(cfg.tracking_uri)  # recorded in the reference: the same database from any folder
-    result = run_pretrain(cfg)
+    with given_lineage(dataset_version, dataset_git_commit):
+        result = run_pretrain(cfg)
     ref = {"model_uri": f"models:/{result['registered_model']}/{result['version']}",
            "registered_model": result["registered_model"], "version": str(result["version"]),
            "run_id": result["run_id"], "logged_model_uri": result["model_uri"], "tracking_uri": tracking_uri,

@@ -60,7 +60,8 @@ def e2e_pipeline(
                     split_fractions=split_fractions, clevel=clevel)
         data = data_stages(seed, synth, tile, checksum, dvc_remote, s3_endpoint)
         training_stages(data["tile"].outputs["store"], data["synth"].outputs["scene"],
-                        data["version"].outputs["dvc_md5"], tracking_uri=tracking_uri,
+                        data["version"].outputs["dvc_md5"], data["version"].outputs["git_commit"],
+                        tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
                         online=online, redis=redis, margin=margin)
 
@@ -97,6 +98,6 @@ def e2e_catalog_pipeline(
                     split_fractions=split_fractions, clevel=clevel)
         chips = chip_stages(scene.output, tile, checksum, dvc_remote, s3_endpoint)
         training_stages(chips["tile"].outputs["store"], scene.output, chips["version"].outputs["dvc_md5"],
-                        tracking_uri=tracking_uri,
+                        chips["version"].outputs["git_commit"], tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
                         online=online, redis=redis, margin=margin)

@@ -7,6 +7,10 @@ and the exit task that records how a run ended.
   the endpoints (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``, ...) from the ConfigMap
   ``sarflow-pipeline-env`` that k8s/ deploys. Tasks reach MLflow through its server, which
   alone holds the PostgreSQL password (secret ``sarflow-postgres``): no task carries it.
+- **Feast**: the same ConfigMap gives ``SARFLOW_FEAST_REGISTRY`` (the registry the feature
+  server reads, ``s3://sarflow-feast/registry/registry.db``: what a pipeline applies is what the
+  server serves), ``SARFLOW_FEAST_REPO`` (the task's Feast repo folder, a writable ``emptyDir``
+  mounted there: sarflow writes its feature_store.yaml into it) and ``SARFLOW_FEAST_SERVER_URL``.
 - **GPU tasks** (pretraining, embedding): ``set_accelerator_type('nvidia.com/gpu')``,
   ``set_accelerator_limit``, a node selector on the GPU pool's label and a toleration of its
   ``nvidia.com/gpu`` NoSchedule taint (the same as k8s/components/gpu-training).
@@ -26,7 +30,10 @@ S3_SECRETS = {
 MINIO_SECRET = "sarflow-s3"  # the bucket-scoped MinIO user, not the root key
 MINIO_SECRET_KEYS = S3_SECRETS[MINIO_SECRET]
 PIPELINE_ENV_CONFIGMAP = "sarflow-pipeline-env"  # k8s/base/kustomization.yaml: the endpoints
-PIPELINE_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "FEAST_S3_ENDPOINT_URL")
+PIPELINE_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "FEAST_S3_ENDPOINT_URL",
+                "SARFLOW_FEAST_REGISTRY", "SARFLOW_FEAST_REPO", "SARFLOW_FEAST_SERVER_URL")
+# the task's Feast repo folder: SARFLOW_FEAST_REPO's value in k8s/base/kustomization.yaml, a writable emptyDir
+FEAST_REPO_VOLUME = ("feast-repo", "/etc/sarflow/feature_repo")
 POD_LABEL = ("sarflow.io/pipeline", "true")  # what the NetworkPolicies admit to MinIO, MLflow, Redis
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")  # NVIDIA GPU Feature Discovery's node label
@@ -91,8 +98,10 @@ def sarflow_pod(task: dsl.PipelineTask, kind: str) -> dsl.PipelineTask:
 
 
 def with_services(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """MinIO keys as env from the secret; endpoints (S3, MLflow) from the pipeline ConfigMap."""
+    """MinIO keys as env from the secret; endpoints (S3, MLflow, the Feast registry and server)
+    from the pipeline ConfigMap; a writable folder for the task's Feast repo."""
     kubernetes.use_secret_as_env(task, secret_name=MINIO_SECRET, secret_key_to_env=MINIO_SECRET_KEYS)
+    kubernetes.empty_dir_mount(task, volume_name=FEAST_REPO_VOLUME[0], mount_path=FEAST_REPO_VOLUME[1])
     return kubernetes.use_config_map_as_env(task, PIPELINE_ENV_CONFIGMAP, {k: k for k in PIPELINE_ENV})
 
 

@@ -19,6 +19,12 @@ The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.
 
 - **GPU**: pretraining (``PRETRAIN_GPUS``) and embedding (one) request ``nvidia.com/gpu``, select the GPU
   pool's nodes and tolerate its taint (pipelines/platform.py);
+- **images**: the GPU tasks run docker/Dockerfile.gpu's image (``components.GPU_IMAGE``), the
+  others the CPU image; both carry their code commit (``SARFLOW_CODE_COMMIT``);
+- **lineage by value**: ``dataset_version`` and ``dataset_git_commit`` (the version task's
+  ``dvc_md5`` and ``git_commit``, or the pipeline's arguments) go to every task that makes a run
+  or a partition (pretrain, embed, probes, LLP), which records them: a fresh pod has no DVC
+  repository to rediscover them from;
 - **caching**: only pretraining caches, and its key includes ``dataset_version`` (the store's
   DVC md5), so a new dataset version always retrains; everything after it writes shared state
   (Feast, the registry) and always runs;
@@ -54,18 +60,20 @@ PARAMS_SECTIONS = ("pretrain", "embed", "downstream", "llp", "promote")
 GATED = ("probes", "llp")
 
 
-def training_stages(store, bags, dataset_version, *, tracking_uri, features_root, pretrain, embed, downstream, llp,
-                    online, redis, margin, gpus: int = PRETRAIN_GPUS) -> dict[str, dsl.PipelineTask]:
-    """Every task after the chip store exists; `store` and `bags` are Dataset channels."""
-    pre = pretrain_encoder(store=store, pretrain=pretrain, tracking_uri=tracking_uri, dataset_version=dataset_version)
+def training_stages(store, bags, dataset_version, dataset_git_commit, *, tracking_uri, features_root, pretrain, embed,
+                    downstream, llp, online, redis, margin, gpus: int = PRETRAIN_GPUS) -> dict[str, dsl.PipelineTask]:
+    """Every task after the chip store exists; `store` and `bags` are Dataset channels,
+    `dataset_version` and `dataset_git_commit` the store's lineage (channels or pipeline inputs)."""
+    lineage = dict(dataset_version=dataset_version, dataset_git_commit=dataset_git_commit)
+    pre = pretrain_encoder(store=store, pretrain=pretrain, tracking_uri=tracking_uri, **lineage)
     on_gpu(stage(pre, "pretrain", "pretrain", cache=True), gpus)
 
     emb = embed_chips(store=store, encoder=pre.outputs["encoder"], features_root=features_root,
-                      tracking_uri=tracking_uri, options=embed)
+                      tracking_uri=tracking_uri, options=embed, **lineage)
     on_gpu(stage(emb, "embed", "embed", cache=False), 1)
 
     bag_task = train_llp(store=store, embeddings=emb.outputs["embeddings"], bags=bags, features_root=features_root,
-                         tracking_uri=tracking_uri, options=llp)
+                         tracking_uri=tracking_uri, options=llp, **lineage)
     stage(bag_task, "llp", "downstream", cache=False)
 
     # after LLP: it writes the chip_bags source, so the bags reach Feast with everything else
@@ -74,7 +82,7 @@ def training_stages(store, bags, dataset_version, *, tracking_uri, features_root
     stage(mat.after(bag_task), "materialize", "features", cache=False)
 
     probes = train_probes(store=store, embeddings=emb.outputs["embeddings"], features_root=features_root,
-                          tracking_uri=tracking_uri, options=downstream)
+                          tracking_uri=tracking_uri, options=downstream, **lineage)
     stage(probes.after(mat), "probes", "downstream", cache=False)
 
     report = report_results(tracking_uri=tracking_uri, probes_run_id=probes.outputs["run_id"],
@@ -97,6 +105,7 @@ def training_pipeline(
     store_uri: str,
     bags_uri: str,
     dataset_version: str = "",
+    dataset_git_commit: str = "",
     tracking_uri: str = "",
     features_root: str = "s3://sarflow-features",
     pretrain: dict = {},
@@ -113,6 +122,6 @@ def training_pipeline(
         store.set_display_name("chip-store")
         bags = dsl.importer(artifact_uri=bags_uri, artifact_class=Dataset, reimport=False)
         bags.set_display_name("bags")
-        training_stages(store.output, bags.output, dataset_version, tracking_uri=tracking_uri,
+        training_stages(store.output, bags.output, dataset_version, dataset_git_commit, tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
                         online=online, redis=redis, margin=margin)

@@ -19,6 +19,10 @@ from pipelines import load, names
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHIP, SHARD = 128, 32, 16
 IMAGE = "ghcr.io/sarflow/sarflow:0.1.0"
+GPU_IMAGE = "ghcr.io/sarflow/sarflow-gpu:0.1.0"  # docker/Dockerfile.gpu: the GPU tasks' image
+GPU_TASKS = ("exec-pretrain-encoder", "exec-embed-chips")
+# the tasks that make MLflow runs or Feast partitions, each recording the store's lineage
+LINEAGE_TASKS = ("pretrain-encoder", "embed-chips", "train-probes", "train-llp")
 STAGES = ("synth-scene", "ingest-scene", "tile-scene", "version-chips")
 
 
@@ -339,7 +343,7 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
     assert set(TRAINING_STAGES) <= set(tasks)
     execs = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for gpu_task in ("exec-pretrain-encoder", "exec-embed-chips"):
+    for gpu_task in GPU_TASKS:
         resources = execs[gpu_task]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert k8s[gpu_task]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
@@ -351,7 +355,8 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
         if "importer" in container:  # the importer is KFP's own driver, not a pod of ours
             continue
         assert container["container"]["resources"]["resourceMemoryLimit"], exec_name
-        assert container["container"]["image"] == IMAGE and "pip install" not in " ".join(container["container"]["command"])
+        assert container["container"]["image"] == (GPU_IMAGE if exec_name in GPU_TASKS else IMAGE), exec_name
+        assert "pip install" not in " ".join(container["container"]["command"])
     # secrets and endpoints as env: MinIO keys from sarflow-s3, MLflow's URL from the ConfigMap
     (secret,) = k8s["exec-train-probes"]["secretAsEnv"]
     assert secret["secretName"] == "sarflow-s3"
@@ -370,9 +375,19 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
     params = tasks["report-results"]["inputs"]["parameters"]
     assert params["probes_run_id"]["taskOutputParameter"] == {"producerTask": "train-probes", "outputParameterKey": "run_id"}
     assert params["llp_run_id"]["taskOutputParameter"] == {"producerTask": "train-llp", "outputParameterKey": "run_id"}
-    if name == "e2e":
-        source = tasks["pretrain-encoder"]["inputs"]["parameters"]["dataset_version"]
-        assert source["taskOutputParameter"] == {"producerTask": "version-chips", "outputParameterKey": "dvc_md5"}
+    # lineage by value: the version task's outputs (or the pipeline's arguments) reach every run
+    for task in LINEAGE_TASKS:
+        params = tasks[task]["inputs"]["parameters"]
+        for param, output in (("dataset_version", "dvc_md5"), ("dataset_git_commit", "git_commit")):
+            if name == "training":  # no version task: the pipeline's own arguments
+                assert params[param] == {"componentInputParameter": f"pipelinechannel--{param}"}, (task, param)
+            else:
+                assert params[param]["taskOutputParameter"] == {"producerTask": "version-chips",
+                                                                "outputParameterKey": output}, (task, param)
+    # the Feast registry every pod shares, and a writable repo folder, from the pipeline ConfigMap
+    (config,) = k8s["exec-materialize-features"]["configMapAsEnv"]
+    assert {"SARFLOW_FEAST_REGISTRY", "SARFLOW_FEAST_REPO"} <= {m["envVar"] for m in config["keyToEnv"]}
+    assert [v["mountPath"] for v in k8s["exec-materialize-features"]["emptyDirMounts"]] == ["/etc/sarflow/feature_repo"]
 
 
 def test_params_sections_are_passed_whole_or_by_key():
@@ -471,3 +486,27 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
     assert published["version"] == "1" and published["prediction_shape"][1] == described["dim"]
     again = promote_model.python_func(decision=art(Artifact, "decision2"), models=gated, tracking_uri=tracking)
     assert again is False  # already the champion: nothing moves
+
+
+def test_lineage_by_value_wins_over_discovery(tiny_store, tmp_path, monkeypatch):
+    """A pod has no DVC repository: the version task's values (arguments or given_lineage) are the
+    lineage; the image's SARFLOW_CODE_COMMIT is the code commit; without them, discovery."""
+    import shutil
+
+    from sarflow.data.versioning import version_store
+    from sarflow.mlops.lineage import CODE_COMMIT_ENV, code_commit, dataset_lineage, given_lineage
+
+    store = tmp_path / "chips.zarr"
+    shutil.copytree(tiny_store, store)
+    bare = dataset_lineage(str(store))  # no repository around it: untracked
+    assert bare["sarflow.dataset_dvc_md5"] == "untracked" and bare["sarflow.dataset_git_commit"] == "none"
+    with given_lineage("d41d8cd98f00b204e9800998ecf8427e.dir", "abc123"):
+        given = dataset_lineage(str(store))
+    assert given["sarflow.dataset_dvc_md5"] == "d41d8cd98f00b204e9800998ecf8427e.dir"
+    assert given["sarflow.dataset_git_commit"] == "abc123"
+    assert dataset_lineage(str(store))["sarflow.dataset_dvc_md5"] == "untracked"  # the block ended
+    assert dataset_lineage(str(store), "f00.dir")["sarflow.dataset_dvc_md5"] == "f00.dir"
+    md5 = version_store(store, repo=tmp_path, push=False)["dvc_md5"]
+    assert dataset_lineage(str(store))["sarflow.dataset_dvc_md5"] == md5  # discovered when nothing is given
+    monkeypatch.setenv(CODE_COMMIT_ENV, "0123456789abcdef")
+    assert code_commit() == "0123456789abcdef" and dataset_lineage(str(store))["sarflow.code_commit"] == "0123456789abcdef"
