@@ -319,17 +319,23 @@ def _curves(cfg: ProbeConfig, data: ProbeData, splits: list[TaskSplits], scratch
 
 
 def curve_intervals(curves: Curves, data: ProbeData, splits: list[TaskSplits], block_side: int | None,
-                    replicates: int = BOOTSTRAP, seed: int = 0) -> tuple[pd.DataFrame, dict]:
-    """The test points' 95 % intervals over spatial test blocks (rows of task, source, probe, n,
-    split, metric, ci_low, ci_high), and per task the blocks they resample ({blocks, block_chips,
-    test_chips})."""
+                    replicates: int = BOOTSTRAP, seed: int = 0, default: str = PROBES[0]) -> tuple[pd.DataFrame, dict]:
+    """The 95 % intervals over spatial test blocks of the test points the curves show (each
+    source's probe chosen on val: `label_efficiency.source_curve`), as rows of task, source,
+    probe, n, split, metric, ci_low, ci_high; and per task the blocks they resample ({blocks,
+    block_chips, test_chips})."""
+    from sarflow.downstream.label_efficiency import BASELINE_SOURCES, source_curve
+
+    plain = summarize(curves.points)
+    shown = {(ts.task.name, source, c["probe"], c["n"]) for ts in splits for source in ("embeddings",) + BASELINE_SOURCES
+             for c in source_curve(plain, ts.task, source, default)}
     rows, units = [], {}
     for ts in splits:
         te = ts.idx["test"]
         blocks, side = spatial_blocks(data.cells[te], block_side)
         units[ts.task.name] = {"blocks": int(blocks.max(initial=-1)) + 1, "block_chips": int(side), "test_chips": len(te)}
         for (task, source, probe, n), outs in curves.outputs.items():
-            if task != ts.task.name:
+            if task != ts.task.name or (task, source, probe, n) not in shown:
                 continue
             for metric, (lo, hi) in block_interval(ts.task, ts.y[te], outs, blocks, replicates, seed).items():
                 rows.append((task, source, probe, n, "test", metric, lo, hi))
@@ -396,7 +402,8 @@ def _run_probes(cfg: ProbeConfig) -> dict:
     if "scratch" in baselines and any(t.name in scratch_tasks for t in evaluable):
         chips = chip_tensor(cfg.store, cfg.modalities or None)[data.store_index]
     curves = _curves(cfg, data, splits, scratch_tasks, features, chips, baselines)
-    intervals, ci_units = curve_intervals(curves, data, splits, _split_block(cfg.store), cfg.bootstrap, cfg.seed)
+    intervals, ci_units = curve_intervals(curves, data, splits, _split_block(cfg.store), cfg.bootstrap, cfg.seed,
+                                       cfg.probes[0])
     summary = summarize(curves.points, intervals)
     skipped_points = curves.skipped
     default = cfg.probes[0]
