@@ -84,6 +84,7 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 METADATA_FILE = "metadata.parquet"
 META_FILE = "meta.json"
+LISTS_FILE = "lists.ivfdata"  # an on-disk IVF-PQ's inverted lists (build_ivfpq_sharded), beside INDEX_FILE
 RESERVED_COLUMNS = ("chip_id", "similarity", "distance")
 
 EXACT_THRESHOLD = 50_000
@@ -233,7 +234,7 @@ class SimilarityIndex:
                  n_threads: int | None = None, seed: int = 0, nlist: int | None = None,
                  train_per_list: int = 40, kmeans_iter: int = 10, hnsw_m: int = 32,
                  ef_construction: int = 40, tune_queries: int = 500, copy: bool = True,
-                 add_chunk: int = 65_536):
+                 add_chunk: int = 65_536, pq_m: int | None = None, pq_bits: int = 8, nprobe: int | None = None):
         faiss = _faiss()
         self.model_name = None if model_name is None else str(model_name)
         self.model_version = None if model_version is None else str(model_version)
@@ -266,8 +267,8 @@ class SimilarityIndex:
 
         if kind == "auto":
             kind = "flat" if n < exact_threshold else "ivf"
-        if kind not in ("flat", "ivf", "hnsw"):
-            raise InputError(where, f"unknown index kind {kind!r} (auto, flat, ivf, hnsw)")
+        if kind not in ("flat", "ivf", "hnsw", "ivfpq"):
+            raise InputError(where, f"unknown index kind {kind!r} (auto, flat, ivf, hnsw, ivfpq)")
         self.kind = kind
         self.params: dict[str, Any] = {"exact_threshold": int(exact_threshold), "seed": int(seed),
                                        "n_threads": self.n_threads}
@@ -277,6 +278,15 @@ class SimilarityIndex:
         if kind == "flat":
             self.index = faiss.IndexFlatIP(d)
             self._add(xn, add_chunk)
+        elif kind == "ivfpq":  # the in-memory twin of build_ivfpq_sharded (same sample, same training)
+            self.index, self.params = _train_ivfpq(lambda pos: xn[pos], n, self.params, nlist=nlist, pq_m=pq_m, pq_bits=pq_bits,
+                                                   train_per_list=train_per_list, kmeans_iter=kmeans_iter,
+                                                   seed=seed, where=where)
+            self._add(xn, add_chunk)
+            self.index.make_direct_map()
+            self._set_search_param(nprobe or DEFAULT_PQ_NPROBE)
+            self.params["nprobe"] = int(nprobe or DEFAULT_PQ_NPROBE)
+            self.recall = {"k": RECALL_K, "recall": None, "method": "not measured (fixed nprobe)"}
         elif kind == "ivf":
             if n < 2:
                 raise InputError(where, f"an IVF index needs at least 2 vectors, got {n}")
@@ -341,7 +351,7 @@ class SimilarityIndex:
             self.index.add(np.ascontiguousarray(xn[s:s + chunk]))
 
     def _set_search_param(self, value: int) -> None:
-        if self.kind == "ivf":
+        if self.kind in ("ivf", "ivfpq"):
             self.index.nprobe = int(value)
         elif self.kind == "hnsw":
             self.index.hnsw.efSearch = int(value)
@@ -470,7 +480,7 @@ class SimilarityIndex:
     def set_search_param(self, value: int) -> None:
         """Override the tuned nprobe (IVF) or efSearch (HNSW); ignored for an exact index."""
         self._set_search_param(value)
-        if self.kind == "ivf":
+        if self.kind in ("ivf", "ivfpq"):
             self.params["nprobe"] = int(value)
         elif self.kind == "hnsw":
             self.params["efSearch"] = int(value)
@@ -495,6 +505,9 @@ class SimilarityIndex:
         tmp.mkdir()
         try:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            lists = getattr(self, "_lists_file", None)
+            if lists is not None:  # an on-disk index: its lists go along (found beside the index on load)
+                shutil.copyfile(lists, tmp / LISTS_FILE)
             pd.DataFrame({"chip_id": pd.array(self._ids, dtype="string")}).to_parquet(tmp / IDS_FILE, index=False)
             if self._metadata is not None:
                 self._metadata.to_parquet(tmp / METADATA_FILE)
@@ -563,6 +576,10 @@ class SimilarityIndex:
         self.params["n_threads"] = self.n_threads
         faiss.omp_set_num_threads(self.n_threads)
         flags = faiss.IO_FLAG_MMAP if mmap else 0
+        self._lists_file = None
+        if (directory / LISTS_FILE).is_file():  # on-disk lists, opened from beside the index wherever it moved
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+            self._lists_file = directory / LISTS_FILE
         self.index = faiss.read_index(str(directory / INDEX_FILE), flags)
         self._ids = _as_ids(_read_small_parquet(directory / IDS_FILE)["chip_id"].to_numpy(dtype=object), where)
         if self.index.ntotal != len(self._ids) or self.index.d != self.dim:
@@ -574,7 +591,7 @@ class SimilarityIndex:
             md = _read_small_parquet(directory / METADATA_FILE)
             md.index = pd.Index(self._ids, dtype=object, name="chip_id")
             self._metadata = md
-        if self.kind == "ivf":
+        if self.kind in ("ivf", "ivfpq"):
             ivf = faiss.extract_index_ivf(self.index)
             if ivf.direct_map.type == 0:
                 ivf.make_direct_map()
@@ -637,3 +654,183 @@ def _fsync(p: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ IVF-PQ at 10M+ vectors, built in parts
+
+DEFAULT_PQ_NPROBE = 16
+TRAINED_FILE = "trained.faiss"
+
+
+def _default_pq_m(d: int) -> int:
+    """Sub-quantizers of a PQ code: the largest divisor of d up to d/8 (96 bytes a vector at 768-d)."""
+    return max(m for m in range(1, max(1, d // 8) + 1) if d % m == 0)
+
+
+def _train_ivfpq(rows, n: int, params: dict, *, nlist: int | None, pq_m: int | None, pq_bits: int,
+                 train_per_list: int, kmeans_iter: int, seed: int, where: str):
+    """An empty IVF-PQ (inner product, spherical coarse k-means) trained on a random sample of
+    the n vectors; `rows(positions)` returns those rows L2-normalised. Returns (index, params)."""
+    faiss = _faiss()
+    if n < 2:
+        raise InputError(where, f"an IVF-PQ index needs at least 2 vectors, got {n}")
+    d = int(rows(np.arange(1)).shape[1])
+    m = int(pq_m) if pq_m else _default_pq_m(d)
+    if m < 1 or d % m:
+        raise InputError(where, f"pq_m {m} does not divide the dimension {d}")
+    nl = int(nlist) if nlist else max(1, min(round(4 * math.sqrt(n)), n // 39))
+    nl = max(1, min(nl, n))
+    n_train = min(n, max(train_per_list * nl, 39 * 2 ** int(pq_bits)))  # enough for the PQ codebooks too
+    rng = np.random.default_rng(seed)
+    train_pos = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nl, m, int(pq_bits), faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = int(kmeans_iter)
+    index.cp.seed = int(seed)
+    index.cp.max_points_per_centroid = max(train_per_list, 1)
+    index.cp.spherical = True
+    t = time.perf_counter()
+    index.train(np.ascontiguousarray(rows(train_pos)))
+    return index, {**params, "nlist": nl, "pq_m": m, "pq_bits": int(pq_bits), "train_size": int(n_train),
+                   "train_per_list": int(train_per_list), "kmeans_iter": int(kmeans_iter), "spherical": True,
+                   "train_s": round(time.perf_counter() - t, 3)}
+
+
+def add_ivfpq_part(trained: str | Path, vectors: np.ndarray, start: int, out: str | Path,
+                   n_threads: int | None = None) -> Path:
+    """One part of a sharded build (any process or pod): the trained, empty IVF-PQ at `trained`
+    with `vectors` (rows [start, start + len) of the whole set) added under their global
+    positions, written atomically to `out`."""
+    faiss = _faiss()
+    faiss.omp_set_num_threads(int(n_threads) if n_threads else available_cores())
+    index = faiss.read_index(str(trained))
+    if index.ntotal:
+        raise InputError(str(trained), "the trained index is not empty: parts are added to the empty trained index")
+    xn = _normalise_rows(vectors, f"{out}", f"vector (part from {start}), relative")
+    index.add_with_ids(xn, np.arange(start, start + len(xn), dtype=np.int64))
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _add_part_job(args: tuple) -> str:
+    """A worker process's part: rows [a, b) of the .npy at `npy` (memory-mapped)."""
+    trained, npy, a, b, out, threads = args
+    return str(add_ivfpq_part(trained, np.load(npy, mmap_mode="r")[a:b], a, out, threads))
+
+
+def merge_ivfpq_parts(directory: str | Path, trained: str | Path, parts: Sequence[str | Path],
+                      ids: Sequence[str] | np.ndarray, metadata: pd.DataFrame | None = None, *,
+                      model_name: str | None = None, model_version: str | None = None, nprobe: int | None = None,
+                      params: dict | None = None) -> "SimilarityIndex":
+    """Merges the parts (in order; their ids are global positions) into one on-disk index at
+    `directory` (index.faiss + lists.ivfdata, the inverted lists memory-mapped on load), with
+    the chip ids and metadata as SimilarityIndex.save writes them, atomically; returns it loaded.
+    The parts must cover positions 0..len(ids)-1 exactly once."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    faiss = _faiss()
+    directory = Path(directory)
+    where = str(directory)
+    ids = _as_ids(ids, where)
+    counts = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP).ntotal for p in parts]
+    if sum(counts) != len(ids):
+        raise InputError(where, f"the parts hold {sum(counts)} vectors ({counts}), the ids are {len(ids)}")
+    index = faiss.read_index(str(trained))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()
+    try:
+        t = time.perf_counter()
+        merge_ondisk(index, [str(p) for p in parts], str(tmp / LISTS_FILE))
+        merge_s = time.perf_counter() - t
+        # a part's ids are global positions (position -> chip id): the direct map refuses one outside 0..n-1
+        faiss.extract_index_ivf(index).make_direct_map()
+        self = SimilarityIndex.__new__(SimilarityIndex)
+        self.path, self.index, self._ids, self._lists_file = None, index, ids, tmp / LISTS_FILE
+        self._pos = {cid: i for i, cid in enumerate(ids)}
+        if len(self._pos) != len(ids):
+            raise InputError(where, "duplicate chip ids")
+        self.model_name = None if model_name is None else str(model_name)
+        self.model_version = None if model_version is None else str(model_version)
+        self.dim, self.kind = int(index.d), "ivfpq"
+        self._metadata = self._align_metadata(metadata, where)
+        self.params = {**(params or {}), "nprobe": int(nprobe or DEFAULT_PQ_NPROBE), "parts": len(parts),
+                       "part_sizes": counts, "merge_s": round(merge_s, 3), "on_disk": True}
+        self.recall = {"k": RECALL_K, "recall": None, "method": "not measured (fixed nprobe)"}
+        self.build_seconds = float(self.params.get("build_s", merge_s))
+        self.created_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.n_threads = available_cores()
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        pd.DataFrame({"chip_id": pd.array(ids, dtype="string")}).to_parquet(tmp / IDS_FILE, index=False)
+        if self._metadata is not None:
+            self._metadata.to_parquet(tmp / METADATA_FILE)
+        meta = self.info()
+        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        del index, self  # close the on-disk lists before the folder moves
+        if directory.exists():
+            if not (directory / META_FILE).is_file() and any(directory.iterdir()):
+                raise InputError(where, "exists and is not a similarity index; refusing to replace it")
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SimilarityIndex.load(directory, model_name=model_name, model_version=model_version)
+
+
+def build_ivfpq_sharded(ids: Sequence[str] | np.ndarray, vectors: np.ndarray | str | Path, directory: str | Path,
+                        metadata: pd.DataFrame | None = None, *, parts: int = 2, processes: int | None = None,
+                        model_name: str | None = None, model_version: str | None = None, nlist: int | None = None,
+                        pq_m: int | None = None, pq_bits: int = 8, train_per_list: int = 40, kmeans_iter: int = 10,
+                        seed: int = 0, nprobe: int | None = None, threads_per_part: int = 1) -> "SimilarityIndex":
+    """An IVF-PQ index over 10M+ vectors: trained once on a sample here, the vectors added in
+    `parts` contiguous ranges by `processes` separate worker processes (spawned; each writes its
+    part with `add_ivfpq_part`), merged into one on-disk index at `directory`
+    (`merge_ivfpq_parts`). `vectors` is an (n, d) array or the path of a .npy file (memory-mapped,
+    so no process holds all of it). The result answers `similar`/`search` like SimilarityIndex
+    and holds the same codes, in the same list order, as `SimilarityIndex(..., kind="ivfpq")`
+    built in one process with the same parameters, so both return the same neighbours."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    directory = Path(directory)
+    where = str(directory)
+    ids = _as_ids(ids, where)
+    work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.parts-", dir=directory.parent if directory.parent.exists() else None))
+    try:
+        if isinstance(vectors, (str, Path)):
+            npy = str(vectors)
+        else:
+            npy = str(work / "vectors.npy")
+            np.save(npy, np.asarray(vectors, dtype=np.float32))
+        base = np.load(npy, mmap_mode="r")
+        if base.ndim != 2 or len(base) != len(ids):
+            raise InputError(where, f"{len(ids)} ids for vectors of shape {base.shape}")
+        n = len(base)
+        parts = max(1, min(int(parts), n))
+        index, params = _train_ivfpq(lambda pos: _normalise_rows(base[pos], where, "vector"), n, {"seed": int(seed)},
+                                     nlist=nlist, pq_m=pq_m, pq_bits=pq_bits, train_per_list=train_per_list,
+                                     kmeans_iter=kmeans_iter, seed=seed, where=where)
+        trained = work / TRAINED_FILE
+        _faiss().write_index(index, str(trained))
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        jobs = [(str(trained), npy, int(a), int(b), str(work / f"part-{i:05d}.faiss"), threads_per_part)
+                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        t = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=processes or min(parts, available_cores()),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(_add_part_job, jobs))
+        params.update(add_s=round(time.perf_counter() - t, 3), build_s=round(time.perf_counter() - t0, 3))
+        return merge_ivfpq_parts(directory, trained, done, ids, metadata, model_name=model_name,
+                                 model_version=model_version, nprobe=nprobe, params=params)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
