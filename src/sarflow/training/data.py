@@ -67,6 +67,7 @@ class LoaderConfig:
     augment: Augment | None = field(default_factory=Augment)
     shuffle_buffer: int = 512
     seed: int = 0
+    cache_mb: float = 256.0  # keep the decoded shards in memory across epochs when the selected chips fit in this
 
 
 class _StoreView:
@@ -230,6 +231,8 @@ class ShardChipDataset(IterableDataset):
         self.keep = keep
         n_shards = math.ceil(len(keep) / self.view.shard)
         self.shards = [s for s in range(n_shards) if keep[s * self.view.shard:(s + 1) * self.view.shard].any()]
+        size = self.view.chip_size ** 2 * sum(len(s[3]) * 5 for s in self.view.specs)  # float32 + bool per value
+        self.cache: dict[int, dict] | None = {} if len(self.shards) * self.view.shard * size <= cfg.cache_mb * 2**20 else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -273,7 +276,11 @@ class ShardChipDataset(IterableDataset):
         S = self.view.shard
         for shard in self._my_shards():
             start, stop = shard * S, min((shard + 1) * S, len(self.keep))
-            data = self.view.read_rows(start, stop)
+            data = self.cache.get(shard) if self.cache is not None else None
+            if data is None:
+                data = self.view.read_rows(start, stop)
+                if self.cache is not None:
+                    self.cache[shard] = data
             for j in np.flatnonzero(self.keep[start:stop]).tolist():
                 row = start + j
                 sample = {k: v[j] for k, v in data.items()}

@@ -114,7 +114,24 @@ class SSLModule(L.LightningModule):
         std = torch.tensor([s for g in self.groups for s in g.std], dtype=torch.float32)
         return mean, std
 
+    def served(self) -> ChipEncoder:
+        """The `ChipEncoder` this module exports, sharing its weights (no copy)."""
+        raise NotImplementedError
+
     def export_encoder(self) -> ChipEncoder:
+        return copy.deepcopy(self.served()).eval()
+
+    def embed_batch(self, batch: dict) -> torch.Tensor:
+        """The served embedding of a loader batch (normalised tensors): what the exported
+        encoder gives for these chips, through the same `ChipEncoder.embed_groups` and `fuse`."""
+        enc = self.served()
+        names = group_names(self.groups)
+        parts = {n: group_input(batch, blocks_of(self.groups, n))[0] for n in names}
+        present = {n: group_present(batch, blocks_of(self.groups, n)) for n in names}
+        return enc.fuse(enc.embed_groups(parts), present)
+
+    def trivial_loss(self, batch: dict) -> float:
+        """The loss of a predictor that learned nothing, on this batch (see each method)."""
         raise NotImplementedError
 
 
@@ -137,9 +154,8 @@ def _one_group(groups: list[Group], method: str) -> str:
 def _single_encoder(module: SSLModule, vit: ViT, pool: str = "cls") -> ChipEncoder:
     name = group_names(module.groups)[0]
     mean, std = module._stats()
-    enc = ChipEncoder(_sources(module.groups), nn.ModuleDict({name: copy.deepcopy(vit)}),
-                      nn.ModuleDict({name: nn.Identity()}), mean, std, pool=pool)
-    return enc.eval()
+    return ChipEncoder(_sources(module.groups), nn.ModuleDict({name: vit}), nn.ModuleDict({name: nn.Identity()}),
+                       mean, std, pool=pool)
 
 
 # ------------------------------------------------------------------------- MAE
@@ -152,14 +168,19 @@ def visible_patches(n: int, mask_ratio: float) -> int:
 
 class MAE(SSLModule):
     """Masked autoencoder: 75% of patches hidden, the loss on the hidden ones only, and there on
-    valid pixels only: a masked (nodata) pixel is neither seen nor reconstructed."""
+    valid pixels only: a masked (nodata) pixel is neither seen nor reconstructed. The served
+    embedding pools the encoder's patch tokens (`pool="mean"`, as MAE fine-tunes) or takes its CLS
+    token (`pool="cls"`), which the reconstruction loss barely trains."""
 
     def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, mask_ratio: float = 0.75,
-                 norm_pix_loss: bool = True, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4):
+                 norm_pix_loss: bool = True, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4,
+                 pool: str = "mean"):
         super().__init__(groups, vit, optim)
         _one_group(groups, "MAE")
         self.save_hyperparameters(ignore=["groups", "vit", "optim"])
-        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"MAE pool must be 'cls' or 'mean', not {pool!r}")
+        self.mask_ratio, self.norm_pix_loss, self.pool = mask_ratio, norm_pix_loss, pool
         self.chans = sum(len(g.bands) for g in self.groups)
         self.encoder = _vit_for(vit, self.chans)
         dim, p = self.encoder.dim, vit.patch
@@ -195,15 +216,28 @@ class MAE(SSLModule):
             t = torch.where(v, (t - mu) / (var + 1e-6).sqrt(), 0.0)
         return t, v
 
-    def forward_loss(self, x: torch.Tensor, valid: torch.Tensor | None = None):
+    def forward_loss(self, x: torch.Tensor, valid: torch.Tensor | None = None, trivial: bool = False):
         """Loss, predictions (B, N, p*p*C) and the patch mask (1 = hidden). `valid` (like x, bool)
         marks the pixels that carry data; without it every pixel does. The loss is the mean over
         hidden patches with at least one valid value of the patch's mean squared error over its
-        valid values; a batch with no valid hidden value gives a loss of 0 (still a graph)."""
+        valid values; a batch with no valid hidden value gives a loss of 0 (still a graph).
+        With `trivial`, also the same loss of predicting 0 everywhere (the mean of the z-scored,
+        or with norm_pix_loss of the per-patch normalised, targets): what a model that learned
+        nothing scores on the same hidden patches."""
         if valid is None:
             valid = torch.isfinite(x)
         valid = valid.to(torch.bool) & torch.isfinite(x)
         x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        pred, mask = self.predict(x)
+        target, v = self.patch_targets(x, valid)
+        loss = self.masked_loss(pred, target, v, mask)
+        if trivial:
+            with torch.no_grad():
+                return loss, pred, mask, self.masked_loss(torch.zeros_like(target), target, v, mask)
+        return loss, pred, mask
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions (B, N, p*p*C), patch mask (B, N), 1 = hidden) of a random masking of x."""
         tokens = self.encoder.patchify_embed(x)
         b, n, d = tokens.shape
         keep = visible_patches(n, self.mask_ratio)
@@ -225,43 +259,52 @@ class MAE(SSLModule):
         seq = torch.cat([y[:, :1], seq + pos], dim=1)
         for blk in self.decoder_blocks:
             seq, _ = blk(seq)
-        pred = self.decoder_pred(self.decoder_norm(seq))[:, 1:]
-        target, v = self.patch_targets(x, valid)
+        return self.decoder_pred(self.decoder_norm(seq))[:, 1:], mask
+
+    @staticmethod
+    def masked_loss(pred: torch.Tensor, target: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over hidden patches with a valid value of the patch's MSE over its valid values."""
         err = torch.where(v, (pred.float() - target) ** 2, 0.0)
         count = v.sum(dim=-1)
         per_patch = err.sum(dim=-1) / count.clamp(min=1)
         weight = mask * (count > 0).to(mask.dtype)
         total = weight.sum()
         if total == 0:  # nothing valid to reconstruct in this batch: a zero that keeps the graph
-            return pred.float().sum() * 0.0, pred, mask
-        return (per_patch * weight).sum() / total, pred, mask
+            return pred.float().sum() * 0.0
+        return (per_patch * weight).sum() / total
 
     def training_step(self, batch, _):
         x, valid = group_input(batch, self.groups)
-        loss, _, _ = self.forward_loss(x, valid)
+        loss, _, _, trivial = self.forward_loss(x, valid, trivial=True)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/trivial_loss", trivial)
         return loss
 
+    def trivial_loss(self, batch: dict) -> float:
+        x, valid = group_input(batch, self.groups)
+        with torch.no_grad():
+            return float(self.forward_loss(x, valid, trivial=True)[3])
+
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input, masked input, reconstruction) of the first channel, for figures."""
+    def reconstruct(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """Channel 0 of: `input` (z-scored, masked pixels at 0), `masked` (the visible patches
+        only), `target` (what the loss compares to: per-patch normalised with norm_pix_loss) and
+        `prediction` (the decoder's output on every patch, nothing of the target pasted in), with
+        `hidden` (1 on hidden patches). Target and prediction are on the same scale."""
         valid = torch.isfinite(x) if valid is None else valid.bool() & torch.isfinite(x)
         x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
         _, pred, mask = self.forward_loss(x, valid)
-        if self.norm_pix_loss:  # un-normalise with the target patches' own statistics (valid values)
-            t = self.patchify(x)
-            v = self.patchify(valid.to(x.dtype)) > 0.5
-            n = v.sum(dim=-1, keepdim=True).clamp(min=1)
-            mu = torch.where(v, t, 0.0).sum(dim=-1, keepdim=True) / n
-            var = (torch.where(v, t - mu, 0.0) ** 2).sum(dim=-1, keepdim=True) / (n - 1).clamp(min=1)
-            pred = pred * (var + 1e-6).sqrt() + mu
+        target, v = self.patch_targets(x, valid)
         h, w = x.shape[-2:]
+        size = pred.shape[-1]
+        m = self.unpatchify(mask[..., None].expand(-1, -1, size).float(), h, w)
         rec = self.unpatchify(pred.float(), h, w)
-        m = self.unpatchify(mask[..., None].expand(-1, -1, self.patchify(x).shape[-1]).float(), h, w)
-        return x[:, 0].cpu().numpy(), (x * (1 - m))[:, 0].cpu().numpy(), rec[:, 0].cpu().numpy()
+        tgt = self.unpatchify(torch.where(v, target, float("nan")), h, w)
+        out = {"input": x, "masked": x * (1 - m), "target": tgt, "prediction": rec, "hidden": m}
+        return {k: t[:, 0].float().cpu().numpy() for k, t in out.items()}
 
-    def export_encoder(self) -> ChipEncoder:
-        return _single_encoder(self, self.encoder)
+    def served(self) -> ChipEncoder:
+        return _single_encoder(self, self.encoder, self.pool)
 
 
 # ------------------------------------------------------------------------ DINO
@@ -295,12 +338,17 @@ def random_resized_crops(x: torch.Tensor, n: int, scale: tuple[float, float], si
 
 
 class DINO(SSLModule):
-    """Self-distillation: an EMA teacher sees global crops, the student all crops; centering
-    and sharpening keep the teacher from collapsing."""
+    """Self-distillation (Caron et al. 2021): an EMA teacher sees the global crops, the student
+    every crop; the teacher's outputs are centred (an EMA of its batch means, `center_momentum`)
+    and sharpened (temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp`
+    over `teacher_temp_warmup` of the steps), which together keep it from collapsing to one
+    output (centering alone: uniform; sharpening alone: one-hot). The trivial reference is
+    log(out_dim), the cross-entropy of a student that outputs the uniform distribution."""
 
     def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, out_dim: int = 1024,
-                 local_crops: int = 4, teacher_temp: float = 0.04, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, ema_start: float = 0.996):
+                 local_crops: int = 4, teacher_temp: float = 0.07, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, ema_start: float = 0.996, warmup_teacher_temp: float = 0.04,
+                 teacher_temp_warmup: float = 0.3):
         super().__init__(groups, vit, optim)
         _one_group(groups, "DINO")
         self.save_hyperparameters(ignore=["groups", "vit", "optim"])
@@ -313,6 +361,7 @@ class DINO(SSLModule):
             p.requires_grad = False
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.local_crops, self.t_temp, self.s_temp = local_crops, teacher_temp, student_temp
+        self.warmup_t_temp, self.t_temp_warmup = warmup_teacher_temp, teacher_temp_warmup
         self.center_momentum, self.ema_start = center_momentum, ema_start
 
     def crops(self, x):
@@ -322,11 +371,20 @@ class DINO(SSLModule):
         return (random_resized_crops(x, 2, (0.4, 1.0), size),
                 random_resized_crops(x, self.local_crops, (0.05, 0.4), local))
 
+    def teacher_temperature(self, step: int) -> float:
+        """Linear warm-up from `warmup_teacher_temp` to `teacher_temp` over the first
+        `teacher_temp_warmup` of max_steps, then constant."""
+        warm = int(round(self.t_temp_warmup * self.optim.max_steps))
+        if step >= warm:
+            return self.t_temp
+        return self.warmup_t_temp + (self.t_temp - self.warmup_t_temp) * step / max(1, warm)
+
     def loss(self, x):
         globals_, locals_ = self.crops(x)
+        t_temp = self.teacher_temperature(self.global_step if self._trainer is not None else 0)
         with torch.no_grad():
             t_out = [self.teacher_head(self.teacher(v)[:, 0]) for v in globals_]
-            t_probs = [F.softmax((t - self.center) / self.t_temp, dim=-1) for t in t_out]
+            t_probs = [F.softmax((t - self.center) / t_temp, dim=-1) for t in t_out]
         s_out = [self.student_head(self.student(v)[:, 0]) for v in globals_ + locals_]
         total, terms = 0.0, 0
         for iq, q in enumerate(t_probs):
@@ -343,7 +401,12 @@ class DINO(SSLModule):
     def training_step(self, batch, _):
         loss = self.loss(group_input(batch, self.groups)[0])  # masked pixels at 0 (the mean)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/trivial_loss", self.trivial_loss(batch))
+        self.log("train/teacher_temp", self.teacher_temperature(self.global_step))
         return loss
+
+    def trivial_loss(self, batch: dict) -> float:
+        return math.log(self.center.shape[-1])
 
     def on_train_batch_end(self, *_):
         step, total = self.global_step, max(1, self.optim.max_steps)
@@ -360,15 +423,19 @@ class DINO(SSLModule):
         g = x.shape[-1] // self.vit_cfg.patch
         return attn.reshape(attn.shape[0], attn.shape[1], g, -1).float().cpu().numpy()
 
-    def export_encoder(self) -> ChipEncoder:
+    def served(self) -> ChipEncoder:
         return _single_encoder(self, self.teacher)
 
 
 # ------------------------------------------------------------------------ CLIP
 
 class MultiModalCLIP(SSLModule):
-    """One encoder per modality group projected into a shared space; InfoNCE over every pair of
-    groups present in the batch; modality and channel dropout so missing inputs still embed."""
+    """One encoder per modality group projected into a shared space, trained on two terms:
+    InfoNCE over every pair of groups present (each chip's embeddings of two groups against the
+    other chips'), and InfoNCE between each chip's fused embedding (`ChipEncoder.fuse`, the one
+    served) with modality and channel dropout and its fused embedding of everything it has. So
+    the served embedding is trained to stay put when a modality or channel is missing. The
+    trivial reference is log(batch size), InfoNCE of embeddings that tell no chip apart."""
 
     def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, embed_dim: int = 256,
                  modality_dropout: float = 0.2, channel_dropout: float = 0.1, init_temperature: float = 0.07):
@@ -383,58 +450,81 @@ class MultiModalCLIP(SSLModule):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.modality_dropout, self.channel_dropout = modality_dropout, channel_dropout
 
-    def _drop(self, batch):
-        """Training-time dropout of whole groups (keep at least one) and of channels."""
-        xs, present = {}, {}
+    def _inputs(self, batch) -> tuple[dict, dict]:
         names = group_names(self.groups)
-        first = batch[self.groups[0].input_key]
-        b, device = first.shape[0], first.device
-        keep = torch.stack([torch.rand(b, device=device) >= self.modality_dropout for _ in names], dim=1)
-        keep[~keep.any(dim=1), torch.randint(len(names), (1,)).item()] = True
-        for i, name in enumerate(names):
-            blocks = blocks_of(self.groups, name)
-            x, _ = group_input(batch, blocks)
-            if self.training and self.channel_dropout > 0 and x.shape[1] > 1:
+        xs = {n: group_input(batch, blocks_of(self.groups, n))[0] for n in names}
+        present = {n: group_present(batch, blocks_of(self.groups, n)) for n in names}
+        return xs, present
+
+    def _drop(self, xs: dict, present: dict) -> tuple[dict, dict]:
+        """Whole groups dropped with probability `modality_dropout` (each chip keeps at least one
+        of the groups it has) and channels with `channel_dropout` (each group keeps one)."""
+        names = list(xs)
+        has = torch.stack([present[n] for n in names], dim=1)
+        b, device = has.shape[0], has.device
+        keep = (torch.rand(b, len(names), device=device) >= self.modality_dropout) & has
+        lost = ~keep.any(dim=1) & has.any(dim=1)
+        if lost.any():  # keep one group the chip has, at random
+            pick = torch.multinomial(has[lost].float(), 1)[:, 0]
+            keep[lost.nonzero()[:, 0], pick] = True
+        out_x, out_p = {}, {}
+        for i, n in enumerate(names):
+            x = xs[n]
+            if self.channel_dropout > 0 and x.shape[1] > 1:
                 ch = torch.rand(b, x.shape[1], device=device) >= self.channel_dropout
                 ch[~ch.any(dim=1), 0] = True
                 x = x * ch[:, :, None, None].to(x.dtype)
-            pres = group_present(batch, blocks)
-            present[name] = pres & keep[:, i] if self.training else pres
-            xs[name] = x * present[name][:, None, None, None].to(x.dtype)
-        return xs, present
+            out_p[n] = keep[:, i]
+            out_x[n] = x * out_p[n][:, None, None, None].to(x.dtype)
+        return out_x, out_p
 
     def embeddings(self, xs):
         return {n: F.normalize(self.projections[n](self.encoders[n](x)[:, 0]), dim=-1) for n, x in xs.items()}
 
+    @staticmethod
+    def _info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        logits = scale * a @ b.T
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
     def loss(self, batch):
-        xs, present = self._drop(batch)
+        xs, present = self._inputs(batch)
         z = self.embeddings(xs)
         scale = self.logit_scale.exp().clamp(max=100)
-        names = group_names(self.groups)
-        total, pairs = 0.0, 0
+        names = list(xs)
+        total, terms = 0.0, 0
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 both = present[a] & present[b]
-                if both.sum() < 2:
-                    continue
-                logits = scale * z[a][both] @ z[b][both].T
-                target = torch.arange(logits.shape[0], device=logits.device)
-                total = total + (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-                pairs += 1
-        if pairs == 0:  # nothing to contrast in this batch: a zero that keeps the graph
+                if both.sum() >= 2:
+                    total = total + self._info_nce(z[a][both], z[b][both], scale)
+                    terms += 1
+        if self.training:
+            dx, dp = self._drop(xs, present)
+            enc = self.served()
+            full = enc.fuse(z, present)
+            dropped = enc.fuse(self.embeddings(dx), dp)
+            some = torch.stack([present[n] for n in names], dim=1).any(dim=1)
+            if some.sum() >= 2:
+                total = total + self._info_nce(dropped[some], full[some], scale)
+                terms += 1
+        if terms == 0:  # nothing to contrast in this batch: a zero that keeps the graph
             return sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
-        return total / pairs
+        return total / terms
 
     def training_step(self, batch, _):
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/trivial_loss", self.trivial_loss(batch))
         return loss
 
-    def export_encoder(self) -> ChipEncoder:
+    def trivial_loss(self, batch: dict) -> float:
+        return math.log(int(batch[self.groups[0].input_key].shape[0]))
+
+    def served(self) -> ChipEncoder:
         mean, std = self._stats()
-        enc = ChipEncoder(_sources(self.groups), copy.deepcopy(self.encoders), copy.deepcopy(self.projections),
-                          mean, std, pool="cls", normalize_output=True)
-        return enc.eval()
+        return ChipEncoder(_sources(self.groups), self.encoders, self.projections, mean, std, pool="cls",
+                           normalize_output=True)
 
 
 def build_method(method: str, groups: list[Group], vit: ViTConfig, optim: OptimConfig, **kwargs) -> SSLModule:

@@ -24,6 +24,7 @@ from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
 from sarflow.training.export import PLAIN_ENCODER, save_plain_encoder
 from sarflow.training.data import Augment, ChipDataModule, LoaderConfig, ModalitySpec
+from sarflow.training.monitor import SSLMonitor
 from sarflow.training.methods import METHODS, Group, OptimConfig, build_method, group_input, group_names, visible_patches
 from sarflow.training.vit import ViTConfig
 
@@ -63,16 +64,19 @@ class PretrainConfig:
     register: bool = True
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_kwargs: dict[str, Any] = field(default_factory=dict)
+    monitor_every: int = 0  # steps between embedding checks (collapse, kNN probe); 0: a quarter of max_steps
+    monitor_chips: int = 512  # train and val chips the checks embed (each split)
 
     def __post_init__(self):
         self.method_kwargs = {**self.methods.get(self.method, {}), **self.method_kwargs}
 
 
 class Throughput(L.Callback):
-    """Logs chips/s and peak GPU memory, and keeps the loss curve for the figure."""
+    """Logs chips/s, the learning rate and peak GPU memory per step, and keeps the loss and
+    trivial-loss curves for the figure and the result."""
 
     def __init__(self):
-        self.t0, self.seen, self.losses = None, 0, []
+        self.t0, self.seen, self.losses, self.trivial = None, 0, [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if self.t0 is None:
@@ -84,6 +88,10 @@ class Throughput(L.Callback):
         self.losses.append(float(loss.detach().float().cpu()))
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         module.log("perf/chips_per_s", self.seen / elapsed)
+        module.log("train/lr", float(trainer.optimizers[0].param_groups[0]["lr"]))
+        trivial = trainer.callback_metrics.get("train/trivial_loss")
+        if trivial is not None:
+            self.trivial.append(float(trivial))
         if torch.cuda.is_available():
             module.log("perf/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30)
 
@@ -234,17 +242,7 @@ def _figures(module, method: str, batch: dict, losses: list[float], outdir: Path
     blocks = [g for g in module.groups if g.name == module.groups[0].name]
     x, valid = group_input({k: v[:4].to(module.device) for k, v in batch.items() if torch.is_tensor(v)}, blocks)
     if method == "mae":
-        inp, masked, rec = module.reconstruct(x, valid)
-        fig, axes = plt.subplots(len(inp), 3, figsize=(6, 2 * len(inp)), squeeze=False)
-        for i in range(len(inp)):
-            for j, (img, title) in enumerate(((inp[i], "input"), (masked[i], "masked 75%"), (rec[i], "reconstruction"))):
-                axes[i, j].imshow(img, cmap="gray", vmin=-2.5, vmax=2.5)
-                axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
-                axes[i, j].set_title(title if i == 0 else "", fontsize=8)
-        fig.tight_layout()
-        paths.append(outdir / "mae_reconstructions.png")
-        fig.savefig(paths[-1], dpi=80)
-        plt.close(fig)
+        paths += mae_figure(module, x, valid, outdir)
     elif method == "dino":
         maps = module.attention_maps(x)
         np.save(outdir / "dino_attention.npy", maps)
@@ -264,6 +262,32 @@ def _figures(module, method: str, batch: dict, losses: list[float], outdir: Path
         fig.savefig(paths[-1], dpi=80)
         plt.close(fig)
     return paths
+
+
+def mae_figure(module, x: torch.Tensor, valid: torch.Tensor, outdir: Path) -> list[Path]:
+    """mae_reconstructions.png (and .npz of what it shows): per chip the input, the visible
+    patches, the target the loss compares to and the decoder's prediction, both on the loss's
+    scale (per-patch normalised with norm_pix_loss): model outputs only, no target statistics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = module.reconstruct(x, valid)
+    np.savez(outdir / "mae_reconstructions.npz", **r)
+    n = len(r["input"])
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
+    for i in range(n):
+        scale = "per-patch normalised" if module.norm_pix_loss else "z-score"
+        for j, (key, title) in enumerate((("input", "input (z-score)"), ("masked", "visible 25%"),
+                                          ("target", f"target ({scale})"), ("prediction", "prediction"))):
+            axes[i, j].imshow(r[key][i], cmap="gray", vmin=-2.5, vmax=2.5)
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+            axes[i, j].set_title(title if i == 0 else "", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "mae_reconstructions.png", dpi=80)
+    plt.close(fig)
+    return [outdir / "mae_reconstructions.png", outdir / "mae_reconstructions.npz"]
 
 
 def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
@@ -300,11 +324,13 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
         logger = MLFlowLogger(tracking_uri=cfg.tracking_uri, run_id=run.info.run_id,
                               experiment_name=cfg.experiment) if main else False
         throughput = Throughput()
+        monitor = SSLMonitor(cfg.store, data.cfg.modalities, data.cfg.min_valid,
+                             every=cfg.monitor_every or max(1, cfg.optim.max_steps // 4), max_chips=cfg.monitor_chips)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=max(1, cfg.optim.max_steps))
             trainer = L.Trainer(
                 max_steps=cfg.optim.max_steps, accelerator=cfg.accelerator, **topology(cfg.devices, gpu),
-                precision="bf16-mixed" if gpu else "32-true", logger=logger, callbacks=[throughput, NonFiniteLoss(), ckpt],
+                precision="bf16-mixed" if gpu else "32-true", logger=logger, callbacks=[throughput, NonFiniteLoss(), monitor, ckpt],
                 log_every_n_steps=1, enable_progress_bar=show_progress, enable_model_summary=False,
             )
             trainer.fit(module, datamodule=data)
@@ -326,6 +352,9 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
             registered_model_name=name if cfg.register else None,
         )
         mlflow.log_metric("train/final_loss", throughput.losses[-1])
+        health = pretrain_health(throughput, monitor)
+        mlflow.log_metric("train/final_trivial_loss", health["trivial_loss"])
+        mlflow.set_tag("sarflow.collapse", health["collapse_reason"] or "no")
         with tempfile.TemporaryDirectory() as tmp:  # the same encoder without the pickle: weights + JSON config
             mlflow.log_artifacts(str(save_plain_encoder(encoder, Path(tmp) / "encoder")), artifact_path=PLAIN_ENCODER)
         version = None
@@ -350,6 +379,24 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
         "sources": encoder.sources,
         "plain_encoder_uri": f"runs:/{run.info.run_id}/{PLAIN_ENCODER}",
         "lineage": lineage,
+        **health,
+    }
+
+
+def pretrain_health(throughput: Throughput, monitor: SSLMonitor, tail: int = 10) -> dict:
+    """What says whether the encoder learned: the mean loss and trivial loss of the last `tail`
+    steps, the embedding checks before and after training, collapse and the kNN probes."""
+    n = min(tail, len(throughput.losses))
+    last = monitor.last
+    return {
+        "final_loss": float(np.mean(throughput.losses[-n:])),
+        "trivial_loss": float(np.mean(throughput.trivial[-n:])) if throughput.trivial else float("nan"),
+        "collapse": bool(last.get("collapse")),
+        "collapse_reason": last.get("collapse_reason"),
+        "embedding": {k: last.get(k) for k in ("effective_rank", "std", "median_cosine")},
+        "embedding_before": {k: monitor.history[0].get(k) for k in ("effective_rank", "std", "median_cosine")}
+        if monitor.history else {},
+        "knn": last.get("knn", {}),
     }
 
 
