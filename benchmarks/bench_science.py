@@ -50,8 +50,8 @@ REPO = HERE.parent
 REAL = REPO.parent / "shared" / "data" / "real"
 
 PROFILES = {
-    "quick": dict(size_px=768, side_px=384, chip=32, steps={"mae": 300, "dino": 80, "clip": 150}, sizes=(10, 25, 50, 100, 200),
-                  draws=3, scratch_steps=200, boot=200, real_steps=300, llp_steps=150),
+    "quick": dict(size_px=512, side_px=320, chip=32, steps={"mae": 120, "dino": 30, "clip": 60}, sizes=(10, 25, 50, 100),
+                  draws=2, scratch_steps=80, boot=100, real_steps=300, llp_steps=100),
     "full": dict(size_px=2048, side_px=768, chip=32, steps={"mae": 3000, "dino": 800, "clip": 1500},
                  sizes=(10, 25, 50, 100, 200, 500, 1000), draws=5, scratch_steps=600, boot=1000, real_steps=3000,
                  llp_steps=300),
@@ -197,7 +197,7 @@ def pretrain_methods(store: str, tracking: str, steps: dict) -> dict:
     return out
 
 
-def synthetic_part(work: Path, prof: dict, tracking: str, sizes, seed: int) -> dict:
+def synthetic_part(work: Path, prof: dict, tracking: str, sizes, seed: int, res: dict, save=lambda: None) -> dict:
     from sarflow.data.chipstore import input_modalities, open_chip_group
     from sarflow.downstream.baselines import chip_tensor, pixel_statistics, random_encoder_features
     from sarflow.downstream.ablation import ablation_features, run_ablation
@@ -205,7 +205,6 @@ def synthetic_part(work: Path, prof: dict, tracking: str, sizes, seed: int) -> d
     from sarflow.downstream.synthetic_stores import synth_ablation_stores, synth_region_stores
     from sarflow.downstream.tasks import store_labels, store_tasks, task_target
 
-    res: dict = {}
     t0 = time.perf_counter()
     store, scene = synth_store(work / "main", prof["size_px"], prof["chip"], seed)
     labels, split = store_labels(store)
@@ -213,6 +212,7 @@ def synthetic_part(work: Path, prof: dict, tracking: str, sizes, seed: int) -> d
                     "split": {s: int((split == s).sum()) for s in ("train", "val", "test")},
                     "build_s": round(time.perf_counter() - t0, 1)}
     res["pretrain"] = pretrain_methods(store, tracking, prof["steps"])
+    save()
     inputs = input_modalities(open_chip_group(store), where=store)
     feats = {"pixel_stats": pixel_statistics(store)[0],
              "random_encoder": random_encoder_features(store, f"run-{res['pretrain']['mae']['run_id']}", "")}
@@ -234,17 +234,20 @@ def synthetic_part(work: Path, prof: dict, tracking: str, sizes, seed: int) -> d
                           if kind == "multiclass" else None)  # the CNN costs most: on the classification task
         res["label_efficiency"][task.name] = {"metric": task.metric, "higher_is_better": task.higher_is_better,
                                               "rows": rows, "seconds": round(time.perf_counter() - t1, 1)}
+        save()
     ab = synth_ablation_stores(work / "ablation", size_px=prof["side_px"], chip_size=prof["chip"])
     res["ablation"] = {"pixel_stats": run_ablation(ab, tracking, out_dir=str(work / "ablation" / "pix"), draws=1),
                        "clip": run_ablation(ab, tracking, encoder_uri=res["pretrain"]["clip"]["model_uri"],
                                             out_dir=str(work / "ablation" / "clip"), draws=1)}
     for v in res["ablation"].values():
         v.pop("json", None)
+    save()
     reg = synth_region_stores(work / "regions", size_px=prof["side_px"], chip_size=prof["chip"])
     res["region"] = {}
     for name, uri in (("pixel_stats", None), ("mae", res["pretrain"]["mae"]["model_uri"])):
         r = run_region_stores(reg, encoder_uri=uri, tracking_uri=tracking, out_dir=str(work / "regions" / name))
         res["region"][name] = r.get("rows") or _read_table(r)
+    save()
     res["llp"] = llp_synthetic(store, scene, tracking, work / "llp", prof["llp_steps"], seed)
     return res
 
@@ -578,6 +581,38 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(result: dict, out: Path) -> Path:
+    """JSON (written to a temporary name, then renamed) and the markdown beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    tmp = out.with_suffix(".json.partial")
+    tmp.write_text(text)
+    tmp.replace(out)
+    md = out.with_suffix(".md")
+    md.write_text(markdown(result))
+    return md
+
+
+def combine(paths: list[Path], out: Path) -> int:
+    """One result from runs of the parts apart (`--skip-real` / `--skip-synthetic`)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    profiles = {p["profile"] for p in parts}
+    if len(profiles) != 1:
+        raise SystemExit(f"cannot combine runs of different profiles {sorted(profiles)}")
+    result = {**parts[0], "combined_from": [str(p) for p in paths],
+              "seconds": round(sum(p.get("seconds", 0) for p in parts), 1)}
+    for key in ("synthetic", "real"):
+        found = [p[key] for p in parts if key in p]
+        if len(found) > 1:
+            raise SystemExit(f"two runs hold the {key} part: combine one of each")
+        if found:
+            result[key] = found[0]
+    result["claims"] = claims(result)
+    md = write_results(result, out)
+    print(md.read_text())
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 cores")
@@ -586,7 +621,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="merge the synthetic and real parts of earlier runs' JSON (run apart) into --out")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out or HERE / "results" / f"science{'_quick' if args.quick else ''}.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     warnings.filterwarnings("ignore")
     import torch
@@ -603,19 +642,20 @@ def main(argv=None) -> int:
     result = {"profile": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "settings": {**{k: v for k, v in prof.items()}, "vit": VIT, "probe": PROBE, "method_kwargs": METHOD_KWARGS},
               "torch_threads": 1}
+    def save():  # partial results survive a timeout: the claims of what has run so far
+        result["claims"] = claims(result)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        write_results(result, out)
+
     if not args.skip_synthetic:
-        result["synthetic"] = synthetic_part(work / "synthetic", prof, tracking, prof["sizes"], args.seed)
+        result["synthetic"] = {}
+        synthetic_part(work / "synthetic", prof, tracking, prof["sizes"], args.seed, result["synthetic"], save)
+        save()
     if not args.skip_real:
         result["real"] = real_part(work / "real", prof, tracking, prof["sizes"], args.seed)
     result["claims"] = claims(result)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    tmp = out.with_suffix(".json.partial")
-    tmp.write_text(text)
-    tmp.replace(out)
-    md = out.with_suffix(".md")
-    md.write_text(markdown(result))
+    md = write_results(result, out)
     import mlflow
 
     mlflow.set_tracking_uri(tracking)

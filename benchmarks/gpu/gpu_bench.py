@@ -323,13 +323,23 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "smoke": args.smoke, "args": vars(args)}
+    phase = result["phase_s"] = {}
+
+    def lap(name, t=[time.perf_counter(), time.process_time()]):  # wall and CPU seconds per phase
+        phase[name] = {"wall": round(time.perf_counter() - t[0], 1), "cpu": round(time.process_time() - t[1], 1)}
+        t[:] = [time.perf_counter(), time.process_time()]
+
     stores, kind, data, groups = load_chips(args, work)
     result["store"] = {"kind": kind, "regions": list(stores), "chips": int(len(data)), "chip": int(data.shape[-1])}
+    lap("store")
     result["mae"], lib = mae_compare(args, data, groups, device)
+    lap("mae")
     print(json.dumps({k: result["mae"][k] for k in ("sarflow", "reference", "ratio_sarflow_over_reference")}, indent=1))
     result["label_efficiency"] = label_efficiency(args, stores, kind, lib, device)
+    lap("label_efficiency")
     if not args.skip_embed:
         result["embed"] = embed_throughput(args, out)
+        lap("embed (child process: wall only)")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     path = out / "gpu_bench.json"
     path.write_text(json.dumps(result, indent=1, default=str))
