@@ -62,6 +62,13 @@ PATH_KEYS = {
 }
 
 
+def verbose_logging() -> bool:
+    """Whether `sarflow -v` was given (the app's callback sets the root logger to DEBUG)."""
+    import logging
+
+    return logging.getLogger().level <= logging.DEBUG and logging.getLogger().level != logging.NOTSET
+
+
 def fail(e: Exception) -> None:
     """Prints `error: <e>` on stderr and exits with status 2."""
     typer.secho(f"error: {e}", fg="red", err=True)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, absolute_path, check_params, fail, read_params
+from sarflow.cli.common import ParamsOpt, absolute_path, check_params, fail, read_params, verbose_logging
 from sarflow.errors import SarflowError
 
 
@@ -19,9 +19,12 @@ def demo(
     services: Optional[Path] = typer.Option(None, callback=absolute_path,
                                             help="use the servers of `sarflow services up DIR` instead of files"),
     fresh: bool = typer.Option(False, "--fresh", help="remove a previous demo's products from OUT first"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="the full KFP output on the terminal (it is always in "
+                                 "OUT/logs/<task>.log)"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """Run the end-to-end pipeline with kfp.local on the embedded default; print where everything is."""
+    """Run the end-to-end pipeline with kfp.local on the embedded default: one line per task, each
+    task's log in OUT/logs/, the report at the end."""
     import pipelines
     from sarflow.local.demo import clean_output, format_report, run_demo
     from sarflow.local.services import read_state
@@ -33,7 +36,7 @@ def demo(
             clean_output(out)
         summary = run_demo(out, pipelines.demo_pipeline(on_catalog=catalog is not None), p,
                            catalog=catalog, size_px=size,
-                           services=read_state(services) if services else None)
+                           services=read_state(services) if services else None, verbose=verbose or verbose_logging())
     except SarflowError as e:
         fail(e)
     typer.echo(format_report(summary))

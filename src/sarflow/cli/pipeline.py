@@ -12,12 +12,13 @@ the others name parameters: for ``data``, ``synth.size_px`` -> ``size_px``,
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, absolute_path, check_params, fail, read_params
+from sarflow.cli.common import ParamsOpt, absolute_path, check_params, fail, read_params, verbose_logging
 from sarflow.errors import SarflowError
 
 pipeline_app = typer.Typer(
@@ -66,15 +67,22 @@ def _arguments(pipeline, params: Optional[Path], pairs: List[str] | None, local:
 
 
 @pipeline_app.command("list")
-def list_cmd() -> None:
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="as JSON {pipeline: {parameter: default}}")) -> None:
     """List the pipelines and their parameters with defaults."""
     import pipelines
     from sarflow.mlops.kfp_runner import pipeline_parameters
 
     try:
-        typer.echo(json.dumps({n: pipeline_parameters(pipelines.load(n)) for n in pipelines.names()}, indent=1, default=str))
+        listed = {n: pipeline_parameters(pipelines.load(n)) for n in pipelines.names()}
     except SarflowError as e:
         fail(e)
+    if as_json:
+        typer.echo(json.dumps(listed, indent=1, default=str))
+        return
+    for name, parameters in listed.items():
+        typer.echo(f"{name}:")
+        for k, v in parameters.items():
+            typer.echo(f"  {k} = {json.dumps(v, default=str) if v is not None else '(required)'}")
 
 
 @pipeline_app.command("compile")
@@ -110,13 +118,17 @@ def run_cmd(
     summary: Optional[Path] = typer.Option(None, callback=absolute_path, help="also write the run summary (JSON) here"),
     services: Optional[Path] = typer.Option(None, callback=absolute_path, help="target the servers of `sarflow services up DIR` "
                                             "(MLflow server, S3, Redis) instead of the embedded default"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="the full KFP output on the terminal (it is always in "
+                                 "PIPELINE_ROOT/logs/<run>/<task>.log)"),
 ) -> None:
-    """Run a pipeline on this machine (--local); prints where the stores and versions are."""
+    """Run a pipeline on this machine (--local): one line per task, each task's log in
+    PIPELINE_ROOT/logs/; prints where the stores and versions are."""
     if not local:
         fail(SarflowError("`run` runs pipelines locally: pass --local, or use `sarflow pipeline submit --host URL`"))
     import pipelines
     from sarflow.local.services import pipeline_arguments, read_state
     from sarflow.params import environ
+    from sarflow.mlops.console import run_report
     from sarflow.mlops.kfp_runner import pipeline_parameters, run_local
 
     try:
@@ -127,15 +139,18 @@ def run_cmd(
             inputs = pipeline_parameters(pipeline)
             args, env = {k: v for k, v in pipeline_arguments(state).items() if k in inputs}, state["env"]
         args.update(_arguments(pipeline, params, arg, local=True))
+        log_dir = pipeline_root / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         with environ(env):
-            result = run_local(pipeline, pipeline_root, enable_caching=cache, **args)
+            result = run_local(pipeline, pipeline_root, enable_caching=cache, log_dir=log_dir,
+                               verbose=verbose or verbose_logging(), **args)
     except SarflowError as e:
         fail(e)
-    text = json.dumps(result.summary(), indent=1, default=str)
     if summary:
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(text)
-    typer.echo(text)
+        summary.write_text(json.dumps(result.summary(), indent=1, default=str))
+    typer.echo(run_report(result.summary(), log_dir))
+    if summary:
+        typer.echo(f"  summary (JSON): {summary}")
 
 
 @pipeline_app.command("submit")

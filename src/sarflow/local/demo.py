@@ -49,13 +49,14 @@ def demo_arguments(pipeline, out: Path, params: dict, catalog: Path | None, serv
 
 
 def run_demo(out: str | Path, pipeline, params: dict | None = None, catalog: str | Path | None = None,
-             services: dict | None = None, **overrides) -> dict:
-    """Runs the end-to-end `pipeline` under `out` and writes `out/summary.json`."""
+             services: dict | None = None, verbose: bool = False, **overrides) -> dict:
+    """Runs the end-to-end `pipeline` under `out` and writes `out/summary.json`; the terminal gets
+    one line per task, `out/logs/<task>.log` each task's output (`verbose`: the terminal too)."""
     out = Path(out).resolve()
     args = demo_arguments(pipeline, out, params or {}, Path(catalog) if catalog else None, services, overrides)
     out.mkdir(parents=True, exist_ok=True)
     with environ(services["env"] if services else {}):
-        run = run_local(pipeline, out / "kfp", **args)
+        run = run_local(pipeline, out / "kfp", log_dir=out / "logs", verbose=verbose, **args)
         summary = collect_summary(run, out, args)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary

@@ -181,13 +181,20 @@ class LocalRun:
 
 
 def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = False,
-              raise_on_error: bool = True, **args) -> LocalRun:
+              raise_on_error: bool = True, log_dir: str | Path | None = None, verbose: bool = False,
+              **args) -> LocalRun:
     """Runs a pipeline with kfp.local (SubprocessRunner(use_venv=False)) under `pipeline_root`.
 
     Tasks run as subprocesses of this interpreter (so they import the installed sarflow);
     each run gets its own folder `<pipeline_root>/<pipeline-name>-<timestamp>/`, one
-    subfolder per task (ParallelFor iterations are `<task>-iteration-<i>`)."""
+    subfolder per task (ParallelFor iterations are `<task>-iteration-<i>`). With `log_dir`, the
+    terminal gets one line per task start and end (`sarflow.mlops.console`) and every task's
+    full output goes to `<log_dir>/<task>.log` (`verbose`: the terminal gets it all too)."""
+    import contextlib
+
     from kfp import local
+
+    from sarflow.mlops.console import TaskConsole, count_tasks
 
     _check_arguments(pipeline, args)
     root = Path(pipeline_root).resolve()
@@ -199,16 +206,21 @@ def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = Fal
     # this process's environment (for subprocesses) belongs to another tracking store: not theirs
     leaked = os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     t0 = time.perf_counter()
+    console = TaskConsole(log_dir, count_tasks(pipeline), verbose) if log_dir is not None else None
     with warnings.catch_warnings():  # the project image's name has no "python" in it: kfp warns
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # resources and display names only mean something on a cluster (documented in pipelines/)
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
-            outputs = pipeline(**args)
+            with contextlib.redirect_stdout(console) if console else contextlib.nullcontext():
+                outputs = pipeline(**args)
         except RuntimeError as e:
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # kfp colours task names
-            raise PipelineError(f"local run of pipeline {pipeline_name(pipeline)!r} under {root} failed: {plain}") from None
+            where = f"; its full log: {console.failed[1]}" if console and console.failed else ""
+            raise PipelineError(f"local run of pipeline {pipeline_name(pipeline)!r} under {root} failed: {plain}{where}") from None
         finally:
+            if console:
+                console.close()
             if leaked is not None:
                 os.environ["MLFLOW_EXPERIMENT_ID"] = leaked
     seconds = time.perf_counter() - t0

@@ -1,0 +1,138 @@
+"""What a person reads while a pipeline runs locally: one line per task as it starts and ends
+(`[n/N] name`, status, seconds, elapsed), each task's full output in its own log file, and on a
+failure the task's last lines and the path of its log.
+
+kfp.local prints everything (its own log lines, every task's streamed output, the executor input
+JSON, the outputs) to `sys.stdout`; :class:`TaskConsole` stands in for it during a run, writes all
+of it to `<log_dir>/pipeline.log` and `<log_dir>/<task>.log`, and passes only the task lines to the
+terminal (everything, with `verbose`)."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+import time
+from pathlib import Path
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_START = re.compile(r"Executing task '([^']+)'")
+_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+TAIL_LINES = 15
+
+
+def count_tasks(pipeline) -> int | None:
+    """Executor tasks in the compiled spec, sub-DAGs included (a ParallelFor body counts once)."""
+    spec = getattr(pipeline, "pipeline_spec", None)
+    if spec is None:
+        return None
+    components = spec.components
+
+    def count(dag) -> int:
+        n = 0
+        for task in dag.tasks.values():
+            comp = components.get(task.component_ref.name)
+            n += count(comp.dag) if comp is not None and comp.HasField("dag") else 1
+        return n
+
+    return count(spec.root.dag)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class TaskConsole(io.TextIOBase):
+    """A text stream for `sys.stdout` during a local run (see the module's docstring)."""
+
+    def __init__(self, log_dir: str | Path, total: int | None = None, verbose: bool = False, terminal=None):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.total, self.verbose = total, verbose
+        self.terminal = terminal or sys.stdout
+        self.all = open(self.log_dir / "pipeline.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.task: str | None = None
+        self.task_log = None
+        self.started = self.t0 = time.monotonic()
+        self.n = 0
+        self.finished: list[tuple[str, str, float]] = []  # (task, status, seconds)
+        self.failed: tuple[str, Path] | None = None
+        self._buffer = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.verbose:
+            self.terminal.write(text)
+        self._buffer += text
+        *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            self._line(_ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.all.closed:
+            return
+        self.all.flush()
+        if self.task_log:
+            self.task_log.flush()
+        self.terminal.flush()
+
+    def _say(self, text: str) -> None:
+        if not self.verbose:
+            self.terminal.write(text + "\n")
+            self.terminal.flush()
+
+    def _progress(self) -> str:
+        return f"[{self.n}/{self.total}]" if self.total and self.n <= self.total else f"[{self.n}]"
+
+    def log_path(self, task: str) -> Path:
+        return self.log_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task)}.log"
+
+    def _line(self, line: str) -> None:
+        self.all.write(line + "\n")
+        start, end = _START.search(line), _END.search(line)
+        if start:
+            if self.task_log:
+                self.task_log.close()
+            self.task, self.n, self.started = start.group(1), self.n + 1, time.monotonic()
+            self.task_log = open(self.log_path(self.task), "w", encoding="utf-8")  # noqa: SIM115
+            self._say(f"{self._progress()} {self.task} ... (elapsed {_clock(self.started - self.t0)})")
+        if self.task_log:
+            self.task_log.write(line + "\n")
+        if end:
+            task, status = end.group(1), end.group(2)
+            seconds = time.monotonic() - self.started
+            self.finished.append((task, status, seconds))
+            if status == "SUCCESS":
+                self._say(f"{self._progress()} {task} done in {seconds:.1f} s (elapsed {_clock(time.monotonic() - self.t0)})")
+            else:
+                self.task_log.flush()
+                self.failed = (task, self.log_path(task))
+                tail = self.log_path(task).read_text(encoding="utf-8").splitlines()[-TAIL_LINES:]
+                self._say(f"{self._progress()} {task} FAILED after {seconds:.1f} s; its full log: {self.log_path(task)}")
+                self._say("\n".join("    " + t for t in tail))
+
+    def close(self) -> None:
+        if self._buffer:
+            self._line(_ANSI.sub("", self._buffer))
+            self._buffer = ""
+        if self.task_log:
+            self.task_log.close()
+        self.all.close()
+        super().close()
+
+
+def run_report(summary: dict, log_dir: str | Path | None = None) -> str:
+    """A local run's summary (`LocalRun.summary()`) as a person reads it."""
+    lines = [f"pipeline {summary['pipeline']}: {summary.get('state') or 'finished'} in {_clock(summary['seconds'])} "
+             f"({len(summary['tasks'])} task folders)",
+             f"  run folder: {summary['run_dir']}"]
+    lines += [f"  chip store: {s}" for s in summary.get("stores", [])]
+    lines += [f"  dataset version: {v.get('dvc_md5') or v.get('version') or v}" + (f" ({v['store']})" if "store" in v else "")
+              for v in summary.get("versions", [])]
+    if log_dir is not None:
+        lines.append(f"  task logs: {log_dir}")
+    return "\n".join(lines)

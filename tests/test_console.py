@@ -1,0 +1,71 @@
+"""Issue 15: a local pipeline run reads as one line per task; each task's full output is in its
+own log file, and a failure names that file. A real two-task pipeline under kfp.local."""
+
+
+import io
+import re
+
+import pytest
+from kfp import dsl
+
+from sarflow.mlops.console import TaskConsole, count_tasks
+from sarflow.mlops.kfp_runner import PipelineError, run_local
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def say(word: str) -> str:
+    print(f"the task prints {word}")
+    return word.upper()
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def shout(word: str, fail: bool) -> str:
+    print(f"shouting {word}")
+    if fail:
+        raise ValueError(f"cannot shout {word}")
+    return word + "!"
+
+
+@dsl.pipeline(name="console-check")
+def two_tasks(fail: bool = False):
+    first = say(word="hello")
+    shout(word=first.output, fail=fail)
+
+
+def test_count_tasks_counts_executor_tasks():
+    assert count_tasks(two_tasks) == 2
+
+
+def _run(tmp_path, fail: bool, verbose: bool = False):
+    """Runs the pipeline with the console's terminal captured (pytest's capture stands in for stdout)."""
+    terminal = io.StringIO()
+    init = TaskConsole.__init__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TaskConsole, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "terminal": terminal}))
+        run_local(two_tasks, tmp_path / "kfp", log_dir=tmp_path / "logs", verbose=verbose, fail=fail)
+    return terminal.getvalue()
+
+
+def test_a_run_prints_one_line_per_task_start_and_end_and_logs_each_task(tmp_path):
+    out = _run(tmp_path, fail=False)
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"\[1/2\] say \.\.\. \(elapsed 0:0\d\)", lines[0]), out
+    assert re.fullmatch(r"\[1/2\] say done in \d+\.\d s \(elapsed \d:\d\d\)", lines[1]), out
+    assert lines[2].startswith("[2/2] shout ...") and lines[3].startswith("[2/2] shout done in"), out
+    assert len(lines) == 4 and "executor_input" not in out and "the task prints" not in out
+    assert "the task prints hello" in (tmp_path / "logs" / "say.log").read_text()
+    assert "shouting HELLO" in (tmp_path / "logs" / "shout.log").read_text()
+    assert "executor_input" in (tmp_path / "logs" / "pipeline.log").read_text()
+
+
+def test_a_failed_task_names_its_log_and_shows_its_last_lines(tmp_path):
+    with pytest.raises(PipelineError) as e:
+        _run(tmp_path, fail=True)
+    log = tmp_path / "logs" / "shout.log"
+    assert f"its full log: {log}" in str(e.value)
+    assert "ValueError: cannot shout HELLO" in log.read_text()
+
+
+def test_verbose_passes_everything_through(tmp_path):
+    out = _run(tmp_path, fail=False, verbose=True)
+    assert "the task prints hello" in out and "[1/2]" not in out
