@@ -278,8 +278,9 @@ def test_cli_help_and_compile(tmp_path):
     assert defaults["workers"] == 3  # the data pipeline reads synth and tile, not pretrain
     assert defaults["seeds"] == [3, 4] and defaults["dvc_remote"] == "s3://sarflow/dvc"  # from --arg
 
-    listed = json.loads(_cli(["list"]).output)
+    listed = json.loads(_cli(["list", "--json"]).output)
     assert "seeds" in listed["data"]
+    assert "data:\n" in _cli(["list"]).output and "  seeds = " in _cli(["list"]).output
 
     res = _cli(["compile", "nope", "--out", str(tmp_path / "n.yaml")])
     assert res.exit_code == 2 and "unknown pipeline" in res.output
