@@ -78,7 +78,7 @@ def test_pretrain_under_torchrun_with_the_trainjob_environment(tiny_store, tmp_p
                 "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port()),
                 "SARFLOW_TEST_RANK_DIR": str(out), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     cmd = [str(torchrun), __file__, "pretrain", str(store), "--method", "mae", "--max-steps", "12",
-           "--batch-size", "8", "--vit-size", "tiny", "--patch", "16", "--depth", "1", "--dim", "32",
+           "--batch-size", "8", "--vit-size", "tiny", "--patch", "16", "--depth", "1", "--dim", "48",
            "--tracking-uri", f"sqlite:///{db}", "--experiment", "ddp-test"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -102,6 +102,81 @@ def test_pretrain_under_torchrun_with_the_trainjob_environment(tiny_store, tmp_p
     losses = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(losses) == 12 and np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+# ------------------------------------------------------------------------- the TrainJob manifest
+
+TRAINER = ROOT / "k8s" / "trainer"
+EXAMPLE_JOB = dict(name="sarflow-pretrain", store="s3://sarflow-chips/chips.zarr", nodes=2, gpus_per_node=2,
+                   pretrain_args=["--method", "mae", "--experiment", "sarflow-pretrain"],
+                   dataset_version="<dvc md5 of the store>", dataset_git_commit="<data repository commit>")
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD's structural schema as a JSON schema that refuses unknown fields (what
+    `kubectl apply --validate=strict` reports; the API server would silently prune them)."""
+    out = {k: v for k, v in schema.items() if k not in ("format", "default")}
+    if "properties" in out:
+        out["properties"] = {k: _strict(v) for k, v in out["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = _strict(out["additionalProperties"])
+    if "items" in out:
+        out["items"] = _strict(out["items"])
+    return out
+
+
+def trainjob_errors(obj: dict) -> list[str]:
+    """Validation errors of a TrainJob against the vendored CRD schema and its CEL name rules."""
+    import re
+
+    import jsonschema
+    import yaml
+
+    crd = yaml.safe_load((TRAINER / "trainjob-v1alpha1.schema.yaml").read_text())
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}"
+              for e in jsonschema.Draft7Validator(_strict(crd["openAPIV3Schema"])).iter_errors(obj)]
+    if obj.get("apiVersion") != f"{crd['group']}/{crd['version']}" or obj.get("kind") != crd["kind"]:
+        errors.append(f"not a {crd['kind']} of {crd['group']}/{crd['version']}")
+    name = obj.get("metadata", {}).get("name", "")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        errors.append(crd["celRules"][0]["message"])
+    if len(name) > 63:
+        errors.append(crd["celRules"][1]["message"])
+    return errors
+
+
+def test_the_trainjob_manifest_is_generated_and_valid():
+    import copy
+
+    import yaml
+
+    from components import GPU_IMAGE
+    from sarflow.training.distributed import train_job
+
+    job = train_job(image=GPU_IMAGE, **EXAMPLE_JOB)
+    committed = yaml.safe_load((TRAINER / "pretrain-trainjob.yaml").read_text())
+    assert committed == job, "k8s/trainer/pretrain-trainjob.yaml differs from train_job(**EXAMPLE_JOB): regenerate it"
+    assert trainjob_errors(job) == []
+    trainer = job["spec"]["trainer"]
+    assert trainer["image"] == GPU_IMAGE and job["spec"]["runtimeRef"] == {"name": "torch-distributed"}
+    assert trainer["command"][:5] == ["torchrun", "--no-python", "sarflow", "pretrain", EXAMPLE_JOB["store"]]
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"] == 2
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "sarflow-pipeline-env"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "sarflow-s3"
+    assert env["SARFLOW_DATASET_VERSION"]["value"] == EXAMPLE_JOB["dataset_version"]
+    # negative controls: the validation really runs
+    typo = copy.deepcopy(job)
+    typo["spec"]["trainer"]["numProcsPerNode"] = 2
+    wrong = copy.deepcopy(job)
+    wrong["spec"]["trainer"]["numNodes"] = "two"
+    bare = copy.deepcopy(job)
+    del bare["spec"]["runtimeRef"]
+    badname = copy.deepcopy(job)
+    badname["metadata"]["name"] = "Pretrain_1"
+    for broken in (typo, wrong, bare, badname):
+        assert trainjob_errors(broken), broken["spec"]
 
 
 # -------------------------------------------------------------- the per-rank driver (torchrun)
