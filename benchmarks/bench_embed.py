@@ -25,6 +25,18 @@ on one H100:
         --batch-size 1024 --repeats 5
 
 Writes OUT (default benchmarks/results/embed.json) and prints a table.
+
+Reader scaling (issue 14: at least 1.8x chips/s from 1 to 2 reader workers): `--reader-scaling
+1,2` times only the chip reader (`_chip_batches(..., workers=W)`) for each W over a store of
+`--reader-chips` chips of `--reader-bands` bands x `--chip-size` px (default 2 x 448, the
+issue's M3LEO-like chips), written with the tiler's array layout (one chip a chunk, shards of
+64 chips, Blosc zstd-3 with shuffle, float32, smooth fields plus speckle so it compresses like
+SAR backscatter). Wall chips/s, CPU seconds (this process, all threads) and CPU-s per 1000
+chips for each W, and each W's ratio to the 1-worker anchor; runs alternate, best of --repeats:
+
+    .venv/bin/python benchmarks/bench_embed.py --reader-scaling 1,2 --chip-size 448 --repeats 3
+
+writes benchmarks/results/embed_reader.json (or OUT).
 """
 
 from __future__ import annotations
@@ -170,6 +182,85 @@ def throughput(runs: list[dict], n: int) -> dict:
             "runs": [{k: round(v, 4) for k, v in r.items()} for r in runs]}
 
 
+# ------------------------------------------------------------------ reader scaling
+
+def reader_store(n: int, bands: int, chip: int, seed: int, work: Path) -> Path:
+    """A cached zarr store laid out as the tiler writes one source (see the module doc)."""
+    import zarr
+
+    d = work / f"reader_{n}x{bands}x{chip}_seed{seed}.zarr"
+    if (d / "zarr.json").is_file() and (d / ".complete").is_file():
+        return d
+    shutil.rmtree(d, ignore_errors=True)
+    root = zarr.open_group(str(d), mode="w")
+    arr = root.create_array("s1", shape=(n, bands, chip, chip), chunks=(1, bands, chip, chip),
+                            shards=(64, bands, chip, chip), dtype="float32", fill_value=float("nan"),
+                            compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+    arr.attrs.update({"bands": [f"b{i}" for i in range(bands)], "nodata_in_store": "NaN"})
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:chip, 0:chip].astype(np.float32) / chip
+    for s0 in range(0, n, 64):
+        k = min(64, n - s0)
+        phase = rng.uniform(0, 6.28, (k, bands, 1, 1)).astype(np.float32)
+        field = np.sin(6 * xx + phase) * np.cos(4 * yy + phase)  # smooth backscatter-like field
+        speckle = rng.gamma(4.0, 0.25, (k, bands, chip, chip)).astype(np.float32)  # multiplicative speckle
+        arr[s0:s0 + k] = (10 * np.log10(np.exp(field) * speckle + 1e-3)).astype(np.float32)
+    (d / ".complete").write_text("")
+    return d
+
+
+def reader_scaling(a, workers: list[int], out: Path) -> int:
+    import zarr
+
+    from sarflow.features.embed import _chip_batches
+
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    info = {**host(), "zarr": zarr.__version__, "numpy": np.__version__, "loadavg_start": loadavg(),
+            "embed_py_sha256": hashlib.sha256((REPO / "src/sarflow/features/embed.py").read_bytes()).hexdigest()[:16]}
+    t = time.perf_counter()
+    store = reader_store(a.reader_chips, a.reader_bands, a.chip_size, a.seed, work)
+    build_s = time.perf_counter() - t
+    arr = zarr.open_group(str(store), mode="r")["s1"]
+    arrays, n = [(arr, list(range(a.reader_bands)))], a.reader_chips
+    for _ in _chip_batches(arrays, n, a.batch_size):  # warm the page cache
+        pass
+    runs = {w: [] for w in workers}
+    for _ in range(a.repeats):
+        for w in workers:
+            t, c = time.perf_counter(), time.process_time()
+            got = sum(len(x) for x in _chip_batches(arrays, n, a.batch_size, workers=w))
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            assert got == n
+            runs[w].append({"wall_s": round(wall, 4), "cpu_s": round(cpu, 4)})
+    rows = {}
+    for w in workers:
+        best = min(runs[w], key=lambda r: r["wall_s"])
+        rows[w] = {"workers": w, "chips_per_s": round(n / best["wall_s"], 1), "wall_s": best["wall_s"],
+                   "cpu_s": best["cpu_s"], "cpu_s_per_1000_chips": round(1000 * best["cpu_s"] / n, 3),
+                   "cores_busy": round(best["cpu_s"] / best["wall_s"], 2), "runs": runs[w]}
+    anchor = rows[workers[0]]
+    for r in rows.values():
+        r["ratio_to_anchor"] = round(r["chips_per_s"] / anchor["chips_per_s"], 3)
+    result = {"benchmark": "embed reader scaling", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {**info, "loadavg_end": loadavg()},
+              "config": {"chips": n, "bands": a.reader_bands, "chip_px": a.chip_size, "dtype": "float32",
+                         "batch_size": a.batch_size, "repeats": a.repeats, "shard_chips": 64, "codec": "blosc zstd-3 shuffle",
+                         "store_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
+                         "store_build_s": round(build_s, 2)},
+              "anchor": f"{workers[0]} reader worker(s)", "results": list(rows.values()),
+              "goal": {"ratio_2_vs_1": 1.8}}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{n} chips of {a.reader_bands} x {a.chip_size} px float32, batch {a.batch_size}, best of {a.repeats}, "
+          f"load average {info['loadavg_start']} -> {result['machine']['loadavg_end']}")
+    print(f"{'workers':>8}{'chips/s':>10}{'wall s':>9}{'CPU s':>8}{'cores':>7}{'ratio':>7}")
+    for r in rows.values():
+        print(f"{r['workers']:>8}{r['chips_per_s']:>10.1f}{r['wall_s']:>9.3f}{r['cpu_s']:>8.2f}{r['cores_busy']:>7.2f}"
+              f"{r['ratio_to_anchor']:>7.2f}")
+    print(f"results in {out}")
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
@@ -183,8 +274,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each (the fastest is reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(HERE / "work"), help="cache of stores (gitignored)")
-    ap.add_argument("--out", default=str(HERE / "results" / "embed.json"))
+    ap.add_argument("--out", default=None, help="default results/embed.json (results/embed_reader.json with --reader-scaling)")
+    ap.add_argument("--reader-scaling", default=None, help="comma-separated reader worker counts, e.g. 1,2: time the reader only")
+    ap.add_argument("--reader-chips", type=int, default=512)
+    ap.add_argument("--reader-bands", type=int, default=2)
     a = ap.parse_args(argv)
+    if a.reader_scaling:
+        out = Path(a.out or HERE / "results" / "embed_reader.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return reader_scaling(a, [int(w) for w in a.reader_scaling.split(",")], out)
+    a.out = a.out or str(HERE / "results" / "embed.json")
 
     import mlflow
     import torch
