@@ -141,7 +141,7 @@ def test_label_savings_read_not_measurable_when_the_intervals_overlap():
 
 
 def test_label_savings_measured_none_and_at_least():
-    emb = [(25, 0.50, 0.45, 0.55), (100, 0.78, 0.74, 0.82), (400, 0.85, 0.82, 0.88)]
+    emb = [(25, 0.50, 0.45, 0.55), (100, 0.81, 0.77, 0.85), (400, 0.85, 0.82, 0.88)]
     s = _summary({"embeddings": emb, "scratch": [(25, 0.4, 0.35, 0.45), (400, 0.80, 0.77, 0.83)],
                   "pixel_stats": [(400, 0.95, 0.93, 0.97)], "random_init": [(400, 0.30, 0.25, 0.35)]})
     got = label_savings(s, [TASK])["t"]
@@ -155,10 +155,18 @@ def test_label_savings_measured_none_and_at_least():
     assert label_savings(nan, [TASK])["t"]["scratch"]["status"] == "not measurable"
     # lower is better (rmse): mirrored
     rmse = Task("t", "t", "regression", "rmse", False)
-    s2 = _summary({"embeddings": [(25, 3.0, 2.8, 3.2), (100, 1.1, 1.0, 1.2), (400, 1.0, 0.95, 1.05)],
+    s2 = _summary({"embeddings": [(25, 3.0, 2.8, 3.2), (100, 1.04, 0.98, 1.1), (400, 1.0, 0.95, 1.05)],
                    "scratch": [(400, 1.05, 1.0, 1.1)]}).assign(metric="rmse")
     got = label_savings(s2, [rmse])["t"]["scratch"]
     assert got["status"] == "measured" and got["n_to_match"] == 100
+    # a curve below the baseline's score with every label saves nothing, whatever its intervals
+    s3 = _summary({"embeddings": [(25, 0.36, 0.25, 0.52), (50, 0.51, 0.30, 0.69), (400, 0.68, 0.56, 0.75)],
+                   "scratch": [(400, 0.84, 0.67, 0.95)]})
+    assert label_savings(s3, [TASK])["t"]["scratch"]["status"] == "none"
+    # reaching the score with no smaller n clearly below: the crossing cannot be located
+    s4 = _summary({"embeddings": [(25, 0.78, 0.70, 0.86), (100, 0.82, 0.78, 0.86), (400, 0.9, 0.86, 0.94)],
+                   "scratch": [(400, 0.80, 0.77, 0.83)]})
+    assert label_savings(s4, [TASK])["t"]["scratch"]["status"] == "not measurable"
 
 
 def test_scratch_cnn_has_the_same_step_budget_and_reaches_its_validation_optimum():

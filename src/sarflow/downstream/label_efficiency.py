@@ -13,14 +13,15 @@ are not independent, so blocks, not chips, are the unit (`spatial_blocks`).
 Label savings (`label_savings`), per task and baseline, against the baseline's score with
 every train label (B, interval [B-, B+]) along the embedding curve (E(n), interval [E-(n), E+(n)]),
 for a higher-is-better metric (mirrored for lower):
-- n_to_match: the smallest n from which on E+(n') >= B- at every n' >= n (not below the baseline);
-- "measured": some n below n_to_match is clearly below (E+ < B-): the saving n_all / n_to_match
-  is bracketed by the sizes tried (`n_range`);
+- n_to_match: the smallest n from which on E(n') >= B at every n' >= n (the curve reaches the
+  baseline's score);
+- "measured": n_to_match < n_all and some smaller n is clearly below (E+ < B-): the saving
+  n_all / n_to_match, the crossing bracketed by the sizes tried (`n_range`);
 - "at least": already clearly above the baseline (E- > B+) at the smallest n: saving >= n_all / n_min;
-- "none": the embeddings are clearly below the baseline with every label, or only match it
-  with every label;
-- "not measurable": the intervals overlap at every n (the test split cannot tell them apart),
-  or an interval could not be computed.
+- "none": the curve does not reach B even with every label, or only with every label;
+- "not measurable": the intervals overlap at every n (the test split cannot tell them apart), the
+  curve reaches B but no smaller n is clearly below it (the crossing cannot be located), or an
+  interval could not be computed.
 """
 
 from __future__ import annotations
@@ -190,30 +191,37 @@ def _saving(curve: list[dict], base: dict, higher: bool) -> dict:
         return v if higher else -v
 
     lo_b, hi_b = (base["ci_low"], base["ci_high"]) if higher else (-base["ci_high"], -base["ci_low"])
-    ok = [c for c in curve if np.isfinite(c["ci_low"]) and np.isfinite(c["ci_high"])]
+    b = sign(base["mean"])
     n_all = curve[-1]["n"]
     res = {"n_all": n_all, "n_to_match": None, "label_fraction": None, "saving": None, "n_range": None}
-    if not (np.isfinite(lo_b) and np.isfinite(hi_b)) or len(ok) != len(curve):
+    if not all(np.isfinite([lo_b, hi_b, b])) or not all(np.isfinite([c[k] for c in curve for k in ("mean", "ci_low", "ci_high")])):
         return {**res, "status": "not measurable", "why": "an interval could not be computed (too few test blocks)"}
+    mean = [sign(c["mean"]) for c in curve]
     lo = [min(sign(c["ci_low"]), sign(c["ci_high"])) for c in curve]
     hi = [max(sign(c["ci_low"]), sign(c["ci_high"])) for c in curve]
     below = [h < lo_b for h in hi]  # clearly worse than the baseline with every label
     above = [v > hi_b for v in lo]  # clearly better
     if not any(below) and not any(above):
         return {**res, "status": "not measurable", "why": "the intervals overlap at every n"}
-    if below[-1]:
-        return {**res, "status": "none", "why": "below the baseline even with every label"}
-    k = max(i for i, b in enumerate(below) if b) + 1 if any(below) else 0  # from here on never clearly below
+    reached = [all(m >= b for m in mean[i:]) for i in range(len(curve))]  # the mean reaches the baseline from here on
+    if not reached[-1]:
+        return {**res, "status": "none", "why": "below the baseline's score even with every label"
+                + (" (clearly)" if below[-1] else " (the intervals overlap)")}
+    k = reached.index(True)
     n = curve[k]["n"]
+    if k == len(curve) - 1:
+        return {**res, "status": "none", "n_to_match": n, "label_fraction": 1.0, "saving": 1.0,
+                "why": "reaches the baseline's score only with every label"}
     res.update(n_to_match=n, label_fraction=n / n_all, saving=n_all / n)
-    if k == 0:
-        why = (f"clearly above the baseline already at n={n}" if above[0]
-               else f"never clearly below the baseline, from n={n} on")
-        return {**res, "status": "at least", "why": why, "n_range": [None, n]}
-    res["n_range"] = [curve[k - 1]["n"], n]
-    if n == n_all:
-        return {**res, "status": "none", "why": "matches the baseline only with every label"}
-    return {**res, "status": "measured", "why": f"clearly below at n={curve[k - 1]['n']}, matching from n={n}"}
+    clearly_below = [i for i in range(k) if below[i]]
+    if clearly_below:
+        res["n_range"] = [curve[clearly_below[-1]]["n"], n]
+        return {**res, "status": "measured",
+                "why": f"clearly below at n={res['n_range'][0]}, reaching the baseline's score from n={n}"}
+    if k == 0 and above[0]:
+        return {**res, "status": "at least", "n_range": [None, n], "why": f"clearly above the baseline already at n={n}"}
+    return {**res, "n_to_match": None, "label_fraction": None, "saving": None, "status": "not measurable",
+            "why": f"reaches the baseline's score from n={n}, but no smaller n is clearly below it"}
 
 
 def label_savings(summary: pd.DataFrame, tasks, default: str = DEFAULT_PROBE) -> dict:
