@@ -150,17 +150,14 @@ def test_kill_9_mid_tiling_then_rerun_equals_an_uninterrupted_run(tmp_path):
     catalog = synthesize(tmp_path / "scene", SynthConfig(size_px=768, seed=11, chip_size=32))
     out = tmp_path / "killed.zarr"
     partial = out.with_name(out.name + ".partial")
-    state = partial / "_sarflow_progress" / "state.json"
+    reports = partial / "_build" / "units"  # one report per unit of one shard, written after its shard
     cmd = [SARFLOW, "tile", str(catalog), "--out", str(out), "--shard-chips", "16", "--block-chips", "2",
-           "--workers", "1", "--quiet"]
+           "--unit-shards", "1", "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        try:
-            if json.loads(state.read_text())["shards"] >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
+        if reports.is_dir() and len(list(reports.glob("*.json"))) >= 3:
+            break
         assert proc.poll() is None, "tiling finished before it could be killed"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -179,8 +176,8 @@ def test_kill_9_mid_tiling_then_rerun_equals_an_uninterrupted_run(tmp_path):
 def test_a_stale_partial_build_from_other_inputs_is_discarded(tiny_scene, tmp_path):
     out = tmp_path / "s.zarr"
     partial = out.with_name("s.zarr.partial")
-    (partial / "_sarflow_progress").mkdir(parents=True)
-    (partial / "_sarflow_progress" / "state.json").write_text(json.dumps({"fingerprint": "other", "shards": 9}))
+    (partial / "_build").mkdir(parents=True)
+    (partial / "_build" / "plan.json").write_text(json.dumps({"fingerprint": "other", "units": [[0, 9]]}))
     (partial / "junk").write_text("x")
     tile(load_catalog(tiny_scene), out, TileOptions(shard_chips=16), show_progress=False)
     assert not (out / "junk").exists() and not partial.exists()
@@ -262,7 +259,7 @@ def test_aoi_that_overlaps_no_source_is_refused(tiny_scene, tmp_path):
     cat = write_catalog(tmp_path / "c.yaml", {"crs": "utm", "resolution": 10, "chip_size": 32,
                                               "aoi": [100.0, 10.0, 100.1, 10.1]},
                         [{"name": "dem", "uris": [str(path)], "bands": ["z"], "units": "m", "kind": "continuous"}])
-    _assert_refused(cat, tmp_path / "o.zarr", str(path), "does not overlap the AOI")
+    _assert_refused(cat, tmp_path / "o.zarr", str(cat), "overlaps none of the sources")  # the AOI's fault
 
 
 def test_all_nan_source_is_refused(tiny_scene, tmp_path):

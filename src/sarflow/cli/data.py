@@ -1,4 +1,4 @@
-"""`sarflow synth | ingest | tile | info | version | export`: the data plane, catalog to versioned chip store."""
+"""`sarflow synth | ingest | tile | tile-plan | tile-unit | tile-finalize | info | version | export`: the data plane, catalog to versioned chip store."""
 
 from __future__ import annotations
 
@@ -53,32 +53,111 @@ def ingest(
         typer.echo(text)
 
 
+def _tile_options(params, **flags):
+    return stage_config("tile", params, flags)
+
+
 def tile(
     catalog: Path = typer.Argument(..., callback=absolute_path, help="catalog.yaml"),
-    out: Path = typer.Option(..., "--out", callback=absolute_path, help="chip store to write (a .zarr folder)"),
-    workers: Optional[int] = typer.Option(None, help="warping threads"),
+    out: str = typer.Option(..., "--out", callback=absolute_path,
+                            help="chip store to write: a .zarr folder or s3://bucket/prefix (endpoint and keys from AWS_*)"),
+    workers: Optional[int] = typer.Option(None, help="warping threads per process"),
+    processes: int = typer.Option(1, help="unit runners in separate processes (each writes its own shards)"),
     shard_chips: Optional[int] = typer.Option(None, help="chips per shard file"),
-    block_chips: Optional[int] = typer.Option(None, help="chips per side of a warped block"),
+    block_chips: Optional[int] = typer.Option(None, help="chips per side of a block of the store order"),
+    window_px: Optional[int] = typer.Option(None, help="side of a warp window in pixels (rounded to whole chips)"),
+    unit_shards: Optional[int] = typer.Option(None, help="shards per work unit (0: as many as fit 256 MB)"),
     split_block: Optional[int] = typer.Option(None, help="chips per side of a block that goes whole to one split (0 = auto, sized from the AOI)"),
     overwrite: bool = typer.Option(False, help="replace an existing store"),
     no_checksum: bool = typer.Option(False, "--no-checksum", help="skip sha256 of the inputs (faster, less provenance)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """Align every source onto the grid and write the sharded Zarr v3 chip store (resumes a killed run)."""
+    """Align every source onto the grid and write the sharded Zarr v3 chip store (resumes a killed run).
+    Runs plan -> units -> finalize in this process, or the units in `--processes` processes."""
     from sarflow.data.catalog import load_catalog
     from sarflow.data.tile import tile as run_tile
+    from sarflow.data.tile_units import finalize, plan, run_units
 
     try:
-        options = stage_config("tile", params, {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips,
-                                                "split_block": split_block, "overwrite": overwrite or None,
-                                                "checksum": False if no_checksum else None})
-        store = run_tile(load_catalog(catalog), out, options, show_progress=not quiet and sys.stderr.isatty())
+        options = _tile_options(params, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
+                                window_px=window_px, unit_shards=unit_shards, split_block=split_block,
+                                overwrite=overwrite or None, checksum=False if no_checksum else None)
+        if processes > 1:
+            plan(load_catalog(catalog), out, options)
+            run_units(out, processes=processes, workers=options.workers)
+            store = finalize(out)
+        else:
+            store = run_tile(load_catalog(catalog), out, options, show_progress=not quiet and sys.stderr.isatty())
     except SarflowError as e:
         fail(e)
-    from sarflow.data.chipstore import open_store
+    from sarflow.data.chipstore import open_chip_group
 
-    typer.echo(f"chip store written: {store} ({open_store(store).n_chips} chips)")
+    typer.echo(f"chip store written: {store} ({open_chip_group(str(store)).attrs['chips']} chips)")
+
+
+def tile_plan(
+    catalog: Path = typer.Argument(..., callback=absolute_path, help="catalog.yaml"),
+    out: str = typer.Option(..., "--out", callback=absolute_path, help="chip store: a .zarr folder or s3://bucket/prefix"),
+    shard_chips: Optional[int] = typer.Option(None, help="chips per shard file"),
+    block_chips: Optional[int] = typer.Option(None, help="chips per side of a block of the store order"),
+    window_px: Optional[int] = typer.Option(None, help="side of a warp window in pixels"),
+    unit_shards: Optional[int] = typer.Option(None, help="shards per work unit (0: as many as fit 256 MB)"),
+    workers: Optional[int] = typer.Option(None, help="warping threads (here and, by default, in each unit)"),
+    split_block: Optional[int] = typer.Option(None, help="chips per side of a split block (0 = auto)"),
+    overwrite: bool = typer.Option(False, help="replace an existing store"),
+    no_checksum: bool = typer.Option(False, "--no-checksum", help="skip sha256 of the inputs"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Distributed tiling, step 1: fix every chip's index, create the arrays, cut the work units; prints
+    {"uri", "units", "chips"} (JSON). Then `tile-unit` for every unit (any order, any machine), then `tile-finalize`."""
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile_units import plan
+
+    try:
+        options = _tile_options(params, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
+                                window_px=window_px, unit_shards=unit_shards, split_block=split_block,
+                                overwrite=overwrite or None, checksum=False if no_checksum else None)
+        p = plan(load_catalog(catalog), out, options)
+    except SarflowError as e:
+        fail(e)
+    typer.echo(json.dumps({"uri": p.uri, "units": len(p.units), "chips": p.total}))
+
+
+def tile_unit(
+    store: str = typer.Argument(..., callback=absolute_path, help="the planned store (folder or s3://)"),
+    unit: Optional[list[int]] = typer.Option(None, "--unit", help="unit(s) to write (repeatable); default: "
+                                             "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job), else every unit not done"),
+    workers: Optional[int] = typer.Option(None, help="warping threads (default: the plan's)"),
+    force: bool = typer.Option(False, help="rewrite units already written"),
+) -> None:
+    """Distributed tiling, step 2: warp and write the unit's shards straight into the store, then its report."""
+    import os
+
+    from sarflow.data.tile_units import Plan, Location, write_unit
+
+    try:
+        units = list(unit or [])
+        if not units and os.environ.get("JOB_COMPLETION_INDEX"):
+            units = [int(os.environ["JOB_COMPLETION_INDEX"])]
+        if not units:
+            units = list(range(len(Plan.load(Location(store)).units)))
+        for u in units:
+            write_unit(store, u, workers=workers, force=force)
+    except SarflowError as e:
+        fail(e)
+    typer.echo(f"units written: {units}")
+
+
+def tile_finalize(store: str = typer.Argument(..., callback=absolute_path, help="the planned store (folder or s3://)")) -> None:
+    """Distributed tiling, step 3 (after every unit): chips.parquet, statistics, attributes, consolidated metadata."""
+    from sarflow.data.tile_units import finalize
+
+    try:
+        uri = finalize(store)
+    except SarflowError as e:
+        fail(e)
+    typer.echo(f"chip store written: {uri}")
 
 
 def info(store: Path = typer.Argument(..., callback=absolute_path, help="chip store")) -> None:
@@ -130,4 +209,4 @@ def export(
     typer.echo(f"{len(written)} GeoTIFF(s) written to {out}" + (f": {written[0].name}" if len(written) == 1 else ""))
 
 
-COMMANDS = [synth, ingest, tile, info, version, export]
+COMMANDS = [synth, ingest, tile, tile_plan, tile_unit, tile_finalize, info, version, export]

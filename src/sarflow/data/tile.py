@@ -6,7 +6,7 @@ How it runs (three steps, data/tile_units.py, so separate processes or pods can 
   (square blocks of `block_chips`), kept when they have a valid pixel in every required source;
   it creates the arrays and cuts the chips into work units of whole shards (zarr corrupts
   concurrent partial-shard writes, so one writer per shard);
-- each unit warps its chips with GDAL in windows of about `window_px` pixels (worker threads
+- each unit warps the whole blocks (windows of about `window_px` pixels) its chips fall in with GDAL (worker threads
   read only the source windows they need and release the GIL), writes its shards and a report;
 - `finalize` merges the reports in order (chips.parquet, train statistics), writes the group
   attributes last and consolidates the metadata.
@@ -70,11 +70,11 @@ class TileOptions:
 
     workers: int = 2
     shard_chips: int = 64
-    block_chips: int = 4
+    block_chips: int = 0  # chips per side of a block (store order and warp window); 0: about window_px pixels
     split_block: int | Literal["auto"] = 0  # chips per side of a split block; 0 (or "auto"): sized from the AOI
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     clevel: int = 3
-    window_px: int = 1024  # side of a warp window in pixels (rounded to whole chips), whatever the chip size
+    window_px: int = 1024  # side of a block in pixels when block_chips is 0 (rounded to whole chips)
     unit_shards: int = 0  # shards per work unit; 0: as many as fit 256 MB of chips
     overwrite: bool = False
     checksum: bool = True
@@ -96,7 +96,7 @@ class TileOptions:
     def fingerprint_fields(self) -> dict:
         return {
             "shard_chips": self.shard_chips,
-            "block_chips": self.block_chips,
+            "block_chips": self.block_chips or f"auto:{self.window_px}px",
             "split_block": self.split_block or "auto",
             "split_fractions": list(self.split_fractions),
             "clevel": self.clevel,

@@ -6,7 +6,7 @@
   work units of whole shards (zarr: ONE writer per shard). The build state lives under
   `_build/` in the store: `plan.json` (written last: its presence means the plan is complete),
   the kept chips (`chips.npy`), the ingested catalog (`ingested.pkl`) and the inputs' manifest.
-- `write_unit(out, unit)` warps its chips in windows of about `window_px` pixels, writes its
+- `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
   shards straight into the store and a report (`_build/units/NNNNNN.json`: chip records and each
   train chip's statistics contribution) once its shards are written. A rerun of a unit
   (after kill -9) rewrites the same shards with the same bytes.
@@ -120,7 +120,7 @@ class Plan:
     fingerprint: str
     total: int  # chips in the store
     shard_chips: int
-    window_px: int
+    block_chips: int  # chips per side of a block (store order and warp window)
     workers: int
     units: list[list[int]]  # [first chip, end chip) of each unit: whole shards
     split: dict  # the split's summary for the group attributes
@@ -143,56 +143,35 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _windows(chips: np.ndarray, side: int) -> list[tuple[int, int, int, int, np.ndarray]]:
-    """Chips (k, 2: iy, ix) grouped by square windows of `side` chips: (iy0, ix0, rows, cols, positions
-    in `chips`), the windows in order of first appearance."""
-    if len(chips) == 0:
-        return []
-    keys = np.floor_divide(chips[:, 0], side) * 1_000_003 + np.floor_divide(chips[:, 1], side)
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    out = []
-    for g in np.argsort(first, kind="stable"):
-        pos = np.flatnonzero(inverse == g)
-        part = chips[pos]
-        iy0, ix0 = int(part[:, 0].min()), int(part[:, 1].min())
-        out.append((iy0, ix0, int(part[:, 0].max()) - iy0 + 1, int(part[:, 1].max()) - ix0 + 1, pos))
-    return out
+def block_side(grid, options) -> int:
+    """Chips per side of a block: the store-order unit and the warp window. `block_chips`, or (0)
+    about `window_px` pixels whatever the chip size. A pixel's value can depend on the window GDAL
+    warps it in, so windows are always whole blocks, whichever unit renders them."""
+    return options.block_chips or max(1, round(options.window_px / grid.stride))
 
 
-def window_side(grid, window_px: int) -> int:
-    """Chips per side of a warp window of about `window_px` pixels (whatever the chip size)."""
-    return max(1, round(window_px / grid.stride))
-
-
-def _required_valid(renderer, ing: Ingested, chips: np.ndarray, side: int, workers: int) -> np.ndarray:
-    """For each chip, whether it has a valid pixel (in every band) of every required source."""
-    from sarflow.data.tile import Block, _ordered
+def _required_valid(renderer, ing: Ingested, blocks, workers: int) -> list[np.ndarray]:
+    """Per block, for each of its candidate chips: a valid pixel (in every band) of every required source?"""
+    from sarflow.data.tile import _ordered
 
     g = ing.grid
     required = [s for s in ing.sources if s.spec.required]
-    ok = np.ones(len(chips), dtype=bool)
     if not required:
-        return ok
-    windows = _windows(chips, side)
+        return [np.ones(len(b.chips), dtype=bool) for b in blocks]
 
-    def check(w):
-        iy0, ix0, rows, cols, pos = w
-        block = Block(iy0, ix0, rows, cols, chips[pos])
+    def check(block):
         layers = [renderer.warp(s, block) for s in required]
-        out = np.ones(len(pos), dtype=bool)
-        for j, (iy, ix) in enumerate(chips[pos].tolist()):
-            r0, c0 = (iy - iy0) * g.stride, (ix - ix0) * g.stride
+        out = np.ones(len(block.chips), dtype=bool)
+        for j, (iy, ix) in enumerate(block.chips.tolist()):
+            r0, c0 = (iy - block.iy0) * g.stride, (ix - block.ix0) * g.stride
             for s, layer in zip(required, layers):
-                chip = layer[:, r0:r0 + g.chip_size, c0:c0 + g.chip_size]
-                if not valid_mask(chip, s.fill_value).all(axis=0).any():
+                if not valid_mask(layer[:, r0:r0 + g.chip_size, c0:c0 + g.chip_size], s.fill_value).all(axis=0).any():
                     out[j] = False
                     break
-        return pos, out
+        return out
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for pos, out in _ordered(pool, check, windows, inflight=workers + 1):
-            ok[pos] = out
-    return ok
+        return list(_ordered(pool, check, blocks, inflight=workers + 1))
 
 
 def unit_chips(options, ing: Ingested) -> int:
@@ -201,7 +180,8 @@ def unit_chips(options, ing: Ingested) -> int:
     if options.unit_shards:
         return options.unit_shards * S
     chip_bytes = sum(len(s.spec.bands) * np.dtype(s.dtype).itemsize for s in ing.sources) * ing.grid.chip_size ** 2
-    return max(1, UNIT_MEMORY // (chip_bytes * S)) * S
+    block = block_side(ing.grid, options) ** 2  # at least 4 blocks a unit: a block cut by a unit edge is warped twice
+    return max(1, UNIT_MEMORY // (chip_bytes * S), -(-4 * block // S)) * S
 
 
 def plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
@@ -227,13 +207,15 @@ def plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
     grid = ing.grid
     with gdal_env([u for s in ing.sources for u in s.files]):
         resampling = {(s.name, u): choose_resampling(s, f, grid) for s in ing.sources for u, f in s.files.items()}
-    order = [b.chips for b in plan_blocks(grid, options.block_chips)]
-    chips = np.concatenate(order).astype(np.int64) if order else np.empty((0, 2), np.int64)
+    side = block_side(grid, options)
+    blocks = plan_blocks(grid, side)
     renderer = BlockRenderer(ing, resampling)
     try:
-        kept = chips[_required_valid(renderer, ing, chips, window_side(grid, options.window_px), options.workers)]
+        valid = _required_valid(renderer, ing, blocks, options.workers)
     finally:
         renderer.close()
+    kept = np.concatenate([b.chips[ok] for b, ok in zip(blocks, valid)]).astype(np.int64)
+    block_of = np.concatenate([np.full(int(ok.sum()), i, dtype=np.int64) for i, ok in enumerate(valid)])
     total = len(kept)
     if total == 0:
         raise InputError(str(ing.catalog.path), "no chip has a valid pixel in every required source")
@@ -245,11 +227,11 @@ def plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
 
     root = zarr.open_group(loc.zarr_store(), mode="w", zarr_format=3)
     _create_arrays(root, ing, total, options, resampling)
-    loc.write(_npy(np.column_stack([kept, splits.astype(np.int64)])), BUILD, "chips.npy")
+    loc.write(_npy(np.column_stack([kept, splits.astype(np.int64), block_of])), BUILD, "chips.npy")
     loc.write(pickle.dumps({"ing": ing, "resampling": resampling}), BUILD, "ingested.pkl")
     loc.write(json.dumps(ing.manifest(), indent=1, sort_keys=True).encode(), BUILD, MANIFEST)
     result = Plan(uri=loc.uri, fingerprint=fingerprint, total=total, shard_chips=options.shard_chips,
-                  window_px=options.window_px, workers=options.workers, units=units,
+                  block_chips=side, workers=options.workers, units=units,
                   split={**split_of.summary(), "fractions": list(options.split_fractions)})
     loc.write(result.to_json(), BUILD, "plan.json")  # last: the plan is complete
     log.info("planned %s: %d chips in %d units of up to %d chips", loc.uri, total, len(units), step)
@@ -272,7 +254,7 @@ def unit_done(out: str | Path, unit: int) -> bool:
 def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bool = False) -> dict:
     """Step 2: warps and writes the unit's shards into the store, then its report (returned).
     A unit whose report exists is skipped unless `force`."""
-    from sarflow.data.tile import Block, BlockRenderer, _ordered, chip_contribution
+    from sarflow.data.tile import BlockRenderer, _ordered, chip_contribution, plan_blocks
 
     loc = Location(out)
     p, ing, resampling, table = _load_build(loc)
@@ -282,27 +264,26 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
         return json.loads(loc.read(BUILD, "units", f"{unit:06d}.json"))
     workers = max(1, workers or p.workers)
     a, b = p.units[unit]
-    chips = table[a:b, :2]
-    splits = table[a:b, 2]
+    chips, splits, block_of = table[a:b, :2], table[a:b, 2], table[a:b, 3]
     g = ing.grid
+    blocks = plan_blocks(g, p.block_chips)
     root = zarr.open_group(loc.zarr_store(), mode="r+", zarr_format=3)
     arrays = {s.name: root[s.name] for s in ing.sources}
     buffers = {n: np.empty((b - a,) + arr.shape[1:], dtype=arr.dtype) for n, arr in arrays.items()}
     fractions = {s.name: np.zeros(b - a) for s in ing.sources}
     renderer = BlockRenderer(ing, resampling)
 
-    def render(w):
-        iy0, ix0, rows, cols, pos = w
-        block = Block(iy0, ix0, rows, cols, chips[pos])
-        return pos, iy0, ix0, {s.name: renderer.warp(s, block) for s in ing.sources}
+    def render(bi):  # the whole block (its window does not depend on the unit), the unit's chips of it
+        block = blocks[bi]
+        return bi, {s.name: renderer.warp(s, block) for s in ing.sources}
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for pos, iy0, ix0, layers in _ordered(pool, render, _windows(chips, window_side(g, p.window_px)),
-                                                  inflight=workers + 1):
-                for j in pos.tolist():
-                    iy, ix = chips[j]
-                    r0, c0 = (iy - iy0) * g.stride, (ix - ix0) * g.stride
+            for bi, layers in _ordered(pool, render, list(dict.fromkeys(block_of.tolist())), inflight=workers + 1):
+                block = blocks[bi]
+                for j in np.flatnonzero(block_of == bi).tolist():
+                    iy, ix = chips[j].tolist()
+                    r0, c0 = (iy - block.iy0) * g.stride, (ix - block.ix0) * g.stride
                     for s in ing.sources:
                         chip = layers[s.name][:, r0:r0 + g.chip_size, c0:c0 + g.chip_size]
                         buffers[s.name][j] = chip
@@ -365,6 +346,9 @@ def finalize(out: str | Path) -> str:
     table.to_parquet(buf, index=False)
     loc.write(buf.getvalue(), CHIPS_TABLE)
     loc.write(loc.read(BUILD, MANIFEST), MANIFEST)
+    from sarflow.data.integrity import record
+
+    record(loc.work)  # every shard and the chip table (size, SHA-256), before the attributes that finish the store
     g = ing.grid
     root.attrs.update({  # last: a reader of s3:// sees the store finished when `chips` is there
         "crs": g.crs.to_string(),
@@ -429,3 +413,70 @@ def run_units(out: str | Path, units: list[int] | None = None, processes: int = 
 def _unit_job(out: str, unit: int, workers: int | None) -> int:
     write_unit(out, unit, workers=workers)
     return unit
+
+
+# ---------------------------------------------------------------- beyond a ParallelFor: an Indexed Job
+
+def indexed_job_manifest(store_uri: str, units: int, image: str, parallelism: int = 16, name: str = "",
+                         namespace: str = "sarflow") -> dict:
+    """A Kubernetes Indexed Job (batch/v1) with one completion per unit: each pod runs `sarflow tile-unit
+    STORE`, which takes its unit from $JOB_COMPLETION_INDEX. Keys from Secret `sarflow-s3`, endpoints
+    from ConfigMap `sarflow-pipeline-env` (k8s/base); the pod label lets it reach MinIO."""
+    import hashlib
+
+    name = name or "sarflow-tile-" + hashlib.sha256(store_uri.encode()).hexdigest()[:10]
+    labels = {"app.kubernetes.io/name": "sarflow-tile-unit", "sarflow.io/pipeline": "true"}
+    container = {
+        "name": "tile-unit",
+        "image": image,
+        "command": ["sarflow", "tile-unit", store_uri],
+        "envFrom": [{"configMapRef": {"name": "sarflow-pipeline-env"}}],
+        "env": [{"name": k, "valueFrom": {"secretKeyRef": {"name": "sarflow-s3", "key": k}}}
+                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")],
+        "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": units,
+            "parallelism": min(parallelism, units),
+            "backoffLimitPerIndex": 3,  # a failed unit is retried on its own (its shards are rewritten whole)
+            "maxFailedIndexes": 0,
+            "ttlSecondsAfterFinished": 86400,
+            "template": {"metadata": {"labels": labels},
+                         "spec": {"restartPolicy": "Never", "containers": [container]}},
+        },
+    }
+
+
+def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 16, namespace: str | None = None,
+                    timeout_s: int = 86400, poll_s: float = 10.0) -> None:
+    """Creates the Indexed Job (in-cluster config, else ~/.kube/config) and waits for it to succeed."""
+    import time
+
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+        ns = namespace or Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
+    except config.ConfigException:
+        config.load_kube_config()
+        ns = namespace or "sarflow"
+    manifest = indexed_job_manifest(store_uri, units, image, parallelism, namespace=ns)
+    api = client.BatchV1Api()
+    api.create_namespaced_job(ns, manifest)
+    name = manifest["metadata"]["name"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = api.read_namespaced_job_status(name, ns).status
+        if (st.succeeded or 0) >= units:
+            return
+        if any(c.type == "Failed" and c.status == "True" for c in (st.conditions or [])):
+            raise RuntimeError(f"job {ns}/{name} failed: {st.failed} pods failed (`kubectl -n {ns} logs job/{name}`)")
+        time.sleep(poll_s)
+    raise TimeoutError(f"job {ns}/{name} did not finish in {timeout_s}s")

@@ -1,0 +1,158 @@
+"""Tiling in three steps (plan, units, finalize) by separate processes into one store, local or on
+S3 (moto on 127.0.0.1): the same bytes as the one-process `tile()`, also after a unit is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import zarr
+
+from sarflow.data.catalog import load_catalog
+from sarflow.data.tile import TileOptions, tile
+from sarflow.data.tile_units import BUILD, finalize, plan, unit_done, write_unit
+
+SARFLOW = str(Path(sys.executable).with_name("sarflow"))
+OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1)
+
+
+def _local_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_scene, tmp_path_factory) -> Path:
+    return tile(load_catalog(tiny_scene), tmp_path_factory.mktemp("ref") / "chips.zarr", TileOptions(**OPTIONS),
+                show_progress=False)
+
+
+@pytest.fixture()
+def s3env(moto_url, monkeypatch):
+    from sarflow.data.storage import ensure_bucket
+
+    env = {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    ensure_bucket("chips")
+    return {**os.environ, **env}
+
+
+def _s3_files(uri: str) -> dict[str, bytes]:
+    from sarflow.data.storage import s3_filesystem
+
+    fs = s3_filesystem()
+    prefix = uri[len("s3://"):]
+    return {k[len(prefix) + 1:]: fs.cat_file(k) for k in sorted(fs.find(prefix))}
+
+
+def test_reference_has_several_units_and_equals_a_single_unit_build(reference, tiny_scene, tmp_path):
+    # the unit division does not change a byte (windows are whole blocks, statistics summed chip by chip)
+    one = tile(load_catalog(tiny_scene), tmp_path / "one.zarr", TileOptions(shard_chips=16, unit_shards=0, workers=2),
+               show_progress=False)
+    n = zarr.open_group(str(reference), mode="r").attrs["chips"]
+    assert n > 3 * 16  # more than three units of one shard
+    assert _local_files(one) == _local_files(reference)
+
+
+def test_three_runner_processes_into_s3_equal_tile(reference, tiny_scene, s3env):
+    uri = "s3://chips/three.zarr"
+    p = plan(load_catalog(tiny_scene), uri, TileOptions(**OPTIONS))
+    n = len(p.units)
+    assert n >= 4
+    runners = [subprocess.Popen([SARFLOW, "tile-unit", uri, *sum((["--unit", str(u)] for u in range(k, n, 3)), [])],
+                                env=s3env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for k in range(3)]
+    for r in runners:
+        _, err = r.communicate(timeout=300)
+        assert r.returncode == 0, err
+    with pytest.raises(Exception):  # a reader refuses nothing yet, but the group has no `chips` before finalize
+        zarr.open_group(uri, mode="r", storage_options={"anon": True}).attrs["chips"]
+    assert finalize(uri) == uri
+    got, want = _s3_files(uri), _local_files(reference)
+    assert not any(k.startswith(BUILD) for k in got)
+    assert sorted(got) == sorted(want)
+    for key in want:  # arrays, chips.parquet, statistics (in zarr.json), manifest
+        assert got[key] == want[key], key
+
+    from sarflow.data.chipstore import open_chip_group
+
+    g = open_chip_group(uri)
+    ref = zarr.open_group(str(reference), mode="r")
+    assert g.attrs["chips"] == ref.attrs["chips"]
+    np.testing.assert_array_equal(g["s1grd"][:], ref["s1grd"][:])
+
+
+def test_sarflow_tile_to_s3_in_one_process_equals_tile(reference, tiny_scene, s3env):
+    uri = "s3://chips/one.zarr"
+    done = subprocess.run([SARFLOW, "tile", str(tiny_scene), "--out", uri, "--shard-chips", "16", "--unit-shards", "1",
+                           "--workers", "1", "--quiet"], env=s3env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"chip store written: {uri}" in done.stdout
+    assert _s3_files(uri) == _local_files(reference)
+    again = subprocess.run([SARFLOW, "tile", str(tiny_scene), "--out", uri], env=s3env, capture_output=True, text=True)
+    assert again.returncode != 0 and "already exists" in " ".join(again.stderr.split())
+
+
+def test_a_unit_killed_with_kill_9_and_rerun_gives_the_same_store(reference, tiny_scene, tmp_path):
+    out = tmp_path / "killed.zarr"
+    work = out.with_name(out.name + ".partial")
+    opts = TileOptions(**{**OPTIONS, "unit_shards": 3})  # a unit writes 3 shards of each array, then its report
+    p = plan(load_catalog(tiny_scene), out, opts)
+    for u in range(1, len(p.units)):
+        write_unit(out, u)
+    first_shard = work / "s1grd" / "c" / "0" / "0" / "0" / "0"
+    proc = subprocess.Popen([SARFLOW, "tile-unit", str(out), "--unit", "0", "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not first_shard.exists() and time.time() < deadline:
+        assert proc.poll() is None, "the unit finished before it could be killed"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first_shard.exists() and not unit_done(out, 0)  # killed between its first shard and its report
+    with pytest.raises(Exception, match="not written yet"):
+        finalize(out)
+    rerun = subprocess.run([SARFLOW, "tile-unit", str(out)], capture_output=True, text=True)  # every unit not done
+    assert rerun.returncode == 0, rerun.stderr
+    finalize(out)
+    assert _local_files(out) == _local_files(reference)
+    assert gpd.read_parquet(out / "chips.parquet").equals(gpd.read_parquet(reference / "chips.parquet"))
+
+
+def test_kfp_local_tile_pipeline_fans_out_units_and_gives_the_same_store(reference, tiny_scene, tmp_path):
+    from pipelines.data import tile_pipeline
+    from sarflow.mlops.kfp_runner import run_local
+
+    out = tmp_path / "kfp.zarr"
+    run = run_local(tile_pipeline, tmp_path / "root", catalog=str(tiny_scene), store_uri=str(out),
+                    shard_chips=16, unit_shards=1, workers=1)
+    n = zarr.open_group(str(reference), mode="r").attrs["chips"]
+    units = [t for t in run.tasks if t.startswith("write-tile-unit")]
+    assert len(units) == -(-n // 16) > 1  # one task per unit, in the ParallelFor
+    assert not any(t.startswith("tile-units-job") for t in run.tasks)
+    assert _local_files(out) == _local_files(reference)
+
+
+def test_indexed_job_manifest_validates_against_the_kubernetes_schema():
+    import kubernetes_validate
+
+    from sarflow.data.tile_units import indexed_job_manifest
+
+    job = indexed_job_manifest("s3://sarflow-chips/m3leo.zarr", 5000, "ghcr.io/sarflow/sarflow:0.1.0", parallelism=64)
+    for version in ("1.30", "1.37"):
+        kubernetes_validate.validate(job, version, strict=True)
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == 5000 and spec["parallelism"] == 64
+    assert spec["template"]["spec"]["containers"][0]["command"] == ["sarflow", "tile-unit", "s3://sarflow-chips/m3leo.zarr"]
+    broken = {**job, "spec": {**spec, "completionMode": 3}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.30", strict=True)
