@@ -67,10 +67,12 @@ def test_block_interval_covers_the_truth_and_narrows_with_more_blocks():
 def test_spatial_blocks_split_the_splitters_blocks_when_there_are_too_few():
     ix, iy = np.meshgrid(np.arange(8), np.arange(4))
     cells = np.stack([ix.ravel(), iy.ravel()], axis=1)
-    ids, side = spatial_blocks(cells, 4, min_blocks=8)  # 2 blocks of 4x4: halved to 8 blocks of 2x2
+    ids, side = spatial_blocks(cells, 4, min_blocks=8)  # 2 blocks of 4x4, 6 of 3x3: 8 blocks of 2x2
     assert side == 2 and ids.max() + 1 == 8 and np.bincount(ids).tolist() == [4] * 8
     ids, side = spatial_blocks(cells, 4, min_blocks=2)
     assert side == 4 and ids.max() + 1 == 2
+    ids, side = spatial_blocks(cells, 4, min_blocks=6)  # the largest side that gives enough blocks
+    assert side == 3 and ids.max() + 1 == 6
 
 
 def _known_answer_data(sigma: float, d: int = 4):
