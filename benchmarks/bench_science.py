@@ -541,13 +541,13 @@ def markdown(result: dict) -> str:
     for c in result["claims"]:
         lines.append(f"| {c['claim']} | {c['data']} | **{c['status']}** | {c.get('numbers') or c.get('why', '')} |")
     syn = result.get("synthetic", {})
-    if "pretrain" in syn:
-        lines += ["", "## Pretraining (fixed step budget, CPU)", "", "| method | steps | wall s | loss first | loss last | trivial |",
-                  "|---|---|---|---|---|---|"]
-        for m, p in syn["pretrain"].items():
+    real = result.get("real", {})
+    if "pretrain" in syn or "pretrain_mae" in real:
+        lines += ["", "## Pretraining (fixed step budget, CPU, 1 thread)", "",
+                  "| method | steps | wall s | loss first | loss last | trivial |", "|---|---|---|---|---|---|"]
+        for m, p in syn.get("pretrain", {}).items():
             lines.append(f"| {m} | {p['steps']} | {p['wall_s']} | {_fmt(p['loss_first'])} | {_fmt(p['loss_last'])} | "
                          f"{_fmt(p.get('trivial_loss'))} |")
-    real = result.get("real", {})
     if "pretrain_mae" in real:
         p = real["pretrain_mae"]
         lines.append(f"| mae (Sen1Floods11, {p['chips']} chips) | {p['steps']} | {p['wall_s']} | {_fmt(p['loss_first'])} | "

@@ -261,7 +261,7 @@ def label_efficiency(args, stores: dict, kind: str, lib, device) -> dict:
     ok = v & np.isfinite(feats["pixel_stats"]).all(axis=1)
     tr, te = np.concatenate(train) & ok, np.concatenate(test) & ok
     sizes = (10, 25) if args.smoke else (10, 25, 50, 100, 200, 500)
-    rows = sci.efficiency(task, feats, y, tr, te, blocks, sizes, 2 if args.smoke else 5, 50 if args.smoke else 500)
+    rows = sci.efficiency(task, feats, y, tr, te, blocks, sizes, 2 if args.smoke else 5, 20 if args.smoke else 500)
     return {"task": task.name, "metric": task.metric, "held_out": held or "the store's test split",
             "n_train": int(tr.sum()), "n_test": int(te.sum()), "rows": rows}
 
