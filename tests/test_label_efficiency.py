@@ -67,7 +67,7 @@ def test_block_interval_covers_the_truth_and_narrows_with_more_blocks():
 def test_spatial_blocks_split_the_splitters_blocks_when_there_are_too_few():
     ix, iy = np.meshgrid(np.arange(8), np.arange(4))
     cells = np.stack([ix.ravel(), iy.ravel()], axis=1)
-    ids, side = spatial_blocks(cells, 4, min_blocks=8)  # 2 blocks of 4x4, 6 of 3x3: 8 blocks of 2x2
+    ids, side = spatial_blocks(cells, 1, min_blocks=8)  # side 1 from the splitter: 4 tried first; 2 blocks of 4x4, 6 of 3x3, 8 of 2x2
     assert side == 2 and ids.max() + 1 == 8 and np.bincount(ids).tolist() == [4] * 8
     ids, side = spatial_blocks(cells, 4, min_blocks=2)
     assert side == 4 and ids.max() + 1 == 2
@@ -103,8 +103,9 @@ def test_curve_interval_covers_the_known_answer():
     ts = TaskSplits(task, y, idx, None, None)
     cfg = ProbeConfig(store="s", features_root="r", sizes=(25, 100, 0), draws=4, baselines=(), probes=("linear",))
     curves = _curves(cfg, data, [ts], set(), None, None)
-    intervals, units = curve_intervals(curves, data, [ts], block_side=3, replicates=400)
-    assert units["veg"] == {"blocks": 20, "block_chips": 3, "test_chips": 180}  # 6 x 30 chips in 3 x 3 blocks
+    intervals, units = curve_intervals(curves, data, [ts], block_side=1, replicates=400)  # splitter: 1 chip
+    # 6 x 30 test chips: 4 x 4 blocks (the smallest side tried first), cut by the grid into 2 x 8 = 16
+    assert units["veg"] == {"blocks": 16, "block_chips": 4, "test_chips": 180}
     summary = summarize(curves.points, intervals)
     curve = embedding_curve(summary, task)
     assert [c["n"] for c in curve] == [25, 100, 600] and [c["draws"] for c in curve] == [4, 4, 1]

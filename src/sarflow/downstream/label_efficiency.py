@@ -38,16 +38,19 @@ DEFAULT_PROBE = PROBES[0]  # chosen when the val split cannot measure a task
 BASELINE_SOURCES = ("pixel_stats", "random_init", "scratch")  # the curves beside the embeddings'
 BOOTSTRAP = 500  # replicates per interval
 MIN_BLOCKS = 8  # fewer test blocks than this: smaller blocks (side shrunk) for the interval
+BLOCK_SIDE = 4  # chips: the smallest block side tried first (neighbouring chips are correlated)
 LEVEL = 0.95
 
 
-def spatial_blocks(cells: np.ndarray, side: int | None, min_blocks: int = MIN_BLOCKS) -> tuple[np.ndarray, int]:
+def spatial_blocks(cells: np.ndarray, side: int | None, min_blocks: int = MIN_BLOCKS,
+                   min_side: int = BLOCK_SIDE) -> tuple[np.ndarray, int]:
     """(block id per chip, block side in chips): the test chips' `cells` (ix, iy) grouped in
-    `side` x `side` blocks (the splitter's side: `store.attrs["split"]["block_chips"]`). Where
+    `side` x `side` blocks (the splitter's side: `store.attrs["split"]["block_chips"]`, at least
+    `min_side`: a splitter's block of one chip would make neighbours independent). Where
     that gives fewer than `min_blocks` blocks the side shrinks (the largest that gives them, down
     to single chips) so the bootstrap has blocks to resample; the side used is returned (and reported)."""
     cells = np.asarray(cells, np.int64).reshape(-1, 2)
-    side = max(1, int(side or 1))
+    side = max(1, int(side or 1), int(min_side))
     while True:
         ids = np.unique(np.floor_divide(cells, side), axis=0, return_inverse=True)[1].ravel()
         if side == 1 or ids.max(initial=-1) + 1 >= min_blocks:
