@@ -227,3 +227,20 @@ def test_an_aoi_file_without_a_crs_is_refused_naming_it(tiny_scene, tmp_path):
     (tmp_path / "aoi.prj").unlink(missing_ok=True)
     path = _catalog(tiny_scene, tmp_path, lambda d: d["grid"].update(aoi=str(tmp_path / "aoi.shp")))
     _refused(_sarflow("ingest", path), "aoi.shp", "the AOI file has no CRS")
+
+
+@pytest.mark.parametrize("command", ["tile", "synth"])
+def test_an_output_folder_that_cannot_be_made_gets_a_line_not_a_traceback(tiny_scene, tmp_path, command):
+    """Issue 16: an output folder that is not writable gave a traceback. (Tests run as root, which
+    may write anywhere: a path under a regular file stands in for it.)"""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    args = ["tile", str(tiny_scene), "--out", str(out)] if command == "tile" else ["synth", str(out), "--size", "128"]
+    res = subprocess.run([sys.executable, "-m", "sarflow.cli.main", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and f"{blocker}" in res.stderr and "Not a directory" in res.stderr, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

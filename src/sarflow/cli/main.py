@@ -10,8 +10,24 @@ import typer
 from sarflow.cli import (data, demo, downstream, embed, features, integrity, llp, pipeline, registry, segment, services,
                          train)
 
-app = typer.Typer(help="sarflow: SAR + optical Earth-observation data to ML-ready chips and models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+class _App(typer.Typer):
+    """The command line: a file system error that no stage turned into a message (an output folder
+    that cannot be written, a disk full, a path under a file) ends it with one line naming the
+    path and the cause, exit status 2, instead of a traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except OSError as e:
+            if e.filename is None or e.strerror is None:
+                raise
+            where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+            typer.secho(f"error: {where}: {e.strerror}", fg="red", err=True)
+            sys.exit(2)
+
+
+app = _App(help="sarflow: SAR + optical Earth-observation data to ML-ready chips and models.",
+           no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 class _StderrHandler(logging.StreamHandler):
