@@ -96,7 +96,7 @@ def test_pretrain_under_torchrun_with_the_trainjob_environment(tiny_store, tmp_p
     runs = client.search_runs([client.get_experiment_by_name("ddp-test").experiment_id])
     assert len(runs) == 1, [r.info.run_id for r in runs]  # rank 1 opened no run
     assert len(client.search_experiments()) == 2  # Default + ddp-test: rank 1 created nothing either
-    assert [v.version for v in client.search_model_versions("name='sarflow-encoder-mae'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='sarflow-encoder-mae'")] == ["1"]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # rank 0 alone reports
     assert summary["run_id"] == runs[0].info.run_id
     losses = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)]
