@@ -17,7 +17,7 @@ import pytest
 
 from helpers import tiny_features
 from sarflow.errors import InputError
-from sarflow.features.embed import embed_store, finalize_embeddings, read_embeddings, staging
+from sarflow.features.embed import embed_store, finalize_embeddings, read_embeddings, shard_ranges, staging
 
 MODEL = "sarflow-encoder-mae"
 VIEW = "chip_embeddings_mae_v1"
@@ -120,8 +120,10 @@ def test_cli_shards_and_finalize(full, tmp_path):
     n_shards = -(-full["embed"]["rows"] // 16)
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": full["uri"]}
     base = [exe, "embed", str(full["store"]), "--model", f"models:/{MODEL}/1", "--root", str(root), "--batch-size", "16"]
-    for rng in ("0:2", f"2:{n_shards}"):
-        out = subprocess.run(base + ["--shards", rng], capture_output=True, text=True, env=env)
+    ranges = shard_ranges(str(full["store"]), 2)  # the fan-out's work list
+    assert len(ranges) == 2 and ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == n_shards
+    for a, b in ranges:
+        out = subprocess.run(base + ["--shards", f"{a}:{b}"], capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
     bad = subprocess.run(base + ["--shards", "2-3"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "A:B" in bad.stderr
@@ -129,3 +131,107 @@ def test_cli_shards_and_finalize(full, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["files"] == ["part-00000.parquet", "part-00001.parquet"]
     _same_rows(read_embeddings(root, MODEL, "1"), read_embeddings(full["root"], MODEL, "1"))
+
+
+# ---------------------------------------------------------------- Feast: materialisation by parts, SQL registry
+
+@pytest.fixture(scope="module")
+def parted(full, tmp_path_factory):
+    """A features root whose partition was published from two staged parts."""
+    root = tmp_path_factory.mktemp("parted") / "features"
+    _embed_in_parts(full, root, [(0, 2), (2, -(-full["embed"]["rows"] // 16))])
+    finalize_embeddings(root, MODEL, "1")
+    return root
+
+
+def _online(cfg, ids) -> np.ndarray:
+    from sarflow.features.feast_store import online_features
+
+    df = online_features(cfg, ids, [f"{VIEW}:embedding"]).set_index("chip_id").loc[ids]
+    return np.stack(df.embedding.to_numpy())
+
+
+def test_materializing_two_parts_equals_one_full_materialization(parted, tmp_path):
+    from sarflow.features.feast_store import FeatureConfig, apply, materialize
+
+    table = read_embeddings(parted, MODEL, "1").to_pandas()
+    ids = table.chip_id.tolist()
+    one = FeatureConfig(root=str(parted), repo=tmp_path / "one")
+    apply(one)
+    whole = materialize(one)[VIEW]
+    two = FeatureConfig(root=str(parted), repo=tmp_path / "two")
+    apply(two)
+    r0, r1 = materialize(two, part=0)[VIEW], materialize(two, part=1)[VIEW]
+    assert (r0["parts"], r0["files"], r1["files"]) == (2, ["part-00000.parquet"], ["part-00001.parquet"])
+    assert r0["rows"] > 0 and r1["rows"] > 0 and r0["rows"] + r1["rows"] == whole["rows"] == len(table)
+    got = _online(two, ids)
+    assert np.array_equal(got, _online(one, ids))
+    np.testing.assert_allclose(got, np.stack(table.embedding.to_numpy()), rtol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "two" / "materialized" / VIEW).iterdir()) == ["part-00000.json", "part-00001.json"]
+    assert materialize(two, part=1)[VIEW]["rows"] == 0  # incremental per part
+    assert materialize(two)[VIEW]["rows"] == 0  # and a full run sees what the parts did
+    assert materialize(two, part=2)[VIEW] | {"seconds": 0, "rows_per_s": 0} == \
+        {"rows": 0, "parts": 2, "files": [], "seconds": 0, "rows_per_s": 0}
+
+
+def _postgres_database():
+    """A fresh database on the PostgreSQL at 127.0.0.1:5432 (trust auth); skip when there is none."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3)
+    except psycopg2.OperationalError:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (the cluster's Feast registry)")
+    conn.autocommit = True
+    name = f"sarflow_feast_{uuid.uuid4().hex[:10]}"
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    return conn, name
+
+
+@pytest.mark.integration
+def test_sql_registry_on_postgres_and_redis_parts_shared_by_separate_processes(parted, tmp_path):
+    """One process applies into a SQL registry on PostgreSQL, two others materialize one part each
+    into Redis (no apply, their own empty repos), a fourth reads the features back: every process
+    sees the registry the first wrote, and the state the parts left is where all of them look."""
+    import os
+
+    import psycopg2
+    import redis
+
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
+    except redis.exceptions.RedisError:
+        pytest.skip("no Redis on 127.0.0.1:6379 (the cluster configuration's online store)")
+    conn, db = _postgres_database()
+    try:
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+        params = tmp_path / "params.yaml"
+        project = f"sarflow_{uuid.uuid4().hex[:8]}"  # its own keys in the shared Redis
+        params.write_text(f"features:\n  root: {parted}\n  online: redis\n  project: {project}\n")
+        exe = str(__import__("pathlib").Path(sys.executable).with_name("sarflow"))
+        env = {**os.environ, "SARFLOW_FEAST_REGISTRY": url}
+
+        def cli(*args, repo):
+            out = subprocess.run([exe, "features", *args, "--params", str(params), "--repo", str(tmp_path / repo)],
+                                 capture_output=True, text=True, env=env)
+            assert out.returncode == 0, out.stderr[-2000:]
+            return out.stdout
+
+        assert VIEW in json.loads(cli("apply", repo="apply"))
+        assert not (tmp_path / "apply" / "registry.db").exists()  # the registry is in PostgreSQL
+        with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=db) as c2:
+            cur = c2.cursor()
+            cur.execute("SELECT feature_view_name FROM feature_views WHERE project_id = %s", (project,))
+            assert VIEW in {r[0] for r in cur.fetchall()}
+        rows = [json.loads(cli("materialize", "--no-apply", "--part", str(i), repo=f"pod{i}"))[VIEW]["rows"] for i in (0, 1)]
+        table = read_embeddings(parted, MODEL, "1").to_pandas()
+        assert rows[0] > 0 and sum(rows) == len(table)
+        again = json.loads(cli("materialize", "--no-apply", repo="pod2"))[VIEW]
+        assert again["rows"] == 0 and again["parts"] == 2  # a third pod sees both parts' state under the root
+        assert (parted / "materialized" / "redis=127.0.0.1:6379" / project / VIEW / "part-00001.json").is_file()
+        ids = [table.chip_id.iloc[0], table.chip_id.iloc[-1]]  # one chip of each part
+        got = json.loads(cli("get", *ids, repo="reader"))
+        np.testing.assert_allclose(np.array([r["embedding"] for r in got], dtype=np.float32),
+                                   np.stack(table.embedding.iloc[[0, -1]].to_numpy()), rtol=1e-6)
+    finally:
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        conn.close()

@@ -66,8 +66,12 @@ def test_chip_batches_come_in_order_and_raise_the_readers_errors():
     expected[:, 2][b[:][:, 1] == 0] = np.nan
     assert np.isnan(expected).any()
     for prefetch in (0, 1, 2, 5):
-        got = torch.cat(list(_chip_batches([(a, [2, 0]), (b, [1])], 10, 3, prefetch=prefetch)))
-        assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected, equal_nan=True)
+        for workers in (1, 3):  # several reader threads still yield the batches in order
+            got = torch.cat(list(_chip_batches([(a, [2, 0]), (b, [1])], 10, 3, prefetch=prefetch, workers=workers)))
+            assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected, equal_nan=True)
+    got = torch.cat(list(_chip_batches([(a, [2, 0]), (b, [1])], 10, 3, start=4, workers=2)))  # a shard range's rows
+    assert np.array_equal(got.numpy(), expected[4:], equal_nan=True)
+    assert zarr.config.get("codec_pipeline.batch_size") == 1  # the reader's knob is restored
 
     class Failing:
         shape = a.shape

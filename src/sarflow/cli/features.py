@@ -24,13 +24,17 @@ RepoOpt = typer.Option(None, "--repo", callback=absolute_path,
                             "default ROOT/feast, or ./feast-repo/BUCKET/PREFIX for an s3:// root")
 OnlineOpt = typer.Option(None, "--online", help="online store: sqlite (embedded default) or redis")
 RedisOpt = typer.Option(None, "--redis", help="Redis host:port for --online redis")
+RegistryOpt = typer.Option(None, "--registry",
+                           help="Feast registry: a database URL (SQL registry, e.g. postgresql+psycopg2://user@host:5432/db) "
+                                "or s3://.../registry.pb; default params features.registry, else $SARFLOW_FEAST_REGISTRY, "
+                                "else a file in the repo")
 
 
 def _cfg(params: Optional[Path], root: Optional[str] = None, online: Optional[str] = None,
-         redis: Optional[str] = None, repo: Optional[Path] = None, **flags):
+         redis: Optional[str] = None, repo: Optional[Path] = None, registry: Optional[str] = None, **flags):
     """FeatureConfig: params.yaml's `features:` section, the command's flags on top."""
     return stage_config("features", params, {"root": root, "online": online, "redis": redis,
-                                             "repo": str(repo) if repo else None, **flags})
+                                             "repo": str(repo) if repo else None, "registry": registry, **flags})
 
 
 @features_app.command()
@@ -47,30 +51,37 @@ def labels(store: str = typer.Argument(..., callback=absolute_path, help="chip s
 
 @features_app.command()
 def apply(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
-          repo: Optional[Path] = RepoOpt, params: Optional[Path] = ParamsOpt) -> None:
+          repo: Optional[Path] = RepoOpt, registry: Optional[str] = RegistryOpt, params: Optional[Path] = ParamsOpt) -> None:
     """Register the entity, feature views (one per embedded model version) and services."""
     from sarflow.features.feast_store import apply as run_apply
 
     try:
-        typer.echo(json.dumps(run_apply(_cfg(params, root, online, redis, repo))))
+        typer.echo(json.dumps(run_apply(_cfg(params, root, online, redis, repo, registry))))
     except SarflowError as e:
         fail(e)
 
 
 @features_app.command()
 def materialize(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
-                repo: Optional[Path] = RepoOpt,
+                repo: Optional[Path] = RepoOpt, registry: Optional[str] = RegistryOpt,
                 view: Optional[List[str]] = typer.Option(None, help="only these views"),
                 batch_rows: Optional[int] = typer.Option(None, help="rows per streamed batch"),
+                part: Optional[int] = typer.Option(None, "--part", help="only the PART-th file of each view's source "
+                                                                        "(one task per embedding part; all parts = one full run)"),
+                state: Optional[str] = typer.Option(None, "--state", help="incremental state location (folder or s3://); "
+                                                                          "default repo/materialized, or ROOT/materialized/redis=HOST:PORT/PROJECT"),
+                do_apply: bool = typer.Option(True, "--apply/--no-apply", help="apply first (a fan-out applies once, "
+                                                                               "before its materialize tasks)"),
                 params: Optional[Path] = ParamsOpt) -> None:
-    """Apply, then stream new offline rows into the online store (incremental)."""
+    """Apply, then stream new offline rows into the online store (incremental, per source file)."""
     from sarflow.features.feast_store import apply as run_apply
     from sarflow.features.feast_store import materialize as run
 
     try:
-        cfg = _cfg(params, root, online, redis, repo, batch_rows=batch_rows)
-        run_apply(cfg)
-        typer.echo(json.dumps(run(cfg, views=view), indent=1))
+        cfg = _cfg(params, root, online, redis, repo, registry, batch_rows=batch_rows, state=state)
+        if do_apply:
+            run_apply(cfg)
+        typer.echo(json.dumps(run(cfg, views=view, part=part), indent=1))
     except SarflowError as e:
         fail(e)
 
@@ -78,13 +89,14 @@ def materialize(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt
 @features_app.command()
 def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: Optional[str] = RootOpt,
         online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt, repo: Optional[Path] = RepoOpt,
+        registry: Optional[str] = RegistryOpt,
         feature: Optional[List[str]] = typer.Option(None, help="view:feature (default: newest embeddings)"),
         params: Optional[Path] = ParamsOpt) -> None:
     """Online lookup of features for chips."""
     from sarflow.features.feast_store import newest_embeddings_view, online_features
 
     try:
-        cfg = _cfg(params, root, online, redis, repo)
+        cfg = _cfg(params, root, online, redis, repo, registry)
         feats = feature or [f"{newest_embeddings_view(cfg)}:embedding"]
         df = online_features(cfg, chip_ids, feats)
         typer.echo(df.to_json(orient="records"))
@@ -109,13 +121,13 @@ def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = t
 
 @features_app.command()
 def serve(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
-          repo: Optional[Path] = RepoOpt, host: str = typer.Option("127.0.0.1"), port: int = typer.Option(6566),
-          params: Optional[Path] = ParamsOpt) -> None:
+          repo: Optional[Path] = RepoOpt, registry: Optional[str] = RegistryOpt, host: str = typer.Option("127.0.0.1"),
+          port: int = typer.Option(6566), params: Optional[Path] = ParamsOpt) -> None:
     """Run the Feast feature server (HTTP) over this features root."""
     from sarflow.features.feast_store import open_feature_store
 
     try:
-        cfg = _cfg(params, root, online, redis, repo)
+        cfg = _cfg(params, root, online, redis, repo, registry)
     except SarflowError as e:
         fail(e)
     open_feature_store(cfg)

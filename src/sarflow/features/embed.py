@@ -224,6 +224,21 @@ def store_shards(arrays: list, n: int) -> tuple[int, int]:
     return step, -(-n // step)
 
 
+def shard_ranges(store: str, parts: int) -> list[list[int]]:
+    """The store's chip shards split into up to `parts` contiguous [a, b) ranges of near-equal size:
+    the work list of an embedding fan-out (one `embed --shards a:b` task each)."""
+    from sarflow.data.chipstore import input_modalities, open_chip_group
+
+    group = open_chip_group(store)
+    n = int(group.attrs["chips"])
+    arr = group[input_modalities(group, where=store)[0]]
+    _, total = store_shards([(arr, [])], n)
+    if parts < 1:
+        raise InputError(store, f"parts must be >= 1, got {parts}")
+    bounds = np.linspace(0, total, min(parts, total) + 1).round().astype(int)
+    return [[int(a), int(b)] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def parse_shards(text: str) -> tuple[int, int]:
     """`a:b` -> (a, b), the shard range [a, b) of `sarflow embed --shards`."""
     try:

@@ -3,13 +3,21 @@ cluster (Redis online store), streaming materialization, online and historical r
 
 Materialization streams each offline partition in record batches straight into the online
 store, so memory stays flat however many chips there are (Feast's own `materialize` pulls the
-whole time range into memory first: feast issues #2594 and #6307). It is incremental: a view
-only receives rows newer than what it already has.
+whole time range into memory first: feast issues #2594 and #6307). It is incremental per source
+file: a file only contributes rows newer than what it already gave, and the state is one small
+JSON per (view, file) under `FeatureConfig.state`, so materialisation fans out over the parts of a
+partition (`materialize(cfg, part=i)`: the i-th file of every view's source; all parts together
+equal one full materialisation) with no two tasks writing the same state. The state lives in the
+repo for the SQLite online store (a file of that repo too) and, for Redis, under the features root
+(`<root>/materialized/redis=<host:port>/<project>/`, on S3 for an s3:// root) where every pod sees it.
 
 The features root (the offline sources) is a local folder or an s3:// prefix; the Feast repo
-(feature_store.yaml, file registry, SQLite online store, materialize state) is always a local
-folder, `FeatureConfig.repo` (<root>/feast for a local root, ./feast-repo/<bucket>/<prefix> for
-an S3 one unless given).
+(feature_store.yaml, SQLite online store) is always a local folder, `FeatureConfig.repo`
+(<root>/feast for a local root, ./feast-repo/<bucket>/<prefix> for an S3 one unless given).
+The registry is a file in the repo unless `FeatureConfig.registry` (params `features.registry`,
+default $SARFLOW_FEAST_REGISTRY) names a SQLAlchemy database URL (Feast's SQL registry, e.g.
+`postgresql+psycopg2://user:pass@host:5432/db`, read by every pod and the feature server) or
+another Feast registry path (e.g. `s3://bucket/registry.pb`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +40,7 @@ from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG
 
 PROJECT = "sarflow"
+REGISTRY_ENV = "SARFLOW_FEAST_REGISTRY"  # the Feast registry every pod and the feature server share
 
 
 DEFAULT_S3_REPO = "feast-repo"
@@ -55,13 +65,22 @@ class FeatureConfig:
     root: the features root (embeddings/, labels/, bags/), a local folder or an s3:// prefix.
     repo: the local Feast repo folder; default `default_repo(root)` (after construction always a Path).
     online: "sqlite" (a file in repo) or "redis" (at `redis`, host:port).
-    batch_rows: rows per streamed batch when materializing."""
+    batch_rows: rows per streamed batch when materializing.
+    registry: the Feast registry: None (a file in repo), a SQLAlchemy database URL (Feast's SQL
+      registry, e.g. postgresql+psycopg2://...) or a Feast registry path (s3://...); default
+      $SARFLOW_FEAST_REGISTRY.
+    state: where the incremental materialisation state lives (local folder or s3:// prefix);
+      default repo/materialized for SQLite, <root>/materialized/redis=<host:port>/<project> for Redis.
+    project: the Feast project (registry entries and online keys are per project)."""
 
     root: str = "data/features"
     online: Literal["sqlite", "redis"] = "sqlite"
     redis: str = "127.0.0.1:6379"
     repo: Path | str | None = None
     batch_rows: int = 8192
+    registry: str | None = field(default_factory=lambda: os.environ.get(REGISTRY_ENV) or None)
+    state: str | None = None
+    project: str = PROJECT
 
     def __post_init__(self):
         # a local root is absolute from here on: Feast resolves a relative source path against
@@ -71,12 +90,33 @@ class FeatureConfig:
         if self.repo is not None and str(self.repo).startswith("s3://"):
             raise InputError(str(self.repo), "the Feast repo (registry, online store, state) must be a local folder")
         object.__setattr__(self, "repo", Path(self.repo).resolve() if self.repo is not None else default_repo(self.root))
+        if self.state is None:
+            from sarflow.data.paths import join
+
+            state = (self.repo / "materialized" if self.online == "sqlite"
+                     else join(self.root, "materialized", f"redis={self.redis}", self.project))
+            object.__setattr__(self, "state", str(state))
+        elif not str(self.state).startswith("s3://"):
+            object.__setattr__(self, "state", str(Path(self.state).resolve()))
 
     def yaml(self) -> dict:
         online = ({"type": "sqlite", "path": str(self.repo / "online.db")} if self.online == "sqlite"
                   else {"type": "redis", "connection_string": self.redis})
-        return {"project": PROJECT, "provider": "local", "registry": str(self.repo / "registry.db"),
+        return {"project": self.project, "provider": "local", "registry": self.registry_yaml(),
                 "online_store": online, "offline_store": {"type": "file"}, "entity_key_serialization_version": 3}
+
+    def registry_yaml(self) -> str | dict:
+        """feature_store.yaml's `registry`: the repo's file, a SQL registry for a database URL
+        (scheme with `://` other than s3/gs/file: postgresql+psycopg2://, mysql://, sqlite:///),
+        else the path as given (Feast's file registry on s3:// or gs://)."""
+        reg = self.registry
+        if not reg:
+            return str(self.repo / "registry.db")
+        scheme = reg.split("://", 1)[0] if "://" in reg else ""
+        if scheme and scheme not in ("s3", "gs", "file"):
+            return {"registry_type": "sql", "path": reg, "cache_ttl_seconds": 60,
+                    "sqlalchemy_config_kwargs": {"echo": False, "pool_pre_ping": True}}
+        return reg
 
 
 def open_feature_store(cfg: FeatureConfig):
@@ -97,24 +137,37 @@ def apply(cfg: FeatureConfig) -> list[str]:
     return [o.name for o in objects]
 
 
-def _dataset(view) -> pads.Dataset:
-    """The view's offline source as a pyarrow dataset (local, or on S3 through s3fs), streamed from."""
-    from sarflow.data.paths import fs_path
+def _source_files(view) -> list:
+    """The Parquet files of the view's offline source, sorted (a partition's part-NNNNN files in shard order)."""
+    from sarflow.data.paths import parquet_files
 
     path = view.batch_source.path
-    fs, p = fs_path(path)
+    try:
+        files = parquet_files(path)
+    except OSError as e:
+        raise InputError(str(path), f"cannot read the offline source of {view.name} ({type(e).__name__}: {e})") from None
+    if not files:
+        raise InputError(str(path), f"the offline source of {view.name} has no Parquet file")
+    return files
+
+
+def _dataset(view, file) -> pads.Dataset:
+    """One file of the view's offline source as a pyarrow dataset (local, or on S3 through s3fs), streamed from."""
+    from sarflow.data.paths import fs_path
+
+    fs, p = fs_path(file)
     try:
         return pads.dataset(p, format="parquet", filesystem=fs)
     except (FileNotFoundError, OSError) as e:
-        raise InputError(str(path), f"cannot read the offline source of {view.name} ({type(e).__name__}: {e})") from None
+        raise InputError(str(file), f"cannot read the offline source of {view.name} ({type(e).__name__}: {e})") from None
 
 
-def _check_partition(view, dataset: pads.Dataset) -> None:
+def _check_partition(view, dataset: pads.Dataset, path=None) -> None:
     """Refuses, before writing anything, a source without the view's columns, and rows of another
     model version or of another dimension."""
     from sarflow.features.definitions import check_bags_schema
 
-    path = str(view.batch_source.path)
+    path = str(path or view.batch_source.path)
     if view.name == "chip_bags":
         check_bags_schema(path, dataset.schema)
     missing = [c for c in ["chip_id", "event_timestamp", *(f.name for f in view.features)] if c not in dataset.schema.names]
@@ -124,43 +177,81 @@ def _check_partition(view, dataset: pads.Dataset) -> None:
     if "model_version" in tags:
         versions = pc.unique(dataset.to_table(columns=["model_version"]).column("model_version")).to_pylist()
         if versions != [tags["model_version"]]:
-            raise InputError(str(view.batch_source.path),
-                             f"view {view.name} holds model version {tags['model_version']}, the data has {versions}")
+            raise InputError(path, f"view {view.name} holds model version {tags['model_version']}, the data has {versions}")
         lengths = pc.unique(pc.list_value_length(dataset.to_table(columns=["embedding"]).column("embedding"))).to_pylist()
         if lengths != [int(tags["dim"])]:
-            raise InputError(str(view.batch_source.path),
-                             f"view {view.name} takes {tags['dim']}-d embeddings, the data has dimension(s) {lengths}")
+            raise InputError(path, f"view {view.name} takes {tags['dim']}-d embeddings, the data has dimension(s) {lengths}")
 
 
-def materialize(cfg: FeatureConfig, views: list[str] | None = None, batch_rows: int | None = None) -> dict:
-    """Streams new offline rows of every (or the named) view into the online store."""
+def _state_file(cfg: FeatureConfig, view: str, file) -> str:
+    from sarflow.data.paths import join
+
+    return str(join(cfg.state, view, str(file).rsplit("/", 1)[-1].removesuffix(".parquet") + ".json"))
+
+
+def _read_state(path: str) -> str | None:
+    """The newest event time a source file already gave the online store (None: nothing yet)."""
+    from sarflow.data.paths import filesystem, is_remote
+
+    try:
+        text = filesystem().cat_file(path[len("s3://"):]) if is_remote(path) else Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    return json.loads(text)["newest"]
+
+
+def _write_state(path: str, newest: str | None) -> None:
+    """One small JSON, replaced whole (an S3 put is atomic; locally a temp file renamed)."""
+    from sarflow.data.paths import filesystem, is_remote
+
+    data = json.dumps({"newest": newest}).encode()
+    if is_remote(path):
+        filesystem().pipe_file(path[len("s3://"):], data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def materialize(cfg: FeatureConfig, views: list[str] | None = None, batch_rows: int | None = None,
+                part: int | None = None) -> dict:
+    """Streams new offline rows of every (or the named) view into the online store; with `part`,
+    only the part-th file of each view's source (a view with fewer files has nothing to do), so
+    tasks 0..P-1 together do what one full materialisation does. Per view: rows written, the
+    source's file count (`parts`) and the files done."""
     fs = open_feature_store(cfg)
-    state_path = cfg.repo / "materialized.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if part is not None and part < 0:
+        raise InputError(str(part), "the part to materialize is a file index >= 0")
     report = {}
     provider = fs._get_provider()
     for view in fs.list_feature_views():
         if views and view.name not in views:
             continue
-        dataset = _dataset(view)
-        _check_partition(view, dataset)
-        since = state.get(view.name)
-        flt = pc.field("event_timestamp") > pd.Timestamp(since).to_pydatetime() if since else None
+        files = _source_files(view)
+        chosen = files if part is None else files[part:part + 1]
+        datasets = [(f, _dataset(view, f)) for f in chosen]
+        for f, dataset in datasets:  # every chosen file checked before anything is written
+            _check_partition(view, dataset, f)
         columns = ["chip_id", "event_timestamp"] + [f.name for f in view.features]
-        t0, rows, newest = time.perf_counter(), 0, since
-        for batch in dataset.to_batches(columns=columns, filter=flt, batch_size=batch_rows or cfg.batch_rows):
-            if batch.num_rows == 0:
-                continue
-            provider.online_write_batch(fs.config, view, _online_rows(view, batch), progress=None)
-            rows += batch.num_rows
-            top = pd.Timestamp(pc.max(batch.column("event_timestamp")).as_py()).isoformat()
-            newest = top if newest is None or top > newest else newest
+        t0, rows = time.perf_counter(), 0
+        for f, dataset in datasets:
+            state = _state_file(cfg, view.name, f)
+            since = newest = _read_state(state)
+            flt = pc.field("event_timestamp") > pd.Timestamp(since).to_pydatetime() if since else None
+            for batch in dataset.to_batches(columns=columns, filter=flt, batch_size=batch_rows or cfg.batch_rows):
+                if batch.num_rows == 0:
+                    continue
+                provider.online_write_batch(fs.config, view, _online_rows(view, batch), progress=None)
+                rows += batch.num_rows
+                top = pd.Timestamp(pc.max(batch.column("event_timestamp")).as_py()).isoformat()
+                newest = top if newest is None or top > newest else newest
+            if newest != since:
+                _write_state(state, newest)
         elapsed = time.perf_counter() - t0
-        state[view.name] = newest
-        report[view.name] = {"rows": rows, "seconds": round(elapsed, 3), "rows_per_s": rows / max(elapsed, 1e-9)}
-    tmp = state_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, state_path)
+        report[view.name] = {"rows": rows, "seconds": round(elapsed, 3), "rows_per_s": rows / max(elapsed, 1e-9),
+                             "parts": len(files), "files": [str(f).rsplit("/", 1)[-1] for f in chosen]}
     return report
 
 
