@@ -116,7 +116,7 @@ class SSLMonitor(L.Callback):
     def __init__(self, store: str, specs: list, min_valid: float, every: int, max_chips: int = 512,
                  batch_size: int = 64):
         from sarflow.data.chipstore import read_chip_table
-        from sarflow.training.data import ChipDataset, LoaderConfig
+        from sarflow.training.data import LoaderConfig, ShardChipDataset
 
         self.every, self.batch_size = max(1, int(every)), batch_size
         self.history: list[dict] = []
@@ -126,9 +126,16 @@ class SSLMonitor(L.Callback):
         for split in ("train", "val"):
             if not (table["split"] == split).any():
                 continue
-            ds = ChipDataset(LoaderConfig(store=store, modalities=specs, split=split, min_valid=min_valid, augment=None))
-            idx = np.linspace(0, len(ds) - 1, min(len(ds), max_chips)).round().astype(int) if len(ds) else []
-            samples = [ds[int(i)] for i in dict.fromkeys(idx)]
+            ds = ShardChipDataset(LoaderConfig(store=store, modalities=specs, split=split, min_valid=min_valid,
+                                               augment=None, shuffle_buffer=1, cache_mb=0))
+            n = len(ds)
+            pick = set(np.linspace(0, n - 1, min(n, max_chips)).round().astype(int).tolist()) if n else set()
+            rows = ds.view.indexes[sorted(pick)]
+            keep = np.zeros_like(ds.keep)
+            keep[rows] = True  # read only the shards of the chosen chips
+            S = ds.view.shard
+            ds.keep, ds.shards = keep, [i for i in ds.shards if keep[i * S:(i + 1) * S].any()]
+            samples = sorted(ds, key=lambda s: int(s["index"]))
             if samples:
                 self.sets[split] = samples
         if "val" not in self.sets:
