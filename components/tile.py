@@ -1,11 +1,12 @@
-"""Component `tile-scene`: align every source onto the grid and write the Zarr v3 chip store.
+"""Components of tiling: `tile-scene` (one task) and the fan-out `plan-tiles` -> `write-tile-unit` per
+unit (or `tile-units-job`, a Kubernetes Indexed Job) -> `finalize-tiles`, into one store by URI.
 
 Thin wrapper over :func:`sarflow.data.tile.tile`. The chip store is a folder-valued
 ``dsl.Dataset``: the library builds it in ``<store>.partial/`` beside the artifact path and
 renames it into place, so the artifact appears whole or not at all.
 """
 
-from typing import List
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
@@ -18,7 +19,7 @@ def tile_scene(
     metrics: Output[Metrics],
     workers: int = 2,
     shard_chips: int = 64,
-    block_chips: int = 4,
+    block_chips: int = 0,
     split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
     clevel: int = 3,
@@ -56,3 +57,91 @@ def tile_scene(
     for split, n in summary["splits"].items():
         metrics.log_metric(f"chips_{split}", n)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
+
+
+# ---------------------------------------------------------------- the fan-out: plan -> units -> finalize
+# The store is passed by URI (a string: s3://bucket/prefix on a cluster, a shared path locally),
+# never as an artifact: every unit task writes its own shards straight into it.
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def plan_tiles(
+    catalog: str,
+    store_uri: str,
+    workers: int = 2,
+    shard_chips: int = 64,
+    block_chips: int = 0,
+    window_px: int = 1024,
+    unit_shards: int = 0,
+    split_block: int = 0,
+    split_fractions: List[float] = [0.8, 0.1, 0.1],
+    clevel: int = 3,
+    checksum: bool = True,
+    overwrite: bool = False,
+    s3_endpoint: str = "",
+) -> NamedTuple("Plan", [("units", List[int]), ("count", int)]):
+    """Plans the tiling of `catalog` into `store_uri`; returns the unit numbers (the ParallelFor's items)
+    and how many there are."""
+    import os
+    from collections import namedtuple
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile import TileOptions
+    from sarflow.data.tile_units import plan
+    from sarflow.params import Params, stage_config
+
+    section = {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips, "window_px": window_px,
+               "unit_shards": unit_shards, "split_block": split_block, "split_fractions": split_fractions,
+               "clevel": clevel, "checksum": checksum, "overwrite": overwrite}
+    options = stage_config(TileOptions, Params({"tile": section}, "plan-tiles parameters"), "tile")
+    n = len(plan(load_catalog(catalog), store_uri, options).units)
+    return namedtuple("Plan", ["units", "count"])(list(range(n)), n)
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def write_tile_unit(store_uri: str, unit: int, workers: int = 0, s3_endpoint: str = "") -> int:
+    """Warps and writes one unit's shards into the store (a rerun of a written unit does nothing)."""
+    import os
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from sarflow.data.tile_units import write_unit
+
+    write_unit(store_uri, unit, workers=workers or None)
+    return unit
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def finalize_tiles(store_uri: str, units: List[int], metrics: Output[Metrics], s3_endpoint: str = "") -> str:
+    """After every unit (`units`: the Collected outputs of the unit tasks): chips.parquet, statistics,
+    attributes; returns the store's URI."""
+    import json
+    import os
+    from pathlib import Path
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from sarflow.data.chipstore import open_chip_group
+    from sarflow.data.tile_units import finalize
+
+    uri = finalize(store_uri)
+    attrs = open_chip_group(uri).attrs
+    metrics.log_metric("chips", attrs["chips"])
+    metrics.log_metric("units", len(units))
+    for split, n in attrs["split"]["chips"].items():
+        metrics.log_metric(f"chips_{split}", n)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))
+    return uri
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def tile_units_job(store_uri: str, units: List[int], image: str = "ghcr.io/sarflow/sarflow:0.1.0",
+                   parallelism: int = 16, namespace: str = "", timeout_s: int = 86400) -> List[int]:
+    """Beyond what a ParallelFor should fan out (hundreds of iterations): one Kubernetes Indexed Job
+    runs `sarflow tile-unit STORE` with one completion per unit ($JOB_COMPLETION_INDEX), waits for it."""
+    from sarflow.data.tile_units import run_indexed_job
+
+    run_indexed_job(store_uri, len(units), image=image, parallelism=parallelism, namespace=namespace or None,
+                    timeout_s=timeout_s)
+    return units

@@ -40,13 +40,14 @@ from typing import List
 from kfp import dsl
 
 from components.ingest import ingest_scene
+from components.tile import finalize_tiles, plan_tiles, tile_units_job, write_tile_unit
 from components.synth import synth_scene
 from components.tile import tile_scene
 from components.version import version_chips
 from pipelines.platform import exit_task, stage
 
 PIPELINE_NAME = "sarflow-data"
-PARAMS_SECTIONS = ("synth", "tile")  # params.yaml sections whose keys become pipeline arguments
+PARAMS_SECTIONS = {"data_pipeline": ("synth", "tile"), "tile_pipeline": ("tile",)}  # params.yaml sections -> arguments
 PARAMS_NOT_ARGUMENTS = {"synth.seed": "the data pipeline fans out over `seeds`"}
 PARALLELISM = 4  # scenes tiled at once
 
@@ -83,7 +84,7 @@ def data_pipeline(
     seasons: List[str] = ["summer", "winter"],
     workers: int = 2,
     shard_chips: int = 64,
-    block_chips: int = 4,
+    block_chips: int = 0,
     split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
     clevel: int = 3,
@@ -98,3 +99,54 @@ def data_pipeline(
     with dsl.ExitHandler(exit_task(failure_log), name="data-plane"):
         with dsl.ParallelFor(seeds, parallelism=PARALLELISM, name="scenes") as seed:
             data_stages(seed, synth, tile, checksum, dvc_remote, s3_endpoint)
+
+
+# ---------------------------------------------------------------- one catalog, tiled by many workers
+
+TILE_PIPELINE_NAME = "sarflow-tile"
+UNIT_PARALLELISM = 8  # unit tasks at once (ParallelFor's parallelism is fixed when the pipeline compiles)
+
+
+@dsl.pipeline(name=TILE_PIPELINE_NAME,
+              description="sarflow tiling fanned out: plan -> one task per unit of whole shards -> finalize, into one store by URI")
+def tile_pipeline(
+    catalog: str,
+    store_uri: str,
+    workers: int = 2,
+    shard_chips: int = 64,
+    block_chips: int = 0,
+    window_px: int = 1024,
+    unit_shards: int = 0,
+    split_block: int = 0,
+    split_fractions: List[float] = [0.8, 0.1, 0.1],
+    clevel: int = 3,
+    checksum: bool = True,
+    overwrite: bool = False,
+    max_loop_units: int = 200,
+    job_image: str = "ghcr.io/sarflow/sarflow:0.1.0",
+    job_parallelism: int = 64,
+    s3_endpoint: str = "",
+):
+    """`store_uri` (s3://bucket/prefix on a cluster, a shared folder locally) is a string, not an artifact:
+    every unit writes its own shards straight into it (one writer per shard). Up to `max_loop_units`
+    units fan out as a ParallelFor; beyond (Kubernetes object-size limits) one task runs a Kubernetes
+    Indexed Job of the same unit runner. finalize waits for every unit (dsl.Collected)."""
+
+    planned = plan_tiles(catalog=catalog, store_uri=store_uri, workers=workers, shard_chips=shard_chips,
+                         block_chips=block_chips, window_px=window_px, unit_shards=unit_shards,
+                         split_block=split_block, split_fractions=split_fractions, clevel=clevel,
+                         checksum=checksum, overwrite=overwrite, s3_endpoint=s3_endpoint)
+    stage(planned, "tile", "tile", cache=False)
+    count = planned.outputs["count"]
+    with dsl.If(count <= max_loop_units, name="units-in-a-loop"):
+        with dsl.ParallelFor(planned.outputs["units"], parallelism=UNIT_PARALLELISM, name="units") as unit:
+            written = write_tile_unit(store_uri=store_uri, unit=unit, workers=workers, s3_endpoint=s3_endpoint)
+            stage(written, "tile-unit", "tile", cache=False)
+        done = finalize_tiles(store_uri=store_uri, units=dsl.Collected(written.output), s3_endpoint=s3_endpoint)
+        stage(done, "finalize", "tile", cache=False)
+    with dsl.Else(name="units-in-a-job"):
+        job = tile_units_job(store_uri=store_uri, units=planned.outputs["units"], image=job_image,
+                             parallelism=job_parallelism)
+        stage(job, "tile-units-job", "tile", cache=False)
+        done = finalize_tiles(store_uri=store_uri, units=job.output, s3_endpoint=s3_endpoint)
+        stage(done, "finalize", "tile", cache=False)

@@ -3,6 +3,7 @@ S3 (moto on 127.0.0.1): the same bytes as the one-process `tile()`, also after a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -136,9 +137,11 @@ def test_kfp_local_tile_pipeline_fans_out_units_and_gives_the_same_store(referen
     run = run_local(tile_pipeline, tmp_path / "root", catalog=str(tiny_scene), store_uri=str(out),
                     shard_chips=16, unit_shards=1, workers=1)
     n = zarr.open_group(str(reference), mode="r").attrs["chips"]
-    units = [t for t in run.tasks if t.startswith("write-tile-unit")]
-    assert len(units) == -(-n // 16) > 1  # one task per unit, in the ParallelFor
-    assert not any(t.startswith("tile-units-job") for t in run.tasks)
+    iterations = sorted(p.parent.name for p in run.run_dir.glob("for-loop-*/write-tile-unit"))
+    assert len(iterations) == -(-n // 16) > 1  # one task per unit, in the ParallelFor
+    metrics = json.loads(next(run.run_dir.rglob("finalize-tiles/metrics")).read_text())
+    assert metrics["units"] == len(iterations) and metrics["chips"] == n  # finalize got every unit (Collected)
+    assert not list(run.run_dir.rglob("tile-units-job"))
     assert _local_files(out) == _local_files(reference)
 
 
@@ -156,3 +159,20 @@ def test_indexed_job_manifest_validates_against_the_kubernetes_schema():
     broken = {**job, "spec": {**spec, "completionMode": 3}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, "1.30", strict=True)
+
+
+def test_a_store_on_s3_is_versioned_by_its_object_manifest_and_lineage_reads_it(reference, tiny_scene, s3env):
+    from sarflow.data.storage import s3_filesystem
+    from sarflow.data.versioning import version_store
+    from sarflow.mlops.lineage import dataset_lineage
+
+    uri = "s3://chips/versioned.zarr"
+    tile(load_catalog(tiny_scene), uri, TileOptions(**OPTIONS), show_progress=False)
+    v = version_store(uri)
+    assert v["dvc_md5"].startswith("s3sha256:") and v["chips"] == zarr.open_group(str(reference), mode="r").attrs["chips"]
+    assert version_store(uri)["dvc_md5"] == v["dvc_md5"]  # same objects, same version
+    tags = dataset_lineage(uri)
+    assert tags["sarflow.dataset_dvc_md5"] == v["dvc_md5"]
+    fs = s3_filesystem()
+    fs.pipe_file("chips/versioned.zarr/chips.parquet", b"changed")  # any rewritten object: another version
+    assert version_store(uri)["dvc_md5"] != v["dvc_md5"]

@@ -171,7 +171,7 @@ def info(store: Path = typer.Argument(..., callback=absolute_path, help="chip st
 
 
 def version(
-    store: Path = typer.Argument(..., callback=absolute_path, help="chip store to version"),
+    store: str = typer.Argument(..., callback=absolute_path, help="chip store to version (a folder: DVC; s3://: an object manifest beside it)"),
     remote: Optional[str] = typer.Option(None, callback=absolute_path,
                                          help="DVC remote URL (s3://bucket/prefix or a folder) to push to"),
     repo: Optional[Path] = typer.Option(None, callback=absolute_path,

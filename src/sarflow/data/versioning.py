@@ -7,6 +7,7 @@ DVC is driven through its command line (`python -m dvc`), its stable interface.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,12 +81,54 @@ def store_hash(repo: Path, store: Path) -> str:
     raise SarflowError(f"{store}: not tracked by DVC (no {dvcfile.name} and not an output in dvc.lock)")
 
 
+S3_MANIFEST_SUFFIX = ".manifest.json"
+
+
+def s3_version_manifest(uri: str) -> dict:
+    """The version of a finished store on S3, without downloading it: the sha256 of every object's
+    key, size and ETag (sorted), written beside the store as `<uri>.manifest.json` (outside its
+    prefix); the version changes if any object of the store is rewritten, added or removed."""
+    import hashlib
+
+    from sarflow.data.chipstore import open_chip_group
+    from sarflow.data.storage import s3_filesystem
+
+    uri = uri.rstrip("/")
+    attrs = dict(open_chip_group(uri).attrs)  # refuses a store that is not finished (no `chips`)
+    if "chips" not in attrs:
+        raise SarflowError(f"{uri}: not a finished chip store (no `chips` attribute): finalize it first")
+    fs = s3_filesystem()
+    prefix = uri[len("s3://"):]
+    objects = [{"key": k[len(prefix) + 1:], "size": int(d["size"]), "etag": str(d.get("ETag", "")).strip('"')}
+               for k, d in sorted(fs.find(prefix, detail=True).items())]
+    digest = hashlib.sha256("\n".join(f"{o['key']}\t{o['size']}\t{o['etag']}" for o in objects).encode()).hexdigest()
+    manifest = {"store": uri, "version": f"s3sha256:{digest}", "catalog_hash": attrs.get("catalog_hash"),
+                "chips": attrs["chips"], "objects": objects}
+    fs.pipe_file(prefix + S3_MANIFEST_SUFFIX, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def s3_store_version(uri: str) -> str | None:
+    """The version recorded beside an S3 store by `s3_version_manifest` (None when there is none)."""
+    from sarflow.data.storage import s3_filesystem
+
+    try:
+        return json.loads(s3_filesystem().cat_file(uri.rstrip("/")[len("s3://"):] + S3_MANIFEST_SUFFIX))["version"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def version_store(store: str | Path, remote: str | None = None, repo: str | Path | None = None,
                   push: bool = True) -> dict:
     """Tracks the store with DVC (unless a dvc.yaml stage already does), pushes it when a
-    remote is configured, and returns the dataset version."""
+    remote is configured, and returns the dataset version. A store on s3:// is versioned in
+    place by its object manifest (`s3_version_manifest`: nothing is downloaded)."""
     from sarflow.data.chipstore import open_store
 
+    if str(store).startswith("s3://"):
+        m = s3_version_manifest(str(store))
+        return {"store": m["store"], "dvc_md5": m["version"], "git_commit": None, "catalog_hash": m["catalog_hash"],
+                "chips": m["chips"], "repo": None, "pushed": False, "manifest": m["store"] + S3_MANIFEST_SUFFIX}
     store = Path(store).resolve()
     chips = open_store(store)
     root = Path(repo).resolve() if repo else (find_repo(store.parent) or store.parent)

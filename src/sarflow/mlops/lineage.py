@@ -69,7 +69,11 @@ def dataset_lineage(store: str, dataset_version: str | None = None,
         "dataset_dvc_md5": dataset_version or "untracked",
         "dataset_git_commit": dataset_git_commit or "none",
     }
-    if dataset_version is None and not store.startswith("s3://"):
+    if dataset_version is None and store.startswith("s3://"):  # the manifest beside it (versioning.s3_version_manifest)
+        from sarflow.data.versioning import s3_store_version
+
+        tags["dataset_dvc_md5"] = s3_store_version(store) or "untracked"
+    elif dataset_version is None:
         from sarflow.errors import SarflowError
         from sarflow.data.versioning import find_repo, git_commit, store_hash
 

@@ -1,0 +1,134 @@
+"""Tiling throughput past one process: plan -> units in 1, 2, 4 worker processes -> finalize, into a
+local store and into S3 (moto on 127.0.0.1), with the scaling efficiency and a projection to M3LEO
+scale (10M chips of 448 px) for N workers from the measured per-unit cost.
+
+    .venv/bin/python benchmarks/bench_scale.py [--size 1024] [--chip 64] [--workers 1 2 4]
+
+Writes benchmarks/results/bench_scale.json. Wall time on a shared machine is noisy, so CPU seconds
+(this process and its unit processes) are reported beside it; chips/s per CPU second is the figure
+that carries to another machine. The projection assumes the per-chip cost scales with the pixels
+of a chip (448² / chip²) and the same bands as the synthetic scene; it excludes the plan step
+(reported on its own: it warps the required sources once, in this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+M3LEO_CHIPS = 10_000_000
+M3LEO_CHIP_PX = 448
+
+
+def _cpu() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _timed(fn):
+    w0, c0 = time.perf_counter(), _cpu()
+    out = fn()
+    return out, time.perf_counter() - w0, _cpu() - c0
+
+
+def run_once(catalog: Path, out: str, processes: int, options) -> dict:
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile_units import finalize, plan, run_units
+
+    p, plan_wall, plan_cpu = _timed(lambda: plan(load_catalog(catalog), out, options))
+    _, units_wall, units_cpu = _timed(lambda: run_units(out, processes=processes, workers=1))
+    _, fin_wall, fin_cpu = _timed(lambda: finalize(out))
+    wall = plan_wall + units_wall + fin_wall
+    return {"processes": processes, "chips": p.total, "units": len(p.units),
+            "plan_s": round(plan_wall, 2), "plan_cpu_s": round(plan_cpu, 2),
+            "units_s": round(units_wall, 2), "units_cpu_s": round(units_cpu, 2),
+            "finalize_s": round(fin_wall, 2), "end_to_end_s": round(wall, 2),
+            "units_chips_per_s": round(p.total / units_wall, 2),
+            "end_to_end_chips_per_s": round(p.total / wall, 2),
+            "units_chips_per_cpu_s": round(p.total / max(units_cpu, 1e-9), 2)}
+
+
+def per_unit(catalog: Path, out: str, options) -> dict:
+    """Each unit alone in this process (one warping thread): wall and CPU seconds per chip."""
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile_units import plan, write_unit
+
+    p = plan(load_catalog(catalog), out, options)
+    rows = []
+    for u, (a, b) in enumerate(p.units):
+        t0, c0 = time.perf_counter(), time.process_time()
+        write_unit(out, u, workers=1)
+        rows.append({"unit": u, "chips": b - a, "s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
+    chips = sum(r["chips"] for r in rows)
+    wall, cpu = sum(r["s"] for r in rows), sum(r["cpu_s"] for r in rows)
+    return {"units": len(rows), "chips": chips, "chips_per_s": round(chips / wall, 2),
+            "chips_per_cpu_s": round(chips / cpu, 2), "s_per_unit_median": round(sorted(r["s"] for r in rows)[len(rows) // 2], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1024, help="synthetic scene side in pixels")
+    ap.add_argument("--chip", type=int, default=64)
+    ap.add_argument("--shard-chips", type=int, default=16)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="unit processes to try")
+    ap.add_argument("--no-s3", action="store_true", help="local disk only")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_scale.json")
+    args = ap.parse_args()
+
+    from sarflow.data.synth import SynthConfig, synthesize
+    from sarflow.data.tile import TileOptions
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
+    catalog = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=3, chip_size=args.chip))
+    options = TileOptions(shard_chips=args.shard_chips, unit_shards=1, workers=1, checksum=False, overwrite=True)
+    targets = {"local": lambda tag: str(tmp / f"{tag}.zarr")}
+    moto = None
+    if not args.no_s3:
+        from sarflow.data.storage import ensure_bucket
+        from sarflow.local.services import start_s3, stop
+
+        moto, url = start_s3(tmp / "moto.log")
+        os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
+        ensure_bucket("bench")
+        targets["s3"] = lambda tag: f"s3://bench/{tag}.zarr"
+    result = {"scene_px": args.size, "chip_px": args.chip, "shard_chips": args.shard_chips, "cpus": os.cpu_count(),
+              "loadavg_before": os.getloadavg(), "targets": {}}
+    try:
+        for name, uri in targets.items():
+            runs = [run_once(catalog, uri(f"run{n}"), n, options) for n in args.workers]
+            base = runs[0]
+            for r in runs:
+                r["speedup"] = round(r["units_chips_per_s"] / base["units_chips_per_s"], 2)
+                r["efficiency"] = round(r["speedup"] / (r["processes"] / base["processes"]), 2)
+            unit = per_unit(catalog, uri("units"), options)
+            scale = (M3LEO_CHIP_PX / args.chip) ** 2
+            cpu_per_chip = scale / unit["chips_per_cpu_s"]
+            projection = {f"{n}_workers": round(M3LEO_CHIPS * cpu_per_chip / n / 3600, 1) for n in (16, 64, 256, 1024)}
+            result["targets"][name] = {"runs": runs, "per_unit": unit,
+                                       "m3leo_hours_at_measured_cpu_per_chip": projection}
+            print(f"[{name}] per unit: {unit['chips_per_s']} chips/s wall, {unit['chips_per_cpu_s']} chips per CPU s")
+            for r in runs:
+                print(f"[{name}] {r['processes']} processes: units {r['units_chips_per_s']} chips/s "
+                      f"(x{r['speedup']}, efficiency {r['efficiency']}), end to end {r['end_to_end_chips_per_s']} chips/s, "
+                      f"plan {r['plan_s']} s")
+            print(f"[{name}] M3LEO (10M chips of 448 px), hours for N workers of one core: {projection}")
+    finally:
+        if moto is not None:
+            stop(moto)
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["loadavg_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
