@@ -53,3 +53,13 @@ def model_requirements() -> list[str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def loggable_params(params: dict) -> dict[str, str]:
+    """A stage's parameters as MLflow run parameters: the tracking URI left out (where a run is
+    logged is not a parameter of it) and any user:password in a URI value masked, so a credential
+    in a database or server URL never lands in the tracking store; values cut to 500 characters."""
+    import re
+
+    masked = {k: re.sub(r"(\w+://[^:/@\s]+):[^@\s]+@", r"\1:***@", str(v)) for k, v in params.items() if k != "tracking_uri"}
+    return {k: v[:500] for k, v in masked.items()}

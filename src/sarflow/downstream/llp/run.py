@@ -88,7 +88,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     from sarflow.downstream.tasks import registered_task_name
     from sarflow.features.bags import write_chip_bags
     from sarflow.mlops.lineage import dataset_lineage
-    from sarflow.mlops.tracking import setup_mlflow
+    from sarflow.mlops.tracking import loggable_params, setup_mlflow
 
     t0 = time.perf_counter()
     unknown = [m for m in cfg.models if m not in MODELS]
@@ -153,7 +153,7 @@ def run_llp(cfg: LLPConfig) -> dict:
         mlflow.set_tags({**lineage, "sarflow.task": task_name, "sarflow.llp.best_model": best,
                          "sarflow.llp.selection": selection, "sarflow.llp.label": data.label,
                          "sarflow.llp.classes": classes_tag})
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_params(loggable_params(params))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
         mlflow.log_artifact(str(table_path), "llp")
         mlflow.log_artifact(str(out / "llp_results.json"), "llp")

@@ -51,7 +51,7 @@ def _run(cfg: SegmentConfig) -> dict:
 
     from sarflow.downstream.models import dataset_id, evaluation_set, log_downstream_model
     from sarflow.mlops.lineage import dataset_lineage
-    from sarflow.mlops.tracking import setup_mlflow
+    from sarflow.mlops.tracking import loggable_params, setup_mlflow
     from sarflow.data.chipstore import open_chip_group
 
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def _run(cfg: SegmentConfig) -> dict:
             if kind == "vit":
                 tags["sarflow.encoder_uri"] = cfg.encoder_uri
             with mlflow.start_run(experiment_id=exp_id, run_name=f"segmentation-{kind}", tags=tags) as run:
-                mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+                mlflow.log_params(loggable_params(params))
                 client = mlflow.MlflowClient()
                 from mlflow.entities import Metric
 
