@@ -64,6 +64,7 @@ def test_reference_has_several_units_and_equals_a_single_unit_build(reference, t
     assert _local_files(one) == _local_files(reference)
 
 
+@pytest.mark.slow
 def test_three_runner_processes_into_s3_equal_tile(reference, tiny_scene, s3env):
     uri = "s3://chips/three.zarr"
     p = plan(load_catalog(tiny_scene), uri, TileOptions(**OPTIONS))
@@ -92,6 +93,7 @@ def test_three_runner_processes_into_s3_equal_tile(reference, tiny_scene, s3env)
     np.testing.assert_array_equal(g["s1grd"][:], ref["s1grd"][:])
 
 
+@pytest.mark.slow
 def test_sarflow_tile_to_s3_in_one_process_equals_tile(reference, tiny_scene, s3env):
     uri = "s3://chips/one.zarr"
     done = subprocess.run([SARFLOW, "tile", str(tiny_scene), "--out", uri, "--shard-chips", "16", "--unit-shards", "1",
@@ -103,6 +105,7 @@ def test_sarflow_tile_to_s3_in_one_process_equals_tile(reference, tiny_scene, s3
     assert again.returncode != 0 and "already exists" in " ".join(again.stderr.split())
 
 
+@pytest.mark.slow
 def test_a_unit_killed_with_kill_9_and_rerun_gives_the_same_store(reference, tiny_scene, tmp_path):
     out = tmp_path / "killed.zarr"
     work = out.with_name(out.name + ".partial")
@@ -129,6 +132,7 @@ def test_a_unit_killed_with_kill_9_and_rerun_gives_the_same_store(reference, tin
     assert gpd.read_parquet(out / "chips.parquet").equals(gpd.read_parquet(reference / "chips.parquet"))
 
 
+@pytest.mark.slow
 def test_kfp_local_tile_pipeline_fans_out_units_and_gives_the_same_store(reference, tiny_scene, tmp_path):
     from pipelines.data import tile_pipeline
     from sarflow.mlops.kfp_runner import run_local
@@ -161,6 +165,7 @@ def test_indexed_job_manifest_validates_against_the_kubernetes_schema():
         kubernetes_validate.validate(broken, "1.30", strict=True)
 
 
+@pytest.mark.slow
 def test_a_store_on_s3_is_versioned_by_its_object_manifest_and_lineage_reads_it(reference, tiny_scene, s3env):
     from sarflow.data.storage import s3_filesystem
     from sarflow.data.versioning import version_store
