@@ -240,6 +240,14 @@ def test_pretrain_tracks_lineage_registers_and_the_model_loads_back(method, tiny
     assert run.data.tags["sarflow.catalog_hash"] == zarr.open_group(str(store), mode="r").attrs["catalog_hash"]
     assert run.data.tags["sarflow.code_version"]
     assert "perf/chips_per_s" in run.data.metrics and math.isfinite(run.data.metrics["train/final_loss"])
+    assert {"train/lr", "train/trivial_loss", "val/effective_rank", "val/std", "val/median_cosine",
+            "val/collapse"} <= set(run.data.metrics)
+    assert math.isfinite(r["trivial_loss"]) and r["trivial_loss"] > 0 and isinstance(r["collapse"], bool)
+    assert run.data.tags["sarflow.collapse"] == (r["collapse_reason"] or "no")
+    checks = client.get_metric_history(r["run_id"], "val/median_cosine")
+    assert [c.step for c in checks] == [0, 1, 2, 3, 4]  # before training, every max_steps // 4 and at the end
+    # the synthetic store's one categorical label, probed on its val chips
+    assert "val/knn_worldcover" in run.data.metrics and r["knn"]["worldcover"]["val_chips"] > 0
     artifacts = {a.path for a in client.list_artifacts(r["run_id"], "figures")}
     assert "figures/loss_curve.png" in artifacts
     if method == "mae":
