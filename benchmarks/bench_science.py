@@ -192,7 +192,9 @@ def pretrain_methods(store: str, tracking: str, steps: dict) -> dict:
         out[method] = {"run_id": res["run_id"], "model_uri": res["model_uri"], "steps": n,
                        "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
                        "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
-                       "trivial_loss": res.get("trivial_loss"), "embedding_dim": res["embedding_dim"]}
+                       "trivial_loss": res.get("trivial_loss"), "embedding_dim": res["embedding_dim"],
+                       "health": {k: v for k, v in res.items() if isinstance(v, (int, float, bool)) and k not in
+                                  ("version", "embedding_dim", "in_chans")}}  # pretrain's collapse monitor, as it reports
         log.info("pretrained %s: %s", method, out[method])
     return out
 
