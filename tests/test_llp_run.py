@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -503,3 +504,28 @@ def test_the_store_split_trains_on_bags_with_train_chips_and_scores_the_test_chi
     params = mlflow.get_run(res["run_id"]).data.params
     assert int(params["test_chips"]) == (chips["split"] == "test").sum()  # not val, not buffer
     assert res["models"] == {} and res["metrics"]["test_proportion_mae"] < res["metrics"]["baseline_mae"]
+
+
+def test_prediction_maps_are_cogs_that_gdal_opens_on_the_stores_grid(scene, result, gdalwarp):
+    """Issue 15: LLP's predictions as maps GDAL, QGIS and rasterio open in place: one pixel per chip
+    cell, each chip's proportions (summing to 1) and majority class where its bounds are."""
+    import json
+    import shutil
+    import subprocess
+
+    import rasterio
+
+    proportions, majority = (Path(p) for p in result["maps"])
+    gdalinfo = shutil.which("gdalinfo") or str(Path(gdalwarp).with_name("gdalinfo"))
+    info = json.loads(subprocess.run([gdalinfo, "-json", str(majority)], capture_output=True, text=True, check=True).stdout)
+    assert info["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG" and info["bands"][0]["colorInterpretation"] == "Palette"
+    chips = scene["chips"].set_index("chip_id")
+    with rasterio.open(proportions) as p, rasterio.open(majority) as m:
+        assert p.crs.to_epsg() == 32632 and p.res == (320.0, 320.0) and p.count == len(result["classes"])
+        probs, codes = p.read(), m.read(1)
+        assert np.allclose(np.nansum(probs, axis=0)[codes != m.nodata], 1.0, atol=1e-4)
+        for chip_id in chips.index[:20]:
+            rec = chips.loc[chip_id]
+            r, c = p.index(rec.minx + 1, rec.maxy - 1)  # the chip's cell: its top-left corner
+            assert codes[r, c] in result["classes"]
+            assert codes[r, c] == result["classes"][int(np.argmax(probs[:, r, c]))]

@@ -206,3 +206,52 @@ def _mosaic(st, arr, sel, rows, enc, res, crs_wkt, cmap, path, tags) -> Path:
     out = _write_cog(path, fill, enc, tags | {"chips": len(rows)}, profile, cmap)
     log.info("%s: mosaic of %d chip(s) of %s written to %s", tags["sarflow_store"], len(rows), tags["sarflow_modality"], out)
     return out
+
+
+def export_chip_values(store, chip_ids, values: np.ndarray, band_names: list[str], path, tags: dict | None = None,
+                       classes: list[dict] | None = None) -> Path:
+    """One value per chip and band (a model's per-chip predictions: class proportions, a majority
+    class) as a COG at chip resolution: each pixel is one chip's cell of the store's grid (the
+    chip stride, `chip_size - overlap` pixels a side), placed by the chip's bounds; cells without
+    a chip are nodata. With `classes` ({code, name, color}), `values` are class codes written as
+    uint16 with the classes' palette; otherwise float32 with NaN as nodata."""
+    from affine import Affine
+
+    st = store if isinstance(store, ChipStore) else open_store(store)
+    values = np.asarray(values)
+    values = values[:, None] if values.ndim == 1 else values
+    table = st.chips.set_index("chip_id")
+    ids = [str(c) for c in chip_ids]
+    missing = [c for c in ids if c not in table.index]
+    if missing:
+        raise InputError(str(st.path), f"{len(missing)} chip id(s) are not in the store's chip table (first: {missing[0]})")
+    if len(ids) != len(values) or values.shape[1] != len(band_names):
+        raise InputError(str(path), f"{len(ids)} chips, {values.shape} values and {len(band_names)} band names do not match")
+    recs = table.loc[ids]
+    res = float(st.attrs["resolution"])
+    cell = (int(st.attrs["chip_size"]) - int(st.attrs.get("overlap", 0))) * res
+    minx, maxy = float(recs["minx"].min()), float(recs["maxy"].max())
+    cols = np.round((recs["minx"].to_numpy(float) - minx) / cell).astype(int)
+    rows = np.round((maxy - recs["maxy"].to_numpy(float)) / cell).astype(int)
+    width, height = int(cols.max()) + 1, int(rows.max()) + 1
+    categorical = classes is not None
+    enc = _Encoding(dtype="uint16" if categorical else "float32", nodata=65535 if categorical else float("nan"),
+                    as_int=categorical, bands=list(band_names), units=None,
+                    kind="categorical" if categorical else "continuous",
+                    resampling="nearest" if categorical else "average")
+    grid = np.full((len(band_names), height, width), enc.nodata, dtype=enc.dtype)
+    grid[:, rows, cols] = values.T.astype(enc.dtype)
+    from rasterio.crs import CRS
+
+    crs_wkt = CRS.from_user_input(store_crs(st.attrs).to_wkt()).to_wkt()
+    profile = _profile(enc, width, height, len(band_names), Affine(cell, 0.0, minx, 0.0, -cell, maxy), crs_wkt)
+    cmap = None
+    if categorical:
+        cmap = {int(c["code"]): tuple(int(str(c["color"])[i:i + 2], 16) for i in (1, 3, 5)) + (255,)
+                for c in classes if len(str(c.get("color") or "")) == 7} or None
+        tags = {**(tags or {}), "classes": "; ".join(f"{c['code']}={c.get('name', c['code'])}" for c in classes)}
+    out = _write_cog(Path(path), lambda dst: dst.write(grid), enc,
+                     {"sarflow_store": str(st.path), "catalog_hash": st.attrs.get("catalog_hash"), "chips": len(ids),
+                      **(tags or {})}, profile, cmap)
+    log.info("%s: %d chip value(s) written to %s", st.path, len(ids), out)
+    return out

@@ -80,6 +80,26 @@ def choose_model(results: dict, names: list[str], val_fraction: float) -> tuple[
     return names[0], f"default (the first model listed): validation cannot choose, {why}"
 
 
+def prediction_maps(store: str, data, pred: np.ndarray, model: str, out: Path) -> list[Path]:
+    """The chosen model's predictions for every chip as COGs at chip resolution (GDAL, QGIS and
+    rasterio open them): `llp_proportions.tif` (one float band per class) and `llp_majority.tif`
+    (the majority class code, with the label's palette). A store on s3:// gets none (logged)."""
+    from sarflow.data.chipstore import open_store
+    from sarflow.data.export import export_chip_values
+
+    if str(store).startswith("s3://"):
+        log.info("%s: prediction maps are written for local stores only", store)
+        return []
+    st = open_store(store)
+    declared = {int(c["code"]): c for lab in st.labels if lab.name == data.label for c in lab.classes}
+    classes = [declared.get(int(c), {"code": int(c), "name": str(c)}) for c in data.classes]
+    names = [f"{c['code']} {c.get('name', '')}".strip() for c in classes]
+    ids, tags = data.chips["chip_id"].astype(str), {"model": f"llp-{model}", "label": data.label}
+    return [export_chip_values(st, ids, pred, [f"proportion {n}" for n in names], out / "llp_proportions.tif", tags),
+            export_chip_values(st, ids, np.asarray(data.classes)[np.asarray(pred).argmax(1)], ["majority class"],
+                               out / "llp_majority.tif", tags, classes=classes)]
+
+
 def run_llp(cfg: LLPConfig) -> dict:
     """The whole LLP experiment on a chip store; see the package docstring (sarflow.downstream.llp)."""
     import mlflow
@@ -117,6 +137,7 @@ def run_llp(cfg: LLPConfig) -> dict:
     if cfg.bag_sizes and cfg.curve_model in MODELS:
         curve = bag_size_curve(data, train_bags, test_rows, cfg.bag_sizes, cfg.curve_model, done=results, **kw)
     table_path, plots = write_outputs(out, table, curve, data, results, best, test_rows)
+    maps = prediction_maps(cfg.store, data, results[best]["pred"], best, out)
     if cfg.label_raster:  # the bag proportions as aggregated from the raster
         extra["stats"].to_csv(out / "bag_statistics.csv", index=False, float_format="%.6f")
 
@@ -161,6 +182,8 @@ def run_llp(cfg: LLPConfig) -> dict:
             mlflow.log_artifact(str(out / "bag_size_curve.csv"), "llp")
         for p in plots:
             mlflow.log_artifact(str(p), "llp")
+        for p in maps:
+            mlflow.log_artifact(str(p), "llp/maps")
         if cfg.label_raster:
             mlflow.log_artifact(str(out / "bag_statistics.csv"), "llp")
         if data.bags.outside:
@@ -193,7 +216,8 @@ def run_llp(cfg: LLPConfig) -> dict:
              metrics["test_proportion_mae"], metrics["baseline_mae"])
     return {"run_id": run.info.run_id, "task": task_name, "label": data.label, "classes": data.classes,
             "models": models, "not_evaluable": {}, "registered": registered, "metrics": metrics,
-            "table": str(table_path), "plots": [str(p) for p in plots], "bags": str(bags_path),
+            "table": str(table_path), "plots": [str(p) for p in plots], "maps": [str(p) for p in maps],
+            "bags": str(bags_path),
             "outside": len(data.bags.outside), "outside_chips": list(data.bags.outside), "best_model": best,
             "selection": selection, "features": data.feature_source, "eval_set": eval_set,
             "curve": str(out / "bag_size_curve.csv") if curve is not None else None, "rows": table.to_dict(orient="records"),
