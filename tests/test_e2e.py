@@ -88,8 +88,22 @@ def _check_products(summary: dict, out: Path) -> None:
     assert on_disk["dataset_version"]["dvc_md5"] == md5 and on_disk["champions"].keys() == summary["champions"].keys()
 
 
+def _check_everything_inside(out: Path, work: Path, tracking_uri: str) -> None:
+    """Issue 15: nothing written outside the output folder (the working directory stays empty), and
+    every registered model version's files are under it."""
+    import mlflow
+
+    assert sorted(p.name for p in work.iterdir()) == [], "written outside the output folder"
+    client = mlflow.MlflowClient(tracking_uri)
+    versions = [mv for rm in client.search_registered_models() for mv in client.search_model_versions(f"name='{rm.name}'")]
+    assert versions
+    for mv in versions:
+        where = client.get_model_version_download_uri(mv.name, mv.version).removeprefix("file://")
+        assert Path(where).resolve().is_relative_to(out.resolve()), (mv.name, mv.version, where)
+
+
 @pytest.mark.timeout(900)
-def test_demo_runs_the_end_to_end_pipeline_under_kfp_local(tmp_path):
+def test_demo_runs_the_end_to_end_pipeline_under_kfp_local(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from sarflow.cli.main import app
@@ -97,9 +111,14 @@ def test_demo_runs_the_end_to_end_pipeline_under_kfp_local(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "demo"
+    work = tmp_path / "cwd"  # the user's working directory: nothing may land here
+    work.mkdir()
+    monkeypatch.chdir(work)
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--params", str(params)])
     assert res.exit_code == 0, res.output[-4000:]
     assert "gate sarflow-worldcover" in res.output and "summary:" in res.output
+    assert "executor_input" not in res.output and "[1/" in res.output  # one line per task; the rest in logs/
+    assert any((out / "logs").glob("pretrain*.log"))
     summary = json.loads((out / "summary.json").read_text())
     _check_products(summary, out)
     assert summary["dvc"]["pushed"] is True and Path(summary["dvc"]["remote"]).is_dir()
@@ -119,6 +138,7 @@ def test_demo_runs_the_end_to_end_pipeline_under_kfp_local(tmp_path):
     assert report["sections"]["label_efficiency"] == [summary["mlflow"]["probes_run"]]
     assert report["sections"]["llp"] == [summary["mlflow"]["llp_run"]]
     assert Path(report["html"]).read_text().count("<table") == 5
+    _check_everything_inside(out, work, summary["mlflow"]["tracking_uri"])
 
 
 def _postgres_and_redis_or_skip() -> None:
