@@ -69,6 +69,14 @@ def test_curves_have_every_size_and_draw_and_metrics_are_in_range(featured, prob
     for task in ("worldcover", "vegetation"):
         for baseline, s in r["label_savings"][task].items():
             assert s["n_all"] == n_all and (s["n_to_match"] is None or s["n_to_match"] in (25, 50, n_all))
+            assert s["status"] in ("measured", "at least", "none", "not measurable")
+    for task, metric in (("worldcover", "macro_f1"), ("vegetation", "rmse")):  # one number per task, with its interval
+        p = r["primary"][task]
+        lo, hi = p["ci"]
+        assert p["value"] == r["metrics"][f"{task}_test_{metric}"] and lo <= p["value"] <= hi and lo < hi
+        assert (r["metrics"][f"{task}_test_{metric}_ci_low"], r["metrics"][f"{task}_test_{metric}_ci_high"]) == (lo, hi)
+        assert set(p["baselines"]) == ({"pixel_stats", "random_init", "scratch"} if task == "worldcover"
+                                       else {"pixel_stats", "random_init"})
     assert json.loads(Path(r["json"]).read_text())["run_id"] == r["run_id"]
 
 
@@ -210,8 +218,9 @@ def test_bad_inputs_are_clear_errors(featured, tmp_path):
     with pytest.raises(InputError, match="no chip labels") as e:
         run_probes(ProbeConfig(store=featured["store"], features_root=str(root)))
     assert str(root / "labels") in str(e.value)
-    with pytest.raises(InputError, match="not a sarflow chip store"):
+    with pytest.raises(InputError, match="chip table is missing") as e:  # the store reader's own message (issue 16)
         load_probe_data(str(tmp_path / "nostore"), featured["root"])
+    assert e.value.where == str(tmp_path / "nostore" / "chips.parquet")
 
 
 def test_cli_probe_end_to_end(featured, tmp_path):
@@ -227,6 +236,12 @@ def test_cli_probe_end_to_end(featured, tmp_path):
     assert "builtup" in res.output and f"json: {tmp_path / 'probes.json'}" in res.output
     out = json.loads((tmp_path / "probes.json").read_text())
     assert out["models"] == {} and out["not_evaluable"] == {} and list(out["tasks"]) == ["builtup"]
+    # one number per task: the console's figure is probes.json's primary figure and the run's metric
+    from sarflow.downstream.label_efficiency import format_figure
+
+    primary = out["primary"]["builtup"]
+    assert format_figure(primary["value"], primary["ci"]) in res.output and "[" in format_figure(primary["value"], primary["ci"])
+    assert out["metrics"][f"builtup_test_{primary['metric']}"] == primary["value"]
     bad = runner.invoke(downstream_app, ["probe", featured["store"], "--features-root", featured["root"],
                                          "--tracking-uri", featured["uri"], "--task", "nope"])
     assert bad.exit_code == 2 and "error:" in bad.output and "unknown task" in bad.output
