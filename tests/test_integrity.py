@@ -34,7 +34,9 @@ def test_an_intact_store_verifies_fast_and_full(store):
     assert integrity.verify(store) == [] and integrity.verify(store, full=True) == []
     r = CliRunner().invoke(app, ["verify", str(store), "--full"])
     assert r.exit_code == 0 and "intact" in r.output, r.output
-    assert "recorded files present" in json.loads(CliRunner().invoke(app, ["info", str(store)]).output)["integrity"]
+    assert "recorded files present" in json.loads(CliRunner().invoke(app, ["info", str(store), "--json"]).output)["integrity"]
+    table = CliRunner().invoke(app, ["info", str(store)]).output  # the readable form
+    assert "  integrity: recorded files present" in table and "\n  s1grd " in table
 
 
 def test_a_missing_shard_is_refused_by_every_reader_naming_the_chips(store):

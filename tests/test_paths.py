@@ -182,7 +182,7 @@ def test_synth_and_tile_write_where_the_user_stands(work):
 
 def test_info_from_another_folder(work, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    summary = _json(_sarflow(["info", os.path.relpath(work / "chips.zarr", tmp_path)]))
+    summary = _json(_sarflow(["info", os.path.relpath(work / "chips.zarr", tmp_path), "--json"]))
     assert summary["path"] == str(work / "chips.zarr") and summary["chips"] > 0
 
 

@@ -160,14 +160,25 @@ def tile_finalize(store: str = typer.Argument(..., callback=absolute_path, help=
     typer.echo(f"chip store written: {uri}")
 
 
-def info(store: Path = typer.Argument(..., callback=absolute_path, help="chip store")) -> None:
-    """Summarise a chip store: grid, modalities, chips per split."""
+def info(store: Path = typer.Argument(..., callback=absolute_path, help="chip store"),
+         as_json: bool = typer.Option(False, "--json", help="the summary as JSON")) -> None:
+    """Summarise a chip store: grid, chips per split, integrity, its arrays (a table; --json for machines)."""
     from sarflow.data.chipstore import open_store
 
     try:
-        typer.echo(json.dumps(open_store(store).summary(), indent=1))
+        summary = open_store(store).summary()
     except SarflowError as e:
         fail(e)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    typer.echo(f"{summary['path']}\n  grid: {summary['crs']}, {summary['resolution']} m, chips of {summary['chip_size']} px"
+               f"\n  chips: {summary['chips']} ({', '.join(f'{k} {v}' for k, v in summary['splits'].items())})"
+               f"\n  integrity: {summary['integrity']}\n  catalog hash: {summary['catalog_hash']}")
+    width = max(len(m) for m in summary["modalities"])
+    typer.echo(f"  {'array'.ljust(width)}  kind         units            bands")
+    for name, m in summary["modalities"].items():
+        typer.echo(f"  {name.ljust(width)}  {str(m['kind']).ljust(11)}  {str(m['units']).ljust(15)}  {', '.join(map(str, m['bands']))}")
 
 
 def version(
