@@ -444,7 +444,7 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
 
     encoder, m1 = art(Model, "encoder"), art(Metrics, "metrics", "pretrain")
     pretrained = pretrain_encoder.python_func(
-        store=store, encoder=encoder, metrics=m1, tracking_uri=tracking, dataset_version=md5,
+        store=store, encoder=encoder, metrics=m1, tracking_uri=tracking, dataset_version=md5, dataset_git_commit="c0ffee",
         pretrain={"method": "mae", "batch_size": 8, "vit": {"size": "tiny", "patch": 8, "depth": 1, "dim": 32, "heads": 2},
                   "optim": {"max_steps": 2, "warmup_steps": 1},
                   "methods": {"mae": {"decoder_dim": 32, "decoder_depth": 1}, "dino": {"out_dim": 8}}})
@@ -454,6 +454,7 @@ def test_training_components_python_func_on_the_tiny_store(tiny_store, tmp_path)
     mlflow.set_tracking_uri(tracking)
     run = mlflow.get_run(pretrained.run_id)
     assert run.data.tags["sarflow.dataset_dvc_md5"] == md5
+    assert run.data.tags["sarflow.dataset_git_commit"] == "c0ffee"  # by value, not the store repository's commit
 
     embeddings, m2 = art(Dataset, "embeddings"), art(Metrics, "metrics", "embed")
     embed_chips.python_func(store=store, encoder=handed_over(encoder), embeddings=embeddings, metrics=m2,
