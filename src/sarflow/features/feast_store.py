@@ -142,6 +142,8 @@ def _source_files(view) -> list:
     from sarflow.data.paths import parquet_files
 
     path = view.batch_source.path
+    if str(path).endswith(".parquet"):  # a source that is one file (chip_bags: its folder holds other files too)
+        return [path]
     try:
         files = parquet_files(path)
     except OSError as e:
