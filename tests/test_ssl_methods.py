@@ -95,6 +95,7 @@ def test_knn_accuracy_on_separable_and_on_random_labels():
 
 # ---------------------------------------------------------------- MAE
 
+@pytest.mark.slow  # 150/100/80 CPU steps: 20-40 s
 def test_mae_falls_well_below_the_trivial_loss(tiny_store):
     torch.manual_seed(0)
     groups = _groups(tiny_store, "mae")
@@ -152,6 +153,7 @@ def _monitor(store, groups, min_valid=0.0):
                       max_chips=64)
 
 
+@pytest.mark.slow  # 150/100/80 CPU steps: 20-40 s
 def test_dino_learns_below_log_k_and_is_not_flagged_and_a_collapsed_encoder_is(tiny_store):
     torch.manual_seed(0)
     groups = _groups(tiny_store, "dino", modalities=["s1grd"])
@@ -176,6 +178,7 @@ def test_dino_learns_below_log_k_and_is_not_flagged_and_a_collapsed_encoder_is(t
 
 # ---------------------------------------------------------------- CLIP
 
+@pytest.mark.slow  # 150/100/80 CPU steps: 20-40 s
 def test_clip_trains_the_fused_embedding(tiny_store):
     torch.manual_seed(0)
     groups = _groups(tiny_store, "clip", modalities=["s1grd", "s1coh", "s2rgb"])
