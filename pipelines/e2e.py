@@ -25,6 +25,7 @@ PIPELINE_NAME = "sarflow-e2e"
 # those names). `features:` is not read: a pipeline's features root and online store are its arguments.
 PARAMS_SECTIONS = {"e2e_pipeline": ("synth", "tile", "pretrain", "embed", "downstream", "llp", "promote"),
                    "e2e_catalog_pipeline": ("tile", "pretrain", "embed", "downstream", "llp", "promote")}
+PARAMS_NOT_ARGUMENTS = {"promote.lock_uri": "the gate's task reads $SARFLOW_PROMOTION_LOCK from its environment"}
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="sarflow end to end: synthetic AOI -> chip store -> SSL -> Feast -> downstream + LLP -> registry")

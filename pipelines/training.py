@@ -55,6 +55,8 @@ PRETRAIN_GPUS = 1
 # pretrain/embed/downstream/llp: passed whole (the pipeline has inputs of these names); promote: its keys
 # become arguments. `features:` is not read: a pipeline's features root and online store are its arguments.
 PARAMS_SECTIONS = ("pretrain", "embed", "downstream", "llp", "promote")
+# the gate's lock reaches a pod as $SARFLOW_PROMOTION_LOCK (a database URL with credentials: a Secret, not an argument)
+PARAMS_NOT_ARGUMENTS = {"promote.lock_uri": "the gate's task reads $SARFLOW_PROMOTION_LOCK from its environment"}
 # the gated training tasks: each returns `models`, the JSON map of what it registered
 # ({name: {version, metric, higher_is_better}}); which models exist follows the catalog's labels
 GATED = ("probes", "llp")
