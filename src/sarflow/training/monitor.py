@@ -12,7 +12,7 @@
 - `SSLMonitor`: a Lightning callback that embeds fixed train/val chips of the store with the
   encoder being trained (the embedding it will serve) before training, every `every` steps and at
   the end, logs `val/*` metrics and warns loudly on collapse. The kNN labels are each declared
-  categorical label source's majority class per chip (`features.labels.label_features`).
+  categorical label source's majority class per chip (`data.chip_labels.label_features`).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def chip_classes(store: str) -> dict[str, np.ndarray]:
     """Per declared categorical label source: each store row's majority class code (-1 where the
     chip has no labelled pixel)."""
     from sarflow.data.chipstore import label_sources, open_chip_group
-    from sarflow.features.labels import class_column, label_features
+    from sarflow.data.chip_labels import class_column, label_features
 
     group = open_chip_group(store)
     cats = [lab for lab in label_sources(group, store) if lab.kind == "categorical" and lab.codes]
