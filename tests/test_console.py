@@ -46,13 +46,12 @@ def _run(tmp_path, fail: bool, verbose: bool = False):
     return terminal.getvalue()
 
 
-def test_a_run_prints_one_line_per_task_start_and_end_and_logs_each_task(tmp_path):
-    out = _run(tmp_path, fail=False)
+def test_a_run_prints_one_line_per_task_and_logs_each_task(tmp_path):
+    out = _run(tmp_path, fail=False)  # not a terminal: results only
     lines = out.strip().splitlines()
-    assert re.fullmatch(r"\[1/2\] say \.\.\. \(elapsed 0:0\d\)", lines[0]), out
-    assert re.fullmatch(r"\[1/2\] say done in \d+\.\d s \(elapsed \d:\d\d\)", lines[1]), out
-    assert lines[2].startswith("[2/2] shout ...") and lines[3].startswith("[2/2] shout done in"), out
-    assert len(lines) == 4 and "executor_input" not in out and "the task prints" not in out
+    assert re.fullmatch(r"\[1/2\] say done in \d+\.\d s \(elapsed \d:\d\d\)", lines[0]), out
+    assert lines[1].startswith("[2/2] shout done in"), out
+    assert len(lines) == 2 and "executor_input" not in out and "the task prints" not in out
     assert "the task prints hello" in (tmp_path / "logs" / "say.log").read_text()
     assert "shouting HELLO" in (tmp_path / "logs" / "shout.log").read_text()
     assert "executor_input" in (tmp_path / "logs" / "pipeline.log").read_text()
@@ -69,3 +68,19 @@ def test_a_failed_task_names_its_log_and_shows_its_last_lines(tmp_path):
 def test_verbose_passes_everything_through(tmp_path):
     out = _run(tmp_path, fail=False, verbose=True)
     assert "the task prints hello" in out and "[1/2]" not in out
+
+
+def test_on_a_terminal_the_running_task_shows_until_its_result_replaces_it(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    console = TaskConsole(tmp_path / "logs", total=1, terminal=screen)
+    console.write("12:00:00.000 - INFO - Executing task \x1b[96m'tile'\x1b[0m\nstreamed\n")
+    assert screen.getvalue().endswith("[1/1] tile ... (elapsed 0:00)")
+    console.write("12:00:01.000 - INFO - Task 'tile' finished with status \x1b[92mSUCCESS\x1b[0m\n")
+    console.close()
+    assert re.fullmatch(r"\r\x1b\[K\[1/1\] tile \.\.\. \(elapsed 0:00\)\r\x1b\[K\[1/1\] tile done in \d\.\d s \(elapsed 0:00\)\n",
+                        screen.getvalue()), repr(screen.getvalue())
+    assert (tmp_path / "logs" / "tile.log").read_text().splitlines()[1] == "streamed"

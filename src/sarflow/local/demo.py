@@ -154,17 +154,37 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
                      "online_example": {"chip_id": first, "embedding_head": [float(v) for v in online.embedding[0][:4]],
                                         **({label_column: float(online[label_column][0])} if label_column else {})},
                      "similar_to_first_chip": neighbours},
-        "metrics": {"pretrain_final_loss": _final_loss(client, encoder["run_id"]),
-                    "probes": probes.get("metrics"), "label_savings": probes.get("label_savings"),
-                    "llp": llp.get("metrics")},
+        "metrics": {**_pretrain_health(client, encoder["run_id"]),
+                    "probes": probes.get("metrics"), "probes_primary": probes.get("primary"),
+                    "label_savings": probes.get("label_savings"), "llp": llp.get("metrics")},
         "results_report": results_report,
         "plots": plots,
         "seconds": round(run.seconds, 1),
     }
 
 
-def _final_loss(client, run_id: str) -> float | None:
-    return client.get_run(run_id).data.metrics.get("train/final_loss")
+def _pretrain_health(client, run_id: str) -> dict:
+    """Did the encoder learn: its final loss next to the trivial predictor's, and the collapse check."""
+    run = client.get_run(run_id).data
+    return {"pretrain_final_loss": run.metrics.get("train/final_loss"),
+            "pretrain_trivial_loss": run.metrics.get("train/trivial_loss"),
+            "pretrain_collapse": run.tags.get("sarflow.collapse")}
+
+
+def _probe_lines(primary: dict | None, savings: dict | None) -> list[str]:
+    """One line per task: the registered probe's test score with its interval, each baseline beside
+    it with the label saving against it."""
+    from sarflow.downstream.label_efficiency import format_figure, format_saving
+
+    lines = []
+    for task, f in sorted((primary or {}).items()):
+        lines.append(f"  probe {task:22s} {f.get('metric', '')} {format_figure(f['value'], f.get('ci'))} "
+                     f"(embeddings, {f.get('probe')}; 95% interval over test blocks)")
+        for b, v in sorted(f.get("baselines", {}).items()):
+            saving = (savings or {}).get(task, {}).get(b)
+            lines.append(f"    vs {b:18s} {format_figure(v['value'], v.get('ci')):26s} label saving: "
+                         f"{format_saving(saving) if saving else '-'}")
+    return lines
 
 
 def _short(chip_id: str) -> str:
@@ -184,8 +204,8 @@ def format_report(summary: dict) -> str:
         f"  dataset version  dvc {summary['dataset_version']['dvc_md5']}  catalog {summary['dataset_version']['catalog_hash'][:12]}",
         f"  DVC remote       {summary['dvc']['remote']}",
         f"  MLflow           {m['tracking_uri']}",
-        f"    encoder        {m['encoder']}  (pretrain run {m['pretrain_run']}, final loss "
-        f"{summary['metrics']['pretrain_final_loss']:.3f})",
+        f"    encoder        {m['encoder']}  (pretrain run {m['pretrain_run']})",
+        f"    learned?       {_health_line(summary['metrics'])}",
     ]
     for name, info in sorted(m["registered_models"].items()):
         aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(info["aliases"].items())) or "no aliases"
@@ -201,20 +221,27 @@ def format_report(summary: dict) -> str:
     ]
     for what, why in summary.get("skipped", {}).items():
         lines.append(f"  skipped          {what}: {why}")
-    savings = summary["metrics"].get("label_savings")
-    if savings:
-        lines.append(f"  label savings    {json.dumps(savings)[:160]}")
+    lines += _probe_lines(summary["metrics"].get("probes_primary"), summary["metrics"].get("label_savings"))
     lines.append(f"  results report   {summary['results_report']['html']}  (MLflow run {summary['results_report']['run_id']})")
     lines.append("  plots")
     lines += [f"    {k:28s} {v}" for k, v in summary["plots"].items()]
     return "\n".join(lines)
 
 
+def _health_line(metrics: dict) -> str:
+    final, trivial = metrics.get("pretrain_final_loss"), metrics.get("pretrain_trivial_loss")
+    text = "final loss " + ("n/a" if final is None else f"{final:.3f}")
+    if final is not None and trivial:
+        text += f" vs {trivial:.3f} for the trivial predictor ({final / trivial:.0%} of it)"
+    collapse = metrics.get("pretrain_collapse")
+    return text + ("" if collapse is None else "; embedding " + ("not collapsed" if collapse == "no" else f"COLLAPSED: {collapse}"))
+
+
 def clean_output(out: str | Path) -> None:
     """Removes a previous demo's products from `out` (a fresh registry, store and feature store)."""
     out = Path(out)
     for name in ("kfp", "features", "figures", "dvc-remote", "mlflow.db", "mlartifacts", "summary.json",
-                 "chips_quicklook.png", "results_report.html", "results", "failures.jsonl"):
+                 "chips_quicklook.png", "results_report.html", "results", "failures.jsonl", "logs"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)

@@ -1,6 +1,6 @@
-"""What a person reads while a pipeline runs locally: one line per task as it starts and ends
-(`[n/N] name`, status, seconds, elapsed), each task's full output in its own log file, and on a
-failure the task's last lines and the path of its log.
+"""What a person reads while a pipeline runs locally: one line per task (`[n/N] name`, status,
+seconds, elapsed; on a terminal the running task shows until its result replaces it), each task's
+full output in its own log file, and on a failure the task's last lines and the path of its log.
 
 kfp.local prints everything (its own log lines, every task's streamed output, the executor input
 JSON, the outputs) to `sys.stdout`; :class:`TaskConsole` stands in for it during a run, writes all
@@ -51,6 +51,8 @@ class TaskConsole(io.TextIOBase):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.total, self.verbose = total, verbose
         self.terminal = terminal or sys.stdout
+        # a terminal shows the running task and replaces it by its result; a log or a pipe gets results only
+        self.live = bool(getattr(self.terminal, "isatty", lambda: False)())
         self.all = open(self.log_dir / "pipeline.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.task: str | None = None
         self.task_log = None
@@ -80,10 +82,13 @@ class TaskConsole(io.TextIOBase):
             self.task_log.flush()
         self.terminal.flush()
 
-    def _say(self, text: str) -> None:
-        if not self.verbose:
-            self.terminal.write(text + "\n")
-            self.terminal.flush()
+    def _say(self, text: str, running: bool = False) -> None:
+        """A line for the terminal; `running` (a task started): shown only on a live terminal, and
+        replaced by the next line."""
+        if self.verbose or (running and not self.live):
+            return
+        self.terminal.write(("\r\x1b[K" if self.live else "") + text + ("" if running else "\n"))
+        self.terminal.flush()
 
     def _progress(self) -> str:
         return f"[{self.n}/{self.total}]" if self.total and self.n <= self.total else f"[{self.n}]"
@@ -99,7 +104,7 @@ class TaskConsole(io.TextIOBase):
                 self.task_log.close()
             self.task, self.n, self.started = start.group(1), self.n + 1, time.monotonic()
             self.task_log = open(self.log_path(self.task), "w", encoding="utf-8")  # noqa: SIM115
-            self._say(f"{self._progress()} {self.task} ... (elapsed {_clock(self.started - self.t0)})")
+            self._say(f"{self._progress()} {self.task} ... (elapsed {_clock(self.started - self.t0)})", running=True)
         if self.task_log:
             self.task_log.write(line + "\n")
         if end:
