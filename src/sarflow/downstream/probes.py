@@ -367,7 +367,7 @@ def _run_probes(cfg: ProbeConfig) -> dict:
     from sarflow.downstream.baselines import chip_tensor, pixel_statistics, random_encoder_features
     from sarflow.downstream.models import dataset_id, evaluation_set, log_downstream_model
     from sarflow.mlops.lineage import dataset_lineage
-    from sarflow.mlops.tracking import setup_mlflow
+    from sarflow.mlops.tracking import loggable_params, setup_mlflow
 
     tasks, scratch_tasks = probe_tasks(cfg)
     data = load_probe_data(cfg.store, cfg.features_root, cfg.model, cfg.version, tasks)
@@ -442,7 +442,7 @@ def _run_probes(cfg: ProbeConfig) -> dict:
     models: dict[str, dict] = {}
     with mlflow.start_run(experiment_id=exp_id, run_name="probes", tags=parent_tags) as run:
         params = {k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_params(loggable_params(params))
         mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
         for p in [curves_path, summary_path, *plots]:
             mlflow.log_artifact(str(p), artifact_path="downstream")

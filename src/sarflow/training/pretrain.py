@@ -297,7 +297,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
     from mlflow.models import infer_signature
 
     from sarflow.mlops.lineage import dataset_lineage
-    from sarflow.mlops.tracking import model_requirements, setup_mlflow
+    from sarflow.mlops.tracking import loggable_params, model_requirements, setup_mlflow
     from sarflow.training.distributed import is_main_process, main_run, topology
 
     groups = resolve_groups(cfg)
@@ -318,7 +318,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
               "precision": "bf16-mixed" if gpu else "32-true"}
     with main_run(exp_id, lineage) as run:  # None on the other ranks: they log nothing
         if main:
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_params(loggable_params(params))
             mlflow.log_params({k: v for k, v in lineage.items()})
             mlflow.log_param("train_chips", n_train)
         logger = MLFlowLogger(tracking_uri=cfg.tracking_uri, run_id=run.info.run_id,
