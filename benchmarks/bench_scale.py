@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="synthetic scene side in pixels")
     ap.add_argument("--chip", type=int, default=64)
     ap.add_argument("--shard-chips", type=int, default=16)
+    ap.add_argument("--block-chips", type=int, default=4, help="chips per side of a block; keep a block within a "
+                    "unit (unit = one shard here), else every unit cut from a block warps all of it again")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="unit processes to try")
     ap.add_argument("--no-s3", action="store_true", help="local disk only")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_scale.json")
@@ -88,7 +90,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
     catalog = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=3, chip_size=args.chip))
-    options = TileOptions(shard_chips=args.shard_chips, unit_shards=1, workers=1, checksum=False, overwrite=True)
+    options = TileOptions(shard_chips=args.shard_chips, block_chips=args.block_chips, unit_shards=1, workers=1, checksum=False, overwrite=True)
     targets = {"local": lambda tag: str(tmp / f"{tag}.zarr")}
     moto = None
     if not args.no_s3:
@@ -99,7 +101,7 @@ def main() -> None:
         os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
         ensure_bucket("bench")
         targets["s3"] = lambda tag: f"s3://bench/{tag}.zarr"
-    result = {"scene_px": args.size, "chip_px": args.chip, "shard_chips": args.shard_chips, "cpus": os.cpu_count(),
+    result = {"scene_px": args.size, "chip_px": args.chip, "shard_chips": args.shard_chips, "block_chips": args.block_chips, "cpus": os.cpu_count(),
               "loadavg_before": os.getloadavg(), "targets": {}}
     try:
         for name, uri in targets.items():
