@@ -244,3 +244,30 @@ def test_an_output_folder_that_cannot_be_made_gets_a_line_not_a_traceback(tiny_s
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and f"{blocker}" in res.stderr and "Not a directory" in res.stderr, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_killed_embed_leaves_no_partial_folder_behind_the_next_run(tmp_path):
+    """Issue 16: a killed `embed` left its `.partial-*` folder for good. The next write of a
+    partition removes the ones whose writer (a pid of this machine) is gone, never a live one's."""
+    import os
+    import subprocess
+    import sys
+
+    from sarflow.features.embed import folder_replaced
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".partial-{gone.stdout.strip()}-abc"
+    (dead / "sub").mkdir(parents=True)
+    live = tmp_path / f".partial-{os.getppid()}-xyz"  # a writer still running
+    live.mkdir()
+    out = tmp_path / "version=1"
+    with folder_replaced(out) as tmp:
+        (tmp / "part-00000.parquet").write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "version=1"])
+    assert (out / "part-00000.parquet").read_bytes() == b"x"
+    with pytest.raises(RuntimeError):
+        with folder_replaced(out) as tmp:
+            (tmp / "half").write_bytes(b"y")
+            raise RuntimeError("killed mid-way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "version=1"])
+    assert [p.name for p in out.iterdir()] == ["part-00000.parquet"]

@@ -21,7 +21,7 @@ PACKAGES = {"sarflow": ROOT / "src" / "sarflow", "components": ROOT / "component
 
 # lowest first; a module belongs to the longest prefix that names it
 ROOMS = [
-    ("base", ("sarflow", "sarflow.errors", "sarflow.progress", "sarflow.params")),
+    ("base", ("sarflow", "sarflow.errors", "sarflow.progress", "sarflow.params", "sarflow.processes")),
     ("data", ("sarflow.data",)),
     ("mlops", ("sarflow.mlops",)),
     ("training", ("sarflow.training",)),

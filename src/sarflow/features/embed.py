@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +55,7 @@ from pydantic.dataclasses import dataclass as config_dataclass
 from sarflow.data.paths import check_root, exists, filesystem, fs_path, is_remote, join, parquet_files, write_table_atomic
 from sarflow.errors import InputError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
+from sarflow.processes import alive
 
 log = logging.getLogger(__name__)
 EMBEDDINGS = "embeddings"
@@ -260,6 +261,27 @@ PUBLISHING = "_publishing"  # an S3 partition being published: readers skip it u
 PART_KEY = b"sarflow.part"
 
 
+@contextmanager
+def folder_replaced(out: Path):
+    """A local folder written whole or not at all: the block fills a hidden sibling, which then
+    replaces `out` by one rename; on any error (or a kill) no half-written `out` is left and the
+    sibling is removed; one a killed run left behind is removed by the next run)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(".partial-*"):  # .partial-<pid>-<random>: a writer of this machine
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".partial-{os.getpid()}-"))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 256, overwrite: bool = False,
                 device: str | None = None, shards: tuple[int, int] | None = None, workers: int = 1) -> dict:
     """Embeds every chip (or, with `shards=(a, b)`, the chips of store shards [a, b) into a
@@ -340,16 +362,8 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
             if not str(stale).endswith("/part-00000.parquet"):
                 fs.rm(str(stale)[len("s3://"):])
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
-        try:
+        with folder_replaced(out) as tmp:
             pq.write_table(arrow, tmp / "part-00000.parquet", row_group_size=65536)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     write_s = time.perf_counter() - t1
     log.info("embedded %d chips with %s v%s in %.1fs + %.1fs writing (%.0f chips/s)", rows, model.name, model.version,
              loop_s, write_s, rows / (loop_s + write_s))
@@ -436,17 +450,9 @@ def finalize_embeddings(root: str | Path, model_name: str, version: str, overwri
         fs.rm(f"{key}/{PUBLISHING}")
         fs.rm(str(where)[len("s3://"):], recursive=True)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
-        try:
+        with folder_replaced(out) as tmp:
             for (_, f), name in zip(metas, names):
                 shutil.copyfile(f, tmp / name)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         shutil.rmtree(where)
     log.info("published %d parts of %s v%s (%d chips) at %s", len(names), model_name, version, ref["chips_total"], out)
     return {"partition": str(out), "files": names, "rows": ref["chips_total"], "shards": ref["shards_total"],

@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 from sarflow.errors import SarflowError
+from sarflow.processes import alive
 from sarflow.params import environ
 
 STATE = "services.json"
@@ -178,16 +179,6 @@ def read_state(state_dir: str | Path) -> dict:
 
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def services_up(state_dir: str | Path, *, redis: str = "127.0.0.1:6379", backend: str | None = None,
                 features_root: str = "s3://sarflow-features", feast: bool = True) -> dict:
     """Starts S3, MLflow and (with `feast`) the Feast feature server; returns the state."""
@@ -198,7 +189,7 @@ def services_up(state_dir: str | Path, *, redis: str = "127.0.0.1:6379", backend
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state_dir / STATE).is_file():
         old = read_state(state_dir)
-        running = [name for name, s in old.items() if isinstance(s, dict) and "pid" in s and _alive(s["pid"])]
+        running = [name for name, s in old.items() if isinstance(s, dict) and "pid" in s and alive(s["pid"])]
         if running:
             raise ServiceError(f"{state_dir / STATE}: services already running ({', '.join(running)}); "
                                f"run `sarflow services down {state_dir}` first")
