@@ -551,6 +551,8 @@ def test_pipeline_runner_role_is_least_privilege(rendered):
         if "pods" in rule["resources"]:
             assert set(rule["verbs"]) <= {"get", "list", "watch"}
         assert "pods/exec" not in rule["resources"]
+        # issue 16: the pipeline could delete any PVC, MinIO's and PostgreSQL's included
+        assert "persistentvolumeclaims" not in rule["resources"] and "delete" not in rule["verbs"], rule
     # service pods do not carry an API token they never use
     for o, spec, _labels, _lr in pod_templates(objs):
         assert spec.get("automountServiceAccountToken") is False, name_of(o)
