@@ -84,3 +84,26 @@ def test_on_a_terminal_the_running_task_shows_until_its_result_replaces_it(tmp_p
     assert re.fullmatch(r"\r\x1b\[K\[1/1\] tile \.\.\. \(elapsed 0:00\)\r\x1b\[K\[1/1\] tile done in \d\.\d s \(elapsed 0:00\)\n",
                         screen.getvalue()), repr(screen.getvalue())
     assert (tmp_path / "logs" / "tile.log").read_text().splitlines()[1] == "streamed"
+
+
+@dsl.pipeline(name="console-loop")
+def loop_tasks():
+    with dsl.ParallelFor(items=["a", "b", "c"], parallelism=2) as word:
+        say(word=word)
+
+
+def test_loop_iterations_get_a_log_each_and_a_line_each(tmp_path):
+    """kfp.local runs a ParallelFor's iterations in threads: each iteration's output lands in its own
+    log (`say.log`, `say-2.log`, ...), never in another's."""
+    terminal = io.StringIO()
+    init = TaskConsole.__init__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TaskConsole, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "terminal": terminal}))
+        run_local(loop_tasks, tmp_path / "kfp", log_dir=tmp_path / "logs")
+    assert len([line for line in terminal.getvalue().splitlines() if " say done in " in line]) == 3, terminal.getvalue()
+    logs = sorted((tmp_path / "logs").glob("say*.log"))
+    assert [p.name for p in logs] == ["say-2.log", "say-3.log", "say.log"]
+    said = sorted(next(w for w in "abc" if f"the task prints {w}" in p.read_text()) for p in logs)
+    assert said == ["a", "b", "c"]
+    for p in logs:  # one iteration's output each
+        assert sum(f"the task prints {w}" in p.read_text() for w in "abc") == 1, p.read_text()

@@ -43,6 +43,9 @@ def test_topology_from_the_torchrun_environment():
     topo = launched_topology(env)
     assert (topo.num_nodes, topo.devices, topo.rank, topo.distributed) == (2, 4, 5, True)
     assert not is_main_process(env) and is_main_process({**env, "RANK": "0", "LOCAL_RANK": "0"})
+    # a child of Lightning's own DDP launcher has LOCAL_RANK but no RANK: only local rank 0 of node 0 is main
+    assert is_main_process({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}) and not is_main_process({"WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert not is_main_process({"WORLD_SIZE": "4", "LOCAL_RANK": "0", "NODE_RANK": "1"})
     kwargs = topology("auto", gpu=False, environ=env)
     assert (kwargs["devices"], kwargs["num_nodes"]) == (4, 2)
     assert kwargs["strategy"].process_group_backend == "gloo"

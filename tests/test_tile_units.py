@@ -181,3 +181,32 @@ def test_a_store_on_s3_is_versioned_by_its_object_manifest_and_lineage_reads_it(
     fs = s3_filesystem()
     fs.pipe_file("chips/versioned.zarr/chips.parquet", b"changed")  # any rewritten object: another version
     assert version_store(uri)["dvc_md5"] != v["dvc_md5"]
+
+
+def test_an_input_error_with_overwrite_on_s3_leaves_the_finished_store_there(tiny_scene, s3env, tmp_path):
+    """A store on S3 is built in place: a catalog refused before anything is planned must not remove
+    the finished store that --overwrite would have replaced (the local path builds beside it)."""
+    import json
+
+    import yaml
+
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.storage import s3_filesystem
+    from sarflow.data.tile import TileOptions, tile
+    from sarflow.errors import InputError
+
+    fs = s3_filesystem()
+    uri = "s3://chips/finished.zarr"
+    fs.pipe_file("chips/finished.zarr/zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
+                                                               "attributes": {"chips": 1}}).encode())
+    fs.pipe_file("chips/finished.zarr/chips.parquet", b"the old store's table")
+    data = yaml.safe_load(tiny_scene.read_text())
+    data["grid"]["aoi"] = [100.0, 10.0, 100.1, 10.1]  # overlaps no source: refused by the plan's ingest
+    for s in data["sources"]:
+        s["uris"] = [[str(tiny_scene.parent / x) for x in u] if isinstance(u, list) else str(tiny_scene.parent / u)
+                     for u in s["uris"]]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="overlaps none of the sources"):
+        tile(load_catalog(bad), uri, TileOptions(overwrite=True), show_progress=False)
+    assert fs.cat_file("chips/finished.zarr/chips.parquet") == b"the old store's table"

@@ -472,15 +472,18 @@ def tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions = TileOpt
     if loc.finished() and not options.overwrite:
         raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
     t0 = time.perf_counter()
-    try:
+    previous = loc.s3 and loc.finished()  # an S3 store is built in place: an input error before the plan clears
+    try:                                   # the prefix must not remove the finished store that is there
         p = plan(catalog, out, options)
+        previous = False
         done = sum(unit_done(out, u) for u in range(len(p.units)))
         with progress_bar("tile", total=len(p.units), completed=done, enabled=show_progress, unit="units") as bar:
             run_units(out, workers=options.workers, on_done=lambda u: bar.advance(1, chips=p.units[u][1]))
         uri = finalize(out)
     except InputError:
         if loc.s3:
-            loc.remove()
+            if not previous:
+                loc.remove()
         else:
             shutil.rmtree(loc.work, ignore_errors=True)
         raise

@@ -274,9 +274,13 @@ def folder_replaced(out: Path):
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".partial-{os.getpid()}-"))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # the old folder moves aside first: a reader sees the old or the new one, whole
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".partial-{os.getpid()}-old-"))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

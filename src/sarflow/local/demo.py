@@ -15,6 +15,7 @@ remote on the S3 server, Feast's online store on Redis.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -207,13 +208,11 @@ def format_report(summary: dict) -> str:
         f"    encoder        {m['encoder']}  (pretrain run {m['pretrain_run']})",
         f"    learned?       {_health_line(summary['metrics'])}",
     ]
-    for name, info in sorted(m["registered_models"].items()):
+    for name, info in sorted(m["registered_models"].items()):  # one line a model: its versions and the gate's word
         aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(info["aliases"].items())) or "no aliases"
-        lines.append(f"    {name:22s} latest v{info['latest']}  {aliases}")
-    for name, d in sorted(summary["champions"].items()):
-        verdict = "promoted" if d["promoted"] else "kept champion"
-        value = "n/a" if d["value"] is None else f"{d['value']:.3f}"
-        lines.append(f"  gate {name:20s} {verdict}: {d['metric']} {value}  ({'; '.join(d['reasons'])[:90]})")
+        d = summary["champions"].get(name)
+        gate = "" if d is None else f"; gate {'promoted' if d['promoted'] else 'kept champion'}: {'; '.join(d['reasons'])[:90]}"
+        lines.append(f"    {name} v{info['latest']} {aliases}{gate}")
     lines += [
         f"  Feast            {f['feast_repo']}  views {', '.join(f['views'])}",
         f"  similar chips    {_short(f['online_example']['chip_id'])} -> "
@@ -223,8 +222,9 @@ def format_report(summary: dict) -> str:
         lines.append(f"  skipped          {what}: {why}")
     lines += _probe_lines(summary["metrics"].get("probes_primary"), summary["metrics"].get("label_savings"))
     lines.append(f"  results report   {summary['results_report']['html']}  (MLflow run {summary['results_report']['run_id']})")
-    lines.append("  plots")
-    lines += [f"    {k:28s} {v}" for k, v in summary["plots"].items()]
+    folders = sorted({str(Path(v).parent) for v in summary["plots"].values()})
+    lines.append(f"  plots            {len(summary['plots'])} PNGs under {os.path.commonpath(folders) if folders else '-'} "
+                 "(each listed in summary.json)")
     return "\n".join(lines)
 
 

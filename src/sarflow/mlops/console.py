@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,33 +55,38 @@ class TaskConsole(io.TextIOBase):
         # a terminal shows the running task and replaces it by its result; a log or a pipe gets results only
         self.live = bool(getattr(self.terminal, "isatty", lambda: False)())
         self.all = open(self.log_dir / "pipeline.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.task: str | None = None
-        self.task_log = None
-        self.started = self.t0 = time.monotonic()
+        self.t0 = time.monotonic()
         self.n = 0
         self.finished: list[tuple[str, str, float]] = []  # (task, status, seconds)
         self.failed: tuple[str, Path] | None = None
-        self._buffer = ""
+        # kfp.local runs a ParallelFor's iterations in threads, each dispatching (logging and
+        # streaming) its task in its own thread: a task's state and its partial line are per thread
+        self._lock = threading.Lock()
+        self._running: dict[int, dict] = {}  # thread -> {task, log, path, started, n}
+        self._buffers: dict[int, str] = {}
+        self._paths: set[Path] = set()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        if self.verbose:
-            self.terminal.write(text)
-        self._buffer += text
-        *lines, self._buffer = self._buffer.split("\n")
-        for line in lines:
-            self._line(_ANSI.sub("", line))
+        with self._lock:
+            if self.verbose:
+                self.terminal.write(text)
+            me = threading.get_ident()
+            *lines, self._buffers[me] = (self._buffers.get(me, "") + text).split("\n")
+            for line in lines:
+                self._line(me, _ANSI.sub("", line))
         return len(text)
 
     def flush(self) -> None:
-        if self.all.closed:
-            return
-        self.all.flush()
-        if self.task_log:
-            self.task_log.flush()
-        self.terminal.flush()
+        with self._lock:
+            if self.all.closed:
+                return
+            self.all.flush()
+            for state in self._running.values():
+                state["log"].flush()
+            self.terminal.flush()
 
     def _say(self, text: str, running: bool = False) -> None:
         """A line for the terminal; `running` (a task started): shown only on a live terminal, and
@@ -90,43 +96,59 @@ class TaskConsole(io.TextIOBase):
         self.terminal.write(("\r\x1b[K" if self.live else "") + text + ("" if running else "\n"))
         self.terminal.flush()
 
-    def _progress(self) -> str:
-        return f"[{self.n}/{self.total}]" if self.total and self.n <= self.total else f"[{self.n}]"
+    def _progress(self, n: int) -> str:
+        return f"[{n}/{self.total}]" if self.total and n <= self.total else f"[{n}]"
 
-    def log_path(self, task: str) -> Path:
-        return self.log_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task)}.log"
+    def _new_log_path(self, task: str) -> Path:
+        """`<task>.log`, or `<task>-2.log`, ... for the next run of a task of the same name (loop iterations)."""
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
+        path, k = self.log_dir / f"{base}.log", 1
+        while path in self._paths:
+            k += 1
+            path = self.log_dir / f"{base}-{k}.log"
+        self._paths.add(path)
+        return path
 
-    def _line(self, line: str) -> None:
+    def _line(self, me: int, line: str) -> None:
         self.all.write(line + "\n")
         start, end = _START.search(line), _END.search(line)
         if start:
-            if self.task_log:
-                self.task_log.close()
-            self.task, self.n, self.started = start.group(1), self.n + 1, time.monotonic()
-            self.task_log = open(self.log_path(self.task), "w", encoding="utf-8")  # noqa: SIM115
-            self._say(f"{self._progress()} {self.task} ... (elapsed {_clock(self.started - self.t0)})", running=True)
-        if self.task_log:
-            self.task_log.write(line + "\n")
-        if end:
-            task, status = end.group(1), end.group(2)
-            seconds = time.monotonic() - self.started
-            self.finished.append((task, status, seconds))
+            if me in self._running:
+                self._running.pop(me)["log"].close()
+            self.n += 1
+            path = self._new_log_path(start.group(1))
+            state = {"task": start.group(1), "path": path, "started": time.monotonic(), "n": self.n,
+                     "log": open(path, "w", encoding="utf-8")}  # noqa: SIM115 - closed when the task ends
+            self._running[me] = state
+            self._say(f"{self._progress(state['n'])} {state['task']} ... (elapsed {_clock(state['started'] - self.t0)})",
+                      running=True)
+        state = self._running.get(me)
+        if state is not None:
+            state["log"].write(line + "\n")
+        if end and state is not None:
+            status, seconds = end.group(2), time.monotonic() - state["started"]
+            self.finished.append((state["task"], status, seconds))
+            state["log"].flush()
             if status == "SUCCESS":
-                self._say(f"{self._progress()} {task} done in {seconds:.1f} s (elapsed {_clock(time.monotonic() - self.t0)})")
+                self._say(f"{self._progress(state['n'])} {state['task']} done in {seconds:.1f} s "
+                          f"(elapsed {_clock(time.monotonic() - self.t0)})")
             else:
-                self.task_log.flush()
-                self.failed = (task, self.log_path(task))
-                tail = self.log_path(task).read_text(encoding="utf-8").splitlines()[-TAIL_LINES:]
-                self._say(f"{self._progress()} {task} FAILED after {seconds:.1f} s; its full log: {self.log_path(task)}")
+                self.failed = (state["task"], state["path"])
+                tail = state["path"].read_text(encoding="utf-8").splitlines()[-TAIL_LINES:]
+                self._say(f"{self._progress(state['n'])} {state['task']} FAILED after {seconds:.1f} s; "
+                          f"its full log: {state['path']}")
                 self._say("\n".join("    " + t for t in tail))
 
     def close(self) -> None:
-        if self._buffer:
-            self._line(_ANSI.sub("", self._buffer))
-            self._buffer = ""
-        if self.task_log:
-            self.task_log.close()
-        self.all.close()
+        with self._lock:
+            for me, rest in list(self._buffers.items()):
+                if rest:
+                    self._line(me, _ANSI.sub("", rest))
+            self._buffers.clear()
+            for state in self._running.values():
+                state["log"].close()
+            self._running.clear()
+            self.all.close()
         super().close()
 
 

@@ -224,8 +224,10 @@ def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = Fal
             if leaked is not None:
                 os.environ["MLFLOW_EXPERIMENT_ID"] = leaked
     seconds = time.perf_counter() - t0
-    new = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith(".")),
-                 key=lambda p: p.stat().st_mtime)
+    logs_top = (root / Path(log_dir).resolve().relative_to(root).parts[0]) if log_dir is not None and \
+        Path(log_dir).resolve().is_relative_to(root) else None  # the task logs may live under the root: not a run
+    new = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith(".")
+                  and p != logs_top), key=lambda p: p.stat().st_mtime)
     run_dir = new[-1] if new else None
     tasks = {p.name: p for p in run_dir.iterdir() if p.is_dir()} if run_dir else {}
     return LocalRun(pipeline=pipeline_name(pipeline), pipeline_root=root, run_dir=run_dir, seconds=seconds,

@@ -68,9 +68,14 @@ def launched_topology(environ: Mapping[str, str] | None = None) -> Topology | No
 
 
 def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
-    """Global rank 0, or not launched by torchrun: the one process that talks to MLflow."""
-    topo = launched_topology(environ)
-    return topo is None or topo.rank == 0
+    """Global rank 0, or not launched by torchrun: the one process that talks to MLflow. A child
+    that Lightning's own DDP launcher started (`--devices N` without torchrun) has LOCAL_RANK (and
+    NODE_RANK) but no RANK: only local rank 0 of node 0 is the main one."""
+    env = os.environ if environ is None else environ
+    topo = launched_topology(env)
+    if topo is not None:
+        return topo.rank == 0
+    return int(env.get("LOCAL_RANK", 0) or 0) == 0 and int(env.get("NODE_RANK", 0) or 0) == 0
 
 
 def topology(devices: int | str, gpu: bool, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
