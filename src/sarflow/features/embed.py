@@ -469,6 +469,9 @@ def read_embeddings(root: str | Path, model_name: str, version: str) -> pa.Table
 
 
 def read_partition(path: str | Path, missing: str = "no embeddings here") -> pa.Table:
+    if is_remote(path) and exists(join(path, PUBLISHING)):
+        raise InputError(str(path), "the partition is being published (a `_publishing` marker): retry when "
+                                    "`sarflow embed --finalize` is done")
     files = parquet_files(path)
     if not files:
         raise InputError(str(path), missing)
