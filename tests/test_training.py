@@ -51,10 +51,11 @@ def test_shard_iterable_reads_each_selected_chip_once_across_workers(tiny_store)
     t = gpd.read_parquet(tiny_store / "chips.parquet")
     expect = sorted(t.loc[(t.split == "train") & (t.valid_s1grd > 0), "index"].tolist())
     assert sorted(seen) == expect and seen != expect  # all of them, once, shuffled
-    # two DDP ranks split the shards without overlap
+    # two DDP ranks split the shards without overlap, and yield as many chips each (the fewer of the two
+    # shares: ranks step in lockstep, a rank with more batches would wait forever on the other)
     a = [s["index"] for s in ShardChipDataset(cfg, rank=0, world_size=2)]
     b = [s["index"] for s in ShardChipDataset(cfg, rank=1, world_size=2)]
-    assert not set(a) & set(b) and sorted(a + b) == expect
+    assert not set(a) & set(b) and set(a + b) <= set(expect) and len(a) == len(b) > 0
 
 
 def test_augmentation_is_identical_across_modalities(tiny_scene, tmp_path):

@@ -162,7 +162,17 @@ class SSLMonitor(L.Callback):
             emb = {split: self._embed(module, s) for split, s in self.sets.items()}
         finally:
             module.train(was_training)
-        query = emb.get("val", emb.get("train"))
+        # the val chips, else the train chips when val has fewer than two (a store too small for a val split)
+        query = next((e for e in (emb.get("val"), emb.get("train")) if e is not None and len(e) >= 2), None)
+        if query is None:
+            nan = float("nan")
+            result = {"step": step, "effective_rank": nan, "std": nan, "median_cosine": nan, "collapse": False,
+                      "collapse_reason": None, "knn": {},
+                      "not_measurable": "fewer than two chips to compare in val and in train"}
+            if not self.history:
+                log.warning("embedding monitor: not measurable (fewer than two val and train chips)")
+            self.history.append(result)
+            return result
         if not all(np.isfinite(e).all() for e in emb.values()):
             nan = float("nan")
             result = {"step": step, "effective_rank": nan, "std": nan, "median_cosine": nan, "collapse": True,
