@@ -58,7 +58,8 @@ def run_demo(out: str | Path, pipeline, params: dict | None = None, catalog: str
     out.mkdir(parents=True, exist_ok=True)
     with environ(services["env"] if services else {}):
         run = run_local(pipeline, out / "kfp", log_dir=out / "logs", verbose=verbose, **args)
-        summary = collect_summary(run, out, args)
+        with environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # the report's figures: no progress bars
+            summary = collect_summary(run, out, args)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
