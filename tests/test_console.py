@@ -103,6 +103,9 @@ def test_loop_iterations_get_a_log_each_and_a_line_each(tmp_path):
     # (the count of "done" lines is not asserted: kfp.local swaps the root logger's handlers per task, so
     # with iterations in parallel threads a task's end line can reach another handler than the console)
     assert "executor_input" not in terminal.getvalue()
+    import logging  # no handler is left writing into the closed console
+
+    assert not [h for h in logging.getLogger().handlers if isinstance(getattr(h, "stream", None), TaskConsole)]
     logs = sorted((tmp_path / "logs").glob("say*.log"))
     assert [p.name for p in logs] == ["say-2.log", "say-3.log", "say.log"]
     said = sorted(next(w for w in "abc" if f"the task prints {w}" in p.read_text()) for p in logs)

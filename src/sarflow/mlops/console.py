@@ -71,6 +71,9 @@ class TaskConsole(io.TextIOBase):
 
     def write(self, text: str) -> int:
         with self._lock:
+            if self.all.closed:  # a logging handler kfp left pointing here after the run: pass it on
+                self.terminal.write(text)
+                return len(text)
             if self.verbose:
                 self.terminal.write(text)
             me = threading.get_ident()

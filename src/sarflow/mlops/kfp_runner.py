@@ -221,6 +221,10 @@ def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = Fal
         finally:
             if console:
                 console.close()
+                import logging  # kfp.local swaps the root logger's handlers per task (racy across loop threads)
+
+                for handler in [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is console]:
+                    logging.getLogger().removeHandler(handler)
             if leaked is not None:
                 os.environ["MLFLOW_EXPERIMENT_ID"] = leaked
     seconds = time.perf_counter() - t0
