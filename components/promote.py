@@ -50,8 +50,7 @@ def promote_model(
     for model, spec in sorted(gated.items()):
         d = promote(model, spec["metric"], higher_is_better=bool(spec["higher_is_better"]), margin=cfg.margin,
                     version=spec.get("version"), lock_uri=cfg.lock_uri)
-        champion = str(mlflow.MlflowClient().get_model_version_by_alias(model, "champion").version) \
-            if d.promoted or d.champion else ""
+        champion = d.champion_after or ""  # read under the gate's lock, not after another gate moved it
         records.append({"model": model, "metric": spec["metric"], "promoted": d.promoted, "challenger": d.challenger,
                         "previous_champion": d.champion, "champion": champion, "reasons": d.reasons,
                         "challenger_metric": d.challenger_metric, "champion_metric": d.champion_metric})

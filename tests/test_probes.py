@@ -22,7 +22,7 @@ from sarflow.downstream.region import (Region, block_holdout, mmd2_rbf, mmd_perm
 from sarflow.downstream.synthetic_stores import synth_region_stores
 from sarflow.downstream.tasks import Task, registered_task_name, select_tasks, store_tasks, task_target
 from sarflow.errors import InputError
-from sarflow.features.labels import class_column, mean_column
+from sarflow.data.chip_labels import class_column, mean_column
 
 MODEL = "sarflow-encoder-mae"
 

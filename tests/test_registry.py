@@ -303,6 +303,7 @@ def test_two_pipelines_gating_their_own_versions_leave_the_best_champion(registr
         by_number = {2: v2, 3: v3}
         decisions = [promote(NAME, "macro_f1", version=by_number[k]) for k in order]
         assert _champion(registry) == v2, (order, [d.__dict__ for d in decisions])
+        assert [d.champion_after for d in decisions][-1] == v2  # what each gate saw under its lock
         history = json.loads(registry.get_registered_model(NAME).tags["sarflow.promotion.history"])
         assert [h["version"] for h in history] == [v1, *(by_number[k] for k in order)]
         assert history[0]["outcome"] == "promoted" and history[0]["champion_before"] is None

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sarflow.errors import InputError
-from sarflow.features.labels import class_column, mean_column
+from sarflow.data.chip_labels import class_column, mean_column
 
 PRESENCE_THRESHOLD = 0.05
 MIN_EVAL_CHIPS = 10  # fewer labelled chips than this in a split: its metric is not evaluable
@@ -131,7 +131,7 @@ def not_evaluable(task: Task, y: np.ndarray, split: str = "test", min_chips: int
 def store_labels(store: str) -> tuple[pd.DataFrame, np.ndarray]:
     """Label columns (as `chip_labels` writes them) and split of every chip of the store, in store order."""
     from sarflow.data.chipstore import read_chip_table
-    from sarflow.features.labels import label_features
+    from sarflow.data.chip_labels import label_features
 
     chips = read_chip_table(store).sort_values("index").reset_index(drop=True)
     return pd.DataFrame(label_features(store)), chips["split"].to_numpy()

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from sarflow.data.chip_labels import (class_column, label_columns, label_features, labelled_column,  # noqa: F401
-                                      mean_column)
+from sarflow.data.chip_labels import label_features
 from sarflow.data.paths import check_root, join, write_table_atomic
 
 

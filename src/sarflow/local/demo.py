@@ -87,7 +87,7 @@ def collect_summary(run: LocalRun, out: Path, args: dict) -> dict:
     from sarflow.features.feast_store import FeatureConfig, online_features
     from sarflow.data.quicklook import chip_quicklook
     from sarflow.data.chipstore import open_store
-    from sarflow.features.labels import label_columns
+    from sarflow.data.chip_labels import label_columns
 
     stores = [p for p in run.files("store") if p.is_dir()]
     store = open_store(stores[0])

@@ -17,6 +17,7 @@ the library never imports them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -221,8 +222,7 @@ def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = Fal
         finally:
             if console:
                 console.close()
-                import logging  # kfp.local swaps the root logger's handlers per task (racy across loop threads)
-
+                # kfp.local swaps the root logger's handlers per task (racy across loop threads)
                 for handler in [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is console]:
                     logging.getLogger().removeHandler(handler)
             if leaked is not None:

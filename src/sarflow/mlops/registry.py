@@ -57,6 +57,7 @@ class Decision:
     # "promoted", "rejected", "incomparable" (the champion has no value for the metric: nothing is
     # moved and `sarflow promote` exits non-zero) or "already the champion" (nothing is written)
     outcome: str = "rejected"
+    champion_after: str | None = None  # @champion when the gate let go of the lock
 
     def as_tags(self) -> dict[str, str]:
         return {"sarflow.promotion.decision": self.outcome,
@@ -169,6 +170,7 @@ def _promote(client, tracking_uri: str, name: str, metric: str, higher_is_better
         # a rerun of the gate: the champion's tags keep the record of its promotion
         d.reasons = [f"v{challenger.version} already is the champion"]
         d.outcome = "already the champion"
+        d.champion_after = d.champion
         return d
     if champion is not None:
         d.champion_metric = _metric(client, champion, metric)
@@ -198,5 +200,6 @@ def _promote(client, tracking_uri: str, name: str, metric: str, higher_is_better
         client.set_registered_model_alias(name, CHAMPION, challenger.version)
     for k, v in d.as_tags().items():
         client.set_model_version_tag(name, challenger.version, k, v)
+    d.champion_after = d.challenger if d.promoted else d.champion
     _record_history(client, name, d)
     return d
