@@ -29,19 +29,32 @@ def _rows(name, points):
 
 def test_label_savings_and_claims_on_known_curves():
     sci = _bench_science()
-    # MAE at 10 labels is as good as scratch at 100 (interval included): 10x; scratch never beats MAE
+    # the product's rule (label_efficiency.saving_against) against scratch with every label (n=100:
+    # 0.75 [0.73, 0.77]): MAE clearly above it already at n=10 -> "at least" 10x: met
     rows = _rows("mae", [(10, 0.80, 0.02), (100, 0.90, 0.02)]) + _rows("scratch_cnn", [(10, 0.50, 0.02), (100, 0.75, 0.02)])
     le = {"rows": rows, "higher_is_better": True, "metric": "macro_f1"}
     s = sci.label_savings(rows, "mae", "scratch_cnn", True)
-    assert s["ratio"] == 10 and s["n_ours"] == 10 and s["n_base"] == 100
+    assert (s["status"], s["saving"], s["n_to_match"]) == ("at least", 10, 10)
     assert sci.claim_label_savings(le, "mae", "scratch_cnn")["status"] == "met"
-    # the same curves with MAE's interval reaching below scratch's level: no longer counted
+    # MAE's interval at n=10 overlaps scratch's: the crossing cannot be located -> not measurable
     wide = _rows("mae", [(10, 0.80, 0.10), (100, 0.90, 0.02)]) + _rows("scratch_cnn", [(10, 0.50, 0.02), (100, 0.75, 0.02)])
-    assert sci.label_savings(wide, "mae", "scratch_cnn", True)["ratio"] == 1
-    assert sci.claim_label_savings({**le, "rows": wide}, "mae", "scratch_cnn")["status"] == "not met"
-    # lower is better (RMSE): the upper bound of MAE at 25 labels is at scratch's 250-label level: 10x
-    rmse = _rows("mae", [(25, 0.10, 0.01), (250, 0.08, 0.01)]) + _rows("scratch_cnn", [(25, 0.20, 0.01), (50, 0.12, 0.01), (250, 0.11, 0.01)])
-    assert sci.label_savings(rmse, "mae", "scratch_cnn", False)["ratio"] == 10
+    assert sci.label_savings(wide, "mae", "scratch_cnn", True)["status"] == "not measurable"
+    assert sci.claim_label_savings({**le, "rows": wide}, "mae", "scratch_cnn")["status"] == "not measurable"
+    # clearly below at n=10, reaching scratch's full-label score from n=50 of 200: measured 4x: not met
+    four = _rows("mae", [(10, 0.60, 0.02), (50, 0.80, 0.02), (200, 0.90, 0.02)]) + \
+        _rows("scratch_cnn", [(10, 0.50, 0.02), (200, 0.75, 0.02)])
+    s = sci.label_savings(four, "mae", "scratch_cnn", True)
+    assert (s["status"], s["saving"], s["n_range"]) == ("measured", 4, [10, 50])
+    assert sci.claim_label_savings({**le, "rows": four}, "mae", "scratch_cnn") | {"numbers": ""} == \
+        {"status": "not met", "savings": 4, "numbers": ""}
+    # lower is better (RMSE): clearly below scratch's full-label RMSE already at 25 labels of 250: >= 10x
+    rmse = _rows("mae", [(25, 0.10, 0.005), (250, 0.08, 0.005)]) + _rows("scratch_cnn", [(25, 0.20, 0.01), (250, 0.12, 0.01)])
+    s = sci.label_savings(rmse, "mae", "scratch_cnn", False)
+    assert (s["status"], s["saving"]) == ("at least", 10)
+    # MAE never reaches scratch's full-label score: none -> not met
+    never = _rows("mae", [(10, 0.40, 0.01), (100, 0.60, 0.01)]) + _rows("scratch_cnn", [(10, 0.50, 0.01), (100, 0.75, 0.01)])
+    assert sci.label_savings(never, "mae", "scratch_cnn", True)["status"] == "none"
+    assert sci.claim_label_savings({**le, "rows": never}, "mae", "scratch_cnn")["status"] == "not met"
     # counts spanning less than 10x cannot measure a 10x claim
     short = _rows("mae", [(50, 0.8, 0.01), (200, 0.9, 0.01)]) + _rows("scratch_cnn", [(50, 0.5, 0.01), (200, 0.7, 0.01)])
     assert sci.claim_label_savings({**le, "rows": short}, "mae", "scratch_cnn")["status"] == "not measurable"
@@ -53,6 +66,31 @@ def test_label_savings_and_claims_on_known_curves():
     assert sci.claim_clouds(ab)["status"] == "met"
     ab["rows"][1]["wc_macro_f1"] = 0.7
     assert sci.claim_clouds(ab)["status"] == "not met"
+
+
+def test_science_efficiency_rows_use_the_products_block_interval():
+    """bench_science's curves: a fixed test set, the interval from label_efficiency.block_interval
+    (blocks of the test chips), informative features ahead of noise at every n."""
+    import numpy as np
+
+    from sarflow.downstream.tasks import Task
+
+    sci = _bench_science()
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 200)
+    good = (y[:, None] * 2.0 + rng.normal(0, 0.5, (400, 4))).astype(np.float32)
+    noise = rng.normal(0, 1, (400, 4)).astype(np.float32)
+    split = np.array(["train"] * 300 + ["test"] * 100)
+    blocks = np.arange(400) // 10  # 10 test blocks of 10 chips
+    task = Task("t", "lab", "multiclass", "macro_f1", True, codes=(0, 1))
+    rows = sci.efficiency(task, {"good": good, "noise": noise}, y, split == "train", split == "test", blocks,
+                          [10, 50], draws=3, boot=200)
+    got = {(r["features"], r["n"]): r for r in rows}
+    assert set(got) == {(f, n) for f in ("good", "noise") for n in (10, 50, 300)}
+    for r in rows:
+        assert r["lo"] <= r["mean"] <= r["hi"] and r["n_test"] == 100 and r["test_blocks"] == 10
+    for n in (10, 50, 300):
+        assert got[("good", n)]["lo"] > got[("noise", n)]["hi"]
 
 
 def test_gpu_script_smoke_runs_on_cpu(tmp_path):

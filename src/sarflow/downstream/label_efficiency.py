@@ -188,8 +188,9 @@ def format_figure(value: float, ci=None) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _saving(curve: list[dict], base: dict, higher: bool) -> dict:
-    """Label saving of the embedding `curve` against a baseline point (see the module doc)."""
+def saving_against(curve: list[dict], base: dict, higher: bool) -> dict:
+    """Label saving of a `curve` (points {n, mean, ci_low, ci_high}, ascending n) against a
+    baseline point {mean, ci_low, ci_high} (see the module doc)."""
     def sign(v):
         return v if higher else -v
 
@@ -245,7 +246,7 @@ def label_savings(summary: pd.DataFrame, tasks, default: str = DEFAULT_PROBE) ->
             base = base_curve[-1]
             res[source] = {"baseline_probe": base["probe"], "baseline_all": base["mean"],
                            "baseline_ci": [base["ci_low"], base["ci_high"]],
-                           **_saving(curve, base, task.higher_is_better)}
+                           **saving_against(curve, base, task.higher_is_better)}
         out[task.name] = res
     return out
 
