@@ -77,16 +77,17 @@ def tile(
     Runs plan -> units -> finalize in this process, or the units in `--processes` processes."""
     from sarflow.data.catalog import load_catalog
     from sarflow.data.tile import tile as run_tile
-    from sarflow.data.tile_units import finalize, plan, run_units
+    from sarflow.data.tile_units import build_lock, finalize, plan, run_units
 
     try:
         options = _tile_options(params, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
                                 window_px=window_px, unit_shards=unit_shards, split_block=split_block,
                                 overwrite=overwrite or None, checksum=False if no_checksum else None)
         if processes > 1:
-            plan(load_catalog(catalog), out, options)
-            run_units(out, processes=processes, workers=options.workers)
-            store = finalize(out)
+            with build_lock(out):  # one build of this output at a time (the units' processes share it)
+                plan(load_catalog(catalog), out, options)
+                run_units(out, processes=processes, workers=options.workers)
+                store = finalize(out)
         else:
             store = run_tile(load_catalog(catalog), out, options, show_progress=not quiet and sys.stderr.isatty())
     except SarflowError as e:

@@ -14,6 +14,8 @@ How it runs (three steps, data/tile_units.py, so separate processes or pods can 
 `<out>.partial/` and appears by rename; a killed run resumes at the first unit without a report.
 Chip order, split and statistics depend only on the inputs and the options, so the same inputs
 give byte-identical stores however the run was interrupted or cut into units.
+One build of a local output at a time: a second `tile` on the same output is refused at once
+(`tile_units.build_lock`, a lock file beside the output that dies with its holder).
 """
 
 from __future__ import annotations
@@ -466,6 +468,13 @@ def tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions = TileOpt
          show_progress: bool = True) -> Path | str:
     """Builds the chip store at `out` (a folder, or s3://bucket/prefix) from a catalog: plan, every
     unit in this process, finalize. Returns the store's path (local) or URI. Resumes a killed run."""
+    from sarflow.data.tile_units import build_lock
+
+    with build_lock(out):  # a second run on the same output is refused at once (it would adopt this build)
+        return _tile(catalog, out, options, show_progress)
+
+
+def _tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions, show_progress: bool) -> Path | str:
     from sarflow.data.tile_units import Location, finalize, plan, run_units, unit_done
 
     loc = Location(out)

@@ -111,6 +111,96 @@ class Location:
             return zarr.storage.FsspecStore.from_url(self.work, storage_options=s3_storage_options(), read_only=False)
         return zarr.storage.LocalStore(self.work)
 
+# ---------------------------------------------------------------- one build of a store at a time
+
+_HELD: dict[str, tuple[int, int]] = {}  # lock files this process holds -> (fd, depth): tile() holds it across plan
+
+
+def check_output_parent(uri: str, retry: str) -> None:
+    """The folder a local output is written into can be made and written, checked before any work:
+    a path under a regular file, or a read-only place, is refused naming that folder (`retry`: what to do)."""
+    if is_s3(uri):
+        return
+    import tempfile
+
+    folder = Path(uri).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sarflow-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        bad = e.filename or folder
+        raise InputError(uri, f"cannot write into the output folder {folder} ({bad}: {e.strerror or e}); nothing was "
+                              f"written; {retry}") from None
+
+
+class build_lock:  # noqa: N801 - used as a context manager, like a function
+    """One build of a store at a time. A local output is locked by an exclusive flock on `<out>.lock`
+    beside it (holder's pid and host written in it; the kernel drops the lock when the holder dies,
+    kill -9 included, so a dead run never blocks the next; the file is removed on release). A second
+    run on the same output is refused at once, naming the holder. Re-entrant within a process.
+
+    s3:// outputs are not locked: S3 has no lock that dies with its holder, so two concurrent builds
+    of one s3:// prefix are the operator's to avoid (one `tile` per prefix; the distributed steps
+    `tile-unit` share a plan by design)."""
+
+    def __init__(self, out: str | Path):
+        uri = str(out)
+        self.path = None if is_s3(uri) else str(Path(uri).resolve()) + ".lock"
+        self.uri = uri if is_s3(uri) else str(Path(uri).resolve())
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        if self.path in _HELD:
+            fd, depth = _HELD[self.path]
+            _HELD[self.path] = (fd, depth + 1)
+            return self
+        import fcntl
+        import socket
+
+        check_output_parent(self.uri, "choose another --out or make that folder writable, then rerun")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
+                finally:
+                    os.close(fd)
+                raise InputError(self.uri, f"another tile run is building {self.uri} ({holder}, lock {self.path}); "
+                                           "wait for it to finish, or stop it and rerun (a stopped run's lock is "
+                                           "released with it; the rerun resumes its build)") from None
+            try:  # a releasing holder may have removed the file between our open and flock: lock the file that is there
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+        _HELD[self.path] = (fd, 1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.path is None:
+            return False
+        fd, depth = _HELD[self.path]
+        if depth > 1:
+            _HELD[self.path] = (fd, depth - 1)
+            return False
+        del _HELD[self.path]
+        try:
+            os.unlink(self.path)  # while still locked: a waiter that opened it retries on the new file
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        return False
+
+
 
 # ---------------------------------------------------------------- the plan
 
@@ -186,7 +276,13 @@ def unit_chips(options, ing: Ingested) -> int:
 
 def plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
     """Step 1: the grid, every chip's index, the arrays and the work units (see the module docstring).
-    Reuses a complete plan of the same inputs and options (a resumed build keeps its written units)."""
+    Reuses a complete plan of the same inputs and options (a resumed build keeps its written units).
+    Holds the output's build lock (`build_lock`): a second run on the same output is refused."""
+    with build_lock(out):
+        return _plan(catalog, out, options)
+
+
+def _plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
     from sarflow.data.tile import BlockRenderer, _create_arrays, _fingerprint, choose_resampling, plan_blocks
 
     loc = Location(out)
