@@ -271,3 +271,43 @@ def test_a_killed_embed_leaves_no_partial_folder_behind_the_next_run(tmp_path):
             raise RuntimeError("killed mid-way")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "version=1"])
     assert [p.name for p in out.iterdir()] == ["part-00000.parquet"]
+
+
+@pytest.mark.parametrize("command", ["ingest", "embed", "export", "tile"])
+@pytest.mark.parametrize("blocked", ["under-a-file", "read-only"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tiny_scene, tmp_path, command, blocked):
+    """Issue 16: ingest --out, embed --root, export --out and tile --out in a folder that cannot be
+    written: one line naming the folder and the cause, exit 2, before any work, nothing created."""
+    import os
+
+    if blocked == "under-a-file":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        cause = "Not a directory"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        blocker = tmp_path / "read-only"
+        blocker.mkdir()
+        blocker.chmod(0o555)
+        cause = "Permission denied"
+    out = blocker / "out" / "deeper"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = {"ingest": ["ingest", tiny_scene, "--out", out / "manifest.json"],
+            "embed": ["embed", tmp_path / "missing.zarr", "--model", "models:/nothing/1", "--root", out,
+                      "--tracking-uri", uri],
+            "export": ["export", tmp_path / "missing.zarr", "--modality", "any", "--out", out],
+            "tile": ["tile", tiny_scene, "--out", out / "chips.zarr"]}[command]
+    try:
+        res = _sarflow(*args)
+        _refused(res, "cannot write into the output folder", str(blocker), cause, "nothing was written", "rerun")
+        assert res.exit_code == 2
+        lines = [x for x in res.output.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1, res.output
+        assert "missing.zarr" not in res.output  # refused before the store (any work) was looked at
+        assert sorted(p.name for p in tmp_path.iterdir()) == [blocker.name]
+        if blocked == "read-only":
+            assert list(blocker.iterdir()) == []
+    finally:
+        if blocker.is_dir():
+            blocker.chmod(0o755)

@@ -42,6 +42,10 @@ def ingest(
     from sarflow.data.ingest import ingest as run_ingest
 
     try:
+        if out:
+            from sarflow.data.tile_units import check_output_folder
+
+            check_output_folder(out.parent, str(out), "choose another --out or make that folder writable, then rerun")
         manifest = run_ingest(load_catalog(catalog)).manifest()
     except SarflowError as e:
         fail(e)
@@ -215,6 +219,9 @@ def export(
 
     ids = [c.strip() for c in chips.split(",") if c.strip()] if chips else None
     try:
+        from sarflow.data.tile_units import check_output_folder
+
+        check_output_folder(out, str(out), "choose another --out or make that folder writable, then rerun")
         written = export_chips(store, modality, out, chips=ids, split=split, all_chips=all_chips, mosaic=mosaic)
     except SarflowError as e:
         fail(e)

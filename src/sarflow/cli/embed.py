@@ -38,6 +38,11 @@ def embed(
         cfg = stage_config("embed", p, {"batch_size": batch_size, "device": device, "tracking_uri": tracking_uri,
                                         "workers": workers})
         features = stage_config("features", p, {"root": root})
+        if not str(features.root).startswith("s3://"):
+            from sarflow.data.tile_units import check_output_folder
+
+            check_output_folder(features.root, str(features.root),
+                                "choose another --root (or params features.root) or make that folder writable, then rerun")
         mlflow.set_tracking_uri(cfg.tracking_uri)
         if finalize:
             if shards:

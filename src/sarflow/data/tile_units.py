@@ -116,23 +116,26 @@ class Location:
 _HELD: dict[str, tuple[int, int]] = {}  # lock files this process holds -> (fd, depth): tile() holds it across plan
 
 
-def check_output_parent(uri: str, retry: str) -> None:
-    """The folder a local output is written into can be made and written, checked before any work:
-    a path under a regular file, or a read-only place, is refused naming that folder (`retry`: what to do)."""
-    if is_s3(uri):
-        return
+def check_output_folder(folder: str | Path, where: str, retry: str) -> None:
+    """A local output folder can be written (before any work, creating nothing): its nearest existing
+    ancestor must be a folder we can create files in; a path under a regular file, or a read-only place,
+    is refused naming that folder. `where` names the output in the error, `retry` says what to do."""
+    import errno
     import tempfile
 
-    folder = Path(uri).parent
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sarflow-probe-")
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".sarflow-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        bad = e.filename or folder
-        raise InputError(uri, f"cannot write into the output folder {folder} ({bad}: {e.strerror or e}); nothing was "
-                              f"written; {retry}") from None
+        raise InputError(where, f"cannot write into the output folder {folder} ({e.filename or existing}: "
+                                f"{e.strerror or e}); nothing was written; {retry}") from None
 
 
 class build_lock:  # noqa: N801 - used as a context manager, like a function
@@ -160,7 +163,9 @@ class build_lock:  # noqa: N801 - used as a context manager, like a function
         import fcntl
         import socket
 
-        check_output_parent(self.uri, "choose another --out or make that folder writable, then rerun")
+        check_output_folder(Path(self.uri).parent, self.uri,
+                            "choose another --out or make that folder writable, then rerun")
+        Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
