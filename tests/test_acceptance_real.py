@@ -59,22 +59,22 @@ def _chain_to_embeddings(catalog: Path, tmp: Path) -> dict:
     sarflow("ingest", catalog)
     sarflow("tile", catalog, "--out", store)
     sarflow("pretrain", store, "--params", params, "--tracking-uri", uri)
-    sarflow("embed", store, "--model", "models:/sarflow-encoder-mae/1", "--root", root, "--tracking-uri", uri,
+    sarflow("embed", store, "--model", "models:/sarflow-encoder-mae/1", "--features-root", root, "--tracking-uri", uri,
             "--params", params)
     return {"store": store, "root": root, "uri": uri, "params": params, "tmp": tmp}
 
 
 def _labels_and_features(ctx: dict) -> None:
-    sarflow("features", "labels", ctx["store"], "--root", ctx["root"], "--params", ctx["params"])
+    sarflow("features", "labels", ctx["store"], "--features-root", ctx["root"], "--params", ctx["params"])
     repo = ctx["tmp"] / "feast"
-    sarflow("features", "apply", "--root", ctx["root"], "--repo", repo, "--params", ctx["params"])
-    sarflow("features", "materialize", "--root", ctx["root"], "--repo", repo, "--params", ctx["params"])
+    sarflow("features", "apply", "--features-root", ctx["root"], "--repo", repo, "--params", ctx["params"])
+    sarflow("features", "materialize", "--features-root", ctx["root"], "--repo", repo, "--params", ctx["params"])
 
 
 def _probe(ctx: dict, ok: bool = True):
     out = ctx["tmp"] / "probes"
     res = sarflow("downstream", "probe", ctx["store"], "--features-root", ctx["root"], "--tracking-uri", ctx["uri"],
-                  "--params", ctx["params"], "--out-dir", out, ok=ok)
+                  "--params", ctx["params"], "--out", out, ok=ok)
     result = json.loads((out / "probes.json").read_text()) if ok else None
     return res, result
 
@@ -260,7 +260,7 @@ def test_bigearthnet_encoder_reads_all_14_bands(bigearthnet):
 
 
 def test_bigearthnet_has_no_task_and_says_so(bigearthnet):
-    sarflow("features", "labels", bigearthnet["store"], "--root", bigearthnet["root"], "--params", bigearthnet["params"],
+    sarflow("features", "labels", bigearthnet["store"], "--features-root", bigearthnet["root"], "--params", bigearthnet["params"],
             ok=False)
     res, _ = _probe(bigearthnet, ok=False)
     assert res.exit_code != 0 and "label" in res.output.lower() and "Traceback" not in res.output
@@ -289,7 +289,7 @@ def lausanne(real_data, tmp_path_factory):
     params.write_text(yaml.safe_dump(PARAMS))
     store, root = tmp / "chips.zarr", tmp / "features"
     sarflow("tile", catalog, "--out", store)
-    sarflow("features", "labels", store, "--root", root, "--params", params)
+    sarflow("features", "labels", store, "--features-root", root, "--params", params)
     return {"store": store, "root": root, "params": params, "uri": f"sqlite:///{tmp / 'mlflow.db'}", "tmp": tmp,
             "label": d / "ls100_12.tif"}
 

@@ -178,7 +178,7 @@ def test_pretrain_and_embed_refuse_a_path_that_is_not_a_finished_store(tmp_path)
     for store, cause in _not_stores(tmp_path):
         res = _sarflow("pretrain", store, "--max-steps", 1, "--tracking-uri", uri)
         _refused(res, str(store), cause)
-        res = _sarflow("embed", store, "--model", "models:/nothing/1", "--root", tmp_path / "features",
+        res = _sarflow("embed", store, "--model", "models:/nothing/1", "--features-root", tmp_path / "features",
                        "--tracking-uri", uri)
         _refused(res, str(store), cause)  # the store is checked before the model is looked up
         if "unfinished" in cause:
@@ -276,7 +276,7 @@ def test_a_killed_embed_leaves_no_partial_folder_behind_the_next_run(tmp_path):
 @pytest.mark.parametrize("command", ["ingest", "embed", "export", "tile"])
 @pytest.mark.parametrize("blocked", ["under-a-file", "read-only"])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tiny_scene, tmp_path, command, blocked):
-    """Issue 16: ingest --out, embed --root, export --out and tile --out in a folder that cannot be
+    """Issue 16: ingest --out, embed --features-root, export --out and tile --out in a folder that cannot be
     written: one line naming the folder and the cause, exit 2, before any work, nothing created."""
     import os
 
@@ -294,7 +294,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tiny
     out = blocker / "out" / "deeper"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = {"ingest": ["ingest", tiny_scene, "--out", out / "manifest.json"],
-            "embed": ["embed", tmp_path / "missing.zarr", "--model", "models:/nothing/1", "--root", out,
+            "embed": ["embed", tmp_path / "missing.zarr", "--model", "models:/nothing/1", "--features-root", out,
                       "--tracking-uri", uri],
             "export": ["export", tmp_path / "missing.zarr", "--modality", "any", "--out", out],
             "tile": ["tile", tiny_scene, "--out", out / "chips.zarr"]}[command]

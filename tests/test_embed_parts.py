@@ -119,7 +119,7 @@ def test_cli_shards_and_finalize(full, tmp_path):
     root = tmp_path / "features"
     n_shards = -(-full["embed"]["rows"] // 16)
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": full["uri"]}
-    base = [exe, "embed", str(full["store"]), "--model", f"models:/{MODEL}/1", "--root", str(root), "--batch-size", "16"]
+    base = [exe, "embed", str(full["store"]), "--model", f"models:/{MODEL}/1", "--features-root", str(root), "--batch-size", "16"]
     ranges = shard_ranges(str(full["store"]), 2)  # the fan-out's work list
     assert len(ranges) == 2 and ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == n_shards
     for a, b in ranges:

@@ -1,7 +1,7 @@
 """Embeddings into Feast: embed, apply, streaming materialize, online and historical retrieval,
 the feature server over HTTP, Redis, similarity search, and bad inputs; then the same over an S3
 offline source (moto in server mode on 127.0.0.1) with a local Feast repo: atomic writes to
-s3://, the `chip_bags` view and the `llp_training` service, the CLI with --root s3://... --repo."""
+s3://, the `chip_bags` view and the `llp_training` service, the CLI with --features-root s3://... --repo."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def test_training_set_is_point_in_time_correct(featured):
 
 
 def test_a_relative_features_root_is_the_working_directory_s_not_the_feast_repo_s(featured, tmp_path, monkeypatch):
-    """`--root data/features` as the README writes it: the root is resolved once, where the
+    """`--features-root data/features` as the README writes it: the root is resolved once, where the
     command runs, and Feast's sources hold the absolute path (Feast resolves a relative one
     against its repo folder, where there is nothing)."""
     import shutil
@@ -200,7 +200,7 @@ def test_similarity_search_finds_itself_and_agrees_with_brute_force(featured):
     truth, _ = brute_force(ids, vectors, vectors[:20], k=5)
     assert (np.asarray(found) == np.asarray(truth)).mean() > 0.99
     cli = subprocess.run([str(Path(sys.executable).with_name("sarflow")), "features", "similar", ids[3], "--k", "3",
-                          "--root", str(featured["root"])], capture_output=True, text=True)
+                          "--features-root", str(featured["root"])], capture_output=True, text=True)
     assert cli.returncode == 0 and ids[3] in cli.stdout
 
 
@@ -458,15 +458,15 @@ def test_cli_over_an_s3_root_with_a_local_repo(s3featured, tmp_path):
     root = s3featured["root"]
     repo = tmp_path / "cli-repo"
     ids = read_embeddings(root, MODEL, "1").column("chip_id").to_pylist()
-    run = CliRunner().invoke(features_app, ["materialize", "--root", root, "--repo", str(repo)])
+    run = CliRunner().invoke(features_app, ["materialize", "--features-root", root, "--repo", str(repo)])
     assert run.exit_code == 0, run.output
     assert json.loads(run.output)[VIEW]["rows"] == len(ids)
     assert (repo / "registry.db").is_file() and (repo / "online.db").is_file()
-    get = CliRunner().invoke(features_app, ["get", ids[0], "--root", root, "--repo", str(repo)])
+    get = CliRunner().invoke(features_app, ["get", ids[0], "--features-root", root, "--repo", str(repo)])
     assert get.exit_code == 0, get.output
     expected = read_embeddings(root, MODEL, "1").to_pandas().set_index("chip_id").embedding[ids[0]]
     np.testing.assert_allclose(np.asarray(json.loads(get.output)[0]["embedding"], np.float32), expected, rtol=1e-6)
-    missing = CliRunner().invoke(features_app, ["apply", "--root", "s3://sarflow-no-such-bucket/f", "--repo", str(repo)])
+    missing = CliRunner().invoke(features_app, ["apply", "--features-root", "s3://sarflow-no-such-bucket/f", "--repo", str(repo)])
     assert missing.exit_code == 2 and "bucket 'sarflow-no-such-bucket' does not exist" in missing.output
 
 

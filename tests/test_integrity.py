@@ -48,7 +48,7 @@ def test_a_missing_shard_is_refused_by_every_reader_naming_the_chips(store):
         open_store(store)
     r = CliRunner().invoke(app, ["verify", str(store)])
     assert r.exit_code == 1 and "damaged: s1grd/c/1/0/0/0" in r.output
-    r = CliRunner().invoke(app, ["embed", str(store), "--model", "runs:/x/encoder", "--root", str(store.parent / "f"),
+    r = CliRunner().invoke(app, ["embed", str(store), "--model", "runs:/x/encoder", "--features-root", str(store.parent / "f"),
                                  "--tracking-uri", f"sqlite:///{store.parent / 'mlflow.db'}"])
     assert r.exit_code != 0 and "s1grd/c/1/0/0/0" in r.output
 

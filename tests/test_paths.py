@@ -231,7 +231,7 @@ def test_what_commands_record_is_absolute_and_found_from_elsewhere(work, tmp_pat
     other = tmp_path_factory.mktemp("other").resolve()
     monkeypatch.chdir(other)
     rel = os.path.relpath(work / "feats", other)
-    report = _json(_sarflow(["features", "materialize", "--root", rel]))
+    report = _json(_sarflow(["features", "materialize", "--features-root", rel]))
     assert sum(int(v["rows"]) for v in report.values()) > 0
     feature_store = (work / "feats" / "feast" / "feature_store.yaml").read_text()
     assert f"path: {work / 'feats' / 'feast' / 'online.db'}" in feature_store

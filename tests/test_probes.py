@@ -231,7 +231,7 @@ def test_cli_probe_end_to_end(featured, tmp_path):
     runner = CliRunner()
     res = runner.invoke(downstream_app, ["probe", featured["store"], "--features-root", featured["root"],
                                          "--tracking-uri", featured["uri"], "--sizes", "25,0", "--draws", "1",
-                                         "--task", "builtup", "--no-baselines", "--no-register", "--out-dir", str(tmp_path)])
+                                         "--task", "builtup", "--no-baselines", "--no-register", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "builtup" in res.output and f"json: {tmp_path / 'probes.json'}" in res.output
     out = json.loads((tmp_path / "probes.json").read_text())
@@ -256,7 +256,7 @@ def synth_regions(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("regions")
     res = CliRunner().invoke(downstream_app, ["region", "--synth", str(tmp / "synth"), "--size-px", "384",
-                                              "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--out-dir", str(tmp / "out")])
+                                              "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--out", str(tmp / "out")])
     assert res.exit_code == 0, res.output
     return tmp, res.output, json.loads((tmp / "out" / "region.json").read_text())
 
@@ -345,7 +345,7 @@ def test_cli_ablation_synth_clouds_hurt_optical_not_sar(tmp_path):
 
     res = CliRunner().invoke(downstream_app, ["ablation", "--synth", str(tmp_path / "synth"), "--size-px", "256",
                                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                              "--out-dir", str(tmp_path / "out")])
+                                              "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("condition")):]
@@ -398,7 +398,7 @@ def test_a_task_its_test_split_cannot_measure_is_reported_and_never_registered(f
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = CliRunner().invoke(downstream_app, ["probe", featured["store"], "--features-root", featured["root"],
                                               "--tracking-uri", uri, "--sizes", "25,0", "--draws", "1", "--no-baselines",
-                                              "--task", "worldcover", "--task", "vegetation", "--out-dir", str(tmp_path)])
+                                              "--task", "worldcover", "--task", "vegetation", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     why = "test split's target has zero variance (every chip 40)"
     assert f"not evaluable: vegetation: {why} (not registered)" in res.output

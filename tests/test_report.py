@@ -159,12 +159,12 @@ def test_cli_report(produced, tmp_path):
     from sarflow.cli.downstream import downstream_app
 
     runner = CliRunner()
-    res = runner.invoke(downstream_app, ["report", "--tracking-uri", produced["uri"], "--out-dir", str(tmp_path)])
+    res = runner.invoke(downstream_app, ["report", "--tracking-uri", produced["uri"], "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "llp                   not run yet (sarflow llp train STORE)" in res.output
     assert f"report: {tmp_path / 'report' / 'report.md'}" in res.output
     bad = runner.invoke(downstream_app, ["report", "--tracking-uri", produced["uri"], "--strict",
-                                         "--out-dir", str(tmp_path / "strict")])
+                                         "--out", str(tmp_path / "strict")])
     assert bad.exit_code == 2 and "error:" in bad.output and "sections never run" in bad.output
     assert not (tmp_path / "strict").exists()
 

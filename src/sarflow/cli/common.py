@@ -7,7 +7,15 @@ Paths: every path-like argument and option of every command goes through :func:`
 ``s3://`` kept), the tracking URI through :func:`absolute_tracking_uri` (a relative
 ``sqlite:///mlflow.db`` made absolute), and the path keys of a params file read by a command
 (``PATH_KEYS``) likewise, so everything a stage records (MLflow tags, Feast sources, DVC
-remotes, JSON summaries) names the same place from any other working directory."""
+remotes, JSON summaries) names the same place from any other working directory.
+
+Vocabulary (tests/test_cli_vocabulary.py walks every command): one flag per idea. `--features-root`
+is a features root (`--root` is its retired spelling, still read), `--out` an output file or folder
+(`--out-dir` retired likewise), `--tracking-uri` the MLflow tracking URI, `--params` params.yaml;
+`--model` always names a registered model by one rule (sarflow.mlops.registry.MODEL_RULE, resolved
+by resolve_model_ref): models:/NAME/VERSION, models:/NAME@ALIAS, or a bare NAME for its newest
+version (for a command that reads embeddings: the newest version under the features root); and
+every option and argument has help text."""
 
 from __future__ import annotations
 
@@ -36,6 +44,49 @@ ParamsOpt = typer.Option(None, "--params", callback=absolute_path,
 TrackingOpt = typer.Option(None, "--tracking-uri", callback=absolute_tracking_uri,
                            help="MLflow tracking URI (default: the section's tracking_uri, else $MLFLOW_TRACKING_URI, "
                                 "else sqlite:///mlflow.db)")
+
+FEATURES_ROOT_HELP = "features root: the offline store (embeddings/, labels/, bags/; a folder or s3://; default params features.root)"
+# the one spelling of a features root; --root, the retired spelling, is still read (never the primary name)
+FeaturesRootOpt = typer.Option(None, "--features-root", "--root", callback=absolute_path, help=FEATURES_ROOT_HELP)
+MODEL_HELP = ("model: models:/NAME/VERSION, models:/NAME@ALIAS (the version the alias points at) or a bare registered "
+              "NAME (its newest version)")
+EMBEDDINGS_MODEL_HELP = (f"the embeddings of this {MODEL_HELP}; a bare NAME: its newest version under the features root "
+                         "(default: the newest embeddings)")
+VersionOpt = typer.Option(None, "--version", hidden=True,
+                          help="deprecated: write --model models:/NAME/VERSION (the embeddings version, beside a bare NAME)")
+
+
+def embeddings_model(model: str | None, version: str | None = None,
+                     tracking_uri: str | None = None) -> tuple[str | None, str | None]:
+    """--model (and the deprecated --version) of a command that reads embeddings -> (NAME, VERSION)
+    of the partition, under the one rule of every --model (sarflow.mlops.registry.resolve_model_ref):
+    an alias is looked up in the registry, a bare NAME is (NAME, None): its newest version under
+    the features root."""
+    if model is None:
+        return None, version
+    from sarflow.errors import InputError
+    from sarflow.mlops.registry import resolve_model_ref
+    from sarflow.params import default_tracking_uri
+
+    name, found = resolve_model_ref(model, tracking_uri or default_tracking_uri(), newest_in_registry=False)
+    if found is not None and version is not None and str(version) != found:
+        raise InputError(model, f"names version {found}, --version says {version}: give the version once")
+    return name, found if found is not None else version
+
+
+def registered_model_uri(ref: str | None, tracking_uri: str | None = None) -> str | None:
+    """An encoder reference a command loads (--encoder) under the same rule: a bare registered NAME
+    becomes models:/NAME/<its newest version> (resolve_model_ref); models:/NAME/VERSION and
+    models:/NAME@ALIAS (MLflow resolves the alias when it loads), runs:/... URIs and local paths
+    pass unchanged."""
+    if not ref or "/" in ref or ":" in ref or "@" in ref or Path(ref).exists():
+        return ref
+    from sarflow.mlops.registry import resolve_model_ref
+    from sarflow.params import default_tracking_uri
+
+    name, version = resolve_model_ref(ref, tracking_uri or default_tracking_uri())
+    return f"models:/{name}/{version}"
+
 
 # params.yaml section -> the stage config that reads it (module:class); a section not named here is refused
 STAGE_CONFIGS = {

@@ -7,14 +7,14 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, read_params, stage_config
+from sarflow.cli.common import (EMBEDDINGS_MODEL_HELP, MODEL_HELP, FeaturesRootOpt, ParamsOpt, TrackingOpt, VersionOpt,
+                                absolute_path, embeddings_model, fail, read_params, registered_model_uri, stage_config)
 from sarflow.errors import InputError, SarflowError
 
 downstream_app = typer.Typer(help="Downstream science on frozen embeddings: probes and label-efficiency curves, "
                                   "modality ablation, region generalization.", no_args_is_help=True)
 
-RootOpt = typer.Option(None, "--features-root", callback=absolute_path,
-                       help="features root (embeddings/, labels/, feast/; default params features.root)")
+RootOpt = FeaturesRootOpt
 ExpOpt = typer.Option("sarflow-downstream", "--experiment", help="MLflow experiment")
 
 
@@ -28,8 +28,8 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @downstream_app.command()
 def probe(store: str = typer.Argument(..., callback=absolute_path, help="chip store"), features_root: Optional[Path] = RootOpt,
           tracking_uri: Optional[str] = TrackingOpt,
-          model: Optional[str] = typer.Option(None, help="embeddings of this model (default: newest)"),
-          version: Optional[str] = typer.Option(None, help="embeddings version (default: newest)"),
+          model: Optional[str] = typer.Option(None, "--model", help=EMBEDDINGS_MODEL_HELP),
+          version: Optional[str] = VersionOpt,
           task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: every task the store's labels declare)"),
           modality: Optional[List[str]] = typer.Option(None, "--modality",
                                                        help="inputs of the pixel baselines (default: every input source)"),
@@ -40,16 +40,18 @@ def probe(store: str = typer.Argument(..., callback=absolute_path, help="chip st
           scratch_steps: Optional[int] = typer.Option(None, help="optimiser steps of the from-scratch CNN at every n "
                                                                  "(early-stopped on val)"),
           register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the best probe per task"),
-          out_dir: Optional[Path] = typer.Option(None, callback=absolute_path,
-                                                 help="where plots and tables go (default: a temp folder)"),
+          out_dir: Optional[Path] = typer.Option(None, "--out", "--out-dir", callback=absolute_path,
+                                                 help="folder for plots and tables (default: a temp folder)"),
           experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment"),
-          seed: Optional[int] = typer.Option(None), params: Optional[Path] = ParamsOpt) -> None:
+          seed: Optional[int] = typer.Option(None, help="random seed (default params downstream.seed)"),
+          params: Optional[Path] = ParamsOpt) -> None:
     """Label-efficiency curves of probes on frozen embeddings vs baselines; registers the best probe per task."""
     from sarflow.downstream.probes import run_probes
 
     try:
         p = read_params(params)
         root = str(features_root) if features_root else stage_config("features", p).root
+        model, version = embeddings_model(model, version, tracking_uri)
         cfg = stage_config("downstream", p, {
             "tracking_uri": tracking_uri, "model": model, "version": version, "tasks": task or None,
             "modalities": modality or None,
@@ -91,11 +93,12 @@ def ablation(clear: Optional[str] = typer.Option(None, callback=absolute_path, h
              synth: Optional[Path] = typer.Option(None, callback=absolute_path, help="synthesize a clear and a clouded scene here instead"),
              cloud_fraction: float = typer.Option(0.6, help="cloud cover of the synthesized clouded scene"),
              size_px: int = typer.Option(384, help="side of the synthesized scenes"),
-             encoder: Optional[str] = typer.Option(None, help="multimodal encoder URI (e.g. models:/sarflow-encoder-clip/1); "
-                                                              "default raw-pixel statistics"),
+             encoder: Optional[str] = typer.Option(None, help=f"multimodal encoder, a registered {MODEL_HELP} "
+                                                              "(e.g. sarflow-encoder-clip); default raw-pixel statistics"),
              probe_name: str = typer.Option("linear", "--probe", help="linear, knn or mlp"),
              tracking_uri: Optional[str] = TrackingOpt, experiment: str = ExpOpt,
-             out_dir: Optional[Path] = typer.Option(None, callback=absolute_path, help="where the table goes")) -> None:
+             out_dir: Optional[Path] = typer.Option(None, "--out", "--out-dir", callback=absolute_path,
+                                                    help="folder for the table (default: a temp folder)")) -> None:
     """SAR-only vs optical-only vs fused features under clear and clouded skies."""
     from sarflow.downstream.ablation import run_ablation
     from sarflow.downstream.synthetic_stores import synth_ablation_stores
@@ -107,7 +110,8 @@ def ablation(clear: Optional[str] = typer.Option(None, callback=absolute_path, h
             stores = {k: v for k, v in (("clear", clear), ("clouded", clouded)) if v}
             if not stores:
                 raise InputError("ablation", "give --clear and/or --clouded stores, or --synth DIR")
-        r = run_ablation(stores, tracking_uri, encoder_uri=encoder, probe=probe_name, experiment=experiment,
+        r = run_ablation(stores, tracking_uri, encoder_uri=registered_model_uri(encoder, tracking_uri), probe=probe_name,
+                         experiment=experiment,
                          out_dir=str(out_dir) if out_dir else None)
     except SarflowError as e:
         fail(e)
@@ -128,7 +132,8 @@ def ablation(clear: Optional[str] = typer.Option(None, callback=absolute_path, h
 def region(store: Optional[str] = typer.Argument(None, callback=absolute_path, help="chip store: its two halves are the regions, or region A "
                                                             "with --other"),
            features_root: Optional[Path] = RootOpt, tracking_uri: Optional[str] = TrackingOpt,
-           model: Optional[str] = typer.Option(None), version: Optional[str] = typer.Option(None),
+           model: Optional[str] = typer.Option(None, "--model", help=EMBEDDINGS_MODEL_HELP),
+           version: Optional[str] = VersionOpt,
            task: Optional[List[str]] = typer.Option(None, "--task", help="tasks (default: every task the store's labels declare)"),
            axis: str = typer.Option("x", help="halves of STORE; x: west/east, y: south/north"),
            other: Optional[str] = typer.Option(None, "--other", callback=absolute_path, help="a second chip store: region B"),
@@ -137,9 +142,11 @@ def region(store: Optional[str] = typer.Argument(None, callback=absolute_path, h
            synth: Optional[Path] = typer.Option(None, callback=absolute_path, help="synthesize regions A, B_same and B_shifted here instead of STORE"),
            shift: float = typer.Option(2.0, help="B_shifted's class mix: built-up and water x (1 + S), trees / (1 + S)"),
            size_px: int = typer.Option(512, help="side of the synthesized scenes"),
-           encoder: Optional[str] = typer.Option(None, help="with --synth: multimodal encoder URI; default raw-pixel statistics"),
-           probe_name: str = typer.Option("linear", "--probe"), experiment: str = ExpOpt,
-           out_dir: Optional[Path] = typer.Option(None, callback=absolute_path)) -> None:
+           encoder: Optional[str] = typer.Option(None, help=f"with --synth: multimodal encoder, a registered {MODEL_HELP}; "
+                                                            "default raw-pixel statistics"),
+           probe_name: str = typer.Option("linear", "--probe", help="linear, knn or mlp"), experiment: str = ExpOpt,
+           out_dir: Optional[Path] = typer.Option(None, "--out", "--out-dir", callback=absolute_path,
+                                                  help="folder for the table (default: a temp folder)")) -> None:
     """Train in one region, test in-region and out-of-region, both ways; error gap next to MMD and mean-embedding distance."""
     from sarflow.downstream.region import SYNTH_REGION_PAIRS, run_region_generalization, run_region_stores
     from sarflow.downstream.synthetic_stores import synth_region_stores
@@ -151,12 +158,14 @@ def region(store: Optional[str] = typer.Argument(None, callback=absolute_path, h
             if store or other:
                 raise InputError(str(synth), "give STORE (and --other) or --synth DIR, not both")
             stores = synth_region_stores(synth, size_px=size_px, shift=shift)
-            r = run_region_stores(stores, SYNTH_REGION_PAIRS, encoder_uri=encoder, tasks=tasks, probe=probe_name,
+            r = run_region_stores(stores, SYNTH_REGION_PAIRS, encoder_uri=registered_model_uri(encoder, tracking_uri),
+                                  tasks=tasks, probe=probe_name,
                                   tracking_uri=tracking_uri, experiment=experiment, out_dir=out)
         elif store is None:
             raise InputError("region", "give a chip STORE (its halves, or region A with --other STORE), or --synth DIR")
         else:
             root = str(features_root) if features_root else stage_config("features", None).root
+            model, version = embeddings_model(model, version, tracking_uri)
             r = run_region_generalization(store, root, tracking_uri, model=model, version=version,
                                           tasks=tasks, probe=probe_name, axis=axis, experiment=experiment, out_dir=out,
                                           other=other, other_features_root=str(other_features_root) if other_features_root else None)
@@ -181,8 +190,8 @@ def report(tracking_uri: Optional[str] = TrackingOpt,
                                                                  help="look for source runs only here (default: all)"),
            experiment: str = typer.Option("sarflow-reports", "--experiment", help="MLflow experiment of the report run"),
            strict: bool = typer.Option(False, "--strict", help="fail, writing nothing, while a section was never run"),
-           out_dir: Optional[Path] = typer.Option(None, callback=absolute_path,
-                                                  help="where report.md/report.html go (default: a temp folder)")) -> None:
+           out_dir: Optional[Path] = typer.Option(None, "--out", "--out-dir", callback=absolute_path,
+                                                  help="folder for report.md/report.html (default: a temp folder)")) -> None:
     """One MLflow run gathering every result table and plot: label efficiency, modality ablation,
     region generalization, segmentation, LLP (synthetic and real)."""
     import os

@@ -9,14 +9,15 @@ from typing import Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, read_params, stage_config
+from sarflow.cli.common import (MODEL_HELP, FeaturesRootOpt, ParamsOpt, TrackingOpt, absolute_path, fail, read_params,
+                                stage_config)
 from sarflow.errors import InputError, SarflowError
 
 
 def embed(
     store: str = typer.Argument(..., callback=absolute_path, help="chip store"),
-    model: str = typer.Option(..., "--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/encoder"),
-    root: Optional[str] = typer.Option(None, "--root", callback=absolute_path, help="features root (the offline store; default params features.root)"),
+    model: str = typer.Option(..., "--model", help=f"the encoder, a registered {MODEL_HELP}; or runs:/RUN_ID/encoder"),
+    root: Optional[str] = FeaturesRootOpt,
     batch_size: Optional[int] = typer.Option(None, help="chips per forward pass"),
     device: Optional[str] = typer.Option(None, help="torch device (default: CUDA when present)"),
     workers: Optional[int] = typer.Option(None, help="chip reader threads (default params embed.workers)"),
@@ -42,7 +43,7 @@ def embed(
             from sarflow.data.tile_units import check_output_folder
 
             check_output_folder(features.root, str(features.root),
-                                "choose another --root (or params features.root) or make that folder writable, then rerun")
+                                "choose another --features-root (or params features.root) or make that folder writable, then rerun")
         mlflow.set_tracking_uri(cfg.tracking_uri)
         if finalize:
             if shards:

@@ -10,13 +10,13 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, absolute_path, fail, stage_config
+from sarflow.cli.common import EMBEDDINGS_MODEL_HELP, ParamsOpt, VersionOpt, absolute_path, embeddings_model, fail, stage_config
 from sarflow.errors import SarflowError
 
 features_app = typer.Typer(help="Feast feature store: apply, materialize, online get, similarity search, serve.",
                            no_args_is_help=True)
 
-RootOpt = typer.Option(None, "--root", callback=absolute_path,
+RootOpt = typer.Option(None, "--features-root", "--root", callback=absolute_path,
                        help="features root (default params features.root) (embeddings/, labels/, bags/): a local folder or an s3:// prefix "
                             "(endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
 RepoOpt = typer.Option(None, "--repo", callback=absolute_path,
@@ -105,15 +105,16 @@ def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: Option
 
 
 @features_app.command()
-def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = typer.Option(10, "--k"),
-            root: Optional[str] = RootOpt, model: Optional[str] = typer.Option(None, help="model name (default newest)"),
-            version: Optional[str] = typer.Option(None, help="model version"), repo: Optional[Path] = RepoOpt,
+def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = typer.Option(10, "--k", help="how many similar chips"),
+            root: Optional[str] = RootOpt, model: Optional[str] = typer.Option(None, "--model", help=EMBEDDINGS_MODEL_HELP),
+            version: Optional[str] = VersionOpt, repo: Optional[Path] = RepoOpt,
             params: Optional[Path] = ParamsOpt) -> None:
     """The k most similar chips by cosine similarity, with distances and metadata."""
     from sarflow.features.search import similar as run
 
     try:
         cfg = _cfg(params, root, repo=repo)
+        model, version = embeddings_model(model, version)
         typer.echo(json.dumps(run(cfg.root, chip_id, k, model, version, repo=cfg.repo), indent=1))
     except SarflowError as e:
         fail(e)
@@ -121,8 +122,8 @@ def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = t
 
 @features_app.command()
 def serve(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
-          repo: Optional[Path] = RepoOpt, registry: Optional[str] = RegistryOpt, host: str = typer.Option("127.0.0.1"),
-          port: int = typer.Option(6566), params: Optional[Path] = ParamsOpt) -> None:
+          repo: Optional[Path] = RepoOpt, registry: Optional[str] = RegistryOpt, host: str = typer.Option("127.0.0.1", help="address to listen on"),
+          port: int = typer.Option(6566, help="HTTP port to listen on"), params: Optional[Path] = ParamsOpt) -> None:
     """Run the Feast feature server (HTTP) over this features root."""
     from sarflow.features.feast_store import open_feature_store
 

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, stage_config
+from sarflow.cli.common import (EMBEDDINGS_MODEL_HELP, ParamsOpt, TrackingOpt, VersionOpt, absolute_path, embeddings_model,
+                                fail, stage_config)
 from sarflow.errors import SarflowError
 
 llp_app = typer.Typer(help="Learning from label proportions: bags from polygons + statistics, LLP models, MLflow.",
@@ -35,12 +36,12 @@ def train(
     features_root: Optional[str] = typer.Option(None, "--features-root", callback=absolute_path, help="embeddings; bags are written here"),
     tracking_uri: Optional[str] = TrackingOpt,
     id_column: Optional[str] = typer.Option(None, "--id-column", help="polygon/statistics id column"),
-    model: Optional[str] = typer.Option(None, "--model", help="embeddings model (default newest)"),
-    version: Optional[str] = typer.Option(None, "--version", help="embeddings version"),
+    model: Optional[str] = typer.Option(None, "--model", help=EMBEDDINGS_MODEL_HELP),
+    version: Optional[str] = VersionOpt,
     models: Optional[List[str]] = typer.Option(None, "--models", help="LLP models to train (default all)"),
     loss: Optional[str] = typer.Option(None, "--loss", help="kl, mse or ce"),
-    steps: Optional[int] = typer.Option(None, "--steps"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="optimiser steps per LLP model"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                  help="training bags held out to choose the steps (0: train --steps)"),
     classes: Optional[List[int]] = typer.Option(None, "--classes", help="class codes (default: those of the stats, "
@@ -53,11 +54,12 @@ def train(
                                                    "(default: the store's continuous inputs)"),
     split: Optional[str] = typer.Option(None, "--split", help="bags (held-out bags) or store (the store's split)"),
     bag_sizes: Optional[List[int]] = typer.Option(None, "--bag-size", help="merge factors for the bag-size curve"),
-    experiment: Optional[str] = typer.Option(None, "--experiment"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment"),
     task: Optional[str] = typer.Option(None, "--task", help="registered as sarflow-<task> (default llp-<label>)"),
-    register: Optional[bool] = typer.Option(None, "--register/--no-register"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    out_dir: Optional[str] = typer.Option(None, "--out", callback=absolute_path, help="table and plots (default <features-root>/llp)"),
+    register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the best LLP model "
+                                                                                 "as sarflow-<task>"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed"),
+    out_dir: Optional[str] = typer.Option(None, "--out", callback=absolute_path, help="folder for the table and plots (default <features-root>/llp)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -66,6 +68,7 @@ def train(
     from sarflow.downstream.llp.run import run_llp
 
     try:
+        model, version = embeddings_model(model, version, tracking_uri)
         cfg = stage_config("llp", params, {
             "tracking_uri": tracking_uri, "id_column": id_column, "stats": stats, "label_raster": label_raster,
             "features_root": features_root, "model": model, "version": version, "models": models or None, "loss": loss,
@@ -93,11 +96,11 @@ def train(
 def real_case(
     real_dir: Path = typer.Argument(..., callback=absolute_path, help="the real-data folder (with sen1floods11/ and admin/)"),
     tracking_uri: Optional[str] = TrackingOpt,
-    out_dir: Path = typer.Option(Path("data/llp-real"), "--out", callback=absolute_path, help="table, plots and bags"),
+    out_dir: Path = typer.Option(Path("data/llp-real"), "--out", callback=absolute_path, help="folder for the table, plots and bags"),
     grid: int = typer.Option(4, "--grid", help="the county is cut into GRID x GRID bags"),
     chip: int = typer.Option(32, "--chip", help="chip side in pixels"),
-    steps: int = typer.Option(300, "--steps"),
-    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(300, "--steps", help="optimiser steps per LLP model"),
+    seed: int = typer.Option(0, "--seed", help="random seed"),
 ) -> None:
     """LLP on the real Sen1Floods11 Kansas chip (water vs dry, county FIPS 20121)."""
     from sarflow.downstream.llp.real_case import run_real_case

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import ParamsOpt, TrackingOpt, absolute_path, fail, stage_config
+from sarflow.cli.common import MODEL_HELP, ParamsOpt, TrackingOpt, absolute_path, fail, registered_model_uri, stage_config
 from sarflow.errors import SarflowError
 
 segment_app = typer.Typer(help="Semantic segmentation: ViT head on a registered encoder vs a from-scratch U-Net (mIoU).",
@@ -27,25 +27,25 @@ def _fmt(v) -> str:
 
 @segment_app.command()
 def train(store: str = typer.Argument(..., callback=absolute_path, help="chip store (local path or s3://)"),
-          encoder: Optional[str] = typer.Option(None, "--encoder", help="registered encoder, e.g. models:/sarflow-encoder-mae/1 "
-                                                "(without it only the U-Net is trained)"),
+          encoder: Optional[str] = typer.Option(None, "--encoder", help=f"the pretrained encoder, a registered {MODEL_HELP}; "
+                                                "e.g. models:/sarflow-encoder-mae/1 (without it only the U-Net is trained)"),
           tracking_uri: Optional[str] = TrackingOpt,
           label: Optional[str] = typer.Option(None, "--label", help="categorical label to segment (default: the "
                                               "store's only one)"),
           modalities: Optional[List[str]] = typer.Option(None, "--modalities", help="U-Net inputs without --encoder "
                                                          "(default: the store's continuous inputs)"),
           steps: Optional[int] = typer.Option(None, "--steps", help="training steps per model"),
-          batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-          lr: Optional[float] = typer.Option(None, "--lr"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="chips per training step"),
+          lr: Optional[float] = typer.Option(None, "--lr", help="learning rate"),
           freeze: Optional[bool] = typer.Option(None, "--freeze/--finetune", help="head on frozen tokens, or fine-tune the encoder"),
           head: Optional[str] = typer.Option(None, "--head", help="linear (1x1 conv + bilinear) or progressive"),
           no_unet: bool = typer.Option(False, "--no-unet", help="train only the ViT head"),
           label_fraction: Optional[List[float]] = typer.Option(None, "--label-fraction",
                                                                help="extra label-efficiency point (fraction of train chips); repeatable"),
-          experiment: Optional[str] = typer.Option(None, "--experiment"),
+          experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment"),
           register: Optional[bool] = typer.Option(None, "--register/--no-register", help="register the model with the better "
                                                   "val mIoU as sarflow-segmentation-<label>"),
-          seed: Optional[int] = typer.Option(None, "--seed"),
+          seed: Optional[int] = typer.Option(None, "--seed", help="random seed"),
           as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
           params: Optional[Path] = ParamsOpt) -> None:
     """Train both models on the train split, score them on the test split, track and register.
@@ -58,6 +58,7 @@ def train(store: str = typer.Argument(..., callback=absolute_path, help="chip st
             "batch_size": batch_size, "lr": lr, "freeze_encoder": freeze, "head": head,
             "train_unet": False if no_unet else None, "label_fractions": label_fraction or None,
             "experiment": experiment, "register": register, "seed": seed, "modalities": modalities or None}, store=store)
+        cfg.encoder_uri = registered_model_uri(cfg.encoder_uri, cfg.tracking_uri)
         out = run_segmentation(cfg)
     except SarflowError as e:
         fail(e)

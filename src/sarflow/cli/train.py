@@ -18,7 +18,7 @@ def pretrain(
     modalities: Optional[str] = typer.Option(None, help="input sources to train on, comma-separated (default: every "
                                                          "input source of the store; params pretrain.modalities)"),
     max_steps: Optional[int] = typer.Option(None, help="optimisation steps"),
-    batch_size: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="chips per training step (per device)"),
     vit_size: Optional[str] = typer.Option(None, help="tiny | small | base"),
     patch: Optional[int] = typer.Option(None, help="patch size (8 or 16)"),
     depth: Optional[int] = typer.Option(None, help="override the ViT depth (tiny CPU configs)"),
@@ -27,7 +27,7 @@ def pretrain(
     workers: Optional[int] = typer.Option(None, help="DataLoader workers"),
     devices: Optional[str] = typer.Option(None, help="'auto', a GPU count, or -1 for all GPUs (DDP)"),
     tracking_uri: Optional[str] = TrackingOpt,
-    experiment: Optional[str] = typer.Option(None),
+    experiment: Optional[str] = typer.Option(None, help="MLflow experiment"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Pretrain a self-supervised encoder (MAE, DINO or CLIP-multimodal), track it in MLflow and

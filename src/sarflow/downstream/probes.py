@@ -172,7 +172,7 @@ def load_probe_data(store: str, features_root: str, model: str | None = None, ve
     label_files = parquet_files(labels_dir)
     if not label_files:
         raise InputError(str(labels_dir), "no chip labels under this features root: run "
-                                          "`sarflow features labels STORE --root ROOT` first")
+                                          "`sarflow features labels STORE --features-root ROOT` first")
     try:
         chips = read_chip_table(store).sort_values("index").reset_index(drop=True)
     except (FileNotFoundError, OSError) as e:
@@ -185,7 +185,7 @@ def load_probe_data(store: str, features_root: str, model: str | None = None, ve
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise InputError(str(labels_dir), f"the chip labels have no columns {missing} for the tasks "
-                                          f"{[t.name for t in tasks]}: rerun `sarflow features labels {store} --root ROOT`")
+                                          f"{[t.name for t in tasks]}: rerun `sarflow features labels {store} --features-root ROOT`")
     view = view_name(model, version)
     cfg = FeatureConfig(root=str(features_root))
     views = {v.name: v for v in open_feature_store(cfg).list_feature_views()}

@@ -274,7 +274,7 @@ def run_region_generalization(store: str, features_root: str, tracking_uri: str 
             raise InputError(f"{features_root} | {other_root}",
                              f"the regions' embeddings differ: {store} has {pa[0]} v{pa[1]} (under {features_root}), "
                              f"{other} has {pb[0]} v{pb[1]} (under {other_root}); embed both with one model and "
-                             "version, or choose one with --model/--version")
+                             "version, or choose one with --model models:/NAME/VERSION")
         other_tasks = {t.name: t for t in store_tasks(other)}
         if any(other_tasks.get(t.name) != t for t in chosen):
             raise InputError(other, f"its labels do not give the tasks {[t.name for t in chosen]} of {store}: "

@@ -64,13 +64,15 @@ EMBEDDINGS = "embeddings"
 @config_dataclass(config=STAGE_CONFIG)
 class EmbedConfig:
     """params.yaml's `embed:` section (the features root is `features.root`): chips per forward
-    pass, the device (None: CUDA when present), the chip reader threads, and the MLflow server
-    holding the encoder."""
+    pass, the device (None: CUDA when present), the chip reader threads, the MLflow server
+    holding the encoder, and `parts`: how many shard ranges the pipelines' embedding fans out
+    over (one GPU task each, then one publish; 1: a single task; `sarflow embed` ignores it)."""
 
     batch_size: int = 256
     device: str | None = None
     workers: int = 2
     tracking_uri: str = field(default_factory=default_tracking_uri)
+    parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -81,28 +83,29 @@ class ModelRef:
 
 
 def resolve_model(uri: str) -> ModelRef:
-    """models:/name/version, models:/name@alias or runs:/id/path -> name and version; clear error if absent."""
+    """A model reference (the rule of every --model: models:/NAME/VERSION, models:/NAME@ALIAS or a
+    bare registered NAME, its newest version; see sarflow.mlops.registry.MODEL_RULE) or
+    runs:/ID/PATH -> name and version; a clear error if the registry lacks it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from sarflow.mlops.registry import MODEL_RULE, resolve_model_ref
+
     client = mlflow.MlflowClient()
     try:
-        if uri.startswith("models:/"):
-            rest = uri[len("models:/"):]
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            else:
-                name, version = rest.rsplit("/", 1)
-                mv = client.get_model_version(name, version)
-            return ModelRef(uri=f"models:/{mv.name}/{mv.version}", name=mv.name, version=str(mv.version))
         if uri.startswith("runs:/"):
             run_id = uri[len("runs:/"):].split("/", 1)[0]
             client.get_run(run_id)
             return ModelRef(uri=uri, name=f"run-{run_id}", version="0")
+        name, version = resolve_model_ref(uri, client=client)
+        mv = client.get_model_version(name, version)
+        return ModelRef(uri=f"models:/{mv.name}/{mv.version}", name=mv.name, version=str(mv.version))
     except MlflowException as e:
         raise InputError(uri, f"no such model in the MLflow registry at {mlflow.get_tracking_uri()} ({e.error_code})") from None
-    raise InputError(uri, "not a model URI: use models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH")
+    except InputError as e:
+        if "not a model reference" in str(e):
+            raise InputError(uri, f"not a model reference: use {MODEL_RULE}, or runs:/RUN_ID/PATH") from None
+        raise
 
 
 GEOPARQUET_VERSION = "1.1.0"

@@ -203,3 +203,67 @@ def _promote(client, tracking_uri: str, name: str, metric: str, higher_is_better
     d.champion_after = d.challenger if d.promoted else d.champion
     _record_history(client, name, d)
     return d
+
+
+# --- the one rule of every command's --model (and of the model references of params and pipelines)
+
+MODEL_RULE = ("a registered model: models:/NAME/VERSION, models:/NAME@ALIAS (the version the alias points at), "
+              "or a bare NAME (its newest version)")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model reference as written: NAME and at most one of VERSION and ALIAS."""
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+
+def parse_model_ref(text: str) -> ModelSpec:
+    """`models:/NAME/VERSION`, `models:/NAME@ALIAS` or a bare `NAME` -> its parts (syntax only,
+    no registry); anything else is an InputError naming the reference and the rule."""
+    ref = (text or "").strip()
+    bad = InputError(text or "--model", f"not a model reference: use {MODEL_RULE}")
+    if ref.startswith("models:/"):
+        rest = ref[len("models:/"):]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            if not name or not alias or "/" in name or "/" in alias:
+                raise bad
+            return ModelSpec(name, alias=alias)
+        name, _, version = rest.partition("/")
+        if not name or not version.isdigit():
+            raise bad
+        return ModelSpec(name, version=str(int(version)))
+    if not ref or ":" in ref or "/" in ref or "@" in ref:
+        raise bad
+    return ModelSpec(ref)
+
+
+def resolve_model_ref(text: str, tracking_uri: str | None = None, newest_in_registry: bool = True,
+                      client=None) -> tuple[str, str | None]:
+    """(NAME, VERSION) of a model reference under :data:`MODEL_RULE`. `models:/NAME/VERSION` needs
+    no registry; an alias is looked up in the registry at `tracking_uri` (default: MLflow's); a
+    bare NAME is its newest registered version, or, with `newest_in_registry=False` (a command
+    that reads what a model already produced, e.g. embeddings under a features root), (NAME, None):
+    the newest version the caller has at hand. A name, version or alias the registry lacks is an
+    InputError naming the reference and the registry."""
+    spec = parse_model_ref(text)
+    if spec.version is not None:
+        return spec.name, spec.version
+    if spec.alias is None and not newest_in_registry:
+        return spec.name, None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient(tracking_uri)
+    where = tracking_uri or mlflow.get_tracking_uri()
+    try:
+        if spec.alias is not None:
+            return spec.name, str(client.get_model_version_by_alias(spec.name, spec.alias).version)
+        versions = client.search_model_versions(f"name='{spec.name}'")
+    except MlflowException as e:
+        raise InputError(text, f"no such model in the MLflow registry at {where} ({e.error_code})") from None
+    if not versions:
+        raise InputError(text, f"no registered model of this name in the MLflow registry at {where}")
+    return spec.name, str(max(int(v.version) for v in versions))

@@ -456,7 +456,7 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
         feature_source = f"{emb_model}/v{emb_version}"
     else:
         if cfg.model or cfg.version:
-            raise InputError("features_root", "a --model/--version needs a --features-root with embeddings")
+            raise InputError("features_root", "a --model needs a --features-root with embeddings")
         raw_feats = band_statistics(raw)
         log.warning("no embeddings under %s: using per-chip band statistics of %s as features", cfg.features_root, mods)
     feats, fmean, fstd = zscore(raw_feats)
