@@ -165,6 +165,75 @@ def test_indexed_job_manifest_validates_against_the_kubernetes_schema():
         kubernetes_validate.validate(broken, "1.30", strict=True)
 
 
+class _JobsAPI:
+    """The part of kubernetes' BatchV1Api that run_indexed_job calls, over an in-memory set of jobs
+    with the API server's answers (409 on a taken name, 404 on a missing one); no cluster here.
+    A created job succeeds after `polls_to_finish` status reads; a deleted one is gone after one read."""
+
+    def __init__(self, existing=None, polls_to_finish=2):
+        from types import SimpleNamespace
+
+        self.ns = SimpleNamespace
+        self.jobs = dict(existing or {})
+        self.calls, self.polls_to_finish = [], polls_to_finish
+
+    def create_namespaced_job(self, ns, body):
+        from kubernetes.client.rest import ApiException
+
+        name = body["metadata"]["name"]
+        self.calls.append(("create", name))
+        if name in self.jobs:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.jobs[name] = {"units": body["spec"]["completions"], "polls": 0, "state": "running"}
+
+    def read_namespaced_job_status(self, name, ns):
+        from kubernetes.client.rest import ApiException
+
+        self.calls.append(("read", name))
+        job = self.jobs.get(name)
+        if job is None:
+            raise ApiException(status=404, reason="NotFound")
+        if job["state"] == "deleting":
+            del self.jobs[name]
+            return self.ns(status=self.ns(succeeded=0, failed=0, conditions=[]))
+        job["polls"] += 1
+        if job["state"] == "running" and job["polls"] >= self.polls_to_finish:
+            job["state"] = "complete"
+        done = job["state"] == "complete"
+        conditions = [self.ns(type="Complete" if done else "Failed", status="True")] if job["state"] != "running" else []
+        return self.ns(status=self.ns(succeeded=job["units"] if done else 0, failed=0 if done or job["state"] == "running"
+                                      else 1, conditions=conditions))
+
+    def delete_namespaced_job(self, name, ns, propagation_policy=None):
+        self.calls.append(("delete", name))
+        self.jobs[name]["state"] = "deleting"
+
+
+def test_indexed_job_rerun_replaces_a_finished_job_and_adopts_a_running_one():
+    from sarflow.data.tile_units import indexed_job_manifest, run_indexed_job
+
+    uri = "s3://chips/big.zarr"
+    name = indexed_job_manifest(uri, 4, "img")["metadata"]["name"]
+    # first run: created, waited for
+    api = _JobsAPI()
+    run_indexed_job(uri, 4, "img", namespace="ns", poll_s=0, api=api)
+    assert [c for c in api.calls if c[0] != "read"] == [("create", name)] and api.jobs[name]["state"] == "complete"
+    # a rerun while the finished job is kept (ttl): deleted, gone, created anew, waited for (no 409 error)
+    api.calls.clear()
+    api.jobs[name] = {"units": 4, "polls": 0, "state": "failed"}
+    run_indexed_job(uri, 4, "img", namespace="ns", poll_s=0, api=api)
+    assert [c for c in api.calls if c[0] != "read"] == [("create", name), ("delete", name), ("create", name)]
+    assert api.jobs[name]["state"] == "complete"
+    # a second launcher while the store's job is still running: adopted (no second writer), waited for
+    api = _JobsAPI(existing={name: {"units": 4, "polls": 0, "state": "running"}})
+    run_indexed_job(uri, 4, "img", namespace="ns", poll_s=0, api=api)
+    assert [c for c in api.calls if c[0] != "read"] == [("create", name)] and api.jobs[name]["state"] == "complete"
+    # a job that does not finish in time is an error naming it
+    api = _JobsAPI(polls_to_finish=10**9)
+    with pytest.raises(TimeoutError, match=name):
+        run_indexed_job(uri, 4, "img", namespace="ns", poll_s=0, timeout_s=0, api=api)
+
+
 @pytest.mark.slow
 def test_a_store_on_s3_is_versioned_by_its_object_manifest_and_lineage_reads_it(reference, tiny_scene, s3env):
     from sarflow.data.storage import s3_filesystem

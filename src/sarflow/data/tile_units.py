@@ -556,28 +556,72 @@ def indexed_job_manifest(store_uri: str, units: int, image: str, parallelism: in
 
 
 def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 16, namespace: str | None = None,
-                    timeout_s: int = 86400, poll_s: float = 10.0) -> None:
-    """Creates the Indexed Job (in-cluster config, else ~/.kube/config) and waits for it to succeed."""
+                    timeout_s: int = 86400, poll_s: float = 10.0, api=None) -> None:
+    """Creates the Indexed Job (in-cluster config, else ~/.kube/config) and waits for it to succeed.
+
+    The job's name follows the store (one build per store: two jobs writing one store's shards
+    would break the one-writer-per-shard rule). A job of that name left by an earlier run (kept
+    for a day after it finished) is the rerun case: still running, it is adopted and waited for;
+    finished or failed, it is deleted and created anew (units already written are skipped by
+    `sarflow tile-unit`, so a rerun only does what is left). `api`: a BatchV1Api (tests)."""
     import time
 
-    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
 
-    try:
-        config.load_incluster_config()
-        ns = namespace or Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
-    except config.ConfigException:
-        config.load_kube_config()
-        ns = namespace or "sarflow"
+    if api is None:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+            namespace = namespace or Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
+        except config.ConfigException:
+            config.load_kube_config()
+        api = client.BatchV1Api()
+    ns = namespace or "sarflow"
     manifest = indexed_job_manifest(store_uri, units, image, parallelism, namespace=ns)
-    api = client.BatchV1Api()
-    api.create_namespaced_job(ns, manifest)
     name = manifest["metadata"]["name"]
     deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            api.create_namespaced_job(ns, manifest)
+            break
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        st = api.read_namespaced_job_status(name, ns).status
+        if not _job_finished(st, units):
+            break  # the same store's build, still running: wait for it
+        api.delete_namespaced_job(name, ns, propagation_policy="Foreground")
+        while _job_exists(api, name, ns):  # gone before the new one is created
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {ns}/{name}: the previous run's job was not deleted in {timeout_s}s")
+            time.sleep(poll_s)
     while time.monotonic() < deadline:
         st = api.read_namespaced_job_status(name, ns).status
         if (st.succeeded or 0) >= units:
             return
-        if any(c.type == "Failed" and c.status == "True" for c in (st.conditions or [])):
+        if _job_failed(st):
             raise RuntimeError(f"job {ns}/{name} failed: {st.failed} pods failed (`kubectl -n {ns} logs job/{name}`)")
         time.sleep(poll_s)
     raise TimeoutError(f"job {ns}/{name} did not finish in {timeout_s}s")
+
+
+def _job_failed(status) -> bool:
+    return any(c.type == "Failed" and c.status == "True" for c in (status.conditions or []))
+
+
+def _job_finished(status, units: int) -> bool:
+    return _job_failed(status) or (status.succeeded or 0) >= units or \
+        any(c.type == "Complete" and c.status == "True" for c in (status.conditions or []))
+
+
+def _job_exists(api, name: str, ns: str) -> bool:
+    from kubernetes.client.rest import ApiException
+
+    try:
+        api.read_namespaced_job_status(name, ns)
+        return True
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
