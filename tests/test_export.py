@@ -187,3 +187,88 @@ def test_cli_export_split_and_errors(tiny_store, store, tmp_path):
         assert res.exit_code == 2, res.output
         assert str(tiny_store) in res.output and cause in res.output
     assert not bad.exists() or not any(bad.iterdir())
+
+
+def test_chip_pixels_mosaic_is_a_categorical_cog(store, tmp_path):
+    """Per-pixel class codes of chips (a segmentation's predictions) as one COG mosaic: gdalinfo sees a COG on the
+    store's grid with the classes' palette; rasterio reads back the values, nodata where no chip lies."""
+    from rasterio.crs import CRS
+
+    from sarflow.data.export import export_chip_pixels
+
+    a, b = _adjacent_pair(store)
+    classes = list(store.array("worldcover").attrs["classes"])[:3]
+    codes = np.array([c["code"] for c in classes], dtype=np.uint8)
+    rng = np.random.default_rng(3)
+    values = codes[rng.integers(0, 3, (2, 32, 32))]
+    values[1, :5, :7] = 0  # no prediction
+    path = export_chip_pixels(store, [a["chip_id"], b["chip_id"]], values, ["class"], tmp_path / "seg.tif", 0,
+                              tags={"model": "test"}, classes=classes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.tif"]
+    info = _gdalinfo(path)
+    assert info["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG"
+    assert info["geoTransform"] == pytest.approx([a["minx"], 10.0, 0.0, a["maxy"], 0.0, -10.0])
+    assert CRS.from_wkt(info["coordinateSystem"]["wkt"]) == CRS.from_user_input(store.attrs["crs"])
+    band = info["bands"][0]
+    assert band["type"] == "Byte" and band["noDataValue"] == 0 and band["colorInterpretation"] == "Palette"
+    palette = {i: e for i, e in enumerate(band["colorTable"]["entries"])}
+    c0 = classes[0]["color"]
+    assert palette[int(codes[0])][:3] == [int(c0[i:i + 2], 16) for i in (1, 3, 5)]
+    src, data, nd = _read_back(path)
+    assert nd == 0 and data.shape == (1, 32, 64)
+    np.testing.assert_array_equal(data[0], np.concatenate([values[0], values[1]], axis=1))
+    with rasterio_open(path) as r:
+        assert r.tags()["classes"].startswith(f"{classes[0]['code']}={classes[0]['name']}")
+
+
+def test_chip_pixels_refuses_mismatched_values(store, tmp_path):
+    from sarflow.data.export import export_chip_pixels
+
+    ids = list(store.chips["chip_id"].iloc[:2])
+    with pytest.raises(InputError, match="do not match"):
+        export_chip_pixels(store, ids, np.zeros((2, 1, 16, 16), np.uint8), ["c"], tmp_path / "x.tif", 0)
+    with pytest.raises(InputError, match="not in the store's chip table"):
+        export_chip_pixels(store, ["nope"], np.zeros((1, 1, 32, 32), np.uint8), ["c"], tmp_path / "x.tif", 0)
+    assert not any(tmp_path.iterdir())
+
+
+def test_segmentation_prediction_map_is_the_predictions(store, tmp_path):
+    """The segmentation run's map: class positions -> the label's declared codes, the label's nodata where a test
+    chip has no input data and where no test chip lies, palette of the declared classes."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sarflow.downstream.segmentation.run import prediction_map
+
+    lab = store.array("worldcover")
+    classes = [int(c["code"]) for c in lab.attrs["classes"]]
+    t = store.chips
+    a = t.iloc[0]
+    b = t[(t["ix"] == a["ix"] + 1) & (t["iy"] == a["iy"] + 1)].iloc[0]  # a diagonal: two cells uncovered
+    rng = np.random.default_rng(5)
+    pred = torch.from_numpy(rng.integers(0, len(classes), (2, 32, 32)))
+    x = torch.from_numpy(rng.normal(size=(2, 3, 32, 32)).astype(np.float32))
+    x[0, :, 10:20, 3:9] = float("nan")  # no input in any channel: no prediction
+    x[1, 0, :4, :4] = float("nan")  # one channel missing: still predicted
+    data = SimpleNamespace(label="worldcover", classes=classes, test_chip_ids=[a["chip_id"], b["chip_id"]], x_test=x)
+    path = prediction_map(str(store.path), data, pred, tmp_path / "segmentation_unet.tif", "unet")
+    info = _gdalinfo(path)
+    assert info["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG"
+    nodata = int(lab.attrs["nodata_in_store"])
+    assert info["bands"][0]["noDataValue"] == nodata and info["bands"][0]["type"] == "Byte"
+    src, data_back, nd = _read_back(path)
+    want = np.asarray(classes, dtype=np.uint8)[pred.numpy()]
+    want[0, 10:20, 3:9] = nodata
+    minx, maxy = min(a["minx"], b["minx"]), max(a["maxy"], b["maxy"])
+    assert src.transform[2] == pytest.approx(minx) and src.transform[5] == pytest.approx(maxy)
+    for k, rec in enumerate((a, b)):
+        r0, c0 = int(round((maxy - rec["maxy"]) / 10)), int(round((rec["minx"] - minx) / 10))
+        np.testing.assert_array_equal(data_back[0, r0:r0 + 32, c0:c0 + 32], want[k])
+    assert int((data_back == nodata).sum()) == 2 * 32 * 32 + 10 * 6  # two uncovered cells and the blind pixels
+
+
+def rasterio_open(path):
+    import rasterio
+
+    return rasterio.open(path)

@@ -351,3 +351,117 @@ def open_chip_xarray(store, modality: str, chip):
         da.y.attrs.update(axis="Y", standard_name="projection_y_coordinate", units=unit)
     da.encoding["grid_mapping"] = "spatial_ref"
     return da
+
+
+# --- the store read in place by xarray: the georeference arrays finalize writes beside the modalities ---
+
+CHIP_DIM, Y_DIM, X_DIM = "chip", "y", "x"
+GRID_MAPPING = "spatial_ref"  # scalar: the CRS as CF grid-mapping attributes (what rioxarray writes)
+CHIP_X, CHIP_Y = "chip_x", "chip_y"  # (chip, x) / (chip, y) float64: each chip's pixel-centre coordinates
+GEO_ARRAYS = (GRID_MAPPING, CHIP_X, CHIP_Y)  # never modalities: readers take modalities from the group's attributes
+COORD_CHUNK_CHIPS = 256
+
+
+def band_dim(modality: str) -> str:
+    """The band dimension of a modality's array (modalities differ in their band count)."""
+    return f"{modality}_band"
+
+
+def check_source_names(names, where: str) -> None:
+    """Refuses source names that would clash with the store's dimensions or georeference arrays in xarray
+    (a variable named like a dimension must be that 1-D dimension)."""
+    names = [str(n) for n in names]
+    taken = set(GEO_ARRAYS) | {CHIP_DIM, Y_DIM, X_DIM} | {band_dim(n) for n in names}
+    bad = sorted(n for n in names if n in taken)
+    if bad:
+        raise InputError(where, f"source name(s) {bad} are reserved in the chip store (its dimensions and "
+                                f"georeference arrays: {sorted(set(GEO_ARRAYS) | {CHIP_DIM, Y_DIM, X_DIM})}, "
+                                "'<source>_band'): rename the source(s) in the catalog")
+
+
+def _axis_attrs(crs, axis: str) -> dict:
+    if crs.is_geographic:
+        return ({"axis": "X", "standard_name": "longitude", "units": "degrees_east"} if axis == "x" else
+                {"axis": "Y", "standard_name": "latitude", "units": "degrees_north"})
+    unit = crs.axis_info[0].unit_name if crs.axis_info else "metre"
+    return {"axis": axis.upper(), "standard_name": f"projection_{axis}_coordinate", "units": unit}
+
+
+def write_georeference(root: zarr.Group, table, crs, resolution: float, chip_size: int, modalities) -> None:
+    """Writes what xarray and rioxarray read from the store in place (finalize calls it before the integrity
+    record, which covers these arrays too): a scalar `spatial_ref` with the CF grid mapping of `crs`, per-chip
+    pixel-centre coordinates `chip_x` (chip, x) and `chip_y` (chip, y) from the chip table (row `index`), and on
+    every modality array `grid_mapping` and `coordinates` attributes naming them. The modality arrays already
+    carry `dimension_names` (chip, <modality>_band, y, x)."""
+    order = table.sort_values("index")
+    if not np.array_equal(order["index"].to_numpy(), np.arange(len(order))):
+        raise InputError("chips.parquet", "the chip table's rows are not the arrays' rows 0..n-1")
+    res, size = float(resolution), int(chip_size)
+    centres = (np.arange(size, dtype=np.float64) + 0.5) * res
+    cx = order["minx"].to_numpy(np.float64)[:, None] + centres[None, :]
+    cy = order["maxy"].to_numpy(np.float64)[:, None] - centres[None, :]
+    root.create_array(GRID_MAPPING, shape=(), dtype="int64", fill_value=0, dimension_names=(),
+                      attributes=cf_grid_mapping(crs), overwrite=True)
+    rows = max(1, min(len(order), COORD_CHUNK_CHIPS))
+    for name, axis, values in ((CHIP_X, X_DIM, cx), (CHIP_Y, Y_DIM, cy)):
+        arr = root.create_array(name, shape=values.shape, chunks=(rows, size), dtype="float64", fill_value=np.nan,
+                                dimension_names=(CHIP_DIM, axis), overwrite=True,
+                                attributes={**_axis_attrs(crs, axis), "long_name": f"pixel-centre {axis} of each chip",
+                                            "resolution": res})
+        arr[...] = values
+    for m in modalities:
+        root[m].attrs.update({"grid_mapping": GRID_MAPPING, "coordinates": f"{CHIP_X} {CHIP_Y} {GRID_MAPPING}"})
+
+
+def open_store_xarray(path):
+    """The whole store as an xarray.Dataset, read in place (`xr.open_zarr`, consolidated metadata, lazy dask
+    arrays): one variable per modality (chip, <modality>_band, y, x) with the store's raw values (nodata as
+    stored: `nodata_in_store`), coordinates `chip_x` (chip, x), `chip_y` (chip, y) and `spatial_ref` (the CRS,
+    CF grid mapping). One chip, georeferenced: `chip(ds, i)`. Local paths and s3:// (keys from the AWS env)."""
+    import xarray as xr
+
+    uri = str(path)
+    group = open_chip_group(uri)  # the integrity check and a one-line error for a missing or damaged store
+    missing = [a for a in GEO_ARRAYS if a not in group]
+    if missing:
+        raise InputError(uri, f"the store has no georeference arrays {missing} (built by an older sarflow): "
+                              "rerun `sarflow tile` on its catalog")
+    opts = {}
+    if uri.startswith("s3://"):
+        from sarflow.data.storage import s3_storage_options
+
+        opts["storage_options"] = s3_storage_options()
+    ds = xr.open_zarr(uri, zarr_format=3, consolidated=True, mask_and_scale=False, decode_coords="all", **opts)
+    return ds[list(group.attrs["modalities"])]  # the modalities with their coordinates, nothing else
+
+
+def chip(ds, i: int, masked: bool = True):
+    """Chip `i` (a row of the arrays) of `open_store_xarray`'s Dataset, georeferenced: dims (band, y, x) per
+    modality with `x`/`y` the chip's pixel centres as dimension coordinates, band names on `<modality>_band`,
+    and the `spatial_ref` grid mapping, so rioxarray's `rio.crs` / `rio.transform()` and odc-geo read the chip's
+    grid. The one documented call behind it: ``ds.isel(chip=i).assign_coords(x=..chip_x.., y=..chip_y..)``.
+    With `masked` (default) values follow the store's one nodata rule (`read_masked`: float32, NaN at nodata and
+    outside a declared range); otherwise the raw values."""
+    n = int(ds.sizes[CHIP_DIM])
+    if not 0 <= int(i) < n:
+        raise InputError("chip", f"row {i} is not in the store (rows 0..{n - 1})")
+    one = ds.isel({CHIP_DIM: int(i)})
+    one = one.assign_coords({X_DIM: (X_DIM, one[CHIP_X].values, dict(one[CHIP_X].attrs)),
+                             Y_DIM: (Y_DIM, one[CHIP_Y].values, dict(one[CHIP_Y].attrs))})
+    one = one.drop_vars([CHIP_X, CHIP_Y])
+    out = {}
+    for name, var in one.data_vars.items():
+        bands = list(var.attrs.get("bands") or range(var.shape[0]))
+        v = var.assign_coords({var.dims[0]: bands})
+        if masked:
+            v = v.copy(data=_masked_attrs(var.attrs, np.asarray(var.values)))
+        v.encoding["grid_mapping"] = GRID_MAPPING
+        out[name] = v
+    return one.assign(out)
+
+
+def _masked_attrs(attrs: dict, raw: np.ndarray) -> np.ndarray:
+    """`masked` on values whose array attributes are `attrs` (nodata_in_store, range)."""
+    from types import SimpleNamespace
+
+    return masked(SimpleNamespace(attrs=attrs), raw)

@@ -100,12 +100,7 @@ def _colormap(st: ChipStore, modality: str, enc: _Encoding) -> dict | None:
     classes = st.array(modality).attrs.get("classes") or []
     if not (enc.as_int and enc.dtype in ("uint8", "uint16") and len(enc.bands) == 1 and classes):
         return None
-    cmap = {}
-    for c in classes:
-        colour = str(c.get("color") or "")
-        if len(colour) == 7 and colour.startswith("#"):
-            cmap[int(c["code"])] = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) + (255,)
-    return cmap or None
+    return _palette(classes)
 
 
 def _write_cog(path: Path, fill, enc: _Encoding, tags: dict, profile: dict, colormap: dict | None) -> Path:
@@ -148,9 +143,7 @@ def export_chips(store, modality: str, out_dir, chips=None, split: str | None = 
     sel = select_chips(st, chips, split, all_chips)
     enc = _encoding(st, modality)
     res = float(st.attrs["resolution"])
-    from rasterio.crs import CRS
-
-    crs_wkt = CRS.from_user_input(store_crs(st.attrs).to_wkt()).to_wkt()
+    crs_wkt = _crs_wkt(st)
     cmap = _colormap(st, modality, enc)
     out_dir = Path(out_dir)
     count, h, w = (int(s) for s in arr.shape[1:])
@@ -175,10 +168,26 @@ def export_chips(store, modality: str, out_dir, chips=None, split: str | None = 
 
 
 def _mosaic(st, arr, sel, rows, enc, res, crs_wkt, cmap, path, tags) -> Path:
+    def chips():
+        for start in range(0, len(rows), READ_BATCH):
+            part = sel.iloc[start:start + READ_BATCH]
+            raws = _read(arr, rows[start:start + READ_BATCH])
+            for _, rec in part.iterrows():
+                yield (rec, *_encode(arr, raws[int(rec["index"])], enc))
+
+    count, h, w = (int(s) for s in arr.shape[1:])
+    out = _write_mosaic(path, sel, chips, (count, h, w), enc, res, crs_wkt, cmap, tags | {"chips": len(rows)})
+    log.info("%s: mosaic of %d chip(s) of %s written to %s", tags["sarflow_store"], len(rows), tags["sarflow_modality"], out)
+    return out
+
+
+def _write_mosaic(path, sel, chips, shape, enc, res, crs_wkt, cmap, tags) -> Path:
+    """A COG covering the chips of `sel` (their bounds) on the store's grid; `chips()` yields (record, values,
+    valid) per chip, placed by the record's minx/maxy; a later chip's valid pixels win; uncovered pixels are nodata."""
     from affine import Affine
     from rasterio.windows import Window
 
-    count, h, w = (int(s) for s in arr.shape[1:])
+    count, h, w = shape
     minx, maxy = float(sel["minx"].min()), float(sel["maxy"].max())
     width = int(round((float(sel["maxx"].max()) - minx) / res))
     height = int(round((maxy - float(sel["miny"].min())) / res))
@@ -190,21 +199,86 @@ def _mosaic(st, arr, sel, rows, enc, res, crs_wkt, cmap, path, tags) -> Path:
             for c0 in range(0, width, 256):
                 win = Window(c0, r0, min(256, width - c0), min(256, height - r0))
                 dst.write(blank[:, :win.height, :win.width], window=win)
-        for start in range(0, len(rows), READ_BATCH):
-            part = sel.iloc[start:start + READ_BATCH]
-            raws = _read(arr, rows[start:start + READ_BATCH])
-            for _, rec in part.iterrows():
-                data, valid = _encode(arr, raws[int(rec["index"])], enc)
-                col = int(round((float(rec["minx"]) - minx) / res))
-                row = int(round((maxy - float(rec["maxy"])) / res))
-                win = Window(col, row, w, h)
-                if valid.all():
-                    dst.write(data, window=win)
-                elif valid.any():  # a later chip's valid pixels win; its nodata leaves what is there
-                    dst.write(np.where(valid, data, dst.read(window=win)), window=win)
+        for rec, data, valid in chips():
+            col = int(round((float(rec["minx"]) - minx) / res))
+            row = int(round((maxy - float(rec["maxy"])) / res))
+            win = Window(col, row, w, h)
+            if valid.all():
+                dst.write(data, window=win)
+            elif valid.any():  # a later chip's valid pixels win; its nodata leaves what is there
+                dst.write(np.where(valid, data, dst.read(window=win)), window=win)
 
-    out = _write_cog(path, fill, enc, tags | {"chips": len(rows)}, profile, cmap)
-    log.info("%s: mosaic of %d chip(s) of %s written to %s", tags["sarflow_store"], len(rows), tags["sarflow_modality"], out)
+    return _write_cog(path, fill, enc, tags, profile, cmap)
+
+
+def _palette(classes) -> dict | None:
+    """{code: (r, g, b, 255)} of declared classes with a '#rrggbb' colour (QGIS shows the raster as classes)."""
+    cmap = {}
+    for c in classes or ():
+        colour = str(c.get("color") or "")
+        if len(colour) == 7 and colour.startswith("#"):
+            cmap[int(c["code"])] = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) + (255,)
+    return cmap or None
+
+
+def _chip_records(st: ChipStore, chip_ids, where) -> tuple[list[str], object]:
+    """The chip table's rows of `chip_ids` (in that order); an id not in the table is refused."""
+    table = st.chips.set_index("chip_id")
+    ids = [str(c) for c in chip_ids]
+    missing = [c for c in ids if c not in table.index]
+    if missing:
+        raise InputError(str(st.path), f"{len(missing)} chip id(s) are not in the store's chip table (first: {missing[0]})")
+    return ids, table.loc[ids]
+
+
+def _crs_wkt(st: ChipStore) -> str:
+    from rasterio.crs import CRS
+
+    return CRS.from_user_input(store_crs(st.attrs).to_wkt()).to_wkt()
+
+
+def export_chip_pixels(store, chip_ids, values: np.ndarray, band_names: list[str], path, nodata, tags: dict | None = None,
+                       classes: list[dict] | None = None, units: str | None = None) -> Path:
+    """Per-pixel values of chips (a model's per-pixel predictions: class codes of a segmentation) as one COG mosaic on
+    the store's grid at the store's resolution: `values` (chips, bands, H, W) or (chips, H, W) of the chip ids
+    `chip_ids`, each placed by its bounds (overlaps: a later chip's valid pixels win); `nodata` marks pixels without
+    a value and fills the pixels no chip covers. Integer values keep their dtype; with `classes` ({code, name,
+    color}) they are categorical, with the classes' palette and names in the tags (overviews: nearest). Floats are
+    written as float32 with NaN as nodata."""
+    st = store if isinstance(store, ChipStore) else open_store(store)
+    values = np.asarray(values)
+    values = values[:, None] if values.ndim == 3 else values
+    size = int(st.attrs["chip_size"])
+    ids, recs = _chip_records(st, chip_ids, path)
+    if values.ndim != 4 or len(ids) != len(values) or values.shape[1] != len(band_names) \
+            or values.shape[2:] != (size, size):
+        raise InputError(str(path), f"{len(ids)} chips of {size}x{size} px, values of shape {values.shape} and "
+                                    f"{len(band_names)} band names do not match")
+    as_int = values.dtype.kind in "iub"
+    if not as_int:
+        values, nodata = values.astype(np.float32), float("nan")
+    elif not np.can_cast(np.min_scalar_type(nodata), values.dtype):
+        raise InputError(str(path), f"nodata {nodata} does not fit the values' dtype {values.dtype}")
+    categorical = classes is not None
+    enc = _Encoding(dtype=np.dtype(values.dtype).name, nodata=values.dtype.type(nodata).item(), as_int=as_int,
+                    bands=list(band_names), units=units, kind="categorical" if categorical else "continuous",
+                    resampling="NEAREST" if categorical or as_int else "AVERAGE")
+
+    # a palette where GeoTIFF takes one: a single uint8/uint16 band
+    cmap = _palette(classes) if categorical and enc.dtype in ("uint8", "uint16") and len(band_names) == 1 else None
+
+    def chips():
+        for k, (_, rec) in enumerate(recs.iterrows()):
+            v = values[k]
+            yield rec, v, (v != enc.nodata) if as_int else ~np.isnan(v)
+
+    tags = {"sarflow_store": str(st.path), "catalog_hash": st.attrs.get("catalog_hash"), "chips": len(ids),
+            **(tags or {})}
+    if categorical:
+        tags["classes"] = "; ".join(f"{c['code']}={c.get('name', c['code'])}" for c in classes)
+    out = _write_mosaic(Path(path), recs, chips, values.shape[1:], enc, float(st.attrs["resolution"]), _crs_wkt(st),
+                        cmap, tags)
+    log.info("%s: per-pixel values of %d chip(s) written to %s", st.path, len(ids), out)
     return out
 
 
@@ -220,14 +294,9 @@ def export_chip_values(store, chip_ids, values: np.ndarray, band_names: list[str
     st = store if isinstance(store, ChipStore) else open_store(store)
     values = np.asarray(values)
     values = values[:, None] if values.ndim == 1 else values
-    table = st.chips.set_index("chip_id")
-    ids = [str(c) for c in chip_ids]
-    missing = [c for c in ids if c not in table.index]
-    if missing:
-        raise InputError(str(st.path), f"{len(missing)} chip id(s) are not in the store's chip table (first: {missing[0]})")
+    ids, recs = _chip_records(st, chip_ids, path)
     if len(ids) != len(values) or values.shape[1] != len(band_names):
         raise InputError(str(path), f"{len(ids)} chips, {values.shape} values and {len(band_names)} band names do not match")
-    recs = table.loc[ids]
     res = float(st.attrs["resolution"])
     cell = (int(st.attrs["chip_size"]) - int(st.attrs.get("overlap", 0))) * res
     minx, maxy = float(recs["minx"].min()), float(recs["maxy"].max())
@@ -241,14 +310,11 @@ def export_chip_values(store, chip_ids, values: np.ndarray, band_names: list[str
                     resampling="nearest" if categorical else "average")
     grid = np.full((len(band_names), height, width), enc.nodata, dtype=enc.dtype)
     grid[:, rows, cols] = values.T.astype(enc.dtype)
-    from rasterio.crs import CRS
-
-    crs_wkt = CRS.from_user_input(store_crs(st.attrs).to_wkt()).to_wkt()
+    crs_wkt = _crs_wkt(st)
     profile = _profile(enc, width, height, len(band_names), Affine(cell, 0.0, minx, 0.0, -cell, maxy), crs_wkt)
     cmap = None
     if categorical:
-        cmap = {int(c["code"]): tuple(int(str(c["color"])[i:i + 2], 16) for i in (1, 3, 5)) + (255,)
-                for c in classes if len(str(c.get("color") or "")) == 7} or None
+        cmap = _palette(classes)
         tags = {**(tags or {}), "classes": "; ".join(f"{c['code']}={c.get('name', c['code'])}" for c in classes)}
     out = _write_cog(Path(path), lambda dst: dst.write(grid), enc,
                      {"sarflow_store": str(st.path), "catalog_hash": st.attrs.get("catalog_hash"), "chips": len(ids),

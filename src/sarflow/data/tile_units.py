@@ -36,7 +36,7 @@ import zarr
 
 from sarflow import __version__
 from sarflow.data.catalog import LoadedCatalog
-from sarflow.data.chipstore import CHIPS_TABLE
+from sarflow.data.chipstore import CHIPS_TABLE, check_source_names, write_georeference
 from sarflow.data.grid import SPLIT_LABELS, block_split
 from sarflow.data.ingest import Ingested, gdal_env, ingest, valid_mask
 from sarflow.data.storage import is_s3, s3_storage_options
@@ -110,6 +110,7 @@ class Location:
         if self.s3:
             return zarr.storage.FsspecStore.from_url(self.work, storage_options=s3_storage_options(), read_only=False)
         return zarr.storage.LocalStore(self.work)
+
 
 # ---------------------------------------------------------------- one build of a store at a time
 
@@ -206,7 +207,6 @@ class build_lock:  # noqa: N801 - used as a context manager, like a function
         return False
 
 
-
 # ---------------------------------------------------------------- the plan
 
 @dataclass
@@ -294,6 +294,7 @@ def _plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
     if loc.finished() and not options.overwrite:
         raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
     ing = ingest(catalog, checksum=options.checksum)
+    check_source_names([s.name for s in ing.sources], str(ing.catalog.path))
     fingerprint = _fingerprint(ing, options)
     if loc.exists(BUILD, "plan.json"):
         try:
@@ -447,10 +448,12 @@ def finalize(out: str | Path) -> str:
     table.to_parquet(buf, index=False)
     loc.write(buf.getvalue(), CHIPS_TABLE)
     loc.write(loc.read(BUILD, MANIFEST), MANIFEST)
+    g = ing.grid
+    # what xarray reads in place: spatial_ref, chip_x/chip_y (not modalities: readers take those from the attributes)
+    write_georeference(root, table, g.crs, g.resolution, g.chip_size, [s.name for s in ing.sources])
     from sarflow.data.integrity import record
 
-    record(loc.work)  # every shard and the chip table (size, SHA-256), before the attributes that finish the store
-    g = ing.grid
+    record(loc.work)  # every shard, the coordinate arrays and the chip table (size, SHA-256), before the attributes
     root.attrs.update({  # last: a reader of s3:// sees the store finished when `chips` is there
         "crs": g.crs.to_string(),
         "crs_wkt": g.crs.to_wkt(),

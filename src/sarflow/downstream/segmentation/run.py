@@ -32,6 +32,32 @@ log = logging.getLogger(__name__)
 PRIMARY_METRIC = ("test_miou", True)  # (metric, higher is better)
 
 
+def prediction_map(store: str, data, pred, path: Path, model: str) -> Path | None:
+    """Per-pixel class predictions of the test chips (`pred`: class positions, (chips, H, W)) as one COG mosaic on
+    the store's grid (`export.export_chip_pixels`): the declared class codes in the label's dtype, the label's
+    nodata where a pixel has no input data and where no test chip lies, the classes' palette. A store on s3://
+    gets none (logged)."""
+    from sarflow.data.chipstore import open_store
+    from sarflow.data.export import export_chip_pixels
+
+    if str(store).startswith("s3://"):
+        log.info("%s: prediction maps are written for local stores only", store)
+        return None
+    st = open_store(store)
+    arr = st.array(data.label)
+    dtype, nodata = np.dtype(arr.dtype), arr.attrs.get("nodata_in_store")
+    codes = np.asarray(data.classes, dtype=np.int64)
+    if dtype.kind not in "iu" or nodata in (None, "NaN") or int(nodata) in codes.tolist() \
+            or not all(np.can_cast(np.min_scalar_type(int(c)), dtype) for c in codes):
+        dtype, nodata = np.dtype("uint16"), 65535  # the label has no integer nodata of its own: as the LLP maps
+    values = codes[np.asarray(pred)].astype(dtype)
+    values[~np.isfinite(np.asarray(data.x_test)).any(axis=1)] = nodata  # no input: no prediction
+    declared = {int(c["code"]): c for lab in st.labels if lab.name == data.label for c in lab.classes}
+    classes = [declared.get(int(c), {"code": int(c), "name": str(c)}) for c in data.classes]
+    return export_chip_pixels(st, data.test_chip_ids, values, [f"{data.label} class"], path, int(nodata),
+                              tags={"model": f"segmentation-{model}", "label": data.label}, classes=classes)
+
+
 def run_segmentation(cfg: SegmentConfig) -> dict:
     """Trains the ViT head (when `encoder_uri` is given) and the U-Net, chooses on the val split,
     scores both on the test split, tracks one MLflow run per model and registers the chosen one as
@@ -165,6 +191,10 @@ def _run(cfg: SegmentConfig) -> dict:
                                 "confusion_matrix.json")
                 mlflow.log_artifact(str(fig), artifact_path="figures")
                 mlflow.log_artifact(str(lfig), artifact_path="figures")
+                seg_map = prediction_map(cfg.store, data, r["pred"], Path(tmp) / f"segmentation_{kind}.tif", kind)
+                if seg_map is not None:
+                    mlflow.log_artifact(str(seg_map), artifact_path="maps")
+                    out.setdefault("maps", {})[kind] = f"maps/{seg_map.name}"
                 register = cfg.register and kind == best
                 info = log_downstream_model(model, registered_task_name(task), example, lineage=lineage,
                                             eval_set=eval_set, metrics=metrics, register=register)
