@@ -311,3 +311,135 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tiny
     finally:
         if blocker.is_dir():
             blocker.chmod(0o755)
+
+
+# --- an S3 outage while embedding to, or versioning into, an s3:// place -----------------------
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+          "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
+@pytest.fixture
+def own_moto(tmp_path, monkeypatch):
+    """A moto S3 server of this test alone (the test stops it mid-way), the environment pointing at it."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from servers import start_moto, stop
+
+    proc, url = start_moto(tmp_path / "moto.log")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    yield proc, url
+    stop(proc)
+
+
+def _error_line(res) -> str:
+    lines = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_store, tmp_path_factory):
+    """A registered tiny MAE (2 steps) on a copy of the tiny store; MLflow in a SQLite file."""
+    import shutil
+
+    from sarflow.training.methods import OptimConfig
+    from sarflow.training.pretrain import PretrainConfig, pretrain
+    from sarflow.training.vit import ViTConfig
+
+    tmp = tmp_path_factory.mktemp("outage")
+    store = tmp / "chips.zarr"
+    shutil.copytree(tiny_store, store)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    pretrain(PretrainConfig(store=str(store), method="mae", vit=ViTConfig(size="tiny", patch=8, depth=1, dim=32, heads=2),
+                            batch_size=8, optim=OptimConfig(max_steps=2, warmup_steps=1), tracking_uri=uri,
+                            method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
+    return store, uri
+
+
+@pytest.mark.slow
+def test_an_s3_outage_while_embedding_names_the_endpoint_and_publishes_nothing(encoder, own_moto, monkeypatch, tmp_path):
+    """Issue 16: the S3 endpoint of an s3:// features root goes away after the chips were embedded,
+    before they are written: one line (the partition, the endpoint, the cause, what is left, how to
+    retry), exit 2, nothing published. Then the endpoint closed from the start: refused before any work."""
+    import tempfile
+
+    import sarflow.features.embed as embed_mod
+    from sarflow.data.storage import ensure_bucket
+    from servers import stop
+
+    store, uri = encoder
+    proc, url = own_moto
+    ensure_bucket("outage")
+    table = embed_mod._embedding_table
+
+    def embedded_then_outage(*a, **k):
+        stop(proc)  # the server goes away mid-run, between the forward passes and the upload
+        return table(*a, **k)
+
+    monkeypatch.setattr(embed_mod, "_embedding_table", embedded_then_outage)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the local copy of the upload is staged
+    root = "s3://outage/features"
+    res = _sarflow("embed", store, "--model", "models:/sarflow-encoder-mae/1", "--root", root, "--tracking-uri", uri,
+                   "--device", "cpu")
+    line = _error_line(res)
+    assert f"{root}/embeddings/model=sarflow-encoder-mae/version=1" in line, line
+    for needle in (url, "failed", "not published", "rerun the same `sarflow embed` when the endpoint answers"):
+        assert needle in line, (needle, line)
+    assert "Traceback" not in res.output
+    assert not list(tmp_path.glob("sarflow-*"))  # no local staging left
+
+    monkeypatch.setattr(embed_mod, "_embedding_table", table)
+    res = _sarflow("embed", store, "--model", "models:/sarflow-encoder-mae/1", "--root", root, "--tracking-uri", uri,
+                   "--device", "cpu")  # the endpoint is closed now: refused before embedding
+    line = _error_line(res)
+    for needle in (root, url, "unreachable", "nothing was embedded or written", "rerun"):
+        assert needle in line, (needle, line)
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_dvc_push_says_the_real_cause(tiny_store, own_moto, monkeypatch, tmp_path):
+    """Issue 16: `sarflow version --remote s3://...` whose endpoint goes away before the push said
+    only DVC's support banner. Now: the remote, the endpoint, DVC's error, what is left, how to retry.
+    An endpoint closed from the start is refused before anything is tracked."""
+    import shutil
+
+    import sarflow.data.versioning as versioning
+    from servers import free_port, stop
+
+    proc, url = own_moto
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    store = repo / "chips.zarr"
+    shutil.copytree(tiny_store, store)
+    configure = versioning.configure_remote
+
+    def configured_then_outage(*a, **k):
+        configure(*a, **k)
+        stop(proc)
+
+    monkeypatch.setattr(versioning, "configure_remote", configured_then_outage)
+    remote = "s3://outage/dvc"
+    res = _sarflow("version", store, "--remote", remote, "--repo", repo)
+    line = _error_line(res)
+    for needle in (remote, url, "dvc push", "Could not connect to the endpoint URL", "not pushed",
+                   f"rerun `sarflow version {store}`"):
+        assert needle in line, (needle, line)
+    assert "dvc.org/support" not in res.output and "Traceback" not in res.output
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    repo2 = tmp_path / "repo2"
+    repo2.mkdir()
+    store2 = repo2 / "chips.zarr"
+    shutil.copytree(tiny_store, store2)
+    res = _sarflow("version", store2, "--remote", remote, "--repo", repo2)
+    line = _error_line(res)
+    for needle in ("s3://outage", closed, "unreachable", "nothing was tracked or pushed", "rerun"):
+        assert needle in line, (needle, line)
+    assert sorted(p.name for p in repo2.iterdir()) == ["chips.zarr"]  # no .dvc, no chips.zarr.dvc

@@ -27,9 +27,28 @@ def dvc(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     env = {**os.environ, **S3_CHECKSUM_ENV, "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise SarflowError(f"dvc {' '.join(args)} failed in {cwd}: {' | '.join(msg[-3:])}")
+        raise SarflowError(f"dvc {' '.join(args)} failed in {cwd}: {dvc_error(proc)}")
     return proc
+
+
+def dvc_error(proc: subprocess.CompletedProcess) -> str:
+    """DVC's own words for a failure: its ERROR lines (without "unexpected error - "), not its
+    support banner; else its last lines. (`-q` makes DVC print the banner only: run it without.)"""
+    lines = [x.strip() for x in (proc.stderr + "\n" + proc.stdout).splitlines() if x.strip()]
+    lines = [x for x in lines if "dvc.org/support" not in x]
+    errors = [x for x in lines if x.startswith("ERROR")]
+    picked = errors or lines[-3:]
+    text = " | ".join(x.removeprefix("ERROR:").strip().removeprefix("unexpected error - ") for x in picked)
+    return text or f"exit status {proc.returncode}, no message"
+
+
+def remote_endpoint(url: str) -> str:
+    """Where a DVC remote lives, for messages: the S3 endpoint of an s3:// remote, else the URL."""
+    if url.startswith("s3://"):
+        from sarflow.data.storage import s3_settings
+
+        return f"{url} at {s3_settings().endpoint_url}"
+    return url
 
 
 def find_repo(start: Path) -> Path | None:
@@ -132,26 +151,35 @@ def version_store(store: str | Path, remote: str | None = None, repo: str | Path
     store = Path(store).resolve()
     chips = open_store(store)
     root = Path(repo).resolve() if repo else (find_repo(store.parent) or store.parent)
+    if remote and remote.startswith("s3://"):  # before anything is written: an unreachable remote leaves nothing
+        from sarflow.data.storage import ensure_bucket, split_s3
+
+        try:
+            ensure_bucket(split_s3(remote)[0])
+        except StorageError as e:
+            raise StorageError(e.where, f"{e.cause}; nothing was tracked or pushed; rerun `sarflow version {store} "
+                                        f"--remote {remote}` when the endpoint answers") from None
     init_repo(root)
     if remote:
-        if remote.startswith("s3://"):
-            from sarflow.data.storage import ensure_bucket, split_s3
-
-            ensure_bucket(split_s3(remote)[0])
         configure_remote(root, remote)
     # not -q: quiet `dvc add` prints no error either, and the stage-output case is told by its message
     added = dvc(["add", os.path.relpath(store, root)], cwd=root, check=False)
     if added.returncode != 0:
         text = added.stderr + added.stdout
         if "dvc.yaml" not in text:  # an output of a dvc.yaml stage is tracked by `dvc repro` instead
-            raise SarflowError(f"dvc add {store} failed: {text.strip()[-400:]}")
+            raise SarflowError(f"dvc add {store} failed: {dvc_error(added)[-400:]}")
     digest = store_hash(root, store)
     pushed = False
     has_remote = bool(dvc(["remote", "list"], cwd=root).stdout.strip())
     if push and has_remote:
-        proc = dvc(["push", "-q"], cwd=root, check=False)
+        proc = dvc(["push"], cwd=root, check=False)  # not -q: quiet DVC prints its support banner, not the error
         if proc.returncode != 0:
-            raise StorageError(remote or "dvc remote", f"dvc push failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+            listed = dvc(["remote", "list"], cwd=root).stdout.split()  # NAME URL per line; the default first
+            url = remote or (listed[1] if len(listed) > 1 else "the DVC remote")
+            raise StorageError(url, f"dvc push to {remote_endpoint(url)} failed: {dvc_error(proc)[-400:]}; the store is "
+                                    f"tracked (DVC md5 {digest}, in {root}) but not pushed, the remote may hold part "
+                                    f"of it; rerun `sarflow version {store}` (or `dvc push` in {root}) when the "
+                                    "remote answers")
         pushed = True
     return {
         "store": str(store),

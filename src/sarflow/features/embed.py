@@ -53,7 +53,7 @@ import shapely
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from sarflow.data.paths import check_root, exists, filesystem, fs_path, is_remote, join, parquet_files, write_table_atomic
-from sarflow.errors import InputError
+from sarflow.errors import InputError, SarflowError, StorageError
 from sarflow.params import STAGE_CONFIG, default_tracking_uri
 from sarflow.processes import alive
 
@@ -289,6 +289,26 @@ def folder_replaced(out: Path):
         raise
 
 
+@contextmanager
+def s3_outage_named(where: str | Path, rows: int):
+    """A failure of the S3 endpoint while embeddings are written to an s3:// root: one StorageError
+    naming the destination, the endpoint, the cause, what is left and how to retry (not a botocore trace)."""
+    try:
+        yield
+    except SarflowError:
+        raise
+    except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many types for one outage
+        if not is_remote(where):
+            raise
+        from sarflow.data.storage import s3_settings
+
+        cause = f"{type(e).__name__}: {e}"
+        raise StorageError(str(where), f"writing {rows} chips' embeddings to the S3 endpoint {s3_settings().endpoint_url} "
+                                       f"failed ({cause[:300]}); they were computed but not published (the partition "
+                                       "is as it was; an --overwrite run may have replaced its part-00000 only); rerun "
+                                       "the same `sarflow embed` when the endpoint answers") from None
+
+
 def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 256, overwrite: bool = False,
                 device: str | None = None, shards: tuple[int, int] | None = None, workers: int = 1) -> dict:
     """Embeds every chip (or, with `shards=(a, b)`, the chips of store shards [a, b) into a
@@ -312,7 +332,11 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
 
     group = open_chip_group(store)  # before the model is loaded: a missing or damaged store is the cheaper answer
     model = resolve_model(model_uri)
-    check_root(root)
+    try:
+        check_root(root)
+    except StorageError as e:
+        raise StorageError(e.where, f"{e.cause}; nothing was embedded or written; rerun the same `sarflow embed` when "
+                                    "the endpoint answers") from None
     out = partition(root, model)
     if exists(out) and not overwrite:
         raise InputError(str(out), f"embeddings of {model.name} v{model.version} already exist (use --overwrite)")
@@ -355,22 +379,23 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     dim = emb.shape[1]
     t1 = time.perf_counter()
     arrow = _embedding_table(table, emb, model, dataset_version)
-    if shards is not None:
-        meta = {"model": model.name, "version": model.version, "dataset_version": dataset_version, "dim": dim,
-                "shards": [a, b], "shards_total": n_shards, "chips_per_shard": per_shard, "rows": [first, n],
-                "chips_total": n_all}
-        arrow = arrow.replace_schema_metadata({**arrow.schema.metadata, PART_KEY: json.dumps(meta).encode()})
-        out = join(staging(root, model), f"part-{a:06d}-{b:06d}.parquet")
-        write_table_atomic(arrow, out, row_group_size=65536)  # a rerun of the range replaces its part
-    elif is_remote(out):
-        write_table_atomic(arrow, f"{out}/part-00000.parquet", row_group_size=65536)
-        fs = filesystem()
-        for stale in parquet_files(out):  # an overwritten partition keeps only the new file
-            if not str(stale).endswith("/part-00000.parquet"):
-                fs.rm(str(stale)[len("s3://"):])
-    else:
-        with folder_replaced(out) as tmp:
-            pq.write_table(arrow, tmp / "part-00000.parquet", row_group_size=65536)
+    with s3_outage_named(staging(root, model) if shards is not None else out, rows):
+        if shards is not None:
+            meta = {"model": model.name, "version": model.version, "dataset_version": dataset_version, "dim": dim,
+                    "shards": [a, b], "shards_total": n_shards, "chips_per_shard": per_shard, "rows": [first, n],
+                    "chips_total": n_all}
+            arrow = arrow.replace_schema_metadata({**arrow.schema.metadata, PART_KEY: json.dumps(meta).encode()})
+            out = join(staging(root, model), f"part-{a:06d}-{b:06d}.parquet")
+            write_table_atomic(arrow, out, row_group_size=65536)  # a rerun of the range replaces its part
+        elif is_remote(out):
+            write_table_atomic(arrow, f"{out}/part-00000.parquet", row_group_size=65536)
+            fs = filesystem()
+            for stale in parquet_files(out):  # an overwritten partition keeps only the new file
+                if not str(stale).endswith("/part-00000.parquet"):
+                    fs.rm(str(stale)[len("s3://"):])
+        else:
+            with folder_replaced(out) as tmp:
+                pq.write_table(arrow, tmp / "part-00000.parquet", row_group_size=65536)
     write_s = time.perf_counter() - t1
     log.info("embedded %d chips with %s v%s in %.1fs + %.1fs writing (%.0f chips/s)", rows, model.name, model.version,
              loop_s, write_s, rows / (loop_s + write_s))
