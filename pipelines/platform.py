@@ -11,6 +11,10 @@ and the exit task that records how a run ended.
   server reads, ``s3://sarflow-feast/registry/registry.db``: what a pipeline applies is what the
   server serves), ``SARFLOW_FEAST_REPO`` (the task's Feast repo folder, a writable ``emptyDir``
   mounted there: sarflow writes its feature_store.yaml into it) and ``SARFLOW_FEAST_SERVER_URL``.
+- **promotion lock**: ``SARFLOW_PROMOTION_LOCK`` (ConfigMap) names the PostgreSQL database of the
+  gate's cross-pod advisory lock, as the role ``sarflow_lock``; promote tasks alone get its
+  password as ``PGPASSWORD`` (secret ``sarflow-postgres``, key ``PROMOTION_LOCK_PASSWORD``, which
+  libpq reads) and the pod label the NetworkPolicies admit to PostgreSQL.
 - **GPU tasks** (pretraining, embedding): ``set_accelerator_type('nvidia.com/gpu')``,
   ``set_accelerator_limit``, a node selector on the GPU pool's label and a toleration of its
   ``nvidia.com/gpu`` NoSchedule taint (the same as k8s/components/gpu-training).
@@ -31,7 +35,12 @@ MINIO_SECRET = "sarflow-s3"  # the bucket-scoped MinIO user, not the root key
 MINIO_SECRET_KEYS = S3_SECRETS[MINIO_SECRET]
 PIPELINE_ENV_CONFIGMAP = "sarflow-pipeline-env"  # k8s/base/kustomization.yaml: the endpoints
 PIPELINE_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "FEAST_S3_ENDPOINT_URL",
-                "SARFLOW_FEAST_REGISTRY", "SARFLOW_FEAST_REPO", "SARFLOW_FEAST_SERVER_URL")
+                "SARFLOW_FEAST_REGISTRY", "SARFLOW_FEAST_REPO", "SARFLOW_FEAST_SERVER_URL", "SARFLOW_PROMOTION_LOCK")
+# promote tasks: the promotion lock's password (k8s/base/postgres/10-promotion-lock.sh) and the label
+# that admits them to PostgreSQL:5432 (k8s/base/networkpolicies.yaml, promotion-lock-egress)
+LOCK_KIND = "promote"
+LOCK_SECRET = ("sarflow-postgres", {"PROMOTION_LOCK_PASSWORD": "PGPASSWORD"})
+LOCK_POD_LABEL = ("sarflow.io/promotion-lock", "true")
 # the task's Feast repo folder: SARFLOW_FEAST_REPO's value in k8s/base/kustomization.yaml, a writable emptyDir
 FEAST_REPO_VOLUME = ("feast-repo", "/etc/sarflow/feature_repo")
 POD_LABEL = ("sarflow.io/pipeline", "true")  # what the NetworkPolicies admit to MinIO, MLflow, Redis
@@ -116,4 +125,7 @@ def stage(task: dsl.PipelineTask, name: str, kind: str, cache: bool, services: b
     """Display name, caching, resources, label and (by default) the service credentials."""
     task.set_display_name(name).set_caching_options(cache)
     sarflow_pod(task, kind)
+    if kind == LOCK_KIND:
+        kubernetes.add_pod_label(task, *LOCK_POD_LABEL)
+        kubernetes.use_secret_as_env(task, secret_name=LOCK_SECRET[0], secret_key_to_env=LOCK_SECRET[1])
     return with_services(task) if services else task

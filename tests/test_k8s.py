@@ -1145,3 +1145,116 @@ def test_feast_accepts_the_manifest_command_and_config(monkeypatch, tmp_path):
     assert config.online_store.connection_string == "redis:6379"
     assert config.offline_store.type == "file"
     assert config.registry.path == "s3://sarflow-feast/registry/registry.db"
+
+
+# ------------------------------------------------------------------ the promotion lock (issue 16)
+
+
+def test_pipeline_platform_wires_the_promotion_lock():
+    """What pipelines/platform.py gives promote tasks matches what k8s/ admits and provides."""
+    import platform as _stdlib_platform  # noqa: F401  (pipelines.platform is a different module)
+
+    from pipelines import platform
+
+    objs = render("base")
+    env = find(objs, "ConfigMap", "sarflow-pipeline-env")["data"]
+    assert set(platform.PIPELINE_ENV) <= set(env), set(platform.PIPELINE_ENV) - set(env)
+    assert "SARFLOW_PROMOTION_LOCK" in platform.PIPELINE_ENV
+    secret, keys = platform.LOCK_SECRET
+    assert keys == {"PROMOTION_LOCK_PASSWORD": "PGPASSWORD"}
+    example = (K8S / "base" / "secrets" / f"{secret}.example.env").read_text()
+    assert re.search(r"^PROMOTION_LOCK_PASSWORD=$", example, re.M)
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    pods = {labels["app.kubernetes.io/name"]: labels for _o, _s, labels, _lr in pod_templates(objs)}
+    task = dict([platform.POD_LABEL, ("workflows.argoproj.io/workflow", "wf")])
+    assert not allowed(policies, task, pods["postgres"], 5432)
+    assert allowed(policies, {**task, **dict([platform.LOCK_POD_LABEL])}, pods["postgres"], 5432)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def fresh_postgres():
+    """A throwaway PostgreSQL server (initdb + pg_ctl; as user `postgres` when run as root) in a
+    short folder of its own under the temp folder (pytest's tmp_path is private to root, and the
+    socket path must stay short)."""
+    import os
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="sarflow-pg-"))
+
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not on PATH")
+    as_user = []
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no `postgres` user to run the server as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        os.chown(tmp_path, pw.pw_uid, pw.pw_gid)
+        tmp_path.chmod(0o755)
+    data, port = tmp_path / "data", _free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "mlflow", "--auth-local=trust",
+                    "--auth-host=scram-sha-256"], check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-w", "-l", str(tmp_path / "log"), "-o",
+                    f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True, timeout=60)
+    subprocess.run([*as_user, "createdb", "-h", str(tmp_path), "-p", str(port), "-U", "mlflow", "mlflow"],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        yield {"socket": str(tmp_path), "port": port}
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_postgres_init_script_gives_the_lock_role_the_lock_and_nothing_else(fresh_postgres, monkeypatch):
+    """Run k8s/base/postgres/10-promotion-lock.sh as the image's entrypoint would, on a real server;
+    then the gate's lock (sarflow.mlops.locks) works as sarflow_lock with PGPASSWORD, a second
+    holder waits, and the role cannot open MLflow's database."""
+    import os
+
+    import psycopg2
+
+    from sarflow.errors import InputError
+    from sarflow.mlops.locks import promotion_lock
+
+    script = K8S / "base" / "postgres" / "10-promotion-lock.sh"
+    env = {**os.environ, "POSTGRES_USER": "mlflow", "POSTGRES_DB": "mlflow", "PGHOST": fresh_postgres["socket"],
+           "PGPORT": str(fresh_postgres["port"]), "PROMOTION_LOCK_PASSWORD": "lock-pw-123"}
+    proc = subprocess.run(["bash", "-c", f"source {script}"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # an empty password refuses to initialise
+    proc = subprocess.run(["bash", "-c", f"source {script}"], env={**env, "PROMOTION_LOCK_PASSWORD": ""},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "PROMOTION_LOCK_PASSWORD" in proc.stderr
+
+    port = fresh_postgres["port"]
+    lock_uri = f"postgresql://sarflow_lock@127.0.0.1:{port}/sarflow_locks"  # as in the ConfigMap
+    monkeypatch.setenv("PGPASSWORD", "lock-pw-123")
+    with promotion_lock("model-a", "http://mlflow:5000", lock_uri=lock_uri, timeout_s=5) as where:
+        assert where == lock_uri
+        with pytest.raises(InputError, match="held the lock"):
+            with promotion_lock("model-a", "http://mlflow:5000", lock_uri=lock_uri, timeout_s=0.5):
+                pass
+    with psycopg2.connect(host="127.0.0.1", port=port, user="sarflow_lock", dbname="sarflow_locks") as conn:
+        with conn.cursor() as cur:
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cur.execute("CREATE TABLE public.t (x int)")
+    for db in ("mlflow", "postgres"):
+        with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+            psycopg2.connect(host="127.0.0.1", port=port, user="sarflow_lock", dbname=db)
+    monkeypatch.setenv("PGPASSWORD", "wrong")
+    with pytest.raises(InputError, match="cannot reach"):
+        with promotion_lock("model-a", "http://mlflow:5000", lock_uri=lock_uri, timeout_s=1):
+            pass
