@@ -249,7 +249,7 @@ def test_a_water_label_is_segmented_with_its_declared_classes_and_colours(tmp_pa
     assert blind > 0
     cmap = _code_cmap(data)
     assert to_hex(cmap(2)) == "#1f5fd0"  # water's declared colour; dry gets the palette's
-    assert [class_label(data, k) for k in range(2)] == ["0 dry", "1 water"]
+    assert [class_label(data, k) for k in range(2)] == ["dry", "water"]
 
     res = run_segmentation(cfg)
     assert res["task"] == "segmentation-flood" and res["best"] == "unet" and "vit" not in res

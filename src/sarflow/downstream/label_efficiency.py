@@ -295,43 +295,77 @@ def label_efficiency_table(summary: pd.DataFrame, tasks) -> pd.DataFrame:
     return table.fillna("–") if len(table) else table
 
 
-def plot_curves(summary: pd.DataFrame, tasks, out_dir: Path, title: str = "") -> list[Path]:
+BAND_CAPTION = ("line: mean test score over draws (each source's probe chosen on val); shaded: 95 % interval of that "
+                "mean, a bootstrap resampling spatial test blocks and draws (block_interval)")
+
+
+def curve_figure(summary: pd.DataFrame, task: Task, title: str = ""):
+    """One task's label-efficiency curves as a Figure (None when the task has no test points):
+    per source the test score of its chosen probe against n on a log axis (ticks at the sizes
+    tried, labels that would overlap left out, the last being every label), the shaded band its
+    interval (`BAND_CAPTION`, said on the figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from sarflow.data.quicklook import thin_tick_labels
+
+    styles = {"embeddings": "-", "pixel_stats": "--", "random_init": "-.", "scratch": ":"}
+    metric, higher = task.metric, task.higher_is_better
+    s = summary[(summary.task == task.name) & (summary["split"] == "test") & (summary.metric == metric)]
+    if s.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    banded = False
+    for source in ("embeddings",) + BASELINE_SOURCES:  # the curves of the table: each source's chosen probe
+        curve = pd.DataFrame(source_curve(summary, task, source))
+        if curve.empty:
+            continue
+        label = source if source == "embeddings" else f"{source} ({curve.probe.iloc[-1]})"
+        line, = ax.plot(curve.n, curve["mean"], styles.get(source, "-"), marker="o", ms=3, label=label)
+        ok = np.isfinite(curve["ci_low"].to_numpy(float)) & np.isfinite(curve["ci_high"].to_numpy(float))
+        if ok.any():
+            banded = True
+            ax.fill_between(curve.n, curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xscale("log")
+    ticks = sorted(int(t) for t in s.n.unique())
+    n_all = int(s[s.is_all].n.max()) if s.is_all.any() else None
+    ax.set_xticks(ticks, [f"{t}\n(all)" if t == n_all else str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel("labelled train chips (n, log scale)")
+    ax.set_ylabel(f"test {metric} ({'higher' if higher else 'lower'} is better)")
+    ax.set_title(f"{task.name} {title}".strip(), fontsize=10)
+    caption = []
+    if task.class_names and task.kind != "regression":
+        names = ", ".join(task.class_names)
+        caption.append(f"classes: {names[:110] + ('…' if len(names) > 110 else '')}")
+    elif task.units:
+        caption.append(f"target: {task.source} ({task.units})")
+    caption.append(BAND_CAPTION if banded else
+                   "line: mean test score over draws; no interval: the test split has too few spatial blocks")
+    ax.text(0.0, -0.2, "\n".join(caption), transform=ax.transAxes, fontsize=6, va="top", wrap=True)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if banded:
+        handles.append(Patch(facecolor="0.5", alpha=0.3, label="95 % block-bootstrap interval"))
+    ax.legend(handles=handles, fontsize=7, ncol=2)
+    fig.tight_layout()
+    thin_tick_labels(ax)
+    return fig
+
+
+def plot_curves(summary: pd.DataFrame, tasks, out_dir: Path, title: str = "") -> list[Path]:
+    """curve_<task>.png per task with test points (`curve_figure`)."""
+    import matplotlib.pyplot as plt
 
     paths = []
-    styles = {"embeddings": "-", "pixel_stats": "--", "random_init": "-.", "scratch": ":"}
     for task in tasks:
-        metric, higher = task.metric, task.higher_is_better
-        s = summary[(summary.task == task.name) & (summary["split"] == "test") & (summary.metric == metric)]
-        if s.empty:
+        fig = curve_figure(summary, task, title)
+        if fig is None:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for source in ("embeddings",) + BASELINE_SOURCES:  # the curves of the table: each source's chosen probe
-            curve = pd.DataFrame(source_curve(summary, task, source))
-            if curve.empty:
-                continue
-            label = source if source == "embeddings" else f"{source} ({curve.probe.iloc[-1]})"
-            line, = ax.plot(curve.n, curve["mean"], styles.get(source, "-"), marker="o", ms=3, label=label)
-            ax.fill_between(curve.n, curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.15)
-        ax.set_xscale("log")
-        ticks = sorted(s.n.unique())
-        ax.set_xticks(ticks, [str(int(t)) for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("labelled train chips (n)")
-        ax.set_ylabel(f"test {metric} ({'higher' if higher else 'lower'} is better; 95% block CI)")
-        ax.set_title(f"{task.name} {title}".strip(), fontsize=10)
-        if task.class_names and task.kind != "regression":
-            names = ", ".join(task.class_names)
-            ax.text(0.0, -0.28, f"classes: {names[:110] + ('…' if len(names) > 110 else '')}",
-                    transform=ax.transAxes, fontsize=6, va="top")
-        elif task.units:
-            ax.text(0.0, -0.28, f"target: {task.source} ({task.units})", transform=ax.transAxes, fontsize=6, va="top")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
         paths.append(out_dir / f"curve_{task.name}.png")
         fig.savefig(paths[-1], dpi=90)
         plt.close(fig)

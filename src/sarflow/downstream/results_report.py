@@ -210,10 +210,19 @@ def _provenance(sources: list[SourceRun]) -> str:
                      for s in sources)
 
 
+WIDE_PX = 700  # a plot at least this wide (pixels) is shown at the page's full width, a smaller one at its own size
+
+
+def _png_width(path: Path) -> int:
+    """A PNG's width in pixels from its header (0 when it is not a PNG)."""
+    head = path.read_bytes()[:24]
+    return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
 def _html(title: str, parts: list[tuple[Section, list[SourceRun] | None, pd.DataFrame | None, list[Path]]]) -> str:
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;font-size:13px}"
-           "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:520px;margin:4px}</style>",
+           "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%;height:auto;display:block;margin:8px 0}img.wide{width:100%}</style>",
            f"</head><body><h1>{html.escape(title)}</h1>"]
     for section, sources, table, plots in parts:
         out.append(f"<h2>{html.escape(section.title)}</h2>")
@@ -224,7 +233,8 @@ def _html(title: str, parts: list[tuple[Section, list[SourceRun] | None, pd.Data
         out.append(table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0))
         for p in plots:
             data = base64.b64encode(p.read_bytes()).decode()
-            out.append(f"<img alt='{html.escape(p.name)}' src='data:image/png;base64,{data}'>")
+            wide = " class='wide'" if _png_width(p) >= WIDE_PX else ""  # maps and multi-panel figures: the page's width
+            out.append(f"<img{wide} alt='{html.escape(p.name)}' src='data:image/png;base64,{data}'>")
     out.append("</body></html>")
     return "\n".join(out)
 

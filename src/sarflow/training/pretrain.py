@@ -224,7 +224,9 @@ def make_datamodule(cfg: PretrainConfig, groups: list[Group]) -> ChipDataModule:
     return ChipDataModule(loader_cfg, cfg.batch_size, cfg.workers, cfg.pin_memory, cfg.prefetch_factor)
 
 
-def _figures(module, method: str, batch: dict, losses: list[float], outdir: Path) -> list[Path]:
+def _figures(module, method: str, batch: dict, losses: list[float], outdir: Path, store: str | None = None) -> list[Path]:
+    """The loss curve and the method's figure (MAE: `mae_figure`, with the input's units read from
+    `store`; DINO: the attention maps)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,29 +244,74 @@ def _figures(module, method: str, batch: dict, losses: list[float], outdir: Path
     blocks = [g for g in module.groups if g.name == module.groups[0].name]
     x, valid = group_input({k: v[:4].to(module.device) for k, v in batch.items() if torch.is_tensor(v)}, blocks)
     if method == "mae":
-        paths += mae_figure(module, x, valid, outdir)
+        units = None
+        if store:
+            from sarflow.data.chipstore import open_chip_group
+
+            units = open_chip_group(store)[module.groups[0].modality].attrs.get("units")
+        paths += mae_figure(module, x, valid, outdir, units)
     elif method == "dino":
         maps = module.attention_maps(x)
         np.save(outdir / "dino_attention.npy", maps)
         paths.append(outdir / "dino_attention.npy")
         heads = maps.shape[1]
-        fig, axes = plt.subplots(len(maps), heads + 1, figsize=(1.8 * (heads + 1), 1.8 * len(maps)), squeeze=False)
+        from sarflow.data.quicklook import add_colorbar
+
+        fig, axes = plt.subplots(len(maps), heads + 1, figsize=(1.8 * (heads + 1) + 1.4, 1.8 * len(maps) + 0.4),
+                                 squeeze=False, layout="constrained")
+        g = module.groups[0]
+        top = float(np.nanmax(maps)) if np.isfinite(maps).any() else 1.0
         for i in range(len(maps)):
-            axes[i, 0].imshow(x[i, 0].float().cpu().numpy(), cmap="gray")
+            im0 = axes[i, 0].imshow(x[i, 0].float().cpu().numpy(), cmap="gray", vmin=-2.5, vmax=2.5)
             for h in range(heads):
-                axes[i, h + 1].imshow(maps[i, h], cmap="inferno")
+                im = axes[i, h + 1].imshow(maps[i, h], cmap="inferno", vmin=0, vmax=top)
                 if i == 0:
                     axes[i, h + 1].set_title(f"head {h}", fontsize=8)
             for a in axes[i]:
                 a.set_xticks([]), a.set_yticks([])
-        fig.tight_layout()
+        axes[0, 0].set_title(f"{g.modality} {g.bands[0]}", fontsize=8)
+        add_colorbar(fig, im0, list(axes[:, 0]), f"z-score of {g.modality} {g.bands[0]} [standard deviations]")
+        add_colorbar(fig, im, list(axes[:, 1:].ravel()), "class-token attention to each patch [softmax weight]")
         paths.append(outdir / "dino_attention.png")
         fig.savefig(paths[-1], dpi=80)
         plt.close(fig)
     return paths
 
 
-def mae_figure(module, x: torch.Tensor, valid: torch.Tensor, outdir: Path) -> list[Path]:
+def mae_reconstruction_fig(module, r: dict[str, np.ndarray], units: str | None = None):
+    """The figure of `mae_figure` from `module.reconstruct`'s arrays: columns input, visible
+    patches, target, prediction of channel 0 (the first band of the first block), titled with its
+    source and band; input and visible patches share a z-score colourbar, target and prediction
+    one on the loss's scale (`units`: the store's units of that band, named on the input's bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sarflow.data.quicklook import add_colorbar
+
+    g = module.groups[0]
+    band = f"{g.modality} {g.bands[0]}"
+    scale = "per-patch normalised" if module.norm_pix_loss else "z-score"
+    visible = 100 * (1 - float(getattr(module, "mask_ratio", 0.75)))
+    n = len(r["input"])
+    fig, axes = plt.subplots(n, 4, figsize=(9.5, 2 * n + 0.6), squeeze=False, layout="constrained")
+    columns = (("input", f"input: {band}"), ("masked", f"visible {visible:.0f} % of patches"),
+               ("target", f"target ({scale})"), ("prediction", "prediction"))
+    ims = {}
+    for i in range(n):
+        for j, (key, title) in enumerate(columns):
+            ims[key] = axes[i, j].imshow(r[key][i], cmap="gray", vmin=-2.5, vmax=2.5)
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+            axes[i, j].set_title(title if i == 0 else "", fontsize=8)
+    add_colorbar(fig, ims["masked"], list(axes[:, :2].ravel()),
+                 f"z-score of {band}" + (f" ({units})" if units else "") + " [train-split standard deviations]")
+    add_colorbar(fig, ims["prediction"], list(axes[:, 2:].ravel()),
+                 f"{band}, {scale} [standard deviations]")
+    return fig
+
+
+def mae_figure(module, x: torch.Tensor, valid: torch.Tensor, outdir: Path, units: str | None = None) -> list[Path]:
     """mae_reconstructions.png (and .npz of what it shows): per chip the input, the visible
     patches, the target the loss compares to and the decoder's prediction, both on the loss's
     scale (per-patch normalised with norm_pix_loss): model outputs only, no target statistics."""
@@ -275,16 +322,7 @@ def mae_figure(module, x: torch.Tensor, valid: torch.Tensor, outdir: Path) -> li
 
     r = module.reconstruct(x, valid)
     np.savez(outdir / "mae_reconstructions.npz", **r)
-    n = len(r["input"])
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
-    for i in range(n):
-        scale = "per-patch normalised" if module.norm_pix_loss else "z-score"
-        for j, (key, title) in enumerate((("input", "input (z-score)"), ("masked", "visible 25%"),
-                                          ("target", f"target ({scale})"), ("prediction", "prediction"))):
-            axes[i, j].imshow(r[key][i], cmap="gray", vmin=-2.5, vmax=2.5)
-            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
-            axes[i, j].set_title(title if i == 0 else "", fontsize=8)
-    fig.tight_layout()
+    fig = mae_reconstruction_fig(module, r, units)
     fig.savefig(outdir / "mae_reconstructions.png", dpi=80)
     plt.close(fig)
     return [outdir / "mae_reconstructions.png", outdir / "mae_reconstructions.npz"]
@@ -337,7 +375,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
             if trainer.global_rank != 0:
                 return {}
             batch = next(iter(data.train_dataloader()))
-            for f in _figures(module, cfg.method, batch, throughput.losses, Path(tmp)):
+            for f in _figures(module, cfg.method, batch, throughput.losses, Path(tmp), cfg.store):
                 mlflow.log_artifact(str(f), artifact_path="figures")
             if Path(tmp, "last.ckpt").exists():
                 mlflow.log_artifact(str(Path(tmp, "last.ckpt")), artifact_path="checkpoints")

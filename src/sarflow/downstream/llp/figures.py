@@ -22,27 +22,44 @@ def _colors(data: LLPData):
 
 
 def class_labels(data: LLPData) -> list[str]:
+    """The classes' declared names, in the order of `data.classes` (the code where none is declared)."""
     names = data.class_names or [str(c) for c in data.classes]
-    return [f"{c} {n}" if str(c) != n else n for c, n in zip(data.classes, names)]
+    return [str(n) for n in names]
 
 
-def _grid_image(values: np.ndarray, chips: pd.DataFrame, block: int = 1) -> np.ndarray:
-    """Chip values (n,) or blocks (n, b, b) placed at their grid position; -1 where no chip."""
+def _grid_image(values: np.ndarray, chips: pd.DataFrame, block: int = 1, fill=-1) -> np.ndarray:
+    """Chip values (n,) or blocks (n, b, b) placed at their grid position; `fill` where no chip
+    (-1: an integer image, NaN: a float one)."""
     col = chips["col"].to_numpy(int)
     row = chips["row"].to_numpy(int)
     col, row = col - col.min(), row - row.min()
-    img = np.full(((row.max() + 1) * block, (col.max() + 1) * block), -1, dtype=np.int64)
+    dtype = np.float64 if isinstance(fill, float) else np.int64
+    img = np.full(((row.max() + 1) * block, (col.max() + 1) * block), fill, dtype=dtype)
     for i in range(len(chips)):
         v = values[i]
         img[row[i] * block:(row[i] + 1) * block, col[i] * block:(col[i] + 1) * block] = v
     return img
 
 
-def plot_llp_map(data: LLPData, results: dict, best: str, path: Path, test_rows: np.ndarray) -> Path:
+def _outline_test(ax, data: LLPData, test_rows: np.ndarray, img: np.ndarray) -> None:
+    from matplotlib.patches import Rectangle
+
+    col = data.chips["col"].to_numpy(int)
+    row = data.chips["row"].to_numpy(int)
+    col, row = col - col.min(), row - row.min()
+    b = img.shape[0] // (row.max() + 1)
+    for r in test_rows:
+        ax.add_patch(Rectangle((col[r] * b - 0.5, row[r] * b - 0.5), b, b, fill=False, ec="k", lw=0.7))
+
+
+def llp_map_figure(data: LLPData, results: dict, best: str, test_rows: np.ndarray):
+    """The majority-class maps (truth, the best model's, and with the conv model the coarse ones)
+    as a Figure, in the label's declared colours with a legend of its declared class names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     k = len(data.classes)
     cmap = _colors(data)
@@ -57,25 +74,69 @@ def plot_llp_map(data: LLPData, results: dict, best: str, path: Path, test_rows:
         counts = block_counts(data.truth_map, b, b, k)
         tm = np.where(counts.sum(1) > 0, counts.argmax(1), -1)
         panels += [("truth downsampled", _grid_image(tm, data.chips, b)), ("LLP conv: coarse map", _grid_image(cm, data.chips, b))]
-    from matplotlib.patches import Rectangle
-
-    col = data.chips["col"].to_numpy(int)
-    row = data.chips["row"].to_numpy(int)
-    col, row = col - col.min(), row - row.min()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6), layout="constrained")
     for ax, (title, img) in zip(np.atleast_1d(axes), panels):
         shown = np.where(img < 0, k, img)
-        ax.imshow(shown, cmap=cmap, vmin=0, vmax=k, interpolation="nearest")
-        b = img.shape[0] // (row.max() + 1)
-        for r in test_rows:
-            ax.add_patch(Rectangle((col[r] * b - 0.5, row[r] * b - 0.5), b, b, fill=False, ec="k", lw=0.7))
+        ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=k + 0.5, interpolation="nearest")
+        _outline_test(ax, data, test_rows, img)
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
-    fig.legend(handles, class_labels(data), loc="lower center", ncol=min(k, 6), fontsize=8)
+    handles = [Patch(facecolor=cmap(i), edgecolor="0.4", lw=0.4, label=name) for i, name in enumerate(class_labels(data))]
+    handles.append(Patch(facecolor="#ffffff", edgecolor="0.4", lw=0.4, label="no chip / no label"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(k + 1, 6), fontsize=8,
+               title=f"{data.label} classes", title_fontsize=8)
     fig.suptitle(f"learning from label proportions: {data.label} (black outline: held-out test chips)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return fig
+
+
+def plot_llp_map(data: LLPData, results: dict, best: str, path: Path, test_rows: np.ndarray) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = llp_map_figure(data, results, best, test_rows)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+MAX_PROPORTION_CLASSES = 6  # the proportion figure shows the classes with the largest truth share
+
+
+def proportion_figure(data: LLPData, results: dict, best: str, test_rows: np.ndarray, max_classes: int = MAX_PROPORTION_CLASSES):
+    """Per class (the `max_classes` with the largest mean truth share), the chips' true and
+    predicted proportions as maps on one 0-1 scale with a colourbar (fraction of the chip's
+    labelled pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = class_labels(data)
+    share = np.nanmean(np.where(data.truth_valid[:, None], data.truth, np.nan), axis=0) if data.truth_valid.any() \
+        else np.zeros(len(data.classes))
+    order = [int(i) for i in np.argsort(-np.nan_to_num(share), kind="stable")[:max_classes]]
+    pred = results[best]["pred"]
+    fig, axes = plt.subplots(len(order), 2, figsize=(6.4, 2.6 * len(order) + 0.6), squeeze=False, layout="constrained")
+    for r, i in enumerate(order):
+        t = _grid_image(np.where(data.truth_valid, data.truth[:, i], np.nan), data.chips, fill=float("nan"))
+        p = _grid_image(pred[:, i].astype(float), data.chips, fill=float("nan"))
+        for c, (img, what) in enumerate(((t, "truth"), (p, f"LLP {best}"))):
+            ax = axes[r, c]
+            im = ax.imshow(img, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            _outline_test(ax, data, test_rows, img)
+            ax.set_title(f"{names[i]}: {what}", fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+    from sarflow.data.quicklook import add_colorbar
+
+    add_colorbar(fig, im, list(axes.ravel()), "class proportion [fraction of the chip's labelled pixels, 0–1]")
+    fig.suptitle(f"{data.label}: per-chip class proportions (black outline: test chips)", fontsize=9)
+    return fig
+
+
+def plot_proportions(data: LLPData, results: dict, best: str, path: Path, test_rows: np.ndarray) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = proportion_figure(data, results, best, test_rows)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -97,6 +158,9 @@ def plot_curve(curve: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("per-chip proportion MAE (test)")
     ax.legend()
     fig.tight_layout()
+    from sarflow.data.quicklook import thin_tick_labels
+
+    thin_tick_labels(ax)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -107,7 +171,8 @@ def write_outputs(out: Path, table: pd.DataFrame, curve: pd.DataFrame | None, da
     table_path = out / "llp_results.csv"
     table.to_csv(table_path, index=False, float_format="%.5f")
     (out / "llp_results.json").write_text(json.dumps(table.to_dict(orient="records"), indent=1, default=float))
-    plots = [plot_llp_map(data, results, best, out / "llp_map.png", test_rows)]
+    plots = [plot_llp_map(data, results, best, out / "llp_map.png", test_rows),
+             plot_proportions(data, results, best, out / "llp_proportion_maps.png", test_rows)]
     if curve is not None and len(curve):
         curve.to_csv(out / "bag_size_curve.csv", index=False, float_format="%.5f")
         plots.append(plot_curve(curve, out / "bag_size_curve.png"))

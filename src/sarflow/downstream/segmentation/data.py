@@ -36,6 +36,7 @@ class SegData:
     label: str = "label"
     class_names: list[str] = field(default_factory=list)
     class_colors: dict[int, str] = field(default_factory=dict)
+    channel_units: list[str] = field(default_factory=list)  # the store's `units` of each channel
 
 
 def load_encoder(uri: str):
@@ -170,4 +171,5 @@ def load_data(cfg: SegmentConfig, groups, mean, std) -> SegData:
                    torch.from_numpy(y_test), codes_test, classes, [f"{m}:{b}" for _, m, bands in groups for b in bands],
                    mean, std, [ids[int(r)] for r in test_rows], float(unknown.sum() / max(labelled_test.sum(), 1)),
                    x_val=torch.from_numpy(x_val), y_val=torch.from_numpy(y_val), label=label.name,
-                   class_names=[c["name"] for c in label.classes], class_colors=colors)
+                   class_names=[c["name"] for c in label.classes], class_colors=colors,
+                   channel_units=[str(group[m].attrs.get("units") or "") for _, m, bands in groups for _ in bands])

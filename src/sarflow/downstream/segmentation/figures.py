@@ -22,17 +22,22 @@ def _code_cmap(data: SegData):
 
 
 def class_label(data: SegData, k: int) -> str:
+    """The declared name of class position k (its code where the label declares no name)."""
     code = data.classes[k]
-    name = data.class_names[k] if k < len(data.class_names) else str(code)
-    return name if name == str(code) else f"{code} {name}"
+    return str(data.class_names[k]) if k < len(data.class_names) else str(code)
 
 
-def prediction_figure(data: SegData, preds: dict[str, torch.Tensor], path: Path, n: int = 4) -> Path:
-    """Input (first channel), truth and each model's prediction for the first `n` test chips."""
+def prediction_fig(data: SegData, preds: dict[str, torch.Tensor], n: int = 4):
+    """Input (first channel, one colour range with a colourbar in the store's units), truth and
+    each model's prediction for the first `n` test chips, as a Figure; classes in their declared
+    colours with a legend of their declared names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from sarflow.data.quicklook import add_colorbar, units_label
 
     n = min(n, len(data.x_test))
     cmap = _code_cmap(data)
@@ -42,21 +47,37 @@ def prediction_figure(data: SegData, preds: dict[str, torch.Tensor], path: Path,
         return np.where(idx == IGNORE, 0, idx + 1)
 
     cols = 2 + len(preds)
-    fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, 2.1 * n), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols + 0.8, 2.1 * n + 0.9), squeeze=False, layout="constrained")
+    x0 = data.x_test[:n, 0].numpy()
+    finite = x0[np.isfinite(x0)]
+    lo, hi = (float(v) for v in np.percentile(finite, [2, 98])) if finite.size else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
     for i in range(n):
-        axes[i, 0].imshow(data.x_test[i, 0].numpy(), cmap="gray")
+        im = axes[i, 0].imshow(x0[i], cmap="gray", vmin=lo, vmax=hi)
         panels = [("truth", data.y_test[i].numpy())] + [(k, p[i].numpy()) for k, p in preds.items()]
         for j, (_, idx) in enumerate(panels, start=1):
-            axes[i, j].imshow(to_slot(idx), cmap=cmap, vmin=0, vmax=len(codes) - 1, interpolation="nearest")
+            axes[i, j].imshow(to_slot(idx), cmap=cmap, vmin=-0.5, vmax=len(codes) - 0.5, interpolation="nearest")
         for j, title in enumerate([data.channel_names[0]] + [name for name, _ in panels]):
             axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
             if i == 0:
                 axes[i, j].set_title(title, fontsize=8)
         axes[i, 0].set_ylabel(data.test_chip_ids[i], fontsize=6)
-    handles = [matplotlib.patches.Patch(color=cmap(k + 1), label=class_label(data, k)) for k in range(len(data.classes))]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7)
-    fig.suptitle(f"{data.label}: truth and predictions on test chips (black: no label)", fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    units = data.channel_units[0] if data.channel_units else None
+    if n:
+        add_colorbar(fig, im, list(axes[:, 0]), units_label(data.channel_names[0], units))
+    handles = [Patch(facecolor=cmap(k + 1), edgecolor="0.4", lw=0.4, label=class_label(data, k)) for k in range(len(data.classes))]
+    handles.append(Patch(facecolor=cmap(0), edgecolor="0.4", lw=0.4, label="no label / ignored"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=7,
+               title=f"{data.label} classes", title_fontsize=7)
+    fig.suptitle(f"{data.label}: truth and predictions on test chips", fontsize=8)
+    return fig
+
+
+def prediction_figure(data: SegData, preds: dict[str, torch.Tensor], path: Path, n: int = 4) -> Path:
+    """`prediction_fig` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = prediction_fig(data, preds, n)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
