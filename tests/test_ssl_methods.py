@@ -256,3 +256,18 @@ def test_online_knn_probe_beats_chance_on_texture_classes(texture_store):
     r = _monitor(texture_store, groups).check(mae, 30)
     knn = r["knn"]["lc"]
     assert knn["val_chips"] >= 8 and knn["chance"] <= 0.75 and knn["accuracy"] >= knn["chance"] + 0.2, r
+
+
+def test_monitor_classes_read_only_the_chosen_rows_and_match_the_stores_label_fractions(texture_store):
+    """chip_classes(store, rows) = the majority class of each row's label fractions (the store-wide
+    label_features), reading only those rows; a chip without a labelled pixel is -1."""
+    from sarflow.data.chip_labels import class_column, label_features
+    from sarflow.training.monitor import chip_classes
+
+    cols = label_features(str(texture_store))
+    frac = np.stack([cols[class_column("lc", c)] for c in (10, 30)], axis=1)
+    rows = np.array([0, 3, 5, 8, 13])
+    got = chip_classes(str(texture_store), rows)["lc"]
+    expected = np.where(np.nan_to_num(frac[rows]).sum(axis=1) > 0, np.array([10, 30])[np.nan_to_num(frac[rows], nan=-1).argmax(axis=1)], -1)
+    assert got.tolist() == expected.tolist() and set(got.tolist()) == {10, 30}
+    assert chip_classes(str(texture_store), np.array([], np.int64))["lc"].tolist() == []

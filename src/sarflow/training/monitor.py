@@ -86,23 +86,23 @@ def knn_accuracy(bank: np.ndarray, bank_y: np.ndarray, query: np.ndarray, query_
     return float((pred == query_y).mean()), float((query_y == majority).mean())
 
 
-def chip_classes(store: str) -> dict[str, np.ndarray]:
-    """Per declared categorical label source: each store row's majority class code (-1 where the
-    chip has no labelled pixel)."""
-    from sarflow.data.chipstore import label_sources, open_chip_group
-    from sarflow.data.chip_labels import class_column, label_features
+def chip_classes(store: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per declared categorical label source: the majority class code of each of the store `rows`
+    (sorted; -1 where the chip has no labelled pixel). Only those rows' label chips are read (the
+    monitor's few hundred chips, not a continental store's labels)."""
+    from sarflow.data.chipstore import label_sources, open_chip_group, read_masked
 
     group = open_chip_group(store)
-    cats = [lab for lab in label_sources(group, store) if lab.kind == "categorical" and lab.codes]
-    if not cats:
-        return {}
-    cols = label_features(store)
+    rows = np.asarray(rows, np.int64)
     out = {}
-    for lab in cats:
-        frac = np.stack([cols[class_column(lab.name, c)] for c in lab.codes], axis=1)
-        ok = np.isfinite(frac).all(axis=1) & (np.nan_to_num(frac).sum(axis=1) > 0)
-        codes = np.asarray(lab.codes)[np.nan_to_num(frac, nan=-1).argmax(axis=1)]
-        out[lab.name] = np.where(ok, codes, -1)
+    for lab in label_sources(group, store):
+        if lab.kind != "categorical" or not lab.codes:
+            continue
+        arr = group[lab.name]
+        flat = read_masked(arr, rows, bands=[0]).reshape(len(rows), int(np.prod(arr.shape[2:])))
+        codes = np.asarray(lab.codes, np.float32)
+        counts = np.stack([(flat == c).sum(axis=1) for c in codes], axis=1) if len(rows) else np.zeros((0, len(codes)))
+        out[lab.name] = np.where(counts.sum(axis=1) > 0, np.asarray(lab.codes)[counts.argmax(axis=1)], -1)
     return out
 
 
@@ -121,7 +121,6 @@ class SSLMonitor(L.Callback):
         self.every, self.batch_size = max(1, int(every)), batch_size
         self.history: list[dict] = []
         table = read_chip_table(store)
-        self.labels = chip_classes(store)
         self.sets = {}
         for split in ("train", "val"):
             if not (table["split"] == split).any():
@@ -138,6 +137,9 @@ class SSLMonitor(L.Callback):
             samples = sorted(ds, key=lambda s: int(s["index"]))
             if samples:
                 self.sets[split] = samples
+        # per split, each declared categorical label's class of every monitored chip (in sample order)
+        self.labels = {split: chip_classes(store, np.array([int(x["index"]) for x in samples]))
+                       for split, samples in self.sets.items()}
         if "val" not in self.sets:
             log.warning("%s: no val chip: the embedding monitor uses the train chips and the kNN probe is not evaluable", store)
 
@@ -183,9 +185,8 @@ class SSLMonitor(L.Callback):
         reason = collapse_reason(stats)
         result = {"step": step, **stats, "collapse": reason is not None, "collapse_reason": reason, "knn": {}}
         if "train" in emb and "val" in emb:
-            rows = {split: np.array([int(s["index"]) for s in self.sets[split]]) for split in emb}
-            for name, codes in self.labels.items():
-                by, qy = codes[rows["train"]], codes[rows["val"]]
+            for name, by in self.labels["train"].items():
+                qy = self.labels["val"][name]
                 keep_b, keep_q = by >= 0, qy >= 0
                 if len(np.unique(by[keep_b])) < 2 or len(np.unique(qy[keep_q])) < 2:
                     continue  # one class: a kNN accuracy would measure nothing
