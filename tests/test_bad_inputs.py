@@ -443,3 +443,50 @@ def test_an_s3_outage_during_dvc_push_says_the_real_cause(tiny_store, own_moto, 
     for needle in ("s3://outage", closed, "unreachable", "nothing was tracked or pushed", "rerun"):
         assert needle in line, (needle, line)
     assert sorted(p.name for p in repo2.iterdir()) == ["chips.zarr"]  # no .dvc, no chips.zarr.dvc
+
+
+# --- an AOI file whose coordinates are in another CRS than it declares -------------------------
+
+@pytest.mark.parametrize("case", ["metres-in-a-geojson", "degrees-declared-utm", "swapped-bbox"])
+def test_an_aoi_in_another_crs_than_declared_names_the_crs_it_appears_to_be_in(tiny_scene, tmp_path, case):
+    """Issue 16: an AOI whose coordinates are in another CRS than the one it declares (UTM metres
+    in a GeoJSON, which is WGS84 by definition; degrees in a file that says UTM; a bbox with lat/lon
+    swapped) is refused as the AOI's error, with both bounds and the CRS it appears to be in; `tile`
+    leaves nothing behind."""
+    import json
+
+    from pyproj import Transformer
+
+    from sarflow.data.grid import utm_epsg
+
+    w, s, e, n = _footprint84(tiny_scene)
+    utm = utm_epsg((w + e) / 2, (s + n) / 2)
+    to_utm = Transformer.from_crs(4326, utm, always_xy=True)
+    (x0, x1), (y0, y1) = to_utm.transform([w, e], [s, n])
+
+    def polygon(a, b, c, d):
+        return {"type": "Polygon", "coordinates": [[[a, b], [c, b], [c, d], [a, d], [a, b]]]}
+
+    aoi = tmp_path / "aoi.geojson"
+    if case == "metres-in-a-geojson":
+        aoi.write_text(json.dumps({"type": "FeatureCollection", "features": [
+            {"type": "Feature", "properties": {}, "geometry": polygon(x0, y0, x1, y1)}]}))
+        needles = [f"read as EPSG:{utm}, not as the declared EPSG:4326", f"{round(x0, 5)}"]
+    elif case == "degrees-declared-utm":
+        aoi.write_text(json.dumps({"type": "FeatureCollection",
+                                   "crs": {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{utm}"}},
+                                   "features": [{"type": "Feature", "properties": {}, "geometry": polygon(w, s, e, n)}]}))
+        needles = [f"read as EPSG:4326, not as the declared EPSG:{utm}"]
+    else:
+        aoi = [s, w, n, e]
+        needles = ["read as EPSG:4326 with x and y swapped"]
+    from pathlib import Path
+
+    path = _catalog(tiny_scene, tmp_path, lambda d: d["grid"].update(aoi=str(aoi) if isinstance(aoi, Path) else aoi))
+    res = _sarflow("ingest", path)
+    where = str(aoi) if isinstance(aoi, Path) else str(path)
+    _refused(res, where, "overlaps none of the sources", "which cover", *needles)
+    assert res.exit_code == 2 and "does not overlap the AOI" not in res.output  # no raster is blamed
+    out = tmp_path / "chips.zarr"
+    _refused(_sarflow("tile", path, "--out", out), "overlaps none of the sources", *needles)
+    assert not list(tmp_path.glob("chips.zarr*"))

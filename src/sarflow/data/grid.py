@@ -53,6 +53,34 @@ def transform_geometry(geom, src: CRS, dst: CRS, densify: int = 21):
     return shapely.transform(g, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
 
 
+def aoi_crs_hint(bounds: tuple[float, float, float, float], declared: CRS, feet84: list, crss: list[CRS]) -> str:
+    """For an AOI that overlaps none of the sources: what its coordinates (`bounds`, in the CRS the
+    file `declared`) look like, and a CRS that would put them on the sources (their footprints
+    `feet84` in lon/lat): each source's CRS, the UTM zone of the sources, Web Mercator and lon/lat,
+    also with x and y swapped. "" when none does."""
+    w, s, e, n = bounds
+    degrees = -180 <= w <= e <= 180 and -90 <= s <= n <= 90
+    feet = shapely.union_all(feet84)
+    c = feet.centroid
+    candidates = list(dict.fromkeys([CRS.from_epsg(4326), *crss, CRS.from_epsg(utm_epsg(c.x, c.y)), CRS.from_epsg(3857)]))
+    box = shapely.box(w, s, e, n)
+    for swapped in (False, True):
+        g = shapely.box(s, w, n, e) if swapped else box
+        for crs in candidates:
+            if crs == declared and not swapped:
+                continue
+            try:
+                g84 = transform_geometry(g, crs, CRS.from_epsg(4326), densify=4)
+            except Exception:  # noqa: BLE001 - coordinates outside the candidate's domain: not this one
+                continue
+            if g84.is_valid and not g84.is_empty and np.isfinite(g84.bounds).all() and g84.intersects(feet):
+                name = crs.to_string()
+                return (f"its coordinates {tuple(round(v, 5) for v in bounds)} lie on the sources if read as {name}"
+                        + (" with x and y swapped" if swapped else "") + f", not as the declared {declared.to_string()}")
+    looks = "degrees (lon/lat)" if degrees else "projected (not degrees)"
+    return f"its coordinates {tuple(round(v, 5) for v in bounds)} look {looks}, declared {declared.to_string()}"
+
+
 def _edge_step(geom, densify: int):
     b = shapely.bounds(geom)
     return np.maximum(np.maximum(b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]), 1e-12) / densify

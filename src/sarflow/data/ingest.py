@@ -279,6 +279,25 @@ def _aoi_wgs84(loaded: LoadedCatalog, sources: list[Source]) -> shapely.Geometry
     return shapely.union_all(gdf.to_crs(4326).geometry.values)
 
 
+def _aoi_crs_hint(loaded: LoadedCatalog, sources: list[Source]) -> str:
+    """Which CRS an AOI off every source seems to be in (grid.aoi_crs_hint); "" when it cannot tell."""
+    from sarflow.data.grid import aoi_crs_hint
+
+    try:
+        aoi = loaded.catalog.grid.aoi
+        if isinstance(aoi, list):
+            native, declared = tuple(aoi), CRS.from_epsg(4326)
+        else:
+            import geopandas as gpd
+
+            gdf = gpd.read_file(loaded.resolve(aoi))
+            native, declared = tuple(float(v) for v in gdf.total_bounds), CRS.from_user_input(gdf.crs)
+        crss = list(dict.fromkeys(CRS.from_wkt(f.crs) for s in sources for f in s.files.values()))
+        return aoi_crs_hint(native, declared, [s.footprint() for s in sources], crss)
+    except Exception:  # noqa: BLE001 - only a refinement of the error being reported
+        return ""
+
+
 def _check_overlap(loaded: LoadedCatalog, sources: list[Source], aoi84: shapely.Geometry) -> None:
     """A source off the AOI is that source's problem; an AOI off every source is the AOI's (most
     often lon/lat swapped, or its coordinates in another CRS than the one it declares)."""
@@ -288,9 +307,11 @@ def _check_overlap(loaded: LoadedCatalog, sources: list[Source], aoi84: shapely.
         aoi = loaded.catalog.grid.aoi
         where = str(loaded.path) if isinstance(aoi, list) else loaded.resolve(aoi)
         feet = shapely.union_all([s.footprint() for s in sources])
+        hint = _aoi_crs_hint(loaded, sources)
         raise InputError(where, f"the AOI {bounds(aoi84)} (lon/lat) overlaps none of the sources, which cover "
                                 f"{bounds(feet)}: check the AOI's CRS (a bbox is [west, south, east, north] in "
-                                "degrees; a file needs its true CRS) and the order of its coordinates")
+                                "degrees; a file needs its true CRS) and the order of its coordinates"
+                                + (f"; {hint}" if hint else ""))
     if off:
         first = next(iter(off[0].files))
         raise InputError(first, f"source {off[0].name!r} does not overlap the AOI {bounds(aoi84)} (lon/lat), which "
