@@ -66,7 +66,8 @@ def test_a_features_root_is_named_features_root():
 
 
 def test_an_output_is_named_out():
-    outs = [(where, p) for where, p in _params() if _is_option(p) and (p.name in OUTPUT_NAMES or set(p.opts) & RETIRED - {"--root"})]
+    outs = [(where, p) for where, p in _params()
+            if _is_option(p) and (p.name in OUTPUT_NAMES or set(p.opts) & RETIRED - {"--root"})]
     assert len(outs) >= 10
     for where, p in outs:
         assert p.opts[0] == "--out", (where, p.opts)
@@ -153,7 +154,7 @@ def test_the_model_rule_resolves_through_the_registry(registry):
     assert resolve_model_ref("enc", registry, newest_in_registry=False) == ("enc", None)
     with pytest.raises(InputError, match="no such model"):
         resolve_model_ref("models:/enc@nope", registry)
-    with pytest.raises(InputError, match="no registered model"):
+    with pytest.raises(InputError, match="no version registered"):
         resolve_model_ref("nothing", registry)
 
 

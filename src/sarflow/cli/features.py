@@ -10,7 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import EMBEDDINGS_MODEL_HELP, ParamsOpt, VersionOpt, absolute_path, embeddings_model, fail, stage_config
+from sarflow.cli.common import (EMBEDDINGS_MODEL_HELP, ParamsOpt, VersionOpt, absolute_path, embeddings_model, fail,
+                                stage_config)
 from sarflow.errors import SarflowError
 
 features_app = typer.Typer(help="Feast feature store: apply, materialize, online get, similarity search, serve.",
@@ -105,7 +106,8 @@ def get(chip_ids: List[str] = typer.Argument(..., help="chip ids"), root: Option
 
 
 @features_app.command()
-def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = typer.Option(10, "--k", help="how many similar chips"),
+def similar(chip_id: str = typer.Argument(..., help="query chip id"),
+            k: int = typer.Option(10, "--k", help="how many similar chips"),
             root: Optional[str] = RootOpt, model: Optional[str] = typer.Option(None, "--model", help=EMBEDDINGS_MODEL_HELP),
             version: Optional[str] = VersionOpt, repo: Optional[Path] = RepoOpt,
             params: Optional[Path] = ParamsOpt) -> None:
@@ -122,7 +124,8 @@ def similar(chip_id: str = typer.Argument(..., help="query chip id"), k: int = t
 
 @features_app.command()
 def serve(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
-          repo: Optional[Path] = RepoOpt, registry: Optional[str] = RegistryOpt, host: str = typer.Option("127.0.0.1", help="address to listen on"),
+          repo: Optional[Path] = RepoOpt, registry: Optional[str] = RegistryOpt,
+          host: str = typer.Option("127.0.0.1", help="address to listen on"),
           port: int = typer.Option(6566, help="HTTP port to listen on"), params: Optional[Path] = ParamsOpt) -> None:
     """Run the Feast feature server (HTTP) over this features root."""
     from sarflow.features.feast_store import open_feature_store

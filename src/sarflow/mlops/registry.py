@@ -265,5 +265,5 @@ def resolve_model_ref(text: str, tracking_uri: str | None = None, newest_in_regi
     except MlflowException as e:
         raise InputError(text, f"no such model in the MLflow registry at {where} ({e.error_code})") from None
     if not versions:
-        raise InputError(text, f"no registered model of this name in the MLflow registry at {where}")
+        raise InputError(text, f"no such model in the MLflow registry at {where} (no version registered under this name)")
     return spec.name, str(max(int(v.version) for v in versions))
