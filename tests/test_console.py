@@ -112,3 +112,35 @@ def test_loop_iterations_get_a_log_each_and_a_line_each(tmp_path):
     assert said == ["a", "b", "c"]
     for p in logs:  # one iteration's output each
         assert sum(f"the task prints {w}" in p.read_text() for w in "abc") == 1, p.read_text()
+
+
+def test_a_run_leaves_print_and_the_root_logger_as_the_caller_had_them(tmp_path, monkeypatch):
+    """kfp.local swaps `builtins.print` (an indenting one) and the root logger's handlers per task;
+    its ParallelFor threads interleave those swaps, which can leave them in place for the rest of the
+    process (then every `print(..., file=sys.stderr)` put four spaces on stdout). That outcome is
+    forced here (the swaps never undone); the runner gives the caller its own back."""
+    import builtins
+    import contextlib
+    import logging
+    import sys
+
+    from kfp.local import logging_utils
+
+    @contextlib.contextmanager
+    def leaking_print(num_spaces: int = 4):
+        original = builtins.print
+        builtins.print = lambda *a, **k: (original(" " * num_spaces, end=""), original(*a, **k))
+        yield
+
+    @contextlib.contextmanager
+    def leaking_logger():
+        logging.getLogger().addHandler(logging.StreamHandler(sys.stdout))
+        logging.getLogger().setLevel(logging.DEBUG)
+        yield
+
+    monkeypatch.setattr(logging_utils, "indented_print", leaking_print)
+    monkeypatch.setattr(logging_utils, "local_logger_context", leaking_logger)
+    before = (builtins.print, list(logging.getLogger().handlers), logging.getLogger().level)
+    run_local(loop_tasks, tmp_path / "kfp", log_dir=tmp_path / "logs")
+    assert builtins.print is before[0]
+    assert logging.getLogger().handlers == before[1] and logging.getLogger().level == before[2]

@@ -16,6 +16,7 @@ the library never imports them.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -208,6 +209,10 @@ def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = Fal
     leaked = os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     t0 = time.perf_counter()
     console = TaskConsole(log_dir, count_tasks(pipeline), verbose) if log_dir is not None else None
+    # kfp.local swaps the root logger's handlers and level and `builtins.print` (an indenting one) per
+    # task and restores what it saw; across ParallelFor threads those swaps interleave and can leave
+    # a task's handler or indenting print in place for the rest of the process: restored after the run
+    callers = (list(logging.getLogger().handlers), logging.getLogger().level, builtins.print)
     with warnings.catch_warnings():  # the project image's name has no "python" in it: kfp warns
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # resources and display names only mean something on a cluster (documented in pipelines/)
@@ -222,9 +227,9 @@ def run_local(pipeline, pipeline_root: str | Path, *, enable_caching: bool = Fal
         finally:
             if console:
                 console.close()
-                # kfp.local swaps the root logger's handlers per task (racy across loop threads)
-                for handler in [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is console]:
-                    logging.getLogger().removeHandler(handler)
+            root_logger = logging.getLogger()
+            root_logger.handlers[:], builtins.print = callers[0], callers[2]
+            root_logger.setLevel(callers[1])
             if leaked is not None:
                 os.environ["MLFLOW_EXPERIMENT_ID"] = leaked
     seconds = time.perf_counter() - t0
