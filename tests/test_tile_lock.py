@@ -98,7 +98,9 @@ def test_the_build_lock_is_reentrant_and_released(tmp_path):
     assert not Path(f"{out}.lock").exists()
     with build_lock(out):
         pass
-    assert list(tmp_path.iterdir()) == []
+    with build_lock(tmp_path / "new" / "deeper" / "x.zarr"):  # folders made for the output...
+        assert (tmp_path / "new" / "deeper").is_dir()
+    assert list(tmp_path.iterdir()) == []  # ...are removed when the run wrote nothing there
     with pytest.raises(InputError, match="cannot write into the output folder"):
         (tmp_path / "file").write_text("x")
         build_lock(tmp_path / "file" / "x.zarr").__enter__()

@@ -166,7 +166,9 @@ class build_lock:  # noqa: N801 - used as a context manager, like a function
 
         check_output_folder(Path(self.uri).parent, self.uri,
                             "choose another --out or make that folder writable, then rerun")
-        Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+        parent = Path(self.uri).parent
+        self.made = [p for p in [parent, *parent.parents] if not p.exists()]  # removed on release when left empty
+        parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -204,6 +206,11 @@ class build_lock:  # noqa: N801 - used as a context manager, like a function
         except FileNotFoundError:
             pass
         os.close(fd)
+        for folder in getattr(self, "made", []):  # folders this run made for its output, if it wrote nothing there
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         return False
 
 
