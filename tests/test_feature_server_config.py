@@ -58,7 +58,7 @@ def test_feast_parses_both_to_the_same_options():
 def test_feast_workers_sources(monkeypatch):
     monkeypatch.delenv(FEAST_WORKERS_ENV, raising=False)
     cores = len(os.sched_getaffinity(0))
-    assert feast_workers() == min(FEAST_MAX_WORKERS, cores)
+    assert feast_workers() == min(FEAST_MAX_WORKERS, max(1, cores // 2))
     assert feast_workers(3) == 3
     monkeypatch.setenv(FEAST_WORKERS_ENV, "5")
     assert feast_workers() == 5 and feast_workers(2) == 2

@@ -60,7 +60,10 @@ FEAST_MAX_WORKERS = 4  # each worker holds its own FeatureStore and registry cop
 
 def feast_workers(workers: int | None = None) -> int:
     """The feature server's worker processes: `workers`, else $SARFLOW_FEAST_WORKERS, else one
-    per core this process may use, at most FEAST_MAX_WORKERS."""
+    per two cores this process may use (at least 1, at most FEAST_MAX_WORKERS): locally its
+    clients (pipelines, notebooks) share those cores, and on 2 busy cores one worker answered
+    70 requests/s where two answered 48 (benchmarks/bench_feature_server.py). k8s sets
+    FEAST_WORKERS per pod (base: 1 for a 2-CPU limit; the gpu overlay: 2 for 4)."""
     if workers is None and os.environ.get(FEAST_WORKERS_ENV):
         raw = os.environ[FEAST_WORKERS_ENV]
         try:
@@ -69,7 +72,7 @@ def feast_workers(workers: int | None = None) -> int:
             raise ServiceError(f"${FEAST_WORKERS_ENV}={raw!r}: not a whole number of workers") from None
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(FEAST_MAX_WORKERS, cores)
+        workers = min(FEAST_MAX_WORKERS, max(1, cores // 2))
     if workers < 1:
         raise ServiceError(f"feature server workers: {workers}; at least 1 is needed")
     return workers
