@@ -95,6 +95,20 @@ def test_the_build_lock_is_reentrant_and_released(tmp_path):
         other = subprocess.run([sys.executable, "-c", "import sys; from sarflow.data.tile_units import build_lock\n"
                                 f"build_lock({str(out)!r}).__enter__()"], capture_output=True, text=True, env=ENV)
         assert other.returncode != 0 and "another tile run is building" in other.stderr, other.stderr[-2000:]
+        import threading
+
+        refused = []
+
+        def in_a_thread():
+            try:
+                build_lock(out).__enter__()
+            except InputError as e:
+                refused.append(str(e))
+
+        t = threading.Thread(target=in_a_thread)
+        t.start()
+        t.join()
+        assert refused and "another tile run is building" in refused[0]
     assert not Path(f"{out}.lock").exists()
     with build_lock(out):
         pass

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import pickle
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -114,7 +115,7 @@ class Location:
 
 # ---------------------------------------------------------------- one build of a store at a time
 
-_HELD: dict[str, tuple[int, int]] = {}  # lock files this process holds -> (fd, depth): tile() holds it across plan
+_HELD: dict[tuple[str, int], tuple[int, int]] = {}  # (lock file, thread) held -> (fd, depth): tile() holds it across plan
 
 
 def check_output_folder(folder: str | Path, where: str, retry: str) -> None:
@@ -143,7 +144,8 @@ class build_lock:  # noqa: N801 - used as a context manager, like a function
     """One build of a store at a time. A local output is locked by an exclusive flock on `<out>.lock`
     beside it (holder's pid and host written in it; the kernel drops the lock when the holder dies,
     kill -9 included, so a dead run never blocks the next; the file is removed on release). A second
-    run on the same output is refused at once, naming the holder. Re-entrant within a process.
+    run on the same output is refused at once, naming the holder. Re-entrant within a thread (another
+    thread of the same process is refused like another process).
 
     s3:// outputs are not locked: S3 has no lock that dies with its holder, so two concurrent builds
     of one s3:// prefix are the operator's to avoid (one `tile` per prefix; the distributed steps
@@ -153,13 +155,14 @@ class build_lock:  # noqa: N801 - used as a context manager, like a function
         uri = str(out)
         self.path = None if is_s3(uri) else str(Path(uri).resolve()) + ".lock"
         self.uri = uri if is_s3(uri) else str(Path(uri).resolve())
+        self.held = (self.path, threading.get_ident())  # re-entrant in one thread; another thread is another run
 
     def __enter__(self):
         if self.path is None:
             return self
-        if self.path in _HELD:
-            fd, depth = _HELD[self.path]
-            _HELD[self.path] = (fd, depth + 1)
+        if self.held in _HELD:
+            fd, depth = _HELD[self.held]
+            _HELD[self.held] = (fd, depth + 1)
             return self
         import fcntl
         import socket
@@ -190,17 +193,17 @@ class build_lock:  # noqa: N801 - used as a context manager, like a function
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
-        _HELD[self.path] = (fd, 1)
+        _HELD[self.held] = (fd, 1)
         return self
 
     def __exit__(self, *exc):
         if self.path is None:
             return False
-        fd, depth = _HELD[self.path]
+        fd, depth = _HELD[self.held]
         if depth > 1:
-            _HELD[self.path] = (fd, depth - 1)
+            _HELD[self.held] = (fd, depth - 1)
             return False
-        del _HELD[self.path]
+        del _HELD[self.held]
         try:
             os.unlink(self.path)  # while still locked: a waiter that opened it retries on the new file
         except FileNotFoundError:
