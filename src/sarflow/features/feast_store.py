@@ -129,12 +129,48 @@ def open_feature_store(cfg: FeatureConfig):
 
 
 def apply(cfg: FeatureConfig) -> list[str]:
-    from sarflow.features.definitions import build
+    """Registers the Feast objects of the features root and writes them, as a Feast repo file
+    (`features.py`), beside feature_store.yaml: the repo folder is then a Feast project whose
+    `feast plan` shows no changes and whose `feast apply` keeps every view. The file is written
+    and checked (run, every object equal to the applied one) before anything is registered, and
+    replaces the old one only once the registry holds its objects."""
+    from sarflow.features.definitions import REPO_FILE, build, check_repo_file, repo_file
 
     fs = open_feature_store(cfg)
     objects = build(cfg.root)
-    fs.apply(objects)
+    target = cfg.repo / REPO_FILE
+    tmp = target.with_name(f".{REPO_FILE}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(repo_file(objects, _repo_file_header(cfg)))
+        check_repo_file(tmp, objects)
+        fs.apply(objects)
+        _record_infra(fs, objects)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return [o.name for o in objects]
+
+
+def _record_infra(fs, objects: list) -> None:
+    """Stores in the registry the online-store infrastructure (e.g. one SQLite table per view) of
+    these objects, as `feast apply` does after creating it (FeatureStore.apply creates the tables
+    but records nothing, so `feast plan` would report them as still to create)."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.repo_contents import RepoContents
+
+    views = [o for o in objects if isinstance(o, FeatureView)]
+    contents = RepoContents(projects=[], data_sources=[v.batch_source for v in views], feature_views=views,
+                            on_demand_feature_views=[], stream_feature_views=[], label_views=[],
+                            entities=[o for o in objects if isinstance(o, Entity)],
+                            feature_services=[o for o in objects if isinstance(o, FeatureService)], permissions=[])
+    fs.registry.update_infra(fs._get_provider().plan_infra(fs.config, contents.to_registry_proto()), fs.project, commit=True)
+
+
+def _repo_file_header(cfg: FeatureConfig) -> str:
+    return (f"Feast definitions of the sarflow features root {cfg.root}, written by `sarflow features apply`\n"
+            "(and `sarflow features materialize`) from sarflow.features.definitions.build: the objects it registered,\n"
+            "rewritten at every apply (edit that code, not this file). `feast plan` here shows no changes and\n"
+            "`feast apply` keeps every view; `feast feature-views list` and `feast ui` read the same registry.")
 
 
 def _source_files(view) -> list:
