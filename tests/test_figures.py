@@ -180,6 +180,20 @@ def test_label_efficiency_curve_explains_its_band_and_its_ticks_do_not_overlap()
     plt.close(fig)
 
 
+def test_bag_size_curve_ticks_do_not_overlap():
+    from sarflow.downstream.llp.figures import bag_curve_figure
+
+    sizes = [1.0, 1.1, 1.2, 2.0, 4.0, 8.0]  # the first three are too close on a log axis to label all
+    curve = pd.DataFrame({"mean_chips_per_bag": sizes, "proportion_mae": np.linspace(0.1, 0.2, 6),
+                          "baseline_mae": [0.3] * 6, "model": ["mlp"] * 6})
+    fig = bag_curve_figure(curve)
+    ax = fig.axes[0]
+    assert _boxes_overlap(ax) == []
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert shown[0] == "1.0" and shown[-1] == "8.0" and len(shown) < 6 and len(ax.get_xticks()) == 6
+    plt.close(fig)
+
+
 @pytest.mark.slow  # imports the training stack (lightning)
 def test_mae_figure_has_colourbars_naming_the_band_and_its_units():
     from types import SimpleNamespace

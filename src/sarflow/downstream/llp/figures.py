@@ -142,11 +142,15 @@ def plot_proportions(data: LLPData, results: dict, best: str, path: Path, test_r
     return path
 
 
-def plot_curve(curve: pd.DataFrame, path: Path) -> Path:
+def bag_curve_figure(curve: pd.DataFrame):
+    """The bag-size curve as a Figure: test proportion MAE against mean chips per bag (log axis,
+    ticks at the sizes tried, labels that would overlap left out) beside the mean-proportion baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from sarflow.data.quicklook import thin_tick_labels
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(curve.mean_chips_per_bag, curve.proportion_mae, "o-", label=f"LLP {curve.model.iloc[0]}")
@@ -154,13 +158,18 @@ def plot_curve(curve: pd.DataFrame, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xticks(curve.mean_chips_per_bag, [f"{v:.1f}" for v in curve.mean_chips_per_bag])
     ax.minorticks_off()
-    ax.set_xlabel("mean chips per bag")
+    ax.set_xlabel("mean chips per bag (log scale)")
     ax.set_ylabel("per-chip proportion MAE (test)")
     ax.legend()
     fig.tight_layout()
-    from sarflow.data.quicklook import thin_tick_labels
-
     thin_tick_labels(ax)
+    return fig
+
+
+def plot_curve(curve: pd.DataFrame, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = bag_curve_figure(curve)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
