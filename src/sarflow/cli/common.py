@@ -49,10 +49,11 @@ FEATURES_ROOT_HELP = ("features root: the offline store (embeddings/, labels/, b
                       "default params features.root)")
 # the one spelling of a features root; --root, the retired spelling, is still read (never the primary name)
 FeaturesRootOpt = typer.Option(None, "--features-root", "--root", callback=absolute_path, help=FEATURES_ROOT_HELP)
-MODEL_HELP = ("model: models:/NAME/VERSION, models:/NAME@ALIAS (the version the alias points at) or a bare registered "
-              "NAME (its newest version)")
-EMBEDDINGS_MODEL_HELP = (f"the embeddings of this {MODEL_HELP}; a bare NAME: its newest version under the features root "
-                         "(default: the newest embeddings)")
+_RULE = ("models:/NAME/VERSION, models:/NAME@ALIAS (the version the alias points at) or a bare registered NAME (its "
+         "newest version{where})")
+MODEL_HELP = "model: " + _RULE.format(where="")
+EMBEDDINGS_MODEL_HELP = ("the embeddings of this model: " + _RULE.format(where=" embedded under the features root")
+                         + "; default: the newest embeddings")
 VersionOpt = typer.Option(None, "--version", hidden=True,
                           help="deprecated: write --model models:/NAME/VERSION (the embeddings version, beside a bare NAME)")
 
