@@ -490,3 +490,24 @@ def test_an_aoi_in_another_crs_than_declared_names_the_crs_it_appears_to_be_in(t
     out = tmp_path / "chips.zarr"
     _refused(_sarflow("tile", path, "--out", out), "overlaps none of the sources", *needles)
     assert not list(tmp_path.glob("chips.zarr*"))
+
+
+def test_versioning_an_s3_store_while_its_endpoint_is_down_says_so(monkeypatch):
+    """Issue 16: `sarflow version s3://...` with the endpoint down gave a botocore traceback."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from servers import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    res = _sarflow("version", "s3://outage/chips.zarr")
+    line = _error_line(res)
+    for needle in ("s3://outage/chips.zarr", closed, "EndpointConnectionError", "nothing was written",
+                   "rerun `sarflow version s3://outage/chips.zarr`"):
+        assert needle in line, (needle, line)
+    assert "Traceback" not in res.output

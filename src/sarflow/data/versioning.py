@@ -145,7 +145,17 @@ def version_store(store: str | Path, remote: str | None = None, repo: str | Path
     from sarflow.data.chipstore import open_store
 
     if str(store).startswith("s3://"):
-        m = s3_version_manifest(str(store))
+        try:
+            m = s3_version_manifest(str(store))
+        except SarflowError:
+            raise
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many types for one outage
+            from sarflow.data.storage import s3_settings
+
+            raise StorageError(str(store), f"the S3 endpoint {s3_settings().endpoint_url} failed while versioning the "
+                                           f"store ({type(e).__name__}: {str(e)[:300]}); nothing was written (the "
+                                           f"manifest beside it is as it was); rerun `sarflow version {store}` when "
+                                           "the endpoint answers") from None
         return {"store": m["store"], "dvc_md5": m["version"], "git_commit": None, "catalog_hash": m["catalog_hash"],
                 "chips": m["chips"], "repo": None, "pushed": False, "manifest": m["store"] + S3_MANIFEST_SUFFIX}
     store = Path(store).resolve()
