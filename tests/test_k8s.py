@@ -929,6 +929,16 @@ def find_prefixed(objs: list[dict], kind: str, prefix: str) -> dict:
     return hits[0]
 
 
+def test_the_image_carries_mlflows_auth_extra():
+    """`mlflow server --app-name=basic-auth` imports Flask-WTF (mlflow[auth]); the image installs
+    requirements.lock, so the lock must pin it."""
+    lock = (ROOT / "requirements.lock").read_text().lower()
+    if not re.search(r"^flask-wtf==", lock, re.M):
+        pytest.xfail("requirements.lock / docker/ (their owner) must add mlflow[auth] (Flask-WTF) for the "
+                     "basic-auth MLflow server")
+    assert re.search(r"^mlflow==", lock, re.M)
+
+
 def test_feast_server_gets_the_redis_password():
     feast = find(render("base"), "Deployment", "feast")["spec"]["template"]["spec"]["containers"][0]
     if "REDIS_PASSWORD" not in _env(feast):
@@ -941,7 +951,9 @@ def test_readme_documents_deploy_and_env_contract():
     for needle in [
         "kubectl apply -k k8s/overlays/local", "kubectl apply -k k8s/overlays/gpu", "--from-env-file",
         "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI",
-        "SARFLOW_FEAST_REPO", *sorted(SECRETS),
+        "SARFLOW_FEAST_REPO", *sorted(SECRETS), "SARFLOW_PROMOTION_LOCK", "PROMOTION_LOCK_PASSWORD",
+        "components/images", "workflow-controller-restricted.yaml", "sarflow-torch-distributed",
+        "kube-apiserver-egress", "--app-name=basic-auth", "requirepass",
     ]:
         assert needle in text, needle
 
@@ -1102,7 +1114,7 @@ def _container_env(container: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_mlflow_server_accepts_the_manifest_arguments(monkeypatch):
+def test_mlflow_server_accepts_the_manifest_arguments(monkeypatch, tmp_path):
     """Parse the container's command line and env with MLflow's own CLI (same version as the image)."""
     import mlflow.cli
 
@@ -1120,13 +1132,33 @@ def test_mlflow_server_accepts_the_manifest_arguments(monkeypatch):
     assert params["artifacts_destination"] == "s3://sarflow-mlflow"
     assert params["backend_store_uri"] == "postgresql+psycopg2://mlflow:dummy-from-secret@postgres:5432/mlflow"
     assert int(params["workers"]) == 1
+    assert params["app_name"] == "basic-auth"
+    # the auth settings file as MLflow's own reader sees it (admin from the env, not the file);
+    # loaded from its file: importing the mlflow.server.auth package needs Flask-WTF
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_mlflow_auth_config", Path(mlflow.cli.__file__).parents[1] / "server" / "auth" / "config.py")
+    auth_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(auth_config)
+    read_auth_config = auth_config.read_auth_config
+
+    ini = find_prefixed(render("overlays/local"), "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"]
+    path = tmp_path / "basic_auth.ini"
+    path.write_text(ini)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(path))
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "from-the-secret")
+    cfg = read_auth_config()
+    assert cfg.admin_username == "pipeline" and cfg.admin_password == "from-the-secret"
+    assert cfg.default_permission == "NO_PERMISSIONS"
+    assert cfg.database_uri.startswith("postgresql+psycopg2://mlflow@postgres:5432/")
 
 
 @pytest.mark.slow
 def test_feast_accepts_the_manifest_command_and_config(monkeypatch, tmp_path):
     """Parse `feast ... serve ...` with Feast's CLI and feature_store.yaml with its RepoConfig."""
     from feast.cli.cli import cli
-    from feast.repo_config import RepoConfig
 
     objs = render("overlays/local")
     c = find(objs, "Deployment", "feast")["spec"]["template"]["spec"]["containers"][0]
@@ -1139,10 +1171,18 @@ def test_feast_accepts_the_manifest_command_and_config(monkeypatch, tmp_path):
     params = serve.make_context("serve", argv[serve_at + 1:], parent=ctx).params
     assert params["host"] == "0.0.0.0" and params["port"] == 6566 and params["workers"] == 1
 
-    fs = yaml.safe_load(find(objs, "ConfigMap", "sarflow-feast-repo")["data"]["feature_store.yaml"])
-    config = RepoConfig(repo_path=tmp_path, **fs)
+    # read the file the way `feast serve` does: ${REDIS_PASSWORD} from the environment
+    from feast.repo_config import load_repo_config
+
+    (tmp_path / "feature_store.yaml").write_text(find(objs, "ConfigMap", "sarflow-feast-repo")["data"]["feature_store.yaml"])
+    monkeypatch.setenv("REDIS_PASSWORD", "from-the-secret")
+    config = load_repo_config(tmp_path, tmp_path / "feature_store.yaml")
     assert type(config.online_store).__name__ == "RedisOnlineStoreConfig"
-    assert config.online_store.connection_string == "redis:6379"
+    assert config.online_store.connection_string == "redis:6379,password=from-the-secret"
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    nodes, params = RedisOnlineStore._parse_connection_string(config.online_store.connection_string)
+    assert params["password"] == "from-the-secret" and nodes[0]["host"] == "redis"
     assert config.offline_store.type == "file"
     assert config.registry.path == "s3://sarflow-feast/registry/registry.db"
 
@@ -1258,3 +1298,40 @@ def test_postgres_init_script_gives_the_lock_role_the_lock_and_nothing_else(fres
     with pytest.raises(InputError, match="cannot reach"):
         with promotion_lock("model-a", "http://mlflow:5000", lock_uri=lock_uri, timeout_s=1):
             pass
+
+
+def test_redis_with_the_manifest_arguments_refuses_clients_without_the_password(tmp_path):
+    """Start redis-server with the Deployment's arguments (the Secret's value substituted as the
+    kubelet would); Feast's connection string with the password gets in, a client without it not."""
+    import time
+
+    redis_server = shutil.which("redis-server")
+    if not redis_server:
+        pytest.skip("redis-server not on PATH")
+    redis = pytest.importorskip("redis")
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    c = find(render("overlays/local"), "Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
+    env = {**_container_env(c), "REDIS_PASSWORD": "s3cret-from-secret"}
+    port = _free_port()
+    args = [_expand(a, env) for a in c["args"]]
+    assert args[0] == "redis-server"
+    proc = subprocess.Popen([redis_server, *args[1:], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        nodes, params = RedisOnlineStore._parse_connection_string(
+            f"127.0.0.1:{port},password={env['REDIS_PASSWORD']}")
+        client = redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), password=params["password"])
+        for _ in range(100):
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        assert client.ping()
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port).ping()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
