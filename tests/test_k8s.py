@@ -1335,3 +1335,27 @@ def test_redis_with_the_manifest_arguments_refuses_clients_without_the_password(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_trainer_runtimes_job_template_validates_against_the_kubernetes_schema(version):
+    """The runtime is a CRD object (no schema in kubernetes-validate): validate its replicated
+    Job template as the batch/v1 Job JobSet creates from it, strictly."""
+    import kubernetes_validate
+
+    (rt,) = render(TRAINER_TARGET)
+    assert rt["kind"] == "ClusterTrainingRuntime" and rt["metadata"]["name"] == "sarflow-torch-distributed"
+    assert "namespace" not in rt["metadata"]  # cluster-scoped
+    for rjob in rt["spec"]["template"]["spec"]["replicatedJobs"]:
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": rjob["name"], **rjob["template"].get("metadata", {})},
+               "spec": rjob["template"]["spec"]}
+        kubernetes_validate.validate(job, version, strict=True)
+    (node,) = [c for _o, spec, _l, _lr in pod_templates([rt]) for c in spec["containers"]]
+    assert node["name"] == "node"  # the container the Trainer overrides with the TrainJob's trainer
+    env = _env(node)
+    assert env["MLFLOW_TRACKING_PASSWORD"] == {"secretKeyRef": {"name": "sarflow-mlflow", "key": "MLFLOW_TRACKING_PASSWORD"}}
+    from sarflow.training.distributed import train_job
+
+    job = train_job("x", "s3://sarflow-chips/c.zarr", "img", runtime=rt["metadata"]["name"])
+    assert job["spec"]["runtimeRef"]["name"] == "sarflow-torch-distributed"
+    assert job["spec"]["runtimeRef"].get("kind", "ClusterTrainingRuntime") == rt["kind"]
