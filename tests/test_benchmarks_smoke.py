@@ -1,5 +1,6 @@
 """The benchmarks cannot rot: the GPU script runs end to end on CPU with `--smoke`, and the
-science benchmark's claim arithmetic gives the known answers on hand-made curves."""
+science benchmark's claim arithmetic gives the known answers on hand-made curves, and the feature
+server benchmark runs both servers under load with `--quick`."""
 
 from __future__ import annotations
 
@@ -115,3 +116,32 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path):
     emb = res["embed"]
     assert emb["rc"] == 0, emb.get("stderr_tail")
     assert (out / "embed.json").is_file()
+
+
+@pytest.mark.slow
+def test_feature_server_bench_quick_runs_both_servers(tmp_path):
+    """bench_feature_server.py --quick: Feast's default `feast serve` and sarflow's flags, each under
+    real load on 127.0.0.1, in one JSON (no timing or error-rate threshold)."""
+    from sarflow.local.services import feast_serve_flags
+
+    out = tmp_path / "fs.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_feature_server.py"), "--quick", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--duration", "2", "--workers", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["servers"]) == {"anchor", "sarflow"}
+    for s in res["servers"].values():
+        assert s["requests"] > 0 and s["ok"] > 0 and s["ok"] + s["errors"] == s["requests"]
+        assert 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"] <= s["max_ms"] and s["throughput_rps"] > 0
+        assert s["worker_recycled"] >= 0 and s["longest_gap_ms"] > 0 and s["p99_all_ms"] > 0 and "error_rate" in s
+    # the anchor is Feast's defaults (host and port only); sarflow's is exactly its production flags
+    anchor = res["servers"]["anchor"]["command"]
+    assert [a for a in anchor[anchor.index("serve") + 1:] if not a.startswith(("--host=", "--port="))] == []
+    ours = res["servers"]["sarflow"]["command"]
+    assert ours[-len(feast_serve_flags(1)):] == feast_serve_flags(1) == res["config"]["sarflow_flags"]
+    assert set(res["ratios_sarflow_over_anchor"]) >= {"p50", "p95", "p99", "throughput", "error_rate"}
+    assert res["ratios_sarflow_over_anchor"]["throughput"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| anchor |" in md and "| sarflow |" in md
