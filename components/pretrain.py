@@ -15,7 +15,29 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import GPU_IMAGE
+from components import BASE_IMAGE, GPU_IMAGE
+
+
+def write_encoder_reference(result: dict, encoder, metrics, tracking_uri: str, dataset_version: str) -> dict:
+    """The `encoder` output (a JSON reference to the registered model: the registry, not the
+    pipeline root, is where models live) and the loss metrics, from what `pretrain` returned (or
+    `distributed.trainjob_result` for a TrainJob's run); returns the reference."""
+    import json
+    from pathlib import Path
+
+    ref = {"model_uri": f"models:/{result['registered_model']}/{result['version']}",
+           "registered_model": result["registered_model"], "version": str(result["version"]),
+           "run_id": result["run_id"], "logged_model_uri": result["model_uri"], "tracking_uri": tracking_uri,
+           "embedding_dim": result["embedding_dim"], "channels": result["channels"],
+           "dataset_version": dataset_version or result["lineage"].get("sarflow.dataset_dvc_md5", "")}
+    Path(encoder.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(encoder.path).write_text(json.dumps(ref, indent=1))
+    encoder.metadata.update({k: v for k, v in ref.items() if not isinstance(v, list)})
+    metrics.log_metric("first_loss", float(result["losses"][0]))
+    metrics.log_metric("final_loss", float(result["losses"][-1]))
+    metrics.log_metric("steps", len(result["losses"]))
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
+    return ref
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)  # a GPU task: the CUDA image
@@ -32,11 +54,10 @@ def pretrain_encoder(
     the version task's outputs (the store's DVC md5, the data commit), recorded as the run's
     lineage by value (a fresh pod has no DVC repository to discover them from); the version is
     part of the task's cache key too, so a new dataset version always retrains."""
-    import json
     from collections import namedtuple
-    from pathlib import Path
 
     from components.paths import absolute_uri
+    from components.pretrain import write_encoder_reference
     from sarflow.mlops.lineage import given_lineage
     from sarflow.params import Params, stage_config
     from sarflow.training.pretrain import PretrainConfig
@@ -47,17 +68,51 @@ def pretrain_encoder(
     tracking_uri = absolute_uri(cfg.tracking_uri)  # recorded in the reference: the same database from any folder
     with given_lineage(dataset_version, dataset_git_commit):
         result = run_pretrain(cfg)
-    ref = {"model_uri": f"models:/{result['registered_model']}/{result['version']}",
-           "registered_model": result["registered_model"], "version": str(result["version"]),
-           "run_id": result["run_id"], "logged_model_uri": result["model_uri"], "tracking_uri": tracking_uri,
-           "embedding_dim": result["embedding_dim"], "channels": result["channels"],
-           "dataset_version": dataset_version or result["lineage"].get("sarflow.dataset_dvc_md5", "")}
-    Path(encoder.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(encoder.path).write_text(json.dumps(ref, indent=1))
-    encoder.metadata.update({k: v for k, v in ref.items() if not isinstance(v, list)})
-    metrics.log_metric("first_loss", float(result["losses"][0]))
-    metrics.log_metric("final_loss", float(result["losses"][-1]))
-    metrics.log_metric("steps", len(result["losses"]))
-    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
+    ref = write_encoder_reference(result, encoder, metrics, tracking_uri, dataset_version)
+    out = namedtuple("Encoder", ["model_uri", "registered_model", "version", "run_id"])
+    return out(ref["model_uri"], ref["registered_model"], ref["version"], ref["run_id"])
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)  # a CPU task: the GPUs are the TrainJob's
+def pretrain_trainjob(
+    store: str,
+    encoder: Output[Model],
+    metrics: Output[Metrics],
+    job_name: str,
+    pretrain: dict = {},
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    image: str = "",
+    namespace: str = "",
+    tracking_uri: str = "",
+    dataset_version: str = "",
+    dataset_git_commit: str = "",
+    timeout_s: int = 7 * 86400,
+) -> NamedTuple("Encoder", [("model_uri", str), ("registered_model", str), ("version", str), ("run_id", str)]):
+    """Multi-node pretraining: creates a Kubeflow Trainer TrainJob (torch-distributed runtime,
+    `nodes` x `gpus_per_node`, the GPU image) that runs `sarflow pretrain STORE` under torchrun,
+    waits for it, and gives the same `encoder` reference as `pretrain_encoder` (the run its rank 0
+    opened, found by the job's tag). `store` is an s3:// URI every node reads; `job_name` names
+    the TrainJob (a rerun of a finished job replaces it, a running one is adopted); the pods get
+    `pretrain` (params.yaml's section) and the lineage by value."""
+    from collections import namedtuple
+    from pathlib import Path
+
+    from components import GPU_IMAGE
+    from components.pretrain import write_encoder_reference
+    from sarflow.errors import InputError
+    from sarflow.params import default_tracking_uri
+    from sarflow.training.distributed import run_train_job, train_job, trainjob_result
+
+    if not store.startswith("s3://"):
+        raise InputError(store, "a TrainJob's nodes read the store from object storage: give an s3:// store")
+    ns = namespace or (Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
+                       if Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").is_file() else "sarflow")
+    manifest = train_job(job_name, store, image or GPU_IMAGE, nodes=nodes, gpus_per_node=gpus_per_node,
+                         pretrain=pretrain, dataset_version=dataset_version, dataset_git_commit=dataset_git_commit,
+                         namespace=ns)
+    run_train_job(manifest, timeout_s=timeout_s)
+    tracking_uri = tracking_uri or default_tracking_uri()  # the pods' MLFLOW_TRACKING_URI (the pipeline ConfigMap's)
+    ref = write_encoder_reference(trainjob_result(tracking_uri, job_name), encoder, metrics, tracking_uri, dataset_version)
     out = namedtuple("Encoder", ["model_uri", "registered_model", "version", "run_id"])
     return out(ref["model_uri"], ref["registered_model"], ref["version"], ref["run_id"])

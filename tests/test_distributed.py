@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from sarflow.errors import SarflowError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,9 +82,11 @@ def test_pretrain_under_torchrun_with_the_trainjob_environment(tiny_store, tmp_p
     env.update({"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": "0",
                 "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port()),
                 "SARFLOW_TEST_RANK_DIR": str(out), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    cmd = [str(torchrun), __file__, "pretrain", str(store), "--method", "mae", "--max-steps", "12",
-           "--batch-size", "8", "--vit-size", "tiny", "--patch", "16", "--depth", "1", "--dim", "48",
-           "--tracking-uri", f"sqlite:///{db}", "--experiment", "ddp-test"]
+    # what train_job puts in every pod: the job's name and params.yaml's pretrain section
+    section = {"method": "mae", "batch_size": 8, "vit": {"size": "tiny", "patch": 16, "depth": 1, "dim": 48},
+               "optim": {"max_steps": 12}}
+    env.update({"SARFLOW_TRAINJOB": "pretrain-ddp-test", "SARFLOW_PRETRAIN_SECTION": json.dumps(section)})
+    cmd = [str(torchrun), __file__, "pretrain", str(store), "--tracking-uri", f"sqlite:///{db}", "--experiment", "ddp-test"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -105,13 +109,22 @@ def test_pretrain_under_torchrun_with_the_trainjob_environment(tiny_store, tmp_p
     losses = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(losses) == 12 and np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    # the TrainJob launcher finds the run by the job's tag, with what pretrain_encoder's reference needs
+    from sarflow.training.distributed import trainjob_result
+
+    found = trainjob_result(f"sqlite:///{db}", "pretrain-ddp-test")
+    assert (found["run_id"], found["registered_model"], found["version"]) == (runs[0].info.run_id, "sarflow-encoder-mae", "1")
+    assert found["losses"] == losses and found["embedding_dim"] > 0 and found["channels"]
+    with pytest.raises(SarflowError, match="0 MLflow runs tagged sarflow.trainjob=another-job"):
+        trainjob_result(f"sqlite:///{db}", "another-job")
 
 
 # ------------------------------------------------------------------------- the TrainJob manifest
 
 TRAINER = ROOT / "k8s" / "trainer"
 EXAMPLE_JOB = dict(name="sarflow-pretrain", store="s3://sarflow-chips/chips.zarr", nodes=2, gpus_per_node=2,
-                   pretrain_args=["--method", "mae", "--experiment", "sarflow-pretrain"],
+                   pretrain_args=["--experiment", "sarflow-pretrain"],
+                   pretrain={"method": "mae", "vit": {"size": "base", "patch": 16}, "optim": {"max_steps": 100000}},
                    dataset_version="<dvc md5 of the store>", dataset_git_commit="<data repository commit>")
 
 
@@ -162,13 +175,15 @@ def test_the_trainjob_manifest_is_generated_and_valid():
     assert committed == job, "k8s/trainer/pretrain-trainjob.yaml differs from train_job(**EXAMPLE_JOB): regenerate it"
     assert trainjob_errors(job) == []
     trainer = job["spec"]["trainer"]
-    assert trainer["image"] == GPU_IMAGE and job["spec"]["runtimeRef"] == {"name": "torch-distributed"}
+    assert trainer["image"] == GPU_IMAGE and job["spec"]["runtimeRef"] == {"name": "sarflow-torch-distributed"}
     assert trainer["command"][:5] == ["torchrun", "--no-python", "sarflow", "pretrain", EXAMPLE_JOB["store"]]
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"] == 2
     env = {e["name"]: e for e in trainer["env"]}
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "sarflow-pipeline-env"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "sarflow-s3"
     assert env["SARFLOW_DATASET_VERSION"]["value"] == EXAMPLE_JOB["dataset_version"]
+    assert env["SARFLOW_TRAINJOB"]["value"] == EXAMPLE_JOB["name"]  # the run's tag, by which the launcher finds it
+    assert json.loads(env["SARFLOW_PRETRAIN_SECTION"]["value"]) == EXAMPLE_JOB["pretrain"]
     # negative controls: the validation really runs
     typo = copy.deepcopy(job)
     typo["spec"]["trainer"]["numProcsPerNode"] = 2
@@ -180,6 +195,76 @@ def test_the_trainjob_manifest_is_generated_and_valid():
     badname["metadata"]["name"] = "Pretrain_1"
     for broken in (typo, wrong, bare, badname):
         assert trainjob_errors(broken), broken["spec"]
+
+
+class _TrainJobsAPI:
+    """The part of kubernetes' CustomObjectsApi that run_train_job calls, over in-memory TrainJobs
+    with the API server's answers (409 on a taken name, 404 on a missing one); no cluster here. A
+    job gets its Complete (or `outcome`) condition after two reads; a deleted one is gone after one."""
+
+    def __init__(self, outcome="Complete"):
+        self.jobs, self.calls, self.outcome = {}, [], outcome
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+        from kubernetes.client.rest import ApiException
+
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+        name = body["metadata"]["name"]
+        self.calls.append(("create", name))
+        if name in self.jobs:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.jobs[name] = {"reads": 0, "conditions": [], "deleting": False}
+
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        from kubernetes.client.rest import ApiException
+
+        job = self.jobs.get(name)
+        if job is None:
+            raise ApiException(status=404, reason="NotFound")
+        if job["deleting"]:
+            del self.jobs[name]
+            raise ApiException(status=404, reason="NotFound")
+        job["reads"] += 1
+        if job["reads"] >= 2 and not job["conditions"]:
+            job["conditions"] = [{"type": "Created", "status": "True"}, {"type": self.outcome, "status": "True"}]
+        return {"metadata": {"name": name}, "status": {"conditions": job["conditions"]}}
+
+    def delete_namespaced_custom_object(self, group, version, ns, plural, name, propagation_policy=None):
+        self.calls.append(("delete", name))
+        self.jobs[name]["deleting"] = True
+
+
+def test_the_trainjob_launcher_waits_adopts_and_replaces():
+    from components import GPU_IMAGE
+    from sarflow.training.distributed import run_train_job, train_job
+
+    job = train_job(image=GPU_IMAGE, **EXAMPLE_JOB)
+    api = _TrainJobsAPI()
+    run_train_job(job, poll_s=0, api=api)  # created, waited until Complete
+    assert api.calls == [("create", "sarflow-pretrain")]
+    api.calls.clear()
+    run_train_job(job, poll_s=0, api=api)  # a rerun: the finished job is deleted and created anew
+    assert api.calls == [("create", "sarflow-pretrain"), ("delete", "sarflow-pretrain"), ("create", "sarflow-pretrain")]
+    api.jobs["sarflow-pretrain"] = {"reads": 0, "conditions": [], "deleting": False}  # still running
+    api.calls.clear()
+    run_train_job(job, poll_s=0, api=api)  # adopted, not replaced
+    assert api.calls == [("create", "sarflow-pretrain")]
+    failing = _TrainJobsAPI(outcome="Failed")
+    with pytest.raises(RuntimeError, match="TrainJob sarflow/sarflow-pretrain failed .*kubectl -n sarflow describe"):
+        run_train_job(job, poll_s=0, api=failing)
+
+
+def test_a_pretrain_section_in_the_environment_must_be_a_json_object():
+    from sarflow.errors import InputError
+    from sarflow.training.distributed import pretrain_section, trainjob_tag
+
+    assert pretrain_section({}) is None and trainjob_tag({}) == {}
+    assert pretrain_section({"SARFLOW_PRETRAIN_SECTION": '{"method": "dino"}'}) == {"method": "dino"}
+    assert trainjob_tag({"SARFLOW_TRAINJOB": "j1"}) == {"sarflow.trainjob": "j1"}
+    with pytest.raises(InputError, match="SARFLOW_PRETRAIN_SECTION.*not valid JSON"):
+        pretrain_section({"SARFLOW_PRETRAIN_SECTION": "{method: dino"})
+    with pytest.raises(InputError, match="must be a JSON object"):
+        pretrain_section({"SARFLOW_PRETRAIN_SECTION": "[1, 2]"})
 
 
 # -------------------------------------------------------------- the per-rank driver (torchrun)

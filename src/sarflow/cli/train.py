@@ -32,10 +32,15 @@ def pretrain(
 ) -> None:
     """Pretrain a self-supervised encoder (MAE, DINO or CLIP-multimodal), track it in MLflow and
     register it as sarflow-encoder-<method>."""
+    from sarflow.params import Params
+    from sarflow.training.distributed import PRETRAIN_SECTION_ENV, pretrain_section
     from sarflow.training.pretrain import pretrain as run_pretrain
 
     try:
-        cfg = stage_config("pretrain", params, {
+        # a TrainJob's pod gets params.yaml's pretrain section in its environment (distributed.train_job)
+        section = pretrain_section() if params is None else None
+        source = Params({"pretrain": section}, f"${PRETRAIN_SECTION_ENV}") if section is not None else params
+        cfg = stage_config("pretrain", source, {
             "method": method, "batch_size": batch_size, "output_size": output_size, "workers": workers,
             "modalities": [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
             "tracking_uri": tracking_uri, "experiment": experiment,

@@ -573,13 +573,12 @@ def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 1
     """Creates the Indexed Job (in-cluster config, else ~/.kube/config) and waits for it to succeed.
 
     The job's name follows the store (one build per store: two jobs writing one store's shards
-    would break the one-writer-per-shard rule). A job of that name left by an earlier run (kept
-    for a day after it finished) is the rerun case: still running, it is adopted and waited for;
-    finished or failed, it is deleted and created anew (units already written are skipped by
-    `sarflow tile-unit`, so a rerun only does what is left). `api`: a BatchV1Api (tests)."""
-    import time
-
+    would break the one-writer-per-shard rule); a job of that name left by an earlier run is
+    adopted while it runs, else replaced (`mlops.cluster.launch_and_wait`; units already written
+    are skipped by `sarflow tile-unit`, so a rerun only does what is left). `api`: a BatchV1Api."""
     from kubernetes.client.rest import ApiException
+
+    from sarflow.mlops.cluster import ABSENT, conditions_state, launch_and_wait
 
     if api is None:
         from kubernetes import client, config
@@ -593,48 +592,16 @@ def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 1
     ns = namespace or "sarflow"
     manifest = indexed_job_manifest(store_uri, units, image, parallelism, namespace=ns)
     name = manifest["metadata"]["name"]
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def state() -> str:
         try:
-            api.create_namespaced_job(ns, manifest)
-            break
+            st = api.read_namespaced_job_status(name, ns).status
         except ApiException as e:
-            if e.status != 409:
-                raise
-        st = api.read_namespaced_job_status(name, ns).status
-        if not _job_finished(st, units):
-            break  # the same store's build, still running: wait for it
-        api.delete_namespaced_job(name, ns, propagation_policy="Foreground")
-        while _job_exists(api, name, ns):  # gone before the new one is created
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {ns}/{name}: the previous run's job was not deleted in {timeout_s}s")
-            time.sleep(poll_s)
-    while time.monotonic() < deadline:
-        st = api.read_namespaced_job_status(name, ns).status
-        if (st.succeeded or 0) >= units:
-            return
-        if _job_failed(st):
-            raise RuntimeError(f"job {ns}/{name} failed: {st.failed} pods failed (`kubectl -n {ns} logs job/{name}`)")
-        time.sleep(poll_s)
-    raise TimeoutError(f"job {ns}/{name} did not finish in {timeout_s}s")
+            if e.status == 404:
+                return ABSENT
+            raise
+        return conditions_state(st.conditions, done=(st.succeeded or 0) >= units)
 
-
-def _job_failed(status) -> bool:
-    return any(c.type == "Failed" and c.status == "True" for c in (status.conditions or []))
-
-
-def _job_finished(status, units: int) -> bool:
-    return _job_failed(status) or (status.succeeded or 0) >= units or \
-        any(c.type == "Complete" and c.status == "True" for c in (status.conditions or []))
-
-
-def _job_exists(api, name: str, ns: str) -> bool:
-    from kubernetes.client.rest import ApiException
-
-    try:
-        api.read_namespaced_job_status(name, ns)
-        return True
-    except ApiException as e:
-        if e.status == 404:
-            return False
-        raise
+    launch_and_wait(f"job {ns}/{name}", lambda: api.create_namespaced_job(ns, manifest), state,
+                    lambda: api.delete_namespaced_job(name, ns, propagation_policy="Foreground"),
+                    timeout_s, poll_s, failed_hint=f" (`kubectl -n {ns} logs job/{name}`)")

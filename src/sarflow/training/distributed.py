@@ -120,20 +120,48 @@ def main_run(experiment_id: str | None, tags: dict[str, str]):
 # ------------------------------------------------------------------- the Kubeflow Trainer TrainJob
 
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
-TORCH_RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
+TORCH_RUNTIME = "sarflow-torch-distributed"  # k8s/trainer: upstream torch-distributed made restricted-compliant
 # what every sarflow pod reads from the pipeline ConfigMap and the S3 Secret (k8s/base)
 CLUSTER_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
 S3_SECRET = ("sarflow-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+# set by train_job in every pod of a TrainJob: its name (the MLflow run's tag TRAINJOB_TAG, by which the
+# launcher finds the run and the version it registered) and params.yaml's pretrain section as JSON
+TRAINJOB_ENV, TRAINJOB_TAG = "SARFLOW_TRAINJOB", "sarflow.trainjob"
+PRETRAIN_SECTION_ENV = "SARFLOW_PRETRAIN_SECTION"
+
+
+def trainjob_tag(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """{TRAINJOB_TAG: name} in a TrainJob's pod (the run's tag), {} elsewhere."""
+    name = (os.environ if environ is None else environ).get(TRAINJOB_ENV, "").strip()
+    return {TRAINJOB_TAG: name} if name else {}
+
+
+def pretrain_section(environ: Mapping[str, str] | None = None) -> dict | None:
+    """params.yaml's pretrain section a TrainJob's pod received as JSON ($SARFLOW_PRETRAIN_SECTION),
+    None when not given; anything but a JSON object is an InputError naming the variable."""
+    import json
+
+    text = (os.environ if environ is None else environ).get(PRETRAIN_SECTION_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        section = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"${PRETRAIN_SECTION_ENV}", f"not valid JSON: {e}") from None
+    if not isinstance(section, dict):
+        raise InputError(f"${PRETRAIN_SECTION_ENV}", "must be a JSON object (params.yaml's pretrain section)")
+    return section
 
 
 def train_job(name: str, store: str, image: str, *, nodes: int = 1, gpus_per_node: int = 1,
-              pretrain_args: list[str] | tuple[str, ...] = (), dataset_version: str = "",
+              pretrain_args: list[str] | tuple[str, ...] = (), pretrain: dict | None = None, dataset_version: str = "",
               dataset_git_commit: str = "", cpu: str = "8", memory: str = "32Gi", namespace: str = "sarflow",
               config_map: str = "sarflow-pipeline-env", runtime: str = TORCH_RUNTIME) -> dict:
     """A TrainJob that runs ``sarflow pretrain STORE ARGS`` under torchrun on `nodes` nodes of
     `gpus_per_node` GPUs each (the torch-distributed runtime: torchrun reads the PET_* variables
     the Trainer sets, sarflow reads torchrun's). The pods get the endpoints from `config_map`, the
-    S3 keys from the ``sarflow-s3`` Secret, and the lineage by value."""
+    S3 keys from the ``sarflow-s3`` Secret, the lineage by value, the job's name ($SARFLOW_TRAINJOB:
+    the MLflow run's tag) and `pretrain` (params.yaml's pretrain section, $SARFLOW_PRETRAIN_SECTION)."""
     if nodes < 1 or gpus_per_node < 1:
         raise InputError(f"TrainJob {name}", f"nodes ({nodes}) and gpus_per_node ({gpus_per_node}) must be at least 1")
     env = [{"name": k, "valueFrom": {"configMapKeyRef": {"name": config_map, "key": k}}} for k in CLUSTER_ENV]
@@ -142,6 +170,11 @@ def train_job(name: str, store: str, image: str, *, nodes: int = 1, gpus_per_nod
 
     env += [{"name": k, "value": v} for k, v in ((DATASET_VERSION_ENV, dataset_version),
                                                  (DATASET_COMMIT_ENV, dataset_git_commit)) if v]
+    env.append({"name": TRAINJOB_ENV, "value": name})
+    if pretrain:
+        import json
+
+        env.append({"name": PRETRAIN_SECTION_ENV, "value": json.dumps(pretrain, sort_keys=True)})
     per_node = {"cpu": cpu, "memory": memory, "nvidia.com/gpu": gpus_per_node}
     return {
         "apiVersion": TRAINJOB_API,
@@ -159,3 +192,65 @@ def train_job(name: str, store: str, image: str, *, nodes: int = 1, gpus_per_nod
             },
         },
     }
+
+
+def run_train_job(manifest: dict, timeout_s: float = 7 * 86400, poll_s: float = 30.0, api=None) -> None:
+    """Creates the TrainJob (in-cluster config, else ~/.kube/config) and waits until it is
+    Complete: a TrainJob of that name still running is adopted, a finished one replaced
+    (`mlops.cluster.launch_and_wait`). `api`: a CustomObjectsApi."""
+    from kubernetes.client.rest import ApiException
+
+    from sarflow.mlops.cluster import ABSENT, conditions_state, launch_and_wait
+
+    if api is None:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api = client.CustomObjectsApi()
+    group, version = manifest["apiVersion"].split("/")
+    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    where = (group, version, ns, "trainjobs")
+
+    def state() -> str:
+        try:
+            obj = api.get_namespaced_custom_object(*where, name)
+        except ApiException as e:
+            if e.status == 404:
+                return ABSENT
+            raise
+        return conditions_state((obj.get("status") or {}).get("conditions"))
+
+    launch_and_wait(f"TrainJob {ns}/{name}", lambda: api.create_namespaced_custom_object(*where, manifest), state,
+                    lambda: api.delete_namespaced_custom_object(*where, name, propagation_policy="Foreground"),
+                    timeout_s, poll_s, failed_hint=f" (`kubectl -n {ns} describe trainjob {name}`)")
+
+
+def trainjob_result(tracking_uri: str, job: str) -> dict:
+    """What `pretrain` returns, for the run a TrainJob made (found by its TRAINJOB_TAG): run_id,
+    registered_model, version, model_uri, losses, embedding_dim, channels, lineage. A job without
+    exactly one such run, or whose run registered nothing, is a SarflowError naming it."""
+    import mlflow
+
+    from sarflow.errors import SarflowError
+
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`{TRAINJOB_TAG}` = '{job}'")
+    if len(runs) != 1:
+        raise SarflowError(f"TrainJob {job}: {len(runs)} MLflow runs tagged {TRAINJOB_TAG}={job} at {tracking_uri} "
+                           "(expected the one its rank 0 opened)")
+    run = runs[0]
+    versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    if not versions:
+        raise SarflowError(f"TrainJob {job}: its run {run.info.run_id} registered no model")
+    mv = max(versions, key=lambda v: int(v.version))
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    tags = client.get_model_version(mv.name, mv.version).tags
+    return {"run_id": run.info.run_id, "registered_model": mv.name, "version": str(mv.version),
+            "model_uri": mv.source, "losses": losses,
+            "embedding_dim": int(tags.get("sarflow.embedding_dim", 0)),
+            "channels": [c for c in tags.get("sarflow.channels", "").split(",") if c],
+            "lineage": {k: v for k, v in run.data.tags.items() if k.startswith("sarflow.")}}

@@ -336,7 +336,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
 
     from sarflow.mlops.lineage import dataset_lineage
     from sarflow.mlops.tracking import loggable_params, model_requirements, setup_mlflow
-    from sarflow.training.distributed import is_main_process, main_run, topology
+    from sarflow.training.distributed import is_main_process, main_run, topology, trainjob_tag
 
     groups = resolve_groups(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -354,7 +354,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = False) -> dict:
               "in_chans": sum(len(g.bands) for g in groups), **{f"vit_{k}": v for k, v in asdict(cfg.vit).items() if k != "in_chans"},
               **{f"optim_{k}": v for k, v in asdict(cfg.optim).items()}, **cfg.method_kwargs,
               "precision": "bf16-mixed" if gpu else "32-true"}
-    with main_run(exp_id, lineage) as run:  # None on the other ranks: they log nothing
+    with main_run(exp_id, lineage | trainjob_tag()) as run:  # None on the other ranks: they log nothing
         if main:
             mlflow.log_params(loggable_params(params))
             mlflow.log_params({k: v for k, v in lineage.items()})
