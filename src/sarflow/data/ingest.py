@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def _items(loaded: LoadedCatalog, spec: SourceSpec) -> list[list[tuple[str, list
     return items
 
 
-def inspect_file(uri: str, expected_bands: int, spec: SourceSpec, checksum: bool = True) -> RasterFile:
+def inspect_file(uri: str, expected_bands: int, spec: SourceSpec) -> RasterFile:
     """Opens and validates one raster; errors name the file and the cause."""
     if is_s3(uri):
         size = check_s3_object(uri)
@@ -199,7 +200,7 @@ def inspect_file(uri: str, expected_bands: int, spec: SourceSpec, checksum: bool
         resolution=(float(res[0]), float(res[1])),
         bounds_wgs84=tuple(float(v) for v in footprint.bounds),
         size=int(size),
-        sha256=sha256_of(uri) if checksum else "",
+        sha256="",  # checksum_files: every file of the catalog hashed in parallel, once all are valid
         footprint=footprint,
     )
 
@@ -232,13 +233,13 @@ def _check_has_valid_pixels(uri: str, ds, nodata) -> None:
     raise InputError(uri, f"holds no valid pixel (every value is NaN or nodata={nodata})")
 
 
-def resolve_source(loaded: LoadedCatalog, spec: SourceSpec, checksum: bool = True) -> Source:
+def resolve_source(loaded: LoadedCatalog, spec: SourceSpec) -> Source:
     items = _items(loaded, spec)
     files: dict[str, RasterFile] = {}
     for item in items:
         for uri, bands in item:
             if uri not in files:
-                files[uri] = inspect_file(uri, len(bands), spec, checksum)
+                files[uri] = inspect_file(uri, len(bands), spec)
     dtypes = {np.dtype(f.dtype) for f in files.values()}
     if all(d.kind == "f" for d in dtypes):
         dtype = "float32"
@@ -349,12 +350,29 @@ def coverage(sources: list[Source], crs: CRS) -> shapely.Geometry | None:
     return transform_geometry(shapely.intersection_all(feet), WGS84, crs)
 
 
+def checksum_files(sources: list[Source], workers: int | None = None) -> None:
+    """Every source file's SHA-256 (`RasterFile.sha256`), hashed in parallel threads (hashlib and
+    the reads release the GIL: a catalog of many files, or of files on S3, hashes at the disk's or
+    the network's pace, not one file after another); a file in several sources is hashed once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uris = sorted({uri for src in sources for uri in src.files})
+    workers = workers or min(8, 2 * (os.cpu_count() or 1), max(1, len(uris)))
+    with ThreadPoolExecutor(workers) as pool:
+        digests = dict(zip(uris, pool.map(sha256_of, uris)))
+    for src in sources:
+        for uri, f in src.files.items():
+            f.sha256 = digests[uri]
+
+
 def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
     """Validates every source and builds the grid; raises InputError on the first bad input."""
     cat = loaded.catalog
     every_uri = [u for s in cat.sources for u in (s.uris or s.stac.items) for u in (u if isinstance(u, list) else [u])]
     with gdal_env([loaded.resolve(u) for u in every_uri], GDAL_CACHEMAX=64):
-        sources = [resolve_source(loaded, spec, checksum) for spec in cat.sources]
+        sources = [resolve_source(loaded, spec) for spec in cat.sources]
+    if checksum:
+        checksum_files(sources)
     aoi84 = _aoi_wgs84(loaded, sources)
     if cat.grid.crs == "utm":
         crs = utm_for_aoi(aoi84, str(loaded.path))
