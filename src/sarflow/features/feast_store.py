@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import field
 from pathlib import Path
 from typing import Literal
@@ -119,6 +121,34 @@ class FeatureConfig:
         return reg
 
 
+@contextmanager
+def feast_errors(cfg: FeatureConfig):
+    """Feast's failures a user can fix, as one-line InputErrors: the Redis online store
+    unreachable (naming host:port) and a truncated or corrupt registry (naming it and the fix)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        import redis.exceptions as redis_errors
+
+        unreachable: tuple = (redis_errors.ConnectionError, redis_errors.TimeoutError)
+    except ImportError:  # redis is the services extra; without it there is no Redis online store
+        unreachable = ()
+    try:
+        yield
+    except unreachable as e:
+        raise InputError(cfg.redis, f"the Redis online store is unreachable ({type(e).__name__}: {e}); check that Redis "
+                                    "runs there and answers (redis-cli -h HOST -p PORT ping; `sarflow services up` starts "
+                                    "one) and that features.redis / --redis names it") from None
+    except DecodeError as e:
+        if "Registry" not in str(e):  # only the registry's own proto (not, say, an online value)
+            raise
+        reg = cfg.registry_yaml()
+        where = re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", reg["path"] if isinstance(reg, dict) else str(reg))
+        raise InputError(where, f"the Feast registry is truncated or corrupt ({e}); delete it and rerun `sarflow features "
+                                "materialize` (or `sarflow features apply`), which registers the views again "
+                                "(the online store keeps its rows)") from None
+
+
 def open_feature_store(cfg: FeatureConfig):
     """A FeatureStore over the features root (writes its feature_store.yaml, as `feast serve` reads it)."""
     from feast import FeatureStore
@@ -143,8 +173,9 @@ def apply(cfg: FeatureConfig) -> list[str]:
     try:
         tmp.write_text(repo_file(objects, _repo_file_header(cfg)))
         check_repo_file(tmp, objects)
-        fs.apply(objects)
-        _record_infra(fs, objects)
+        with feast_errors(cfg):
+            fs.apply(objects)
+            _record_infra(fs, objects)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -259,6 +290,11 @@ def materialize(cfg: FeatureConfig, views: list[str] | None = None, batch_rows: 
     only the part-th file of each view's source (a view with fewer files has nothing to do), so
     tasks 0..P-1 together do what one full materialisation does. Per view: rows written, the
     source's file count (`parts`) and the files done."""
+    with feast_errors(cfg):
+        return _materialize(cfg, views, batch_rows, part)
+
+
+def _materialize(cfg: FeatureConfig, views: list[str] | None, batch_rows: int | None, part: int | None) -> dict:
     fs = open_feature_store(cfg)
     if part is not None and part < 0:
         raise InputError(str(part), "the part to materialize is a file index >= 0")
@@ -368,7 +404,8 @@ def _values(col) -> list:
 def online_features(cfg: FeatureConfig, chip_ids: list[str], features: list[str]) -> pd.DataFrame:
     """Online lookup; an id the online store does not know is an error, not a row of Nones."""
     fs = open_feature_store(cfg)
-    df = fs.get_online_features(features=features, entity_rows=[{"chip_id": c} for c in chip_ids]).to_df()
+    with feast_errors(cfg):
+        df = fs.get_online_features(features=features, entity_rows=[{"chip_id": c} for c in chip_ids]).to_df()
     cols = [c for c in df.columns if c != "chip_id"]
     unknown = df.loc[df[cols].isna().all(axis=1), "chip_id"].tolist()
     if unknown:
@@ -379,7 +416,8 @@ def online_features(cfg: FeatureConfig, chip_ids: list[str], features: list[str]
 def training_set(cfg: FeatureConfig, entity_df: pd.DataFrame, features: list[str]) -> pd.DataFrame:
     """Point-in-time correct join of features onto (chip_id, event_timestamp) rows."""
     fs = open_feature_store(cfg)
-    return fs.get_historical_features(entity_df=entity_df, features=features).to_df()
+    with feast_errors(cfg):
+        return fs.get_historical_features(entity_df=entity_df, features=features).to_df()
 
 
 def newest_embeddings_view(cfg: FeatureConfig) -> str:
