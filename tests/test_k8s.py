@@ -467,14 +467,16 @@ def test_kubeflow_pipeline_pods_meet_the_restricted_profile_with_the_argo_settin
     assert restricted_violations({"containers": [{"name": "main"}], "initContainers": [{"name": "init"}]})
 
 
-@pytest.mark.xfail(reason="sarflow.data.tile_units.indexed_job_manifest sets no seccompProfile (and no "
-                          "read-only root); namespace sarflow enforces restricted: src owner to add them",
-                   strict=False)
 def test_the_indexed_job_pods_meet_the_restricted_profile():
     from sarflow.data.tile_units import indexed_job_manifest
 
     job = indexed_job_manifest("s3://sarflow-chips/x.zarr", 3, "ghcr.io/sarflow/sarflow:0.1.0")
-    assert restricted_violations(job["spec"]["template"]["spec"]) == []
+    spec = job["spec"]["template"]["spec"]
+    assert restricted_violations(spec) == []
+    (c,) = spec["containers"]  # a read-only root: HOME and /tmp on the pod's emptyDir
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and {"name": "HOME", "value": "/tmp"} in c["env"]
+    assert {m["mountPath"]: m["name"] for m in c["volumeMounts"]} == {"/tmp": "tmp"}
+    assert spec["volumes"] == [{"name": "tmp", "emptyDir": {}}] and spec["automountServiceAccountToken"] is False
 
 
 def test_writable_paths_are_mounted_volumes(rendered):

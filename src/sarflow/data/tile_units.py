@@ -548,9 +548,13 @@ def indexed_job_manifest(store_uri: str, units: int, image: str, parallelism: in
         "env": [{"name": k, "valueFrom": {"secretKeyRef": {"name": "sarflow-s3", "key": k}}}
                 for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")],
         "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
-                            "capabilities": {"drop": ["ALL"]}},
+        # the restricted Pod Security profile namespace sarflow enforces, with a read-only root: HOME
+        # and /tmp (GDAL's and Python's scratch) on an emptyDir
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    container["env"].append({"name": "HOME", "value": "/tmp"})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -563,7 +567,10 @@ def indexed_job_manifest(store_uri: str, units: int, image: str, parallelism: in
             "maxFailedIndexes": 0,
             "ttlSecondsAfterFinished": 86400,
             "template": {"metadata": {"labels": labels},
-                         "spec": {"restartPolicy": "Never", "containers": [container]}},
+                         "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                                  "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                                      "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                                  "volumes": [{"name": "tmp", "emptyDir": {}}], "containers": [container]}},
         },
     }
 
