@@ -133,7 +133,8 @@ def test_tile_from_s3_matches_local(s3, scene, local_store, tmp_path):
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["chips"] == zarr.open_group(str(local_store), mode="r").attrs["chips"] > 0
     scene_dir = scene.parent
-    for name in names:
+    assert set(g.attrs["modalities"]) < set(names)  # beside them: the georeference arrays (spatial_ref, chip_x, chip_y)
+    for name in g.attrs["modalities"]:
         sources = g[name].attrs["sources"]
         assert sources, name
         for entry in sources:
