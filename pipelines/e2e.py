@@ -1,8 +1,9 @@
 """The end-to-end pipeline: one synthetic AOI (or your catalog) through every stage.
 
 data plane (pipelines/data.py: synth -> ingest -> tile -> version) followed by the training
-stages (pipelines/training.py: pretrain -> embed -> materialize -> probes + LLP -> promote ->
-publish). This is what `make demo` runs with kfp.local on the embedded default (MLflow on
+stages (pipelines/training.py: pretrain -> embed, fanned out over params `embed.parts` shard
+ranges, one GPU each, then published -> materialize, fanned out over the parts -> probes + LLP ->
+promote -> publish; `sarflow demo` keeps `embed.parts: 1`, one embedding task). This is what `make demo` runs with kfp.local on the embedded default (MLflow on
 SQLite, Feast on SQLite, a local DVC remote, features in a local folder), and what a cluster
 runs against MinIO, the MLflow server and Redis.
 

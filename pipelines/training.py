@@ -6,9 +6,16 @@ exit handler (record-status)
 ├── importer(store_uri)             -> store (Dataset: a chip store folder, or s3:// on a cluster)
 ├── importer(bags_uri)              -> bags  (Dataset: polygons + statistics table, for LLP)
 ├── pretrain-encoder(store)         -> encoder (Model: reference to sarflow-encoder-<method>/<v>)   [GPU]
-├── embed-chips(store, encoder)     -> embeddings (Dataset: the Feast offline partition written)      [GPU]
+├── plan-embed(store, embed)        -> shards: embed.parts ranges A:B of the store's chip shards (default 1)
+├── ParallelFor shards (up to EMBED_PARALLELISM at once)
+│   └── embed-shards(store, encoder, A:B) -> a staged Parquet part of the features root (its own)   [GPU, one each]
+├── publish-embeddings(Collected parts) -> embeddings (Dataset: the Feast offline partition, published
+│                                       atomically once every part is there; chip labels written)
 ├── train-llp(store, embeddings, bags) -> registers sarflow-llp-<label>; writes the chip_bags source
-├── materialize-features(embeddings)-> features (Feast apply + streaming materialize + similarity index), after LLP
+├── plan-materialize(embeddings)    -> Feast apply (once), parts 0..P-1 (P: the most files of any view's source), after LLP
+├── ParallelFor parts (up to MATERIALIZE_PARALLELISM at once)
+│   └── materialize-part(i)         -> streams the i-th file of each view's source (incremental state per file)
+├── materialize-features(embeddings, Collected reports) -> features (the parts' report + similarity index)
 ├── train-probes(store, embeddings) -> registers sarflow-<task> per evaluable task (after materialize: Feast training sets)
 ├── report-results(probes, llp)     -> one MLflow results-report run (tables + plots), its HTML in the UI
 └── for probes and LLP: promote-model (every model it registered) -> dsl.If(any promoted) -> publish-champion
@@ -17,8 +24,14 @@ exit handler (record-status)
 The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.py):
 :func:`training_stages` builds them once for both.
 
-- **GPU**: pretraining (``PRETRAIN_GPUS``) and embedding (one) request ``nvidia.com/gpu``, select the GPU
-  pool's nodes and tolerate its taint (pipelines/platform.py);
+- **GPU**: pretraining (``PRETRAIN_GPUS``) and every embedding part (one each) request ``nvidia.com/gpu``,
+  select the GPU pool's nodes and tolerate its taint (pipelines/platform.py);
+- **fan-out**: params ``embed.parts`` shard ranges embed side by side (one GPU task each, each writing its
+  own part; 1, the default, is one task over the whole store); every later task reads the partition
+  ``publish-embeddings`` published (sarflow.features.embed.finalize_embeddings: no gap, no overlap, one
+  model version, or nothing is published). Materialisation fans out over the parts too: its incremental
+  state is one file per (view, source file) (on S3 under the features root with Redis), so no two parts
+  share state; the parts of a local run share one Feast repo and take turns in it (components/materialize.py);
 - **images**: the GPU tasks run docker/Dockerfile.gpu's image (``components.GPU_IMAGE``), the
   others the CPU image; both carry their code commit (``SARFLOW_CODE_COMMIT``);
 - **lineage by value**: ``dataset_version`` and ``dataset_git_commit`` (the version task's
@@ -39,11 +52,11 @@ run`` fills them in); each component builds its stage's typed config from them.
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset
+from kfp.dsl import Dataset, Model
 
 from components.downstream import report_results, train_llp, train_probes
-from components.embed import embed_chips
-from components.materialize import materialize_features
+from components.embed import embed_shards, plan_embed, publish_embeddings
+from components.materialize import materialize_features, materialize_part, plan_materialize
 from components.pretrain import pretrain_encoder
 from components.promote import promote_model, publish_champion
 from pipelines.platform import exit_task, on_gpu, stage
@@ -52,6 +65,10 @@ PIPELINE_NAME = "sarflow-training"
 # GPUs of the pretraining task: a compile-time constant (kfp.local cannot resolve a pipeline
 # parameter as an accelerator count); with more than one, Lightning trains with DDP on the node
 PRETRAIN_GPUS = 1
+# embedding parts (one GPU task each) and materialisation parts run at once: compile-time constants
+# (a ParallelFor's parallelism is fixed when the pipeline compiles); how many parts: params embed.parts
+EMBED_PARALLELISM = 8
+MATERIALIZE_PARALLELISM = 8
 # pretrain/embed/downstream/llp: passed whole (the pipeline has inputs of these names); promote: its keys
 # become arguments. `features:` is not read: a pipeline's features root and online store are its arguments.
 PARAMS_SECTIONS = ("pretrain", "embed", "downstream", "llp", "promote")
@@ -62,6 +79,40 @@ PARAMS_NOT_ARGUMENTS = {"promote.lock_uri": "the gate's task reads $SARFLOW_PROM
 GATED = ("probes", "llp")
 
 
+def embedding_stages(store, encoder, *, tracking_uri, features_root, embed, dataset_version,
+                     dataset_git_commit) -> dict[str, dsl.PipelineTask]:
+    """plan-embed -> ParallelFor over its shard ranges (params `embed.parts`, default 1: one task) of
+    embed-shards, one GPU each, each writing its own staged part -> publish-embeddings, which checks
+    the parts cover the store once and publishes them as the partition every later task reads (its
+    `embeddings` output); `encoder` is the Model channel of the encoder reference."""
+    lineage = dict(dataset_version=dataset_version, dataset_git_commit=dataset_git_commit)
+    plan = plan_embed(store=store, options=embed)
+    stage(plan, "plan-embed", "features", cache=False)
+    with dsl.ParallelFor(plan.output, parallelism=EMBED_PARALLELISM, name="embed-parts") as shards:
+        part = embed_shards(store=store, encoder=encoder, shards=shards, features_root=features_root,
+                            tracking_uri=tracking_uri, options=embed, **lineage)
+        on_gpu(stage(part, "embed", "embed", cache=False), 1)
+    emb = publish_embeddings(store=store, encoder=encoder, parts=dsl.Collected(part.outputs["Output"]),
+                             features_root=features_root)
+    stage(emb, "publish-embeddings", "features", cache=False)
+    return {"plan-embed": plan, "embed": part, "publish-embeddings": emb}
+
+
+def feature_stages(embeddings, *, features_root, online, redis, after=None) -> dict[str, dsl.PipelineTask]:
+    """Feast apply once (plan-materialize, after `after`), materialisation fanned out over the parts
+    (materialize-part each: the incremental state is per source file, so parts never share it), then
+    materialize-features: the parts' reports and the similarity index of the published partition."""
+    plan = plan_materialize(embeddings=embeddings, features_root=features_root, online=online, redis=redis)
+    stage(plan if after is None else plan.after(after), "plan-materialize", "features", cache=False)
+    with dsl.ParallelFor(plan.output, parallelism=MATERIALIZE_PARALLELISM, name="materialize-parts") as index:
+        part = materialize_part(part=index, features_root=features_root, online=online, redis=redis)
+        stage(part, "materialize-part", "features", cache=False)
+    mat = materialize_features(embeddings=embeddings, features_root=features_root, online=online, redis=redis,
+                               parts=dsl.Collected(part.output))
+    stage(mat, "materialize", "features", cache=False)
+    return {"plan-materialize": plan, "materialize-part": part, "materialize": mat}
+
+
 def training_stages(store, bags, dataset_version, dataset_git_commit, *, tracking_uri, features_root, pretrain, embed,
                     downstream, llp, online, redis, margin, gpus: int = PRETRAIN_GPUS) -> dict[str, dsl.PipelineTask]:
     """Every task after the chip store exists; `store` and `bags` are Dataset channels,
@@ -70,20 +121,19 @@ def training_stages(store, bags, dataset_version, dataset_git_commit, *, trackin
     pre = pretrain_encoder(store=store, pretrain=pretrain, tracking_uri=tracking_uri, **lineage)
     on_gpu(stage(pre, "pretrain", "pretrain", cache=True), gpus)
 
-    emb = embed_chips(store=store, encoder=pre.outputs["encoder"], features_root=features_root,
-                      tracking_uri=tracking_uri, options=embed, **lineage)
-    on_gpu(stage(emb, "embed", "embed", cache=False), 1)
+    embedded = embedding_stages(store, pre.outputs["encoder"], tracking_uri=tracking_uri, features_root=features_root,
+                                embed=embed, **lineage)
+    embeddings = embedded["publish-embeddings"].outputs["embeddings"]
 
-    bag_task = train_llp(store=store, embeddings=emb.outputs["embeddings"], bags=bags, features_root=features_root,
+    bag_task = train_llp(store=store, embeddings=embeddings, bags=bags, features_root=features_root,
                          tracking_uri=tracking_uri, options=llp, **lineage)
     stage(bag_task, "llp", "downstream", cache=False)
 
     # after LLP: it writes the chip_bags source, so the bags reach Feast with everything else
-    mat = materialize_features(embeddings=emb.outputs["embeddings"], features_root=features_root,
-                               online=online, redis=redis)
-    stage(mat.after(bag_task), "materialize", "features", cache=False)
+    featured = feature_stages(embeddings, features_root=features_root, online=online, redis=redis, after=bag_task)
+    mat = featured["materialize"]
 
-    probes = train_probes(store=store, embeddings=emb.outputs["embeddings"], features_root=features_root,
+    probes = train_probes(store=store, embeddings=embeddings, features_root=features_root,
                           tracking_uri=tracking_uri, options=downstream, **lineage)
     stage(probes.after(mat), "probes", "downstream", cache=False)
 
@@ -91,7 +141,7 @@ def training_stages(store, bags, dataset_version, dataset_git_commit, *, trackin
                             llp_run_id=bag_task.outputs["run_id"])
     stage(report, "report", "report", cache=False)
 
-    tasks = {"pretrain": pre, "embed": emb, "materialize": mat, "probes": probes, "llp": bag_task, "report": report}
+    tasks = {"pretrain": pre, **embedded, **featured, "probes": probes, "llp": bag_task, "report": report}
     for upstream in GATED:
         gate = promote_model(models=tasks[upstream].outputs["models"], margin=margin, tracking_uri=tracking_uri)
         stage(gate, f"promote-{upstream}", "promote", cache=False)
@@ -127,3 +177,33 @@ def training_pipeline(
         training_stages(store.output, bags.output, dataset_version, dataset_git_commit, tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
                         online=online, redis=redis, margin=margin)
+
+
+# ---------------------------------------------------------------- the embedding and Feast stages alone
+
+EMBED_PIPELINE_NAME = "sarflow-embed"
+
+
+@dsl.pipeline(name=EMBED_PIPELINE_NAME, description="sarflow embedding fanned out over shard ranges -> publish -> Feast")
+def embed_pipeline(
+    store_uri: str,
+    encoder_uri: str,
+    dataset_version: str = "",
+    dataset_git_commit: str = "",
+    tracking_uri: str = "",
+    features_root: str = "s3://sarflow-features",
+    embed: dict = {},
+    online: str = "redis",
+    redis: str = "redis.sarflow.svc:6379",
+):
+    """The training pipeline's embedding and Feast stages (the same wiring) on an existing store and
+    encoder: `encoder_uri` is an encoder reference as pretrain-encoder writes it (a JSON file with
+    `model_uri` and `tracking_uri`); no pretraining, no downstream training."""
+    store = dsl.importer(artifact_uri=store_uri, artifact_class=Dataset, reimport=False)
+    store.set_display_name("chip-store")
+    encoder = dsl.importer(artifact_uri=encoder_uri, artifact_class=Model, reimport=False)
+    encoder.set_display_name("encoder")
+    embedded = embedding_stages(store.output, encoder.output, tracking_uri=tracking_uri, features_root=features_root,
+                                embed=embed, dataset_version=dataset_version, dataset_git_commit=dataset_git_commit)
+    feature_stages(embedded["publish-embeddings"].outputs["embeddings"], features_root=features_root, online=online,
+                   redis=redis)

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHIP, SHARD = 128, 32, 16
 IMAGE = "ghcr.io/sarflow/sarflow:0.1.0"
 GPU_IMAGE = "ghcr.io/sarflow/sarflow-gpu:0.1.0"  # docker/Dockerfile.gpu: the GPU tasks' image
-GPU_TASKS = ("exec-pretrain-encoder", "exec-embed-chips")
+GPU_TASKS = ("exec-pretrain-encoder", "exec-embed-shards")  # every embedding part: one GPU each
 # the tasks that make MLflow runs or Feast partitions, each recording the store's lineage
-LINEAGE_TASKS = ("pretrain-encoder", "embed-chips", "train-probes", "train-llp")
+LINEAGE_TASKS = ("pretrain-encoder", "embed-shards", "train-probes", "train-llp")
 STAGES = ("synth-scene", "ingest-scene", "tile-scene", "version-chips")
 
 
@@ -321,7 +321,8 @@ def test_cli_run_local_reuses_cached_tasks(local_run, tmp_path):
 
 # ---------------------------------------------------------------- training and end-to-end pipelines
 
-TRAINING_STAGES = ("pretrain-encoder", "embed-chips", "materialize-features", "train-probes", "train-llp",
+TRAINING_STAGES = ("pretrain-encoder", "plan-embed", "embed-shards", "publish-embeddings", "plan-materialize",
+                   "materialize-part", "materialize-features", "train-probes", "train-llp",
                    "promote-model", "promote-model-2", "publish-champion", "publish-champion-2")
 
 
@@ -349,7 +350,8 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert k8s[gpu_task]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
         assert k8s[gpu_task]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-    for cpu_task in ("exec-train-probes", "exec-materialize-features", "exec-promote-model"):
+    for cpu_task in ("exec-train-probes", "exec-materialize-features", "exec-promote-model", "exec-plan-embed",
+                     "exec-publish-embeddings", "exec-materialize-part"):
         assert "accelerator" not in execs[cpu_task]["container"]["resources"]
         assert "nodeSelector" not in k8s[cpu_task]
     for exec_name, container in execs.items():  # limits everywhere, nothing installed at run time
@@ -369,7 +371,8 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
     # pretraining is cached, keyed on the dataset version; the stages writing shared state never are
     assert tasks["pretrain-encoder"]["cachingOptions"] == {"enableCache": True}
     assert "dataset_version" in tasks["pretrain-encoder"]["inputs"]["parameters"]
-    for task in ("embed-chips", "materialize-features", "train-probes", "promote-model"):
+    for task in ("embed-shards", "publish-embeddings", "materialize-part", "materialize-features", "train-probes",
+                 "promote-model"):
         assert not tasks[task]["cachingOptions"].get("enableCache")
     assert "record-status" in _tasks(spec["root"])
     # the results report reads this run's probes and LLP runs, by their run ids
@@ -382,6 +385,9 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
         for param, output in (("dataset_version", "dvc_md5"), ("dataset_git_commit", "git_commit")):
             if name == "training":  # no version task: the pipeline's own arguments
                 assert params[param] == {"componentInputParameter": f"pipelinechannel--{param}"}, (task, param)
+            elif "componentInputParameter" in params[param]:  # inside a ParallelFor: the channel handed into it
+                assert params[param] == {"componentInputParameter": f"pipelinechannel--version-chips-{output}"}, \
+                    (task, param)
             else:
                 assert params[param]["taskOutputParameter"] == {"producerTask": "version-chips",
                                                                 "outputParameterKey": output}, (task, param)
@@ -389,6 +395,63 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
     (config,) = k8s["exec-materialize-features"]["configMapAsEnv"]
     assert {"SARFLOW_FEAST_REGISTRY", "SARFLOW_FEAST_REPO"} <= {m["envVar"] for m in config["keyToEnv"]}
     assert [v["mountPath"] for v in k8s["exec-materialize-features"]["emptyDirMounts"]] == ["/etc/sarflow/feature_repo"]
+
+
+def _dag_holding(spec, task: str) -> dict[str, dict]:
+    """The tasks of the DAG (root or sub-DAG) that holds `task`."""
+    for dag in [spec["root"], *(c for c in spec["components"].values() if "dag" in c)]:
+        if task in _tasks(dag):
+            return _tasks(dag)
+    raise AssertionError(f"no DAG holds {task}")
+
+
+@pytest.mark.parametrize("name", ["training", "e2e"])
+def test_embedding_and_materialization_fan_out_in_the_compiled_ir(name, tmp_path):
+    """plan-embed -> ParallelFor(shard ranges) of embed-shards on one GPU each -> publish-embeddings
+    over their Collected outputs; every consumer reads the published partition; the same shape for
+    materialisation."""
+    from pipelines.training import EMBED_PARALLELISM, MATERIALIZE_PARALLELISM
+    from sarflow.mlops.kfp_runner import compile_pipeline
+
+    spec, platform = list(yaml.safe_load_all(compile_pipeline(load(name), tmp_path / f"{name}.yaml").read_text()))
+    comps, execs = spec["components"], spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    dag = _dag_holding(spec, "plan-embed")
+    assert "embed-chips" not in _all_tasks(spec)  # no task embeds the whole store outside the fan-out
+
+    loops = {t["parameterIterator"]["items"]["inputParameter"]: (n, t) for n, t in dag.items() if "parameterIterator" in t}
+    embed_loop, loop = loops["pipelinechannel--plan-embed-Output"]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == EMBED_PARALLELISM and "plan-embed" in loop["dependentTasks"]
+    (body_name, body), = _tasks(comps[loop["componentRef"]["name"]]).items()
+    assert body_name == "embed-shards"
+    assert body["inputs"]["parameters"]["shards"]["componentInputParameter"] == loop["parameterIterator"]["itemInput"]
+    assert body["inputs"]["artifacts"]["encoder"] == {"componentInputArtifact": "pipelinechannel--pretrain-encoder-encoder"}
+    assert loop["inputs"]["artifacts"]["pipelinechannel--pretrain-encoder-encoder"]["taskOutputArtifact"] == {
+        "producerTask": "pretrain-encoder", "outputArtifactKey": "encoder"}
+    publish = dag["publish-embeddings"]
+    assert publish["inputs"]["parameters"]["parts"]["taskOutputParameter"] == {  # dsl.Collected over the loop
+        "producerTask": embed_loop, "outputParameterKey": "pipelinechannel--embed-shards-Output"}
+    assert embed_loop in publish["dependentTasks"]
+    for consumer in ("train-llp", "train-probes", "plan-materialize", "materialize-features"):
+        src = dag[consumer]["inputs"]["artifacts"]["embeddings"]["taskOutputArtifact"]
+        assert src == {"producerTask": "publish-embeddings", "outputArtifactKey": "embeddings"}, consumer
+
+    # one GPU per embedding part, on the GPU pool, in the CUDA image; publish is a CPU task
+    res = execs["exec-embed-shards"]["container"]["resources"]["accelerator"]
+    assert (res["resourceType"], res["resourceCount"]) == ("nvidia.com/gpu", "1")
+    assert execs["exec-embed-shards"]["container"]["image"] == GPU_IMAGE
+    assert k8s["exec-embed-shards"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert "accelerator" not in execs["exec-publish-embeddings"]["container"]["resources"]
+    assert execs["exec-publish-embeddings"]["container"]["image"] == IMAGE
+
+    mat_loop, loop = loops["pipelinechannel--plan-materialize-Output"]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == MATERIALIZE_PARALLELISM
+    assert set(loop["dependentTasks"]) == {"plan-materialize"}
+    assert set(_tasks(comps[loop["componentRef"]["name"]])) == {"materialize-part"}
+    assert "train-llp" in dag["plan-materialize"]["dependentTasks"]  # the bags source exists before apply
+    assert dag["materialize-features"]["inputs"]["parameters"]["parts"]["taskOutputParameter"] == {
+        "producerTask": mat_loop, "outputParameterKey": "pipelinechannel--materialize-part-Output"}
+    assert "materialize-features" in dag["train-probes"]["dependentTasks"]
 
 
 def test_params_sections_are_passed_whole_or_by_key():
@@ -512,3 +575,54 @@ def test_lineage_by_value_wins_over_discovery(tiny_store, tmp_path, monkeypatch)
     assert dataset_lineage(str(store))["sarflow.dataset_dvc_md5"] == md5  # discovered when nothing is given
     monkeypatch.setenv(CODE_COMMIT_ENV, "0123456789abcdef")
     assert code_commit() == "0123456789abcdef" and dataset_lineage(str(store))["sarflow.code_commit"] == "0123456789abcdef"
+
+
+# ---------------------------------------------------------------- the embedding fan-out under kfp.local
+
+FANOUT_MODEL, FANOUT_VIEW = "sarflow-encoder-mae", "chip_embeddings_mae_v1"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_embedding_fans_out_under_kfp_local_into_one_partition(tiny_store, tmp_path):
+    """embed.parts=2: two embed-shards tasks, one published partition holding every chip of the store
+    exactly once, equal to one single-part run (the library's, unsharded); materialised in two parts,
+    the online store serves every chip's embedding."""
+    import numpy as np
+
+    from helpers import tiny_features
+    from sarflow.data.chipstore import open_store
+    from sarflow.features.embed import read_embeddings, staging
+    from sarflow.features.feast_store import FeatureConfig, online_features
+    from sarflow.mlops.kfp_runner import run_local
+
+    full = tiny_features(tiny_store, tmp_path / "single", FANOUT_MODEL)  # the single-part reference
+    encoder = tmp_path / "encoder.json"
+    encoder.write_text(json.dumps({"model_uri": f"models:/{FANOUT_MODEL}/1", "tracking_uri": full["uri"]}))
+    root = tmp_path / "features"
+    run = run_local(load("pipelines.training:embed_pipeline"), tmp_path / "kfp", store_uri=str(full["store"]), encoder_uri=str(encoder),
+                    features_root=str(root), tracking_uri=full["uri"], embed={"parts": 2, "batch_size": 7},
+                    online="sqlite")
+
+    chips = open_store(full["store"]).chips
+    (described,) = run.records("embeddings")
+    assert described["parts"] == 2 and described["files"] == ["part-00000.parquet", "part-00001.parquet"]
+    assert described["rows"] == len(chips) and described["model"] == FANOUT_MODEL
+    assert len(run.files("metrics")) >= 4  # two embed-shards tasks (and publish, materialize) ran
+    assert not staging(root, name=FANOUT_MODEL, version="1").exists()  # the parts were published, then removed
+
+    got = read_embeddings(root, FANOUT_MODEL, "1").to_pandas()
+    assert got.chip_id.is_unique and sorted(got.chip_id) == sorted(chips.chip_id)  # every chip exactly once
+    ref = read_embeddings(full["root"], FANOUT_MODEL, "1").to_pandas().set_index("chip_id").loc[got.chip_id]
+    assert got.split.tolist() == ref.split.tolist()
+    np.testing.assert_allclose(np.stack(got.embedding.to_numpy()), np.stack(ref.embedding.to_numpy()),
+                               rtol=1e-5, atol=1e-6)
+
+    (features,) = run.records("features")
+    done = features["materialized"][FANOUT_VIEW]
+    assert done["rows"] == len(chips) and done["files"] == described["files"] and done["parts"] == 2
+    assert features["index"]["n"] == len(chips)
+    ids = got.chip_id.tolist()
+    online = online_features(FeatureConfig(root=str(root)), ids, [f"{FANOUT_VIEW}:embedding"]).set_index("chip_id")
+    np.testing.assert_allclose(np.stack(online.loc[ids].embedding.to_numpy()), np.stack(got.embedding.to_numpy()),
+                               rtol=1e-6)
