@@ -193,3 +193,51 @@ def test_a_truncated_registry_is_one_line_naming_the_file_and_the_fix(tmp_path):
     assert _sarflow("features", "materialize", "--root", root).exit_code == 0
     res = _sarflow("features", "get", ids[1], "--root", root, "--feature", "chip_labels:water")
     assert res.exit_code == 0 and json.loads(res.output.strip().splitlines()[-1])[0]["water"] == pytest.approx(0.2)
+
+
+def test_a_redis_with_a_password_is_reached_with_REDIS_PASSWORD_and_refused_without(tmp_path, monkeypatch):
+    """A real redis-server with requirepass (as k8s/base/redis.yaml runs it): with REDIS_PASSWORD set
+    the features materialize and read back, feature_store.yaml holding `${REDIS_PASSWORD}`, never
+    the password; without it, or with a wrong one, one line saying the login was refused."""
+    import shutil
+    import subprocess
+    import time
+
+    redis_server = shutil.which("redis-server")
+    if not redis_server:
+        pytest.skip("redis-server not on PATH")
+    redis = pytest.importorskip("redis")
+    port = free_port()
+    proc = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", "s3cret",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password="s3cret")
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        root = tmp_path / "features"
+        ids = make_root(root)
+        where = f"127.0.0.1:{port}"
+        monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+        _one_line_refusal(_sarflow("features", "materialize", "--root", root, "--online", "redis", "--redis", where),
+                          where, "refused the login with no password", "REDIS_PASSWORD")
+        monkeypatch.setenv("REDIS_PASSWORD", "wrong")
+        _one_line_refusal(_sarflow("features", "materialize", "--root", root, "--online", "redis", "--redis", where),
+                          where, "refused the login with the password in $REDIS_PASSWORD")
+        monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+        res = _sarflow("features", "materialize", "--root", root, "--online", "redis", "--redis", where)
+        assert res.exit_code == 0, res.output
+        text = (root / "feast" / "feature_store.yaml").read_text()
+        assert "${REDIS_PASSWORD}" in text and "s3cret" not in text
+        res = _sarflow("features", "get", ids[1], "--root", root, "--online", "redis", "--redis", where,
+                       "--feature", "chip_labels:water")
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output.strip().splitlines()[-1])[0]["water"] == pytest.approx(0.2)
+        assert client.dbsize() > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

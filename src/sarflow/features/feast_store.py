@@ -43,6 +43,7 @@ from sarflow.params import STAGE_CONFIG
 
 PROJECT = "sarflow"
 REGISTRY_ENV = "SARFLOW_FEAST_REGISTRY"  # the Feast registry every pod and the feature server share
+REDIS_PASSWORD_ENV = "REDIS_PASSWORD"  # the Redis online store's password (k8s: Secret sarflow-redis)
 
 
 DEFAULT_S3_REPO = "feast-repo"
@@ -101,9 +102,17 @@ class FeatureConfig:
         elif not str(self.state).startswith("s3://"):
             object.__setattr__(self, "state", str(Path(self.state).resolve()))
 
+    @property
+    def redis_connection(self) -> str:
+        """Feast's Redis connection string: `redis` (host:port), with `password=${REDIS_PASSWORD}`
+        when that variable is set (the cluster's Secret `sarflow-redis`): Feast expands it when it
+        reads feature_store.yaml, so the password is never written to the file. The state folder
+        keeps host:port only."""
+        return f"{self.redis},password=${{{REDIS_PASSWORD_ENV}}}" if os.environ.get(REDIS_PASSWORD_ENV) else self.redis
+
     def yaml(self) -> dict:
         online = ({"type": "sqlite", "path": str(self.repo / "online.db")} if self.online == "sqlite"
-                  else {"type": "redis", "connection_string": self.redis})
+                  else {"type": "redis", "connection_string": self.redis_connection})
         return {"project": self.project, "provider": "local", "registry": self.registry_yaml(),
                 "online_store": online, "offline_store": {"type": "file"}, "entity_key_serialization_version": 3}
 
@@ -131,10 +140,15 @@ def feast_errors(cfg: FeatureConfig):
         import redis.exceptions as redis_errors
 
         unreachable: tuple = (redis_errors.ConnectionError, redis_errors.TimeoutError)
+        refused: tuple = (redis_errors.AuthenticationError, redis_errors.AuthenticationWrongNumberOfArgsError)
     except ImportError:  # redis is the services extra; without it there is no Redis online store
-        unreachable = ()
+        unreachable = refused = ()
     try:
         yield
+    except refused as e:  # (a subclass of ConnectionError: before it)
+        given = "the password in $REDIS_PASSWORD" if os.environ.get(REDIS_PASSWORD_ENV) else "no password ($REDIS_PASSWORD unset)"
+        raise InputError(cfg.redis, f"the Redis online store refused the login with {given} ({type(e).__name__}: {e}); "
+                                    "set REDIS_PASSWORD to its password (k8s: Secret sarflow-redis)") from None
     except unreachable as e:
         raise InputError(cfg.redis, f"the Redis online store is unreachable ({type(e).__name__}: {e}); check that Redis "
                                     "runs there and answers (redis-cli -h HOST -p PORT ping; `sarflow services up` starts "
