@@ -79,3 +79,54 @@ def test_pretrain_with_mlflow_server_on_postgres_and_s3_artifacts(postgres_db, m
         assert any(k.endswith("MLmodel") for k in keys)
     finally:
         stop(server)
+
+
+def test_the_clusters_basic_auth_mlflow_refuses_anonymous_clients(postgres_db, tmp_path, monkeypatch):
+    """k8s/base/mlflow.yaml's `mlflow server --app-name=basic-auth` with its settings file (user
+    store in PostgreSQL, NO_PERMISSIONS by default) and the admin from the environment, as the
+    Secret gives it: anonymous and wrong-password requests get 401, a client with
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (the pipeline's Secret) works."""
+    import configparser
+    from pathlib import Path
+
+    import mlflow
+    import requests
+
+    pytest.importorskip("flask_wtf", reason="mlflow[auth] (the services extra) not installed")
+    ini = configparser.ConfigParser()
+    ini.read(Path(__file__).resolve().parents[1] / "k8s" / "base" / "mlflow" / "basic_auth.ini")
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    ini["mlflow"]["database_uri"] = postgres_db  # the manifest's postgres, here the test database
+    settings = tmp_path / "basic_auth.ini"
+    with open(settings, "w") as fh:
+        ini.write(fh)
+    import yaml
+
+    manifest = next(d for d in yaml.safe_load_all((Path(__file__).resolve().parents[1] / "k8s" / "base" / "mlflow.yaml")
+                                                   .read_text()) if d and d.get("kind") == "Deployment")
+    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]
+                   if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "sarflow-mlflow"}
+    secret = {"MLFLOW_TRACKING_USERNAME": "sarflow-admin", "MLFLOW_TRACKING_PASSWORD": "s3cret-from-secret",
+              "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-from-secret"}  # Secret sarflow-mlflow's keys
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(settings), **{k: secret[v] for k, v in from_secret.items()}}
+    port = free_port()
+    log = tmp_path / "mlflow.log"
+    with open(log, "wb") as fh:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", postgres_db, "--app-name=basic-auth"], env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", server, log, seconds=180)
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+        assert requests.post(api, json={"max_results": 10}, timeout=30).status_code == 401
+        assert requests.post(api, json={"max_results": 10}, auth=("sarflow-admin", "wrong"), timeout=30).status_code == 401
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "sarflow-admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-from-secret")
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        exp = client.create_experiment("behind-auth")
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "m", 1.0)
+        assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}
+    finally:
+        stop(server)
