@@ -202,6 +202,15 @@ def test_similarity_search_finds_itself_and_agrees_with_brute_force(featured):
     cli = subprocess.run([str(Path(sys.executable).with_name("sarflow")), "features", "similar", ids[3], "--k", "3",
                           "--features-root", str(featured["root"])], capture_output=True, text=True)
     assert cli.returncode == 0 and ids[3] in cli.stdout
+    # --model under the one rule: models:/NAME/VERSION names the partition, a bare NAME its newest version there
+    for ref in (f"models:/{MODEL}/1", MODEL):
+        named = subprocess.run([str(Path(sys.executable).with_name("sarflow")), "features", "similar", ids[3], "--k", "3",
+                                "--features-root", str(featured["root"]), "--model", ref], capture_output=True, text=True)
+        assert named.returncode == 0 and json.loads(named.stdout) == json.loads(cli.stdout), named.stderr
+    missing = subprocess.run([str(Path(sys.executable).with_name("sarflow")), "features", "similar", ids[3],
+                              "--features-root", str(featured["root"]), "--model", f"models:/{MODEL}/9"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no embeddings for" in missing.stderr and "v9" in missing.stderr
 
 
 def _bad_partition(featured, tmp_path, mutate) -> FeatureConfig:
