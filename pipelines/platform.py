@@ -4,6 +4,9 @@ and the exit task that records how a run ended.
 
 - **secrets as environment**: the MinIO keys from the Kubernetes secret ``sarflow-s3`` (the
   bucket-scoped MinIO user, k8s/README.md) as ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``;
+  the MLflow server's basic-auth login from ``sarflow-mlflow`` (``MLFLOW_TRACKING_USERNAME`` /
+  ``_PASSWORD``, which the MLflow client reads); ``REDIS_PASSWORD`` from ``sarflow-redis`` on the
+  feature tasks (the online store's ``requirepass``);
   the endpoints (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``, ...) from the ConfigMap
   ``sarflow-pipeline-env`` that k8s/ deploys. Tasks reach MLflow through its server, which
   alone holds the PostgreSQL password (secret ``sarflow-postgres``): no task carries it.
@@ -41,6 +44,13 @@ PIPELINE_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
 LOCK_KIND = "promote"
 LOCK_SECRET = ("sarflow-postgres", {"PROMOTION_LOCK_PASSWORD": "PGPASSWORD"})
 LOCK_POD_LABEL = ("sarflow.io/promotion-lock", "true")
+# the MLflow server's basic-auth login (k8s/base/mlflow.yaml): every task with services, as the client's env
+MLFLOW_SECRET = ("sarflow-mlflow", {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                                    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
+# the Redis online store's password (requirepass, k8s/base/redis.yaml): the feature tasks only, which
+# write and read the online store (sarflow.features.feast_store puts ${REDIS_PASSWORD} in Feast's config)
+REDIS_KIND = "features"
+REDIS_SECRET = ("sarflow-redis", {"REDIS_PASSWORD": "REDIS_PASSWORD"})
 # the task's Feast repo folder: SARFLOW_FEAST_REPO's value in k8s/base/kustomization.yaml, a writable emptyDir
 FEAST_REPO_VOLUME = ("feast-repo", "/etc/sarflow/feature_repo")
 POD_LABEL = ("sarflow.io/pipeline", "true")  # what the NetworkPolicies admit to MinIO, MLflow, Redis
@@ -107,9 +117,10 @@ def sarflow_pod(task: dsl.PipelineTask, kind: str) -> dsl.PipelineTask:
 
 
 def with_services(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """MinIO keys as env from the secret; endpoints (S3, MLflow, the Feast registry and server)
-    from the pipeline ConfigMap; a writable folder for the task's Feast repo."""
+    """MinIO keys and the MLflow login as env from their secrets; endpoints (S3, MLflow, the Feast
+    registry and server) from the pipeline ConfigMap; a writable folder for the task's Feast repo."""
     kubernetes.use_secret_as_env(task, secret_name=MINIO_SECRET, secret_key_to_env=MINIO_SECRET_KEYS)
+    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET[0], secret_key_to_env=MLFLOW_SECRET[1])
     kubernetes.empty_dir_mount(task, volume_name=FEAST_REPO_VOLUME[0], mount_path=FEAST_REPO_VOLUME[1])
     return kubernetes.use_config_map_as_env(task, PIPELINE_ENV_CONFIGMAP, {k: k for k in PIPELINE_ENV})
 
@@ -128,4 +139,6 @@ def stage(task: dsl.PipelineTask, name: str, kind: str, cache: bool, services: b
     if kind == LOCK_KIND:
         kubernetes.add_pod_label(task, *LOCK_POD_LABEL)
         kubernetes.use_secret_as_env(task, secret_name=LOCK_SECRET[0], secret_key_to_env=LOCK_SECRET[1])
+    if kind == REDIS_KIND and services:
+        kubernetes.use_secret_as_env(task, secret_name=REDIS_SECRET[0], secret_key_to_env=REDIS_SECRET[1])
     return with_services(task) if services else task

@@ -156,9 +156,10 @@ def test_data_pipeline_compiles_to_ir_yaml(tmp_path):
     # MinIO keys from the bucket-scoped sarflow-s3 secret, as env, on the tasks that touch storage
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in ("ingest-scene", "tile-scene", "version-chips"):
-        (secret,) = k8s[f"exec-{name}"]["secretAsEnv"]
-        assert secret["secretName"] == "sarflow-s3"
-        assert {m["envVar"] for m in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        secrets = {s["secretName"]: {m["envVar"] for m in s["keyToEnv"]} for s in k8s[f"exec-{name}"]["secretAsEnv"]}
+        # the MinIO keys and the MLflow server's basic-auth login; no Redis password, no database password
+        assert secrets == {"sarflow-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                           "sarflow-mlflow": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}
         (config,) = k8s[f"exec-{name}"]["configMapAsEnv"]
         assert config["configMapName"] == "sarflow-pipeline-env"
         assert "AWS_ENDPOINT_URL" in {m["envVar"] for m in config["keyToEnv"]}
@@ -361,8 +362,14 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
         assert container["container"]["image"] == (GPU_IMAGE if exec_name in GPU_TASKS else IMAGE), exec_name
         assert "pip install" not in " ".join(container["container"]["command"])
     # secrets and endpoints as env: MinIO keys from sarflow-s3, MLflow's URL from the ConfigMap
-    (secret,) = k8s["exec-train-probes"]["secretAsEnv"]
-    assert secret["secretName"] == "sarflow-s3"
+    secrets = {s["secretName"]: {m["envVar"] for m in s["keyToEnv"]} for s in k8s["exec-train-probes"]["secretAsEnv"]}
+    assert set(secrets) == {"sarflow-s3", "sarflow-mlflow"}
+    # the Redis password on the feature tasks alone (they write and read the online store)
+    redis = {name for name, ex in k8s.items() if any(s["secretName"] == "sarflow-redis" for s in ex.get("secretAsEnv", []))}
+    assert redis and all(name.startswith(("exec-plan-embed", "exec-publish-embeddings", "exec-plan-materialize",
+                                          "exec-materialize")) for name in redis), redis
+    assert {m["envVar"] for ex in redis for s in k8s[ex]["secretAsEnv"] if s["secretName"] == "sarflow-redis"
+            for m in s["keyToEnv"]} == {"REDIS_PASSWORD"}
     (config,) = k8s["exec-pretrain-encoder"]["configMapAsEnv"]
     assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"} <= {m["envVar"] for m in config["keyToEnv"]}
     # the gate's decision drives a condition around publishing the champion
