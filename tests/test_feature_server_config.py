@@ -67,3 +67,41 @@ def test_feast_workers_sources(monkeypatch):
         feast_workers()
     with pytest.raises(ServiceError, match="at least 1"):
         feast_workers(0)
+
+
+@pytest.mark.slow
+def test_sarflow_features_serve_runs_feast_with_the_same_flags_and_answers(tmp_path):
+    """`sarflow features serve` execs the feature server with feast_serve_flags (what `services
+    up` and k8s run): its process's command line carries them, and it serves a chip's features."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from sarflow.features.feast_store import FeatureConfig, apply, materialize
+    from sarflow.local.services import free_port, stop, wait_http
+    from test_feast_project import make_root
+
+    root = tmp_path / "features"
+    ids = make_root(root)
+    cfg = FeatureConfig(root=str(root))
+    apply(cfg), materialize(cfg)
+    port, log = free_port(), tmp_path / "serve.log"
+    sarflow = Path(sys.executable).with_name("sarflow")
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([str(sarflow), "features", "serve", "--features-root", str(root), "--port", str(port),
+                                 "--workers", "1"], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log, seconds=180)
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
+        assert argv[argv.index("serve") + 1:][-len(feast_serve_flags(1)):] == feast_serve_flags(1)
+        body = json.dumps({"features": ["chip_labels:water"], "entities": {"chip_id": [ids[1]]}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/get-online-features", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            got = json.loads(r.read())
+        names = got["metadata"]["feature_names"]
+        water = got["results"][names.index("water")]["values"][0]
+        assert water == pytest.approx(0.2)
+    finally:
+        stop(proc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -126,17 +125,22 @@ def similar(chip_id: str = typer.Argument(..., help="query chip id"),
 def serve(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redis: Optional[str] = RedisOpt,
           repo: Optional[Path] = RepoOpt, registry: Optional[str] = RegistryOpt,
           host: str = typer.Option("127.0.0.1", help="address to listen on"),
-          port: int = typer.Option(6566, help="HTTP port to listen on"), params: Optional[Path] = ParamsOpt) -> None:
-    """Run the Feast feature server (HTTP) over this features root."""
+          port: int = typer.Option(6566, help="HTTP port to listen on"),
+          workers: Optional[int] = typer.Option(None, help="worker processes (default $SARFLOW_FEAST_WORKERS, else one "
+                                                           "per two cores)"),
+          params: Optional[Path] = ParamsOpt) -> None:
+    """Run the Feast feature server (HTTP) over this features root, with the flags `services up`
+    and k8s use (no worker recycling, no access log: sarflow.local.services.feast_serve_flags)."""
     from sarflow.features.feast_store import open_feature_store
+    from sarflow.local.services import feast_serve_command
 
     try:
         cfg = _cfg(params, root, online, redis, repo, registry)
-    except SarflowError as e:
+        command = feast_serve_command(cfg.repo, host, port, workers)
+    except SarflowError as e:  # a bad $SARFLOW_FEAST_WORKERS too (ServiceError)
         fail(e)
     open_feature_store(cfg)
-    feast = str(Path(sys.executable).with_name("feast"))
-    os.execv(feast, [feast, "-c", str(cfg.repo), "serve", "-h", host, "-p", str(port)])
+    os.execv(command[0], command)
 
 
 
