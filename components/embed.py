@@ -17,6 +17,28 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from components import GPU_IMAGE
 
 
+def embedding_setup(encoder_path: str, options: dict, features_root: str, tracking_uri: str):
+    """(config, encoder reference, absolute features root) of an embedding task: params.yaml's
+    `embed:` section (`options`), the `encoder` reference pretrain-encoder wrote, and MLflow set to
+    the tracking URI (the task's, else the reference's). A relative path or SQLite file means the
+    task's working directory (the launcher's, under kfp.local)."""
+    import json
+    from pathlib import Path
+
+    import mlflow
+
+    from components.paths import absolute, absolute_uri
+    from sarflow.features.embed import EmbedConfig
+    from sarflow.params import Params, stage_config
+
+    features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
+    ref = json.loads(Path(encoder_path).read_text())
+    cfg = stage_config(EmbedConfig, Params({"embed": options}, "pipeline parameter embed"), "embed",
+                       {"tracking_uri": tracking_uri or ref.get("tracking_uri") or None})
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    return cfg, ref, features_root
+
+
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)  # a GPU task: the CUDA image
 def embed_chips(
     store: Input[Dataset],
@@ -35,20 +57,12 @@ def embed_chips(
     import json
     from pathlib import Path
 
-    import mlflow
-
-    from components.paths import absolute, absolute_uri
-    from sarflow.features.embed import EmbedConfig, embed_store
+    from components.embed import embedding_setup
+    from sarflow.features.embed import embed_store
     from sarflow.features.labels import chip_labels
     from sarflow.mlops.lineage import given_lineage
-    from sarflow.params import Params, stage_config
 
-    # a relative path or SQLite file means the task's working directory (the launcher's, under kfp.local)
-    features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
-    ref = json.loads(Path(encoder.path).read_text())
-    cfg = stage_config(EmbedConfig, Params({"embed": options}, "pipeline parameter embed"), "embed",
-                       {"tracking_uri": tracking_uri or ref.get("tracking_uri") or None})
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    cfg, ref, features_root = embedding_setup(encoder.path, options, features_root, tracking_uri)
     with given_lineage(dataset_version, dataset_git_commit):
         result = embed_store(store.path, ref["model_uri"], features_root, batch_size=cfg.batch_size, overwrite=True,
                              device=cfg.device)
@@ -100,18 +114,11 @@ def embed_shards(
     import json
     from pathlib import Path
 
-    import mlflow
-
-    from components.paths import absolute, absolute_uri
-    from sarflow.features.embed import EmbedConfig, embed_store, parse_shards
+    from components.embed import embedding_setup
+    from sarflow.features.embed import embed_store, parse_shards
     from sarflow.mlops.lineage import given_lineage
-    from sarflow.params import Params, stage_config
 
-    features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
-    ref = json.loads(Path(encoder.path).read_text())
-    cfg = stage_config(EmbedConfig, Params({"embed": options}, "pipeline parameter embed"), "embed",
-                       {"tracking_uri": tracking_uri or ref.get("tracking_uri") or None})
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    cfg, ref, features_root = embedding_setup(encoder.path, options, features_root, tracking_uri)
     with given_lineage(dataset_version, dataset_git_commit):
         result = embed_store(store.path, ref["model_uri"], features_root, batch_size=cfg.batch_size,
                              device=cfg.device, shards=parse_shards(shards), workers=cfg.workers, overwrite=True)
