@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from bench_features import make_partition  # benchmarks/bench_features.py, beside this script
+from machine import host, loadavg  # benchmarks/machine.py, beside this script
+
+from sarflow.errors import InputError
+from sarflow.features.feast_store import FeatureConfig, apply, materialize, open_feature_store
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-from bench_features import make_partition  # noqa: E402  benchmarks/bench_features.py, beside this script
-from machine import host, loadavg  # noqa: E402
-
-from sarflow.errors import InputError  # noqa: E402
-from sarflow.features.feast_store import FeatureConfig, apply, materialize, open_feature_store  # noqa: E402
-from sarflow.local.services import (feast_serve_command, feast_serve_flags, feast_workers, free_port,  # noqa: E402
+from sarflow.local.services import (feast_serve_command, feast_serve_flags, feast_workers, free_port,
                                     start_server, stop)
 
 

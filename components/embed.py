@@ -17,27 +17,6 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from components import GPU_IMAGE
 
 
-def embedding_setup(encoder_path: str, options: dict, features_root: str, tracking_uri: str):
-    """(config, encoder reference, absolute features root) of an embedding task: params.yaml's
-    `embed:` section (`options`), the `encoder` reference pretrain-encoder wrote, and MLflow set to
-    the tracking URI (the task's, else the reference's). A relative path or SQLite file means the
-    task's working directory (the launcher's, under kfp.local)."""
-    import json
-    from pathlib import Path
-
-    import mlflow
-
-    from components.paths import absolute, absolute_uri
-    from sarflow.features.embed import EmbedConfig
-    from sarflow.params import Params, stage_config
-
-    features_root, tracking_uri = absolute(features_root), absolute_uri(tracking_uri)
-    ref = json.loads(Path(encoder_path).read_text())
-    cfg = stage_config(EmbedConfig, Params({"embed": options}, "pipeline parameter embed"), "embed",
-                       {"tracking_uri": tracking_uri or ref.get("tracking_uri") or None})
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    return cfg, ref, features_root
-
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)  # a GPU task: the CUDA image
 def embed_chips(
@@ -57,7 +36,7 @@ def embed_chips(
     import json
     from pathlib import Path
 
-    from components.embed import embedding_setup
+    from components.common import embedding_setup
     from sarflow.features.embed import embed_store
     from sarflow.features.labels import chip_labels
     from sarflow.mlops.lineage import given_lineage
@@ -114,7 +93,7 @@ def embed_shards(
     import json
     from pathlib import Path
 
-    from components.embed import embedding_setup
+    from components.common import embedding_setup
     from sarflow.features.embed import embed_store, parse_shards
     from sarflow.mlops.lineage import given_lineage
 

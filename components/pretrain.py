@@ -18,27 +18,6 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from components import BASE_IMAGE, GPU_IMAGE
 
 
-def write_encoder_reference(result: dict, encoder, metrics, tracking_uri: str, dataset_version: str) -> dict:
-    """The `encoder` output (a JSON reference to the registered model: the registry, not the
-    pipeline root, is where models live) and the loss metrics, from what `pretrain` returned (or
-    `distributed.trainjob_result` for a TrainJob's run); returns the reference."""
-    import json
-    from pathlib import Path
-
-    ref = {"model_uri": f"models:/{result['registered_model']}/{result['version']}",
-           "registered_model": result["registered_model"], "version": str(result["version"]),
-           "run_id": result["run_id"], "logged_model_uri": result["model_uri"], "tracking_uri": tracking_uri,
-           "embedding_dim": result["embedding_dim"], "channels": result["channels"],
-           "dataset_version": dataset_version or result["lineage"].get("sarflow.dataset_dvc_md5", "")}
-    Path(encoder.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(encoder.path).write_text(json.dumps(ref, indent=1))
-    encoder.metadata.update({k: v for k, v in ref.items() if not isinstance(v, list)})
-    metrics.log_metric("first_loss", float(result["losses"][0]))
-    metrics.log_metric("final_loss", float(result["losses"][-1]))
-    metrics.log_metric("steps", len(result["losses"]))
-    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
-    return ref
-
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)  # a GPU task: the CUDA image
 def pretrain_encoder(
@@ -57,7 +36,7 @@ def pretrain_encoder(
     from collections import namedtuple
 
     from components.paths import absolute_uri
-    from components.pretrain import write_encoder_reference
+    from components.common import write_encoder_reference
     from sarflow.mlops.lineage import given_lineage
     from sarflow.params import Params, stage_config
     from sarflow.training.pretrain import PretrainConfig
@@ -99,7 +78,7 @@ def pretrain_trainjob(
     from pathlib import Path
 
     from components import GPU_IMAGE
-    from components.pretrain import write_encoder_reference
+    from components.common import write_encoder_reference
     from sarflow.errors import InputError
     from sarflow.params import default_tracking_uri
     from sarflow.training.distributed import run_train_job, train_job, trainjob_result

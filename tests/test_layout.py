@@ -99,6 +99,30 @@ def test_import_arrows_run_one_way():
     assert not backwards, "import arrows running back:\n" + "\n".join(sorted(backwards))
 
 
+def test_what_component_bodies_import_from_components_imports_in_a_task():
+    """Inside a task KFP's runtime (_KFP_RUNTIME=true) makes kfp.dsl expose only its runtime types,
+    so a module that defines a component cannot be imported there: every module of `components`
+    that a component body imports (components.paths, components.common) must import under it."""
+    import os
+
+    wanted = set()
+    for path in sorted((ROOT / "components").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("component" in ast.unparse(d) for d in node.decorator_list):
+                wanted |= {t for t in imported_in(node) if t.startswith("components.")}
+    assert {"components.paths", "components.common"} <= wanted, wanted
+    code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in sorted(wanted))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "_KFP_RUNTIME": "true"})
+    assert proc.returncode == 0, f"a component body imports {sorted(wanted)}; in a task:\n{proc.stderr[-2000:]}"
+
+
+def imported_in(func: ast.FunctionDef) -> set[str]:
+    """The modules a function's body imports (`from M import x` -> M)."""
+    return {n.module for n in ast.walk(func) if isinstance(n, ast.ImportFrom) and n.module} | \
+        {a.name for n in ast.walk(func) if isinstance(n, ast.Import) for a in n.names}
+
+
 def test_the_arrow_check_sees_an_import_inside_a_function(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from sarflow.cli.main import app\n    return app\n")
@@ -133,7 +157,7 @@ def test_dependencies_are_what_the_code_imports():
             top = target.split(".")[0]
             if not top or top in ours or top in sys.stdlib_module_names or top == "__future__":
                 continue
-            if top == "psycopg2":  # services mode only: the `services` extra, imported on use
+            if top in ("psycopg2", "redis"):  # services mode only: the `services` extra, imported on use
                 continue
             providers = dists.get(top, set())  # a namespace (kfp, pystac, mlflow) has several
             if not providers & declared:

@@ -581,11 +581,11 @@ def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 1
 
     The job's name follows the store (one build per store: two jobs writing one store's shards
     would break the one-writer-per-shard rule); a job of that name left by an earlier run is
-    adopted while it runs, else replaced (`mlops.cluster.launch_and_wait`; units already written
+    adopted while it runs, else replaced (`sarflow.cluster.launch_and_wait`; units already written
     are skipped by `sarflow tile-unit`, so a rerun only does what is left). `api`: a BatchV1Api."""
     from kubernetes.client.rest import ApiException
 
-    from sarflow.mlops.cluster import ABSENT, conditions_state, launch_and_wait
+    from sarflow.cluster import ABSENT, conditions_state, launch_and_wait
 
     if api is None:
         from kubernetes import client, config

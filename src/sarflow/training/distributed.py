@@ -197,10 +197,10 @@ def train_job(name: str, store: str, image: str, *, nodes: int = 1, gpus_per_nod
 def run_train_job(manifest: dict, timeout_s: float = 7 * 86400, poll_s: float = 30.0, api=None) -> None:
     """Creates the TrainJob (in-cluster config, else ~/.kube/config) and waits until it is
     Complete: a TrainJob of that name still running is adopted, a finished one replaced
-    (`mlops.cluster.launch_and_wait`). `api`: a CustomObjectsApi."""
+    (`sarflow.cluster.launch_and_wait`). `api`: a CustomObjectsApi."""
     from kubernetes.client.rest import ApiException
 
-    from sarflow.mlops.cluster import ABSENT, conditions_state, launch_and_wait
+    from sarflow.cluster import ABSENT, conditions_state, launch_and_wait
 
     if api is None:
         from kubernetes import client, config
