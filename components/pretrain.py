@@ -75,18 +75,17 @@ def pretrain_trainjob(
     the TrainJob (a rerun of a finished job replaces it, a running one is adopted); the pods get
     `pretrain` (params.yaml's section) and the lineage by value."""
     from collections import namedtuple
-    from pathlib import Path
 
     from components import GPU_IMAGE
     from components.common import write_encoder_reference
+    from sarflow.cluster import current_namespace
     from sarflow.errors import InputError
     from sarflow.params import default_tracking_uri
     from sarflow.training.distributed import run_train_job, train_job, trainjob_result
 
     if not store.startswith("s3://"):
         raise InputError(store, "a TrainJob's nodes read the store from object storage: give an s3:// store")
-    ns = namespace or (Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
-                       if Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").is_file() else "sarflow")
+    ns = namespace or current_namespace()
     manifest = train_job(job_name, store, image or GPU_IMAGE, nodes=nodes, gpus_per_node=gpus_per_node,
                          pretrain=pretrain, dataset_version=dataset_version, dataset_git_commit=dataset_git_commit,
                          namespace=ns)

@@ -115,8 +115,14 @@ def test_pretrain_under_torchrun_with_the_trainjob_environment(tiny_store, tmp_p
     found = trainjob_result(f"sqlite:///{db}", "pretrain-ddp-test")
     assert (found["run_id"], found["registered_model"], found["version"]) == (runs[0].info.run_id, "sarflow-encoder-mae", "1")
     assert found["losses"] == losses and found["embedding_dim"] > 0 and found["channels"]
-    with pytest.raises(SarflowError, match="0 MLflow runs tagged sarflow.trainjob=another-job"):
+    with pytest.raises(SarflowError, match="no finished MLflow run tagged sarflow.trainjob=another-job"):
         trainjob_result(f"sqlite:///{db}", "another-job")
+    # a rerun's run beside an earlier attempt's (older, finished) and a still-running one: the newest finished wins
+    exp = runs[0].info.experiment_id
+    older = client.create_run(exp, start_time=runs[0].info.start_time - 60_000, tags={"sarflow.trainjob": "pretrain-ddp-test"})
+    client.set_terminated(older.info.run_id, "FINISHED")
+    client.create_run(exp, tags={"sarflow.trainjob": "pretrain-ddp-test"})  # RUNNING
+    assert trainjob_result(f"sqlite:///{db}", "pretrain-ddp-test")["run_id"] == runs[0].info.run_id
 
 
 # ------------------------------------------------------------------------- the TrainJob manifest
@@ -252,6 +258,17 @@ def test_the_trainjob_launcher_waits_adopts_and_replaces():
     failing = _TrainJobsAPI(outcome="Failed")
     with pytest.raises(RuntimeError, match="TrainJob sarflow/sarflow-pretrain failed .*kubectl -n sarflow describe"):
         run_train_job(job, poll_s=0, api=failing)
+    # deleted from outside while the launcher waits: an error at once, not a wait until the timeout
+    gone = _TrainJobsAPI(outcome="Complete")
+    real_get = gone.get_namespaced_custom_object
+
+    def deleted_after_creation(*a):
+        gone.jobs["sarflow-pretrain"]["deleting"] = True
+        return real_get(*a)
+
+    gone.get_namespaced_custom_object = deleted_after_creation
+    with pytest.raises(RuntimeError, match="disappeared before it completed"):
+        run_train_job(job, poll_s=0, timeout_s=3600, api=gone)
 
 
 def test_a_pretrain_section_in_the_environment_must_be_a_json_object():

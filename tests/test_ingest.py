@@ -31,3 +31,21 @@ def test_every_source_file_has_the_sha256_that_sha256sum_computes(tiny_scene):
 def test_without_checksums_nothing_is_hashed(tiny_scene):
     ing = ingest(load_catalog(tiny_scene), checksum=False)
     assert all(f.sha256 == "" for src in ing.sources for f in src.files.values())
+
+
+def test_ingest_writes_its_manifest_into_a_folder_it_makes(tiny_scene, tmp_path):
+    """`sarflow ingest --out` into a folder that does not exist yet: made, the manifest written
+    whole (no temporary file left), the same JSON the command prints without --out."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sarflow.cli.main import app
+
+    out = tmp_path / "new" / "deeper" / "manifest.json"
+    res = CliRunner().invoke(app, ["ingest", str(tiny_scene), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == f"manifest written: {out}"
+    printed = CliRunner().invoke(app, ["ingest", str(tiny_scene)])
+    assert json.loads(out.read_text()) == json.loads(printed.stdout)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["manifest.json"]

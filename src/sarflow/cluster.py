@@ -47,6 +47,8 @@ def launch_and_wait(what: str, create: Callable[[], None], state: Callable[[], s
             return
         if now == FAILED:
             raise RuntimeError(f"{what} failed{failed_hint}")
+        if now == ABSENT:  # deleted from outside (kubectl delete, a TTL controller) while we waited
+            raise RuntimeError(f"{what} disappeared before it completed (deleted from outside?); rerun the task")
         time.sleep(poll_s)
     raise TimeoutError(f"{what} did not finish in {timeout_s}s")
 
@@ -62,3 +64,26 @@ def conditions_state(conditions, done: bool = False) -> str:
     if true("Failed"):
         return FAILED
     return COMPLETE if done or true("Complete") else RUNNING
+
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def kube_api(kind: str):
+    """A kubernetes client API (`kind`: BatchV1Api, CustomObjectsApi, ...) configured in-cluster
+    (a pipeline task's service account), else from ~/.kube/config."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return getattr(client, kind)()
+
+
+def current_namespace(default: str = "sarflow") -> str:
+    """The namespace of this pod's service account, else `default` (outside a cluster)."""
+    from pathlib import Path
+
+    path = Path(SERVICE_ACCOUNT_NAMESPACE)
+    return path.read_text().strip() if path.is_file() else default

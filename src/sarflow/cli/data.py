@@ -43,18 +43,18 @@ def ingest(
 
     try:
         if out:
-            from sarflow.data.tile_units import check_output_folder
+            from sarflow.data.paths import check_output_folder
 
             check_output_folder(out.parent, str(out), "choose another --out or make that folder writable, then rerun")
         manifest = run_ingest(load_catalog(catalog)).manifest()
+        text = json.dumps(manifest, indent=1, sort_keys=True)
+        if out:
+            from sarflow.data.paths import write_atomic
+
+            write_atomic(out, lambda tmp: Path(tmp).write_text(text))
     except SarflowError as e:
         fail(e)
-    text = json.dumps(manifest, indent=1, sort_keys=True)
-    if out:
-        out.write_text(text)
-        typer.echo(f"manifest written: {out}")
-    else:
-        typer.echo(text)
+    typer.echo(f"manifest written: {out}" if out else text)
 
 
 def _tile_options(params, **flags):
@@ -219,7 +219,7 @@ def export(
 
     ids = [c.strip() for c in chips.split(",") if c.strip()] if chips else None
     try:
-        from sarflow.data.tile_units import check_output_folder
+        from sarflow.data.paths import check_output_folder
 
         check_output_folder(out, str(out), "choose another --out or make that folder writable, then rerun")
         written = export_chips(store, modality, out, chips=ids, split=split, all_chips=all_chips, mosaic=mosaic)

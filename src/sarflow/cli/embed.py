@@ -40,7 +40,7 @@ def embed(
                                         "workers": workers})
         features = stage_config("features", p, {"root": root})
         if not str(features.root).startswith("s3://"):
-            from sarflow.data.tile_units import check_output_folder
+            from sarflow.data.paths import check_output_folder
 
             check_output_folder(features.root, str(features.root),
                                 "choose another --features-root (or params features.root) or make that folder writable, then rerun")

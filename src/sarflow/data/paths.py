@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sarflow.errors import InputError
+
 
 def is_remote(root: str | Path) -> bool:
     return str(root).startswith("s3://")
@@ -80,20 +82,21 @@ def publish_s3(local: str | Path, dest: str) -> None:
             pass
 
 
-def write_table_atomic(table: pa.Table, dest: str | Path, **kwargs) -> str | Path:
-    """Writes one Parquet file at dest, locally (temp file + rename) or on S3 (see publish_s3)."""
+def write_atomic(dest: str | Path, write) -> str | Path:
+    """`write(tmp)` a file, then publish it at `dest` whole: a temp file beside it and a rename
+    locally (its folder made), one server-side copy on S3 (`publish_s3`)."""
     if is_remote(dest):
         with tempfile.TemporaryDirectory(prefix="sarflow-") as d:
-            local = Path(d) / "part.parquet"
-            _write_table(table, local, **kwargs)
+            local = Path(d) / Path(str(dest)).name
+            write(local)
             publish_s3(local, str(dest))
         return dest
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".partial-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.partial-", suffix=".tmp")
     os.close(fd)
     try:
-        _write_table(table, tmp, **kwargs)
+        write(tmp)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -101,5 +104,31 @@ def write_table_atomic(table: pa.Table, dest: str | Path, **kwargs) -> str | Pat
     return dest
 
 
+def write_table_atomic(table: pa.Table, dest: str | Path, **kwargs) -> str | Path:
+    """Writes one Parquet file at dest whole (`write_atomic`)."""
+    return write_atomic(dest, lambda tmp: _write_table(table, tmp, **kwargs))
+
+
 def _write_table(table: pa.Table, where, **kwargs) -> None:
     pq.write_table(table, where, **kwargs)
+
+
+def check_output_folder(folder: str | Path, where: str, retry: str) -> None:
+    """A local output folder can be written (before any work, creating nothing): its nearest existing
+    ancestor must be a folder we can create files in; a path under a regular file, or a read-only place,
+    is refused naming that folder. `where` names the output in the error, `retry` says what to do."""
+    import errno
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".sarflow-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(where, f"cannot write into the output folder {folder} ({e.filename or existing}: "
+                                f"{e.strerror or e}); nothing was written; {retry}") from None

@@ -36,6 +36,7 @@ import numpy as np
 import zarr
 
 from sarflow import __version__
+from sarflow.data import paths
 from sarflow.data.catalog import LoadedCatalog
 from sarflow.data.chipstore import CHIPS_TABLE, check_source_names, write_georeference
 from sarflow.data.grid import SPLIT_LABELS, block_split
@@ -118,28 +119,6 @@ class Location:
 _HELD: dict[tuple[str, int], tuple[int, int]] = {}  # (lock file, thread) held -> (fd, depth): tile() holds it across plan
 
 
-def check_output_folder(folder: str | Path, where: str, retry: str) -> None:
-    """A local output folder can be written (before any work, creating nothing): its nearest existing
-    ancestor must be a folder we can create files in; a path under a regular file, or a read-only place,
-    is refused naming that folder. `where` names the output in the error, `retry` says what to do."""
-    import errno
-    import tempfile
-
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".sarflow-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise InputError(where, f"cannot write into the output folder {folder} ({e.filename or existing}: "
-                                f"{e.strerror or e}); nothing was written; {retry}") from None
-
-
 class build_lock:  # noqa: N801 - used as a context manager, like a function
     """One build of a store at a time. A local output is locked by an exclusive flock on `<out>.lock`
     beside it (holder's pid and host written in it; the kernel drops the lock when the holder dies,
@@ -167,7 +146,7 @@ class build_lock:  # noqa: N801 - used as a context manager, like a function
         import fcntl
         import socket
 
-        check_output_folder(Path(self.uri).parent, self.uri,
+        paths.check_output_folder(Path(self.uri).parent, self.uri,
                             "choose another --out or make that folder writable, then rerun")
         parent = Path(self.uri).parent
         self.made = [p for p in [parent, *parent.parents] if not p.exists()]  # removed on release when left empty
@@ -585,18 +564,10 @@ def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 1
     are skipped by `sarflow tile-unit`, so a rerun only does what is left). `api`: a BatchV1Api."""
     from kubernetes.client.rest import ApiException
 
-    from sarflow.cluster import ABSENT, conditions_state, launch_and_wait
+    from sarflow.cluster import ABSENT, conditions_state, current_namespace, kube_api, launch_and_wait
 
-    if api is None:
-        from kubernetes import client, config
-
-        try:
-            config.load_incluster_config()
-            namespace = namespace or Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.BatchV1Api()
-    ns = namespace or "sarflow"
+    api = api or kube_api("BatchV1Api")
+    ns = namespace or current_namespace()
     manifest = indexed_job_manifest(store_uri, units, image, parallelism, namespace=ns)
     name = manifest["metadata"]["name"]
 

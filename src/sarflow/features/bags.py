@@ -14,8 +14,6 @@ Two files under ``<root>/bags/``, both written atomically (temporary file + ``os
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,29 +35,6 @@ SCHEMA = pa.schema([
     ("area_fractions", pa.list_(pa.float64())),
     ("event_timestamp", pa.timestamp("us", tz="UTC")),
 ])
-
-
-def _atomic(path: str | Path, write) -> None:
-    """`write(tmp)` a file, then publish it at `path` whole: a rename locally, one server-side
-    copy on S3 (features.embed.publish_s3)."""
-    from sarflow.data.paths import is_remote, publish_s3
-
-    if is_remote(path):
-        with tempfile.TemporaryDirectory(prefix="sarflow-bags-") as d:
-            local = Path(d) / "part.parquet"
-            write(local)
-            publish_s3(local, str(path))
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def chip_bags_table(bags, chips: pd.DataFrame, timestamp: datetime | None = None) -> pa.Table:
@@ -102,16 +77,16 @@ def write_chip_bags(bags, chips: pd.DataFrame, root: str | Path, crs: str | None
     WKB ``geometry`` in EPSG:4326, or minx..maxy in `crs`)."""
     import geopandas as gpd
 
-    from sarflow.data.paths import join
+    from sarflow.data.paths import join, write_atomic
 
     table = chip_bags_table(bags, chips)
-    _atomic(join(root, BAGS, CHIP_BAGS), lambda tmp: pq.write_table(table, tmp))
+    write_atomic(join(root, BAGS, CHIP_BAGS), lambda tmp: pq.write_table(table, tmp))
     geoms = _chip_geometries(chips, crs)
     by_id = pd.Series(geoms.values, index=chips["chip_id"].astype(str).to_numpy())
     m = bags.members.assign(chip_id=bags.members["chip_id"].astype(str), bag_id=bags.members["bag_id"].astype(str))
     gdf = gpd.GeoDataFrame(m[["chip_id", "index", "bag_id", "weight", "area_fraction"]].reset_index(drop=True),
                            geometry=list(by_id.loc[m["chip_id"]].to_numpy()) if len(m) else [], crs="EPSG:4326")
-    _atomic(join(root, BAGS, CHIP_BAGS_GEO), lambda tmp: gdf.to_parquet(tmp))
+    write_atomic(join(root, BAGS, CHIP_BAGS_GEO), lambda tmp: gdf.to_parquet(tmp))
     return join(root, BAGS, CHIP_BAGS)
 
 

@@ -200,16 +200,9 @@ def run_train_job(manifest: dict, timeout_s: float = 7 * 86400, poll_s: float = 
     (`sarflow.cluster.launch_and_wait`). `api`: a CustomObjectsApi."""
     from kubernetes.client.rest import ApiException
 
-    from sarflow.cluster import ABSENT, conditions_state, launch_and_wait
+    from sarflow.cluster import ABSENT, conditions_state, kube_api, launch_and_wait
 
-    if api is None:
-        from kubernetes import client, config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.CustomObjectsApi()
+    api = api or kube_api("CustomObjectsApi")
     group, version = manifest["apiVersion"].split("/")
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     where = (group, version, ns, "trainjobs")
@@ -230,18 +223,21 @@ def run_train_job(manifest: dict, timeout_s: float = 7 * 86400, poll_s: float = 
 
 def trainjob_result(tracking_uri: str, job: str) -> dict:
     """What `pretrain` returns, for the run a TrainJob made (found by its TRAINJOB_TAG): run_id,
-    registered_model, version, model_uri, losses, embedding_dim, channels, lineage. A job without
-    exactly one such run, or whose run registered nothing, is a SarflowError naming it."""
+    registered_model, version, model_uri, losses, embedding_dim, channels, lineage. The newest
+    finished run of that tag (a rerun replaces a finished job of the same name, and its rank 0
+    opens a new run beside the earlier attempt's). No finished run, or one that registered
+    nothing, is a SarflowError naming the job."""
     import mlflow
 
     from sarflow.errors import SarflowError
 
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.`{TRAINJOB_TAG}` = '{job}'")
-    if len(runs) != 1:
-        raise SarflowError(f"TrainJob {job}: {len(runs)} MLflow runs tagged {TRAINJOB_TAG}={job} at {tracking_uri} "
-                           "(expected the one its rank 0 opened)")
+                              filter_string=f"tags.`{TRAINJOB_TAG}` = '{job}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise SarflowError(f"TrainJob {job}: no finished MLflow run tagged {TRAINJOB_TAG}={job} at {tracking_uri} "
+                           "(its rank 0 opens one)")
     run = runs[0]
     versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
     if not versions:
