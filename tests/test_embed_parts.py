@@ -114,6 +114,52 @@ def test_parts_on_s3_equal_one_full_run(full, moto_url, monkeypatch):
     _same_rows(read_embeddings(root, MODEL, "1"), read_embeddings(full["root"], MODEL, "1"))
 
 
+def test_an_s3_outage_while_publishing_is_one_error_and_a_rerun_publishes(full, moto_url, monkeypatch):
+    """The endpoint fails after the first part was copied (fault injected in the copy): one
+    StorageError naming the partition, the endpoint and the rerun; the half-published partition is
+    skipped by every reader (its marker), the staged parts are kept, the named rerun publishes."""
+    import botocore.exceptions
+
+    from sarflow.data.storage import ensure_bucket
+    from sarflow.errors import StorageError
+    from sarflow.features import embed as embed_module
+    from sarflow.features.embed import embedding_partitions
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"sarflow-{uuid.uuid4().hex[:12]}"
+    ensure_bucket(bucket)
+    root = f"s3://{bucket}/features"
+    n_shards = -(-full["embed"]["rows"] // 16)
+    _embed_in_parts(full, root, [(0, 1), (1, n_shards)])
+    real = embed_module.filesystem
+
+    class Outage:
+        def __init__(self):
+            self.fs, self.copies = real(), 0
+
+        def copy(self, *a, **k):
+            self.copies += 1
+            if self.copies > 1:
+                raise botocore.exceptions.EndpointConnectionError(endpoint_url=moto_url)
+            return self.fs.copy(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    monkeypatch.setattr(embed_module, "filesystem", Outage)
+    with pytest.raises(StorageError, match=f"publishing 2 staged parts .* endpoint {moto_url} failed .*EndpointConnectionError"
+                                           ".*--overwrite` when the endpoint answers"):
+        finalize_embeddings(root, MODEL, "1")
+    monkeypatch.setattr(embed_module, "filesystem", real)
+    assert embedding_partitions(root) == []  # the marked partition is read by no one
+    with pytest.raises(InputError, match="already exist"):
+        finalize_embeddings(root, MODEL, "1")
+    assert finalize_embeddings(root, MODEL, "1", overwrite=True)["files"] == ["part-00000.parquet", "part-00001.parquet"]
+    _same_rows(read_embeddings(root, MODEL, "1"), read_embeddings(full["root"], MODEL, "1"))
+
+
 def test_cli_shards_and_finalize(full, tmp_path):
     exe = shutil.which("sarflow", path=str(__import__("pathlib").Path(sys.executable).parent))
     root = tmp_path / "features"

@@ -473,13 +473,22 @@ def finalize_embeddings(root: str | Path, model_name: str, version: str, overwri
     if is_remote(out):
         fs = filesystem()
         key = str(out)[len("s3://"):]
-        fs.pipe(f"{key}/{PUBLISHING}", b"")
-        for (_, f), name in zip(metas, names):
-            fs.copy(str(f)[len("s3://"):], f"{key}/{name}")
-        for stale in parquet_files(out):
-            if str(stale).rsplit("/", 1)[1] not in names:
-                fs.rm(str(stale)[len("s3://"):])
-        fs.rm(f"{key}/{PUBLISHING}")
+        try:
+            fs.pipe(f"{key}/{PUBLISHING}", b"")
+            for (_, f), name in zip(metas, names):
+                fs.copy(str(f)[len("s3://"):], f"{key}/{name}")
+            for stale in parquet_files(out):
+                if str(stale).rsplit("/", 1)[1] not in names:
+                    fs.rm(str(stale)[len("s3://"):])
+            fs.rm(f"{key}/{PUBLISHING}")
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many types for one outage
+            from sarflow.data.storage import s3_settings
+
+            raise StorageError(str(out), f"publishing {len(names)} staged parts of {model_name} v{version} to the S3 "
+                                         f"endpoint {s3_settings().endpoint_url} failed ({type(e).__name__}: {str(e)[:300]}); "
+                                         f"the partition may be left marked {PUBLISHING} (every reader skips it) and the "
+                                         f"staged parts are kept under {where}; rerun `sarflow embed --finalize --model "
+                                         f"models:/{model_name}/{version} --overwrite` when the endpoint answers") from None
         fs.rm(str(where)[len("s3://"):], recursive=True)
     else:
         with folder_replaced(out) as tmp:
