@@ -45,8 +45,9 @@ TrackingOpt = typer.Option(None, "--tracking-uri", callback=absolute_tracking_ur
                            help="MLflow tracking URI (default: the section's tracking_uri, else $MLFLOW_TRACKING_URI, "
                                 "else sqlite:///mlflow.db)")
 
-FEATURES_ROOT_HELP = ("features root: the offline store (embeddings/, labels/, bags/; a folder or s3://; "
-                      "default params features.root)")
+FEATURES_ROOT_HELP = ("features root: the offline store (embeddings/, labels/, bags/): a local folder or an s3:// prefix "
+                      "(endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); "
+                      "default params features.root")
 # the one spelling of a features root; --root, the retired spelling, is still read (never the primary name)
 FeaturesRootOpt = typer.Option(None, "--features-root", "--root", callback=absolute_path, help=FEATURES_ROOT_HELP)
 _RULE = ("models:/NAME/VERSION, models:/NAME@ALIAS (the version the alias points at) or a bare registered NAME (its "

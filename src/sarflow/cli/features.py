@@ -9,16 +9,14 @@ from typing import List, Optional
 
 import typer
 
-from sarflow.cli.common import (EMBEDDINGS_MODEL_HELP, ParamsOpt, VersionOpt, absolute_path, embeddings_model, fail,
-                                stage_config)
+from sarflow.cli.common import (EMBEDDINGS_MODEL_HELP, FeaturesRootOpt, ParamsOpt, VersionOpt, absolute_path,
+                                embeddings_model, fail, stage_config)
 from sarflow.errors import SarflowError
 
 features_app = typer.Typer(help="Feast feature store: apply, materialize, online get, similarity search, serve.",
                            no_args_is_help=True)
 
-RootOpt = typer.Option(None, "--features-root", "--root", callback=absolute_path,
-                       help="features root (default params features.root) (embeddings/, labels/, bags/): a local folder or an s3:// prefix "
-                            "(endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+RootOpt = FeaturesRootOpt
 RepoOpt = typer.Option(None, "--repo", callback=absolute_path,
                        help="local Feast repo (feature_store.yaml, registry, SQLite online store, materialize state); "
                             "default ROOT/feast, or ./feast-repo/BUCKET/PREFIX for an s3:// root")
@@ -131,15 +129,18 @@ def serve(root: Optional[str] = RootOpt, online: Optional[str] = OnlineOpt, redi
           params: Optional[Path] = ParamsOpt) -> None:
     """Run the Feast feature server (HTTP) over this features root, with the flags `services up`
     and k8s use (no worker recycling, no access log: sarflow.local.services.feast_serve_flags)."""
-    from sarflow.features.feast_store import open_feature_store
+    from sarflow.features.feast_store import feast_errors, open_feature_store
     from sarflow.local.services import feast_serve_command
 
     try:
         cfg = _cfg(params, root, online, redis, repo, registry)
         command = feast_serve_command(cfg.repo, host, port, workers)
+        with feast_errors(cfg):
+            open_feature_store(cfg)
     except SarflowError as e:  # a bad $SARFLOW_FEAST_WORKERS too (ServiceError)
         fail(e)
-    open_feature_store(cfg)
+    except OSError as e:  # the repo folder cannot be written
+        fail(SarflowError(f"{cfg.repo}: cannot write the Feast repo ({e.strerror or e}); choose another --repo"))
     os.execv(command[0], command)
 
 
