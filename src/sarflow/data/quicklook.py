@@ -81,7 +81,7 @@ def _stretch(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo), 0, 1)
 
 
-def _display_range(chips: list[np.ndarray], declared) -> tuple[float, float]:
+def display_range(chips: list[np.ndarray], declared) -> tuple[float, float]:
     """The colour range of a column: the source's declared `range`, else the 2-98 % percentiles
     of the values shown (one range for every row, so one colourbar reads them all)."""
     if declared:
@@ -131,12 +131,12 @@ def quicklook_figure(store: ChipStore, n: int = 4):
                            fontsize=6, frameon=False, title="classes", title_fontsize=6)
             title = f"{m}\n{bands[0]}"
         elif len(bands) == 3 and units == "reflectance":
-            lo, hi = _display_range(chips, None)
+            lo, hi = display_range(chips, None)
             for ax, chip in zip(col, chips):
                 ax.imshow(np.nan_to_num(np.moveaxis(_stretch(chip, lo, hi), 0, -1)))
             title = f"{m}\nRGB = {', '.join(bands)}\n[{units} {lo:.3g}–{hi:.3g}]"
         else:
-            lo, hi = _display_range([ch[0] for ch in chips], arr.attrs.get("range"))
+            lo, hi = display_range([ch[0] for ch in chips], arr.attrs.get("range"))
             cmap = "gray" if units == "dB" else "viridis"
             for ax, chip in zip(col, chips):
                 im = ax.imshow(chip[0], cmap=cmap, vmin=lo, vmax=hi)

@@ -37,7 +37,7 @@ def prediction_fig(data: SegData, preds: dict[str, torch.Tensor], n: int = 4):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from sarflow.data.quicklook import add_colorbar, units_label
+    from sarflow.data.quicklook import add_colorbar, display_range, units_label
 
     n = min(n, len(data.x_test))
     cmap = _code_cmap(data)
@@ -49,9 +49,7 @@ def prediction_fig(data: SegData, preds: dict[str, torch.Tensor], n: int = 4):
     cols = 2 + len(preds)
     fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols + 0.8, 2.1 * n + 0.9), squeeze=False, layout="constrained")
     x0 = data.x_test[:n, 0].numpy()
-    finite = x0[np.isfinite(x0)]
-    lo, hi = (float(v) for v in np.percentile(finite, [2, 98])) if finite.size else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1.0
+    lo, hi = display_range([x0], None)  # the 2-98 % percentiles, as the quicklook shows a source
     for i in range(n):
         im = axes[i, 0].imshow(x0[i], cmap="gray", vmin=lo, vmax=hi)
         panels = [("truth", data.y_test[i].numpy())] + [(k, p[i].numpy()) for k, p in preds.items()]
