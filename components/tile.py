@@ -22,6 +22,7 @@ def tile_scene(
     block_chips: int = 0,
     split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
+    codec: str = "zstd",
     clevel: int = 3,
     checksum: bool = True,
     s3_endpoint: str = "",
@@ -40,7 +41,7 @@ def tile_scene(
 
     catalog = catalog_path(scene.path, scene.metadata.get("catalog", "catalog.yaml"))
     section = {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips, "split_block": split_block,
-               "split_fractions": split_fractions, "clevel": clevel, "checksum": checksum}
+               "split_fractions": split_fractions, "codec": codec, "clevel": clevel, "checksum": checksum}
     options = stage_config(TileOptions, Params({"tile": section}, "tile-scene parameters"), "tile", overwrite=True)
     os.makedirs(os.path.dirname(store.path), exist_ok=True)
     out = tile(load_catalog(catalog), store.path, options, show_progress=False)
@@ -74,6 +75,7 @@ def plan_tiles(
     unit_shards: int = 0,
     split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
+    codec: str = "zstd",
     clevel: int = 3,
     checksum: bool = True,
     overwrite: bool = False,
@@ -93,7 +95,7 @@ def plan_tiles(
 
     section = {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips, "window_px": window_px,
                "unit_shards": unit_shards, "split_block": split_block, "split_fractions": split_fractions,
-               "clevel": clevel, "checksum": checksum, "overwrite": overwrite}
+               "codec": codec, "clevel": clevel, "checksum": checksum, "overwrite": overwrite}
     options = stage_config(TileOptions, Params({"tile": section}, "plan-tiles parameters"), "tile")
     n = len(plan(load_catalog(catalog), store_uri, options).units)
     return namedtuple("Plan", ["units", "count"])(list(range(n)), n)

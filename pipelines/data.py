@@ -87,6 +87,7 @@ def data_pipeline(
     block_chips: int = 0,
     split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
+    codec: str = "zstd",
     clevel: int = 3,
     checksum: bool = True,
     dvc_remote: str = "",
@@ -95,7 +96,7 @@ def data_pipeline(
 ):
     synth = dict(size_px=size_px, chip_size=chip_size, cloud_fraction=cloud_fraction, seasons=seasons)
     tile = dict(workers=workers, shard_chips=shard_chips, block_chips=block_chips, split_block=split_block,
-                split_fractions=split_fractions, clevel=clevel)
+                split_fractions=split_fractions, codec=codec, clevel=clevel)
     with dsl.ExitHandler(exit_task(failure_log), name="data-plane"):
         with dsl.ParallelFor(seeds, parallelism=PARALLELISM, name="scenes") as seed:
             data_stages(seed, synth, tile, checksum, dvc_remote, s3_endpoint)
@@ -119,6 +120,7 @@ def tile_pipeline(
     unit_shards: int = 0,
     split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
+    codec: str = "zstd",
     clevel: int = 3,
     checksum: bool = True,
     overwrite: bool = False,
@@ -134,7 +136,7 @@ def tile_pipeline(
 
     planned = plan_tiles(catalog=catalog, store_uri=store_uri, workers=workers, shard_chips=shard_chips,
                          block_chips=block_chips, window_px=window_px, unit_shards=unit_shards,
-                         split_block=split_block, split_fractions=split_fractions, clevel=clevel,
+                         split_block=split_block, split_fractions=split_fractions, codec=codec, clevel=clevel,
                          checksum=checksum, overwrite=overwrite, s3_endpoint=s3_endpoint)
     stage(planned, "tile", "tile", cache=False)
     count = planned.outputs["count"]

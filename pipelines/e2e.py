@@ -41,6 +41,7 @@ def e2e_pipeline(
     block_chips: int = 4,
     split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
+    codec: str = "zstd",
     clevel: int = 3,
     checksum: bool = True,
     dvc_remote: str = "",
@@ -59,7 +60,7 @@ def e2e_pipeline(
     with dsl.ExitHandler(exit_task(failure_log), name="end-to-end"):
         synth = dict(size_px=size_px, chip_size=chip_size, cloud_fraction=cloud_fraction, seasons=seasons)
         tile = dict(workers=workers, shard_chips=shard_chips, block_chips=block_chips, split_block=split_block,
-                    split_fractions=split_fractions, clevel=clevel)
+                    split_fractions=split_fractions, codec=codec, clevel=clevel)
         data = data_stages(seed, synth, tile, checksum, dvc_remote, s3_endpoint)
         training_stages(data["tile"].outputs["store"], data["synth"].outputs["scene"],
                         data["version"].outputs["dvc_md5"], data["version"].outputs["git_commit"],
@@ -77,6 +78,7 @@ def e2e_catalog_pipeline(
     block_chips: int = 4,
     split_block: int = 0,
     split_fractions: List[float] = [0.8, 0.1, 0.1],
+    codec: str = "zstd",
     clevel: int = 3,
     checksum: bool = True,
     dvc_remote: str = "",
@@ -97,7 +99,7 @@ def e2e_catalog_pipeline(
                              metadata={"catalog": catalog})
         scene.set_display_name("scene")
         tile = dict(workers=workers, shard_chips=shard_chips, block_chips=block_chips, split_block=split_block,
-                    split_fractions=split_fractions, clevel=clevel)
+                    split_fractions=split_fractions, codec=codec, clevel=clevel)
         chips = chip_stages(scene.output, tile, checksum, dvc_remote, s3_endpoint)
         training_stages(chips["tile"].outputs["store"], scene.output, chips["version"].outputs["dvc_md5"],
                         chips["version"].outputs["git_commit"], tracking_uri=tracking_uri,

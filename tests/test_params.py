@@ -53,6 +53,7 @@ SPECIAL = {
     "modalities": ["s1grd", "s2rgb"], "scratch_tasks": ["worldcover"], "task": "llp-x", "label_modality": "x",
     "tasks": ["worldcover"], "truth_modality": "worldcover", "pixel_modalities": ["s1grd"],
     "registry": "postgresql+psycopg2://postgres@127.0.0.1:5432/test", "lock_uri": "postgresql://postgres@127.0.0.1/test",
+    "codec": "lz4",
 }
 
 

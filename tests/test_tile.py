@@ -304,3 +304,24 @@ def test_bad_catalog_gives_exit_2_and_names_the_catalog(tmp_path):
 def test_existing_store_is_not_overwritten_without_the_flag(tiny_scene, tiny_store):
     with pytest.raises(InputError, match="already exists"):
         tile(load_catalog(tiny_scene), tiny_store, TileOptions(), show_progress=False)
+
+
+def test_the_codec_is_chosen_per_store_and_recorded(tiny_scene, tiny_store, tmp_path):
+    """tile.codec lz4 (level 5): every array's zarr.json names Blosc/lz4 (read as JSON, not through
+    zarr), the group records it, and the values and chip table equal the zstd store's (lossless)."""
+    import pandas as pd
+
+    out = tile(load_catalog(tiny_scene), tmp_path / "lz4.zarr", TileOptions(shard_chips=16, codec="lz4", clevel=5),
+               show_progress=False)
+    g, ref = zarr.open_group(str(out), mode="r"), zarr.open_group(str(tiny_store), mode="r")
+    assert g.attrs["compression"] == {"codec": "blosc", "cname": "lz4", "clevel": 5}
+    assert ref.attrs["compression"] == {"codec": "blosc", "cname": "zstd", "clevel": 3}
+    for name in g.attrs["modalities"]:
+        meta = json.loads((out / name / "zarr.json").read_text())
+        sharding = next(c for c in meta["codecs"] if c["name"] == "sharding_indexed")
+        blosc = next(c for c in sharding["configuration"]["codecs"] if c["name"] == "blosc")
+        assert (blosc["configuration"]["cname"], blosc["configuration"]["clevel"]) == ("lz4", 5), name
+        np.testing.assert_array_equal(g[name][:], ref[name][:])
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "chips.parquet"), pd.read_parquet(tiny_store / "chips.parquet"))
+    with pytest.raises(ValueError, match="codec"):
+        TileOptions(codec="gzip")

@@ -75,6 +75,7 @@ class TileOptions:
     block_chips: int = 0  # chips per side of a block (store order and warp window); 0: about window_px pixels
     split_block: int | Literal["auto"] = 0  # chips per side of a split block; 0 (or "auto"): sized from the AOI
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    codec: Literal["zstd", "lz4"] = "zstd"  # Blosc's inner codec: zstd (smaller) or lz4 (faster to write and read)
     clevel: int = 3
     window_px: int = 1024  # side of a block in pixels when block_chips is 0 (rounded to whole chips)
     unit_shards: int = 0  # shards per work unit; 0: as many as fit 256 MB of chips
@@ -101,6 +102,7 @@ class TileOptions:
             "block_chips": self.block_chips or f"auto:{self.window_px}px",
             "split_block": self.split_block or "auto",
             "split_fractions": list(self.split_fractions),
+            "codec": self.codec,
             "clevel": self.clevel,
         }
 
@@ -424,7 +426,7 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
             dtype=dtype,
             fill_value=s.fill_value,
             compressors=zarr.codecs.BloscCodec(
-                cname="zstd", clevel=options.clevel, shuffle="bitshuffle" if dtype.itemsize == 1 else "shuffle"
+                cname=options.codec, clevel=options.clevel, shuffle="bitshuffle" if dtype.itemsize == 1 else "shuffle"
             ),
             dimension_names=("chip", f"{s.name}_band", "y", "x"),
             attributes={

@@ -458,6 +458,9 @@ def finalize(out: str | Path) -> str:
         "labels": [s.name for s in ing.sources if s.spec.effective_role == "label"],
         "chips": total,
         "chips_table": CHIPS_TABLE,
+        # the chunks' codec, as the arrays record it (tile.codec / tile.clevel)
+        "compression": {k: v for k, v in root[ing.sources[0].name].compressors[0].to_dict()["configuration"].items()
+                        if k in ("cname", "clevel")} | {"codec": "blosc"},
         "split": {**p.split, "chips": kept},
     })
     with warnings.catch_warnings():  # zarr notes consolidated metadata is not in the v3 spec yet
