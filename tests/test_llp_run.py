@@ -105,7 +105,8 @@ def test_every_llp_model_beats_the_mean_baseline(result):
     assert list(table.model[:4]) == list(MODELS) and table.model.iloc[-1].startswith("baseline")
     curve = pd.read_csv(result["curve"])
     assert list(curve.merge_factor) == [1, 4] and curve.mean_chips_per_bag.is_monotonic_increasing
-    assert all(p.endswith(".png") for p in result["plots"]) and len(result["plots"]) == 2
+    assert all(p.endswith(".png") for p in result["plots"]) and len(result["plots"]) == 3  # map, proportions, bag curve
+    assert any(p.endswith("llp_proportion_maps.png") for p in result["plots"])
 
 
 def test_mlflow_run_has_lineage_and_the_registered_model_predicts_proportions(scene, result):

@@ -282,8 +282,8 @@ def _plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
     loc = Location(out)
     if loc.finished() and not options.overwrite:
         raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
-    check_source_names([s.name for s in catalog.catalog.sources], str(catalog.path))  # before opening any file
-    ing = ingest(catalog, checksum=options.checksum)
+    ing = ingest(catalog, checksum=options.checksum)  # a bad source file is named first
+    check_source_names([s.name for s in ing.sources], str(ing.catalog.path))
     fingerprint = _fingerprint(ing, options)
     if loc.exists(BUILD, "plan.json"):
         try:
