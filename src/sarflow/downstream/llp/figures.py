@@ -90,15 +90,6 @@ def llp_map_figure(data: LLPData, results: dict, best: str, test_rows: np.ndarra
     return fig
 
 
-def plot_llp_map(data: LLPData, results: dict, best: str, path: Path, test_rows: np.ndarray) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig = llp_map_figure(data, results, best, test_rows)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 MAX_PROPORTION_CLASSES = 6  # the proportion figure shows the classes with the largest truth share
 
 
@@ -133,15 +124,6 @@ def proportion_figure(data: LLPData, results: dict, best: str, test_rows: np.nda
     return fig
 
 
-def plot_proportions(data: LLPData, results: dict, best: str, path: Path, test_rows: np.ndarray) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig = proportion_figure(data, results, best, test_rows)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def bag_curve_figure(curve: pd.DataFrame):
     """The bag-size curve as a Figure: test proportion MAE against mean chips per bag (log axis,
     ticks at the sizes tried, labels that would overlap left out) beside the mean-proportion baseline."""
@@ -166,23 +148,23 @@ def bag_curve_figure(curve: pd.DataFrame):
     return fig
 
 
-def plot_curve(curve: pd.DataFrame, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig = bag_curve_figure(curve)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def write_outputs(out: Path, table: pd.DataFrame, curve: pd.DataFrame | None, data: LLPData, results: dict,
                    best: str, test_rows: np.ndarray) -> tuple[Path, list[Path]]:
     table_path = out / "llp_results.csv"
     table.to_csv(table_path, index=False, float_format="%.5f")
     (out / "llp_results.json").write_text(json.dumps(table.to_dict(orient="records"), indent=1, default=float))
-    plots = [plot_llp_map(data, results, best, out / "llp_map.png", test_rows),
-             plot_proportions(data, results, best, out / "llp_proportion_maps.png", test_rows)]
+    plots = [save_figure(llp_map_figure(data, results, best, test_rows), out / "llp_map.png"),
+             save_figure(proportion_figure(data, results, best, test_rows), out / "llp_proportion_maps.png")]
     if curve is not None and len(curve):
         curve.to_csv(out / "bag_size_curve.csv", index=False, float_format="%.5f")
-        plots.append(plot_curve(curve, out / "bag_size_curve.png"))
+        plots.append(save_figure(bag_curve_figure(curve), out / "bag_size_curve.png"))
     return table_path, plots
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A figure written as a PNG (90 dpi) and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
