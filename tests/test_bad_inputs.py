@@ -4,6 +4,8 @@ silent success."""
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -51,6 +53,48 @@ def test_llp_statistics_within_tolerance_or_empty_are_accepted(tmp_path):
     check_proportions(df, "id", "s.csv")  # 1.005 is within the tolerance; empty rows are no bag
     with pytest.raises(InputError, match="a \\(sum 1.005\\)"):
         check_proportions(df, "id", "s.csv", tolerance=1e-3)
+
+
+@pytest.mark.parametrize("change, cause", [
+    ("unknown", r"2 of 6 id\(s\) in column 'muni_id' name no polygon of .*municipalities.geojson: \['X0001', 'X0003'\]"),
+    ("twice", r"1 id\(s\) in column 'muni_id' have several rows: \['M0002'\]"),
+])
+def test_llp_statistics_of_unknown_municipalities_are_refused_and_nothing_is_written(tiny_scene, tiny_store, tmp_path,
+                                                                                      change, cause):
+    """Issue 16: statistics rows whose id names no polygon were silently ignored (and an id given
+    twice made two proportions for one bag): exit 2 naming the file, the count and the ids; no
+    MLflow run, no model, no bags or plots written."""
+    stats = pd.read_csv(tiny_scene.parent / "municipality_stats.csv", dtype={"muni_id": str})
+    if change == "unknown":
+        stats = pd.concat([stats, stats.iloc[[0, 2]].assign(muni_id=["X0001", "X0003"])])  # trained on silently before
+    else:
+        stats = pd.concat([stats, stats.iloc[[1]]])
+    path = tmp_path / f"{change}.csv"
+    stats.to_csv(path, index=False)
+    res = _sarflow("llp", "train", tiny_store, "--polygons", tiny_scene.parent / "municipalities.geojson",
+                   "--stats", path, "--features-root", tmp_path / "features", "--out", tmp_path / "llp",
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--steps", "2", "--no-register")
+    assert res.exit_code == 2, res.output
+    _refused(res, str(path))
+    assert re.search(cause, " ".join(res.output.split())), res.output
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no mlflow.db, no mlruns, no features, no plots
+
+
+def test_llp_polygons_without_statistics_are_left_out_with_a_count(tiny_scene, tiny_store, tmp_path, caplog):
+    """A polygon with no statistics row has no proportions to learn from: not a bag, and the log says
+    how many were left out."""
+    from sarflow.downstream.llp.data import prepare_store_data
+
+    stats = pd.read_csv(tiny_scene.parent / "municipality_stats.csv", dtype={"muni_id": str})
+    dropped = stats.muni_id.iloc[3]
+    path = tmp_path / "three.csv"
+    stats.drop(index=3).to_csv(path, index=False)
+    with caplog.at_level("WARNING", logger="sarflow.downstream.llp.data"):
+        data, _ = prepare_store_data(_llp_cfg(tiny_scene, tiny_store, path))
+    assert re.search(r"1 of 4 polygon\(s\) have no row in .*three.csv \(e\.g\. \['" + dropped + r"'\]\): not bags, left out",
+                     caplog.text), caplog.text
+    assert dropped not in set(data.bags.members.bag_id) and dropped not in data.bags.proportions.index
+    assert set(data.bags.members.bag_id) == set(stats.muni_id) - {dropped}
 
 
 # --- catalogs: coordinates, CRS and URIs ------------------------------------------------------

@@ -86,6 +86,30 @@ def check_proportions(df: pd.DataFrame, id_column: str, source: str,
                                  f"(within {tolerance:g}): {', '.join(where)}{more}")
 
 
+def match_polygons(stats: pd.DataFrame, polygons, id_column: str, stats_source: str, polygons_source: str):
+    """The polygons that are bags: those with a statistics row. Statistics ids that name no polygon
+    (a typo, another id scheme, another region) are refused, naming `stats_source`, how many and the
+    first few, as are ids given twice; a polygon without statistics has no proportions to learn
+    from: left out (a warning with the count), like a row with no labelled pixel."""
+    ids = stats[id_column].astype(str)
+    twice = sorted(set(ids[ids.duplicated()]))
+    if twice:
+        raise InputError(stats_source, f"{len(twice)} id(s) in column {id_column!r} have several rows: {twice[:5]} "
+                                       "(one row of proportions per polygon)")
+    known = set(polygons[id_column].astype(str))
+    unknown = sorted(set(ids) - known)
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise InputError(stats_source, f"{len(unknown)} of {len(ids)} id(s) in column {id_column!r} name no polygon of "
+                                       f"{polygons_source}: {unknown[:5]}{more} (its ids are like {sorted(known)[:3]})")
+    without = sorted(known - set(ids))
+    if without:
+        log.warning("%s: %d of %d polygon(s) have no row in %s (e.g. %s): not bags, left out", polygons_source,
+                    len(without), len(known), stats_source, without[:5])
+        polygons = polygons[polygons[id_column].astype(str).isin(set(ids))].reset_index(drop=True)
+    return polygons
+
+
 def stats_classes(stats: pd.DataFrame, source: str = "bag statistics") -> list[int]:
     """The class codes of a statistics table's ``frac_<code>`` columns (sorted); a column whose
     suffix is not an integer code is refused, naming `source`."""
@@ -408,6 +432,7 @@ def prepare_store_data(cfg: LLPConfig) -> tuple[LLPData, dict]:
         if missing:
             raise InputError(cfg.stats, f"missing proportion columns {missing}")
         check_proportions(stats, cfg.id_column, cfg.stats)
+        polygons = match_polygons(stats, polygons, cfg.id_column, cfg.stats, cfg.polygons)
         nodata = None
     else:
         classes = sorted(int(c) for c in cfg.classes) if cfg.classes else list(label.codes)
