@@ -129,6 +129,15 @@ class SourceSpec(_Strict):
     range: tuple[float, float] | None = Field(
         default=None, description="continuous labels: the valid [min, max] in `units` (values outside are nodata)"
     )
+    store_resolution: float | None = Field(
+        default=None, gt=0,
+        description="pixel size the chip store keeps this source at (grid CRS units): the grid resolution times a "
+        "whole k dividing chip_size (and the stride); the reader upsamples it to the chip grid (nearest)",
+    )
+
+    def store_factor(self, resolution: float) -> int:
+        """k: the source is stored at k times the grid `resolution` (1: full resolution)."""
+        return 1 if self.store_resolution is None else int(round(self.store_resolution / resolution))
 
     @property
     def effective_role(self) -> Role:
@@ -210,6 +219,22 @@ class Catalog(_Strict):
             raise ValueError(f"source names must be unique, repeated: {dup}")
         return self
 
+    @model_validator(mode="after")
+    def _check_store_resolution(self):
+        g = self.grid
+        allowed = [k for k in range(1, g.chip_size + 1) if g.chip_size % k == 0 and g.stride % k == 0]
+        for s in self.sources:
+            if s.store_resolution is None:
+                continue
+            k = s.store_resolution / g.resolution
+            if abs(k - round(k)) > 1e-6 * max(k, 1.0) or round(k) not in allowed:
+                cut = f"chip_size {g.chip_size}" + (f" and the stride {g.stride}" if g.overlap else "")
+                raise ValueError(
+                    f"source {s.name!r}: store_resolution {s.store_resolution:g} must be the grid resolution "
+                    f"{g.resolution:g} times a whole k that divides {cut}: allowed "
+                    f"{', '.join(f'{k * g.resolution:g}' for k in allowed)}")
+        return self
+
     @property
     def labels(self) -> list[SourceSpec]:
         return [s for s in self.sources if s.effective_role == "label"]
@@ -226,7 +251,11 @@ class Catalog(_Strict):
 
     def hash(self) -> str:
         """sha256 of the catalog's canonical JSON: the catalog hash recorded everywhere downstream."""
-        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        for s in data["sources"]:  # an unset store_resolution leaves the hash of catalogs without the key as it was
+            if s.get("store_resolution") is None:
+                s.pop("store_resolution", None)
+        canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
 
 

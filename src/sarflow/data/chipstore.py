@@ -5,6 +5,12 @@ One reader, one nodata rule: `read_masked` gives chips as float32 with NaN where
 holds nodata (NaN in float arrays, the declared value in integer arrays) or, for a label with a
 declared range, a value outside it. Every stage reads chips through it. The store says which
 sources are inputs and which are labels (`input_modalities`, `label_sources`), as its catalog declared.
+
+A source declared with `store_resolution` is stored at k times the grid's pixel size (array
+attributes `store_factor` k and `store_resolution`; shape (chips, bands, chip/k, chip/k)); the
+reader upsamples it to the chip grid by nearest (each stored pixel repeated k x k, its nodata
+mask with it), so every stage sees chip-sized arrays with the stored values unchanged
+(`chip_shape` gives the shape the reader returns).
 """
 
 from __future__ import annotations
@@ -167,9 +173,29 @@ def masked(arr: zarr.Array, raw: np.ndarray) -> np.ndarray:
     return x
 
 
+def store_factor(arr) -> int:
+    """k: the array holds its source at k times the grid's pixel size (1: full resolution)."""
+    return int(arr.attrs.get("store_factor") or 1)
+
+
+def chip_shape(arr: zarr.Array) -> tuple[int, ...]:
+    """(chips, bands, H, W) as `read_masked` returns the array: chip-sized, whatever it is stored at."""
+    k = store_factor(arr)
+    n, b, h, w = arr.shape
+    return (n, b, h * k, w * k)
+
+
+def upsample(x: np.ndarray, k: int) -> np.ndarray:
+    """(..., h, w) -> (..., h*k, w*k), nearest: each pixel repeated k x k (NaN with it)."""
+    if k == 1:
+        return x
+    return np.repeat(np.repeat(x, k, axis=-2), k, axis=-1)
+
+
 def read_masked(arr: zarr.Array, rows=slice(None), bands=None) -> np.ndarray:
     """Chips `rows` (a slice, sorted row indices, or one row) of a store array, (n, bands, H, W) float32 with NaN
-    for nodata; `bands` picks band indices. The one reader of chips for every stage."""
+    for nodata; `bands` picks band indices. The one reader of chips for every stage. An array stored coarser
+    (`store_factor` k) is upsampled to the chip grid, nearest (`upsample`)."""
     if isinstance(rows, (int, np.integer)):
         return read_masked(arr, slice(int(rows), int(rows) + 1), bands)[0]
     if isinstance(rows, slice):
@@ -179,7 +205,7 @@ def read_masked(arr: zarr.Array, rows=slice(None), bands=None) -> np.ndarray:
         raw = arr.oindex[rows.tolist()] if len(rows) else np.zeros((0,) + arr.shape[1:], arr.dtype)
     if bands is not None:
         raw = raw[:, list(bands)]
-    return masked(arr, raw)
+    return upsample(masked(arr, raw), store_factor(arr))
 
 
 def iter_masked(arr: zarr.Array, n: int | None = None, bands=None):
@@ -362,6 +388,17 @@ GEO_ARRAYS = (GRID_MAPPING, CHIP_X, CHIP_Y)  # never modalities: readers take mo
 COORD_CHUNK_CHIPS = 256
 
 
+def coarse_dims(k: int) -> tuple[str, str]:
+    """The (y, x) dimensions of an array stored at k times the pixel size: `y`/`x` at k = 1, else `y_k<k>`/`x_k<k>`
+    (arrays of one k share them, with coordinates `chip_y_k<k>`/`chip_x_k<k>`)."""
+    return (Y_DIM, X_DIM) if k == 1 else (f"{Y_DIM}_k{k}", f"{X_DIM}_k{k}")
+
+
+def _coords_of(k: int) -> tuple[str, str]:
+    """The (x, y) coordinate arrays of the dimensions `coarse_dims(k)`."""
+    return (CHIP_X, CHIP_Y) if k == 1 else (f"{CHIP_X}_k{k}", f"{CHIP_Y}_k{k}")
+
+
 def band_dim(modality: str) -> str:
     """The band dimension of a modality's array (modalities differ in their band count)."""
     return f"{modality}_band"
@@ -370,13 +407,17 @@ def band_dim(modality: str) -> str:
 def check_source_names(names, where: str) -> None:
     """Refuses source names that would clash with the store's dimensions or georeference arrays in xarray
     (a variable named like a dimension must be that 1-D dimension)."""
+    import re
+
     names = [str(n) for n in names]
     taken = set(GEO_ARRAYS) | {CHIP_DIM, Y_DIM, X_DIM} | {band_dim(n) for n in names}
-    bad = sorted(n for n in names if n in taken)
+    coarse = re.compile(r"^(chip_)?[xy]_k\d+$")  # a coarse array's dimensions and coordinates
+    bad = sorted(n for n in names if n in taken or coarse.match(n))
     if bad:
         raise InputError(where, f"source name(s) {bad} are reserved in the chip store (its dimensions and "
                                 f"georeference arrays: {sorted(set(GEO_ARRAYS) | {CHIP_DIM, Y_DIM, X_DIM})}, "
-                                "'<source>_band'): rename the source(s) in the catalog")
+                                "'<source>_band', 'x_k<k>', 'y_k<k>', 'chip_x_k<k>', 'chip_y_k<k>'): rename the "
+                                "source(s) in the catalog")
 
 
 def _axis_attrs(crs, axis: str) -> dict:
@@ -392,32 +433,39 @@ def write_georeference(root: zarr.Group, table, crs, resolution: float, chip_siz
     record, which covers these arrays too): a scalar `spatial_ref` with the CF grid mapping of `crs`, per-chip
     pixel-centre coordinates `chip_x` (chip, x) and `chip_y` (chip, y) from the chip table (row `index`), and on
     every modality array `grid_mapping` and `coordinates` attributes naming them. The modality arrays already
-    carry `dimension_names` (chip, <modality>_band, y, x)."""
+    carry `dimension_names` (chip, <modality>_band, y, x). Arrays stored at k times the pixel size have their own
+    dimensions and coordinates (`coarse_dims`: `chip_x_k<k>` (chip, x_k<k>), `chip_y_k<k>`), their pixel centres."""
     order = table.sort_values("index")
     if not np.array_equal(order["index"].to_numpy(), np.arange(len(order))):
         raise InputError("chips.parquet", "the chip table's rows are not the arrays' rows 0..n-1")
-    res, size = float(resolution), int(chip_size)
-    centres = (np.arange(size, dtype=np.float64) + 0.5) * res
-    cx = order["minx"].to_numpy(np.float64)[:, None] + centres[None, :]
-    cy = order["maxy"].to_numpy(np.float64)[:, None] - centres[None, :]
     root.create_array(GRID_MAPPING, shape=(), dtype="int64", fill_value=0, dimension_names=(),
                       attributes=cf_grid_mapping(crs), overwrite=True)
     rows = max(1, min(len(order), COORD_CHUNK_CHIPS))
-    for name, axis, values in ((CHIP_X, X_DIM, cx), (CHIP_Y, Y_DIM, cy)):
-        arr = root.create_array(name, shape=values.shape, chunks=(rows, size), dtype="float64", fill_value=np.nan,
-                                dimension_names=(CHIP_DIM, axis), overwrite=True,
-                                attributes={**_axis_attrs(crs, axis), "long_name": f"pixel-centre {axis} of each chip",
-                                            "resolution": res})
-        arr[...] = values
+    factors = {m: store_factor(root[m]) for m in modalities}
+    for k in sorted(set(factors.values()) | {1}):
+        res, size = float(resolution) * k, int(chip_size) // k
+        centres = (np.arange(size, dtype=np.float64) + 0.5) * res
+        cx = order["minx"].to_numpy(np.float64)[:, None] + centres[None, :]
+        cy = order["maxy"].to_numpy(np.float64)[:, None] - centres[None, :]
+        for name, axis, dim, values in zip(_coords_of(k), (X_DIM, Y_DIM), coarse_dims(k)[::-1], (cx, cy)):
+            arr = root.create_array(name, shape=values.shape, chunks=(rows, size), dtype="float64", fill_value=np.nan,
+                                    dimension_names=(CHIP_DIM, dim), overwrite=True,
+                                    attributes={**_axis_attrs(crs, axis),
+                                                "long_name": f"pixel-centre {axis} of each chip", "resolution": res})
+            arr[...] = values
     for m in modalities:
-        root[m].attrs.update({"grid_mapping": GRID_MAPPING, "coordinates": f"{CHIP_X} {CHIP_Y} {GRID_MAPPING}"})
+        x, y = _coords_of(factors[m])
+        root[m].attrs.update({"grid_mapping": GRID_MAPPING, "coordinates": f"{x} {y} {GRID_MAPPING}"})
 
 
 def open_store_xarray(path):
     """The whole store as an xarray.Dataset, read in place (`xr.open_zarr`, consolidated metadata, lazy dask
     arrays): one variable per modality (chip, <modality>_band, y, x) with the store's raw values (nodata as
     stored: `nodata_in_store`), coordinates `chip_x` (chip, x), `chip_y` (chip, y) and `spatial_ref` (the CRS,
-    CF grid mapping). One chip, georeferenced: `chip(ds, i)`. Local paths and s3:// (keys from the AWS env)."""
+    CF grid mapping); a modality stored at k times the pixel size is there as stored, on its own dimensions
+    (chip, <modality>_band, y_k<k>, x_k<k>) with coordinates `chip_x_k<k>`/`chip_y_k<k>` (its pixel centres).
+    One chip, georeferenced, every modality on the chip grid: `chip(ds, i)`. Local paths and s3:// (keys from
+    the AWS env)."""
     import xarray as xr
 
     uri = str(path)
@@ -441,23 +489,30 @@ def chip(ds, i: int, masked: bool = True):
     and the `spatial_ref` grid mapping, so rioxarray's `rio.crs` / `rio.transform()` and odc-geo read the chip's
     grid. The one documented call behind it: ``ds.isel(chip=i).assign_coords(x=..chip_x.., y=..chip_y..)``.
     With `masked` (default) values follow the store's one nodata rule (`read_masked`: float32, NaN at nodata and
-    outside a declared range); otherwise the raw values."""
+    outside a declared range); otherwise the raw values. A modality stored coarser is upsampled to the chip grid
+    as `read_masked` does (nearest), so every modality of the chip shares `x`/`y`."""
+    import xarray as xr
+
     n = int(ds.sizes[CHIP_DIM])
     if not 0 <= int(i) < n:
         raise InputError("chip", f"row {i} is not in the store (rows 0..{n - 1})")
     one = ds.isel({CHIP_DIM: int(i)})
     one = one.assign_coords({X_DIM: (X_DIM, one[CHIP_X].values, dict(one[CHIP_X].attrs)),
                              Y_DIM: (Y_DIM, one[CHIP_Y].values, dict(one[CHIP_Y].attrs))})
-    one = one.drop_vars([CHIP_X, CHIP_Y])
+    one = one.drop_vars([c for c in one.coords
+                         if c in (CHIP_X, CHIP_Y) or str(c).startswith((f"{CHIP_X}_k", f"{CHIP_Y}_k"))])
     out = {}
     for name, var in one.data_vars.items():
         bands = list(var.attrs.get("bands") or range(var.shape[0]))
-        v = var.assign_coords({var.dims[0]: bands})
-        if masked:
-            v = v.copy(data=_masked_attrs(var.attrs, np.asarray(var.values)))
+        k = store_factor(var)
+        values = np.asarray(var.values)
+        values = upsample(_masked_attrs(var.attrs, values) if masked else values, k)
+        v = (xr.DataArray(values, dims=(var.dims[0], Y_DIM, X_DIM), attrs=dict(var.attrs)) if k > 1
+             else var.copy(data=values))
+        v = v.assign_coords({var.dims[0]: bands})
         v.encoding["grid_mapping"] = GRID_MAPPING
         out[name] = v
-    return one.assign(out)
+    return one.drop_vars(list(out)).assign(out)
 
 
 def _masked_attrs(attrs: dict, raw: np.ndarray) -> np.ndarray:

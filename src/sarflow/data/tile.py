@@ -36,6 +36,7 @@ from typing import Literal
 import numpy as np
 import rasterio
 import zarr
+from affine import Affine
 from pydantic import field_validator
 from pydantic.dataclasses import dataclass as config_dataclass
 from rasterio.enums import Resampling
@@ -46,7 +47,7 @@ from rasterio.windows import Window
 
 from sarflow import __version__
 from sarflow.data.catalog import LoadedCatalog
-from sarflow.data.chipstore import CHIPS_TABLE
+from sarflow.data.chipstore import CHIPS_TABLE, coarse_dims
 from sarflow.errors import InputError
 from sarflow.data.grid import SPLIT_LABELS, ChipGrid, block_split, transform_geometry
 from sarflow.data.ingest import WGS84, Ingested, RasterFile, Source, gdal_env, ingest, valid_mask
@@ -118,10 +119,11 @@ def resolution_in_grid(f: RasterFile, grid: ChipGrid) -> float:
 
 def choose_resampling(source: Source, f: RasterFile, grid: ChipGrid) -> str:
     """The declared method, else by kind: downsampling averages (continuous) or takes the mode
-    (categorical); same size or upsampling is bilinear (continuous) or nearest (categorical)."""
+    (categorical); same size or upsampling is bilinear (continuous) or nearest (categorical).
+    Up or down is judged against the resolution the source is stored at (`store_resolution`)."""
     if source.spec.resampling:
         return source.spec.resampling
-    downsampling = resolution_in_grid(f, grid) < grid.resolution * 0.99
+    downsampling = resolution_in_grid(f, grid) < grid.resolution * source.spec.store_factor(grid.resolution) * 0.99
     if source.spec.kind == "categorical":
         return "mode" if downsampling else "nearest"
     return "average" if downsampling else "bilinear"
@@ -200,7 +202,8 @@ class _Readers(threading.local):
 
 
 class BlockRenderer:
-    """Warps every source onto one block window.
+    """Warps every source onto one block window (a source with a `store_resolution` onto the same
+    window at k times the pixel size: chip corners fall on its pixel corners, k dividing the stride).
 
     Each input file is seen through a GDAL WarpedVRT that spans the whole chip grid, and a
     block is a window read from it. The VRT warps in its own fixed blocks, so a pixel's value
@@ -239,12 +242,13 @@ class BlockRenderer:
                 opened.append(ds)
                 src_nodata = nodata = float("nan")
                 dtype = "float64"
+            k = self.factor(source)
             vrt = WarpedVRT(
                 ds,
                 crs=self.grid.crs,
-                transform=self.grid.chip_transform(self.ix0, self.iy0),
-                width=self.width,
-                height=self.height,
+                transform=self.grid.chip_transform(self.ix0, self.iy0) @ Affine.scale(k),
+                width=self.width // k,
+                height=self.height // k,
                 resampling=Resampling[self.resampling[key]],
                 src_nodata=src_nodata,
                 nodata=nodata,
@@ -255,6 +259,16 @@ class BlockRenderer:
                 self._all.extend([vrt, *reversed(opened)])
         return vrt
 
+    def factor(self, source: Source) -> int:
+        """k: the source is warped and stored at k times the grid's pixel size."""
+        return source.spec.store_factor(self.grid.resolution)
+
+    def chip(self, source: Source, layer: np.ndarray, block: Block, iy: int, ix: int) -> np.ndarray:
+        """Chip (iy, ix) of a block's warped `layer` of `source` (bands, chip/k, chip/k)."""
+        g, k = self.grid, self.factor(source)
+        r0, c0, n = (iy - block.iy0) * g.stride // k, (ix - block.ix0) * g.stride // k, g.chip_size // k
+        return layer[:, r0:r0 + n, c0:c0 + n]
+
     def close(self):
         with self._lock:
             for obj in self._all:
@@ -263,9 +277,9 @@ class BlockRenderer:
 
     def warp(self, source: Source, block: Block) -> np.ndarray:
         """The source on the block window; files of a mosaic are laid in order, later ones win."""
-        g = self.grid
-        height, width = g.window_pixels(block.rows), g.window_pixels(block.cols)
-        window = Window((block.ix0 - self.ix0) * g.stride, (block.iy0 - self.iy0) * g.stride, width, height)
+        g, k = self.grid, self.factor(source)
+        height, width = g.window_pixels(block.rows) // k, g.window_pixels(block.cols) // k
+        window = Window((block.ix0 - self.ix0) * g.stride // k, (block.iy0 - self.iy0) * g.stride // k, width, height)
         fill = source.fill_value
         dst = np.full((len(source.spec.bands), height, width), fill, dtype=source.dtype)
         for item in source.items:
@@ -291,10 +305,9 @@ class BlockRenderer:
         layers = {s.name: self.warp(s, block) for s in self.ing.sources}
         kept = []
         for iy, ix in block.chips.tolist():
-            r0, c0 = (iy - block.iy0) * g.stride, (ix - block.ix0) * g.stride
             chips, fractions = {}, {}
             for s in self.ing.sources:
-                chip = layers[s.name][:, r0:r0 + g.chip_size, c0:c0 + g.chip_size]
+                chip = self.chip(s, layers[s.name], block, iy, ix)
                 chips[s.name] = chip
                 fractions[s.name] = float(valid_mask(chip, s.fill_value).all(axis=0).mean())
             if all(fractions[s.name] > 0 for s in self.ing.sources if s.spec.required):
@@ -414,10 +427,14 @@ def _fingerprint(ing: Ingested, options: TileOptions) -> str:
 
 
 def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOptions, resampling) -> None:
-    size = ing.grid.chip_size
+    g = ing.grid
     for s in ing.sources:
         nb = len(s.spec.bands)
         dtype = np.dtype(s.dtype)
+        k = s.spec.store_factor(g.resolution)
+        size = g.chip_size // k
+        # a source stored coarser: its own y/x dimensions (and pixel-centre coordinates, chipstore.coarse_dims)
+        coarse = {"store_resolution": g.resolution * k, "store_factor": k} if k > 1 else {}
         root.create_array(
             s.name,
             shape=(n_max, nb, size, size),
@@ -428,7 +445,7 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
             compressors=zarr.codecs.BloscCodec(
                 cname=options.codec, clevel=options.clevel, shuffle="bitshuffle" if dtype.itemsize == 1 else "shuffle"
             ),
-            dimension_names=("chip", f"{s.name}_band", "y", "x"),
+            dimension_names=("chip", f"{s.name}_band", *coarse_dims(k)),
             attributes={
                 "bands": list(s.spec.bands),
                 "units": s.spec.units,
@@ -445,6 +462,7 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
                 "range": list(s.spec.range) if s.spec.range is not None else None,
                 "sources": [{"uri": ing.catalog.relative(u), "sha256": f.sha256, "size": f.size}
                             for u, f in s.files.items()],
+                **coarse,
             },
         )
 

@@ -238,7 +238,6 @@ def _required_valid(renderer, ing: Ingested, blocks, workers: int) -> list[np.nd
     """Per block, for each of its candidate chips: a valid pixel (in every band) of every required source?"""
     from sarflow.data.tile import _ordered
 
-    g = ing.grid
     required = [s for s in ing.sources if s.spec.required]
     if not required:
         return [np.ones(len(b.chips), dtype=bool) for b in blocks]
@@ -247,9 +246,8 @@ def _required_valid(renderer, ing: Ingested, blocks, workers: int) -> list[np.nd
         layers = [renderer.warp(s, block) for s in required]
         out = np.ones(len(block.chips), dtype=bool)
         for j, (iy, ix) in enumerate(block.chips.tolist()):
-            r0, c0 = (iy - block.iy0) * g.stride, (ix - block.ix0) * g.stride
             for s, layer in zip(required, layers):
-                if not valid_mask(layer[:, r0:r0 + g.chip_size, c0:c0 + g.chip_size], s.fill_value).all(axis=0).any():
+                if not valid_mask(renderer.chip(s, layer, block, iy, ix), s.fill_value).all(axis=0).any():
                     out[j] = False
                     break
         return out
@@ -263,7 +261,10 @@ def unit_chips(options, ing: Ingested) -> int:
     S = options.shard_chips
     if options.unit_shards:
         return options.unit_shards * S
-    chip_bytes = sum(len(s.spec.bands) * np.dtype(s.dtype).itemsize for s in ing.sources) * ing.grid.chip_size ** 2
+    g = ing.grid
+    chip_bytes = sum(len(s.spec.bands) * np.dtype(s.dtype).itemsize
+                     * (g.chip_size // s.spec.store_factor(g.resolution)) ** 2
+                     for s in ing.sources)
     block = block_side(ing.grid, options) ** 2  # at least 4 blocks a unit: a block cut by a unit edge is warped twice
     return max(1, UNIT_MEMORY // (chip_bytes * S), -(-4 * block // S)) * S
 
@@ -374,9 +375,8 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
                 block = blocks[bi]
                 for j in np.flatnonzero(block_of == bi).tolist():
                     iy, ix = chips[j].tolist()
-                    r0, c0 = (iy - block.iy0) * g.stride, (ix - block.ix0) * g.stride
                     for s in ing.sources:
-                        chip = layers[s.name][:, r0:r0 + g.chip_size, c0:c0 + g.chip_size]
+                        chip = renderer.chip(s, layers[s.name], block, iy, ix)
                         buffers[s.name][j] = chip
                         fractions[s.name][j] = float(valid_mask(chip, s.fill_value).all(axis=0).mean())
     finally:
@@ -395,10 +395,30 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
         records.append({"chip_id": g.chip_id(ix, iy), "ix": ix, "iy": iy, "split": label,
                         **{f"valid_{s.name}": round(float(fractions[s.name][j]), 6) for s in ing.sources}})
         if label == "train":
-            stats.append({s.name: chip_contribution(s, buffers[s.name][j]) for s in ing.sources})
+            stats.append({s.name: _on_chip_grid(chip_contribution(s, buffers[s.name][j]), renderer.factor(s))
+                          for s in ing.sources})
     report = {"unit": unit, "chips": [a, b], "records": records, "train_stats": stats}
     loc.write(json.dumps(report).encode(), BUILD, "units", f"{unit:06d}.json")
     return report
+
+
+def _on_chip_grid(contrib: list, k: int) -> list:
+    """A chip's statistics contribution from a source stored at k times the pixel size, counted in
+    chip-grid pixels as the reader returns them (each stored pixel is k*k of them): counts and sums
+    times k*k, so means, deviations and class fractions are those of the stored pixels."""
+    if k == 1:
+        return contrib
+    w = k * k
+    out = []
+    for c in contrib:
+        if c is None:
+            out.append(None)
+        elif isinstance(c[0], list):  # categorical: [[code, count], ...]
+            out.append([[code, n * w] for code, n in c])
+        else:  # continuous: [count, sum, sumsq, min, max]
+            n, total, sq, lo, hi = c
+            out.append([n * w, total * w, sq * w, lo, hi])
+    return out
 
 
 # ---------------------------------------------------------------- finalize
