@@ -16,27 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from cost import cpu_seconds, m3leo_hours  # benchmarks/cost.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
-M3LEO_CHIPS = 10_000_000
-M3LEO_CHIP_PX = 448
-
-
-def _cpu() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 def _timed(fn):
-    w0, c0 = time.perf_counter(), _cpu()
+    w0, c0 = time.perf_counter(), cpu_seconds()
     out = fn()
-    return out, time.perf_counter() - w0, _cpu() - c0
+    return out, time.perf_counter() - w0, cpu_seconds() - c0
 
 
 def run_once(catalog: Path, out: str, processes: int, options) -> dict:
@@ -111,9 +105,7 @@ def main() -> None:
                 r["speedup"] = round(r["units_chips_per_s"] / base["units_chips_per_s"], 2)
                 r["efficiency"] = round(r["speedup"] / (r["processes"] / base["processes"]), 2)
             unit = per_unit(catalog, uri("units"), options)
-            scale = (M3LEO_CHIP_PX / args.chip) ** 2
-            cpu_per_chip = scale / unit["chips_per_cpu_s"]
-            projection = {f"{n}_workers": round(M3LEO_CHIPS * cpu_per_chip / n / 3600, 1) for n in (16, 64, 256, 1024)}
+            projection = m3leo_hours(1 / unit["chips_per_cpu_s"], args.chip)
             result["targets"][name] = {"runs": runs, "per_unit": unit,
                                        "m3leo_hours_at_measured_cpu_per_chip": projection}
             print(f"[{name}] per unit: {unit['chips_per_s']} chips/s wall, {unit['chips_per_cpu_s']} chips per CPU s")

@@ -13,11 +13,20 @@ For every scene size (pixels per side at 10 m) it:
      recorded per file in each array's `resampling` attribute), uncompressed GTiff;
   4. anchor `torchgeo` (only with --torchgeo-python): benchmarks/torchgeo_tile.py in that
      interpreter (RasterDataset per source, IntersectionDataset, GridGeoSampler, zarr);
-  5. inspects the store: bytes vs raw input bytes, files, files per chip (per array).
+  5. inspects the store: bytes vs raw input bytes, files, files per chip (per array);
+  6. the tiler in this process (plan / units / finalize, CPU seconds of each) and the anchor
+     "floor" of this design: (a) every input file warped once over the chips' whole grid with
+     GDAL (rasterio.warp.reproject, same resampling, dB sources in linear power, as many threads
+     as the tiler's workers) + (b) every chip of every array encoded with the store's own Blosc
+     codec; CPU seconds (getrusage) of each part.
 
-Results go to OUT/tile.json (OUT defaults to benchmarks/results) and a compact table is
-printed. Goals checked: sarflow/gdalwarp <= 2; peak RSS <= 1.5 GB at the largest size and
-flat across sizes; files per chip per array <= 1/64.
+Every scene size is run at each chip size of --chip-sizes (e.g. 64,256). Results go to
+OUT/tile.json (OUT defaults to benchmarks/results) and two compact tables are printed. Goals
+checked: sarflow/gdalwarp <= 2; peak RSS <= 1.5 GB at the largest size and flat across sizes;
+files per chip per array <= 1/64; sarflow tile's CPU seconds <= 1.2x the floor; torchgeo's CPU
+per unique chip position >= 3x sarflow's per chip (torchgeo from the recorded run
+results/tile_vs_torchgeo.json unless --torchgeo-python is given). The M3LEO projection (10M
+chips of 448 px, N one-core workers) uses benchmarks/cost.py, shared with bench_scale.py.
 
 The child processes run with the work folder as their working directory, so the
 repository's params.yaml is NOT read: the scene and the tiler use the library defaults
@@ -41,6 +50,7 @@ import threading
 import time
 from pathlib import Path
 
+from cost import M3LEO_CHIP_PX, M3LEO_CHIPS, m3leo_hours  # benchmarks/cost.py, beside this script
 from machine import cpu_model, loadavg  # benchmarks/machine.py, beside this script
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +61,8 @@ GOAL_RATIO_GDALWARP = 2.0
 GOAL_RSS_BYTES = int(1.5 * 1e9)  # 1.5 GB
 GOAL_RSS_FLAT = 1.25  # largest / smallest size; "flat" means within 25 %
 GOAL_FILES_PER_CHIP_PER_ARRAY = 1 / 64
+GOAL_FLOOR = 1.2  # sarflow tile CPU seconds / (warp every input once + encode every chip)
+GOAL_TORCHGEO = 3.0  # torchgeo's CPU per unique chip position / sarflow's CPU per chip
 CLI_RESAMPLING = {"nearest": "near"}  # store attribute name -> gdalwarp -r name
 
 
@@ -368,6 +380,251 @@ def run_gdalwarp(store: Path, catalog: Path, work: Path, tag: str, timeout: floa
     }
 
 
+# ---------------------------------------------------------------- the floor of this design, and the tiler in-process
+
+BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # zarr's names -> numcodecs' numbers
+
+
+def store_grid(store: Path) -> tuple[str, float, "Affine", int, int]:
+    """(crs_wkt, resolution, transform, width, height) of the raster spanning every chip of the store."""
+    from affine import Affine
+
+    attrs = read_store_attrs(store)
+    res = float(attrs["resolution"])
+    minx, miny, maxx, maxy = chip_extent(store)
+    return attrs["crs_wkt"], res, Affine(res, 0.0, minx, 0.0, -res, maxy), round((maxx - minx) / res), \
+        round((maxy - miny) / res)
+
+
+def floor_warp(store: Path, catalog: Path, threads: int) -> dict:
+    """Part (a) of the floor: every input file of every source warped ONCE onto the whole grid the
+    chips span (rasterio.warp.reproject, GDAL's warper with NUM_THREADS = the tiler's worker threads),
+    with the resampling the store records per file and the tiler's rule for dB sources (warped in
+    linear power through the same dB2pow VRT, converted back to dB in the store's dtype). Nothing is
+    mosaicked, cut or written. CPU seconds of this process (getrusage) around the warping only."""
+    import numpy as np
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject
+
+    from cost import cpu_seconds
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.ingest import gdal_env, ingest
+    from sarflow.data.tile import GDAL_CACHE_MB, LINEAR_POWER, _linear_power_vrt, _power_to_db, resampling_domain
+
+    from affine import Affine
+
+    ing = ingest(load_catalog(catalog), checksum=False)
+    wkt, _, grid_transform, grid_width, grid_height = store_grid(store)
+    files, cpu, wall, pixels = [], 0.0, 0.0, 0
+    with gdal_env([u for s in ing.sources for u in s.files], GDAL_CACHEMAX=GDAL_CACHE_MB):
+        for s in ing.sources:
+            attrs = array_attrs(store, s.name)["attributes"]
+            methods = attrs["resampling"]
+            k = int(attrs.get("store_factor") or 1)  # a source stored at k x the grid's pixel size: warped at that
+            transform, width, height = grid_transform * Affine.scale(k), grid_width // k, grid_height // k
+            linear = resampling_domain(s) == LINEAR_POWER
+            for item in s.items:
+                for uri, bands in item:
+                    f = s.files[uri]
+                    method = methods[ing.catalog.relative(uri)]
+                    src_nodata = s.nodata
+                    if src_nodata is None and np.dtype(s.dtype).kind == "f":
+                        src_nodata = float("nan")
+                    with rasterio.open(f.path) as raw:
+                        opened = rasterio.open(_linear_power_vrt(raw, src_nodata)) if linear else raw
+                        try:
+                            dtype, nodata = ("float64", float("nan")) if linear else (s.dtype, s.fill_value)
+                            dst = np.full((len(bands), height, width), nodata, dtype=dtype)
+                            w0, c0 = time.perf_counter(), cpu_seconds()
+                            reproject(rasterio.band(opened, list(range(1, len(bands) + 1))), dst,
+                                      src_nodata=float("nan") if linear else src_nodata, dst_nodata=nodata,
+                                      dst_transform=transform, dst_crs=wkt, resampling=Resampling[method],
+                                      num_threads=threads)
+                            if linear:
+                                dst = _power_to_db(dst, s)
+                            c1, w1 = cpu_seconds(), time.perf_counter()
+                        finally:
+                            if opened is not raw:
+                                opened.close()
+                    del dst
+                    cpu += c1 - c0
+                    wall += w1 - w0
+                    pixels += len(bands) * width * height
+                    files.append({"array": s.name, "file": Path(f.path).name, "resampling": method,
+                                  "linear_power": linear, "bands": len(bands), "store_factor": k,
+                                  "cpu_s": round(c1 - c0, 3), "wall_s": round(w1 - w0, 3)})
+    return {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "threads": threads, "width": grid_width,
+            "height": grid_height, "band_pixels": pixels, "files": files}
+
+
+def floor_encode(store: Path, threads: int) -> dict:
+    """Part (b) of the floor: every chip of every array of the store encoded with the array's own
+    codec (the Blosc configuration zarr records: cname, clevel, shuffle, typesize, blocksize) on the
+    same chunk bytes, in `threads` threads (Blosc's own threads off). The chips are read back from the
+    store shard by shard (decoding not timed); CPU seconds of the encoding only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numcodecs.blosc
+    import numpy as np
+    import zarr
+    from numcodecs import Blosc
+
+    from cost import cpu_seconds
+
+    numcodecs.blosc.use_threads = False
+    root = zarr.open_group(store, mode="r")
+    chips = int(read_store_attrs(store)["chips"])
+    arrays, cpu, wall, raw, encoded = {}, 0.0, 0.0, 0, 0
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for name in read_store_attrs(store)["modalities"]:
+            arr = root[name]
+            cfg = arr.compressors[0].to_dict()["configuration"]
+            codec = Blosc.from_config({"cname": cfg["cname"], "clevel": cfg["clevel"],
+                                       "shuffle": BLOSC_SHUFFLE[cfg["shuffle"]], "blocksize": cfg["blocksize"],
+                                       "typesize": cfg.get("typesize") or arr.dtype.itemsize})
+            step = arr.shards[0] if arr.shards else arr.chunks[0]
+            a_cpu = a_raw = a_enc = 0
+            for start in range(0, chips, step):
+                data = np.ascontiguousarray(arr[start:min(start + step, chips)])
+                chunks = [data[i].tobytes() for i in range(len(data))]  # zarr's bytes codec: C order, little endian
+                w0, c0 = time.perf_counter(), cpu_seconds()
+                out = list(pool.map(codec.encode, chunks))
+                c1, w1 = cpu_seconds(), time.perf_counter()
+                a_cpu += c1 - c0
+                wall += w1 - w0
+                a_raw += sum(len(c) for c in chunks)
+                a_enc += sum(len(o) for o in out)
+            arrays[name] = {"codec": {k: cfg[k] for k in ("cname", "clevel", "shuffle") if k in cfg},
+                            "cpu_s": round(a_cpu, 3), "raw_bytes": a_raw, "encoded_bytes": a_enc}
+            cpu, raw, encoded = cpu + a_cpu, raw + a_raw, encoded + a_enc
+    return {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "threads": threads, "chips": chips,
+            "raw_bytes": raw, "encoded_bytes": encoded, "arrays": arrays}
+
+
+def run_floor(store: Path, catalog: Path, threads: int) -> dict:
+    """The floor of this design: (a) warp every input once over the grid + (b) encode every chip."""
+    load0 = os.getloadavg()
+    warp = floor_warp(store, catalog, threads)
+    enc = floor_encode(store, threads)
+    chips = enc["chips"]
+    cpu = warp["cpu_s"] + enc["cpu_s"]
+    return {"cpu_s": round(cpu, 3), "warp": warp, "encode": enc, "chips": chips,
+            "chips_per_cpu_s": round(chips / cpu, 2) if cpu else None,
+            "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg()}
+
+
+def run_library(catalog: Path, store: Path, workers: int) -> dict:
+    """sarflow's tiler in this process (library defaults, --no-checksum), each step's CPU seconds
+    (getrusage, this process's threads): plan (ingest, the grid, a warp of the required sources to
+    find the kept chips), the units (warp, cut, encode, write), finalize. No interpreter start-up."""
+    from cost import cpu_seconds
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile import TileOptions
+    from sarflow.data.tile_units import finalize, plan, run_units
+
+    for p in (store, store.with_name(store.name + ".partial"), store.with_name(store.name + ".replaced")):
+        shutil.rmtree(p, ignore_errors=True)
+    options = TileOptions(workers=workers, checksum=False, overwrite=True)
+    steps, load0 = {}, os.getloadavg()
+
+    def step(name, fn):
+        w0, c0 = time.perf_counter(), cpu_seconds()
+        out = fn()
+        steps[name] = {"cpu_s": round(cpu_seconds() - c0, 3), "wall_s": round(time.perf_counter() - w0, 3)}
+        return out
+
+    p = step("plan", lambda: plan(load_catalog(catalog), store, options))
+    step("units", lambda: run_units(store, workers=workers))
+    step("finalize", lambda: finalize(store))
+    cpu = sum(s["cpu_s"] for s in steps.values())
+    return {"workers": workers, "checksum": False, "chips": p.total, "units": len(p.units), "steps": steps,
+            "cpu_s": round(cpu, 3), "wall_s": round(sum(s["wall_s"] for s in steps.values()), 3),
+            "chips_per_cpu_s": round(p.total / cpu, 2) if cpu else None,
+            "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg()}
+
+
+def coarse_catalog(catalog: Path) -> tuple[Path, dict]:
+    """A copy of the catalog (same folder, so its paths resolve alike) in which every source coarser
+    than the grid gets `store_resolution`: the grid resolution times the largest k dividing the chip
+    size (and the stride) with k x resolution no finer than the source's own pixel size. Returns the
+    copy and {source: store_resolution}; ({} when no source is coarse)."""
+    import yaml
+
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.ingest import ingest
+    from sarflow.data.tile import resolution_in_grid
+
+    ing = ingest(load_catalog(catalog), checksum=False)
+    g = ing.grid
+    ks = [k for k in range(1, g.chip_size + 1) if g.chip_size % k == 0 and g.stride % k == 0]
+    chosen = {}
+    for s in ing.sources:
+        native = min(resolution_in_grid(f, g) for f in s.files.values())
+        k = max((k for k in ks if k * g.resolution <= native * 1.0001), default=1)
+        if k > 1:
+            chosen[s.name] = k * g.resolution
+    cat = yaml.safe_load(catalog.read_text())
+    for src in cat["sources"]:
+        if src["name"] in chosen:
+            src["store_resolution"] = chosen[src["name"]]
+    out = catalog.with_name(catalog.stem + "_coarse.yaml")
+    out.write_text(yaml.safe_dump(cat, sort_keys=False))
+    return out, chosen
+
+
+def run_coarse(catalog: Path, work: Path, tag: str, full: dict, timeout: float, threads: int) -> dict:
+    """`sarflow tile` (defaults, as the full-resolution run) on the catalog whose coarse sources are
+    stored coarse, and the floor of that store: what storing coarse sources coarse saves."""
+    variant, chosen = coarse_catalog(catalog)
+    if not chosen:
+        return {"skipped": "no source is coarser than the grid"}
+    store = work / f"store_{tag}_coarse.zarr"
+    r = run_sarflow(variant, store, work, f"{tag}_coarse", [], timeout)
+    lib_store = work / f"store_{tag}_coarse_library.zarr"
+    lib = run_library(variant, lib_store, threads)
+    shutil.rmtree(lib_store, ignore_errors=True)
+    fl = run_floor(store, variant, threads)
+    sizes, _ = store_inputs(store, variant)
+    st = inspect_store(store, sum(sizes.values()), tile_defaults()["shard_chips"])
+    shutil.rmtree(store, ignore_errors=True)
+    return {"catalog": str(variant), "store_resolution": chosen, "sarflow": r, "sarflow_library": lib, "floor": fl,
+            "store_bytes": st["bytes"], "store_bytes_full_resolution": full["store"]["bytes"],
+            "ratios": {"sarflow_cpu_over_floor": _ratio(r["cpu_s"], fl["cpu_s"]),
+                       "library_cpu_over_floor": _ratio(lib["cpu_s"], fl["cpu_s"]),
+                       "units_cpu_over_floor": _ratio(lib["steps"]["units"]["cpu_s"], fl["cpu_s"]),
+                       "library_cpu_over_full_resolution_library_cpu": _ratio(lib["cpu_s"], full["sarflow_library"]["cpu_s"]),
+                       "sarflow_cpu_over_full_resolution_cpu": _ratio(r["cpu_s"], full["sarflow"]["cpu_s"]),
+                       "floor_over_full_resolution_floor": _ratio(fl["cpu_s"], full["floor"]["cpu_s"]),
+                       "store_bytes_over_full_resolution": _ratio(st["bytes"], full["store"]["bytes"])},
+            "chips_per_cpu_s": {"sarflow": _per(r["chips"], r["cpu_s"]), "library": _per(lib["chips"], lib["cpu_s"]),
+                                "floor": _per(fl["chips"], fl["cpu_s"])},
+            "m3leo_hours": {"library": m3leo_hours(lib["cpu_s"] / lib["chips"], full["chip_size"]),
+                            "floor": m3leo_hours(fl["cpu_s"] / fl["chips"], full["chip_size"])}}
+
+
+def recorded_torchgeo(size: int, chip: int) -> dict | None:
+    """torchgeo's figures from the recorded run (results/tile_vs_torchgeo.json, same scene size and
+    chip size): torchgeo needs its own ~5.5 GB environment, not installed here. Its CPU seconds are
+    wall x cpu_util_cores as recorded (the whole child: imports, its DataLoader workers, the zarr write)."""
+    path = HERE / "results" / "tile_vs_torchgeo.json"
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    for s in rec.get("sizes", []):
+        tg = s.get("torchgeo") or {}
+        if s.get("size_px") == size and rec.get("config", {}).get("chip_size") == chip and "wall_s" in tg:
+            cpu = tg["wall_s"] * tg["cpu_util_cores"]
+            unique = tg.get("unique_chip_positions") or tg["chips"]
+            return {"source": str(path.relative_to(REPO)), "recorded_at": rec.get("started_at"),
+                    "git_commit": rec.get("machine", {}).get("git_commit"), "torchgeo": tg.get("torchgeo"),
+                    "wall_s": tg["wall_s"], "cpu_util_cores": tg["cpu_util_cores"], "cpu_s": round(cpu, 2),
+                    "import_s": tg.get("import_s"), "chips": tg["chips"], "unique_chip_positions": unique,
+                    "cpu_s_per_unique_chip": round(cpu / unique, 4),
+                    "sarflow_then": {"chips": s["sarflow"]["chips"], "cpu_s": s["sarflow"]["cpu_s"]}}
+    return None
+
+
 # ---------------------------------------------------------------- torchgeo anchor
 
 def run_torchgeo(python: str | None, store: Path, catalog: Path, work: Path, tag: str, workers: int,
@@ -489,18 +746,69 @@ def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
+def _per(n, d, digits=2):
+    return round(n / d, digits) if d else None
+
+
+def add_floor_ratios(entry: dict) -> None:
+    """sarflow's CPU seconds against the floor (the 1.2x goal), chips per CPU second of each, and the
+    M3LEO projection from the measured CPU per chip."""
+    fl, sf, nc, lib = entry["floor"], entry["sarflow"], entry["sarflow_no_checksum"], entry["sarflow_library"]
+    chips = sf["chips"]
+    if not fl["chips"] == lib["chips"] == chips:
+        raise SystemExit(f"chip counts differ: tile {chips}, library {lib['chips']}, floor {fl['chips']}")
+    r = entry["ratios"]
+    r["sarflow_cpu_over_floor"] = _ratio(sf["cpu_s"], fl["cpu_s"])  # the command as run: start-up, checksums
+    r["sarflow_no_checksum_cpu_over_floor"] = _ratio(nc["cpu_s"], fl["cpu_s"])
+    r["library_cpu_over_floor"] = _ratio(lib["cpu_s"], fl["cpu_s"])  # plan + units + finalize, in-process
+    r["units_cpu_over_floor"] = _ratio(lib["steps"]["units"]["cpu_s"], fl["cpu_s"])
+    entry["chips_per_cpu_s"] = {"sarflow": _per(chips, sf["cpu_s"]), "sarflow_no_checksum": _per(chips, nc["cpu_s"]),
+                                "library": _per(chips, lib["cpu_s"]), "units": _per(chips, lib["steps"]["units"]["cpu_s"]),
+                                "floor": _per(chips, fl["cpu_s"])}
+    entry["m3leo_hours"] = {
+        "note": f"{M3LEO_CHIPS:,} chips of {M3LEO_CHIP_PX} px (same bands), N one-core workers, from the CPU per "
+                f"chip measured here scaled by pixels ({M3LEO_CHIP_PX}/{entry['chip_size']})^2",
+        "library": m3leo_hours(lib["cpu_s"] / chips, entry["chip_size"]),
+        "floor": m3leo_hours(fl["cpu_s"] / chips, entry["chip_size"])}
+
+
+def _key(s: dict) -> str:
+    return f"{s['size_px']}_c{s.get('chip_size', 256)}"
+
+
 def summarize(sizes: list[dict]) -> dict:
     ok = [s for s in sizes if "sarflow" in s]
     if not ok:
         return {}
-    largest, smallest = max(ok, key=lambda s: s["size_px"]), min(ok, key=lambda s: s["size_px"])
-    rss = {str(s["size_px"]): s["sarflow"]["peak_rss_bytes"] for s in ok}
-    flat = _ratio(largest["sarflow"]["peak_rss_bytes"], smallest["sarflow"]["peak_rss_bytes"])
-    ratios = {str(s["size_px"]): s["ratios"].get("sarflow_over_gdalwarp") for s in ok}
-    fpc = {str(s["size_px"]): s["store"]["max_files_per_chip_per_array"] for s in ok}
+    rss = {_key(s): s["sarflow"]["peak_rss_bytes"] for s in ok}
+    flats = {}  # largest / smallest scene of each chip size
+    for chip in sorted({s.get("chip_size") for s in ok}):
+        same = [s for s in ok if s.get("chip_size") == chip]
+        lo, hi = min(same, key=lambda s: s["size_px"]), max(same, key=lambda s: s["size_px"])
+        flats[str(chip)] = _ratio(hi["sarflow"]["peak_rss_bytes"], lo["sarflow"]["peak_rss_bytes"])
+    flat = max((v for v in flats.values() if v is not None), default=None)
+    largest = max(ok, key=lambda s: s["size_px"])
+    ratios = {_key(s): s["ratios"].get("sarflow_over_gdalwarp") for s in ok}
+    fpc = {_key(s): s["store"]["max_files_per_chip_per_array"] for s in ok}
+    floor = {_key(s): s["ratios"].get("sarflow_cpu_over_floor") for s in ok if "floor" in s}
+    tg = {_key(s): s["ratios"].get("torchgeo_recorded_cpu_per_unique_chip_over_sarflow_cpu_per_chip")
+          for s in ok if s.get("torchgeo_recorded")}
+    extra = {}
+    if floor:
+        extra["sarflow_cpu_within_1.2x_floor"] = {
+            "value": floor, "goal": GOAL_FLOOR, "met": all(v is not None and v <= GOAL_FLOOR for v in floor.values()),
+            "breakdown": {_key(s): {k: s["ratios"][k] for k in ("sarflow_no_checksum_cpu_over_floor",
+                                                               "library_cpu_over_floor", "units_cpu_over_floor")}
+                          for s in ok if "floor" in s}}
+    if tg:
+        extra["torchgeo_cpu_per_unique_chip_ge_3x_sarflow"] = {
+            "value": tg, "goal": GOAL_TORCHGEO, "met": all(v is not None and v >= GOAL_TORCHGEO for v in tg.values()),
+            "note": "torchgeo from the recorded run (results/tile_vs_torchgeo.json), sarflow from this run"}
     return {
         "peak_rss_bytes_per_size": rss,
         "peak_rss_largest_over_smallest": flat,
+        "peak_rss_largest_over_smallest_per_chip_size": flats,
+        "sarflow_cpu_over_floor_per_size": floor,
         "sarflow_over_gdalwarp_per_size": ratios,
         "max_files_per_chip_per_array_per_size": fpc,
         "goals": {
@@ -520,6 +828,7 @@ def summarize(sizes: list[dict]) -> dict:
                 "note": "counts every file of an array (shards + zarr.json); with 64 chips per shard the "
                         "partial last shard and the metadata file put it just above 1/64 unless the chip "
                         "count is large; see shard_files_per_chip in each size's store.arrays"},
+            **extra,
         },
     }
 
@@ -531,13 +840,13 @@ def print_table(result: dict) -> None:
            "other load", "torchgeo s")
     for s in result["sizes"]:
         if "sarflow" not in s:
-            rows.append((str(s["size_px"]), "error: " + s.get("error", "?")))
+            rows.append((_key(s), "error: " + s.get("error", "?")))
             continue
         sf, nc, st = s["sarflow"], s["sarflow_no_checksum"], s["store"]
         gw = s.get("gdalwarp", {})
         tg = s.get("torchgeo", {})
         rows.append((
-            str(s["size_px"]), str(sf["chips"]), f"{s['scene']['generation_s']:.1f}", f"{sf['wall_s']:.1f}",
+            _key(s), str(sf["chips"]), f"{s['scene']['generation_s']:.1f}", f"{sf['wall_s']:.1f}",
             f"{nc['wall_s']:.1f}", f"{s['checksum_cost_s']:.1f}", f"{gw['wall_s']:.1f}" if "wall_s" in gw else "-",
             f"{s['ratios']['sarflow_over_gdalwarp']:.2f}" if s["ratios"].get("sarflow_over_gdalwarp") else "-",
             f"{s['ratios']['sarflow_no_checksum_over_gdalwarp']:.2f}"
@@ -563,19 +872,64 @@ def print_table(result: dict) -> None:
           "-ck = --no-checksum; cpu ratio = the same with CPU seconds; f/chip/arr = files of the worst array / "
           "chips (goal <= 1/64 = 0.0156); other load = cores busy with other processes during the sarflow run "
           f"(of {os.cpu_count()})")
+    print_floor_table(result)
+
+
+def print_floor_table(result: dict) -> None:
+    """CPU seconds against the floor, chips per CPU second, and the M3LEO projection."""
+    done = [s for s in result["sizes"] if "floor" in s]
+    if not done:
+        return
+    hdr = ("scene", "chips", "tile cpu", "-ck cpu", "plan", "units", "final", "floor warp", "floor enc", "floor",
+           "tile/floor", "-ck/floor", "lib/floor", "units/floor", "chips/cpu-s tile", "floor", "tg/sarflow",
+           "M3LEO h 16/64/256/1024 (lib)", "load")
+    rows = []
+    for s in done:
+        sf, nc, lib, fl, r = s["sarflow"], s["sarflow_no_checksum"], s["sarflow_library"], s["floor"], s["ratios"]
+        st = lib["steps"]
+        tg = r.get("torchgeo_recorded_cpu_per_unique_chip_over_sarflow_cpu_per_chip")
+        rows.append((_key(s), str(sf["chips"]), f"{sf['cpu_s']:.1f}", f"{nc['cpu_s']:.1f}", f"{st['plan']['cpu_s']:.1f}",
+                     f"{st['units']['cpu_s']:.1f}", f"{st['finalize']['cpu_s']:.1f}", f"{fl['warp']['cpu_s']:.1f}",
+                     f"{fl['encode']['cpu_s']:.1f}", f"{fl['cpu_s']:.1f}", f"{r['sarflow_cpu_over_floor']:.2f}",
+                     f"{r['sarflow_no_checksum_cpu_over_floor']:.2f}", f"{r['library_cpu_over_floor']:.2f}",
+                     f"{r['units_cpu_over_floor']:.2f}", f"{s['chips_per_cpu_s']['sarflow']:.2f}",
+                     f"{s['chips_per_cpu_s']['floor']:.2f}", f"{tg:.2f}" if tg else "-",
+                     "/".join(str(v) for v in s["m3leo_hours"]["library"].values()),
+                     f"{s['loadavg_at_start'][0]:.1f}"))
+        c = s.get("coarse_stored") or {}
+        if "ratios" in c:  # the same scene with its coarse sources stored coarse
+            fc, cs = c["floor"], c["sarflow_library"]["steps"]
+            rows.append((_key(s) + " coarse", str(c["sarflow"]["chips"]), f"{c['sarflow']['cpu_s']:.1f}", "-",
+                         f"{cs['plan']['cpu_s']:.1f}", f"{cs['units']['cpu_s']:.1f}", f"{cs['finalize']['cpu_s']:.1f}",
+                         f"{fc['warp']['cpu_s']:.1f}", f"{fc['encode']['cpu_s']:.1f}", f"{fc['cpu_s']:.1f}",
+                         f"{c['ratios']['sarflow_cpu_over_floor']:.2f}", "-", f"{c['ratios']['library_cpu_over_floor']:.2f}",
+                         f"{c['ratios']['units_cpu_over_floor']:.2f}", f"{c['chips_per_cpu_s']['sarflow']:.2f}",
+                         f"{c['chips_per_cpu_s']['floor']:.2f}", "-",
+                         "/".join(str(v) for v in c["m3leo_hours"]["library"].values()), "-"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(hdr)]
+    print()
+    print("  ".join(h.rjust(w) for h, w in zip(hdr, widths)))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print(f"CPU seconds (getrusage); floor = GDAL warp of every input once over the grid + Blosc encode of every chip, "
+          f"same threads; plan/units/final = the library in-process (no start-up, no checksum); tg/sarflow = torchgeo's "
+          f"CPU per unique chip (recorded run) / sarflow tile's per chip (goal >= {GOAL_TORCHGEO}); goal tile/floor <= "
+          f"{GOAL_FLOOR}; M3LEO h = {M3LEO_CHIPS:,} chips of {M3LEO_CHIP_PX} px on N one-core workers; load = 1-min "
+          "load average at the start")
 
 
 # ---------------------------------------------------------------- main
 
-def bench_size(size: int, args, work: Path) -> dict:
-    entry: dict = {"size_px": size, "started_at": _now()}
-    catalog, scene = ensure_scene(size, args.chip_size, args.seed, work, args.timeout)
+def bench_size(size: int, chip: int, args, work: Path) -> dict:
+    entry: dict = {"size_px": size, "chip_size": chip, "started_at": _now(), "loadavg_at_start": os.getloadavg()}
+    catalog, scene = ensure_scene(size, chip, args.seed, work, args.timeout)
     inputs = catalog_inputs(catalog)
     scene["input_files"] = len(inputs)
     read_s, sha_s = warm_read(inputs)
     scene["warm_read_s"], scene["sha256_inputs_s"] = round(read_s, 3), round(sha_s, 3)
     entry["scene"] = scene
-    store = work / f"store_{size}_c{args.chip_size}.zarr"
+    store = work / f"store_{size}_c{chip}.zarr"
+    size = f"{size}_c{chip}"  # the label of this scene config: logs, temporary folders
 
     print(f"[{size}] sarflow tile ...", flush=True)
     env_extra = dict(kv.split("=", 1) for kv in args.env)
@@ -615,12 +969,40 @@ def bench_size(size: int, args, work: Path) -> dict:
     else:
         entry["gdalwarp"] = {"skipped": "--skip-gdalwarp"}
 
+    if not args.skip_floor:
+        workers = tile_defaults()["workers"]
+        print(f"[{size}] sarflow's tiler in-process (plan / units / finalize CPU) ...", flush=True)
+        lib_store = work / f"store_{entry['size_px']}_c{chip}_library.zarr"
+        entry["sarflow_library"] = run_library(catalog, lib_store, workers)
+        shutil.rmtree(lib_store, ignore_errors=True)
+        print(f"[{size}] floor: warp every input once over the grid + encode every chip ...", flush=True)
+        entry["floor"] = run_floor(store, catalog, workers)
+        add_floor_ratios(entry)
+        print(f"[{size}]   floor {entry['floor']['cpu_s']:.1f} CPU s, sarflow tile "
+              f"{entry['sarflow']['cpu_s']:.1f} CPU s (x{entry['ratios']['sarflow_cpu_over_floor']})", flush=True)
+        if args.coarse:
+            print(f"[{size}] coarse sources stored coarse (store_resolution): sarflow tile + floor ...", flush=True)
+            try:
+                entry["coarse_stored"] = run_coarse(catalog, work, size, entry, args.timeout, workers)
+            except SystemExit as e:  # an optional row: its failure is recorded, the rest stands
+                entry["coarse_stored"] = {"error": str(e)[:3000]}
+            c = entry["coarse_stored"]
+            if "ratios" in c:
+                print(f"[{size}]   {c['sarflow']['cpu_s']:.1f} CPU s (x{c['ratios']['sarflow_cpu_over_full_resolution_cpu']}"
+                      f" of full resolution), floor {c['floor']['cpu_s']:.1f}", flush=True)
+
     if args.torchgeo_python:
         print(f"[{size}] torchgeo anchor ...", flush=True)
     entry["torchgeo"] = run_torchgeo(args.torchgeo_python, store, catalog, work, str(size),
                                      args.torchgeo_workers, args.timeout)
     if "wall_s" in entry["torchgeo"] and "skipped" not in entry["torchgeo"] and "failed" not in entry["torchgeo"]:
         entry["ratios"]["sarflow_over_torchgeo"] = _ratio(entry["sarflow"]["wall_s"], entry["torchgeo"]["wall_s"])
+    else:
+        entry["torchgeo_recorded"] = recorded_torchgeo(entry["size_px"], chip)
+        if entry["torchgeo_recorded"]:
+            # the goal: torchgeo's CPU per unique chip position >= 3x sarflow's CPU per chip (whole commands)
+            entry["ratios"]["torchgeo_recorded_cpu_per_unique_chip_over_sarflow_cpu_per_chip"] = _ratio(
+                entry["torchgeo_recorded"]["cpu_s_per_unique_chip"], entry["sarflow"]["cpu_s"] / entry["sarflow"]["chips"])
     if args.clean:
         shutil.rmtree(store, ignore_errors=True)
     entry["finished_at"] = _now()
@@ -634,12 +1016,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"),
                     help="results folder (tile.json is written in it) or a .json file path")
     ap.add_argument("--work", default=str(HERE / "work"), help="cache of scenes, stores, logs (gitignored)")
-    ap.add_argument("--chip-size", type=int, default=256)
+    ap.add_argument("--chip-sizes", "--chip-size", dest="chip_sizes", default="256",
+                    help="chip sides in pixels, comma separated: every scene size is benchmarked at each")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torchgeo-python", default=None,
                     help="a python interpreter with torchgeo 0.8.1 (and zarr); without it torchgeo is skipped")
     ap.add_argument("--torchgeo-workers", type=int, default=2, help="DataLoader workers of the torchgeo anchor")
     ap.add_argument("--skip-gdalwarp", action="store_true", help="do not run the gdalwarp anchor")
+    ap.add_argument("--skip-floor", action="store_true",
+                    help="do not run the floor anchor (warp every input once + encode every chip) and the in-process tiler")
     ap.add_argument("--gdalwarp-mt", action="store_true",
                     help="also run gdalwarp with -multi -wo NUM_THREADS=ALL_CPUS (an extra, informative anchor)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed to any one child process")
@@ -648,9 +1033,18 @@ def main(argv=None) -> int:
                     help="run every timed command this many times and keep the fastest (all walls are recorded)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for the sarflow tile runs (e.g. OPENBLAS_NUM_THREADS=1), recorded")
+    ap.add_argument("--coarse", action="store_true",
+                    help="also tile each scene with its coarse sources stored coarse (catalog key store_resolution)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny run for tests: --sizes 512 --chip-sizes 64 --skip-gdalwarp, results to tile_smoke.json")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.chip_sizes, args.skip_gdalwarp = "512", "64", True
+        if args.out == ap.get_default("out"):
+            args.out = str(HERE / "results" / "tile_smoke.json")
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    chip_sizes = [int(c) for c in args.chip_sizes.split(",") if c.strip()]
     out = Path(args.out)
     out_file = out if out.suffix == ".json" else out / "tile.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -660,27 +1054,31 @@ def main(argv=None) -> int:
         raise SystemExit("gdalwarp not found: install gdal-bin (make gdal) or pass --skip-gdalwarp")
 
     result = {
-        "benchmark": "sarflow tile vs gdalwarp (and torchgeo)",
+        "benchmark": "sarflow tile vs gdalwarp, the floor of its design (and torchgeo)",
+        "loadavg_at_start": os.getloadavg(),
         "started_at": _now(),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "machine": machine_info(),
-        "config": {"chip_size": args.chip_size, "seed": args.seed, "tile_options": tile_defaults(),
+        "config": {"chip_size": chip_sizes[0] if len(chip_sizes) == 1 else None, "chip_sizes": chip_sizes,
+                   "seed": args.seed, "tile_options": tile_defaults(),
                    "repeat": args.repeat, "sarflow_env": dict(kv.split("=", 1) for kv in args.env),
                    "params_yaml": "not read (children run in the work folder)", "work": str(work)},
         "sizes": [],
     }
     for size in sizes:
-        try:
-            entry = bench_size(size, args, work)
-        except SystemExit as e:
-            entry = {"size_px": size, "error": str(e)[:4000]}
-            print(f"[{size}] FAILED: {e}", file=sys.stderr, flush=True)
-        result["sizes"].append(entry)
-        result["summary"] = summarize(result["sizes"])
-        out_file.write_text(json.dumps(result, indent=1))  # after each size, so a long run leaves partial results
+        for chip in chip_sizes:
+            try:
+                entry = bench_size(size, chip, args, work)
+            except SystemExit as e:
+                entry = {"size_px": size, "chip_size": chip, "error": str(e)[:4000]}
+                print(f"[{size}_c{chip}] FAILED: {e}", file=sys.stderr, flush=True)
+            result["sizes"].append(entry)
+            result["summary"] = summarize(result["sizes"])
+            out_file.write_text(json.dumps(result, indent=1))  # after each config: a long run leaves partial results
     result["torchgeo"] = (run_torchgeo(None, Path(), Path(), work, "", 0, 0) if not args.torchgeo_python
                           else {"python": args.torchgeo_python, "results": "per size, under sizes[].torchgeo"})
     result["finished_at"] = _now()
+    result["loadavg_at_end"] = os.getloadavg()
     out_file.write_text(json.dumps(result, indent=1))
     print()
     print_table(result)

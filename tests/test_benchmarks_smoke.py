@@ -145,3 +145,38 @@ def test_feature_server_bench_quick_runs_both_servers(tmp_path):
     assert res["ratios_sarflow_over_anchor"]["throughput"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| anchor |" in md and "| sarflow |" in md
+
+
+@pytest.mark.slow
+def test_tile_bench_smoke_measures_the_floor(tmp_path):
+    """bench_tile.py --smoke: sarflow tile (CLI and in-process) beside the floor of its design, on a
+    512 px scene of 64 px chips. The floor encodes the same chunks with the store's own codec, so its
+    encoded bytes are the store's shard bytes less the shard indexes and metadata (a few KiB per array)."""
+    out = tmp_path / "tile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_tile.py"), "--smoke", "--out", str(out),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    (s,) = res["sizes"]
+    assert (s["size_px"], s["chip_size"]) == (512, 64) and "skipped" in s["gdalwarp"]
+    chips = s["sarflow"]["chips"]
+    assert chips == s["sarflow_library"]["chips"] == s["floor"]["chips"] > 0
+    fl = s["floor"]
+    # every input file of every source warped once over the chips' grid
+    assert len(fl["warp"]["files"]) == s["scene"]["input_files"]
+    assert fl["warp"]["width"] % 64 == 0 and fl["warp"]["height"] % 64 == 0
+    assert fl["warp"]["cpu_s"] > 0 and fl["encode"]["cpu_s"] > 0
+    assert fl["cpu_s"] == pytest.approx(fl["warp"]["cpu_s"] + fl["encode"]["cpu_s"], abs=2e-3)
+    for name, a in fl["encode"]["arrays"].items():
+        assert 0 <= s["store"]["arrays"][name]["bytes"] - a["encoded_bytes"] < 16384, name
+    steps = s["sarflow_library"]["steps"]
+    assert set(steps) == {"plan", "units", "finalize"} and all(v["cpu_s"] > 0 for v in steps.values())
+    r = s["ratios"]
+    assert r["sarflow_cpu_over_floor"] == pytest.approx(s["sarflow"]["cpu_s"] / fl["cpu_s"], rel=1e-2)
+    assert r["units_cpu_over_floor"] < r["library_cpu_over_floor"]
+    # the projection: 10M chips of 448 px, hours divide by the workers
+    h = s["m3leo_hours"]["library"]
+    assert list(h) == ["16_workers", "64_workers", "256_workers", "1024_workers"]
+    assert h["16_workers"] == pytest.approx(4 * h["64_workers"], rel=0.05) and h["1024_workers"] > 0
+    assert res["summary"]["goals"]["sarflow_cpu_within_1.2x_floor"]["goal"] == 1.2
