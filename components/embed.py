@@ -31,7 +31,7 @@ def embed_chips(
     dataset_git_commit: str = "",
 ):
     """Embeds every chip with the encoder the `encoder` reference names; writes chip labels too.
-    `options` is params.yaml's `embed:` section (batch_size, device, tracking_uri);
+    `options` is params.yaml's `embed:` section (batch_size, device, workers, readers, tracking_uri);
     `dataset_version`/`dataset_git_commit`: the version task's outputs, the partition's lineage."""
     import json
     from pathlib import Path
@@ -44,7 +44,7 @@ def embed_chips(
     cfg, ref, features_root = embedding_setup(encoder.path, options, features_root, tracking_uri)
     with given_lineage(dataset_version, dataset_git_commit):
         result = embed_store(store.path, ref["model_uri"], features_root, batch_size=cfg.batch_size, overwrite=True,
-                             device=cfg.device)
+                             device=cfg.device, workers=cfg.workers, readers=cfg.readers)
     labels = chip_labels(store.path, features_root)
     result.update({"features_root": features_root, "labels": str(labels), "model_uri": ref["model_uri"]})
     Path(embeddings.path).parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,8 @@ def embed_shards(
     cfg, ref, features_root = embedding_setup(encoder.path, options, features_root, tracking_uri)
     with given_lineage(dataset_version, dataset_git_commit):
         result = embed_store(store.path, ref["model_uri"], features_root, batch_size=cfg.batch_size,
-                             device=cfg.device, shards=parse_shards(shards), workers=cfg.workers, overwrite=True)
+                             device=cfg.device, shards=parse_shards(shards), workers=cfg.workers, readers=cfg.readers,
+                             overwrite=True)
     metrics.log_metric("rows", int(result["rows"]))
     metrics.log_metric("dim", int(result["dim"]))
     metrics.log_metric("chips_per_s", float(result["chips_per_s"]))

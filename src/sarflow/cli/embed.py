@@ -20,7 +20,9 @@ def embed(
     root: Optional[str] = FeaturesRootOpt,
     batch_size: Optional[int] = typer.Option(None, help="chips per forward pass"),
     device: Optional[str] = typer.Option(None, help="torch device (default: CUDA when present)"),
-    workers: Optional[int] = typer.Option(None, help="chip reader threads (default params embed.workers)"),
+    workers: Optional[int] = typer.Option(None, help="chip reader threads when --readers is 0 (default params embed.workers)"),
+    readers: Optional[int] = typer.Option(None, help="chip reader processes, each opening the store itself (default "
+                                                     "params embed.readers; 0: read in this process)"),
     shards: Optional[str] = typer.Option(None, "--shards", help="A:B: embed only store shards [A, B) into a staged part "
                                                                "(one task per range; publish with --finalize)"),
     finalize: bool = typer.Option(False, "--finalize", help="publish the staged parts of this model version as its "
@@ -37,7 +39,7 @@ def embed(
     try:
         p = read_params(params)
         cfg = stage_config("embed", p, {"batch_size": batch_size, "device": device, "tracking_uri": tracking_uri,
-                                        "workers": workers})
+                                        "workers": workers, "readers": readers})
         features = stage_config("features", p, {"root": root})
         if not str(features.root).startswith("s3://"):
             from sarflow.data.paths import check_output_folder
@@ -53,7 +55,7 @@ def embed(
         else:
             result = embed_store(store, model, features.root, batch_size=cfg.batch_size, overwrite=overwrite,
                                  device=cfg.device, shards=parse_shards(shards) if shards else None,
-                                 workers=cfg.workers)
+                                 workers=cfg.workers, readers=cfg.readers)
     except SarflowError as e:
         fail(e)
     typer.echo(json.dumps(result, indent=1))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -50,6 +51,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
+from pydantic import Field
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from sarflow.data.paths import check_root, exists, filesystem, fs_path, is_remote, join, parquet_files, write_table_atomic
@@ -64,13 +66,15 @@ EMBEDDINGS = "embeddings"
 @config_dataclass(config=STAGE_CONFIG)
 class EmbedConfig:
     """params.yaml's `embed:` section (the features root is `features.root`): chips per forward
-    pass, the device (None: CUDA when present), the chip reader threads, the MLflow server
-    holding the encoder, and `parts`: how many shard ranges the pipelines' embedding fans out
-    over (one GPU task each, then one publish; 1: a single task; `sarflow embed` ignores it)."""
+    pass, the device (None: CUDA when present), the chip readers (`readers` processes; 0: in
+    this process, with `workers` threads), the MLflow server holding the encoder, and `parts`:
+    how many shard ranges the pipelines' embedding fans out over (one GPU task each, then one
+    publish; 1: a single task; `sarflow embed` ignores it)."""
 
     batch_size: int = 256
     device: str | None = None
-    workers: int = 2
+    workers: int = Field(default=2, ge=1)
+    readers: int = Field(default=0, ge=0)
     tracking_uri: str = field(default_factory=default_tracking_uri)
     parts: int = 1
 
@@ -173,51 +177,174 @@ def encoder_chips(arrays: list, rows=slice(None)) -> np.ndarray:
 
 
 def _chip_batches(arrays: list, n: int, batch_size: int, prefetch: int = 2, pin: bool = False, start: int = 0,
-                  workers: int = 1):
+                  workers: int = 1, readers: int = 0, store: str | None = None):
     """Yields the chips [start, n) in order as float32 tensors of up to `batch_size` chips, the
     channels of `arrays` ((zarr array, band indices) pairs) concatenated, read with the one
-    reader (`chipstore.read_masked`: NaN at nodata, integer arrays included). `workers`
-    background threads read and decompress batches (zarr's codecs and numpy's masking release
-    the GIL), up to `prefetch` + `workers` - 1 batches ahead of the one the caller holds;
-    with `pin` the batches are in page-locked memory (for non-blocking copies to a GPU). An error
-    in the reader is raised here; closing the generator cancels what is pending and joins the threads."""
+    reader (`chipstore.read_masked`: NaN at nodata, integer arrays included).
+
+    `readers` = 0: `workers` background threads of this process read and decompress batches, up
+    to `prefetch` + `workers` - 1 batches ahead of the one the caller holds (zarr decodes on one
+    event loop under the GIL, so threads add little: see benchmarks/README.md). `readers` = N:
+    N reader processes (`_process_batches`), each opening the store `store` (the chip store's
+    URI, local or s3://) itself. Either way the batches come in chip order, with `pin` in
+    page-locked memory (for non-blocking copies to a GPU), and a reader's error is raised here
+    as the reader raised it; closing the generator stops the readers."""
+    if readers < 0:
+        raise InputError("embed", f"readers must be >= 0 (0: read in this process), got {readers}")
+    if readers:
+        if store is None:
+            raise InputError("embed", "reader processes open the store themselves: give its URI (store=)")
+        return _process_batches(store, arrays, n, batch_size, prefetch, pin, start, readers)
+    return _thread_batches(arrays, n, batch_size, prefetch, pin, start, workers)
+
+
+def _batch_tensor(arrays: list, start: int, stop: int, pin: bool = False, shared: bool = False):
+    """Chips [start, stop) of `arrays`, channels concatenated, read by `read_masked` into one
+    float32 tensor (page-locked with `pin`; with `shared` in shared memory, which a reader
+    process hands to its parent without a copy)."""
     import torch
-    import zarr
 
     from sarflow.data.chipstore import read_masked
 
+    shape = (stop - start, sum(len(idx) for _, idx in arrays), *arrays[0][0].shape[2:])
+    if shared:  # as torch's default_collate does in a DataLoader worker
+        x = torch.empty(0, dtype=torch.float32)
+        x = x.new(x._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")).resize_(shape)
+    else:
+        x = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
+    out, c = x.numpy(), 0
+    for arr, idx in arrays:
+        out[:, c:c + len(idx)] = read_masked(arr, slice(start, stop), idx)
+        c += len(idx)
+    return x
+
+
+@contextmanager
+def _decode_whole_batches(batch_size: int):
+    """zarr decodes a read's chunks (one chip each) `codec_pipeline.batch_size` at a time: whole
+    batches at once read ~4x faster than its default of 1 (a performance knob only). The
+    sharding codec looks the setting up on every read and zarr's config is process-wide, so it
+    is set once, by the thread that starts the readers, for their whole life (not per read:
+    concurrent readers would restore each other's values out of order)."""
+    import zarr
+
+    with zarr.config.set({"codec_pipeline.batch_size": batch_size}):
+        yield
+
+
+def _thread_batches(arrays: list, n: int, batch_size: int, prefetch: int, pin: bool, start: int, workers: int):
     if workers < 1:
         raise InputError("embed", f"reader workers must be >= 1, got {workers}")
-    channels = sum(len(idx) for _, idx in arrays)
-    shape = arrays[0][0].shape[2:]
     starts = range(start, n, batch_size)
     prefetch = prefetch + workers - 1
+    with _decode_whole_batches(batch_size):
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sarflow-embed-read")
+        try:
+            ahead = deque(pool.submit(_batch_tensor, arrays, s, min(n, s + batch_size), pin)
+                          for s in starts[:prefetch])
+            for i in range(len(starts)):
+                if i + prefetch < len(starts):
+                    s = starts[i + prefetch]
+                    ahead.append(pool.submit(_batch_tensor, arrays, s, min(n, s + batch_size), pin))
+                yield ahead.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def read(start: int) -> torch.Tensor:
-        stop = min(n, start + batch_size)
-        x = torch.empty((stop - start, channels, *shape), dtype=torch.float32, pin_memory=pin)
-        out, c = x.numpy(), 0
-        for arr, idx in arrays:
-            out[:, c:c + len(idx)] = read_masked(arr, slice(start, stop), idx)
-            c += len(idx)
-        return x
 
-    # zarr decodes a read's chunks (one chip each) `codec_pipeline.batch_size` at a time: whole
-    # batches at once read ~4x faster than its default of 1 (a performance knob only). The
-    # sharding codec looks the setting up on every read and zarr's config is process-wide, so it
-    # is set once, from this thread, for the life of the readers (not per read: concurrent
-    # readers would restore each other's values out of order).
-    knob = zarr.config.set({"codec_pipeline.batch_size": batch_size})
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sarflow-embed-read")
+class _ReaderFailure:
+    """An error raised in a reader process, carried to the parent as a value (torch's DataLoader
+    would wrap it in a traceback message, and an InputError does not survive plain pickling):
+    `exception()` is the same error, its class, message and attributes, for the parent to raise."""
+
+    def __init__(self, e: BaseException):
+        self.cls, self.args, self.state = type(e), e.args, dict(getattr(e, "__dict__", {}))
+
+    @classmethod
+    def of(cls, e: BaseException) -> "_ReaderFailure":
+        import pickle
+
+        failure = cls(e)
+        try:
+            pickle.loads(pickle.dumps(failure))
+        except Exception:  # noqa: BLE001 - an error that cannot travel is sent as its type and message
+            failure = cls(RuntimeError(f"{type(e).__name__}: {e}"))
+        return failure
+
+    def exception(self) -> BaseException:
+        e = self.cls.__new__(self.cls, *self.args)
+        e.args = self.args
+        e.__dict__.update(self.state)
+        return e
+
+
+class _ReaderBatches:
+    """Batch i of the chips [start, n) of the store `store`: what a reader process reads. The
+    process opens the store itself (`open_chip_group`: the integrity check, S3 from the
+    environment the parent had when it started the readers) on its first batch and keeps it."""
+
+    def __init__(self, store: str, blocks: list[tuple[str, list[int]]], n: int, batch_size: int, start: int):
+        self.store, self.blocks, self.n, self.batch_size, self.start = str(store), blocks, n, batch_size, start
+        self.env = dict(os.environ)  # a forkserver's children have the server's environment, not ours
+        self._arrays = None
+
+    def __len__(self) -> int:
+        return len(range(self.start, self.n, self.batch_size))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def __getitem__(self, i: int):
+        try:
+            if self._arrays is None:
+                self._arrays = self._open()
+            s = self.start + i * self.batch_size
+            return _batch_tensor(self._arrays, s, min(self.n, s + self.batch_size), shared=True)
+        except Exception as e:  # noqa: BLE001 - raised in the parent as it is (see _ReaderFailure)
+            return _ReaderFailure.of(e)
+
+    def _open(self) -> list:
+        import zarr
+
+        from sarflow.data.chipstore import open_chip_group
+
+        os.environ.clear()
+        os.environ.update(self.env)
+        zarr.config.set({"codec_pipeline.batch_size": self.batch_size})  # this process's setting, for its life
+        group = open_chip_group(self.store)
+        return [(group[name], idx) for name, idx in self.blocks]
+
+
+READER_START = "forkserver"  # reader processes start clean (no inherited threads, event loops or CUDA context)
+
+
+def _process_batches(store: str, arrays: list, n: int, batch_size: int, prefetch: int, pin: bool, start: int,
+                     readers: int):
+    """`_chip_batches` with `readers` processes: a torch DataLoader over batch indices (in order,
+    `prefetch` batches ahead per reader), each batch read in a reader and handed over in
+    shared memory; a reader that dies is an error here, not a hang."""
+    from torch.utils.data import DataLoader
+
+    blocks = [(arr.path, list(idx)) for arr, idx in arrays]
+    context = multiprocessing.get_context(READER_START)
+    if READER_START == "forkserver":  # imported once, in the server: each reader then starts in milliseconds
+        context.set_forkserver_preload(["__main__", "torch", "torch.utils.data", __name__, "sarflow.data.chipstore",
+                                        "sarflow.data.integrity"])
+    loader = DataLoader(_ReaderBatches(store, blocks, n, batch_size, start), batch_size=None, shuffle=False,
+                        num_workers=readers, pin_memory=pin, prefetch_factor=max(1, prefetch),
+                        multiprocessing_context=context)
+    batches = iter(loader)
     try:
-        ahead = deque(pool.submit(read, s) for s in starts[:prefetch])
-        for i in range(len(starts)):
-            if i + prefetch < len(starts):
-                ahead.append(pool.submit(read, starts[i + prefetch]))
-            yield ahead.popleft().result()
+        for x in batches:
+            if isinstance(x, _ReaderFailure):
+                raise x.exception()
+            yield x
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise SarflowError(f"{store}: a chip reader process stopped ({str(e).splitlines()[0][:300]}); nothing was "
+                           "written; rerun with fewer --readers (each holds batches in memory and /dev/shm)") from None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        knob.__exit__(None, None, None)
+        batches._shutdown_workers()
 
 
 def store_shards(arrays: list, n: int) -> tuple[int, int]:
@@ -310,13 +437,15 @@ def s3_outage_named(where: str | Path, rows: int):
 
 
 def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 256, overwrite: bool = False,
-                device: str | None = None, shards: tuple[int, int] | None = None, workers: int = 1) -> dict:
+                device: str | None = None, shards: tuple[int, int] | None = None, workers: int = 1,
+                readers: int = 0) -> dict:
     """Embeds every chip (or, with `shards=(a, b)`, the chips of store shards [a, b) into a
     staged part, see the module doc); returns the partition (or part) path, rows, dimension,
     device and throughput.
 
-    Reading and decompressing chips runs in `workers` background threads, ahead of the forward
-    passes (`_chip_batches`). On CUDA the batches are pinned and copied without blocking, the forward
+    Reading and decompressing chips runs ahead of the forward passes (`_chip_batches`): in
+    `readers` processes, each opening the store itself, or with `readers=0` in `workers`
+    background threads of this process; the chips and so the embeddings are the same either way. On CUDA the batches are pinned and copied without blocking, the forward
     runs under bf16 autocast, the embeddings are copied back without blocking into one pinned
     host array, and the host waits for the device once, after the last batch.
 
@@ -364,7 +493,8 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     t0 = time.perf_counter()
     host = None  # (rows, dim) float32, pinned on CUDA, allocated once the dimension is known
     with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda), \
-            closing(_chip_batches(arrays, n, batch_size, pin=cuda, start=first, workers=workers)) as batches:
+            closing(_chip_batches(arrays, n, batch_size, pin=cuda, start=first, workers=workers, readers=readers,
+                                  store=store)) as batches:
         start = 0
         for x in batches:
             e = encoder(x.to(device, non_blocking=cuda)).float()
@@ -400,7 +530,7 @@ def embed_store(store: str, model_uri: str, root: str | Path, batch_size: int = 
     log.info("embedded %d chips with %s v%s in %.1fs + %.1fs writing (%.0f chips/s)", rows, model.name, model.version,
              loop_s, write_s, rows / (loop_s + write_s))
     result = {"partition": str(out), "rows": rows, "dim": dim, "model": model.name, "version": model.version,
-              "dataset_version": dataset_version, "device": device, "workers": workers, "loop_s": loop_s,
+              "dataset_version": dataset_version, "device": device, "workers": workers, "readers": readers, "loop_s": loop_s,
               "write_s": write_s, "chips_per_s": rows / max(loop_s + write_s, 1e-9),
               "chips_per_s_loop": rows / max(loop_s, 1e-9)}
     if shards is not None:
