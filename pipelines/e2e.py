@@ -10,6 +10,11 @@ runs against MinIO, the MLflow server and Redis.
 ``e2e_catalog_pipeline`` is the same on a user's data: the scene folder (``catalog.yaml`` and
 the rasters it references, plus the polygons and statistics table for LLP) is imported
 instead of synthesised.
+
+Both take the training pipeline's pretraining switch (``trainjob_nodes``: 0, the default, pretrains
+in a GPU task; more runs a Kubeflow Trainer TrainJob on that many nodes, pipelines/training.py). Its
+nodes read the tile task's store by its artifact URI, so run the pipeline with its root on the
+sarflow MinIO (``s3://...``).
 """
 
 from typing import List
@@ -19,7 +24,7 @@ from kfp.dsl import Dataset
 
 from pipelines.data import chip_stages, data_stages
 from pipelines.platform import exit_task
-from pipelines.training import training_stages
+from pipelines.training import TRAINJOB_RUNTIME, training_stages
 
 PIPELINE_NAME = "sarflow-e2e"
 # synth/tile/promote: their keys become arguments; pretrain/embed/downstream/llp: passed whole (inputs of
@@ -55,6 +60,9 @@ def e2e_pipeline(
     online: str = "redis",
     redis: str = "redis.sarflow.svc:6379",
     margin: float = 0.0,
+    trainjob_nodes: int = 0,
+    trainjob_gpus_per_node: int = 1,
+    trainjob_runtime: str = TRAINJOB_RUNTIME,
     failure_log: str = "",
 ):
     with dsl.ExitHandler(exit_task(failure_log), name="end-to-end"):
@@ -66,7 +74,8 @@ def e2e_pipeline(
                         data["version"].outputs["dvc_md5"], data["version"].outputs["git_commit"],
                         tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
-                        online=online, redis=redis, margin=margin)
+                        online=online, redis=redis, margin=margin,
+                        trainjob=(trainjob_nodes, trainjob_gpus_per_node, trainjob_runtime))
 
 
 @dsl.pipeline(name="sarflow-e2e-catalog", description="sarflow end to end on your own catalog")
@@ -92,6 +101,9 @@ def e2e_catalog_pipeline(
     online: str = "redis",
     redis: str = "redis.sarflow.svc:6379",
     margin: float = 0.0,
+    trainjob_nodes: int = 0,
+    trainjob_gpus_per_node: int = 1,
+    trainjob_runtime: str = TRAINJOB_RUNTIME,
     failure_log: str = "",
 ):
     with dsl.ExitHandler(exit_task(failure_log), name="end-to-end"):
@@ -104,4 +116,5 @@ def e2e_catalog_pipeline(
         training_stages(chips["tile"].outputs["store"], scene.output, chips["version"].outputs["dvc_md5"],
                         chips["version"].outputs["git_commit"], tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
-                        online=online, redis=redis, margin=margin)
+                        online=online, redis=redis, margin=margin,
+                        trainjob=(trainjob_nodes, trainjob_gpus_per_node, trainjob_runtime))

@@ -18,7 +18,7 @@ and the exit task that records how a run ended.
   gate's cross-pod advisory lock, as the role ``sarflow_lock``; promote tasks alone get its
   password as ``PGPASSWORD`` (secret ``sarflow-postgres``, key ``PROMOTION_LOCK_PASSWORD``, which
   libpq reads) and the pod label the NetworkPolicies admit to PostgreSQL.
-- **GPU tasks** (pretraining, embedding): ``set_accelerator_type('nvidia.com/gpu')``,
+- **GPU tasks** (pretraining in its task, embedding): ``set_accelerator_type('nvidia.com/gpu')``,
   ``set_accelerator_limit``, a node selector on the GPU pool's label and a toleration of its
   ``nvidia.com/gpu`` NoSchedule taint (the same as k8s/components/gpu-training).
 - **resources**: CPU/memory requests and limits per task kind (``RESOURCES``).
@@ -63,6 +63,8 @@ RESOURCES = {
     "tile": ("2", "4", "4Gi", "8Gi"),
     "version": ("500m", "2", "1Gi", "4Gi"),
     "pretrain": ("8", "16", "32Gi", "64Gi"),
+    "launch": ("250m", "1", "1Gi", "2Gi"),  # launches a cluster job (the pretraining TrainJob) and waits for it
+    "handoff": ("100m", "500m", "256Mi", "1Gi"),  # rewrites a parameter as an artifact (encoder-reference)
     "embed": ("4", "8", "16Gi", "32Gi"),
     "features": ("1", "4", "4Gi", "16Gi"),
     "downstream": ("2", "4", "4Gi", "16Gi"),

@@ -5,7 +5,11 @@ promotion gate -> publish the champion, on a chip store that already exists.
 exit handler (record-status)
 ├── importer(store_uri)             -> store (Dataset: a chip store folder, or s3:// on a cluster)
 ├── importer(bags_uri)              -> bags  (Dataset: polygons + statistics table, for LLP)
-├── pretrain-encoder(store)         -> encoder (Model: reference to sarflow-encoder-<method>/<v>)   [GPU]
+├── dsl.If(trainjob_nodes == 0)     pretraining in the task (the default; kfp.local, the demo)
+│   └── pretrain-encoder(store)     -> encoder (Model: reference to sarflow-encoder-<method>/<v>)   [GPU]
+├── dsl.Else                        pretraining as a Kubeflow Trainer TrainJob on trainjob_nodes nodes
+│   └── pretrain-trainjob(store URI) -> the same reference; launches the TrainJob and waits   [CPU]
+├── encoder-reference(dsl.OneOf(both branches' `reference`)) -> the encoder (Model) every later task reads
 ├── plan-embed(store, embed)        -> shards: embed.parts ranges A:B of the store's chip shards (default 1)
 ├── ParallelFor shards (up to EMBED_PARALLELISM at once)
 │   └── embed-shards(store, encoder, A:B) -> a staged Parquet part of the features root (its own)   [GPU, one each]
@@ -24,8 +28,17 @@ exit handler (record-status)
 The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.py):
 :func:`training_stages` builds them once for both.
 
-- **GPU**: pretraining (``PRETRAIN_GPUS``) and every embedding part (one each) request ``nvidia.com/gpu``,
-  select the GPU pool's nodes and tolerate its taint (pipelines/platform.py);
+- **GPU**: pretraining in its task (``PRETRAIN_GPUS``) and every embedding part (one each) request
+  ``nvidia.com/gpu``, select the GPU pool's nodes and tolerate its taint (pipelines/platform.py);
+- **multi-node pretraining**: ``trainjob_nodes`` (0, the default: in the task) switches pretraining to a
+  Kubeflow Trainer TrainJob of that many nodes x ``trainjob_gpus_per_node`` GPUs on the
+  ``trainjob_runtime`` ClusterTrainingRuntime (k8s/trainer). Its launcher, ``pretrain-trainjob``, is a
+  CPU task in the CPU image that only creates the TrainJob and waits (the GPUs are the job's pods);
+  both branches return the encoder reference as a string, and ``dsl.OneOf`` hands the one that ran to
+  ``encoder-reference``, whose Model output the embedding tasks read (kfp.local resolves a OneOf of
+  parameters, not of artifacts). The TrainJob's nodes read the store from S3: the training pipeline
+  gives its ``store_uri``; the end-to-end pipelines the tile task's artifact, whose URI is on S3 when
+  the pipeline root is on the sarflow MinIO;
 - **fan-out**: params ``embed.parts`` shard ranges embed side by side (one GPU task each, each writing its
   own part; 1, the default, is one task over the whole store); every later task reads the partition
   ``publish-embeddings`` published (sarflow.features.embed.finalize_embeddings: no gap, no overlap, one
@@ -38,9 +51,9 @@ The same stages follow the data plane in the end-to-end pipeline (pipelines/e2e.
   ``dvc_md5`` and ``git_commit``, or the pipeline's arguments) go to every task that makes a run
   or a partition (pretrain, embed, probes, LLP), which records them: a fresh pod has no DVC
   repository to rediscover them from;
-- **caching**: only pretraining caches, and its key includes ``dataset_version`` (the store's
-  DVC md5), so a new dataset version always retrains; everything after it writes shared state
-  (Feast, the registry) and always runs;
+- **caching**: only pretraining caches (either branch, and the encoder hand-off), and its key
+  includes ``dataset_version`` (the store's DVC md5), so a new dataset version always retrains;
+  everything after it writes shared state (Feast, the registry) and always runs;
 - **promotion**: each task in ``GATED`` returns the models it registered with their metric and
   direction (tasks come from the catalog's labels, so the pipeline cannot name them); the gate
   moves each one's ``@champion`` only when its newest version beats it by ``margin`` on the same
@@ -57,7 +70,7 @@ from kfp.dsl import Dataset, Model
 from components.downstream import report_results, train_llp, train_probes
 from components.embed import embed_shards, plan_embed, publish_embeddings
 from components.materialize import materialize_features, materialize_part, plan_materialize
-from components.pretrain import pretrain_encoder
+from components.pretrain import encoder_reference, pretrain_encoder, pretrain_trainjob
 from components.promote import promote_model, publish_champion
 from pipelines.platform import exit_task, on_gpu, stage
 
@@ -65,6 +78,9 @@ PIPELINE_NAME = "sarflow-training"
 # GPUs of the pretraining task: a compile-time constant (kfp.local cannot resolve a pipeline
 # parameter as an accelerator count); with more than one, Lightning trains with DDP on the node
 PRETRAIN_GPUS = 1
+# the Kubeflow Trainer runtime a pretraining TrainJob runs on by default (k8s/trainer; the library's
+# sarflow.training.distributed.TORCH_RUNTIME, which a test compares): a constant, as KFP needs literal defaults
+TRAINJOB_RUNTIME = "sarflow-torch-distributed"
 # embedding parts (one GPU task each) and materialisation parts run at once: compile-time constants
 # (a ParallelFor's parallelism is fixed when the pipeline compiles); how many parts: params embed.parts
 EMBED_PARALLELISM = 8
@@ -113,16 +129,40 @@ def feature_stages(embeddings, *, features_root, online, redis, after=None) -> d
     return {"plan-materialize": plan, "materialize-part": part, "materialize": mat}
 
 
-def training_stages(store, bags, dataset_version, dataset_git_commit, *, tracking_uri, features_root, pretrain, embed,
-                    downstream, llp, online, redis, margin, gpus: int = PRETRAIN_GPUS) -> dict[str, dsl.PipelineTask]:
-    """Every task after the chip store exists; `store` and `bags` are Dataset channels,
-    `dataset_version` and `dataset_git_commit` the store's lineage (channels or pipeline inputs)."""
+def pretrain_stages(store, *, store_uri=None, tracking_uri, pretrain, trainjob, dataset_version, dataset_git_commit,
+                    gpus: int = PRETRAIN_GPUS) -> dict[str, dsl.PipelineTask]:
+    """The pretraining switch: dsl.If(trainjob nodes == 0) pretrain-encoder on a GPU node, dsl.Else
+    pretrain-trainjob (a CPU task launching a TrainJob of that many nodes and waiting), then
+    encoder-reference over dsl.OneOf of their `reference` outputs (its `chosen_encoder` is the encoder
+    every later task reads). `trainjob`: the pipeline's (nodes, gpus per node, runtime) channels;
+    `store_uri`: the store's URI as a string (the TrainJob branch then leaves the artifact alone)."""
     lineage = dict(dataset_version=dataset_version, dataset_git_commit=dataset_git_commit)
-    pre = pretrain_encoder(store=store, pretrain=pretrain, tracking_uri=tracking_uri, **lineage)
-    on_gpu(stage(pre, "pretrain", "pretrain", cache=True), gpus)
+    nodes, gpus_per_node, runtime = trainjob
+    with dsl.If(nodes == 0, name="pretrain-in-task"):
+        pre = pretrain_encoder(store=store, pretrain=pretrain, tracking_uri=tracking_uri, **lineage)
+        on_gpu(stage(pre, "pretrain", "pretrain", cache=True), gpus)
+    with dsl.Else(name="pretrain-trainjob"):
+        where = {"store": store} if store_uri is None else {"store_uri": store_uri}
+        job = pretrain_trainjob(**where, pretrain=pretrain, nodes=nodes, gpus_per_node=gpus_per_node, runtime=runtime,
+                                tracking_uri=tracking_uri, **lineage)
+        stage(job, "pretrain-trainjob", "launch", cache=True)
+    chosen = encoder_reference(reference=dsl.OneOf(pre.outputs["reference"], job.outputs["reference"]))
+    stage(chosen, "encoder", "handoff", cache=True, services=False)
+    return {"pretrain": pre, "pretrain-trainjob": job, "encoder": chosen}
 
-    embedded = embedding_stages(store, pre.outputs["encoder"], tracking_uri=tracking_uri, features_root=features_root,
-                                embed=embed, **lineage)
+
+def training_stages(store, bags, dataset_version, dataset_git_commit, *, tracking_uri, features_root, pretrain, embed,
+                    downstream, llp, online, redis, margin, trainjob, store_uri=None,
+                    gpus: int = PRETRAIN_GPUS) -> dict[str, dsl.PipelineTask]:
+    """Every task after the chip store exists; `store` and `bags` are Dataset channels,
+    `dataset_version` and `dataset_git_commit` the store's lineage (channels or pipeline inputs),
+    `trainjob` and `store_uri` the pretraining switch's (:func:`pretrain_stages`)."""
+    lineage = dict(dataset_version=dataset_version, dataset_git_commit=dataset_git_commit)
+    pretrained = pretrain_stages(store, store_uri=store_uri, tracking_uri=tracking_uri, pretrain=pretrain,
+                                 trainjob=trainjob, gpus=gpus, **lineage)
+
+    embedded = embedding_stages(store, pretrained["encoder"].outputs["chosen_encoder"], tracking_uri=tracking_uri,
+                                features_root=features_root, embed=embed, **lineage)
     embeddings = embedded["publish-embeddings"].outputs["embeddings"]
 
     bag_task = train_llp(store=store, embeddings=embeddings, bags=bags, features_root=features_root,
@@ -141,7 +181,7 @@ def training_stages(store, bags, dataset_version, dataset_git_commit, *, trackin
                             llp_run_id=bag_task.outputs["run_id"])
     stage(report, "report", "report", cache=False)
 
-    tasks = {"pretrain": pre, **embedded, **featured, "probes": probes, "llp": bag_task, "report": report}
+    tasks = {**pretrained, **embedded, **featured, "probes": probes, "llp": bag_task, "report": report}
     for upstream in GATED:
         gate = promote_model(models=tasks[upstream].outputs["models"], margin=margin, tracking_uri=tracking_uri)
         stage(gate, f"promote-{upstream}", "promote", cache=False)
@@ -167,8 +207,14 @@ def training_pipeline(
     online: str = "redis",
     redis: str = "redis.sarflow.svc:6379",
     margin: float = 0.0,
+    trainjob_nodes: int = 0,
+    trainjob_gpus_per_node: int = 1,
+    trainjob_runtime: str = TRAINJOB_RUNTIME,
     failure_log: str = "",
 ):
+    """`trainjob_nodes` > 0 pretrains as a Kubeflow Trainer TrainJob of that many nodes x
+    `trainjob_gpus_per_node` GPUs on `trainjob_runtime`, reading `store_uri` (s3://) from every node;
+    0 (the default) pretrains in the pipeline's own GPU task."""
     with dsl.ExitHandler(exit_task(failure_log), name="training"):
         store = dsl.importer(artifact_uri=store_uri, artifact_class=Dataset, reimport=False)
         store.set_display_name("chip-store")
@@ -176,7 +222,8 @@ def training_pipeline(
         bags.set_display_name("bags")
         training_stages(store.output, bags.output, dataset_version, dataset_git_commit, tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
-                        online=online, redis=redis, margin=margin)
+                        online=online, redis=redis, margin=margin, store_uri=store_uri,
+                        trainjob=(trainjob_nodes, trainjob_gpus_per_node, trainjob_runtime))
 
 
 # ---------------------------------------------------------------- the embedding and Feast stages alone

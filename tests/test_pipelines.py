@@ -372,9 +372,10 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
             for m in s["keyToEnv"]} == {"REDIS_PASSWORD"}
     (config,) = k8s["exec-pretrain-encoder"]["configMapAsEnv"]
     assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"} <= {m["envVar"] for m in config["keyToEnv"]}
-    # the gate's decision drives a condition around publishing the champion
+    # the gate's decision drives a condition around publishing the champion (the other two: the pretraining switch)
     conditions = [t["triggerPolicy"]["condition"] for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
-    assert len(conditions) == 2 and all("promote-model" in c and "Output" in c for c in conditions)
+    gates = [c for c in conditions if "trainjob_nodes" not in c]
+    assert len(conditions) == 4 and len(gates) == 2 and all("promote-model" in c and "Output" in c for c in gates)
     # pretraining is cached, keyed on the dataset version; the stages writing shared state never are
     assert tasks["pretrain-encoder"]["cachingOptions"] == {"enableCache": True}
     assert "dataset_version" in tasks["pretrain-encoder"]["inputs"]["parameters"]
@@ -432,9 +433,11 @@ def test_embedding_and_materialization_fan_out_in_the_compiled_ir(name, tmp_path
     (body_name, body), = _tasks(comps[loop["componentRef"]["name"]]).items()
     assert body_name == "embed-shards"
     assert body["inputs"]["parameters"]["shards"]["componentInputParameter"] == loop["parameterIterator"]["itemInput"]
-    assert body["inputs"]["artifacts"]["encoder"] == {"componentInputArtifact": "pipelinechannel--pretrain-encoder-encoder"}
-    assert loop["inputs"]["artifacts"]["pipelinechannel--pretrain-encoder-encoder"]["taskOutputArtifact"] == {
-        "producerTask": "pretrain-encoder", "outputArtifactKey": "encoder"}
+    # the encoder: what the pretraining branch that ran handed on (test_the_pretraining_switch_...)
+    assert body["inputs"]["artifacts"]["encoder"] == {
+        "componentInputArtifact": "pipelinechannel--encoder-reference-chosen_encoder"}
+    assert loop["inputs"]["artifacts"]["pipelinechannel--encoder-reference-chosen_encoder"]["taskOutputArtifact"] == {
+        "producerTask": "encoder-reference", "outputArtifactKey": "chosen_encoder"}
     publish = dag["publish-embeddings"]
     assert publish["inputs"]["parameters"]["parts"]["taskOutputParameter"] == {  # dsl.Collected over the loop
         "producerTask": embed_loop, "outputParameterKey": "pipelinechannel--embed-shards-Output"}
@@ -459,6 +462,130 @@ def test_embedding_and_materialization_fan_out_in_the_compiled_ir(name, tmp_path
     assert dag["materialize-features"]["inputs"]["parameters"]["parts"]["taskOutputParameter"] == {
         "producerTask": mat_loop, "outputParameterKey": "pipelinechannel--materialize-part-Output"}
     assert "materialize-features" in dag["train-probes"]["dependentTasks"]
+
+
+@pytest.mark.parametrize("name", ["training", "e2e", "e2e-catalog"])
+def test_the_pretraining_switch_compiles_to_if_else_and_one_of(name, tmp_path):
+    """trainjob_nodes == 0 (the default): pretrain-encoder on a GPU node; else pretrain-trainjob, a
+    CPU task that launches the TrainJob with the nodes, the pretrain section, the store and the
+    lineage; encoder-reference takes dsl.OneOf of both branches' reference, and every embedding
+    part reads its output."""
+    from pipelines.training import TRAINJOB_RUNTIME
+    from sarflow.mlops.kfp_runner import compile_pipeline
+    from sarflow.training.distributed import TORCH_RUNTIME
+
+    spec, platform = list(yaml.safe_load_all(compile_pipeline(load(name), tmp_path / f"{name}.yaml").read_text()))
+    comps, execs = spec["components"], spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["trainjob_nodes"] == 0 and defaults["trainjob_gpus_per_node"] == 1
+    assert defaults["trainjob_runtime"] == TRAINJOB_RUNTIME == TORCH_RUNTIME
+
+    # the branches: one If/Else on the switch parameter, each holding one pretraining task
+    (branches_name,) = [n for n, t in _all_tasks(spec).items() if n.startswith("condition-branches")]
+    branches = _tasks(comps[f"comp-{branches_name}"])
+    conditions = {t["taskInfo"]["name"]: t["triggerPolicy"]["condition"] for t in branches.values()}
+    nodes = "int(inputs.parameter_values['pipelinechannel--trainjob_nodes'])"
+    assert conditions == {"pretrain-in-task": f"{nodes} == 0", "pretrain-trainjob": f"!({nodes} == 0)"}
+    held = {t["taskInfo"]["name"]: set(_tasks(comps[t["componentRef"]["name"]])) for t in branches.values()}
+    assert held == {"pretrain-in-task": {"pretrain-encoder"}, "pretrain-trainjob": {"pretrain-trainjob"}}
+
+    # the TrainJob launcher's inputs: the switch's parameters, the section, the store, the lineage by value
+    job = _dag_holding(spec, "pretrain-trainjob")["pretrain-trainjob"]
+    params = job["inputs"]["parameters"]
+    for param, source in (("nodes", "trainjob_nodes"), ("gpus_per_node", "trainjob_gpus_per_node"),
+                          ("runtime", "trainjob_runtime"), ("pretrain", "pretrain"), ("tracking_uri", "tracking_uri")):
+        assert params[param] == {"componentInputParameter": f"pipelinechannel--{source}"}, param
+    for param, output in (("dataset_version", "dvc_md5"), ("dataset_git_commit", "git_commit")):
+        channel = param if name == "training" else f"version-chips-{output}"  # the pipeline's own, or the version task's
+        assert params[param] == {"componentInputParameter": f"pipelinechannel--{channel}"}, param
+    if name == "training":  # the store's URI as a string: the waiting task never downloads the store
+        assert params["store_uri"] == {"componentInputParameter": "pipelinechannel--store_uri"}
+        assert "artifacts" not in job["inputs"]
+    else:  # the tile task's store artifact (its URI is on S3 when the pipeline root is)
+        assert "store_uri" not in params
+        assert job["inputs"]["artifacts"]["store"] == {"componentInputArtifact": "pipelinechannel--tile-scene-store"}
+    assert job["cachingOptions"] == {"enableCache": True}
+
+    # the launcher only waits: the CPU image, no GPU, no GPU node; the in-task branch keeps the GPU
+    launcher = execs["exec-pretrain-trainjob"]["container"]
+    assert launcher["image"] == IMAGE and "accelerator" not in launcher["resources"]
+    assert "nodeSelector" not in k8s["exec-pretrain-trainjob"] and "tolerations" not in k8s["exec-pretrain-trainjob"]
+    assert {s["secretName"] for s in k8s["exec-pretrain-trainjob"]["secretAsEnv"]} == {"sarflow-s3", "sarflow-mlflow"}
+    in_task = execs["exec-pretrain-encoder"]["container"]
+    assert in_task["image"] == GPU_IMAGE and in_task["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+
+    # dsl.OneOf of both branches' reference -> encoder-reference -> every embedding part's encoder
+    (oneof_key, oneof), = comps[f"comp-{branches_name}"]["dag"]["outputs"]["parameters"].items()
+    picked = {(s["producerSubtask"], s["outputParameterKey"]) for s in oneof["valueFromOneof"]["parameterSelectors"]}
+    by_branch = {t["taskInfo"]["name"]: n for n, t in branches.items()}
+    assert picked == {(by_branch["pretrain-in-task"], "pipelinechannel--pretrain-encoder-reference"),
+                      (by_branch["pretrain-trainjob"], "pipelinechannel--pretrain-trainjob-reference")}
+    dag = _dag_holding(spec, "encoder-reference")
+    assert dag["encoder-reference"]["inputs"]["parameters"]["reference"]["taskOutputParameter"] == {
+        "producerTask": branches_name, "outputParameterKey": oneof_key}
+    assert execs["exec-encoder-reference"]["container"]["image"] == IMAGE
+    assert "accelerator" not in execs["exec-encoder-reference"]["container"]["resources"]
+    embed_loop = next(t for t in dag.values() if "pipelinechannel--encoder-reference-chosen_encoder" in
+                      t.get("inputs", {}).get("artifacts", {}))
+    assert _tasks(comps[embed_loop["componentRef"]["name"]])["embed-shards"]["inputs"]["artifacts"]["encoder"] == {
+        "componentInputArtifact": "pipelinechannel--encoder-reference-chosen_encoder"}
+    assert dag["publish-embeddings"]["inputs"]["artifacts"]["encoder"]["taskOutputArtifact"] == {
+        "producerTask": "encoder-reference", "outputArtifactKey": "chosen_encoder"}
+    assert not any("pretrain-" in json.dumps(t.get("inputs", {})) for n, t in dag.items()
+                   if n != branches_name)  # nothing else reads a branch's output
+
+
+def test_the_trainjob_launcher_refuses_a_store_its_nodes_cannot_read(tmp_path):
+    """The TrainJob's nodes read the store from S3: a local store is a one-line InputError before
+    any cluster call."""
+    from kfp.dsl import Dataset, Metrics, Model
+
+    from components.pretrain import pretrain_trainjob
+    from sarflow.errors import InputError
+
+    out = dict(encoder=Model(name="encoder", uri=str(tmp_path / "encoder")),
+               metrics=Metrics(name="metrics", uri=str(tmp_path / "metrics")))
+    with pytest.raises(InputError, match=r"^/data/chips.zarr: a TrainJob's nodes read the store from object storage"):
+        pretrain_trainjob.python_func(store_uri="/data/chips.zarr", nodes=2, **out)
+    local = Dataset(name="store", uri=str(tmp_path / "chips.zarr"))  # a local pipeline root's artifact
+    with pytest.raises(InputError, match="s3:// store_uri"):
+        pretrain_trainjob.python_func(store=local, nodes=2, **out)
+    assert not (tmp_path / "encoder").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_pretraining_switch_runs_in_the_task_under_kfp_local(tiny_store, tmp_path):
+    """The default (trainjob_nodes=0) under kfp.local: pretrain-encoder runs, the TrainJob branch does
+    not, and encoder-reference hands on exactly the reference pretrain-encoder wrote."""
+    from kfp import dsl
+    from kfp.dsl import Dataset
+
+    from pipelines.training import TRAINJOB_RUNTIME, pretrain_stages
+    from sarflow.mlops.kfp_runner import run_local
+
+    def switch(store_uri, tracking_uri, pretrain, trainjob_nodes=0):
+        store = dsl.importer(artifact_uri=store_uri, artifact_class=Dataset, reimport=False)
+        pretrain_stages(store.output, store_uri=store_uri, tracking_uri=tracking_uri, pretrain=pretrain,
+                        trainjob=(trainjob_nodes, 1, TRAINJOB_RUNTIME), dataset_version="d41d8.dir",
+                        dataset_git_commit="c0ffee")
+
+    # types, not this module's postponed (string) annotations, are what KFP reads
+    switch.__annotations__ = {"store_uri": str, "tracking_uri": str, "pretrain": dict, "trainjob_nodes": int}
+    switch = dsl.pipeline(name="pretrain-switch")(switch)
+
+    tiny = {"method": "mae", "batch_size": 8, "vit": {"size": "tiny", "patch": 8, "depth": 1, "dim": 32, "heads": 2},
+            "optim": {"max_steps": 2, "warmup_steps": 1}, "monitor_every": 2, "monitor_chips": 8,
+            "methods": {"mae": {"decoder_dim": 32, "decoder_depth": 1}}}
+    run = run_local(switch, tmp_path / "kfp", store_uri=str(tiny_store), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    pretrain=tiny)
+    (written,) = run.files("encoder")  # pretrain-encoder's own output: the TrainJob branch did not run
+    (chosen,) = run.files("chosen_encoder")
+    assert json.loads(chosen.read_text()) == json.loads(written.read_text())
+    ref = json.loads(chosen.read_text())
+    assert ref["model_uri"] == "models:/sarflow-encoder-mae/1" and ref["dataset_version"] == "d41d8.dir"
+    assert not list(run.run_dir.rglob("pretrain-trainjob*"))
 
 
 def test_params_sections_are_passed_whole_or_by_key():
