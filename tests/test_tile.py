@@ -183,6 +183,38 @@ def test_a_stale_partial_build_from_other_inputs_is_discarded(tiny_scene, tmp_pa
     assert not (out / "junk").exists() and not partial.exists()
 
 
+@pytest.mark.parametrize("point", [pytest.param("before-rename", marks=pytest.mark.slow),
+                                   pytest.param("replacing", marks=pytest.mark.slow), "after-rename", "mid-cleanup"])
+def test_kill_9_in_finalize_then_rerun_finishes_the_same_build(tiny_scene, tiny_store, tmp_path, caplog, point):
+    """Issue 16: a kill after finalize removed its checkpoint but before the rename discarded a complete
+    build. Now `_build/` goes only after the rename (tile_units._clean_up): `sarflow tile` killed at each
+    point of finalize (the test hook $SARFLOW_TEST_KILL_AT), the rerun finishes that build (no unit is
+    rewritten), the store equals an uninterrupted run's and nothing but the store is left."""
+    out = tmp_path / "s.zarr"
+    replacing = point == "replacing"
+    if replacing:  # --overwrite of an existing store: killed between moving it aside and the rename
+        out.mkdir()
+        (out / "old-store").write_text("x")
+    cmd = [SARFLOW, "tile", str(tiny_scene), "--out", str(out), "--shard-chips", "16", "--quiet",
+           *(["--overwrite"] if replacing else [])]
+    killed = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SARFLOW_TEST_KILL_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    build = out if point in ("after-rename", "mid-cleanup") else out.with_name("s.zarr.partial")
+    assert (build / "_build" / "plan.json").is_file()
+    shards = {str(p.relative_to(build)): p.stat().st_mtime_ns  # the units' shards (not finalize's coordinates)
+              for m in zarr.open_group(str(tiny_store), mode="r").attrs["modalities"]
+              for p in build.glob(f"{m}/c/**/*") if p.is_file()}
+    assert shards
+    with caplog.at_level("INFO", logger="sarflow.data.tile"):
+        again = tile(load_catalog(tiny_scene), out, TileOptions(shard_chips=16, overwrite=replacing), show_progress=False)
+    assert "resuming" in caplog.text and f"planned {out}" not in caplog.text  # the killed build, not a new one
+    assert {r: (out / r).stat().st_mtime_ns for r in shards} == shards  # no unit written again
+    assert _files(again) == _files(tiny_store)
+    assert gpd.read_parquet(out / "chips.parquet").equals(gpd.read_parquet(tiny_store / "chips.parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no .partial, .replaced or lock left
+    assert not (out / "_build").exists()
+
+
 # ---------------------------------------------------------------- other input forms
 
 def test_stac_item_source_equals_the_same_files_by_path(tiny_scene, tiny_store, tmp_path):

@@ -11,7 +11,8 @@ How it runs (three steps, data/tile_units.py, so separate processes or pods can 
 - `finalize` merges the reports in order (chips.parquet, train statistics), writes the group
   attributes last and consolidates the metadata.
 `tile()` is the one-process reference: plan -> every unit -> finalize. A local store is built in
-`<out>.partial/` and appears by rename; a killed run resumes at the first unit without a report.
+`<out>.partial/` and appears by rename (its build state removed after); a killed run resumes at the
+first unit without a report, or finishes the finalize it was in (no `.partial` survives the rerun).
 Chip order, split and statistics depend only on the inputs and the options, so the same inputs
 give byte-identical stores however the run was interrupted or cut into units.
 One build of a local output at a time: a second `tile` on the same output is refused at once
@@ -513,8 +514,8 @@ def _tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions, show_pr
         if loc.s3:
             if not previous:
                 loc.remove()
-        else:
-            shutil.rmtree(loc.work, ignore_errors=True)
+        else:  # the build, never the store: a store renamed into place (`Location.placed`) is finished
+            shutil.rmtree(loc.partial, ignore_errors=True)
         raise
     elapsed = time.perf_counter() - t0
     log.info("tiled %d chips in %.1fs (%.1f chips/s)", p.total, elapsed, p.total / max(elapsed, 1e-9))

@@ -15,8 +15,12 @@
   `chips.parquet`, the arrays' statistics and the group attributes last, consolidates the
   metadata and removes `_build/`.
 
-A local store is built in `<out>.partial/` and appears by rename; an s3:// store is written in
-place (prefix), readers see it finished when the group attributes (`chips`) are there.
+A local store is built in `<out>.partial/` and appears by rename; its build state is removed only
+after that rename (`_clean_up`, the plan last), so a run stopped at any point of finalize is
+finished by the next run, never rebuilt: before the rename it redoes finalize in `<out>.partial/`,
+after it it removes what is left (the replaced store, `_build/`); no `.partial` survives. An s3://
+store is written in place (prefix), readers see it finished when the group attributes (`chips`)
+are there.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import json
 import logging
 import os
 import pickle
+import shutil
+import signal
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -49,19 +55,31 @@ log = logging.getLogger("sarflow.data.tile")
 BUILD = "_build"
 MANIFEST = "manifest.json"
 UNIT_MEMORY = 256 << 20  # bytes of chips a unit holds at most when its size is automatic
+KILL_AT = "SARFLOW_TEST_KILL_AT"  # test hook (tests/test_tile.py): SIGKILL this process at that point of finalize
+
+
+def _kill_point(name: str) -> None:
+    """Test hook: a process whose $SARFLOW_TEST_KILL_AT is `name` kills itself here (kill -9 at a
+    precise point of finalize: before-rename, replacing, after-rename, mid-cleanup)."""
+    if os.environ.get(KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- where the store is built
 
 class Location:
     """A store's URI (local folder or s3://bucket/prefix) and where it is built: `<out>.partial`
-    locally (renamed into place by finalize), the prefix itself on S3."""
+    locally (renamed into place by finalize), the prefix itself on S3. `placed`: a local store
+    renamed into place by a finalize that was stopped before it removed its build state (`_build/`
+    is still in it, no `.partial` beside it): the build is there, only the clean-up is left."""
 
     def __init__(self, uri: str | Path):
         uri = str(uri)
         self.s3 = is_s3(uri)
         self.uri = uri.rstrip("/") if self.s3 else str(Path(uri).resolve())
-        self.work = self.uri if self.s3 else self.uri + ".partial"
+        self.partial = None if self.s3 else self.uri + ".partial"
+        self.placed = not self.s3 and not Path(self.partial).exists() and Path(self.uri, BUILD).is_dir()
+        self.work = self.uri if self.s3 or self.placed else self.partial
         if self.s3:
             import s3fs
 
@@ -101,7 +119,7 @@ class Location:
     def finished(self) -> bool:
         """A finished store is at the URI (locally: the folder; on S3: group attributes with `chips`)."""
         if not self.s3:
-            return Path(self.uri).exists()
+            return Path(self.uri).exists() and not self.placed
         try:
             meta = json.loads(self.read("zarr.json"))
         except (FileNotFoundError, OSError, ValueError):
@@ -294,7 +312,13 @@ def _plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
         if existing is not None and existing.fingerprint == fingerprint:
             log.info("resuming %s: %d units planned", loc.work, len(existing.units))
             return existing
-        log.info("discarding %s: it was built from other inputs or options", loc.work)
+        if not loc.placed:
+            log.info("discarding %s: it was built from other inputs or options", loc.work)
+    if loc.placed:  # a finished store (of other inputs or options) whose finalize stopped before its clean-up
+        _clean_up(loc)
+        if not options.overwrite:
+            raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
+        loc = Location(out)
     loc.remove()
     grid = ing.grid
     with gdal_env([u for s in ing.sources for u in s.files]):
@@ -340,7 +364,8 @@ def _load_build(loc: Location) -> tuple[Plan, Ingested, dict, np.ndarray]:
 
 
 def unit_done(out: str | Path, unit: int) -> bool:
-    return Location(out).exists(BUILD, "units", f"{unit:06d}.json")
+    loc = Location(out)
+    return loc.placed or loc.exists(BUILD, "units", f"{unit:06d}.json")  # placed: every unit is in the store
 
 
 def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bool = False) -> dict:
@@ -349,6 +374,9 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     from sarflow.data.tile import BlockRenderer, _ordered, chip_contribution, plan_blocks
 
     loc = Location(out)
+    if loc.placed:
+        raise InputError(loc.uri, "the store is already finalized, every unit is in it (`sarflow tile-finalize "
+                                  f"{loc.uri}` finishes the clean-up its finalize was stopped in)")
     p, ing, resampling, table = _load_build(loc)
     if not 0 <= unit < len(p.units):
         raise InputError(loc.uri, f"unit {unit} does not exist (the plan has units 0..{len(p.units) - 1})")
@@ -424,11 +452,16 @@ def _on_chip_grid(contrib: list, k: int) -> list:
 # ---------------------------------------------------------------- finalize
 
 def finalize(out: str | Path) -> str:
-    """Step 3: chips.parquet, statistics and group attributes (last), consolidated metadata; removes
-    the build state (and renames a local build into place). Returns the store's URI."""
+    """Step 3: chips.parquet, statistics and group attributes (last), consolidated metadata; renames
+    a local build into place, then removes the build state (`_clean_up`). Returns the store's URI.
+    A store already renamed into place (a finalize stopped after its rename) only gets the clean-up."""
     from sarflow.data.tile import Stats, _chips_table
 
     loc = Location(out)
+    if loc.placed:
+        log.info("finishing %s: its finalize was stopped after the store was renamed into place", loc.uri)
+        _clean_up(loc)
+        return loc.uri
     p, ing, _, _ = _load_build(loc)
     missing = [u for u in range(len(p.units)) if not loc.exists(BUILD, "units", f"{u:06d}.json")]
     if missing:
@@ -486,21 +519,43 @@ def finalize(out: str | Path) -> str:
     with warnings.catch_warnings():  # zarr notes consolidated metadata is not in the v3 spec yet
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(store)
-    loc.remove(BUILD)
-    if not loc.s3:
-        out_path, partial = Path(loc.uri), Path(loc.work)
+    _kill_point("before-rename")
+    if loc.s3:
+        loc.remove(BUILD)
+    else:  # the store appears whole by rename, its build state still in it: removed only after that
+        out_path, trash = Path(loc.uri), _replaced(loc)
         if out_path.exists():
-            import shutil
-
-            trash = out_path.with_name(out_path.name + ".replaced")
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(out_path, trash)
-            os.replace(partial, out_path)
-            shutil.rmtree(trash)
-        else:
-            os.replace(partial, out_path)
+            _kill_point("replacing")
+        os.replace(loc.work, out_path)
+        _kill_point("after-rename")
+        _clean_up(Location(out_path))
     log.info("wrote %d chips to %s", total, loc.uri)
     return loc.uri
+
+
+def _replaced(loc: Location) -> Path:
+    """Where finalize moves the store it replaces (--overwrite) until the new one is in place."""
+    return Path(loc.uri + ".replaced")
+
+
+def _clean_up(loc: Location) -> None:
+    """The last step of a local finalize, once the store is in place: removes the store it replaced
+    and the build state, the plan last (a clean-up stopped half-way still finds the plan, so the next
+    run of the same inputs resumes as this finalize and succeeds)."""
+    shutil.rmtree(_replaced(loc), ignore_errors=True)
+    build = Path(loc.uri, BUILD)
+    if not build.is_dir():
+        return
+    for p in sorted(build.iterdir()):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.name != "plan.json":
+            p.unlink()
+    _kill_point("mid-cleanup")
+    (build / "plan.json").unlink(missing_ok=True)
+    build.rmdir()
 
 
 def run_units(out: str | Path, units: list[int] | None = None, processes: int = 1, workers: int | None = None,
