@@ -32,8 +32,22 @@ def two_tasks(fail: bool = False):
     shout(word=first.output, fail=fail)
 
 
+@dsl.pipeline(name="console-branches")
+def branches(pick: int = 0):
+    first = say(word="hello")
+    with dsl.If(pick == 0):
+        say(word="a")
+        shout(word="a", fail=False)
+    with dsl.Else():
+        say(word="b")
+    with dsl.If(first.output == "HELLO"):
+        shout(word="c", fail=False)
+
+
 def test_count_tasks_counts_executor_tasks():
     assert count_tasks(two_tasks) == 2
+    # If/Else: one branch runs, the larger one counts (2); a lone dsl.If counts its task
+    assert count_tasks(branches) == 1 + 2 + 1
 
 
 def _run(tmp_path, fail: bool, verbose: bool = False):

@@ -23,18 +23,20 @@ TAIL_LINES = 15
 
 
 def count_tasks(pipeline) -> int | None:
-    """Executor tasks in the compiled spec, sub-DAGs included (a ParallelFor body counts once)."""
+    """Executor tasks in the compiled spec, sub-DAGs included (a ParallelFor body counts once; of
+    dsl.If/Elif/Else branches, whose tasks are all conditional, only the largest counts: one runs)."""
     spec = getattr(pipeline, "pipeline_spec", None)
     if spec is None:
         return None
     components = spec.components
 
     def count(dag) -> int:
-        n = 0
+        sizes = []
         for task in dag.tasks.values():
             comp = components.get(task.component_ref.name)
-            n += count(comp.dag) if comp is not None and comp.HasField("dag") else 1
-        return n
+            sizes.append(count(comp.dag) if comp is not None and comp.HasField("dag") else 1)
+        branches = len(sizes) > 1 and all(t.trigger_policy.condition for t in dag.tasks.values())
+        return max(sizes) if branches else sum(sizes)
 
     return count(spec.root.dag)
 
