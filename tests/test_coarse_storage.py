@@ -164,6 +164,11 @@ def test_reader_upsamples_coarse_arrays_by_repeating_pixels(stores):
         np.testing.assert_array_equal(parts, expected)
     lc = read_masked(g["lc"])
     assert np.isnan(lc).any() and not np.isnan(lc).all()
+    from sarflow.data.chipstore import chip_shape, open_store
+
+    assert chip_shape(g["coh"]) == (g["coh"].shape[0], 2, 32, 32) and chip_shape(g["amp"]) == g["amp"].shape
+    summary = open_store(stores["coarse"]).summary()["modalities"]  # `sarflow info --json`
+    assert summary["coh"]["store_resolution"] == COARSE and "store_resolution" not in summary["amp"]
 
 
 def test_xarray_sees_coarse_arrays_on_their_own_grid_and_chips_on_the_chip_grid(stores):

@@ -277,6 +277,7 @@ class ChipStore:
                           else "no integrity record (`sarflow verify STORE --record` writes one)"),
             "modalities": {
                 m: {k: self.group[m].attrs[k] for k in ("bands", "units", "kind")} | {"shape": list(self.group[m].shape)}
+                | ({"store_resolution": self.group[m].attrs["store_resolution"]} if store_factor(self.group[m]) > 1 else {})
                 for m in self.modalities
             },
         }
