@@ -33,13 +33,18 @@ GPU_IMAGE = "ghcr.io/sarflow/sarflow-gpu:0.1.0"
 
 # component -> its module, imported on first use (PEP 562): `import components.paths` (what the
 # CLI uses to make paths absolute) must not cost every command an import of kfp
-_MODULES = {"synth_scene": "synth", "ingest_scene": "ingest", "tile_scene": "tile", "version_chips": "version",
-            "pretrain_encoder": "pretrain", "pretrain_trainjob": "pretrain", "embed_chips": "embed", "materialize_features": "materialize",
-            "train_probes": "downstream", "train_llp": "downstream", "report_results": "downstream",
-            "promote_model": "promote", "publish_champion": "promote"}
+_MODULES = {
+    "synth_scene": "synth", "ingest_scene": "ingest",
+    "tile_scene": "tile", "plan_tiles": "tile", "write_tile_unit": "tile", "finalize_tiles": "tile", "tile_units_job": "tile",
+    "version_chips": "version",
+    "pretrain_encoder": "pretrain", "pretrain_trainjob": "pretrain", "encoder_reference": "pretrain",
+    "embed_chips": "embed", "plan_embed": "embed", "embed_shards": "embed", "publish_embeddings": "embed",
+    "materialize_features": "materialize", "plan_materialize": "materialize", "materialize_part": "materialize",
+    "train_probes": "downstream", "train_llp": "downstream", "report_results": "downstream",
+    "promote_model": "promote", "publish_champion": "promote",
+}
 
-__all__ = ["BASE_IMAGE", "GPU_IMAGE", "synth_scene", "ingest_scene", "tile_scene", "version_chips", "pretrain_encoder", "pretrain_trainjob",
-           "embed_chips", "materialize_features", "train_probes", "train_llp", "promote_model", "publish_champion"]
+__all__ = ["BASE_IMAGE", "GPU_IMAGE", *_MODULES]
 
 
 def __getattr__(name: str):

@@ -169,3 +169,21 @@ def test_dependencies_are_what_the_code_imports():
     unused = sorted(declared - used - used_without_import)
     assert not missing, "imported but not declared in pyproject.toml:\n" + "\n".join(missing)
     assert not unused, f"declared in pyproject.toml but never imported: {unused}"
+
+
+def test_every_component_is_reachable_from_the_components_package():
+    """`components.<name>` resolves every KFP component defined in components/*.py (the lazy registry
+    in components/__init__.py lists them all), and nothing else is listed."""
+    import ast
+
+    import components
+
+    defined = set()
+    for path in (ROOT / "components").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                    "component" in ast.unparse(d) for d in node.decorator_list):
+                defined.add(node.name)
+    assert defined and defined == set(components._MODULES), defined ^ set(components._MODULES)
+    for name in defined:
+        assert getattr(components, name).name, name
