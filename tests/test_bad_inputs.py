@@ -317,6 +317,27 @@ def test_a_killed_embed_leaves_no_partial_folder_behind_the_next_run(tmp_path):
     assert [p.name for p in out.iterdir()] == ["part-00000.parquet"]
 
 
+def test_a_partition_moved_aside_by_a_killed_overwrite_is_put_back_by_the_next_write(tmp_path):
+    """Issue 16: `embed --overwrite` killed between moving the old partition aside and renaming the
+    new one in left no partition, and the next write in the folder deleted the old copy too. The
+    next write now puts the old partition back (the new one, never renamed, is recomputed by a rerun)."""
+    import subprocess
+    import sys
+
+    from sarflow.features.embed import folder_replaced
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = gone.stdout.strip()
+    old = tmp_path / f".partial-{pid}-old-abc" / "version=1"  # the state the kill left
+    old.mkdir(parents=True)
+    (old / "part-00000.parquet").write_bytes(b"old rows")
+    (tmp_path / f".partial-{pid}-def").mkdir()  # the new partition, never renamed in
+    with folder_replaced(tmp_path / "version=2") as tmp:  # the next write in the folder (another version)
+        (tmp / "part-00000.parquet").write_bytes(b"v2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["version=1", "version=2"]
+    assert (tmp_path / "version=1" / "part-00000.parquet").read_bytes() == b"old rows"
+
+
 @pytest.mark.parametrize("command", ["ingest", "embed", "export", "tile"])
 @pytest.mark.parametrize("blocked", ["under-a-file", "read-only"])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tiny_scene, tmp_path, command, blocked):

@@ -395,11 +395,16 @@ PART_KEY = b"sarflow.part"
 def folder_replaced(out: Path):
     """A local folder written whole or not at all: the block fills a hidden sibling, which then
     replaces `out` by one rename; on any error (or a kill) no half-written `out` is left and the
-    sibling is removed; one a killed run left behind is removed by the next run)."""
+    sibling is removed; one a killed run left behind is removed by the next run, except an old
+    folder moved aside whose replacement never arrived: that one is put back)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(".partial-*"):  # .partial-<pid>-<random>: a writer of this machine
         pid = stale.name.split("-")[1]
         if pid.isdigit() and not alive(int(pid)):
+            if "-old-" in stale.name:  # killed between moving the old folder aside and the rename
+                for moved in stale.iterdir():
+                    if not (out.parent / moved.name).exists():
+                        os.replace(moved, out.parent / moved.name)
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".partial-{os.getpid()}-"))
     try:
