@@ -246,3 +246,42 @@ def test_catalogs_without_the_key_keep_their_hash(stores, tmp_path):
     coarse = load_catalog(write_catalog(tmp_path / "k.yaml", GRID, _sources(stores["files"], coarse=True))).catalog
     assert coarse.hash() != cat.hash()
     assert yaml.safe_load((tmp_path / "k.yaml").read_text())["sources"][1]["store_resolution"] == COARSE
+
+
+def test_every_consumer_sees_coarse_arrays_at_chip_size(stores, tmp_path):
+    """The stages that size their buffers from an array (pixel baselines, label features, the SSL
+    monitor, LLP's pixels, the embedding reader, export) get chip-sized values equal to the reader's."""
+    import rasterio
+
+    from sarflow.data.chip_labels import label_features
+    from sarflow.data.export import export_chips
+    from sarflow.downstream.baselines import chip_tensor
+    from sarflow.downstream.llp.data import store_pixels, store_truth
+    from sarflow.features.embed import _batch_tensor
+    from sarflow.training.monitor import chip_classes
+
+    store = str(stores["coarse"])
+    g = zarr.open_group(store, mode="r")
+    n = int(g.attrs["chips"])
+    coh, lc = read_masked(g["coh"]), read_masked(g["lc"])[:, 0]
+    x = chip_tensor(store, ["amp", "coh"])  # full- and coarse-resolution inputs side by side
+    assert x.shape == (n, 3, 32, 32)
+    assert np.isfinite(x).all() and (x[:, 1:][np.isnan(coh)] == 0).all()  # nodata filled with the mean (0 once z-scored)
+    labelled = (~np.isnan(lc)).mean(axis=(1, 2))
+    np.testing.assert_allclose(label_features(store)["lc__labelled"], labelled)
+    full = label_features(str(stores["full"]))["lc__labelled"]  # 40 m nodata cells: the same fractions at 10 m
+    np.testing.assert_allclose(label_features(store)["lc__labelled"], full)
+    rows = np.arange(0, n, 3)
+    majority = [np.bincount(c[~np.isnan(c)].astype(int), minlength=4).argmax() if (~np.isnan(c)).any() else -1
+                for c in lc[rows]]
+    np.testing.assert_array_equal(chip_classes(store, rows)["lc"], majority)
+    raw = store_pixels(g, ["coh"], n)[0]
+    np.testing.assert_array_equal(raw, coh)
+    truth = store_truth(g["lc"], [1, 2, 3], n)
+    np.testing.assert_array_equal(truth, np.where(np.isnan(lc), -1, np.nan_to_num(lc) - 1).astype(np.int64))
+    batch = _batch_tensor([(g["amp"], [0]), (g["coh"], [0, 1])], 2, 6).numpy()
+    np.testing.assert_array_equal(batch[:, 1:], coh[2:6])
+    (cog,) = export_chips(store, "coh", tmp_path / "cogs", chips=[0])
+    with rasterio.open(cog) as src:
+        assert (src.width, src.height) == (32, 32) and src.res == (10.0, 10.0)
+        np.testing.assert_array_equal(src.read(), coh[0])

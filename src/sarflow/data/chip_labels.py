@@ -47,7 +47,7 @@ def label_columns(group, where: str = "store") -> list[str]:
 
 def label_features(store: str) -> dict[str, np.ndarray]:
     """Every label column of `label_columns`, one value per store row (NaN where not measurable)."""
-    from sarflow.data.chipstore import iter_masked, label_sources, open_chip_group
+    from sarflow.data.chipstore import chip_shape, iter_masked, label_sources, open_chip_group
 
     group = open_chip_group(store)
     n = int(group.attrs["chips"])
@@ -58,7 +58,7 @@ def label_features(store: str) -> dict[str, np.ndarray]:
             codes = np.asarray(lab.codes, np.float32)
             counts = np.zeros((n, len(codes)))
             labelled = np.zeros(n)
-            pixels = float(np.prod(arr.shape[2:]))
+            pixels = float(np.prod(chip_shape(arr)[2:]))
             unknown: dict[float, int] = {}
             for start, block in iter_masked(arr, n):
                 flat = block[:, 0].reshape(len(block), -1)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sarflow.data.chipstore import ChipStore, chip_record, chip_transform, masked, open_store, store_crs
+from sarflow.data.chipstore import (ChipStore, chip_record, chip_shape, chip_transform, masked, open_store, store_crs,
+                                    store_factor, upsample)
 from sarflow.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,13 @@ def _encode(arr, raw: np.ndarray, enc: _Encoding) -> tuple[np.ndarray, np.ndarra
 
 
 def _read(arr, rows: list[int]) -> dict[int, np.ndarray]:
-    """Raw chips of `rows` (any order, repeats allowed), read in sorted batches."""
+    """Raw chips of `rows` (any order, repeats allowed), read in sorted batches, on the chip grid (an array
+    stored coarser is upsampled as `read_masked` does: `chipstore.upsample`)."""
     got: dict[int, np.ndarray] = {}
     uniq = sorted(set(rows))
     for i in range(0, len(uniq), READ_BATCH):
         batch = uniq[i:i + READ_BATCH]
-        raw = arr.oindex[batch]
+        raw = upsample(arr.oindex[batch], store_factor(arr))
         got.update({r: raw[k] for k, r in enumerate(batch)})
     return got
 
@@ -146,7 +148,7 @@ def export_chips(store, modality: str, out_dir, chips=None, split: str | None = 
     crs_wkt = _crs_wkt(st)
     cmap = _colormap(st, modality, enc)
     out_dir = Path(out_dir)
-    count, h, w = (int(s) for s in arr.shape[1:])
+    count, h, w = (int(s) for s in chip_shape(arr)[1:])
     base_tags = {"sarflow_store": where, "sarflow_modality": modality, "units": enc.units, "kind": enc.kind,
                  "catalog_hash": st.attrs.get("catalog_hash")}
     rows = [int(r) for r in sel["index"]]
@@ -175,7 +177,7 @@ def _mosaic(st, arr, sel, rows, enc, res, crs_wkt, cmap, path, tags) -> Path:
             for _, rec in part.iterrows():
                 yield (rec, *_encode(arr, raws[int(rec["index"])], enc))
 
-    count, h, w = (int(s) for s in arr.shape[1:])
+    count, h, w = (int(s) for s in chip_shape(arr)[1:])
     out = _write_mosaic(path, sel, chips, (count, h, w), enc, res, crs_wkt, cmap, tags | {"chips": len(rows)})
     log.info("%s: mosaic of %d chip(s) of %s written to %s", tags["sarflow_store"], len(rows), tags["sarflow_modality"], out)
     return out

@@ -66,16 +66,16 @@ def pixel_statistics(store: str, modalities=None) -> tuple[np.ndarray, list[str]
 def chip_tensor(store: str, modalities=None) -> np.ndarray:
     """(chips, channels, H, W) float32, z-scored with the store's train statistics; nodata is
     filled with the band's mean (0 once z-scored)."""
-    from sarflow.data.chipstore import continuous_inputs, iter_masked, open_chip_group
+    from sarflow.data.chipstore import chip_shape, continuous_inputs, iter_masked, open_chip_group
 
     group = open_chip_group(store)
     n = int(group.attrs["chips"])
     mods = continuous_inputs(group, modalities, store, "the pixel baselines")
     arrays = [group[m] for m in mods]
-    shapes = {a.shape[2:] for a in arrays}
+    shapes = {chip_shape(a)[2:] for a in arrays}
     if len(shapes) > 1:
         raise InputError(store, f"inputs {mods} have chips of different sizes {sorted(shapes)}")
-    out = np.zeros((n, sum(a.shape[1] for a in arrays)) + arrays[0].shape[2:], np.float32)
+    out = np.zeros((n, sum(a.shape[1] for a in arrays)) + chip_shape(arrays[0])[2:], np.float32)
     c = 0
     for arr in arrays:
         mean, std = band_mean_std(arr)

@@ -204,9 +204,9 @@ def _batch_tensor(arrays: list, start: int, stop: int, pin: bool = False, shared
     process hands to its parent without a copy)."""
     import torch
 
-    from sarflow.data.chipstore import read_masked
+    from sarflow.data.chipstore import chip_shape, read_masked
 
-    shape = (stop - start, sum(len(idx) for _, idx in arrays), *arrays[0][0].shape[2:])
+    shape = (stop - start, sum(len(idx) for _, idx in arrays), *chip_shape(arrays[0][0])[2:])
     if shared:  # as torch's default_collate does in a DataLoader worker
         x = torch.empty(0, dtype=torch.float32)
         x = x.new(x._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")).resize_(shape)

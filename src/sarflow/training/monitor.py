@@ -90,7 +90,7 @@ def chip_classes(store: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Per declared categorical label source: the majority class code of each of the store `rows`
     (sorted; -1 where the chip has no labelled pixel). Only those rows' label chips are read (the
     monitor's few hundred chips, not a continental store's labels)."""
-    from sarflow.data.chipstore import label_sources, open_chip_group, read_masked
+    from sarflow.data.chipstore import chip_shape, label_sources, open_chip_group, read_masked
 
     group = open_chip_group(store)
     rows = np.asarray(rows, np.int64)
@@ -99,7 +99,7 @@ def chip_classes(store: str, rows: np.ndarray) -> dict[str, np.ndarray]:
         if lab.kind != "categorical" or not lab.codes:
             continue
         arr = group[lab.name]
-        flat = read_masked(arr, rows, bands=[0]).reshape(len(rows), int(np.prod(arr.shape[2:])))
+        flat = read_masked(arr, rows, bands=[0]).reshape(len(rows), int(np.prod(chip_shape(arr)[2:])))
         codes = np.asarray(lab.codes, np.float32)
         counts = np.stack([(flat == c).sum(axis=1) for c in codes], axis=1) if len(rows) else np.zeros((0, len(codes)))
         out[lab.name] = np.where(counts.sum(axis=1) > 0, np.asarray(lab.codes)[counts.argmax(axis=1)], -1)

@@ -365,13 +365,13 @@ def block_counts(truth_map: np.ndarray, h: int, w: int, k: int) -> np.ndarray:
 def store_pixels(group, modalities: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw pixels (NaN at nodata: `chipstore.iter_masked`), normalised pixels (NaN kept), per-channel
     mean and std (the store's train statistics)."""
-    from sarflow.data.chipstore import iter_masked
+    from sarflow.data.chipstore import chip_shape, iter_masked
     from sarflow.downstream.baselines import band_mean_std
 
     raws, means, stds = [], [], []
     for name in modalities:
         arr = group[name]
-        raw = np.empty((n,) + tuple(arr.shape[1:]), np.float32)
+        raw = np.empty((n,) + tuple(chip_shape(arr)[1:]), np.float32)
         for start, chips in iter_masked(arr, n):
             raw[start:start + len(chips)] = chips
         raws.append(raw)
@@ -389,9 +389,9 @@ def store_pixels(group, modalities: list[str], n: int) -> tuple[np.ndarray, np.n
 def store_truth(arr, classes: list[int], n: int) -> np.ndarray:
     """(n, H, W) class position of every pixel of a categorical label (`chipstore.iter_masked`:
     -1 at nodata and for codes that are not among `classes`)."""
-    from sarflow.data.chipstore import iter_masked
+    from sarflow.data.chipstore import chip_shape, iter_masked
 
-    truth = np.full((n,) + tuple(arr.shape[2:]), -1, np.int64)
+    truth = np.full((n,) + tuple(chip_shape(arr)[2:]), -1, np.int64)
     for start, chips in iter_masked(arr, n, bands=[0]):
         part = truth[start:start + len(chips)]
         for i, c in enumerate(classes):
