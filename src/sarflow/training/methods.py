@@ -21,6 +21,7 @@ from pydantic.dataclasses import dataclass as config_dataclass
 from torch import nn
 
 from sarflow.params import STAGE_CONFIG
+from sarflow.training.augment import random_views
 from sarflow.training.encoder import ChipEncoder
 from sarflow.training.vit import Block, ViT, ViTConfig, pos_embed_on
 
@@ -310,66 +311,97 @@ class MAE(SSLModule):
 # ------------------------------------------------------------------------ DINO
 
 class DINOHead(nn.Module):
-    def __init__(self, dim: int, out_dim: int, hidden: int = 512, bottleneck: int = 128):
+    """DINO's projection head: an MLP of `layers` linear layers (GELU) to a `bottleneck`, L2-normalised,
+    then a weight-normalised linear layer without bias onto `out_dim` prototypes. With
+    `norm_last_layer` the prototypes' norms stay 1 (the logits are cosines), as the paper does for ViTs."""
+
+    def __init__(self, dim: int, out_dim: int, hidden: int = 512, bottleneck: int = 128, layers: int = 3,
+                 norm_last_layer: bool = True, batch_norm: bool = False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
+        sizes = [dim] + [hidden] * (layers - 1) + [bottleneck]
+        mods: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            mods.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                mods += ([nn.BatchNorm1d(b)] if batch_norm else []) + [nn.GELU()]
+        self.mlp = nn.Sequential(*mods)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
         self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+        g = self.last.parametrizations.weight.original0  # the prototypes' norms
+        with torch.no_grad():
+            g.fill_(1.0)
+        g.requires_grad = not norm_last_layer
 
     def forward(self, x):
         return self.last(F.normalize(self.mlp(x), dim=-1))
 
 
-def random_resized_crops(x: torch.Tensor, n: int, scale: tuple[float, float], size: int) -> list[torch.Tensor]:
-    """n independent random resized crops (+ horizontal flips) per sample, on the device."""
-    b = x.shape[0]
-    out = []
-    for _ in range(n):
-        s = torch.empty(b, device=x.device).uniform_(*scale).sqrt()
-        cx = (torch.rand(b, device=x.device) * 2 - 1) * (1 - s)
-        cy = (torch.rand(b, device=x.device) * 2 - 1) * (1 - s)
-        flip = torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0)
-        theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
-        theta[:, 0, 0], theta[:, 0, 2] = s * flip, cx
-        theta[:, 1, 1], theta[:, 1, 2] = s, cy
-        grid = F.affine_grid(theta, (b, x.shape[1], size, size), align_corners=False)
-        out.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False))
-    return out
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of probability rows, 0 log 0 = 0."""
+    return -(p * p.clamp(min=1e-12).log()).sum(dim=-1)
 
 
 class DINO(SSLModule):
-    """Self-distillation (Caron et al. 2021): an EMA teacher sees the global crops, the student
-    every crop; the teacher's outputs are centred (an EMA of its batch means, `center_momentum`)
-    and sharpened (temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp`
-    over `teacher_temp_warmup` of the steps), which together keep it from collapsing to one
-    output (centering alone: uniform; sharpening alone: one-hot). The trivial reference is
-    log(out_dim), the cross-entropy of a student that outputs the uniform distribution."""
+    """Self-distillation without labels (Caron et al. 2021). The student sees 2 global and
+    `local_crops` local views of each chip (`augment.random_views`: crops, flips, quarter turns,
+    per-channel gain), an EMA teacher the global ones; the loss is the student's cross-entropy
+    to the teacher over every pair of different views.
+
+    Collapse is kept away as in the paper: the teacher's outputs are centred (an EMA of its
+    batch means, `center_momentum`, started at the first batch's mean) and sharpened
+    (temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp` over the first
+    `teacher_temp_warmup` of max_steps): centering alone drives the teacher to the uniform
+    distribution, sharpening alone to one prototype. The teacher's momentum follows a cosine
+    from `ema_start` to 1; the last layer of the student's head stays frozen for the first
+    `freeze_last_layer` of the steps and the gradient norm is clipped to `clip_grad` (both in
+    `on_before_optimizer_step`). The schedules run on `steps_done`, the optimiser steps taken,
+    so they hold with or without a Lightning Trainer.
+
+    The trivial reference is log(out_dim), what a student that outputs the uniform distribution
+    scores. The loss is the teacher's entropy plus the student's KL to it, so a sharp teacher
+    lowers it by itself; what shows the student learned something about each chip is the loss
+    below `train/teacher_batch_entropy`, the entropy of the teacher's batch-mean distribution,
+    which is exactly what predicting that mean for every chip scores (`train/teacher_entropy`,
+    the mean entropy per view, is the floor)."""
 
     def __init__(self, groups: list[Group], vit: ViTConfig, optim: OptimConfig, out_dim: int = 1024,
                  local_crops: int = 4, teacher_temp: float = 0.07, student_temp: float = 0.1,
                  center_momentum: float = 0.9, ema_start: float = 0.996, warmup_teacher_temp: float = 0.04,
-                 teacher_temp_warmup: float = 0.3):
+                 teacher_temp_warmup: float = 0.3, head_hidden: int = 512, head_bottleneck: int = 128,
+                 head_batch_norm: bool = False, norm_last_layer: bool = True, freeze_last_layer: float = 0.01,
+                 clip_grad: float = 3.0, global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
+                 gain_sigma: float = 0.1):
         super().__init__(groups, vit, optim)
         _one_group(groups, "DINO")
         self.save_hyperparameters(ignore=["groups", "vit", "optim"])
         chans = sum(len(g.bands) for g in self.groups)
         self.student = _vit_for(vit, chans)
-        self.student_head = DINOHead(self.student.dim, out_dim)
+        self.student_head = DINOHead(self.student.dim, out_dim, head_hidden, head_bottleneck,
+                                     norm_last_layer=norm_last_layer, batch_norm=head_batch_norm)
         self.teacher = copy.deepcopy(self.student)
         self.teacher_head = copy.deepcopy(self.student_head)
         for p in list(self.teacher.parameters()) + list(self.teacher_head.parameters()):
             p.requires_grad = False
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # optimiser steps: the schedules' clock
         self.local_crops, self.t_temp, self.s_temp = local_crops, teacher_temp, student_temp
         self.warmup_t_temp, self.t_temp_warmup = warmup_teacher_temp, teacher_temp_warmup
         self.center_momentum, self.ema_start = center_momentum, ema_start
+        self.freeze_last_layer, self.clip_grad = freeze_last_layer, clip_grad
+        self.global_scale, self.local_scale, self.gain_sigma = tuple(global_scale), tuple(local_scale), gain_sigma
+        self.stats: dict[str, float] = {}
 
     def crops(self, x):
+        """(2 global views at the chip size, `local_crops` local views at half of it)."""
         size = x.shape[-1]
         p = self.vit_cfg.patch
         local = max(p, (size // 2) // p * p)
-        return (random_resized_crops(x, 2, (0.4, 1.0), size),
-                random_resized_crops(x, self.local_crops, (0.05, 0.4), local))
+        return (random_views(x, 2, self.global_scale, size, self.gain_sigma),
+                random_views(x, self.local_crops, self.local_scale, local, self.gain_sigma))
 
     def teacher_temperature(self, step: int) -> float:
         """Linear warm-up from `warmup_teacher_temp` to `teacher_temp` over the first
@@ -379,13 +411,22 @@ class DINO(SSLModule):
             return self.t_temp
         return self.warmup_t_temp + (self.t_temp - self.warmup_t_temp) * step / max(1, warm)
 
-    def loss(self, x):
+    def teacher_momentum(self, step: int) -> float:
+        """Cosine from `ema_start` at step 0 to 1 at max_steps."""
+        progress = min(1.0, step / max(1, self.optim.max_steps))
+        return 1 - (1 - self.ema_start) * (math.cos(math.pi * progress) + 1) / 2
+
+    def loss(self, x, step: int | None = None, update_center: bool = True):
+        """The loss of a batch of (normalised) chips at schedule `step` (default: the steps done);
+        the centre moves only with `update_center` (training), so evaluating changes nothing."""
         globals_, locals_ = self.crops(x)
-        t_temp = self.teacher_temperature(self.global_step if self._trainer is not None else 0)
+        t_temp = self.teacher_temperature(int(self.steps_done) if step is None else step)
         with torch.no_grad():
-            t_out = [self.teacher_head(self.teacher(v)[:, 0]) for v in globals_]
+            t_out = [self.teacher_head(self.teacher(v)[:, 0]).float() for v in globals_]
+            if update_center and int(self.center_updates) == 0:  # the first batch: no history to centre with
+                self.center.copy_(torch.cat(t_out).mean(dim=0, keepdim=True))
             t_probs = [F.softmax((t - self.center) / t_temp, dim=-1) for t in t_out]
-        s_out = [self.student_head(self.student(v)[:, 0]) for v in globals_ + locals_]
+        s_out = [self.student_head(self.student(v)[:, 0]).float() for v in globals_ + locals_]
         total, terms = 0.0, 0
         for iq, q in enumerate(t_probs):
             for iv, s in enumerate(s_out):
@@ -394,23 +435,39 @@ class DINO(SSLModule):
                 total = total + torch.sum(-q * F.log_softmax(s / self.s_temp, dim=-1), dim=-1).mean()
                 terms += 1
         with torch.no_grad():
-            batch_center = torch.cat(t_out).mean(dim=0, keepdim=True)
-            self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+            q = torch.cat(t_probs)
+            self.stats = {"teacher_entropy": float(entropy(q).mean()),
+                          "teacher_batch_entropy": float(entropy(q.mean(dim=0)))}
+            if update_center:
+                batch_center = torch.cat(t_out).mean(dim=0, keepdim=True)
+                self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+                self.center_updates += 1
         return total / terms
 
     def training_step(self, batch, _):
         loss = self.loss(group_input(batch, self.groups)[0])  # masked pixels at 0 (the mean)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/trivial_loss", self.trivial_loss(batch))
-        self.log("train/teacher_temp", self.teacher_temperature(self.global_step))
+        self.log("train/teacher_temp", self.teacher_temperature(int(self.steps_done)))
+        for k, v in self.stats.items():
+            self.log(f"train/{k}", v)
         return loss
 
     def trivial_loss(self, batch: dict) -> float:
         return math.log(self.center.shape[-1])
 
+    def on_before_optimizer_step(self, optimizer):
+        """The paper's two guards on the student's update: the head's last layer is not updated
+        during the first `freeze_last_layer` of the steps, and the gradient norm is clipped."""
+        if int(self.steps_done) < int(round(self.freeze_last_layer * self.optim.max_steps)):
+            for p in self.student_head.last.parameters():
+                p.grad = None
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.clip_grad)
+
     def on_train_batch_end(self, *_):
-        step, total = self.global_step, max(1, self.optim.max_steps)
-        m = 1 - (1 - self.ema_start) * (math.cos(math.pi * min(1.0, step / total)) + 1) / 2
+        self.steps_done += 1
+        m = self.teacher_momentum(int(self.steps_done))
         with torch.no_grad():
             for ps, pt in zip(list(self.student.parameters()) + list(self.student_head.parameters()),
                               list(self.teacher.parameters()) + list(self.teacher_head.parameters())):
