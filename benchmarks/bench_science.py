@@ -29,12 +29,14 @@ measurable, with the numbers) and logs both to MLflow (run `science-benchmark`).
 
     .venv/bin/python benchmarks/bench_science.py --quick    # a few minutes on 2 cores
     .venv/bin/python benchmarks/bench_science.py            # the full run, ~1 h of CPU on 2 idle cores (estimate)
+    .venv/bin/python benchmarks/bench_science.py --skip-synthetic --mae-kwargs '{"norm_pix_loss": false}'
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import inspect
 import json
 import logging
 import os
@@ -561,6 +563,9 @@ def markdown(result: dict) -> str:
         p = real["pretrain_mae"]
         lines.append(f"| mae (Sen1Floods11, {p['chips']} chips) | {p['steps']} | {p['wall_s']} | {_fmt(p['loss_first'])} | "
                      f"{_fmt(p['loss_last'])} | {_fmt(p['trivial_loss'])} |")
+    mae_kwargs = result.get("settings", {}).get("method_kwargs", {}).get("mae")
+    if mae_kwargs and ("pretrain" in syn or "pretrain_mae" in real):
+        lines += ["", f"MAE options: `{json.dumps(mae_kwargs)}`"]
     blocks = [(f"synthetic {k}", v) for k, v in syn.get("label_efficiency", {}).items()]
     if "rows" in real.get("water", {}):
         blocks.append(("Sen1Floods11 water fraction (held-out regions)", real["water"]))
@@ -628,6 +633,7 @@ def resume(path: Path, args) -> int:
 
     torch.set_num_threads(1)
     result = json.loads(path.read_text())
+    METHOD_KWARGS.update(result["settings"].get("method_kwargs", {}))  # the interrupted run's own options
     prof = PROFILES[result["profile"]]
     work = args.work / result["profile"]
     tracking = _tracking(work)
@@ -651,11 +657,24 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mae-kwargs", type=json.loads, default={}, metavar="JSON",
+                    help='MAE options merged over METHOD_KWARGS["mae"] for this run, e.g. \'{"norm_pix_loss": false}\'')
     ap.add_argument("--resume", type=Path, default=None,
                     help="continue the synthetic part of this JSON in its --work folder (stages already done are kept)")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="merge the synthetic and real parts of earlier runs' JSON (run apart) into --out")
     args = ap.parse_args(argv)
+    if args.mae_kwargs and (args.resume or args.combine):
+        ap.error("--mae-kwargs: not with --resume / --combine (they keep the runs' own settings)")
+    if not isinstance(args.mae_kwargs, dict):
+        ap.error(f"--mae-kwargs: a JSON object expected, got {args.mae_kwargs!r}")
+    if args.mae_kwargs:
+        from sarflow.training.methods import MAE
+
+        unknown = set(args.mae_kwargs) - set(inspect.signature(MAE).parameters)
+        if unknown:
+            ap.error(f"--mae-kwargs: MAE has no option {sorted(unknown)}")
+    METHOD_KWARGS["mae"] = {**METHOD_KWARGS["mae"], **args.mae_kwargs}  # recorded in the JSON's settings
     if args.resume:
         return resume(args.resume, args)
     if args.combine:
