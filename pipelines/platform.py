@@ -20,7 +20,8 @@ and the exit task that records how a run ended.
   libpq reads) and the pod label the NetworkPolicies admit to PostgreSQL.
 - **GPU tasks** (pretraining in its task, embedding): ``set_accelerator_type('nvidia.com/gpu')``,
   ``set_accelerator_limit``, a node selector on the GPU pool's label and a toleration of its
-  ``nvidia.com/gpu`` NoSchedule taint (the same as k8s/components/gpu-training).
+  ``nvidia.com/gpu`` NoSchedule taint (the same as k8s/components/gpu-training), and a
+  memory-backed ``/dev/shm`` emptyDir (``GPU_SHM``) for the reader processes' shared-memory batches.
 - **resources**: CPU/memory requests and limits per task kind (``RESOURCES``).
 
 kfp.local ignores all of this (no pods): tasks inherit the caller's environment.
@@ -56,6 +57,7 @@ FEAST_REPO_VOLUME = ("feast-repo", "/etc/sarflow/feature_repo")
 POD_LABEL = ("sarflow.io/pipeline", "true")  # what the NetworkPolicies admit to MinIO, MLflow, Redis
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")  # NVIDIA GPU Feature Discovery's node label
+GPU_SHM = "8Gi"  # /dev/shm of a GPU task, as the Trainer runtime's (k8s/trainer/)
 # task kind -> (cpu request, cpu limit, memory request, memory limit)
 RESOURCES = {
     "synth": ("1", "2", "2Gi", "8Gi"),
@@ -128,8 +130,11 @@ def with_services(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 def on_gpu(task: dsl.PipelineTask, gpus: int = 1) -> dsl.PipelineTask:
-    """One or more NVIDIA GPUs, on the GPU pool, tolerating its taint."""
+    """One or more NVIDIA GPUs, on the GPU pool, tolerating its taint, with a memory-backed
+    /dev/shm (the data loaders' and `embed.readers`' batches travel through shared memory; a
+    container's default is 64 MB)."""
     task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=GPU_SHM)
     kubernetes.add_node_selector(task, *GPU_NODE_SELECTOR)
     return kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
 

@@ -351,6 +351,8 @@ def test_training_pipelines_compile_with_gpu_placement_and_a_gate(name, tmp_path
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert k8s[gpu_task]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
         assert k8s[gpu_task]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+        shm = [v for v in k8s[gpu_task]["emptyDirMounts"] if v["mountPath"] == "/dev/shm"]
+        assert shm == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi"}], shm
     for cpu_task in ("exec-train-probes", "exec-materialize-features", "exec-promote-model", "exec-plan-embed",
                      "exec-publish-embeddings", "exec-materialize-part"):
         assert "accelerator" not in execs[cpu_task]["container"]["resources"]
