@@ -309,7 +309,9 @@ class _ReaderBatches:
 
         os.environ.clear()
         os.environ.update(self.env)
-        zarr.config.set({"codec_pipeline.batch_size": self.batch_size})  # this process's setting, for its life
+        # this process's settings, for its life: whole batches decoded at once, on one thread (N readers
+        # on N cores: a reader's own decode pool would only contend with the other readers for the cores)
+        zarr.config.set({"codec_pipeline.batch_size": self.batch_size, "threading.max_workers": 1})
         group = open_chip_group(self.store)
         return [(group[name], idx) for name, idx in self.blocks]
 
