@@ -26,8 +26,9 @@ def tile_scene(
     clevel: int = 3,
     checksum: bool = True,
     s3_endpoint: str = "",
-):
-    """Tiles the scene's catalog into the `store` folder (a sharded Zarr v3 chip store)."""
+) -> str:
+    """Tiles the scene's catalog into the `store` folder (a sharded Zarr v3 chip store); returns the
+    store's URI, for tasks that hand it on without downloading the artifact (a TrainJob's launcher)."""
     import json
     import os
     from pathlib import Path
@@ -58,6 +59,7 @@ def tile_scene(
     for split, n in summary["splits"].items():
         metrics.log_metric(f"chips_{split}", n)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))  # a real file: see components/__init__
+    return store.uri
 
 
 # ---------------------------------------------------------------- the fan-out: plan -> units -> finalize

@@ -13,8 +13,8 @@ instead of synthesised.
 
 Both take the training pipeline's pretraining switch (``trainjob_nodes``: 0, the default, pretrains
 in a GPU task; more runs a Kubeflow Trainer TrainJob on that many nodes, pipelines/training.py). Its
-nodes read the tile task's store by its artifact URI, so run the pipeline with its root on the
-sarflow MinIO (``s3://...``).
+nodes read the tile task's store by the URI the tile task returns (the launcher never downloads the
+store), so run the pipeline with its root on the sarflow MinIO (``s3://...``).
 """
 
 from typing import List
@@ -74,7 +74,7 @@ def e2e_pipeline(
                         data["version"].outputs["dvc_md5"], data["version"].outputs["git_commit"],
                         tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
-                        online=online, redis=redis, margin=margin,
+                        online=online, redis=redis, margin=margin, store_uri=data["tile"].outputs["Output"],
                         trainjob=(trainjob_nodes, trainjob_gpus_per_node, trainjob_runtime))
 
 
@@ -116,5 +116,5 @@ def e2e_catalog_pipeline(
         training_stages(chips["tile"].outputs["store"], scene.output, chips["version"].outputs["dvc_md5"],
                         chips["version"].outputs["git_commit"], tracking_uri=tracking_uri,
                         features_root=features_root, pretrain=pretrain, embed=embed, downstream=downstream, llp=llp,
-                        online=online, redis=redis, margin=margin,
+                        online=online, redis=redis, margin=margin, store_uri=chips["tile"].outputs["Output"],
                         trainjob=(trainjob_nodes, trainjob_gpus_per_node, trainjob_runtime))

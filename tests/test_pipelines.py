@@ -501,12 +501,11 @@ def test_the_pretraining_switch_compiles_to_if_else_and_one_of(name, tmp_path):
     for param, output in (("dataset_version", "dvc_md5"), ("dataset_git_commit", "git_commit")):
         channel = param if name == "training" else f"version-chips-{output}"  # the pipeline's own, or the version task's
         assert params[param] == {"componentInputParameter": f"pipelinechannel--{channel}"}, param
-    if name == "training":  # the store's URI as a string: the waiting task never downloads the store
-        assert params["store_uri"] == {"componentInputParameter": "pipelinechannel--store_uri"}
-        assert "artifacts" not in job["inputs"]
-    else:  # the tile task's store artifact (its URI is on S3 when the pipeline root is)
-        assert "store_uri" not in params
-        assert job["inputs"]["artifacts"]["store"] == {"componentInputArtifact": "pipelinechannel--tile-scene-store"}
+    # the store's URI as a string (the pipeline's, or the one the tile task returns): the waiting task
+    # never downloads the store
+    uri = "store_uri" if name == "training" else "tile-scene-Output"
+    assert params["store_uri"] == {"componentInputParameter": f"pipelinechannel--{uri}"}
+    assert "artifacts" not in job["inputs"]
     assert job["cachingOptions"] == {"enableCache": True}
 
     # the launcher only waits: the CPU image, no GPU, no GPU node; the in-task branch keeps the GPU
