@@ -215,6 +215,22 @@ def test_kill_9_in_finalize_then_rerun_finishes_the_same_build(tiny_scene, tiny_
     assert not (out / "_build").exists()
 
 
+def test_a_store_moved_aside_by_a_killed_overwrite_is_put_back_and_kept_without_overwrite(tiny_scene, tmp_path):
+    """Issue 16: `tile --overwrite` killed between moving the old store aside and the rename left no store
+    at the output; a later run without --overwrite would have built a new one and deleted the old. The
+    old store is put back first: without --overwrite the run is refused and the old store is intact."""
+    out = tmp_path / "s.zarr"
+    out.mkdir()
+    (out / "old-store").write_text("x")
+    cmd = [SARFLOW, "tile", str(tiny_scene), "--out", str(out), "--shard-chips", "16", "--quiet", "--overwrite"]
+    killed = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SARFLOW_TEST_KILL_AT": "replacing"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists() and (tmp_path / "s.zarr.replaced" / "old-store").is_file()
+    with pytest.raises(InputError, match="already exists"):
+        tile(load_catalog(tiny_scene), out, TileOptions(shard_chips=8), show_progress=False)  # other options
+    assert (out / "old-store").read_text() == "x" and not (tmp_path / "s.zarr.replaced").exists()
+
+
 # ---------------------------------------------------------------- other input forms
 
 def test_stac_item_source_equals_the_same_files_by_path(tiny_scene, tiny_store, tmp_path):

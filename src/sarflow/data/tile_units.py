@@ -299,6 +299,12 @@ def _plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
     from sarflow.data.tile import BlockRenderer, _create_arrays, _fingerprint, choose_resampling, plan_blocks
 
     loc = Location(out)
+    if not loc.s3 and not Path(loc.uri).exists() and _replaced(loc).is_dir():
+        # an --overwrite killed between moving the old store aside and the rename: the old store goes
+        # back first, so only another --overwrite replaces it (the same inputs then resume that build)
+        os.replace(_replaced(loc), loc.uri)
+        log.info("%s: put back the store an interrupted --overwrite had moved aside", loc.uri)
+        loc = Location(out)
     if loc.finished() and not options.overwrite:
         raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
     ing = ingest(catalog, checksum=options.checksum)  # a bad source file is named first
