@@ -338,6 +338,32 @@ def test_a_partition_moved_aside_by_a_killed_overwrite_is_put_back_by_the_next_w
     assert (tmp_path / "version=1" / "part-00000.parquet").read_bytes() == b"old rows"
 
 
+def test_a_failed_rename_of_a_new_partition_puts_the_old_one_back_at_once(tmp_path, monkeypatch):
+    """The rename of the new partition fails (a fault injected into os.replace for that one call):
+    the old partition, already moved aside, is back in place before the error reaches the caller."""
+    import os
+    from pathlib import Path
+
+    from sarflow.features import embed
+
+    out = tmp_path / "version=1"
+    with embed.folder_replaced(out) as tmp:
+        (tmp / "part-00000.parquet").write_bytes(b"old rows")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".partial-") and "-old-" not in Path(src).name:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(embed.os, "replace", failing)
+    with pytest.raises(OSError, match="No space"):
+        with embed.folder_replaced(out) as tmp:
+            (tmp / "part-00000.parquet").write_bytes(b"new rows")
+    assert [p.name for p in tmp_path.iterdir()] == ["version=1"]
+    assert (out / "part-00000.parquet").read_bytes() == b"old rows"
+
+
 @pytest.mark.parametrize("command", ["ingest", "embed", "export", "tile"])
 @pytest.mark.parametrize("blocked", ["under-a-file", "read-only"])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tiny_scene, tmp_path, command, blocked):

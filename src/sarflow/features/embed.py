@@ -414,7 +414,12 @@ def folder_replaced(out: Path):
         if out.exists():  # the old folder moves aside first: a reader sees the old or the new one, whole
             trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".partial-{os.getpid()}-old-"))
             os.replace(out, trash / out.name)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(trash / out.name, out)  # the old folder back at once
+                trash.rmdir()
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
