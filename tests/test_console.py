@@ -44,10 +44,20 @@ def branches(pick: int = 0):
         shout(word="c", fail=False)
 
 
+@dsl.pipeline(name="console-two-ifs")
+def two_ifs(pick: int = 0):
+    with dsl.ParallelFor([1, 2]):  # a body of two separate dsl.If blocks: both may run
+        with dsl.If(pick == 0):
+            say(word="a")
+        with dsl.If(pick == 1):
+            say(word="b")
+
+
 def test_count_tasks_counts_executor_tasks():
     assert count_tasks(two_tasks) == 2
     # If/Else: one branch runs, the larger one counts (2); a lone dsl.If counts its task
     assert count_tasks(branches) == 1 + 2 + 1
+    assert count_tasks(two_ifs) == 2
 
 
 def _run(tmp_path, fail: bool, verbose: bool = False):

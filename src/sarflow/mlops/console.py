@@ -24,19 +24,24 @@ TAIL_LINES = 15
 
 def count_tasks(pipeline) -> int | None:
     """Executor tasks in the compiled spec, sub-DAGs included (a ParallelFor body counts once; of
-    dsl.If/Elif/Else branches, whose tasks are all conditional, only the largest counts: one runs)."""
+    dsl.If/Elif/Else branches, KFP's `condition-branches-*` group, only the largest counts: one runs)."""
     spec = getattr(pipeline, "pipeline_spec", None)
     if spec is None:
         return None
     components = spec.components
 
     def count(dag) -> int:
-        sizes = []
+        n = 0
         for task in dag.tasks.values():
             comp = components.get(task.component_ref.name)
-            sizes.append(count(comp.dag) if comp is not None and comp.HasField("dag") else 1)
-        branches = len(sizes) > 1 and all(t.trigger_policy.condition for t in dag.tasks.values())
-        return max(sizes) if branches else sum(sizes)
+            if comp is None or not comp.HasField("dag"):
+                n += 1
+                continue
+            inner = [count(components[t.component_ref.name].dag) if components[t.component_ref.name].HasField("dag")
+                     else 1 for t in comp.dag.tasks.values()]
+            branches = task.component_ref.name.startswith("comp-condition-branches-")
+            n += max(inner, default=0) if branches else count(comp.dag)
+        return n
 
     return count(spec.root.dag)
 
