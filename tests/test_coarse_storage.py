@@ -246,6 +246,9 @@ def test_catalogs_without_the_key_keep_their_hash(stores, tmp_path):
     coarse = load_catalog(write_catalog(tmp_path / "k.yaml", GRID, _sources(stores["files"], coarse=True))).catalog
     assert coarse.hash() != cat.hash()
     assert yaml.safe_load((tmp_path / "k.yaml").read_text())["sources"][1]["store_resolution"] == COARSE
+    # the grid's own resolution (k = 1) is the same store as no key: the same catalog hash
+    own = [{**s, "store_resolution": float(GRID["resolution"])} for s in _sources(stores["files"], coarse=False)]
+    assert load_catalog(write_catalog(tmp_path / "own.yaml", GRID, own)).catalog.hash() == cat.hash()
 
 
 def test_every_consumer_sees_coarse_arrays_at_chip_size(stores, tmp_path):

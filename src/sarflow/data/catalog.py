@@ -252,8 +252,8 @@ class Catalog(_Strict):
     def hash(self) -> str:
         """sha256 of the catalog's canonical JSON: the catalog hash recorded everywhere downstream."""
         data = self.model_dump(mode="json")
-        for s in data["sources"]:  # an unset store_resolution leaves the hash of catalogs without the key as it was
-            if s.get("store_resolution") is None:
+        for s in data["sources"]:  # an unset store_resolution, or the grid's own (k = 1: the same store), leaves
+            if s.get("store_resolution") in (None, data["grid"]["resolution"]):  # the hash as without the key
                 s.pop("store_resolution", None)
         canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
