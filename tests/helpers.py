@@ -39,29 +39,38 @@ def chip_windows(table, res: float):
     return (minx, miny, maxx, maxy), rows, cols
 
 
+def tiny_encoder(tiny_store: Path, tmp: Path, version: bool = False) -> dict:
+    """A copy of the tiny store under `tmp` (DVC-versioned with `version`) and a tiny MAE (2 steps)
+    registered in MLflow on `tmp/mlflow.db`: {"store", "uri", "dataset_version"}."""
+    import shutil
+
+    from sarflow.data.versioning import version_store
+    from sarflow.training.methods import OptimConfig
+    from sarflow.training.pretrain import PretrainConfig, pretrain
+    from sarflow.training.vit import ViTConfig
+
+    store = tmp / "chips.zarr"
+    shutil.copytree(tiny_store, store)
+    md5 = version_store(store, repo=tmp, push=False)["dvc_md5"] if version else None
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    pretrain(PretrainConfig(store=str(store), method="mae", vit=ViTConfig(size="tiny", patch=8, depth=1, dim=32, heads=2),
+                            batch_size=8, optim=OptimConfig(max_steps=2, warmup_steps=1), tracking_uri=uri,
+                            method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
+    return {"store": store, "uri": uri, "dataset_version": md5}
+
+
 def tiny_features(tiny_store: Path, tmp: Path, model: str = "sarflow-encoder-mae") -> dict:
     """A DVC-versioned copy of the tiny store, a registered tiny MAE (2 steps), its embeddings
     and chip labels under `tmp/features`, applied in Feast (SQLite online store, nothing
     materialized yet); MLflow's tracking URI is left pointing at `tmp/mlflow.db`."""
-    import shutil
-
     import mlflow
 
     from sarflow.features.embed import embed_store
     from sarflow.features.labels import chip_labels
     from sarflow.features.feast_store import FeatureConfig, apply
-    from sarflow.training.methods import OptimConfig
-    from sarflow.training.pretrain import PretrainConfig, pretrain
-    from sarflow.training.vit import ViTConfig
-    from sarflow.data.versioning import version_store
 
-    store = tmp / "chips.zarr"
-    shutil.copytree(tiny_store, store)
-    version = version_store(store, repo=tmp, push=False)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    pretrain(PretrainConfig(store=str(store), method="mae", vit=ViTConfig(size="tiny", patch=8, depth=1, dim=32, heads=2),
-                            batch_size=8, optim=OptimConfig(max_steps=2, warmup_steps=1), tracking_uri=uri,
-                            method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
+    encoded = tiny_encoder(tiny_store, tmp, version=True)
+    store, uri = encoded["store"], encoded["uri"]
     mlflow.set_tracking_uri(uri)
     root = tmp / "features"
     embedded = embed_store(str(store), f"models:/{model}/1", root, batch_size=16)
@@ -69,4 +78,4 @@ def tiny_features(tiny_store: Path, tmp: Path, model: str = "sarflow-encoder-mae
     cfg = FeatureConfig(root=str(root))
     apply(cfg)
     return {"store": store, "root": root, "cfg": cfg, "embed": embedded, "uri": uri, "tmp": tmp,
-            "dataset_version": version["dvc_md5"]}
+            "dataset_version": encoded["dataset_version"]}

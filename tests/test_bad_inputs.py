@@ -437,20 +437,10 @@ def _error_line(res) -> str:
 @pytest.fixture(scope="module")
 def encoder(tiny_store, tmp_path_factory):
     """A registered tiny MAE (2 steps) on a copy of the tiny store; MLflow in a SQLite file."""
-    import shutil
+    from helpers import tiny_encoder
 
-    from sarflow.training.methods import OptimConfig
-    from sarflow.training.pretrain import PretrainConfig, pretrain
-    from sarflow.training.vit import ViTConfig
-
-    tmp = tmp_path_factory.mktemp("outage")
-    store = tmp / "chips.zarr"
-    shutil.copytree(tiny_store, store)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    pretrain(PretrainConfig(store=str(store), method="mae", vit=ViTConfig(size="tiny", patch=8, depth=1, dim=32, heads=2),
-                            batch_size=8, optim=OptimConfig(max_steps=2, warmup_steps=1), tracking_uri=uri,
-                            method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
-    return store, uri
+    encoded = tiny_encoder(tiny_store, tmp_path_factory.mktemp("outage"))
+    return encoded["store"], encoded["uri"]
 
 
 @pytest.mark.slow

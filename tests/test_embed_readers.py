@@ -27,19 +27,12 @@ def encoded(tiny_store, tmp_path_factory):
     """A copy of the tiny store and a registered tiny MAE (2 steps); MLflow left pointing at it."""
     import mlflow
 
-    from sarflow.training.methods import OptimConfig
-    from sarflow.training.pretrain import PretrainConfig, pretrain
-    from sarflow.training.vit import ViTConfig
+    from helpers import tiny_encoder
 
     tmp = tmp_path_factory.mktemp("readers")
-    store = tmp / "chips.zarr"
-    shutil.copytree(tiny_store, store)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    pretrain(PretrainConfig(store=str(store), method="mae", vit=ViTConfig(size="tiny", patch=8, depth=1, dim=32, heads=2),
-                            batch_size=8, optim=OptimConfig(max_steps=2, warmup_steps=1), tracking_uri=uri,
-                            method_kwargs={"decoder_dim": 32, "decoder_depth": 1}))
-    mlflow.set_tracking_uri(uri)
-    return {"store": store, "tmp": tmp, "uri": uri}
+    encoded = tiny_encoder(tiny_store, tmp)
+    mlflow.set_tracking_uri(encoded["uri"])
+    return {"store": encoded["store"], "tmp": tmp, "uri": encoded["uri"]}
 
 
 def _rows(root) -> dict:
