@@ -72,12 +72,15 @@ def scene(tmp_path_factory):
     dropped = polys.muni_id.iloc[int(utm.area.argmax())]
     polygons = tmp / "municipalities_minus_one.geojson"
     polys[polys.muni_id != dropped].to_file(polygons, driver="GeoJSON")
+    stats = tmp / "municipality_stats_minus_one.csv"  # statistics naming a polygon that is not there are refused
+    table = pd.read_csv(cat.parent / "municipality_stats.csv")
+    table[table.muni_id != dropped].to_csv(stats, index=False)
     chips = pd.read_parquet(store / "chips.parquet")
     boxes = shapely.box(chips.minx, chips.miny, chips.maxx, chips.maxy)
     kept = shapely.union_all(utm[utm.muni_id != dropped].geometry.values)
     expected_outside = sorted(chips.chip_id[shapely.area(shapely.intersection(boxes, kept)) <= 1e-9 * 320 * 320])
     return {"tmp": tmp, "scene": cat.parent, "store": store, "root": root, "polygons": polygons,
-            "stats": cat.parent / "municipality_stats.csv", "uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "stats": stats, "uri": f"sqlite:///{tmp / 'mlflow.db'}",
             "expected_outside": expected_outside, "chips": chips}
 
 
@@ -185,11 +188,11 @@ def _cfg(scene, **kw) -> LLPConfig:
 
 def test_bad_inputs_name_the_file(scene, tmp_path):
     stats = pd.read_csv(scene["stats"])
-    missing_bag = tmp_path / "missing_bag.csv"
-    stats.iloc[1:].to_csv(missing_bag, index=False)
-    with pytest.raises(InputError, match="no proportions for bag") as e:
-        run_llp(_cfg(scene, stats=str(missing_bag)))
-    assert e.value.where == str(missing_bag)
+    unknown_bag = tmp_path / "unknown_bag.csv"  # a row for a municipality the polygons do not have
+    pd.concat([stats, stats.iloc[[0]].assign(muni_id="M9999")]).to_csv(unknown_bag, index=False)
+    with pytest.raises(InputError, match="name no polygon") as e:
+        run_llp(_cfg(scene, stats=str(unknown_bag)))
+    assert e.value.where == str(unknown_bag)
 
     no_class = tmp_path / "no_class.csv"
     stats.drop(columns=["frac_30"]).to_csv(no_class, index=False)
