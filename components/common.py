@@ -31,6 +31,16 @@ def embedding_setup(encoder_path: str, options: dict, features_root: str, tracki
     return cfg, ref, features_root
 
 
+def write_encoder_artifact(ref: dict, encoder) -> None:
+    """The Model artifact the embedding tasks read: the reference as a JSON file, its scalars as metadata."""
+    import json
+    from pathlib import Path
+
+    Path(encoder.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(encoder.path).write_text(json.dumps(ref, indent=1))
+    encoder.metadata.update({k: v for k, v in ref.items() if not isinstance(v, list)})
+
+
 def write_encoder_reference(result: dict, encoder, metrics, tracking_uri: str, dataset_version: str) -> dict:
     """The `encoder` output (a JSON reference to the registered model: the registry, not the
     pipeline root, is where models live) and the loss metrics, from what `pretrain` returned (or
@@ -43,9 +53,7 @@ def write_encoder_reference(result: dict, encoder, metrics, tracking_uri: str, d
            "run_id": result["run_id"], "logged_model_uri": result["model_uri"], "tracking_uri": tracking_uri,
            "embedding_dim": result["embedding_dim"], "channels": result["channels"],
            "dataset_version": dataset_version or result["lineage"].get("sarflow.dataset_dvc_md5", "")}
-    Path(encoder.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(encoder.path).write_text(json.dumps(ref, indent=1))
-    encoder.metadata.update({k: v for k, v in ref.items() if not isinstance(v, list)})
+    write_encoder_artifact(ref, encoder)
     metrics.log_metric("first_loss", float(result["losses"][0]))
     metrics.log_metric("final_loss", float(result["losses"][-1]))
     metrics.log_metric("steps", len(result["losses"]))

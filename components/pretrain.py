@@ -125,9 +125,7 @@ def encoder_reference(reference: str, chosen_encoder: Output[Model]):
     dsl.OneOf of pretrain-encoder's and pretrain-trainjob's), as the Model artifact the embedding
     tasks read: the same JSON file and metadata as the branch's own `encoder` output."""
     import json
-    from pathlib import Path
 
-    ref = json.loads(reference)
-    Path(chosen_encoder.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(chosen_encoder.path).write_text(json.dumps(ref, indent=1))
-    chosen_encoder.metadata.update({k: v for k, v in ref.items() if not isinstance(v, list)})
+    from components.common import write_encoder_artifact
+
+    write_encoder_artifact(json.loads(reference), chosen_encoder)
