@@ -9,6 +9,7 @@ import typer
 
 from sarflow.cli.common import ParamsOpt, absolute_path, check_params, fail, read_params, verbose_logging
 from sarflow.errors import SarflowError
+from sarflow.local.results import RESULT_SECTIONS
 
 
 def demo(
@@ -49,7 +50,7 @@ def results(
                                              callback=absolute_path,
                                              help="the real-data folder (Kansas LLP case; skipped when absent)"),
     only: Optional[List[str]] = typer.Option(None, "--only", help="run only this section again (repeatable: "
-                                             "segmentation, modality_ablation, region_generalization, llp_real); "
+                                             f"{', '.join(RESULT_SECTIONS)}); "
                                              "the report still shows the newest run of every section"),
 ) -> None:
     """Every other downstream result on top of a finished demo (segmentation, modality ablation,
