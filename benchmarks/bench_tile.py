@@ -516,8 +516,9 @@ def run_floor(store: Path, catalog: Path, threads: int) -> dict:
 
 def run_library(catalog: Path, store: Path, workers: int) -> dict:
     """sarflow's tiler in this process (library defaults, --no-checksum), each step's CPU seconds
-    (getrusage, this process's threads): plan (ingest, the grid, a warp of the required sources to
-    find the kept chips), the units (warp, cut, encode, write), finalize. No interpreter start-up."""
+    (getrusage, this process's threads): plan (ingest, the grid, the kept chips from the required
+    sources' pixels, warping only the blocks of chips those do not settle, which it hands to the
+    units as tile() does), the units (warp, cut, encode, write), finalize. No interpreter start-up."""
     from cost import cpu_seconds
     from sarflow.data.catalog import load_catalog
     from sarflow.data.tile import TileOptions
@@ -534,7 +535,7 @@ def run_library(catalog: Path, store: Path, workers: int) -> dict:
         steps[name] = {"cpu_s": round(cpu_seconds() - c0, 3), "wall_s": round(time.perf_counter() - w0, 3)}
         return out
 
-    p = step("plan", lambda: plan(load_catalog(catalog), store, options))
+    p = step("plan", lambda: plan(load_catalog(catalog), store, options, hand_over=True))
     step("units", lambda: run_units(store, workers=workers))
     step("finalize", lambda: finalize(store))
     cpu = sum(s["cpu_s"] for s in steps.values())
@@ -774,7 +775,7 @@ def add_floor_ratios(entry: dict) -> None:
                 f"chip measured here scaled by pixels ({M3LEO_CHIP_PX}/{entry['chip_size']})^2",
         "library": m3leo_hours(lib["cpu_s"] / chips, entry["chip_size"]),
         "floor": m3leo_hours(fl["cpu_s"] / chips, entry["chip_size"]),
-        # `plan` runs in ONE process (its warp of the required sources in `workers` threads): its share
+        # `plan` runs in ONE process (its screening and warps of undecided blocks in `workers` threads): its share
         # does not divide by N; these are its CPU hours alone at M3LEO scale
         "plan_cpu_hours_one_process": m3leo_hours(lib["steps"]["plan"]["cpu_s"] / chips, entry["chip_size"],
                                                   workers=(1,))["1_workers"]}

@@ -264,11 +264,17 @@ class BlockRenderer:
         """k: the source is warped and stored at k times the grid's pixel size."""
         return source.spec.store_factor(self.grid.resolution)
 
-    def chip(self, source: Source, layer: np.ndarray, block: Block, iy: int, ix: int) -> np.ndarray:
-        """Chip (iy, ix) of a block's warped `layer` of `source` (bands, chip/k, chip/k)."""
+    def chips(self, source: Source, layer: np.ndarray, block: Block, positions: np.ndarray) -> np.ndarray:
+        """The chips at `positions` ((n, 2) iy, ix, in the block) of a block's warped `layer` of `source`:
+        (n, bands, chip/k, chip/k), copied out of the layer in one step (a strided view of every
+        chip position of the block, indexed by the wanted ones)."""
         g, k = self.grid, self.factor(source)
-        r0, c0, n = (iy - block.iy0) * g.stride // k, (ix - block.ix0) * g.stride // k, g.chip_size // k
-        return layer[:, r0:r0 + n, c0:c0 + n]
+        step, n = g.stride // k, g.chip_size // k
+        bands, height, width = layer.shape
+        sb, sy, sx = layer.strides
+        every = np.lib.stride_tricks.as_strided(
+            layer, shape=(block.rows, block.cols, bands, n, n), strides=(step * sy, step * sx, sb, sy, sx), writeable=False)
+        return every[positions[:, 0] - block.iy0, positions[:, 1] - block.ix0]
 
     def close(self):
         with self._lock:
@@ -299,21 +305,6 @@ class BlockRenderer:
                 np.copyto(target, data, where=ok)
                 dst[bands] = target
         return dst
-
-    def render(self, block: Block):
-        """Chips of a block that have data in every required source, in store order."""
-        g = self.grid
-        layers = {s.name: self.warp(s, block) for s in self.ing.sources}
-        kept = []
-        for iy, ix in block.chips.tolist():
-            chips, fractions = {}, {}
-            for s in self.ing.sources:
-                chip = self.chip(s, layers[s.name], block, iy, ix)
-                chips[s.name] = chip
-                fractions[s.name] = float(valid_mask(chip, s.fill_value).all(axis=0).mean())
-            if all(fractions[s.name] > 0 for s in self.ing.sources if s.spec.required):
-                kept.append((iy, ix, chips, fractions))
-        return kept
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items, inflight: int):
@@ -496,7 +487,7 @@ def tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions = TileOpt
 
 
 def _tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions, show_progress: bool) -> Path | str:
-    from sarflow.data.tile_units import Location, finalize, plan, run_units, unit_done
+    from sarflow.data.tile_units import HANDOVER, Location, finalize, plan, run_units, unit_done
 
     loc = Location(out)
     if loc.finished() and not options.overwrite:
@@ -504,7 +495,7 @@ def _tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions, show_pr
     t0 = time.perf_counter()
     previous = loc.s3 and loc.finished()  # an S3 store is built in place: an input error before the plan clears
     try:                                   # the prefix must not remove the finished store that is there
-        p = plan(catalog, out, options)
+        p = plan(catalog, out, options, hand_over=True)
         previous = False
         done = sum(unit_done(out, u) for u in range(len(p.units)))
         with progress_bar("tile", total=len(p.units), completed=done, enabled=show_progress, unit="units") as bar:
@@ -517,6 +508,8 @@ def _tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions, show_pr
         else:  # the build, never the store: a store renamed into place (`Location.placed`) is finished
             shutil.rmtree(loc.partial, ignore_errors=True)
         raise
+    finally:
+        HANDOVER.clear()
     elapsed = time.perf_counter() - t0
     log.info("tiled %d chips in %.1fs (%.1f chips/s)", p.total, elapsed, p.total / max(elapsed, 1e-9))
     return uri if loc.s3 else Path(uri)

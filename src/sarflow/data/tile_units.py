@@ -1,9 +1,10 @@
 """Tiling in three steps, so separate processes (pods) can write one store: plan, units, finalize.
 
 - `plan(catalog, out, options)` ingests the catalog, fixes the grid and every chip's index (it
-  warps the required sources once to find the chips with a valid pixel in each, so any unit can
-  be written on its own), creates the arrays (shape final from the start) and cuts the chips into
-  work units of whole shards (zarr: ONE writer per shard). The build state lives under
+  finds the chips with a valid pixel in each required source, so any unit can be written on its
+  own: from the source pixels where they settle it, data/screen.py, else by warping the block as
+  a unit will), creates the arrays (shape final from the start) and cuts the chips into work
+  units of whole shards (zarr: ONE writer per shard; data/shards.py writes a shard in one piece). The build state lives under
   `_build/` in the store: `plan.json` (written last: its presence means the plan is complete),
   the kept chips (`chips.npy`), the ingested catalog (`ingested.pkl`) and the inputs' manifest.
 - `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
@@ -47,6 +48,7 @@ from sarflow.data.catalog import LoadedCatalog
 from sarflow.data.chipstore import CHIPS_TABLE, check_source_names, write_georeference
 from sarflow.data.grid import SPLIT_LABELS, block_split
 from sarflow.data.ingest import Ingested, gdal_env, ingest, valid_mask
+from sarflow.data.shards import ShardWriter
 from sarflow.data.storage import is_s3, s3_storage_options
 from sarflow.errors import InputError
 
@@ -252,26 +254,76 @@ def block_side(grid, options) -> int:
     return options.block_chips or max(1, round(options.window_px / grid.stride))
 
 
-def _required_valid(renderer, ing: Ingested, blocks, workers: int) -> list[np.ndarray]:
-    """Per block, for each of its candidate chips: a valid pixel (in every band) of every required source?"""
+class _Handover:
+    """Warped layers of the blocks the plan had to warp (chips the source pixels did not settle),
+    handed to the units that run in the same process (`tile()`), which would warp those blocks
+    again: up to UNIT_MEMORY bytes, each taken once; keyed by plan fingerprint, block, source."""
+
+    def __init__(self):
+        self.layers: dict[tuple, np.ndarray] = {}
+        self.lock = threading.Lock()
+
+    def offer(self, key: tuple, layer: np.ndarray) -> None:
+        with self.lock:
+            if sum(x.nbytes for x in self.layers.values()) + layer.nbytes <= UNIT_MEMORY:
+                self.layers[key] = layer
+
+    def take(self, key: tuple) -> np.ndarray | None:
+        with self.lock:
+            return self.layers.pop(key, None)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.layers.clear()
+
+
+HANDOVER = _Handover()
+
+
+def kept_chips(renderer, ing: Ingested, blocks, resampling: dict, workers: int, screen: bool = True,
+               hand_over: str | None = None) -> list[np.ndarray]:
+    """Per block, for each of its candidate chips: a valid pixel (in every band) of every required
+    source once warped? Decided from the source pixels where they settle it (data/screen.py), by
+    warping the block as the units will otherwise (every chip when `screen` is False: the reference).
+    With `hand_over` (the plan's fingerprint) the layers warped here are offered to this process's
+    units (HANDOVER)."""
+    from sarflow.data.screen import INVALID, UNKNOWN, VALID, source_status
     from sarflow.data.tile import _ordered
 
     required = [s for s in ing.sources if s.spec.required]
+    sizes = [len(b.chips) for b in blocks]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    positions = np.concatenate([b.chips for b in blocks]) if blocks else np.empty((0, 2), np.int64)
     if not required:
-        return [np.ones(len(b.chips), dtype=bool) for b in blocks]
+        return [np.ones(n, dtype=bool) for n in sizes]
+    if screen:
+        status = np.stack([source_status(ing, s, resampling, positions, workers) for s in required])
+    else:
+        status = np.full((len(required), len(positions)), UNKNOWN, dtype=np.int8)
+    kept = (status == VALID).all(axis=0)
+    undecided = ~kept & ~(status == INVALID).any(axis=0)
 
-    def check(block):
-        layers = [renderer.warp(s, block) for s in required]
-        out = np.ones(len(block.chips), dtype=bool)
-        for j, (iy, ix) in enumerate(block.chips.tolist()):
-            for s, layer in zip(required, layers):
-                if not valid_mask(renderer.chip(s, layer, block, iy, ix), s.fill_value).all(axis=0).any():
-                    out[j] = False
-                    break
-        return out
+    def check(bi):  # the undecided chips of a block, from the block warped as a unit warps it
+        block, lo = blocks[bi], starts[bi]
+        sel = undecided[lo:lo + sizes[bi]]
+        out = np.ones(int(sel.sum()), dtype=bool)
+        for i, s in enumerate(required):
+            if (status[i, lo:lo + sizes[bi]][sel] == UNKNOWN).any():
+                layer = renderer.warp(s, block)
+                if hand_over:
+                    HANDOVER.offer((hand_over, bi, s.name), layer)
+                got = renderer.chips(s, layer, block, block.chips[sel])
+                out &= valid_mask(got, s.fill_value).all(axis=1).any(axis=(1, 2))
+        return bi, sel, out
 
+    todo = [bi for bi in range(len(blocks)) if undecided[starts[bi]:starts[bi] + sizes[bi]].any()]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(_ordered(pool, check, blocks, inflight=workers + 1))
+        for bi, sel, out in _ordered(pool, check, todo, inflight=workers + 1):
+            part = kept[starts[bi]:starts[bi] + sizes[bi]]
+            part[sel] = out
+    log.info("%d candidate chips: %d decided from the source pixels, %d by warping %d of %d blocks",
+             len(positions), len(positions) - int(undecided.sum()), int(undecided.sum()), len(todo), len(blocks))
+    return [kept[starts[bi]:starts[bi] + sizes[bi]] for bi in range(len(blocks))]
 
 
 def unit_chips(options, ing: Ingested) -> int:
@@ -287,15 +339,17 @@ def unit_chips(options, ing: Ingested) -> int:
     return max(1, UNIT_MEMORY // (chip_bytes * S), -(-4 * block // S)) * S
 
 
-def plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
+def plan(catalog: LoadedCatalog, out: str | Path, options, hand_over: bool = False) -> Plan:
     """Step 1: the grid, every chip's index, the arrays and the work units (see the module docstring).
     Reuses a complete plan of the same inputs and options (a resumed build keeps its written units).
-    Holds the output's build lock (`build_lock`): a second run on the same output is refused."""
+    Holds the output's build lock (`build_lock`): a second run on the same output is refused.
+    `hand_over`: this process runs the units next (tile()), so the blocks the plan warps are kept
+    for them (HANDOVER)."""
     with build_lock(out):
-        return _plan(catalog, out, options)
+        return _plan(catalog, out, options, hand_over)
 
 
-def _plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
+def _plan(catalog: LoadedCatalog, out: str | Path, options, hand_over: bool = False) -> Plan:
     from sarflow.data.tile import BlockRenderer, _create_arrays, _fingerprint, choose_resampling, plan_blocks
 
     loc = Location(out)
@@ -333,7 +387,8 @@ def _plan(catalog: LoadedCatalog, out: str | Path, options) -> Plan:
     blocks = plan_blocks(grid, side)
     renderer = BlockRenderer(ing, resampling)
     try:
-        valid = _required_valid(renderer, ing, blocks, options.workers)
+        valid = kept_chips(renderer, ing, blocks, resampling, options.workers,
+                           hand_over=fingerprint if hand_over else None)
     finally:
         renderer.close()
     kept = np.concatenate([b.chips[ok] for b, ok in zip(blocks, valid)]).astype(np.int64)
@@ -394,35 +449,44 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     g = ing.grid
     blocks = plan_blocks(g, p.block_chips)
     root = zarr.open_group(loc.zarr_store(), mode="r+", zarr_format=3)
-    arrays = {s.name: root[s.name] for s in ing.sources}
-    buffers = {n: np.empty((b - a,) + arr.shape[1:], dtype=arr.dtype) for n, arr in arrays.items()}
+    writers = {s.name: ShardWriter(root[s.name]) for s in ing.sources}
+    buffers = {n: np.empty((b - a,) + w.arr.shape[1:], dtype=w.arr.dtype) for n, w in writers.items()}
     fractions = {s.name: np.zeros(b - a) for s in ing.sources}
     renderer = BlockRenderer(ing, resampling)
+    S = p.shard_chips
+    shards = range(a // S, -(-b // S))  # whole shards, one writer each
 
     def render(bi):  # the whole block (its window does not depend on the unit), the unit's chips of it
         block = blocks[bi]
-        return bi, {s.name: renderer.warp(s, block) for s in ing.sources}
+        layers = {s.name: HANDOVER.take((p.fingerprint, bi, s.name)) for s in ing.sources}
+        return bi, {n: renderer.warp(s, block) if layers[n] is None else layers[n] for s in ing.sources for n in [s.name]}
+
+    def write(shard):
+        lo, hi = shard * S - a, min((shard + 1) * S, b) - a
+        for name, writer in writers.items():
+            writer.write(shard, buffers[name][lo:hi])
 
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        # warping in `workers` threads; each shard is encoded and written (other threads) as soon as
+        # its chips are in, so compression overlaps the warping of the next blocks
+        with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=workers) as encoders:
+            written, filled = [], 0
             for bi, layers in _ordered(pool, render, list(dict.fromkeys(block_of.tolist())), inflight=workers + 1):
-                block = blocks[bi]
-                for j in np.flatnonzero(block_of == bi).tolist():
-                    iy, ix = chips[j].tolist()
-                    for s in ing.sources:
-                        chip = renderer.chip(s, layers[s.name], block, iy, ix)
-                        buffers[s.name][j] = chip
-                        fractions[s.name][j] = float(valid_mask(chip, s.fill_value).all(axis=0).mean())
+                js = np.flatnonzero(block_of == bi)
+                for s in ing.sources:
+                    got = buffers[s.name][js] = renderer.chips(s, layers[s.name], blocks[bi], chips[js])
+                    fractions[s.name][js] = valid_mask(got, s.fill_value).all(axis=1).mean(axis=(1, 2))
+                filled = int(js[-1]) + 1
+                ready = [sh for sh in shards[len(written):] if min((sh + 1) * S, b) - a <= filled]
+                written += [encoders.submit(write, sh) for sh in ready]
+            for done in written:
+                done.result()
     finally:
         renderer.close()
     bad = [j for j in range(b - a) if any(fractions[s.name][j] == 0 for s in ing.sources if s.spec.required)]
     if bad:
         raise InputError(loc.uri, f"unit {unit}: chip {g.chip_id(*chips[bad[0]][::-1].tolist())} has no valid pixel in "
                                   "a required source, unlike when it was planned (did an input change?)")
-    S = p.shard_chips
-    for s0 in range(0, b - a, S):  # whole shards, one writer each
-        for name, arr in arrays.items():
-            arr[a + s0:a + min(s0 + S, b - a)] = buffers[name][s0:s0 + S]
     records, stats = [], []
     for j, ((iy, ix), split) in enumerate(zip(chips.tolist(), splits.tolist())):
         label = SPLIT_LABELS[split]
