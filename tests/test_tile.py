@@ -258,7 +258,7 @@ def test_mosaic_of_two_overlapping_s1_files_matches_gdalwarp(tiny_store, tiny_sc
 
     files = [str(tiny_scene.parent / u) for u in yaml.safe_load(tiny_scene.read_text())["sources"][0]["uris"]]
     assert len(files) == 2
-    assert compare_with_gdalwarp(tiny_store, "s1grd", files, tmp_path, src_nodata="nan") > 100_000
+    assert compare_with_gdalwarp(tiny_store, "s1grd", files, tmp_path, tiny_scene, src_nodata="nan") > 100_000
 
 
 # ---------------------------------------------------------------- bad input

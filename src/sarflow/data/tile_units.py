@@ -432,7 +432,7 @@ def unit_done(out: str | Path, unit: int) -> bool:
 def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bool = False) -> dict:
     """Step 2: warps and writes the unit's shards into the store, then its report (returned).
     A unit whose report exists is skipped unless `force`."""
-    from sarflow.data.tile import BlockRenderer, _ordered, chip_contribution, plan_blocks
+    from sarflow.data.tile import BlockRenderer, _ordered, chip_contributions, plan_blocks
 
     loc = Location(out)
     if loc.placed:
@@ -487,14 +487,16 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     if bad:
         raise InputError(loc.uri, f"unit {unit}: chip {g.chip_id(*chips[bad[0]][::-1].tolist())} has no valid pixel in "
                                   "a required source, unlike when it was planned (did an input change?)")
-    records, stats = [], []
+    records = []
     for j, ((iy, ix), split) in enumerate(zip(chips.tolist(), splits.tolist())):
-        label = SPLIT_LABELS[split]
-        records.append({"chip_id": g.chip_id(ix, iy), "ix": ix, "iy": iy, "split": label,
+        records.append({"chip_id": g.chip_id(ix, iy), "ix": ix, "iy": iy, "split": SPLIT_LABELS[split],
                         **{f"valid_{s.name}": round(float(fractions[s.name][j]), 6) for s in ing.sources}})
-        if label == "train":
-            stats.append({s.name: _on_chip_grid(chip_contribution(s, buffers[s.name][j]), renderer.factor(s))
-                          for s in ing.sources})
+    train = np.flatnonzero(splits == SPLIT_LABELS.index("train"))
+    per_source = {s.name: [_on_chip_grid(c, renderer.factor(s))
+                           for lo in range(0, len(train), S)  # a shard at a time: bounded float64 copies
+                           for c in chip_contributions(s, buffers[s.name][train[lo:lo + S]])]
+                  for s in ing.sources}
+    stats = [{s.name: per_source[s.name][i] for s in ing.sources} for i in range(len(train))]
     report = {"unit": unit, "chips": [a, b], "records": records, "train_stats": stats}
     loc.write(json.dumps(report).encode(), BUILD, "units", f"{unit:06d}.json")
     return report
@@ -585,6 +587,9 @@ def finalize(out: str | Path) -> str:
         "compression": {k: v for k, v in root[ing.sources[0].name].compressors[0].to_dict()["configuration"].items()
                         if k in ("cname", "clevel")} | {"codec": "blosc"},
         "split": {**p.split, "chips": kept},
+        # the windows GDAL warped in: blocks of this many chips a side, aligned on the grid, spanning
+        # the candidate chips in them (a pixel's value can depend on its window; data/tile.py)
+        "warp_block_chips": p.block_chips,
     })
     with warnings.catch_warnings():  # zarr notes consolidated metadata is not in the v3 spec yet
         warnings.simplefilter("ignore")
