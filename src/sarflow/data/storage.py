@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from typing import TYPE_CHECKING
+
 import urllib3
-from minio import Minio
-from minio.error import S3Error
 
 from sarflow.errors import StorageError
+
+if TYPE_CHECKING:  # minio is imported on use: a local run never pays for it
+    from minio import Minio
 
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 
@@ -106,6 +109,8 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def minio_client(settings: S3Settings | None = None) -> Minio:
+    from minio import Minio
+
     s = settings or s3_settings()
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=3.0, read=30.0),
@@ -123,6 +128,8 @@ def _bucket_missing(uri: str, settings: S3Settings) -> bool:
 
 
 def _explain(uri: str, exc: Exception, settings: S3Settings) -> StorageError:
+    from minio.error import S3Error
+
     if isinstance(exc, S3Error):
         if exc.code == "NoSuchBucket":
             return StorageError(uri, f"bucket {split_s3(uri)[0]!r} does not exist at {settings.endpoint_url}")
