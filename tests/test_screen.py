@@ -66,7 +66,7 @@ def _holes(shape, rng, n=25, r=(2, 30)) -> np.ndarray:
 @pytest.fixture(scope="module")
 def hard_scene(tmp_path_factory) -> Path:
     """Sources in EPSG:4326 and UTM, at 5, 8 and 30 m, with holes, a nodata value inside the data range,
-    a categorical layer and a per-band mosaic, onto a 10 m UTM grid."""
+    a categorical layer, a per-band mosaic and a source stored at 20 m, onto a 10 m UTM grid."""
     tmp = tmp_path_factory.mktemp("hard")
     rng = np.random.default_rng(3)
     # float dB in EPSG:4326 (~8 m), NaN holes
@@ -101,7 +101,8 @@ def hard_scene(tmp_path_factory) -> Path:
                                                          [9.002, 45.008], [9.002, 44.99]]]}}]}))
     return write_catalog(tmp / "catalog.yaml", {"crs": 32632, "resolution": 10, "chip_size": 16, "aoi": str(aoi)}, [
         {"name": "s1", "uris": [s1], "bands": ["VV", "VH"], "units": "dB", "kind": "continuous"},
-        {"name": "dem", "uris": [dem_path], "bands": ["z"], "units": "m", "kind": "continuous"},
+        {"name": "dem", "uris": [dem_path], "bands": ["z"], "units": "m", "kind": "continuous",
+         "store_resolution": 20},  # stored (and screened) on a 20 m grid inside the 10 m chips
         {"name": "classes", "uris": [cls_path], "bands": ["class"], "units": "class", "kind": "categorical", "role": "input"},
         {"name": "optical", "uris": [bands, over], "bands": ["b1", "b2", "b3"], "units": "reflectance",
          "kind": "continuous"},

@@ -56,7 +56,6 @@ def test_shards_equal_zarrs_own_write(tmp_path, dtype, fill, cname, shuffle):
                 arr[s0:s0 + 4] = data[s0:s0 + 4]
         else:
             writer = ShardWriter(arr)
-            assert not writer.native
             for shard, s0 in enumerate(range(0, chips, 4)):
                 writer.write(shard, data[s0:s0 + 4])
         stores[how] = _files(tmp_path / how)
@@ -77,14 +76,14 @@ def test_an_all_empty_shard_is_not_written_and_an_old_one_is_removed(tmp_path):
     assert np.isnan(arr[4:8]).all()
 
 
-def test_other_layouts_are_written_by_zarr(tmp_path):
+def test_other_layouts_are_refused(tmp_path):
     root = zarr.open_group(zarr.storage.LocalStore(tmp_path), mode="w", zarr_format=3)
     arr = root.create_array("b", shape=(8, 2, 8, 8), chunks=(2, 2, 8, 8), shards=(4, 2, 8, 8), dtype="float32")
-    writer = ShardWriter(arr)
-    assert writer.native  # two chips a chunk: not this writer's layout
-    data = np.arange(4 * 2 * 8 * 8, dtype="float32").reshape(4, 2, 8, 8)
-    writer.write(1, data)
-    np.testing.assert_array_equal(arr[4:8], data)
+    with pytest.raises(ValueError, match="not a sharded array of one-chip Blosc chunks"):
+        ShardWriter(arr)  # two chips a chunk
+    plain = root.create_array("c", shape=(8, 2, 8, 8), chunks=(1, 2, 8, 8), dtype="float32")
+    with pytest.raises(ValueError, match="not a sharded array"):
+        ShardWriter(plain)  # no shards
 
 
 def test_a_shard_that_is_not_whole_is_refused(tmp_path):

@@ -9,9 +9,9 @@ threads encode in parallel) and puts each shard with one write through the array
 The layout is zarr's sharding codec with the index at the end: the non-empty chunks in chunk
 order, then per chunk (offset, length) as little-endian uint64 (2**64-1 twice for a chunk left
 out) and the CRC32C of that index. A chunk equal to the fill value everywhere is left out, as
-zarr does with `write_empty_chunks=False`. An array whose codecs are anything else (another chunk
-shape, codec chain or index location) is written by zarr as before (`ShardWriter.native`).
-tests/test_shards.py checks the bytes against zarr's own write.
+zarr does with `write_empty_chunks=False`. The tiler creates its arrays in this layout
+(tile._create_arrays); an array in any other (another chunk shape, codec chain or index location)
+is refused. tests/test_shards.py checks the bytes against zarr's own write.
 """
 
 from __future__ import annotations
@@ -48,17 +48,19 @@ def _blosc_of(arr: zarr.Array):
 
 
 class ShardWriter:
-    """Writes whole shards of one chip array (`write(shard_index, chips)`), thread-safe."""
+    """Encodes chips (`encode_chunk`, thread-safe) and writes whole shards of one chip array
+    (`write_encoded(shard, chunks)`, or `write(shard, chips)` for both)."""
 
     def __init__(self, arr: zarr.Array):
         self.arr = arr
-        self.per_shard = arr.shards[0] if arr.shards else 0
         self.blosc = _blosc_of(arr) if arr.shards else None
-        self.native = self.blosc is None
+        if self.blosc is None:
+            raise ValueError(f"array {arr.name} is not a sharded array of one-chip Blosc chunks with the index at the "
+                             f"end (codecs {arr.metadata.codecs}): not a chip store array this writer can write")
+        self.per_shard = arr.shards[0]
         dtype = np.dtype(arr.dtype)
         self.dtype = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
-        fill = arr.metadata.fill_value
-        self.fill = np.asarray(fill, dtype=arr.dtype)
+        self.fill = np.asarray(arr.metadata.fill_value, dtype=arr.dtype)
         self.fill_nan = dtype.kind == "f" and bool(np.isnan(self.fill))
         self.fill_zero_bits = dtype.kind == "f" and not self.fill_nan and float(self.fill) == 0.0
 
@@ -69,23 +71,28 @@ class ShardWriter:
             return bool(np.isnan(chip).all())
         if self.fill_zero_bits:
             view = "V" + str(chip.dtype.itemsize)
-            return bool((chip.view(view) == self.fill.astype(chip.dtype).reshape(1).view(view)[0]).all())
+            return bool((np.ascontiguousarray(chip).view(view) == self.fill.astype(chip.dtype).reshape(1).view(view)[0]).all())
         return bool((chip == self.fill).all())
 
-    def encode(self, chips: np.ndarray) -> bytes | None:
-        """The shard holding `chips` (its first chips; the rest of the shard left empty), or None when
-        every chip is empty (zarr then writes no shard)."""
+    def encode_chunk(self, chip: np.ndarray) -> bytes | None:
+        """One chip's chunk as zarr stores it, or None for a chip zarr leaves out (all fill)."""
+        if self._empty(chip):
+            return None
+        return bytes(self.blosc.encode(np.ascontiguousarray(chip, dtype=self.dtype)))
+
+    def shard_bytes(self, chunks: list[bytes | None]) -> bytes | None:
+        """The shard holding `chunks` (its first chunks; the rest of the shard left empty), or None
+        when every chunk is empty (zarr then writes no shard)."""
         n = self.per_shard
-        if len(chips) > n:
-            raise ValueError(f"{len(chips)} chips do not fit a shard of {n}")
+        if len(chunks) > n:
+            raise ValueError(f"{len(chunks)} chips do not fit a shard of {n}")
         index = np.full((n, 2), EMPTY, dtype="<u8")
         parts, offset = [], 0
-        for i, chip in enumerate(chips):
-            if self._empty(chip):
+        for i, data in enumerate(chunks):
+            if data is None:
                 continue
-            data = self.blosc.encode(np.ascontiguousarray(chip, dtype=self.dtype))
             index[i] = (offset, len(data))
-            parts.append(bytes(data))
+            parts.append(data)
             offset += len(data)
         if not parts:
             return None
@@ -94,19 +101,20 @@ class ShardWriter:
         parts.append(np.array([google_crc32c.value(raw)], dtype="<u4").tobytes())
         return b"".join(parts)
 
-    def write(self, shard: int, chips: np.ndarray) -> None:
-        """Shard number `shard` (chips shard*per_shard ... onwards) holds exactly `chips`."""
+    def write_encoded(self, shard: int, chunks: list[bytes | None]) -> None:
+        """Shard number `shard` (chips shard*per_shard ... onwards) holds exactly these chunks."""
         start = shard * self.per_shard
-        if self.native:
-            self.arr[start:start + len(chips)] = chips
-            return
-        if start + len(chips) > self.arr.shape[0] or (len(chips) < self.per_shard and start + len(chips) < self.arr.shape[0]):
-            raise ValueError(f"chips {start}..{start + len(chips)} are not a whole shard of {self.arr.name} "
+        end = start + len(chunks)
+        if end > self.arr.shape[0] or (len(chunks) < self.per_shard and end < self.arr.shape[0]):
+            raise ValueError(f"chips {start}..{end} are not a whole shard of {self.arr.name} "
                              f"(shape {self.arr.shape}, {self.per_shard} chips a shard)")
         key = self.arr.metadata.encode_chunk_key((shard,) + (0,) * (self.arr.ndim - 1))
-        data = self.encode(chips)
+        data = self.shard_bytes(chunks)
         path = self.arr.store_path / key
         if data is None:
             sync(path.delete())
         else:
             sync(path.set(default_buffer_prototype().buffer.from_bytes(data)))
+
+    def write(self, shard: int, chips: np.ndarray) -> None:
+        self.write_encoded(shard, [self.encode_chunk(c) for c in chips])

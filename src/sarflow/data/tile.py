@@ -248,17 +248,23 @@ class BlockRenderer:
         """k: the source is warped and stored at k times the grid's pixel size."""
         return source.spec.store_factor(self.grid.resolution)
 
-    def chips(self, source: Source, layer: np.ndarray, block: Block, positions: np.ndarray) -> np.ndarray:
+    def chips(self, source: Source, layer: np.ndarray, block: Block, positions: np.ndarray,
+              out: np.ndarray | None = None) -> np.ndarray:
         """The chips at `positions` ((n, 2) iy, ix, in the block) of a block's warped `layer` of `source`:
-        (n, bands, chip/k, chip/k), copied out of the layer in one step (a strided view of every
-        chip position of the block, indexed by the wanted ones)."""
+        (n, bands, chip/k, chip/k) cut from a strided view of every chip position of the block, in
+        one fancy-indexing step, or chip by chip straight into `out` (no temporary copy)."""
         g, k = self.grid, self.factor(source)
         step, n = g.stride // k, g.chip_size // k
         bands, height, width = layer.shape
         sb, sy, sx = layer.strides
         every = np.lib.stride_tricks.as_strided(
             layer, shape=(block.rows, block.cols, bands, n, n), strides=(step * sy, step * sx, sb, sy, sx), writeable=False)
-        return every[positions[:, 0] - block.iy0, positions[:, 1] - block.ix0]
+        rows, cols = positions[:, 0] - block.iy0, positions[:, 1] - block.ix0
+        if out is None:
+            return every[rows, cols]
+        for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+            out[i] = every[r, c]
+        return out
 
     def close(self):
         with self._lock:
@@ -370,29 +376,42 @@ class Stats:
         return out
 
 
+STATS_BATCH_PX = 1 << 18  # pixels per band reduced at once: float64 temporaries stay in cache
+
+
 def _contributions(kind: str, fill, chips: np.ndarray) -> list[list]:
     """Per chip of (n, bands, h, w), per band: None (no valid pixel), [count, sum, sumsq, min, max]
-    (continuous, float64 sums over the chip's pixels in row order, nodata counted as 0) or
+    (continuous: float64 sums over the chip's pixels in row order, nodata counted as 0) or
     [[code, count], ...] (categorical, codes as strings in ascending order). A chip's contribution
     depends on that chip alone, however many are computed together. JSON round-trips it exactly."""
     n, nb = chips.shape[:2]
-    valid = valid_mask(chips, fill)
-    out = [[None] * nb for _ in range(n)]
-    for b in range(nb):
-        ok = valid[:, b].reshape(n, -1)
-        counts = ok.sum(axis=1)
-        if kind == "continuous":
-            v = chips[:, b].reshape(n, -1).astype(np.float64)
-            z = np.where(ok, v, 0.0)
-            # not np.dot: BLAS threads would fight the warpers
-            sums, sumsq = z.sum(axis=1), np.square(z).sum(axis=1)
-            lows, highs = np.where(ok, v, np.inf).min(axis=1), np.where(ok, v, -np.inf).max(axis=1)
-            for i in np.flatnonzero(counts).tolist():
-                out[i][b] = [int(counts[i]), float(sums[i]), float(sumsq[i]), float(lows[i]), float(highs[i])]
-        else:
-            for i in np.flatnonzero(counts).tolist():
-                codes, hits = np.unique(chips[i, b][valid[i, b]], return_counts=True)
-                out[i][b] = [[str(c), k] for c, k in zip(codes.tolist(), hits.tolist())]
+    step = max(1, STATS_BATCH_PX // max(1, chips.shape[2] * chips.shape[3]))
+    out = []
+    for lo in range(0, n, step):
+        part = chips[lo:lo + step]
+        m = len(part)
+        valid = valid_mask(part, fill)
+        rows = [[None] * nb for _ in range(m)]
+        for b in range(nb):
+            ok = valid[:, b].reshape(m, -1)
+            x = part[:, b].reshape(m, -1)
+            counts = ok.sum(axis=1)
+            if kind == "continuous":
+                z = np.where(ok, x, 0)
+                sums = z.sum(axis=1, dtype=np.float64)
+                z = z.astype(np.float64)
+                np.square(z, out=z)  # not np.dot: BLAS threads would fight the warpers
+                sumsq = z.sum(axis=1)
+                big = np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).max
+                small = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+                lows, highs = np.where(ok, x, big).min(axis=1), np.where(ok, x, small).max(axis=1)
+                for i in np.flatnonzero(counts).tolist():
+                    rows[i][b] = [int(counts[i]), float(sums[i]), float(sumsq[i]), float(lows[i]), float(highs[i])]
+            else:
+                for i in np.flatnonzero(counts).tolist():
+                    codes, hits = np.unique(x[i][ok[i]], return_counts=True)
+                    rows[i][b] = [[str(c), k] for c, k in zip(codes.tolist(), hits.tolist())]
+        out += rows
     return out
 
 

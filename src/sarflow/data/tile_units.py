@@ -35,6 +35,7 @@ import shutil
 import signal
 import threading
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -450,53 +451,64 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     blocks = plan_blocks(g, p.block_chips)
     root = zarr.open_group(loc.zarr_store(), mode="r+", zarr_format=3)
     writers = {s.name: ShardWriter(root[s.name]) for s in ing.sources}
-    buffers = {n: np.empty((b - a,) + w.arr.shape[1:], dtype=w.arr.dtype) for n, w in writers.items()}
+    chunks = {s.name: [None] * (b - a) for s in ing.sources}  # each chip's encoded chunk until its shard is written
     fractions = {s.name: np.zeros(b - a) for s in ing.sources}
+    train = splits == SPLIT_LABELS.index("train")
+    contributions = {s.name: [None] * (b - a) for s in ing.sources}  # train chips' statistics
     renderer = BlockRenderer(ing, resampling)
     S = p.shard_chips
-    shards = range(a // S, -(-b // S))  # whole shards, one writer each
+    shards = list(range(a // S, -(-b // S)))  # whole shards, one writer each
 
-    def render(bi):  # the whole block (its window does not depend on the unit), the unit's chips of it
+    def render(bi):  # the whole block (its window does not depend on the unit)
         block = blocks[bi]
         layers = {s.name: HANDOVER.take((p.fingerprint, bi, s.name)) for s in ing.sources}
         return bi, {n: renderer.warp(s, block) if layers[n] is None else layers[n] for s in ing.sources for n in [s.name]}
 
-    def write(shard):
-        lo, hi = shard * S - a, min((shard + 1) * S, b) - a
-        for name, writer in writers.items():
-            writer.write(shard, buffers[name][lo:hi])
+    def cut(bi, layers):  # the unit's chips of a block: encoded, valid fractions, train statistics
+        js = np.flatnonzero(block_of == bi)  # contiguous: the unit's chips are in block order
+        lo, hi = int(js[0]), int(js[-1]) + 1
+        tr = np.flatnonzero(train[lo:hi])
+        for s in ing.sources:
+            got = renderer.chips(s, layers[s.name], blocks[bi], chips[lo:hi])
+            fractions[s.name][lo:hi] = valid_mask(got, s.fill_value).all(axis=1).mean(axis=(1, 2))
+            chunks[s.name][lo:hi] = [writers[s.name].encode_chunk(c) for c in got]
+            for j, c in zip(tr.tolist(), chip_contributions(s, got[tr])):
+                contributions[s.name][lo + j] = _on_chip_grid(c, renderer.factor(s))
+        return hi
 
     try:
-        # warping in `workers` threads; each shard is encoded and written (other threads) as soon as
-        # its chips are in, so compression overlaps the warping of the next blocks
+        # warping in `workers` threads; each block's chips are cut and encoded in `workers` other
+        # threads as it arrives, and each shard written as soon as its chips are encoded
         with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=workers) as encoders:
-            written, filled = [], 0
+            pending: deque = deque()
+            left = deque(shards)
+
+            def collect(limit: int) -> None:
+                while len(pending) > limit:
+                    filled = pending.popleft().result()
+                    while left and (left[0] + 1) * S - a <= filled or (left and filled == b - a):
+                        shard = left.popleft()
+                        lo, hi = shard * S - a, min((shard + 1) * S, b) - a
+                        for name, writer in writers.items():
+                            writer.write_encoded(shard, chunks[name][lo:hi])
+                            chunks[name][lo:hi] = [None] * (hi - lo)
+
             for bi, layers in _ordered(pool, render, list(dict.fromkeys(block_of.tolist())), inflight=workers + 1):
-                js = np.flatnonzero(block_of == bi)
-                for s in ing.sources:
-                    got = buffers[s.name][js] = renderer.chips(s, layers[s.name], blocks[bi], chips[js])
-                    fractions[s.name][js] = valid_mask(got, s.fill_value).all(axis=1).mean(axis=(1, 2))
-                filled = int(js[-1]) + 1
-                ready = [sh for sh in shards[len(written):] if min((sh + 1) * S, b) - a <= filled]
-                written += [encoders.submit(write, sh) for sh in ready]
-            for done in written:
-                done.result()
+                pending.append(encoders.submit(cut, bi, layers))
+                collect(workers)  # at most `workers` blocks wait to be cut: memory stays bounded
+            collect(0)
     finally:
         renderer.close()
-    bad = [j for j in range(b - a) if any(fractions[s.name][j] == 0 for s in ing.sources if s.spec.required)]
-    if bad:
+    bad = np.flatnonzero(np.logical_or.reduce([fractions[s.name] == 0 for s in ing.sources if s.spec.required]
+                                              or [np.zeros(b - a, dtype=bool)]))
+    if len(bad):
         raise InputError(loc.uri, f"unit {unit}: chip {g.chip_id(*chips[bad[0]][::-1].tolist())} has no valid pixel in "
                                   "a required source, unlike when it was planned (did an input change?)")
     records = []
     for j, ((iy, ix), split) in enumerate(zip(chips.tolist(), splits.tolist())):
         records.append({"chip_id": g.chip_id(ix, iy), "ix": ix, "iy": iy, "split": SPLIT_LABELS[split],
                         **{f"valid_{s.name}": round(float(fractions[s.name][j]), 6) for s in ing.sources}})
-    train = np.flatnonzero(splits == SPLIT_LABELS.index("train"))
-    per_source = {s.name: [_on_chip_grid(c, renderer.factor(s))
-                           for lo in range(0, len(train), S)  # a shard at a time: bounded float64 copies
-                           for c in chip_contributions(s, buffers[s.name][train[lo:lo + S]])]
-                  for s in ing.sources}
-    stats = [{s.name: per_source[s.name][i] for s in ing.sources} for i in range(len(train))]
+    stats = [{s.name: contributions[s.name][j] for s in ing.sources} for j in np.flatnonzero(train).tolist()]
     report = {"unit": unit, "chips": [a, b], "records": records, "train_stats": stats}
     loc.write(json.dumps(report).encode(), BUILD, "units", f"{unit:06d}.json")
     return report
