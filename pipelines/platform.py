@@ -27,8 +27,26 @@ and the exit task that records how a run ended.
 kfp.local ignores all of this (no pods): tasks inherit the caller's environment.
 """
 
+import sys
+
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Output
+from kfp.dsl.pipeline_task import PipelineTask
+
+
+def _ensure_container_spec_exists(self: PipelineTask) -> None:
+    """kfp 2.17's own check, naming its caller from the caller's frame: kfp builds the whole
+    `inspect.stack()` (every frame's source lines) on each resource setter, which costs about 7 s
+    of CPU to define sarflow's pipelines, in every process that imports them (`sarflow demo`, each
+    pipeline task's launcher). Same condition, same message."""
+    if self.container_spec is None:
+        caller = sys._getframe(1).f_code.co_name
+        raise ValueError(f"{caller} can only be used on single-step components, not pipelines used as components, "
+                         "or special components like importers.")
+
+
+if hasattr(PipelineTask, "_ensure_container_spec_exists"):  # kfp 2.17: a private method every setter calls
+    PipelineTask._ensure_container_spec_exists = _ensure_container_spec_exists
 
 # Kubernetes secrets holding MinIO keys (k8s/base/secrets/*.example.env): secret key -> env var
 S3_SECRETS = {
