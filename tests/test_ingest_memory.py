@@ -145,8 +145,9 @@ def test_a_bbox_aoi_far_larger_than_the_data_plans_only_chips_near_the_data(tmp_
 
 
 def test_candidates_match_a_chip_by_chip_scan(monkeypatch):
-    """Halving the AOI's range of chips finds exactly the chips a full scan finds (touching an
-    edge is not intersecting), with and without overlap."""
+    """Halving the AOI's range of chips finds exactly the chips a full scan finds (a chip is in the
+    AOI when the AOI meets the box of its pixel centres: touching an edge, or a sliver thinner than
+    half a pixel, is not), with and without overlap."""
     monkeypatch.setattr(grid_module, "_SCAN_LEAF", 64)
     aoi = shapely.Point(5000, 7000).buffer(9000).union(shapely.box(-8000, -2000, 30000, 1000)).difference(
         shapely.Point(3000, 5000).buffer(3000))
@@ -157,7 +158,8 @@ def test_candidates_match_a_chip_by_chip_scan(monkeypatch):
         ix, iy = np.meshgrid(np.arange(math.floor(minx / g.step) - 2, math.ceil(maxx / g.step) + 2),
                              np.arange(math.floor(-maxy / g.step) - 2, math.ceil(-miny / g.step) + 2))
         ix, iy = ix.ravel(), iy.ravel()
-        boxes = shapely.box(*g.chip_bounds(ix, iy))
+        minx, miny, maxx, maxy = g.chip_bounds(ix, iy)
+        boxes = shapely.box(minx + 5, miny + 5, maxx - 5, maxy - 5)  # the chips' pixel centres (10 m pixels)
         hit = shapely.intersects(aoi, boxes) & ~shapely.touches(aoi, boxes)
         expected = np.column_stack([iy[hit], ix[hit]])
         expected = expected[np.lexsort((expected[:, 1], expected[:, 0]))]
@@ -165,6 +167,10 @@ def test_candidates_match_a_chip_by_chip_scan(monkeypatch):
         if overlap == 0:  # the one-chip part is chip (125, -1); its neighbours only touch it
             found = {(x, y) for y, x in g.candidates.tolist()}
             assert (125, -1) in found and not {(124, -1), (126, -1), (125, -2), (125, 0)} & found
+    # a sliver of 3 m (0.3 px) into the next chip misses its pixel centres; 6 m reaches them
+    for reach, chips in ((3, [(0, 0)]), (6, [(0, 0), (0, 1)])):
+        g = ChipGrid(CRS.from_epsg(32631), 10.0, 32, 0, (0.0, 0.0), shapely.box(0, -320, 320 + reach, 0))
+        assert [tuple(c) for c in g.candidates.tolist()] == chips
     # a grid whose coverage misses the AOI has no candidates
     g = ChipGrid(CRS.from_epsg(32631), 10.0, 32, 0, (0.0, 0.0), aoi, coverage=shapely.box(1e6, 1e6, 1e6 + 1, 1e6 + 1))
     assert g.candidates.shape == (0, 2)

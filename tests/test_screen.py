@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 from rasterio.transform import from_origin
 
 from helpers import write_catalog
@@ -123,7 +124,7 @@ def salt_scene(tmp_path_factory) -> Path:
     """Sources that are nodata but for single valid pixels here and there (one for two chips): whether a
     chip holds a valid pixel then turns on pixels just outside its edge that the kernel reaches. On the
     grid's own pixels (UTM, 10 m, aligned with the chips), at 30 m (upsampled), at 2.5 m (averaged),
-    and in EPSG:4326."""
+    in EPSG:4326, rotated by 12 degrees, and a dB source warped with cubic."""
     tmp = tmp_path_factory.mktemp("salt")
     rng = np.random.default_rng(11)
     uris = []
@@ -132,6 +133,8 @@ def salt_scene(tmp_path_factory) -> Path:
         ("coarser", "EPSG:32632", from_origin(500_004, 4_985_497, 30, 30), (70, 70)),  # upsampled: reach beyond the chip
         ("finer", "EPSG:32632", from_origin(500_001, 4_985_499, 2.5, 2.5), (800, 800)),  # downsampled (average)
         ("geographic", "EPSG:4326", from_origin(9.0, 45.01, 0.00012, 0.00009), (230, 170)),
+        ("rotated", "EPSG:32632", Affine.translation(500_000, 4_985_500) * Affine.rotation(12) * Affine.scale(9, -9),
+         (230, 230)),
     ]:
         pixel = abs(transform.a) * (111_000 * 0.7 if crs == "EPSG:4326" else 1)
         density = 0.6 / max(1.0, (80 / pixel) ** 2)  # about one valid pixel for two 80 m chips
@@ -139,9 +142,14 @@ def salt_scene(tmp_path_factory) -> Path:
         hit = rng.random(shape) < density
         x[0][hit] = rng.normal(size=int(hit.sum()))
         uris.append((name, _write(tmp / f"{name}.tif", x, crs, transform)))
-    return [write_catalog(tmp / f"{name}.yaml", {"crs": 32632, "resolution": 10, "chip_size": 8},
-                          [{"name": name, "uris": [uri], "bands": ["v"], "units": "linear", "kind": "continuous"}])
-            for name, uri in uris]
+    catalogs = [write_catalog(tmp / f"{name}.yaml", {"crs": 32632, "resolution": 10, "chip_size": 8},
+                              [{"name": name, "uris": [uri], "bands": ["v"], "units": "linear", "kind": "continuous"}])
+                for name, uri in uris]
+    # a kernel with negative lobes, on a dB source (interpolated power can go negative)
+    catalogs.append(write_catalog(tmp / "cubic_db.yaml", {"crs": 32632, "resolution": 10, "chip_size": 8},
+                                  [{"name": "db", "uris": [uris[1][1]], "bands": ["v"], "units": "dB",
+                                    "kind": "continuous", "resampling": "cubic"}]))
+    return catalogs
 
 
 @pytest.mark.parametrize("cell", [8, 1])  # 1: no cell rounding, the kernel's reach alone decides

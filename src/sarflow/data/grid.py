@@ -139,6 +139,12 @@ class ChipGrid:
         maxy = y0 - np.asarray(iy) * self.step
         return minx, maxy - self.extent, minx + self.extent, maxy
 
+    def centre_bounds(self, ix, iy):
+        """(minx, miny, maxx, maxy) of the box spanned by the centres of chips' pixels (scalars or arrays)."""
+        minx, miny, maxx, maxy = self.chip_bounds(ix, iy)
+        half = self.resolution / 2
+        return minx + half, miny + half, maxx - half, maxy - half
+
     def chip_transform(self, ix: int, iy: int) -> Affine:
         """Pixel-to-grid transform of a window starting at chip (ix, iy)."""
         minx, _, _, maxy = self.chip_bounds(ix, iy)
@@ -171,8 +177,12 @@ class ChipGrid:
 
     @cached_property
     def candidates(self) -> np.ndarray:
-        """(iy, ix) of every chip intersecting the AOI (and the coverage, when there is one),
-        north to south then west to east.
+        """(iy, ix) of every chip in the AOI (and the coverage, when there is one), north to south
+        then west to east. A chip is in it when the AOI meets the box spanned by the chip's pixel
+        centres (`centre_bounds`): a chip that only touches it, or meets it by a sliver thinner
+        than half a pixel along its edge, has no pixel centre there and is not a candidate (the
+        footprints' round trip through WGS84 leaves such slivers along an `intersection` AOI:
+        a ring of chips without data that planning would otherwise have to warp to rule out).
 
         Found by halving the AOI's bounding range of chips: a part that misses the AOI is
         dropped whole, a part inside it is taken whole, and only parts along its edge of at most
@@ -213,8 +223,7 @@ class ChipGrid:
             elif n <= _SCAN_LEAF:
                 iy, ix = np.meshgrid(np.arange(ya, yb + 1), np.arange(xa, xb + 1), indexing="ij")
                 iy, ix = iy.ravel(), ix.ravel()
-                boxes = shapely.box(*self.chip_bounds(ix, iy))
-                # touching the AOI on an edge is not intersecting it
+                boxes = shapely.box(*self.centre_bounds(ix, iy))
                 hit = shapely.intersects(area, boxes) & ~shapely.touches(area, boxes)
                 found.append(np.column_stack([iy[hit], ix[hit]]))
             elif yb - ya >= xb - xa:

@@ -37,6 +37,7 @@ from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
 from sarflow.data.ingest import Ingested, Source, gdal_env
+from sarflow.data.tile import LINEAR_POWER, resampling_domain
 from sarflow.errors import InputError
 
 VALID, INVALID, UNKNOWN = 1, 0, -1
@@ -44,6 +45,7 @@ CELL = 8  # source pixels per side of a validity cell
 SAMPLES = 8  # sample pixels per chip side (fewer when the chip has fewer pixels)
 STRIP_BYTES = 64 << 20  # bytes of source pixels read at once
 CHIP_BATCH = 20_000  # chips whose points are transformed at once
+FAR = 2.0 ** 40  # source pixels: farther than this a point did not project (a singularity), not a pixel
 # GDAL's kernels: radius in source pixels before downsampling widens it; those whose value is a
 # convex combination (or a copy) of the source values they read, so integers on one side of the
 # nodata value stay on that side
@@ -102,6 +104,7 @@ def _read_cells(source: Source, uri: str, bands: int, resampling: str, window: W
     f = source.files[uri]
     nodata = source.nodata
     numeric_fill = np.dtype(source.dtype).kind != "f"  # integers: the nodata value is also the fill value
+    power = resampling_domain(source) == LINEAR_POWER  # warped as linear power, back to dB
     try:
         with rasterio.open(f.path) as ds:
             flags = [ds.mask_flag_enums[b] for b in range(bands)]
@@ -119,7 +122,10 @@ def _read_cells(source: Source, uri: str, bands: int, resampling: str, window: W
                 good = valid.all(axis=0)
                 if masked:
                     good &= (ds.read_masks(list(range(1, bands + 1)), window=w) > 0).all(axis=0)
-                if numeric_fill and resampling not in ("nearest", "mode"):  # a computed value could equal the fill
+                if power and resampling not in CONVEX:  # negative lobes can make power negative: NaN dB
+                    hi.append(_pool(np.zeros_like(good), np.all))
+                    lo.append(hi[-1])
+                elif numeric_fill and resampling not in ("nearest", "mode"):  # a computed value could equal the fill
                     if resampling in CONVEX:
                         hi.append(_pool(good & (data > nodata).all(axis=0), np.all))
                         lo.append(_pool(good & (data < nodata).all(axis=0), np.all))
@@ -134,14 +140,6 @@ def _read_cells(source: Source, uri: str, bands: int, resampling: str, window: W
     good_hi = _sat(np.concatenate(hi))
     good_lo = good_hi if all(x is y for x, y in zip(hi, lo)) else _sat(np.concatenate(lo))
     return _Cells(window.row_off, window.col_off, good_hi, good_lo, _sat(np.concatenate(some)))
-
-
-@dataclass
-class _Reach:
-    """Per chip, in one file's pixel coordinates: its footprint's box and how far a kernel reaches."""
-    rows: np.ndarray  # (n, 2) min, max row
-    cols: np.ndarray  # (n, 2) min, max col
-    radius: np.ndarray  # (n,) source pixels
 
 
 def _chip_points(grid, positions: np.ndarray, k: int, n_side: int, which: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,87 +160,115 @@ def _chip_points(grid, positions: np.ndarray, k: int, n_side: int, which: str) -
 
 
 def _to_pixels(grid_crs: CRS, ds_crs: CRS, inverse, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Source pixel (row, col) of grid-CRS points; NaN where they do not project."""
     if grid_crs != ds_crs:
-        x, y = (np.asarray(a) for a in transform_points(grid_crs, ds_crs, x, y))
+        x, y = (np.asarray(a, dtype=np.float64) for a in transform_points(grid_crs, ds_crs, x, y))
     col, row = inverse * (x, y)
-    return np.asarray(row, dtype=np.float64), np.asarray(col, dtype=np.float64)
+    row, col = np.asarray(row, dtype=np.float64), np.asarray(col, dtype=np.float64)
+    bad = ~np.isfinite(row) | ~np.isfinite(col) | (np.abs(row) > FAR) | (np.abs(col) > FAR)
+    row[bad] = np.nan
+    col[bad] = np.nan
+    return row, col
+
+
+
+def _floor(a: np.ndarray) -> np.ndarray:
+    return np.floor(a).astype(np.int64)
 
 
 def _file_status(ing: Ingested, source: Source, uri: str, bands: int, resampling: str,
-                 positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For one file of a source: (n, samples) sample pixels surely good, (n,) chips with a valid
-    pixel within reach."""
+                 positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For one file of a source: (the chips whose reach meets it, (chips, samples) sample pixels
+    surely good in it, chips with a valid pixel of it within reach). Only those chips are worked
+    on, so a mosaic of many files costs what its chips cost."""
     g = ing.grid
     k = source.spec.store_factor(g.resolution)
-    n_side = min(SAMPLES, g.chip_size // k)
+    size = g.chip_size // k
+    n_side = min(SAMPLES, size)
     f = source.files[uri]
-    with rasterio.open(f.path) as ds:
-        ds_crs, inverse, height, width = ds.crs, ~ds.transform, ds.height, ds.width
+    try:
+        with rasterio.open(f.path) as ds:
+            ds_crs, inverse, height, width = ds.crs, ~ds.transform, ds.height, ds.width
+    except RasterioError as e:
+        raise InputError(uri, f"cannot be opened any more ({e})") from None
     kernel = KERNEL_RADIUS.get(resampling, FOOTPRINT_RADIUS if resampling in CONVEX else 3.0)
-    reach_parts = []
+    near, boxes = [], []  # chips whose reach meets the raster; their (row0, row1, col0, col1) reach
     for s0 in range(0, len(positions), CHIP_BATCH):
         part = positions[s0:s0 + CHIP_BATCH]
         rows, cols = (a.reshape(len(part), 8) for a in _to_pixels(g.crs, ds_crs, inverse,
                                                                   *_chip_points(g, part, k, n_side, "outline")))
         finite = np.isfinite(rows).all(axis=1) & np.isfinite(cols).all(axis=1)
-        rows, cols = np.where(finite[:, None], rows, 0.0), np.where(finite[:, None], cols, 0.0)
         edges = np.hypot(np.diff(rows[:, [0, 2, 4, 6, 0]], axis=1), np.diff(cols[:, [0, 2, 4, 6, 0]], axis=1))
-        scale = edges.max(axis=1) / (g.chip_size // k) * 1.1  # source pixels per destination pixel
+        scale = edges.max(axis=1) / size * 1.1  # source pixels per destination pixel
         radius = (kernel + 1.0) * np.maximum(1.0, scale) + 1.0
-        radius = np.where(finite, radius, np.inf)  # a chip that does not project: UNKNOWN
-        reach_parts.append(_Reach(np.stack([rows.min(1), rows.max(1)], 1), np.stack([cols.min(1), cols.max(1)], 1),
-                                  radius))
-    reach = _Reach(*(np.concatenate([getattr(r, a) for r in reach_parts]) for a in ("rows", "cols", "radius")))
-    usable = np.isfinite(reach.radius)
-    n = len(positions)
-    good = np.zeros((n, n_side * n_side), dtype=bool)
-    some = ~usable  # a chip that does not project may hold data: not INVALID
-    if not usable.any():
-        return good, some
-    r = reach.radius[usable]
-    lo_r = np.floor(reach.rows[usable, 0] - r).min()
-    hi_r = np.floor(reach.rows[usable, 1] + r).max()
-    lo_c = np.floor(reach.cols[usable, 0] - r).min()
-    hi_c = np.floor(reach.cols[usable, 1] + r).max()
-    r0, c0 = max(0, int(lo_r)) // CELL * CELL, max(0, int(lo_c)) // CELL * CELL
-    r1, c1 = min(height, int(hi_r) + 1), min(width, int(hi_c) + 1)
-    if r1 <= r0 or c1 <= c0:  # the chips miss the file
-        return good, some
-    cells = _read_cells(source, uri, bands, resampling, Window(c0, r0, c1 - c0, r1 - r0))
-    ok = np.flatnonzero(usable)
-    rad = reach.radius[ok]
-    some[ok] = cells.any_valid(np.floor(reach.rows[ok, 0] - rad).astype(np.int64),
-                               np.floor(reach.rows[ok, 1] + rad).astype(np.int64),
-                               np.floor(reach.cols[ok, 0] - rad).astype(np.int64),
-                               np.floor(reach.cols[ok, 1] + rad).astype(np.int64))
-    for s0 in range(0, len(ok), CHIP_BATCH):
-        idx = ok[s0:s0 + CHIP_BATCH]
-        rows, cols = _to_pixels(g.crs, ds_crs, inverse, *_chip_points(g, positions[idx], k, n_side, "samples"))
-        rad = np.repeat(reach.radius[idx], n_side * n_side)
+        with np.errstate(invalid="ignore"):
+            r0, r1 = rows.min(axis=1) - radius, rows.max(axis=1) + radius
+            c0, c1 = cols.min(axis=1) - radius, cols.max(axis=1) + radius
+            hit = ~finite | ((r1 >= 0) & (r0 < height) & (c1 >= 0) & (c0 < width))
+        idx = np.flatnonzero(hit)
+        near.append(idx + s0)
+        # a chip that does not project is worked on as covering the whole raster: never VALID, never INVALID
+        box = np.stack([np.where(finite, r0, 0), np.where(finite, r1, height), np.where(finite, c0, 0),
+                        np.where(finite, c1, width), np.where(finite, radius, np.inf)], axis=1)[idx]
+        boxes.append(box)
+    near = np.concatenate(near)
+    box = np.concatenate(boxes) if boxes else np.empty((0, 5))
+    good = np.zeros((len(near), n_side * n_side), dtype=bool)
+    some = ~np.isfinite(box[:, 4])
+    usable = np.flatnonzero(np.isfinite(box[:, 4]))
+    if not len(usable):
+        return near, good, some
+    lo_r = max(0, int(np.floor(box[usable, 0].min()))) // CELL * CELL
+    lo_c = max(0, int(np.floor(box[usable, 2].min()))) // CELL * CELL
+    hi_r = min(height, int(np.floor(box[usable, 1].max())) + 1)
+    hi_c = min(width, int(np.floor(box[usable, 3].max())) + 1)
+    cells = _read_cells(source, uri, bands, resampling, Window(lo_c, lo_r, hi_c - lo_c, hi_r - lo_r))
+    b = box[usable]
+    some[usable] = cells.any_valid(_floor(b[:, 0]), _floor(b[:, 1]), _floor(b[:, 2]), _floor(b[:, 3]))
+    for s0 in range(0, len(usable), CHIP_BATCH):
+        idx = usable[s0:s0 + CHIP_BATCH]
+        rows, cols = _to_pixels(g.crs, ds_crs, inverse, *_chip_points(g, positions[near[idx]], k, n_side, "samples"))
+        rad = np.repeat(box[idx, 4], n_side * n_side)
         finite = np.isfinite(rows) & np.isfinite(cols)
-        rows, cols = np.where(finite, rows, -1e9), np.where(finite, cols, -1e9)
-        hit = cells.all_good(np.floor(rows - rad).astype(np.int64), np.floor(rows + rad).astype(np.int64),
-                             np.floor(cols - rad).astype(np.int64), np.floor(cols + rad).astype(np.int64))
-        good[idx] = (hit & finite).reshape(len(idx), n_side * n_side)
-    return good, some
+        rows, cols = np.where(finite, rows, -FAR), np.where(finite, cols, -FAR)
+        hit = cells.all_good(_floor(rows - rad), _floor(rows + rad), _floor(cols - rad), _floor(cols + rad)) & finite
+        good[idx] = hit.reshape(len(idx), n_side * n_side)
+    return near, good, some
 
 
 def source_status(ing: Ingested, source: Source, resampling: dict, positions: np.ndarray, workers: int = 1) -> np.ndarray:
-    """(n,) VALID / INVALID / UNKNOWN for `source` at chip `positions` ((n, 2) iy, ix)."""
+    """(n,) VALID / INVALID / UNKNOWN for `source` at chip `positions` ((n, 2) iy, ix).
+
+    VALID when one item of the source (a file, or a stack of single-band files) is surely good at
+    one sample pixel in every file of it; INVALID when no file has a valid pixel within reach.
+    (Combining different items band by band could settle a few more chips; they are left UNKNOWN.)"""
     files = list(source.files)
     nbands = {uri: max(len(bands) for item in source.items for u, bands in item if u == uri) for uri in files}
-    with gdal_env(files), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = dict(zip(files, pool.map(
-            lambda uri: _file_status(ing, source, uri, nbands[uri], resampling[(source.name, uri)], positions), files)))
-    n_bands = len(source.spec.bands)
-    covering = [[uri for item in source.items for uri, bands in item if b in bands] for b in range(n_bands)]
-    # a sample pixel is surely valid when every band is surely valid there in some file covering it
-    point_good = np.ones_like(next(iter(results.values()))[0])
-    some = np.ones(len(positions), dtype=bool)
-    for uris in covering:
-        point_good &= np.logical_or.reduce([results[u][0] for u in uris])
-        some &= np.logical_or.reduce([results[u][1] for u in uris])
-    status = np.full(len(positions), UNKNOWN, dtype=np.int8)
+
+    def one(uri):
+        with gdal_env(files):  # in this thread: endpoints and keys for s3:// inputs
+            return _file_status(ing, source, uri, nbands[uri], resampling[(source.name, uri)], positions)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = dict(zip(files, pool.map(one, files)))
+    n = len(positions)
+    some = np.zeros(n, dtype=bool)
+    for near, _good, reach in results.values():
+        some[near[reach]] = True
+    valid = np.zeros(n, dtype=bool)
+    for item in source.items:
+        if len(item) == 1:
+            near, good, _reach = results[item[0][0]]
+            valid[near[good.any(axis=1)]] = True
+            continue
+        together = None  # a stack: the same sample pixel good in each of its files
+        for uri, _bands in item:
+            near, good, _reach = results[uri]
+            here = np.zeros((n, good.shape[1]), dtype=bool)
+            here[near] = good
+            together = here if together is None else together & here
+        valid |= together.any(axis=1)
+    status = np.full(n, UNKNOWN, dtype=np.int8)
     status[~some] = INVALID
-    status[point_good.any(axis=1)] = VALID
+    status[valid] = VALID
     return status

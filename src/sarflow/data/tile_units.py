@@ -308,13 +308,15 @@ def kept_chips(renderer, ing: Ingested, blocks, resampling: dict, workers: int, 
         block, lo = blocks[bi], starts[bi]
         sel = undecided[lo:lo + sizes[bi]]
         out = np.ones(int(sel.sum()), dtype=bool)
+        layers = {}
         for i, s in enumerate(required):
             if (status[i, lo:lo + sizes[bi]][sel] == UNKNOWN).any():
-                layer = renderer.warp(s, block)
-                if hand_over:
-                    HANDOVER.offer((hand_over, bi, s.name), layer)
-                got = renderer.chips(s, layer, block, block.chips[sel])
+                layers[s.name] = renderer.warp(s, block)
+                got = renderer.chips(s, layers[s.name], block, block.chips[sel])
                 out &= valid_mask(got, s.fill_value).all(axis=1).any(axis=(1, 2))
+        if hand_over and (out.any() or kept[lo:lo + sizes[bi]].any()):  # a unit will warp this block
+            for name, layer in layers.items():
+                HANDOVER.offer((hand_over, bi, name), layer)
         return bi, sel, out
 
     todo = [bi for bi in range(len(blocks)) if undecided[starts[bi]:starts[bi] + sizes[bi]].any()]
@@ -476,6 +478,13 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
                 contributions[s.name][lo + j] = _on_chip_grid(c, renderer.factor(s))
         return hi
 
+    def refuse_empty(lo: int, hi: int) -> None:
+        bad = [j for s in ing.sources if s.spec.required for j in np.flatnonzero(fractions[s.name][lo:hi] == 0).tolist()]
+        if bad:
+            j = lo + min(bad)
+            raise InputError(loc.uri, f"unit {unit}: chip {g.chip_id(*chips[j][::-1].tolist())} has no valid pixel in "
+                                      "a required source, unlike when it was planned (did an input change?)")
+
     try:
         # warping in `workers` threads; each block's chips are cut and encoded in `workers` other
         # threads as it arrives, and each shard written as soon as its chips are encoded
@@ -489,6 +498,7 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
                     while left and (left[0] + 1) * S - a <= filled or (left and filled == b - a):
                         shard = left.popleft()
                         lo, hi = shard * S - a, min((shard + 1) * S, b) - a
+                        refuse_empty(lo, hi)  # before its shard is written
                         for name, writer in writers.items():
                             writer.write_encoded(shard, chunks[name][lo:hi])
                             chunks[name][lo:hi] = [None] * (hi - lo)
@@ -499,11 +509,6 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
             collect(0)
     finally:
         renderer.close()
-    bad = np.flatnonzero(np.logical_or.reduce([fractions[s.name] == 0 for s in ing.sources if s.spec.required]
-                                              or [np.zeros(b - a, dtype=bool)]))
-    if len(bad):
-        raise InputError(loc.uri, f"unit {unit}: chip {g.chip_id(*chips[bad[0]][::-1].tolist())} has no valid pixel in "
-                                  "a required source, unlike when it was planned (did an input change?)")
     records = []
     for j, ((iy, ix), split) in enumerate(zip(chips.tolist(), splits.tolist())):
         records.append({"chip_id": g.chip_id(ix, iy), "ix": ix, "iy": iy, "split": SPLIT_LABELS[split],
