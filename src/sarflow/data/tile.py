@@ -325,7 +325,6 @@ class Stats:
 
     def __init__(self, sources: list[Source], state: dict | None = None):
         self.kinds = {s.name: s.spec.kind for s in sources}
-        self.fill = {s.name: s.fill_value for s in sources}
         self.acc = state or {}
         for s in sources:
             nb = len(s.spec.bands)
@@ -335,9 +334,6 @@ class Stats:
                                         "min": [None] * nb, "max": [None] * nb}
                 else:
                     self.acc[s.name] = {"classes": [{} for _ in range(nb)]}
-
-    def add(self, name: str, chip: np.ndarray):
-        self.merge(name, _contributions(self.kinds[name], self.fill[name], chip[None])[0])
 
     def merge(self, name: str, contrib: list):
         """Adds one chip's contribution (`chip_contributions`): merging chips in store order gives the
@@ -379,11 +375,12 @@ class Stats:
 STATS_BATCH_PX = 1 << 18  # pixels per band reduced at once: float64 temporaries stay in cache
 
 
-def _contributions(kind: str, fill, chips: np.ndarray) -> list[list]:
-    """Per chip of (n, bands, h, w), per band: None (no valid pixel), [count, sum, sumsq, min, max]
+def chip_contributions(source: Source, chips: np.ndarray) -> list[list]:
+    """Per chip of `source` ((n, bands, h, w)), per band: None (no valid pixel), [count, sum, sumsq, min, max]
     (continuous: float64 sums over the chip's pixels in row order, nodata counted as 0) or
     [[code, count], ...] (categorical, codes as strings in ascending order). A chip's contribution
     depends on that chip alone, however many are computed together. JSON round-trips it exactly."""
+    kind, fill = source.spec.kind, source.fill_value
     n, nb = chips.shape[:2]
     step = max(1, STATS_BATCH_PX // max(1, chips.shape[2] * chips.shape[3]))
     out = []
@@ -413,10 +410,6 @@ def _contributions(kind: str, fill, chips: np.ndarray) -> list[list]:
                     rows[i][b] = [[str(c), k] for c, k in zip(codes.tolist(), hits.tolist())]
         out += rows
     return out
-
-
-def chip_contributions(source: Source, chips: np.ndarray) -> list[list]:
-    return _contributions(source.spec.kind, source.fill_value, chips)
 
 
 # ---------------------------------------------------------------- the store
