@@ -279,3 +279,31 @@ def test_an_input_error_with_overwrite_on_s3_leaves_the_finished_store_there(tin
     with pytest.raises(InputError, match="overlaps none of the sources"):
         tile(load_catalog(bad), uri, TileOptions(overwrite=True), show_progress=False)
     assert fs.cat_file("chips/finished.zarr/chips.parquet") == b"the old store's table"
+
+
+def test_finalize_records_the_units_shard_hashes_without_reading_the_shards_back(reference, tiny_scene, tmp_path,
+                                                                                 monkeypatch):
+    """At scale a store is terabytes on S3: finalize takes each shard's size and SHA-256 from the unit
+    that wrote it, and reads only the small files it wrote itself. The record must still be what the
+    bytes say (verify --full hashes every file independently). A report whose size disagrees with
+    the file (here: an older report) is not trusted: that shard is read and hashed."""
+    from sarflow.data import integrity
+
+    out = tmp_path / "hashed.zarr"
+    p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    reports = [write_unit(out, u) for u in range(len(p.units))]
+    shards = {k: v for r in reports for k, v in r["shards"].items()}
+    assert shards and all("/c/" in k for k in shards)
+    lied = sorted(shards)[0]
+    path = out.with_name(out.name + ".partial") / BUILD / "units" / "000000.json"
+    first = json.loads(path.read_text())
+    assert lied in first["shards"]
+    first["shards"][lied] = [first["shards"][lied][0] + 1, "0" * 64]  # a size the file does not have
+    path.write_text(json.dumps(first))
+    read: list[str] = []
+    real_read = integrity._Files.read
+    monkeypatch.setattr(integrity._Files, "read", lambda self, rel: read.append(rel) or real_read(self, rel))
+    finalize(out)
+    assert [r for r in read if "/c/" in r and not r.startswith(("chip_x", "chip_y", "spatial_ref"))] == [lied]
+    assert integrity.verify(out, full=True) == []
+    assert _local_files(out) == _local_files(reference)

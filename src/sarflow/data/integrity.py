@@ -2,7 +2,8 @@
 
 `record(store)` lists every shard of every array and the chip table, with size and SHA-256, in
 `integrity.json` at the store's root (the tiler's finalize writes it before the group's
-attributes; `sarflow verify STORE --record` adds it to an older store). `verify(store, full)`
+attributes, taking each shard's hash from the unit that wrote it, so a store on S3 is not read
+back; `sarflow verify STORE --record` adds it to an older store). `verify(store, full)`
 compares the store with it: fast = every recorded file present with its size, full = hashes
 too. `check_store(store)` is the fast check every reader runs when it opens a store
 (`chipstore.open_chip_group`): a missing or truncated shard is refused, naming the shard, its
@@ -91,11 +92,14 @@ def _sha256(files: _Files, rels: list[str], workers: int) -> dict[str, str]:
         return dict(zip(rels, pool.map(lambda r: hashlib.sha256(files.read(r)).hexdigest(), rels)))
 
 
-def record(store: str | Path, workers: int | None = None) -> dict:
-    """Writes `integrity.json`: every shard and the chip table, with size and SHA-256."""
+def record(store: str | Path, workers: int | None = None, known: dict[str, list] | None = None) -> dict:
+    """Writes `integrity.json`: every shard and the chip table, with size and SHA-256. `known`: path ->
+    [size, sha256] of files whose bytes the caller wrote and hashed (the tiler's units); such a file
+    is listed, not read, when the store holds it at that size. Every other file is read and hashed."""
     files = _Files(store)
     sizes = {k: v for k, v in files.sizes().items() if _recorded(k)}
-    hashes = _sha256(files, sorted(sizes), workers or min(8, (os.cpu_count() or 1) * 2))
+    known = {k: v[1] for k, v in (known or {}).items() if k in sizes and sizes[k] == v[0]}
+    hashes = known | _sha256(files, sorted(set(sizes) - set(known)), workers or min(8, (os.cpu_count() or 1) * 2))
     doc = {"format": 1, "algorithm": "sha256",
            "files": {k: {"size": sizes[k], "sha256": hashes[k]} for k in sorted(sizes)}}
     files.write(INTEGRITY, json.dumps(doc, indent=0).encode())

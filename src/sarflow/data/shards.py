@@ -16,6 +16,8 @@ is refused. tests/test_shards.py checks the bytes against zarr's own write.
 
 from __future__ import annotations
 
+import hashlib
+
 import google_crc32c
 import numpy as np
 import zarr
@@ -101,8 +103,10 @@ class ShardWriter:
         parts.append(np.array([google_crc32c.value(raw)], dtype="<u4").tobytes())
         return b"".join(parts)
 
-    def write_encoded(self, shard: int, chunks: list[bytes | None]) -> None:
-        """Shard number `shard` (chips shard*per_shard ... onwards) holds exactly these chunks."""
+    def write_encoded(self, shard: int, chunks: list[bytes | None]) -> tuple[str, int, str] | None:
+        """Shard number `shard` (chips shard*per_shard ... onwards) holds exactly these chunks. Returns the
+        shard file's path relative to the store's root, its size and SHA-256 (what the store's integrity
+        record holds for it, `integrity.record(known=...)`), or None when no shard file is left (all empty)."""
         start = shard * self.per_shard
         end = start + len(chunks)
         if end > self.arr.shape[0] or (len(chunks) < self.per_shard and end < self.arr.shape[0]):
@@ -113,8 +117,9 @@ class ShardWriter:
         path = self.arr.store_path / key
         if data is None:
             sync(path.delete())
-        else:
-            sync(path.set(default_buffer_prototype().buffer.from_bytes(data)))
+            return None
+        sync(path.set(default_buffer_prototype().buffer.from_bytes(data)))
+        return f"{self.arr.path}/{key}", len(data), hashlib.sha256(data).hexdigest()
 
-    def write(self, shard: int, chips: np.ndarray) -> None:
-        self.write_encoded(shard, [self.encode_chunk(c) for c in chips])
+    def write(self, shard: int, chips: np.ndarray) -> tuple[str, int, str] | None:
+        return self.write_encoded(shard, [self.encode_chunk(c) for c in chips])

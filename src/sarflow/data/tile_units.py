@@ -485,6 +485,7 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
             raise InputError(loc.uri, f"unit {unit}: chip {g.chip_id(*chips[j][::-1].tolist())} has no valid pixel in "
                                       "a required source, unlike when it was planned (did an input change?)")
 
+    written: dict[str, list] = {}  # shard file -> [size, sha256]
     try:
         # warping in `workers` threads; each block's chips are cut and encoded in `workers` other
         # threads as it arrives, and each shard written as soon as its chips are encoded
@@ -500,7 +501,9 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
                         lo, hi = shard * S - a, min((shard + 1) * S, b) - a
                         refuse_empty(lo, hi)  # before its shard is written
                         for name, writer in writers.items():
-                            writer.write_encoded(shard, chunks[name][lo:hi])
+                            file = writer.write_encoded(shard, chunks[name][lo:hi])
+                            if file:
+                                written[file[0]] = list(file[1:])
                             chunks[name][lo:hi] = [None] * (hi - lo)
 
             for bi, layers in _ordered(pool, render, list(dict.fromkeys(block_of.tolist())), inflight=workers + 1):
@@ -514,7 +517,9 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
         records.append({"chip_id": g.chip_id(ix, iy), "ix": ix, "iy": iy, "split": SPLIT_LABELS[split],
                         **{f"valid_{s.name}": round(float(fractions[s.name][j]), 6) for s in ing.sources}})
     stats = [{s.name: contributions[s.name][j] for s in ing.sources} for j in np.flatnonzero(train).tolist()]
-    report = {"unit": unit, "chips": [a, b], "records": records, "train_stats": stats}
+    # "shards": path -> [size, sha256] of every shard file written, which finalize's integrity record takes
+    # instead of reading the store back
+    report = {"unit": unit, "chips": [a, b], "records": records, "train_stats": stats, "shards": written}
     loc.write(json.dumps(report).encode(), BUILD, "units", f"{unit:06d}.json")
     return report
 
@@ -557,10 +562,11 @@ def finalize(out: str | Path) -> str:
         raise InputError(loc.uri, f"{len(missing)} of {len(p.units)} units are not written yet (first: {missing[0]}); "
                                   f"run `sarflow tile-unit {loc.uri} --unit N` for them")
     stats = Stats(ing.sources)
-    records = []
+    records, shard_files = [], {}
     for u in range(len(p.units)):
         report = json.loads(loc.read(BUILD, "units", f"{u:06d}.json"))
         records.extend(report["records"])
+        shard_files.update(report.get("shards", {}))  # absent from a report of an older version: hashed by reading
         for contrib in report["train_stats"]:
             for name, c in contrib.items():
                 stats.merge(name, c)
@@ -584,7 +590,9 @@ def finalize(out: str | Path) -> str:
     write_georeference(root, table, g.crs, g.resolution, g.chip_size, [s.name for s in ing.sources])
     from sarflow.data.integrity import record
 
-    record(loc.work)  # every shard, the coordinate arrays and the chip table (size, SHA-256), before the attributes
+    # every shard (size and SHA-256 as the units wrote them: the store is not read back), the coordinate
+    # arrays and the chip table, before the attributes
+    record(loc.work, known=shard_files)
     root.attrs.update({  # last: a reader of s3:// sees the store finished when `chips` is there
         "crs": g.crs.to_string(),
         "crs_wkt": g.crs.to_wkt(),
