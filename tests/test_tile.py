@@ -95,6 +95,9 @@ def test_normalisation_statistics_come_from_the_train_split_only(tiny_store):
     assert stats["count"] == np.isfinite(vv).sum()
     assert math.isclose(stats["mean"], np.nanmean(vv), rel_tol=1e-9)
     assert math.isclose(stats["std"], np.nanstd(vv), rel_tol=1e-6)
+    assert (stats["min"], stats["max"]) == (np.nanmin(vv), np.nanmax(vv))
+    whole = np.isfinite(vv).all(axis=(1, 2))
+    assert whole.any() and not whole.all()  # chips with every pixel valid (summed unmasked) and chips with holes
     everything = np.nanmean(g["s1grd"][:][:, 0].astype(np.float64))
     assert not math.isclose(stats["mean"], everything, rel_tol=1e-9)
     wc = g["worldcover"].attrs["stats"]["bands"]["class"]["class_fractions"]

@@ -394,14 +394,18 @@ def chip_contributions(source: Source, chips: np.ndarray) -> list[list]:
             x = part[:, b].reshape(m, -1)
             counts = ok.sum(axis=1)
             if kind == "continuous":
-                z = np.where(ok, x, 0)
+                whole = bool((counts == x.shape[1]).all())  # every pixel valid: no masking, the same values
+                z = x if whole else np.where(ok, x, 0)
                 sums = z.sum(axis=1, dtype=np.float64)
                 z = z.astype(np.float64)
                 np.square(z, out=z)  # not np.dot: BLAS threads would fight the warpers
                 sumsq = z.sum(axis=1)
-                big = np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).max
-                small = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
-                lows, highs = np.where(ok, x, big).min(axis=1), np.where(ok, x, small).max(axis=1)
+                if whole:
+                    lows, highs = x.min(axis=1), x.max(axis=1)
+                else:
+                    big = np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).max
+                    small = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+                    lows, highs = np.where(ok, x, big).min(axis=1), np.where(ok, x, small).max(axis=1)
                 for i in np.flatnonzero(counts).tolist():
                     rows[i][b] = [int(counts[i]), float(sums[i]), float(sumsq[i]), float(lows[i]), float(highs[i])]
             else:
