@@ -785,6 +785,27 @@ def _key(s: dict) -> str:
     return f"{s['size_px']}_c{s.get('chip_size', 256)}"
 
 
+def marginal_per_chip(sizes: list[dict]) -> dict:
+    """Per chip size, between the smallest and the largest scene: the extra CPU seconds per extra chip of
+    sarflow tile, of the tiler in-process and of the floor, and their ratios. What a fixed cost (start-up,
+    imports, the plan's and finalize's per-store work) adds vanishes from it: the cost per chip that a
+    worker pays at scale, where a unit holds thousands of chips."""
+    out = {}
+    for chip in sorted({s.get("chip_size") for s in sizes}):
+        same = sorted((s for s in sizes if s.get("chip_size") == chip and "floor" in s), key=lambda s: s["size_px"])
+        if len(same) < 2 or same[-1]["sarflow"]["chips"] == same[0]["sarflow"]["chips"]:
+            continue
+        lo, hi = same[0], same[-1]
+        extra_chips = hi["sarflow"]["chips"] - lo["sarflow"]["chips"]
+        per = {name: (hi[k]["cpu_s"] - lo[k]["cpu_s"]) / extra_chips
+               for name, k in (("sarflow", "sarflow"), ("library", "sarflow_library"), ("floor", "floor"))}
+        out[str(chip)] = {"between": [_key(lo), _key(hi)], "extra_chips": extra_chips,
+                          "cpu_s_per_chip": {k: round(v, 5) for k, v in per.items()},
+                          "sarflow_over_floor": _ratio(per["sarflow"], per["floor"]),
+                          "library_over_floor": _ratio(per["library"], per["floor"])}
+    return out
+
+
 def summarize(sizes: list[dict]) -> dict:
     ok = [s for s in sizes if "sarflow" in s]
     if not ok:
@@ -804,7 +825,9 @@ def summarize(sizes: list[dict]) -> dict:
           for s in ok if s.get("torchgeo_recorded")}
     extra = {}
     if floor:
+        marginal = marginal_per_chip(ok)
         extra["sarflow_cpu_within_1.2x_floor"] = {
+            "marginal_per_chip": marginal,
             "value": floor, "goal": GOAL_FLOOR, "met": all(v is not None and v <= GOAL_FLOOR for v in floor.values()),
             "breakdown": {_key(s): {k: s["ratios"][k] for k in ("sarflow_no_checksum_cpu_over_floor",
                                                                "library_cpu_over_floor", "units_cpu_over_floor")}
@@ -814,6 +837,11 @@ def summarize(sizes: list[dict]) -> dict:
             "value": tg, "goal": GOAL_TORCHGEO, "met": all(v is not None and v >= GOAL_TORCHGEO for v in tg.values()),
             "value_both_from_the_recorded_run": {_key(s): s["torchgeo_recorded"]["cpu_per_unique_chip_over_sarflow_then_per_chip"]
                                                  for s in ok if s.get("torchgeo_recorded")},
+            # the same with the scene's coarse sources stored coarse (--coarse): the store then holds those sources
+            # at a coarser resolution (read back upsampled) where torchgeo's chips hold them upsampled
+            "value_coarse_sources_stored_coarse": {
+                _key(s): s["ratios"]["torchgeo_recorded_cpu_per_unique_chip_over_sarflow_coarse_stored_cpu_per_chip"]
+                for s in ok if "torchgeo_recorded_cpu_per_unique_chip_over_sarflow_coarse_stored_cpu_per_chip" in s["ratios"]},
             "note": "value: torchgeo from the recorded run (results/tile_vs_torchgeo.json), sarflow from this run; CPU "
                     "seconds grow with the machine's load, so the like-for-like figure is both from the recorded run"}
     return {
@@ -880,6 +908,9 @@ def print_table(result: dict) -> None:
         print(f"peak RSS largest/smallest: {summ['peak_rss_largest_over_smallest']}")
         for name, g in summ["goals"].items():
             print(f"goal {name}: {'met' if g['met'] else 'NOT met'} (value {g['value']}, goal {g['goal']})")
+        for chip, m in ((summ["goals"].get("sarflow_cpu_within_1.2x_floor") or {}).get("marginal_per_chip") or {}).items():
+            print(f"marginal CPU per chip, {m['between'][0]} -> {m['between'][1]} ({m['extra_chips']} more chips): "
+                  f"sarflow tile / floor {m['sarflow_over_floor']}, in-process / floor {m['library_over_floor']}")
     print("ratio = sarflow tile wall / sum of sequential default gdalwarp walls (one per source file); "
           "-ck = --no-checksum; cpu ratio = the same with CPU seconds; f/chip/arr = files of the worst array / "
           "chips (goal <= 1/64 = 0.0156); other load = cores busy with other processes during the sarflow run "
@@ -1015,6 +1046,10 @@ def bench_size(size: int, chip: int, args, work: Path) -> dict:
             # the goal: torchgeo's CPU per unique chip position >= 3x sarflow's CPU per chip (whole commands)
             entry["ratios"]["torchgeo_recorded_cpu_per_unique_chip_over_sarflow_cpu_per_chip"] = _ratio(
                 entry["torchgeo_recorded"]["cpu_s_per_unique_chip"], entry["sarflow"]["cpu_s"] / entry["sarflow"]["chips"])
+            c = entry.get("coarse_stored") or {}
+            if "sarflow" in c:  # sarflow storing the coarse sources coarse (torchgeo still upsamples them to the grid)
+                entry["ratios"]["torchgeo_recorded_cpu_per_unique_chip_over_sarflow_coarse_stored_cpu_per_chip"] = _ratio(
+                    entry["torchgeo_recorded"]["cpu_s_per_unique_chip"], c["sarflow"]["cpu_s"] / c["sarflow"]["chips"])
     if args.clean:
         shutil.rmtree(store, ignore_errors=True)
     entry["finished_at"] = _now()

@@ -180,3 +180,21 @@ def test_tile_bench_smoke_measures_the_floor(tmp_path):
     assert list(h) == ["16_workers", "64_workers", "256_workers", "1024_workers"]
     assert h["16_workers"] == pytest.approx(4 * h["64_workers"], rel=0.05) and h["1024_workers"] > 0
     assert res["summary"]["goals"]["sarflow_cpu_within_1.2x_floor"]["goal"] == 1.2
+
+
+def test_tile_bench_marginal_cost_per_chip_leaves_fixed_costs_out(monkeypatch):
+    """Two scenes of one chip size: the extra CPU per extra chip. A fixed cost of 5 s on every sarflow
+    run disappears from it; a per-chip cost of 0.12 against the floor's 0.1 gives 1.2."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its siblings (cost.py, machine.py), as when run
+    spec = importlib.util.spec_from_file_location("bench_tile", ROOT / "benchmarks" / "bench_tile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def scene(size, chips):
+        return {"size_px": size, "chip_size": 256, "sarflow": {"chips": chips, "cpu_s": 5 + 0.12 * chips},
+                "sarflow_library": {"cpu_s": 1 + 0.11 * chips}, "floor": {"cpu_s": 0.1 * chips}}
+
+    got = mod.marginal_per_chip([scene(4096, 256), scene(2048, 81), {"size_px": 512, "chip_size": 64}])
+    assert list(got) == ["256"] and got["256"]["between"] == ["2048_c256", "4096_c256"]
+    assert got["256"]["extra_chips"] == 175
+    assert got["256"]["sarflow_over_floor"] == pytest.approx(1.2) and got["256"]["library_over_floor"] == pytest.approx(1.1)
