@@ -410,14 +410,14 @@ def floor_warp(store: Path, catalog: Path, threads: int) -> dict:
     from cost import cpu_seconds
     from sarflow.data.catalog import load_catalog
     from sarflow.data.ingest import gdal_env, ingest
-    from sarflow.data.tile import GDAL_CACHE_MB, LINEAR_POWER, _linear_power_vrt, _power_to_db, resampling_domain
+    from sarflow.data.tile import LINEAR_POWER, _linear_power_vrt, _power_to_db, resampling_domain
 
     from affine import Affine
 
     ing = ingest(load_catalog(catalog), checksum=False)
     wkt, _, grid_transform, grid_width, grid_height = store_grid(store)
     files, cpu, wall, pixels = [], 0.0, 0.0, 0
-    with gdal_env([u for s in ing.sources for u in s.files], GDAL_CACHEMAX=GDAL_CACHE_MB):
+    with gdal_env([u for s in ing.sources for u in s.files]):  # GDAL's block cache as the tiler's
         for s in ing.sources:
             attrs = array_attrs(store, s.name)["attributes"]
             methods = attrs["resampling"]
@@ -730,13 +730,14 @@ def machine_info() -> dict:
 def tile_defaults() -> dict:
     from dataclasses import asdict
 
-    from sarflow.data.tile import GDAL_CACHE_MB, TileOptions
+    from sarflow.data.ingest import GDAL_CACHE_BYTES
+    from sarflow.data.tile import TileOptions
 
     d = asdict(TileOptions())
     d.pop("overwrite", None)
     d.pop("checksum", None)
     d["split_fractions"] = list(d["split_fractions"])
-    d["gdal_cache_mb"] = GDAL_CACHE_MB
+    d["gdal_cache_bytes"] = GDAL_CACHE_BYTES
     return d
 
 

@@ -195,3 +195,29 @@ def test_utm_refusal_is_an_input_error_in_the_library(tmp_path):
     catalog = _three_zone_catalog(tmp_path / "lib", "intersection", "utm")
     with pytest.raises(InputError, match=r"spans UTM zones 29 \(EPSG:32629\), 30 \(EPSG:32630\), 31 \(EPSG:32631\)"):
         ingest(load_catalog(catalog), checksum=False)
+
+
+def test_reading_inputs_caps_gdals_block_cache_at_64_mib_in_every_thread():
+    """GDAL's default block cache is 5% of the machine's RAM (not a pod's limit). rasterio hands
+    GDAL_CACHEMAX to GDAL as bytes, so the cap must be given in bytes: a bare 64 was 64 bytes (no
+    cache; measured 5% more warp CPU), and the plan's screening threads had no cap at all."""
+    import threading
+
+    from rasterio.env import get_gdal_config
+
+    from sarflow.data.ingest import GDAL_CACHE_BYTES, gdal_env
+
+    outside = get_gdal_config("GDAL_CACHEMAX")
+    seen = []
+
+    def reader():  # as the screening and warping threads do: their own environment
+        with gdal_env(["/data/a.tif"]):
+            seen.append(get_gdal_config("GDAL_CACHEMAX"))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join()
+    with gdal_env(["/data/a.tif"]):
+        seen.append(get_gdal_config("GDAL_CACHEMAX"))
+    assert seen == [GDAL_CACHE_BYTES, GDAL_CACHE_BYTES] and GDAL_CACHE_BYTES == 64 << 20
+    assert get_gdal_config("GDAL_CACHEMAX") == outside  # restored on leaving

@@ -106,10 +106,18 @@ class Ingested:
         }
 
 
+# GDAL's block cache while the inputs are read. Its default, 5% of the machine's RAM (not a pod's memory
+# limit: 6.4 GB on a 128 GB node), would dominate the peak memory. rasterio hands GDAL_CACHEMAX to GDAL's
+# cache setter as bytes: a bare 64 is 64 bytes, no cache at all (every source tile decoded again for each
+# window that touches it).
+GDAL_CACHE_BYTES = 64 << 20
+
+
 def gdal_env(uris, **options) -> rasterio.Env:
-    """A rasterio environment that can read s3:// inputs when there are any."""
+    """A rasterio environment for reading the inputs: GDAL's block cache at `GDAL_CACHE_BYTES`, and what
+    s3:// inputs need when there are any."""
     opts = s3_settings().gdal_options() if any(is_s3(u) for u in uris) else {}
-    return rasterio.Env(**opts, **options)
+    return rasterio.Env(**{"GDAL_CACHEMAX": GDAL_CACHE_BYTES, **opts, **options})
 
 
 def _stac_items(loaded: LoadedCatalog, spec: SourceSpec) -> list[list[str]]:
@@ -369,7 +377,7 @@ def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
     """Validates every source and builds the grid; raises InputError on the first bad input."""
     cat = loaded.catalog
     every_uri = [u for s in cat.sources for u in (s.uris or s.stac.items) for u in (u if isinstance(u, list) else [u])]
-    with gdal_env([loaded.resolve(u) for u in every_uri], GDAL_CACHEMAX=64):
+    with gdal_env([loaded.resolve(u) for u in every_uri]):
         sources = [resolve_source(loaded, spec) for spec in cat.sources]
     if checksum:
         checksum_files(sources)

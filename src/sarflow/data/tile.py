@@ -55,7 +55,6 @@ from sarflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-GDAL_CACHE_MB = 64  # GDAL's block cache; its default (5% of RAM) would dominate peak memory
 
 
 @config_dataclass(frozen=True, config=STAGE_CONFIG)
@@ -221,7 +220,7 @@ class BlockRenderer:
         through a VRT in linear power (nodata NaN, float64; `warp` converts back to dB)."""
         loc = self._local
         if loc.env is None:
-            loc.env = gdal_env(self._uris, GDAL_CACHEMAX=GDAL_CACHE_MB)
+            loc.env = gdal_env(self._uris)
             loc.env.__enter__()
         key = (source.name, f.uri)
         got = loc.opened.get(key)
