@@ -83,14 +83,32 @@ def _cpu_busy_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _vm_hwm_bytes(pid: int) -> int:
+    """The peak RSS of a running process since its exec (/proc/PID/status VmHWM), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_measured(cmd: list[str], cwd: Path, log_stem: Path, timeout: float, sample_s: float = 0.25,
                  env: dict | None = None) -> dict:
-    """Runs `cmd`, waits for it with wait4 (its own rusage: max RSS, CPU) while a thread samples
-    the RSS of it and its descendants with psutil. stdout/stderr go to log_stem.{out,err}."""
+    """Runs `cmd`, waits for it with wait4 (its own rusage: CPU) while a thread samples the RSS of it
+    and its descendants with psutil, and its peak RSS (VmHWM, the high-water mark of its own memory
+    since exec, so spikes between samples count). stdout/stderr go to log_stem.{out,err}.
+
+    wait4's ru_maxrss is not the child's peak: Linux folds the high-water mark of the memory the child
+    had before exec, this process's own (vfork), into it, so a child of a 1.5 GB benchmark process
+    reports 1.5 GB even for /bin/true. It is kept as `ru_maxrss_bytes` for reference only."""
     import psutil
 
     log_stem.parent.mkdir(parents=True, exist_ok=True)
     samples: list[tuple[float, int]] = []
+    hwm = [0]
     stop = threading.Event()
     load0, busy0 = loadavg(), _cpu_busy_s()
     with open(log_stem.with_suffix(".out"), "w") as out, open(log_stem.with_suffix(".err"), "w") as err:
@@ -103,6 +121,7 @@ def run_measured(cmd: list[str], cwd: Path, log_stem: Path, timeout: float, samp
             except psutil.Error:
                 return
             while not stop.is_set():
+                hwm[0] = max(hwm[0], _vm_hwm_bytes(proc.pid))
                 try:
                     rss = ps.memory_info().rss
                     for child in ps.children(recursive=True):
@@ -143,8 +162,9 @@ def run_measured(cmd: list[str], cwd: Path, log_stem: Path, timeout: float, samp
         "cpu_util_cores": round(cpu / wall, 2) if wall > 0 else None,
         "other_processes_cores": round(max(other, 0.0), 2) if other is not None else None,
         "loadavg_1min_at_start": load0,
-        "peak_rss_bytes": int(ru.ru_maxrss) * 1024,  # Linux: KiB
+        "peak_rss_bytes": max(hwm[0], max((r for _, r in samples), default=0)),
         "peak_rss_sampled_bytes": max((r for _, r in samples), default=0),
+        "ru_maxrss_bytes": int(ru.ru_maxrss) * 1024,  # Linux: KiB; includes this process's RSS (see above)
         "rss_timeline": _thin(samples, 120),
         "log": str(log_stem.with_suffix(".err")),
     }

@@ -198,3 +198,21 @@ def test_tile_bench_marginal_cost_per_chip_leaves_fixed_costs_out(monkeypatch):
     assert list(got) == ["256"] and got["256"]["between"] == ["2048_c256", "4096_c256"]
     assert got["256"]["extra_chips"] == 175
     assert got["256"]["sarflow_over_floor"] == pytest.approx(1.2) and got["256"]["library_over_floor"] == pytest.approx(1.1)
+
+
+def test_tile_bench_peak_rss_is_the_childs_own_not_the_benchmarks(monkeypatch, tmp_path):
+    """wait4's ru_maxrss of a child includes the memory of the process that spawned it (Linux folds the
+    pre-exec high-water mark into it): a 600 MB benchmark made every child look 600 MB. The peak is the
+    child's VmHWM: here a child that touches 200 MB, frees it and idles."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_tile", ROOT / "benchmarks" / "bench_tile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    held = np.ones(600 << 17)  # 600 MB in this process
+    child = "import numpy as np, time; x = np.ones(200 << 17); time.sleep(0.6); del x; time.sleep(0.6)"
+    r = mod.run_measured([sys.executable, "-c", child], cwd=tmp_path, log_stem=tmp_path / "logs" / "c", timeout=60)
+    assert r["rc"] == 0 and held.sum() > 0
+    assert r["ru_maxrss_bytes"] >= 600 << 20  # what the benchmark used to report
+    assert 200 << 20 <= r["peak_rss_bytes"] < 400 << 20
