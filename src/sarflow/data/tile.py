@@ -28,6 +28,7 @@ import math
 import shutil
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from affine import Affine
 from pydantic import field_validator
 from pydantic.dataclasses import dataclass as config_dataclass
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.warp import calculate_default_transform, reproject
 
 from sarflow import __version__
@@ -54,6 +55,12 @@ from sarflow.params import STAGE_CONFIG
 from sarflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
+
+# rasterio's reproject warns "Dataset has no geotransform ... identity matrix" at random while threads
+# warp at once (odc-geo#131, geoutils#851: results unaffected). Here every input has a geotransform
+# (ingest refuses one without), every destination is given one, and stores came out byte-identical in
+# runs with and without the warning; every chip equals gdalwarp (tests/test_reference_gdalwarp.py).
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module=r"rasterio\.warp")
 
 
 
