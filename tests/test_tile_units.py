@@ -307,3 +307,31 @@ def test_finalize_records_the_units_shard_hashes_without_reading_the_shards_back
     assert [r for r in read if "/c/" in r and not r.startswith(("chip_x", "chip_y", "spatial_ref"))] == [lied]
     assert integrity.verify(out, full=True) == []
     assert _local_files(out) == _local_files(reference)
+
+
+def test_a_block_shared_by_two_units_is_warped_once_in_one_process(tiny_scene, tmp_path, monkeypatch):
+    """Units are whole shards and blocks are not, so a block's chips can run on into the next unit.
+    In one process that unit takes the block warped (HANDOVER) instead of warping it again, and the
+    store is the one a single unit writes."""
+    from collections import Counter
+
+    from sarflow.data import tile as tile_module
+
+    warps: Counter = Counter()
+    real_warp = tile_module.BlockRenderer.warp
+
+    def counting_warp(self, source, block):
+        warps[(block.iy0, block.ix0, source.name)] += 1
+        return real_warp(self, source, block)
+
+    monkeypatch.setattr(tile_module.BlockRenderer, "warp", counting_warp)
+    shared = tile(load_catalog(tiny_scene), tmp_path / "shared.zarr",  # blocks of 8x8 chips, units of 16 chips
+                  TileOptions(shard_chips=16, unit_shards=1, workers=2, block_chips=8), show_progress=False)
+    table = gpd.read_parquet(shared / "chips.parquet")
+    per_block = Counter(zip(table["iy"] // 8, table["ix"] // 8))
+    assert max(per_block.values()) > 16  # a block holds the chips of several units
+    assert warps and max(warps.values()) == 1, [k for k, v in warps.items() if v > 1]
+    monkeypatch.setattr(tile_module.BlockRenderer, "warp", real_warp)
+    one = tile(load_catalog(tiny_scene), tmp_path / "one.zarr",
+               TileOptions(shard_chips=16, unit_shards=0, workers=2, block_chips=8), show_progress=False)
+    assert _local_files(shared) == _local_files(one)

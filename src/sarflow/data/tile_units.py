@@ -432,9 +432,11 @@ def unit_done(out: str | Path, unit: int) -> bool:
     return loc.placed or loc.exists(BUILD, "units", f"{unit:06d}.json")  # placed: every unit is in the store
 
 
-def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bool = False) -> dict:
+def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bool = False,
+               hand_on: bool = False) -> dict:
     """Step 2: warps and writes the unit's shards into the store, then its report (returned).
-    A unit whose report exists is skipped unless `force`."""
+    A unit whose report exists is skipped unless `force`. `hand_on`: the next unit runs next in this
+    process, so a block whose chips run on into it is handed to it warped (HANDOVER), not warped twice."""
     from sarflow.data.tile import BlockRenderer, _ordered, chip_contributions, plan_blocks
 
     loc = Location(out)
@@ -461,10 +463,17 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     S = p.shard_chips
     shards = list(range(a // S, -(-b // S)))  # whole shards, one writer each
 
+    # the unit's last block when its chips run on into the next unit (units are whole shards, blocks are not)
+    shared = int(block_of[-1]) if hand_on and b < len(table) and table[b, 3] == block_of[-1] else None
+
     def render(bi):  # the whole block (its window does not depend on the unit)
         block = blocks[bi]
         layers = {s.name: HANDOVER.take((p.fingerprint, bi, s.name)) for s in ing.sources}
-        return bi, {n: renderer.warp(s, block) if layers[n] is None else layers[n] for s in ing.sources for n in [s.name]}
+        layers = {n: renderer.warp(s, block) if layers[n] is None else layers[n] for s in ing.sources for n in [s.name]}
+        if bi == shared:
+            for name, layer in layers.items():
+                HANDOVER.offer((p.fingerprint, bi, name), layer)
+        return bi, layers
 
     def cut(bi, layers):  # the unit's chips of a block: encoded, valid fractions, train statistics
         js = np.flatnonzero(block_of == bi)  # contiguous: the unit's chips are in block order
@@ -665,8 +674,8 @@ def run_units(out: str | Path, units: list[int] | None = None, processes: int = 
     p = Plan.load(Location(out))
     todo = [u for u in (range(len(p.units)) if units is None else units) if not unit_done(out, u)]
     if processes <= 1:
-        for u in todo:
-            write_unit(out, u, workers=workers)
+        for i, u in enumerate(todo):
+            write_unit(out, u, workers=workers, hand_on=i + 1 < len(todo) and todo[i + 1] == u + 1)
             if on_done:
                 on_done(u)
         return
