@@ -214,5 +214,4 @@ def test_tile_bench_peak_rss_is_the_childs_own_not_the_benchmarks(monkeypatch, t
     child = "import numpy as np, time; x = np.ones(200 << 17); time.sleep(0.6); del x; time.sleep(0.6)"
     r = mod.run_measured([sys.executable, "-c", child], cwd=tmp_path, log_stem=tmp_path / "logs" / "c", timeout=60)
     assert r["rc"] == 0 and held.sum() > 0
-    assert r["ru_maxrss_bytes"] >= 600 << 20  # what the benchmark used to report
-    assert 200 << 20 <= r["peak_rss_bytes"] < 400 << 20
+    assert 200 << 20 <= r["peak_rss_bytes"] < 400 << 20  # wait4's ru_maxrss said >= 600 MB on this kernel

@@ -198,26 +198,35 @@ def test_utm_refusal_is_an_input_error_in_the_library(tmp_path):
 
 
 def test_reading_inputs_caps_gdals_block_cache_at_64_mib_in_every_thread():
-    """GDAL's default block cache is 5% of the machine's RAM (not a pod's limit). rasterio hands
-    GDAL_CACHEMAX to GDAL as bytes, so the cap must be given in bytes: a bare 64 was 64 bytes (no
-    cache; measured 5% more warp CPU), and the plan's screening threads had no cap at all."""
+    """GDAL's default block cache is 5% of the machine's RAM (not a pod's limit), and GDAL has one
+    limit per process. rasterio hands GDAL_CACHEMAX to GDAL as bytes (a bare 64 was 64 bytes: no
+    cache), and an Env given it restores the old limit on exit, so threads leaving their Envs out of
+    order undid each other's cap. Here thread A enters, then B, A leaves while B still reads."""
     import threading
 
     from rasterio.env import get_gdal_config
 
     from sarflow.data.ingest import GDAL_CACHE_BYTES, gdal_env
 
-    outside = get_gdal_config("GDAL_CACHEMAX")
-    seen = []
+    entered, a_left = threading.Barrier(2), threading.Event()
+    seen = {}
 
-    def reader():  # as the screening and warping threads do: their own environment
+    def a():
         with gdal_env(["/data/a.tif"]):
-            seen.append(get_gdal_config("GDAL_CACHEMAX"))
+            entered.wait()
+        a_left.set()
 
-    t = threading.Thread(target=reader)
-    t.start()
-    t.join()
-    with gdal_env(["/data/a.tif"]):
-        seen.append(get_gdal_config("GDAL_CACHEMAX"))
-    assert seen == [GDAL_CACHE_BYTES, GDAL_CACHE_BYTES] and GDAL_CACHE_BYTES == 64 << 20
-    assert get_gdal_config("GDAL_CACHEMAX") == outside  # restored on leaving
+    def b():
+        with gdal_env(["/data/b.tif"]):
+            entered.wait()
+            a_left.wait()
+            seen["b after a left"] = get_gdal_config("GDAL_CACHEMAX")
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert GDAL_CACHE_BYTES == 64 << 20
+    assert seen == {"b after a left": GDAL_CACHE_BYTES}
+    assert get_gdal_config("GDAL_CACHEMAX") == GDAL_CACHE_BYTES  # the process keeps the cap

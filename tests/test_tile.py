@@ -376,3 +376,22 @@ def test_the_codec_is_chosen_per_store_and_recorded(tiny_scene, tiny_store, tmp_
     pd.testing.assert_frame_equal(pd.read_parquet(out / "chips.parquet"), pd.read_parquet(tiny_store / "chips.parquet"))
     with pytest.raises(ValueError, match="codec"):
         TileOptions(codec="gzip")
+
+
+@pytest.mark.parametrize("dtype, fill", [("float32", float("nan")), ("int16", -9999)])
+def test_a_chips_statistics_do_not_depend_on_the_batch_it_is_summed_in(dtype, fill):
+    """A batch of chips valid everywhere is summed without masking; the same chip summed in a batch
+    with a holed chip (masked) must give the same float64 sums, bit for bit (chips over 8192 px, where
+    numpy reduces in buffered chunks, and two bands)."""
+    from types import SimpleNamespace
+
+    from sarflow.data.tile import chip_contributions
+
+    rng = np.random.default_rng(0)
+    chips = (rng.normal(size=(3, 2, 128, 128)) * 300).astype(dtype)
+    holed = chips.copy()
+    holed[2, :, :5, :7] = fill
+    source = SimpleNamespace(spec=SimpleNamespace(kind="continuous"), fill_value=fill)
+    whole, mixed = chip_contributions(source, chips[:2]), chip_contributions(source, holed)
+    assert whole == mixed[:2]
+    assert [band[0] for band in mixed[2]] == [128 * 128 - 35] * 2 and whole[0][0][0] == 128 * 128

@@ -147,8 +147,11 @@ def tile_unit(
             units = [int(os.environ["JOB_COMPLETION_INDEX"])]
         if not units:
             units = list(range(len(Plan.load(Location(store)).units)))
-        for i, u in enumerate(units):  # a block shared with the next unit, when it is next here, is warped once
-            write_unit(store, u, workers=workers, force=force, hand_on=i + 1 < len(units) and units[i + 1] == u + 1)
+        from sarflow.data.tile_units import unit_done
+
+        todo = [u for u in units if force or not unit_done(store, u)]
+        for i, u in enumerate(todo):  # a block shared with the next unit, when it is next here, is warped once
+            write_unit(store, u, workers=workers, force=force, hand_on=i + 1 < len(todo) and todo[i + 1] == u + 1)
     except SarflowError as e:
         fail(e)
     typer.echo(f"units written: {units}")

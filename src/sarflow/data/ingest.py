@@ -114,10 +114,16 @@ GDAL_CACHE_BYTES = 64 << 20
 
 
 def gdal_env(uris, **options) -> rasterio.Env:
-    """A rasterio environment for reading the inputs: GDAL's block cache at `GDAL_CACHE_BYTES`, and what
-    s3:// inputs need when there are any."""
+    """A rasterio environment for reading the inputs (what s3:// inputs need when there are any), with
+    GDAL's block cache capped at `GDAL_CACHE_BYTES` for the whole process. The cap is set, not given to
+    the Env: a rasterio Env sets GDAL's one process-wide cache limit on entry and restores the old one
+    on exit, so threads entering and leaving their own Envs out of order would undo each other's cap."""
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    if get_gdal_config("GDAL_CACHEMAX") != GDAL_CACHE_BYTES:
+        set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
     opts = s3_settings().gdal_options() if any(is_s3(u) for u in uris) else {}
-    return rasterio.Env(**{"GDAL_CACHEMAX": GDAL_CACHE_BYTES, **opts, **options})
+    return rasterio.Env(**opts, **options)
 
 
 def _stac_items(loaded: LoadedCatalog, spec: SourceSpec) -> list[list[str]]:

@@ -446,10 +446,13 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     p, ing, resampling, table = _load_build(loc)
     if not 0 <= unit < len(p.units):
         raise InputError(loc.uri, f"unit {unit} does not exist (the plan has units 0..{len(p.units) - 1})")
-    if not force and unit_done(loc.uri, unit):
-        return json.loads(loc.read(BUILD, "units", f"{unit:06d}.json"))
-    workers = max(1, workers or p.workers)
     a, b = p.units[unit]
+    if not force and unit_done(loc.uri, unit):
+        for s in ing.sources:  # a block the previous unit handed on to this one (done meanwhile) is not kept
+            HANDOVER.take((p.fingerprint, int(table[a, 3]), s.name))
+        return json.loads(loc.read(BUILD, "units", f"{unit:06d}.json"))
+    loc.remove(BUILD, "units", f"{unit:06d}.json")  # a forced rerun: its old report (and shard hashes) goes first
+    workers = max(1, workers or p.workers)
     chips, splits, block_of = table[a:b, :2], table[a:b, 2], table[a:b, 3]
     g = ing.grid
     blocks = plan_blocks(g, p.block_chips)
