@@ -139,7 +139,7 @@ def tile_unit(
     """Distributed tiling, step 2: warp and write the unit's shards straight into the store, then its report."""
     import os
 
-    from sarflow.data.tile_units import Plan, Location, write_unit
+    from sarflow.data.tile_units import Plan, Location, run_units
 
     try:
         units = list(unit or [])
@@ -147,11 +147,7 @@ def tile_unit(
             units = [int(os.environ["JOB_COMPLETION_INDEX"])]
         if not units:
             units = list(range(len(Plan.load(Location(store)).units)))
-        from sarflow.data.tile_units import unit_done
-
-        todo = [u for u in units if force or not unit_done(store, u)]
-        for i, u in enumerate(todo):  # a block shared with the next unit, when it is next here, is warped once
-            write_unit(store, u, workers=workers, force=force, hand_on=i + 1 < len(todo) and todo[i + 1] == u + 1)
+        run_units(store, units, workers=workers, force=force)
     except SarflowError as e:
         fail(e)
     typer.echo(f"units written: {units}")

@@ -451,7 +451,8 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
         for s in ing.sources:  # a block the previous unit handed on to this one (done meanwhile) is not kept
             HANDOVER.take((p.fingerprint, int(table[a, 3]), s.name))
         return json.loads(loc.read(BUILD, "units", f"{unit:06d}.json"))
-    loc.remove(BUILD, "units", f"{unit:06d}.json")  # a forced rerun: its old report (and shard hashes) goes first
+    if force:  # its old report (and shard hashes) goes first
+        loc.remove(BUILD, "units", f"{unit:06d}.json")
     workers = max(1, workers or p.workers)
     chips, splits, block_of = table[a:b, :2], table[a:b, 2], table[a:b, 3]
     g = ing.grid
@@ -671,14 +672,15 @@ def _clean_up(loc: Location) -> None:
 
 
 def run_units(out: str | Path, units: list[int] | None = None, processes: int = 1, workers: int | None = None,
-              on_done=None) -> None:
-    """Writes the given units (default: every unit not done yet) with `processes` separate processes
-    (each one writer of its own shards); `on_done(unit)` is called as each finishes."""
+              on_done=None, force: bool = False) -> None:
+    """Writes the given units (default: every unit; those done already only with `force`) with
+    `processes` separate processes (each one writer of its own shards); `on_done(unit)` is called as
+    each finishes. In one process a block shared with the next unit, run next, is warped once."""
     p = Plan.load(Location(out))
-    todo = [u for u in (range(len(p.units)) if units is None else units) if not unit_done(out, u)]
+    todo = [u for u in (range(len(p.units)) if units is None else units) if force or not unit_done(out, u)]
     if processes <= 1:
         for i, u in enumerate(todo):
-            write_unit(out, u, workers=workers, hand_on=i + 1 < len(todo) and todo[i + 1] == u + 1)
+            write_unit(out, u, workers=workers, force=force, hand_on=i + 1 < len(todo) and todo[i + 1] == u + 1)
             if on_done:
                 on_done(u)
         return
