@@ -846,9 +846,8 @@ def summarize(sizes: list[dict]) -> dict:
           for s in ok if s.get("torchgeo_recorded")}
     extra = {}
     if floor:
-        marginal = marginal_per_chip(ok)
         extra["sarflow_cpu_within_1.2x_floor"] = {
-            "marginal_per_chip": marginal,
+            "marginal_per_chip": marginal_per_chip(ok),
             "value": floor, "goal": GOAL_FLOOR, "met": all(v is not None and v <= GOAL_FLOOR for v in floor.values()),
             "breakdown": {_key(s): {k: s["ratios"][k] for k in ("sarflow_no_checksum_cpu_over_floor",
                                                                "library_cpu_over_floor", "units_cpu_over_floor")}

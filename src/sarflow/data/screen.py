@@ -171,7 +171,6 @@ def _to_pixels(grid_crs: CRS, ds_crs: CRS, inverse, x: np.ndarray, y: np.ndarray
     return row, col
 
 
-
 def _floor(a: np.ndarray) -> np.ndarray:
     return np.floor(a).astype(np.int64)
 

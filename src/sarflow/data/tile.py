@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module=r"rasterio\.warp")
 
 
-
 @config_dataclass(frozen=True, config=STAGE_CONFIG)
 class TileOptions:
     """params.yaml's `tile:` section (`overwrite` and `checksum` are the command's flags)."""
