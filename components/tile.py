@@ -1,5 +1,5 @@
-"""Components of tiling: `tile-scene` (one task) and the fan-out `plan-tiles` -> `write-tile-unit` per
-unit (or `tile-units-job`, a Kubernetes Indexed Job) -> `finalize-tiles`, into one store by URI.
+"""Components of tiling: `tile-scene` (one task) and the fan-out `plan-tiles` -> `write-tile-units` per
+run of units (or `tile-units-job`, a Kubernetes Indexed Job) -> `finalize-tiles`, into one store by URI.
 
 Thin wrapper over :func:`sarflow.data.tile.tile`. The chip store is a folder-valued
 ``dsl.Dataset``: the library builds it in ``<store>.partial/`` beside the artifact path and
@@ -64,7 +64,8 @@ def tile_scene(
 
 # ---------------------------------------------------------------- the fan-out: plan -> units -> finalize
 # The store is passed by URI (a string: s3://bucket/prefix on a cluster, a shared path locally),
-# never as an artifact: every unit task writes its own shards straight into it.
+# never as an artifact: every task writes its own shards straight into it. A task writes a run of
+# consecutive units (tile_units.unit_runs), so a block two of its units share is warped once.
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
 def plan_tiles(
@@ -81,10 +82,11 @@ def plan_tiles(
     clevel: int = 3,
     checksum: bool = True,
     overwrite: bool = False,
+    runs: int = 32,
     s3_endpoint: str = "",
-) -> NamedTuple("Plan", [("units", List[int]), ("count", int)]):
-    """Plans the tiling of `catalog` into `store_uri`; returns the unit numbers (the ParallelFor's items)
-    and how many there are."""
+) -> NamedTuple("Plan", [("runs", List[int]), ("count", int), ("units", int)]):
+    """Plans the tiling of `catalog` into `store_uri` and cuts its units into up to `runs` runs of
+    consecutive units; returns the run numbers (the ParallelFor's items), how many, and the units."""
     import os
     from collections import namedtuple
 
@@ -100,26 +102,29 @@ def plan_tiles(
                "codec": codec, "clevel": clevel, "checksum": checksum, "overwrite": overwrite}
     options = stage_config(TileOptions, Params({"tile": section}, "plan-tiles parameters"), "tile")
     n = len(plan(load_catalog(catalog), store_uri, options).units)
-    return namedtuple("Plan", ["units", "count"])(list(range(n)), n)
+    r = min(max(1, runs), n)
+    return namedtuple("Plan", ["runs", "count", "units"])(list(range(r)), r, n)
 
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
-def write_tile_unit(store_uri: str, unit: int, workers: int = 0, s3_endpoint: str = "") -> int:
-    """Warps and writes one unit's shards into the store (a rerun of a written unit does nothing)."""
+def write_tile_units(store_uri: str, run: int, runs: int, workers: int = 0, s3_endpoint: str = "") -> int:
+    """Warps and writes the shards of run `run` of `runs` (consecutive units) into the store (a unit
+    already written is skipped, so a retried task does what is left); returns `run`."""
     import os
 
     if s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    from sarflow.data.tile_units import write_unit
+    from sarflow.data.tile_units import Location, Plan, run_units, unit_runs
 
-    write_unit(store_uri, unit, workers=workers or None)
-    return unit
+    every = list(range(len(Plan.load(Location(store_uri)).units)))
+    run_units(store_uri, unit_runs(every, runs)[run], workers=workers or None)
+    return run
 
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
-def finalize_tiles(store_uri: str, units: List[int], metrics: Output[Metrics], s3_endpoint: str = "") -> str:
-    """After every unit (`units`: the Collected outputs of the unit tasks): chips.parquet, statistics,
-    attributes; returns the store's URI."""
+def finalize_tiles(store_uri: str, runs: List[int], metrics: Output[Metrics], s3_endpoint: str = "") -> str:
+    """After every run of units (`runs`: the Collected outputs of the unit tasks): chips.parquet,
+    statistics, attributes; returns the store's URI."""
     import json
     import os
     from pathlib import Path
@@ -132,7 +137,7 @@ def finalize_tiles(store_uri: str, units: List[int], metrics: Output[Metrics], s
     uri = finalize(store_uri)
     attrs = open_chip_group(uri).attrs
     metrics.log_metric("chips", attrs["chips"])
-    metrics.log_metric("units", len(units))
+    metrics.log_metric("runs", len(runs))
     for split, n in attrs["split"]["chips"].items():
         metrics.log_metric(f"chips_{split}", n)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))
@@ -140,12 +145,12 @@ def finalize_tiles(store_uri: str, units: List[int], metrics: Output[Metrics], s
 
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
-def tile_units_job(store_uri: str, units: List[int], image: str = "ghcr.io/sarflow/sarflow:0.1.0",
+def tile_units_job(store_uri: str, runs: List[int], image: str = "ghcr.io/sarflow/sarflow:0.1.0",
                    parallelism: int = 16, namespace: str = "", timeout_s: int = 86400) -> List[int]:
     """Beyond what a ParallelFor should fan out (hundreds of iterations): one Kubernetes Indexed Job
-    runs `sarflow tile-unit STORE` with one completion per unit ($JOB_COMPLETION_INDEX), waits for it."""
+    runs `sarflow tile-unit STORE --runs R` with one completion per run ($JOB_COMPLETION_INDEX), waits for it."""
     from sarflow.data.tile_units import run_indexed_job
 
-    run_indexed_job(store_uri, len(units), image=image, parallelism=parallelism, namespace=namespace or None,
+    run_indexed_job(store_uri, len(runs), image=image, parallelism=parallelism, namespace=namespace or None,
                     timeout_s=timeout_s)
-    return units
+    return runs

@@ -40,7 +40,7 @@ from typing import List
 from kfp import dsl
 
 from components.ingest import ingest_scene
-from components.tile import finalize_tiles, plan_tiles, tile_units_job, write_tile_unit
+from components.tile import finalize_tiles, plan_tiles, tile_units_job, write_tile_units
 from components.synth import synth_scene
 from components.tile import tile_scene
 from components.version import version_chips
@@ -124,31 +124,35 @@ def tile_pipeline(
     clevel: int = 3,
     checksum: bool = True,
     overwrite: bool = False,
-    max_loop_units: int = 200,
+    runs: int = 32,
+    max_loop_runs: int = 200,
     job_image: str = "ghcr.io/sarflow/sarflow:0.1.0",
     job_parallelism: int = 64,
     s3_endpoint: str = "",
 ):
     """`store_uri` (s3://bucket/prefix on a cluster, a shared folder locally) is a string, not an artifact:
-    every unit writes its own shards straight into it (one writer per shard). Up to `max_loop_units`
-    units fan out as a ParallelFor; beyond (Kubernetes object-size limits) one task runs a Kubernetes
-    Indexed Job of the same unit runner. finalize waits for every unit (dsl.Collected)."""
+    every task writes its own shards straight into it (one writer per shard). The units are cut into
+    `runs` runs of consecutive units, one task each (a block two units of a run share is warped once:
+    more runs balance better, fewer warp less twice). Up to `max_loop_runs` runs fan out as a
+    ParallelFor; beyond (Kubernetes object-size limits) one task runs a Kubernetes Indexed Job of the
+    same unit runner, `job_parallelism` pods at once. finalize waits for every run (dsl.Collected)."""
 
     planned = plan_tiles(catalog=catalog, store_uri=store_uri, workers=workers, shard_chips=shard_chips,
                          block_chips=block_chips, window_px=window_px, unit_shards=unit_shards,
                          split_block=split_block, split_fractions=split_fractions, codec=codec, clevel=clevel,
-                         checksum=checksum, overwrite=overwrite, s3_endpoint=s3_endpoint)
+                         checksum=checksum, overwrite=overwrite, runs=runs, s3_endpoint=s3_endpoint)
     stage(planned, "tile", "tile", cache=False)
     count = planned.outputs["count"]
-    with dsl.If(count <= max_loop_units, name="units-in-a-loop"):
-        with dsl.ParallelFor(planned.outputs["units"], parallelism=UNIT_PARALLELISM, name="units") as unit:
-            written = write_tile_unit(store_uri=store_uri, unit=unit, workers=workers, s3_endpoint=s3_endpoint)
-            stage(written, "tile-unit", "tile", cache=False)
-        done = finalize_tiles(store_uri=store_uri, units=dsl.Collected(written.output), s3_endpoint=s3_endpoint)
+    with dsl.If(count <= max_loop_runs, name="units-in-a-loop"):
+        with dsl.ParallelFor(planned.outputs["runs"], parallelism=UNIT_PARALLELISM, name="runs") as run:
+            written = write_tile_units(store_uri=store_uri, run=run, runs=count, workers=workers,
+                                       s3_endpoint=s3_endpoint)
+            stage(written, "tile-units", "tile", cache=False)
+        done = finalize_tiles(store_uri=store_uri, runs=dsl.Collected(written.output), s3_endpoint=s3_endpoint)
         stage(done, "finalize", "tile", cache=False)
     with dsl.Else(name="units-in-a-job"):
-        job = tile_units_job(store_uri=store_uri, units=planned.outputs["units"], image=job_image,
+        job = tile_units_job(store_uri=store_uri, runs=planned.outputs["runs"], image=job_image,
                              parallelism=job_parallelism)
         stage(job, "tile-units-job", "tile", cache=False)
-        done = finalize_tiles(store_uri=store_uri, units=job.output, s3_endpoint=s3_endpoint)
+        done = finalize_tiles(store_uri=store_uri, runs=job.output, s3_endpoint=s3_endpoint)
         stage(done, "finalize", "tile", cache=False)

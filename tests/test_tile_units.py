@@ -18,7 +18,7 @@ import zarr
 
 from sarflow.data.catalog import load_catalog
 from sarflow.data.tile import TileOptions, tile
-from sarflow.data.tile_units import BUILD, finalize, plan, unit_done, write_unit
+from sarflow.data.tile_units import BUILD, finalize, plan, unit_done, unit_runs, write_unit
 
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
 OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1)
@@ -93,6 +93,49 @@ def test_three_runner_processes_into_s3_equal_tile(reference, tiny_scene, s3env)
     np.testing.assert_array_equal(g["s1grd"][:], ref["s1grd"][:])
 
 
+def test_unit_runs_cut_consecutive_units_evenly():
+    assert unit_runs(list(range(10)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert unit_runs(list(range(10)), 1) == [list(range(10))]
+    assert unit_runs([2, 3, 7], 5) == [[2], [3], [7]]  # never an empty run: at most one per unit
+    runs = unit_runs(list(range(1000)), 64)
+    assert sum(runs, []) == list(range(1000)) and {len(r) for r in runs} == {15, 16}
+    with pytest.raises(ValueError):
+        unit_runs([0, 1], 0)
+
+
+@pytest.mark.slow
+def test_two_runs_of_consecutive_units_in_two_processes_equal_tile(reference, tiny_scene, tmp_path):
+    out = tmp_path / "runs.zarr"
+    p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    assert len(p.units) >= 4
+    env = {**os.environ, "JOB_COMPLETION_INDEX": "1"}
+    cmds = [[SARFLOW, "tile-unit", str(out), "--runs", "2", "--run", "0"],  # run 0 named
+            [SARFLOW, "tile-unit", str(out), "--runs", "2"]]  # run 1 from the Indexed Job's index
+    runners = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    outs = [r.communicate(timeout=300) for r in runners]
+    assert [r.returncode for r in runners] == [0, 0], [e for _, e in outs]
+    first, second = unit_runs(list(range(len(p.units))), 2)
+    assert outs[0][0].strip() == f"units written: {first}" and outs[1][0].strip() == f"units written: {second}"
+    finalize(out)
+    assert _local_files(out) == _local_files(reference)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--runs", "2"], {}, "give the run with --run (0..1) or $JOB_COMPLETION_INDEX"),
+    (["--runs", "2", "--run", "2"], {}, "not 2 (the store has"),
+    (["--runs", "2"], {"JOB_COMPLETION_INDEX": "7"}, "not 7 (the store has"),
+    (["--run", "0"], {}, "--run needs --runs"),
+    (["--unit", "0", "--runs", "2"], {}, "--unit cannot be combined with --runs/--run"),
+])
+def test_tile_unit_refuses_a_run_it_cannot_name(tiny_scene, tmp_path, args, env, message):
+    out = tmp_path / "bad.zarr"
+    plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    base = {k: v for k, v in os.environ.items() if k != "JOB_COMPLETION_INDEX"}
+    done = subprocess.run([SARFLOW, "tile-unit", str(out), *args], env={**base, **env}, capture_output=True, text=True)
+    assert done.returncode == 2 and message in " ".join(done.stderr.split())
+    assert not any(unit_done(out, u) for u in range(2))  # nothing written
+
+
 @pytest.mark.slow
 def test_sarflow_tile_to_s3_in_one_process_equals_tile(reference, tiny_scene, s3env):
     uri = "s3://chips/one.zarr"
@@ -139,12 +182,13 @@ def test_kfp_local_tile_pipeline_fans_out_units_and_gives_the_same_store(referen
 
     out = tmp_path / "kfp.zarr"
     run = run_local(tile_pipeline, tmp_path / "root", catalog=str(tiny_scene), store_uri=str(out),
-                    shard_chips=16, unit_shards=1, workers=1)
+                    shard_chips=16, unit_shards=1, workers=1, runs=2)
     n = zarr.open_group(str(reference), mode="r").attrs["chips"]
-    iterations = sorted(p.parent.name for p in run.run_dir.glob("for-loop-*/write-tile-unit"))
-    assert len(iterations) == -(-n // 16) > 1  # one task per unit, in the ParallelFor
+    assert -(-n // 16) > 2  # more units than runs: a task writes several consecutive units
+    iterations = sorted(p.parent.name for p in run.run_dir.glob("for-loop-*/write-tile-units"))
+    assert len(iterations) == 2  # one task per run, in the ParallelFor
     metrics = json.loads(next(run.run_dir.rglob("finalize-tiles/metrics")).read_text())
-    assert metrics["units"] == len(iterations) and metrics["chips"] == n  # finalize got every unit (Collected)
+    assert metrics["runs"] == 2 and metrics["chips"] == n  # finalize got every run (Collected)
     assert not list(run.run_dir.rglob("tile-units-job"))
     assert _local_files(out) == _local_files(reference)
 
@@ -154,12 +198,13 @@ def test_indexed_job_manifest_validates_against_the_kubernetes_schema():
 
     from sarflow.data.tile_units import indexed_job_manifest
 
-    job = indexed_job_manifest("s3://sarflow-chips/m3leo.zarr", 5000, "ghcr.io/sarflow/sarflow:0.1.0", parallelism=64)
+    job = indexed_job_manifest("s3://sarflow-chips/m3leo.zarr", 256, "ghcr.io/sarflow/sarflow:0.1.0", parallelism=64)
     for version in ("1.30", "1.37"):
         kubernetes_validate.validate(job, version, strict=True)
     spec = job["spec"]
-    assert spec["completionMode"] == "Indexed" and spec["completions"] == 5000 and spec["parallelism"] == 64
-    assert spec["template"]["spec"]["containers"][0]["command"] == ["sarflow", "tile-unit", "s3://sarflow-chips/m3leo.zarr"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == 256 and spec["parallelism"] == 64
+    assert spec["template"]["spec"]["containers"][0]["command"] == ["sarflow", "tile-unit", "s3://sarflow-chips/m3leo.zarr",
+                                                                    "--runs", "256"]
     broken = {**job, "spec": {**spec, "completionMode": 3}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, "1.30", strict=True)

@@ -133,20 +133,36 @@ def tile_unit(
     store: str = typer.Argument(..., callback=absolute_path, help="the planned store (folder or s3://)"),
     unit: Optional[list[int]] = typer.Option(None, "--unit", help="unit(s) to write (repeatable); default: "
                                              "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job), else every unit not done"),
+    runs: Optional[int] = typer.Option(None, min=1, help="cut the units into this many runs of consecutive units "
+                                       "and write one of them (--run, else $JOB_COMPLETION_INDEX)"),
+    run: Optional[int] = typer.Option(None, min=0, help="with --runs: which run (from 0)"),
     workers: Optional[int] = typer.Option(None, help="warping threads (default: the plan's)"),
     force: bool = typer.Option(False, help="rewrite units already written"),
 ) -> None:
-    """Distributed tiling, step 2: warp and write the unit's shards straight into the store, then its report."""
+    """Distributed tiling, step 2: warp and write the units' shards straight into the store, then their reports.
+    Consecutive units in one call warp a block they share once."""
     import os
 
-    from sarflow.data.tile_units import Plan, Location, run_units
+    from sarflow.data.tile_units import Location, Plan, run_units, unit_runs
 
     try:
+        index = os.environ.get("JOB_COMPLETION_INDEX")
         units = list(unit or [])
-        if not units and os.environ.get("JOB_COMPLETION_INDEX"):
-            units = [int(os.environ["JOB_COMPLETION_INDEX"])]
+        if units and (runs or run is not None):
+            raise SarflowError("--unit cannot be combined with --runs/--run")
         if not units:
-            units = list(range(len(Plan.load(Location(store)).units)))
+            every = list(range(len(Plan.load(Location(store)).units)))
+            if runs:
+                i = run if run is not None else int(index) if index else None
+                cut = unit_runs(every, runs)
+                if i is None or i >= len(cut):
+                    raise SarflowError(f"--runs {runs}: give the run with --run (0..{len(cut) - 1}) or $JOB_COMPLETION_INDEX"
+                                     + ("" if i is None else f", not {i} (the store has {len(every)} units)"))
+                units = cut[i]
+            elif run is not None:
+                raise SarflowError("--run needs --runs")
+            else:
+                units = [int(index)] if index else every
         run_units(store, units, workers=workers, force=force)
     except SarflowError as e:
         fail(e)

@@ -671,42 +671,56 @@ def _clean_up(loc: Location) -> None:
     build.rmdir()
 
 
+def unit_runs(units: list[int], runs: int) -> list[list[int]]:
+    """`units` cut into `runs` runs of consecutive items, as even as can be, none empty (at most one run
+    per unit). A run goes to one process, which hands each block shared by two of its units on to the
+    next one: only the blocks at the edges of runs are warped twice, not those at every unit's edge."""
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, not {runs}")
+    runs = min(runs, len(units)) or 1
+    edges = [len(units) * i // runs for i in range(runs + 1)]
+    return [units[edges[i]:edges[i + 1]] for i in range(runs)]
+
+
 def run_units(out: str | Path, units: list[int] | None = None, processes: int = 1, workers: int | None = None,
               on_done=None, force: bool = False) -> None:
-    """Writes the given units (default: every unit; those done already only with `force`) with
-    `processes` separate processes (each one writer of its own shards); `on_done(unit)` is called as
-    each finishes. In one process a block shared with the next unit, run next, is warped once."""
+    """Writes the given units (default: every unit; those done already only with `force`); with
+    `processes` > 1, in as many separate processes, each given one run of consecutive units
+    (`unit_runs`) and being the one writer of their shards. `on_done(unit)` is called as each finishes
+    (with processes, when its run finishes). Within a process a block shared with the next unit, run
+    next, is warped once."""
     p = Plan.load(Location(out))
     todo = [u for u in (range(len(p.units)) if units is None else units) if force or not unit_done(out, u)]
     if processes <= 1:
-        for i, u in enumerate(todo):
-            write_unit(out, u, workers=workers, force=force, hand_on=i + 1 < len(todo) and todo[i + 1] == u + 1)
-            if on_done:
-                on_done(u)
+        _write_run(str(out), todo, workers, force, on_done)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_unit_job, str(out), u, workers): u for u in todo}
+        futures = [pool.submit(_write_run, str(out), run, workers, force) for run in unit_runs(todo, processes) if run]
         for fut in as_completed(futures):
-            fut.result()
-            if on_done:
-                on_done(futures[fut])
+            for u in fut.result():
+                if on_done:
+                    on_done(u)
 
 
-def _unit_job(out: str, unit: int, workers: int | None) -> int:
-    write_unit(out, unit, workers=workers)
-    return unit
+def _write_run(out: str, units: list[int], workers: int | None, force: bool, on_done=None) -> list[int]:
+    for i, u in enumerate(units):
+        write_unit(out, u, workers=workers, force=force, hand_on=i + 1 < len(units) and units[i + 1] == u + 1)
+        if on_done:
+            on_done(u)
+    return units
 
 
 # ---------------------------------------------------------------- beyond a ParallelFor: an Indexed Job
 
-def indexed_job_manifest(store_uri: str, units: int, image: str, parallelism: int = 16, name: str = "",
+def indexed_job_manifest(store_uri: str, runs: int, image: str, parallelism: int = 16, name: str = "",
                          namespace: str = "sarflow") -> dict:
-    """A Kubernetes Indexed Job (batch/v1) with one completion per unit: each pod runs `sarflow tile-unit
-    STORE`, which takes its unit from $JOB_COMPLETION_INDEX. Keys from Secret `sarflow-s3`, endpoints
-    from ConfigMap `sarflow-pipeline-env` (k8s/base); the pod label lets it reach MinIO."""
+    """A Kubernetes Indexed Job (batch/v1) with one completion per run of consecutive units (`unit_runs`;
+    `runs` = the number of units gives one per unit): each pod runs `sarflow tile-unit STORE --runs R`,
+    which takes its run from $JOB_COMPLETION_INDEX. Keys from Secret `sarflow-s3`, endpoints from
+    ConfigMap `sarflow-pipeline-env` (k8s/base); the pod label lets it reach MinIO."""
     import hashlib
 
     name = name or "sarflow-tile-" + hashlib.sha256(store_uri.encode()).hexdigest()[:10]
@@ -714,7 +728,7 @@ def indexed_job_manifest(store_uri: str, units: int, image: str, parallelism: in
     container = {
         "name": "tile-unit",
         "image": image,
-        "command": ["sarflow", "tile-unit", store_uri],
+        "command": ["sarflow", "tile-unit", store_uri, "--runs", str(runs)],
         "envFrom": [{"configMapRef": {"name": "sarflow-pipeline-env"}}],
         "env": [{"name": k, "valueFrom": {"secretKeyRef": {"name": "sarflow-s3", "key": k}}}
                 for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")],
@@ -732,9 +746,9 @@ def indexed_job_manifest(store_uri: str, units: int, image: str, parallelism: in
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
             "completionMode": "Indexed",
-            "completions": units,
-            "parallelism": min(parallelism, units),
-            "backoffLimitPerIndex": 3,  # a failed unit is retried on its own (its shards are rewritten whole)
+            "completions": runs,
+            "parallelism": min(parallelism, runs),
+            "backoffLimitPerIndex": 3,  # a failed run is retried on its own (its written units are skipped)
             "maxFailedIndexes": 0,
             "ttlSecondsAfterFinished": 86400,
             "template": {"metadata": {"labels": labels},
@@ -746,7 +760,7 @@ def indexed_job_manifest(store_uri: str, units: int, image: str, parallelism: in
     }
 
 
-def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 16, namespace: str | None = None,
+def run_indexed_job(store_uri: str, runs: int, image: str, parallelism: int = 16, namespace: str | None = None,
                     timeout_s: int = 86400, poll_s: float = 10.0, api=None) -> None:
     """Creates the Indexed Job (in-cluster config, else ~/.kube/config) and waits for it to succeed.
 
@@ -760,7 +774,7 @@ def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 1
 
     api = api or kube_api("BatchV1Api")
     ns = namespace or current_namespace()
-    manifest = indexed_job_manifest(store_uri, units, image, parallelism, namespace=ns)
+    manifest = indexed_job_manifest(store_uri, runs, image, parallelism, namespace=ns)
     name = manifest["metadata"]["name"]
 
     def state() -> str:
@@ -770,7 +784,7 @@ def run_indexed_job(store_uri: str, units: int, image: str, parallelism: int = 1
             if e.status == 404:
                 return ABSENT
             raise
-        return conditions_state(st.conditions, done=(st.succeeded or 0) >= units)
+        return conditions_state(st.conditions, done=(st.succeeded or 0) >= runs)
 
     launch_and_wait(f"job {ns}/{name}", lambda: api.create_namespaced_job(ns, manifest), state,
                     lambda: api.delete_namespaced_job(name, ns, propagation_policy="Foreground"),
