@@ -13,6 +13,7 @@ import pytest
 import rasterio
 from affine import Affine
 from rasterio.transform import from_origin
+from rasterio.windows import Window
 
 from helpers import write_catalog
 from sarflow.data.catalog import load_catalog
@@ -117,6 +118,21 @@ def test_hard_synthetic_sources_are_screened_exactly(hard_scene):
     # a nodata value inside the data range leaves bilinear output undecidable from the pixels (dem);
     # the other sources are mostly decided
     assert per_source["dem"] < 0.5 and min(v for k, v in per_source.items() if k != "dem") > 0.6, per_source
+
+
+def test_files_read_in_many_strips_screen_as_read_whole(hard_scene, monkeypatch):
+    # every file's window cut into strips of one cell of rows (read in parallel threads, assembled in
+    # row order): the same decisions, also with the exact check, as whole windows
+    whole_fast, exact, _, whole = _screened_and_exact(hard_scene, window_px=128)
+    monkeypatch.setattr(screen, "STRIP_BYTES", 1)
+    s = ingest(load_catalog(hard_scene), checksum=False).sources[0]
+    uri, f = next(iter(s.files.items()))
+    strips = screen._strips(s, uri, f.count, Window(0, 0, f.width, f.height))
+    assert len(strips) > 10 and {w.height for w in strips[:-1]} == {screen.CELL}
+    fast, _, _, per_source = _screened_and_exact(hard_scene, window_px=128)
+    np.testing.assert_array_equal(fast, whole_fast)
+    np.testing.assert_array_equal(fast, exact)
+    assert per_source == whole
 
 
 @pytest.fixture(scope="module")

@@ -394,4 +394,5 @@ def test_a_chips_statistics_do_not_depend_on_the_batch_it_is_summed_in(dtype, fi
     source = SimpleNamespace(spec=SimpleNamespace(kind="continuous"), fill_value=fill)
     whole, mixed = chip_contributions(source, chips[:2]), chip_contributions(source, holed)
     assert whole == mixed[:2]
+    assert chip_contributions(source, chips[1:2]) == whole[1:]  # alone, as in a batch
     assert [band[0] for band in mixed[2]] == [128 * 128 - 35] * 2 and whole[0][0][0] == 128 * 128

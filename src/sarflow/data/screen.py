@@ -99,44 +99,51 @@ def _pool(mask: np.ndarray, how) -> np.ndarray:
     return how(how(mask.reshape(ph // CELL, CELL, pw // CELL, CELL), axis=3), axis=1)
 
 
-def _read_cells(source: Source, uri: str, bands: int, resampling: str, window: Window) -> _Cells:
-    """The validity cells of `bands` bands of one file over `window` (pixel offsets a multiple of CELL)."""
+def _strip_cells(source: Source, uri: str, bands: int, resampling: str, window: Window) -> tuple:
+    """The validity cells of `bands` bands of one file over a strip `window` (pixel offsets a multiple
+    of CELL): ("every pixel good" above and below the nodata value, "some pixel valid"), not summed."""
     f = source.files[uri]
     nodata = source.nodata
     numeric_fill = np.dtype(source.dtype).kind != "f"  # integers: the nodata value is also the fill value
     power = resampling_domain(source) == LINEAR_POWER  # warped as linear power, back to dB
     try:
-        with rasterio.open(f.path) as ds:
+        with gdal_env([uri]), rasterio.open(f.path) as ds:  # in this thread: endpoints and keys for s3:// inputs
             flags = [ds.mask_flag_enums[b] for b in range(bands)]
             masked = any(MaskFlags.per_dataset in fl or MaskFlags.alpha in fl for fl in flags)
-            row_bytes = max(1, window.width * bands * np.dtype(ds.dtypes[0]).itemsize)
-            strip = max(CELL, STRIP_BYTES // row_bytes // CELL * CELL)
-            hi, lo, some = [], [], []
-            for r in range(window.row_off, window.row_off + window.height, strip):
-                w = Window(window.col_off, r, window.width, min(strip, window.row_off + window.height - r))
-                data = ds.read(list(range(1, bands + 1)), window=w)
-                valid = ~np.isnan(data) if data.dtype.kind == "f" else np.ones(data.shape, bool)
-                if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-                    valid &= data != nodata
-                some.append(_pool(valid.any(axis=0), np.any))
-                good = valid.all(axis=0)
-                if masked:
-                    good &= (ds.read_masks(list(range(1, bands + 1)), window=w) > 0).all(axis=0)
-                if power and resampling not in CONVEX:  # negative lobes can make power negative: NaN dB
-                    hi.append(_pool(np.zeros_like(good), np.all))
-                    lo.append(hi[-1])
-                elif numeric_fill and resampling not in ("nearest", "mode"):  # a computed value could equal the fill
-                    if resampling in CONVEX:
-                        hi.append(_pool(good & (data > nodata).all(axis=0), np.all))
-                        lo.append(_pool(good & (data < nodata).all(axis=0), np.all))
-                    else:
-                        hi.append(_pool(np.zeros_like(good), np.all))
-                        lo.append(hi[-1])
-                else:
-                    hi.append(_pool(good, np.all))
-                    lo.append(hi[-1])
+            data = ds.read(list(range(1, bands + 1)), window=window)
+            valid = ~np.isnan(data) if data.dtype.kind == "f" else np.ones(data.shape, bool)
+            if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+                valid &= data != nodata
+            some = _pool(valid.any(axis=0), np.any)
+            good = valid.all(axis=0)
+            if masked:
+                good &= (ds.read_masks(list(range(1, bands + 1)), window=window) > 0).all(axis=0)
     except RasterioError as e:
         raise InputError(uri, f"cannot read pixels, the file is truncated or corrupt ({e})") from None
+    if power and resampling not in CONVEX:  # negative lobes can make power negative: NaN dB
+        hi = lo = _pool(np.zeros_like(good), np.all)
+    elif numeric_fill and resampling not in ("nearest", "mode"):  # a computed value could equal the fill
+        if resampling in CONVEX:
+            hi = _pool(good & (data > nodata).all(axis=0), np.all)
+            lo = _pool(good & (data < nodata).all(axis=0), np.all)
+        else:
+            hi = lo = _pool(np.zeros_like(good), np.all)
+    else:
+        hi = lo = _pool(good, np.all)
+    return hi, lo, some
+
+
+def _strips(source: Source, uri: str, bands: int, window: Window) -> list[Window]:
+    """`window` cut into strips of whole cells of rows, about STRIP_BYTES of pixels each."""
+    row_bytes = max(1, window.width * bands * np.dtype(source.files[uri].dtype).itemsize)
+    strip = max(CELL, STRIP_BYTES // row_bytes // CELL * CELL)
+    return [Window(window.col_off, r, window.width, min(strip, window.row_off + window.height - r))
+            for r in range(window.row_off, window.row_off + window.height, strip)]
+
+
+def _cells(window: Window, strips: list[tuple]) -> _Cells:
+    """The summed-area tables of a file's window from its strips' cells, in row order."""
+    hi, lo, some = zip(*strips)
     good_hi = _sat(np.concatenate(hi))
     good_lo = good_hi if all(x is y for x, y in zip(hi, lo)) else _sat(np.concatenate(lo))
     return _Cells(window.row_off, window.col_off, good_hi, good_lo, _sat(np.concatenate(some)))
@@ -175,23 +182,36 @@ def _floor(a: np.ndarray) -> np.ndarray:
     return np.floor(a).astype(np.int64)
 
 
-def _file_status(ing: Ingested, source: Source, uri: str, bands: int, resampling: str,
-                 positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For one file of a source: (the chips whose reach meets it, (chips, samples) sample pixels
-    surely good in it, chips with a valid pixel of it within reach). Only those chips are worked
-    on, so a mosaic of many files costs what its chips cost."""
+@dataclass
+class _Reach:
+    """One file of a source against the candidate chips: the chips whose reach meets it (`near`),
+    their reach in its pixels (`box`: row0, row1, col0, col1, radius; an infinite radius for a chip
+    that does not project, worked on as covering the whole raster: never VALID, never INVALID) and
+    the window of pixels to read (None: nothing to read)."""
+    source: Source
+    uri: str
+    bands: int
+    resampling: str
+    ds_crs: CRS
+    inverse: object
+    near: np.ndarray
+    box: np.ndarray
+    window: Window | None
+
+
+def _reach(ing: Ingested, source: Source, uri: str, bands: int, resampling: str, positions: np.ndarray) -> _Reach:
     g = ing.grid
     k = source.spec.store_factor(g.resolution)
     size = g.chip_size // k
     n_side = min(SAMPLES, size)
     f = source.files[uri]
     try:
-        with rasterio.open(f.path) as ds:
+        with gdal_env([uri]), rasterio.open(f.path) as ds:
             ds_crs, inverse, height, width = ds.crs, ~ds.transform, ds.height, ds.width
     except RasterioError as e:
         raise InputError(uri, f"cannot be opened any more ({e})") from None
     kernel = KERNEL_RADIUS.get(resampling, FOOTPRINT_RADIUS if resampling in CONVEX else 3.0)
-    near, boxes = [], []  # chips whose reach meets the raster; their (row0, row1, col0, col1) reach
+    near, boxes = [], []
     for s0 in range(0, len(positions), CHIP_BATCH):
         part = positions[s0:s0 + CHIP_BATCH]
         rows, cols = (a.reshape(len(part), 8) for a in _to_pixels(g.crs, ds_crs, inverse,
@@ -206,27 +226,41 @@ def _file_status(ing: Ingested, source: Source, uri: str, bands: int, resampling
             hit = ~finite | ((r1 >= 0) & (r0 < height) & (c1 >= 0) & (c0 < width))
         idx = np.flatnonzero(hit)
         near.append(idx + s0)
-        # a chip that does not project is worked on as covering the whole raster: never VALID, never INVALID
         box = np.stack([np.where(finite, r0, 0), np.where(finite, r1, height), np.where(finite, c0, 0),
                         np.where(finite, c1, width), np.where(finite, radius, np.inf)], axis=1)[idx]
         boxes.append(box)
-    near = np.concatenate(near)
+    near = np.concatenate(near) if near else np.empty(0, np.int64)
     box = np.concatenate(boxes) if boxes else np.empty((0, 5))
+    usable = np.flatnonzero(np.isfinite(box[:, 4]))
+    window = None
+    if len(usable):
+        lo_r = max(0, int(np.floor(box[usable, 0].min()))) // CELL * CELL
+        lo_c = max(0, int(np.floor(box[usable, 2].min()))) // CELL * CELL
+        hi_r = min(height, int(np.floor(box[usable, 1].max())) + 1)
+        hi_c = min(width, int(np.floor(box[usable, 3].max())) + 1)
+        window = Window(lo_c, lo_r, hi_c - lo_c, hi_r - lo_r)
+    return _Reach(source, uri, bands, resampling, ds_crs, inverse, near, box, window)
+
+
+def _decide(ing: Ingested, r: _Reach, cells: _Cells | None, positions: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For one file: (the chips whose reach meets it, (chips, samples) sample pixels surely good in
+    it, chips with a valid pixel of it within reach). Only those chips are worked on, so a mosaic of
+    many files costs what its chips cost."""
+    g = ing.grid
+    k = r.source.spec.store_factor(g.resolution)
+    n_side = min(SAMPLES, g.chip_size // k)
+    near, box = r.near, r.box
     good = np.zeros((len(near), n_side * n_side), dtype=bool)
     some = ~np.isfinite(box[:, 4])
     usable = np.flatnonzero(np.isfinite(box[:, 4]))
-    if not len(usable):
+    if cells is None:
         return near, good, some
-    lo_r = max(0, int(np.floor(box[usable, 0].min()))) // CELL * CELL
-    lo_c = max(0, int(np.floor(box[usable, 2].min()))) // CELL * CELL
-    hi_r = min(height, int(np.floor(box[usable, 1].max())) + 1)
-    hi_c = min(width, int(np.floor(box[usable, 3].max())) + 1)
-    cells = _read_cells(source, uri, bands, resampling, Window(lo_c, lo_r, hi_c - lo_c, hi_r - lo_r))
     b = box[usable]
     some[usable] = cells.any_valid(_floor(b[:, 0]), _floor(b[:, 1]), _floor(b[:, 2]), _floor(b[:, 3]))
     for s0 in range(0, len(usable), CHIP_BATCH):
         idx = usable[s0:s0 + CHIP_BATCH]
-        rows, cols = _to_pixels(g.crs, ds_crs, inverse, *_chip_points(g, positions[near[idx]], k, n_side, "samples"))
+        rows, cols = _to_pixels(g.crs, r.ds_crs, r.inverse, *_chip_points(g, positions[near[idx]], k, n_side, "samples"))
         rad = np.repeat(box[idx, 4], n_side * n_side)
         finite = np.isfinite(rows) & np.isfinite(cols)
         rows, cols = np.where(finite, rows, -FAR), np.where(finite, cols, -FAR)
@@ -235,22 +269,40 @@ def _file_status(ing: Ingested, source: Source, uri: str, bands: int, resampling
     return near, good, some
 
 
-def source_status(ing: Ingested, source: Source, resampling: dict, positions: np.ndarray, workers: int = 1) -> np.ndarray:
-    """(n,) VALID / INVALID / UNKNOWN for `source` at chip `positions` ((n, 2) iy, ix).
+def screen_sources(ing: Ingested, sources: list[Source], resampling: dict, positions: np.ndarray,
+                   workers: int = 1) -> np.ndarray:
+    """(len(sources), n) VALID / INVALID / UNKNOWN of each source at chip `positions` ((n, 2) iy, ix).
 
-    VALID when one item of the source (a file, or a stack of single-band files) is surely good at
-    one sample pixel in every file of it; INVALID when no file has a valid pixel within reach.
-    (Combining different items band by band could settle a few more chips; they are left UNKNOWN.)"""
-    files = list(source.files)
-    nbands = {uri: max(len(bands) for item in source.items for u, bands in item if u == uri) for uri in files}
-
-    def one(uri):
-        with gdal_env(files):  # in this thread: endpoints and keys for s3:// inputs
-            return _file_status(ing, source, uri, nbands[uri], resampling[(source.name, uri)], positions)
-
+    Every file of every source is read in strips of rows, all in one pool of `workers` threads, so a
+    source of one large file is read as fast as a mosaic of many. Per source: VALID when one item
+    (a file, or a stack of single-band files) is surely good at one sample pixel in every file of it;
+    INVALID when no file has a valid pixel within reach. (Combining different items band by band
+    could settle a few more chips; they are left UNKNOWN.)"""
+    files = [(s, uri, max(len(bands) for item in s.items for u, bands in item if u == uri))
+             for s in sources for uri in s.files]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = dict(zip(files, pool.map(one, files)))
-    n = len(positions)
+        reaches = list(pool.map(lambda t: _reach(ing, t[0], t[1], t[2], resampling[(t[0].name, t[1])], positions),
+                                files))
+        strips = [(i, w) for i, r in enumerate(reaches) if r.window is not None
+                  for w in _strips(r.source, r.uri, r.bands, r.window)]
+        read = list(pool.map(lambda t: _strip_cells(reaches[t[0]].source, reaches[t[0]].uri, reaches[t[0]].bands,
+                                                     reaches[t[0]].resampling, t[1]), strips))
+        per_file = [[] for _ in reaches]
+        for (i, _w), cells in zip(strips, read):
+            per_file[i].append(cells)
+        decided = list(pool.map(lambda i: _decide(ing, reaches[i], _cells(reaches[i].window, per_file[i])
+                                                  if per_file[i] else None, positions), range(len(reaches))))
+    results = {(r.source.name, r.uri): d for r, d in zip(reaches, decided)}
+    return np.stack([_combine(s, {u: results[(s.name, u)] for u in s.files}, len(positions)) for s in sources])
+
+
+def source_status(ing: Ingested, source: Source, resampling: dict, positions: np.ndarray, workers: int = 1) -> np.ndarray:
+    """(n,) VALID / INVALID / UNKNOWN for `source` at chip `positions` ((n, 2) iy, ix): `screen_sources`
+    of that one source."""
+    return screen_sources(ing, [source], resampling, positions, workers)[0]
+
+
+def _combine(source: Source, results: dict, n: int) -> np.ndarray:
     some = np.zeros(n, dtype=bool)
     for near, _good, reach in results.values():
         some[near[reach]] = True

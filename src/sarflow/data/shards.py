@@ -68,9 +68,13 @@ class ShardWriter:
 
     def _empty(self, chip: np.ndarray) -> bool:
         """zarr's test for a chunk it leaves out: every value equal to the fill value (NaN equal to
-        NaN; for a float fill of zero, the same bits, so -0.0 is data)."""
+        NaN; for a float fill of zero, the same bits, so -0.0 is data). A chip whose first value is
+        not the fill value is data without a pass over it (most chips)."""
+        first = chip.flat[0]
         if self.fill_nan:
-            return bool(np.isnan(chip).all())
+            return bool(np.isnan(first)) and bool(np.isnan(chip).all())
+        if first != self.fill:  # NaN included; -0.0 equals a fill of 0.0 here and is checked bit by bit below
+            return False
         if self.fill_zero_bits:
             view = "V" + str(chip.dtype.itemsize)
             return bool((np.ascontiguousarray(chip).view(view) == self.fill.astype(chip.dtype).reshape(1).view(view)[0]).all())

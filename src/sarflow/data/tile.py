@@ -400,11 +400,11 @@ def chip_contributions(source: Source, chips: np.ndarray) -> list[list]:
             counts = ok.sum(axis=1)
             if kind == "continuous":
                 whole = bool((counts == x.shape[1]).all())  # every pixel valid: no masking, the same values
-                z = x if whole else np.where(ok, x, 0)
-                sums = z.sum(axis=1, dtype=np.float64)
-                z = z.astype(np.float64)
-                np.square(z, out=z)  # not np.dot: BLAS threads would fight the warpers
-                sumsq = z.sum(axis=1)
+                z = (x if whole else np.where(ok, x, 0)).astype(np.float64)
+                sums = z.sum(axis=1)
+                # squares in place, summed row by row (not np.dot, whose BLAS threads would fight the
+                # warpers; not einsum, whose sums depend on the rows summed with them)
+                sumsq = np.square(z, out=z).sum(axis=1)
                 if whole:
                     lows, highs = x.min(axis=1), x.max(axis=1)
                 else:

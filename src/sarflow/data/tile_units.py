@@ -288,7 +288,7 @@ def kept_chips(renderer, ing: Ingested, blocks, resampling: dict, workers: int, 
     warping the block as the units will otherwise (every chip when `screen` is False: the reference).
     With `hand_over` (the plan's fingerprint) the layers warped here are offered to this process's
     units (HANDOVER)."""
-    from sarflow.data.screen import INVALID, UNKNOWN, VALID, source_status
+    from sarflow.data.screen import INVALID, UNKNOWN, VALID, screen_sources
     from sarflow.data.tile import _ordered
 
     required = [s for s in ing.sources if s.spec.required]
@@ -298,7 +298,7 @@ def kept_chips(renderer, ing: Ingested, blocks, resampling: dict, workers: int, 
     if not required:
         return [np.ones(n, dtype=bool) for n in sizes]
     if screen:
-        status = np.stack([source_status(ing, s, resampling, positions, workers) for s in required])
+        status = screen_sources(ing, required, resampling, positions, workers)
     else:
         status = np.full((len(required), len(positions)), UNKNOWN, dtype=np.int8)
     kept = (status == VALID).all(axis=0)
