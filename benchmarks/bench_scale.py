@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from cost import cpu_seconds, m3leo_hours  # benchmarks/cost.py, beside this script
+from machine import git_commit, host
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,7 @@ def main() -> None:
         ensure_bucket("bench")
         targets["s3"] = lambda tag: f"s3://bench/{tag}.zarr"
     result = {"scene_px": args.size, "chip_px": args.chip, "shard_chips": args.shard_chips, "block_chips": args.block_chips, "cpus": os.cpu_count(),
-              "loadavg_before": os.getloadavg(), "targets": {}}
+              "loadavg_before": os.getloadavg(), "machine": host(), "git_commit": git_commit(ROOT), "targets": {}}
     try:
         for name, uri in targets.items():
             runs = [run_once(catalog, uri(f"run{n}"), n, options) for n in args.workers]
