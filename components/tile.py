@@ -114,10 +114,9 @@ def write_tile_units(store_uri: str, run: int, runs: int, workers: int = 0, s3_e
 
     if s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    from sarflow.data.tile_units import Location, Plan, run_units, unit_runs
+    from sarflow.data.tile_units import run_of, run_units
 
-    every = list(range(len(Plan.load(Location(store_uri)).units)))
-    run_units(store_uri, unit_runs(every, runs)[run], workers=workers or None)
+    run_units(store_uri, run_of(store_uri, runs, run), workers=workers or None)
     return run
 
 
@@ -145,12 +144,14 @@ def finalize_tiles(store_uri: str, runs: List[int], metrics: Output[Metrics], s3
 
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
-def tile_units_job(store_uri: str, runs: List[int], image: str = "ghcr.io/sarflow/sarflow:0.1.0",
+def tile_units_job(store_uri: str, units: int, image: str = "ghcr.io/sarflow/sarflow:0.1.0",
                    parallelism: int = 16, namespace: str = "", timeout_s: int = 86400) -> List[int]:
     """Beyond what a ParallelFor should fan out (hundreds of iterations): one Kubernetes Indexed Job
-    runs `sarflow tile-unit STORE --runs R` with one completion per run ($JOB_COMPLETION_INDEX), waits for it."""
-    from sarflow.data.tile_units import run_indexed_job
+    runs `sarflow tile-unit STORE --runs R` with one completion per run ($JOB_COMPLETION_INDEX),
+    `parallelism` pods at once, R = `job_runs(units, parallelism)`; waits for it; returns the runs."""
+    from sarflow.data.tile_units import job_runs, run_indexed_job
 
-    run_indexed_job(store_uri, len(runs), image=image, parallelism=parallelism, namespace=namespace or None,
+    runs = job_runs(units, parallelism)
+    run_indexed_job(store_uri, runs, image=image, parallelism=parallelism, namespace=namespace or None,
                     timeout_s=timeout_s)
-    return runs
+    return list(range(runs))

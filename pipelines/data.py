@@ -109,7 +109,8 @@ UNIT_PARALLELISM = 8  # unit tasks at once (ParallelFor's parallelism is fixed w
 
 
 @dsl.pipeline(name=TILE_PIPELINE_NAME,
-              description="sarflow tiling fanned out: plan -> one task per unit of whole shards -> finalize, into one store by URI")
+              description="sarflow tiling fanned out: plan -> one task per run of consecutive units of whole shards -> "
+                          "finalize, into one store by URI")
 def tile_pipeline(
     catalog: str,
     store_uri: str,
@@ -125,17 +126,18 @@ def tile_pipeline(
     checksum: bool = True,
     overwrite: bool = False,
     runs: int = 32,
-    max_loop_runs: int = 200,
+    max_loop_units: int = 200,
     job_image: str = "ghcr.io/sarflow/sarflow:0.1.0",
     job_parallelism: int = 64,
     s3_endpoint: str = "",
 ):
     """`store_uri` (s3://bucket/prefix on a cluster, a shared folder locally) is a string, not an artifact:
-    every task writes its own shards straight into it (one writer per shard). The units are cut into
-    `runs` runs of consecutive units, one task each (a block two units of a run share is warped once:
-    more runs balance better, fewer warp less twice). Up to `max_loop_runs` runs fan out as a
-    ParallelFor; beyond (Kubernetes object-size limits) one task runs a Kubernetes Indexed Job of the
-    same unit runner, `job_parallelism` pods at once. finalize waits for every run (dsl.Collected)."""
+    every task writes its own shards straight into it (one writer per shard). A task writes a run of
+    consecutive units (a block two units of a run share is warped once: more runs balance better,
+    fewer warp less twice). Up to `max_loop_units` units are cut into `runs` runs that fan out as a
+    ParallelFor (8 tasks at once); beyond, one task runs a Kubernetes Indexed Job of the same unit
+    runner, `job_parallelism` pods at once, with 4 runs per pod slot (tile_units.job_runs). finalize
+    waits for every run (dsl.Collected)."""
 
     planned = plan_tiles(catalog=catalog, store_uri=store_uri, workers=workers, shard_chips=shard_chips,
                          block_chips=block_chips, window_px=window_px, unit_shards=unit_shards,
@@ -143,7 +145,7 @@ def tile_pipeline(
                          checksum=checksum, overwrite=overwrite, runs=runs, s3_endpoint=s3_endpoint)
     stage(planned, "tile", "tile", cache=False)
     count = planned.outputs["count"]
-    with dsl.If(count <= max_loop_runs, name="units-in-a-loop"):
+    with dsl.If(planned.outputs["units"] <= max_loop_units, name="units-in-a-loop"):
         with dsl.ParallelFor(planned.outputs["runs"], parallelism=UNIT_PARALLELISM, name="runs") as run:
             written = write_tile_units(store_uri=store_uri, run=run, runs=count, workers=workers,
                                        s3_endpoint=s3_endpoint)
@@ -151,7 +153,7 @@ def tile_pipeline(
         done = finalize_tiles(store_uri=store_uri, runs=dsl.Collected(written.output), s3_endpoint=s3_endpoint)
         stage(done, "finalize", "tile", cache=False)
     with dsl.Else(name="units-in-a-job"):
-        job = tile_units_job(store_uri=store_uri, runs=planned.outputs["runs"], image=job_image,
+        job = tile_units_job(store_uri=store_uri, units=planned.outputs["units"], image=job_image,
                              parallelism=job_parallelism)
         stage(job, "tile-units-job", "tile", cache=False)
         done = finalize_tiles(store_uri=store_uri, runs=job.output, s3_endpoint=s3_endpoint)

@@ -129,6 +129,9 @@ def test_files_read_in_many_strips_screen_as_read_whole(hard_scene, monkeypatch)
     uri, f = next(iter(s.files.items()))
     strips = screen._strips(s, uri, f.count, Window(0, 0, f.width, f.height))
     assert len(strips) > 10 and {w.height for w in strips[:-1]} == {screen.CELL}
+    # strips cut at the file's block rows too, so no block is decoded by two strips
+    aligned = screen._strips(s, uri, f.count, Window(0, 16, f.width, 300), block_rows=64)
+    assert [(w.row_off, w.height) for w in aligned] == [(16, 112), (128, 64), (192, 64), (256, 60)]
     fast, _, _, per_source = _screened_and_exact(hard_scene, window_px=128)
     np.testing.assert_array_equal(fast, whole_fast)
     np.testing.assert_array_equal(fast, exact)

@@ -18,7 +18,7 @@ import zarr
 
 from sarflow.data.catalog import load_catalog
 from sarflow.data.tile import TileOptions, tile
-from sarflow.data.tile_units import BUILD, finalize, plan, unit_done, unit_runs, write_unit
+from sarflow.data.tile_units import BUILD, finalize, job_runs, plan, unit_done, unit_runs, write_unit
 
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
 OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1)
@@ -101,6 +101,8 @@ def test_unit_runs_cut_consecutive_units_evenly():
     assert sum(runs, []) == list(range(1000)) and {len(r) for r in runs} == {15, 16}
     with pytest.raises(ValueError):
         unit_runs([0, 1], 0)
+    # an Indexed Job: 4 runs per pod slot, at most one per unit
+    assert job_runs(5000, 64) == 256 and job_runs(10, 64) == 10 and job_runs(0, 8) == 1
 
 
 @pytest.mark.slow
@@ -120,10 +122,21 @@ def test_two_runs_of_consecutive_units_in_two_processes_equal_tile(reference, ti
     assert _local_files(out) == _local_files(reference)
 
 
+def test_a_run_past_the_units_has_nothing_to_do(tiny_scene, tmp_path):
+    # an Indexed Job cut into more runs than the store has units: the extra pods succeed, writing nothing
+    out = tmp_path / "few.zarr"
+    p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    n = len(p.units)
+    done = subprocess.run([SARFLOW, "tile-unit", str(out), "--runs", str(n + 5), "--run", str(n + 2)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "units written: []" and not any(unit_done(out, u) for u in range(n))
+
+
 @pytest.mark.parametrize("args, env, message", [
-    (["--runs", "2"], {}, "give the run with --run (0..1) or $JOB_COMPLETION_INDEX"),
-    (["--runs", "2", "--run", "2"], {}, "not 2 (the store has"),
-    (["--runs", "2"], {"JOB_COMPLETION_INDEX": "7"}, "not 7 (the store has"),
+    (["--runs", "2"], {}, "--runs 2: give the run with --run or $JOB_COMPLETION_INDEX"),
+    (["--runs", "2", "--run", "2"], {}, "run 2 does not exist (runs 0..1)"),
+    (["--runs", "2"], {"JOB_COMPLETION_INDEX": "7"}, "run 7 does not exist (runs 0..1)"),
     (["--run", "0"], {}, "--run needs --runs"),
     (["--unit", "0", "--runs", "2"], {}, "--unit cannot be combined with --runs/--run"),
 ])
@@ -230,6 +243,7 @@ class _JobsAPI:
         if name in self.jobs:
             raise ApiException(status=409, reason="AlreadyExists")
         self.jobs[name] = {"units": body["spec"]["completions"], "polls": 0, "state": "running"}
+        self.created = body
 
     def read_namespaced_job_status(self, name, ns):
         from kubernetes.client.rest import ApiException
@@ -240,14 +254,15 @@ class _JobsAPI:
             raise ApiException(status=404, reason="NotFound")
         if job["state"] == "deleting":
             del self.jobs[name]
-            return self.ns(status=self.ns(succeeded=0, failed=0, conditions=[]))
+            return self.ns(spec=self.ns(completions=job["units"]), status=self.ns(succeeded=0, failed=0, conditions=[]))
         job["polls"] += 1
         if job["state"] == "running" and job["polls"] >= self.polls_to_finish:
             job["state"] = "complete"
         done = job["state"] == "complete"
         conditions = [self.ns(type="Complete" if done else "Failed", status="True")] if job["state"] != "running" else []
-        return self.ns(status=self.ns(succeeded=job["units"] if done else 0, failed=0 if done or job["state"] == "running"
-                                      else 1, conditions=conditions))
+        return self.ns(spec=self.ns(completions=job["units"]),
+                       status=self.ns(succeeded=job["units"] if done else job.get("succeeded", 0),
+                                      failed=0 if done or job["state"] == "running" else 1, conditions=conditions))
 
     def delete_namespaced_job(self, name, ns, propagation_policy=None):
         self.calls.append(("delete", name))
@@ -273,6 +288,11 @@ def test_indexed_job_rerun_replaces_a_finished_job_and_adopts_a_running_one():
     api = _JobsAPI(existing={name: {"units": 4, "polls": 0, "state": "running"}})
     run_indexed_job(uri, 4, "img", namespace="ns", poll_s=0, api=api)
     assert [c for c in api.calls if c[0] != "read"] == [("create", name)] and api.jobs[name]["state"] == "complete"
+    # an adopted job cut into more runs than this launcher's (an earlier launch): done when ITS completions
+    # are, not when as many pods as this launcher would have run have succeeded
+    api = _JobsAPI(existing={name: {"units": 8, "polls": 0, "state": "running", "succeeded": 4}}, polls_to_finish=3)
+    run_indexed_job(uri, 4, "img", namespace="ns", poll_s=0, api=api)
+    assert api.jobs[name]["state"] == "complete" and api.jobs[name]["polls"] == 3
     # a job that does not finish in time is an error naming it
     api = _JobsAPI(polls_to_finish=10**9)
     with pytest.raises(TimeoutError, match=name):

@@ -143,7 +143,7 @@ def tile_unit(
     Consecutive units in one call warp a block they share once."""
     import os
 
-    from sarflow.data.tile_units import Location, Plan, run_units, unit_runs
+    from sarflow.data.tile_units import Location, Plan, run_of, run_units
 
     try:
         index = os.environ.get("JOB_COMPLETION_INDEX")
@@ -151,18 +151,15 @@ def tile_unit(
         if units and (runs or run is not None):
             raise SarflowError("--unit cannot be combined with --runs/--run")
         if not units:
-            every = list(range(len(Plan.load(Location(store)).units)))
             if runs:
                 i = run if run is not None else int(index) if index else None
-                cut = unit_runs(every, runs)
-                if i is None or i >= len(cut):
-                    raise SarflowError(f"--runs {runs}: give the run with --run (0..{len(cut) - 1}) or $JOB_COMPLETION_INDEX"
-                                     + ("" if i is None else f", not {i} (the store has {len(every)} units)"))
-                units = cut[i]
+                if i is None:
+                    raise SarflowError(f"--runs {runs}: give the run with --run or $JOB_COMPLETION_INDEX")
+                units = run_of(store, runs, i)
             elif run is not None:
                 raise SarflowError("--run needs --runs")
             else:
-                units = [int(index)] if index else every
+                units = [int(index)] if index else list(range(len(Plan.load(Location(store)).units)))
         run_units(store, units, workers=workers, force=force)
     except SarflowError as e:
         fail(e)

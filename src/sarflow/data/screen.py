@@ -99,6 +99,14 @@ def _pool(mask: np.ndarray, how) -> np.ndarray:
     return how(how(mask.reshape(ph // CELL, CELL, pw // CELL, CELL), axis=3), axis=1)
 
 
+def _open(uri: str, path: str):
+    """The file opened, or an error naming it (a file that went away, an object store that stopped answering)."""
+    try:
+        return rasterio.open(path)
+    except RasterioError as e:
+        raise InputError(uri, f"cannot be opened any more ({e})") from None
+
+
 def _strip_cells(source: Source, uri: str, bands: int, resampling: str, window: Window) -> tuple:
     """The validity cells of `bands` bands of one file over a strip `window` (pixel offsets a multiple
     of CELL): ("every pixel good" above and below the nodata value, "some pixel valid"), not summed."""
@@ -106,8 +114,8 @@ def _strip_cells(source: Source, uri: str, bands: int, resampling: str, window: 
     nodata = source.nodata
     numeric_fill = np.dtype(source.dtype).kind != "f"  # integers: the nodata value is also the fill value
     power = resampling_domain(source) == LINEAR_POWER  # warped as linear power, back to dB
-    try:
-        with gdal_env([uri]), rasterio.open(f.path) as ds:  # in this thread: endpoints and keys for s3:// inputs
+    with gdal_env([uri]), _open(uri, f.path) as ds:  # in this thread: endpoints and keys for s3:// inputs
+        try:
             flags = [ds.mask_flag_enums[b] for b in range(bands)]
             masked = any(MaskFlags.per_dataset in fl or MaskFlags.alpha in fl for fl in flags)
             data = ds.read(list(range(1, bands + 1)), window=window)
@@ -118,8 +126,8 @@ def _strip_cells(source: Source, uri: str, bands: int, resampling: str, window: 
             good = valid.all(axis=0)
             if masked:
                 good &= (ds.read_masks(list(range(1, bands + 1)), window=window) > 0).all(axis=0)
-    except RasterioError as e:
-        raise InputError(uri, f"cannot read pixels, the file is truncated or corrupt ({e})") from None
+        except RasterioError as e:
+            raise InputError(uri, f"cannot read pixels, the file is truncated or corrupt ({e})") from None
     if power and resampling not in CONVEX:  # negative lobes can make power negative: NaN dB
         hi = lo = _pool(np.zeros_like(good), np.all)
     elif numeric_fill and resampling not in ("nearest", "mode"):  # a computed value could equal the fill
@@ -133,12 +141,16 @@ def _strip_cells(source: Source, uri: str, bands: int, resampling: str, window: 
     return hi, lo, some
 
 
-def _strips(source: Source, uri: str, bands: int, window: Window) -> list[Window]:
-    """`window` cut into strips of whole cells of rows, about STRIP_BYTES of pixels each."""
+def _strips(source: Source, uri: str, bands: int, window: Window, block_rows: int = 1) -> list[Window]:
+    """`window` cut into strips of about STRIP_BYTES of pixels whose edges are rows that are multiples
+    of CELL and of the file's block rows (each block is decoded by one strip only)."""
     row_bytes = max(1, window.width * bands * np.dtype(source.files[uri].dtype).itemsize)
-    strip = max(CELL, STRIP_BYTES // row_bytes // CELL * CELL)
-    return [Window(window.col_off, r, window.width, min(strip, window.row_off + window.height - r))
-            for r in range(window.row_off, window.row_off + window.height, strip)]
+    step = math.lcm(CELL, block_rows)
+    strip = max(step, STRIP_BYTES // row_bytes // step * step)
+    end = window.row_off + window.height
+    first = -(-window.row_off // step) * step  # the first block edge at or after the window's top
+    edges = [window.row_off, *range(first + strip, end, strip), end]
+    return [Window(window.col_off, a, window.width, b - a) for a, b in zip(edges, edges[1:])]
 
 
 def _cells(window: Window, strips: list[tuple]) -> _Cells:
@@ -194,6 +206,7 @@ class _Reach:
     resampling: str
     ds_crs: CRS
     inverse: object
+    block_rows: int  # rows of the file's blocks (strips hold whole blocks: none is decoded twice)
     near: np.ndarray
     box: np.ndarray
     window: Window | None
@@ -205,11 +218,9 @@ def _reach(ing: Ingested, source: Source, uri: str, bands: int, resampling: str,
     size = g.chip_size // k
     n_side = min(SAMPLES, size)
     f = source.files[uri]
-    try:
-        with gdal_env([uri]), rasterio.open(f.path) as ds:
-            ds_crs, inverse, height, width = ds.crs, ~ds.transform, ds.height, ds.width
-    except RasterioError as e:
-        raise InputError(uri, f"cannot be opened any more ({e})") from None
+    with gdal_env([uri]), _open(uri, f.path) as ds:
+        ds_crs, inverse, height, width = ds.crs, ~ds.transform, ds.height, ds.width
+        block_rows = max(1, ds.block_shapes[0][0]) if ds.block_shapes else 1
     kernel = KERNEL_RADIUS.get(resampling, FOOTPRINT_RADIUS if resampling in CONVEX else 3.0)
     near, boxes = [], []
     for s0 in range(0, len(positions), CHIP_BATCH):
@@ -239,7 +250,7 @@ def _reach(ing: Ingested, source: Source, uri: str, bands: int, resampling: str,
         hi_r = min(height, int(np.floor(box[usable, 1].max())) + 1)
         hi_c = min(width, int(np.floor(box[usable, 3].max())) + 1)
         window = Window(lo_c, lo_r, hi_c - lo_c, hi_r - lo_r)
-    return _Reach(source, uri, bands, resampling, ds_crs, inverse, near, box, window)
+    return _Reach(source, uri, bands, resampling, ds_crs, inverse, block_rows, near, box, window)
 
 
 def _decide(ing: Ingested, r: _Reach, cells: _Cells | None, positions: np.ndarray
@@ -284,7 +295,7 @@ def screen_sources(ing: Ingested, sources: list[Source], resampling: dict, posit
         reaches = list(pool.map(lambda t: _reach(ing, t[0], t[1], t[2], resampling[(t[0].name, t[1])], positions),
                                 files))
         strips = [(i, w) for i, r in enumerate(reaches) if r.window is not None
-                  for w in _strips(r.source, r.uri, r.bands, r.window)]
+                  for w in _strips(r.source, r.uri, r.bands, r.window, r.block_rows)]
         read = list(pool.map(lambda t: _strip_cells(reaches[t[0]].source, reaches[t[0]].uri, reaches[t[0]].bands,
                                                      reaches[t[0]].resampling, t[1]), strips))
         per_file = [[] for _ in reaches]

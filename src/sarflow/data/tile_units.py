@@ -673,13 +673,33 @@ def _clean_up(loc: Location) -> None:
 
 def unit_runs(units: list[int], runs: int) -> list[list[int]]:
     """`units` cut into `runs` runs of consecutive items, as even as can be, none empty (at most one run
-    per unit). A run goes to one process, which hands each block shared by two of its units on to the
-    next one: only the blocks at the edges of runs are warped twice, not those at every unit's edge."""
+    per unit; no units give one empty run). A run goes to one process, which hands each block shared
+    by two of its units on to the next one: only the blocks at the edges of runs are warped twice, not
+    those at every unit's edge."""
     if runs < 1:
         raise ValueError(f"runs must be at least 1, not {runs}")
     runs = min(runs, len(units)) or 1
     edges = [len(units) * i // runs for i in range(runs + 1)]
     return [units[edges[i]:edges[i + 1]] for i in range(runs)]
+
+
+def run_of(out: str | Path, runs: int, run: int) -> list[int]:
+    """The units of run `run` of `runs` (`unit_runs` over every unit of the plan): what `sarflow
+    tile-unit --runs R` and a pipeline's unit task write. A run past the units (more runs than units)
+    has none."""
+    if runs < 1 or not 0 <= run < runs:
+        raise InputError(str(out), f"run {run} does not exist (runs 0..{runs - 1})")
+    cut = unit_runs(list(range(len(Plan.load(Location(out)).units))), runs)
+    return cut[run] if run < len(cut) else []
+
+
+RUNS_PER_POD = 4  # runs per pod slot of an Indexed Job: a pod that finishes early takes another run
+
+
+def job_runs(units: int, parallelism: int) -> int:
+    """How many runs an Indexed Job of `parallelism` pods at once cuts `units` into: RUNS_PER_POD a pod
+    slot (balance), at most one a unit."""
+    return max(1, min(units, RUNS_PER_POD * max(1, parallelism)))
 
 
 def run_units(out: str | Path, units: list[int] | None = None, processes: int = 1, workers: int | None = None,
@@ -779,12 +799,14 @@ def run_indexed_job(store_uri: str, runs: int, image: str, parallelism: int = 16
 
     def state() -> str:
         try:
-            st = api.read_namespaced_job_status(name, ns).status
+            job = api.read_namespaced_job_status(name, ns)
         except ApiException as e:
             if e.status == 404:
                 return ABSENT
             raise
-        return conditions_state(st.conditions, done=(st.succeeded or 0) >= runs)
+        # an adopted job (an earlier launch) may be cut into other runs: done when its own completions are
+        total = getattr(job.spec, "completions", None) or runs
+        return conditions_state(job.status.conditions, done=(job.status.succeeded or 0) >= total)
 
     launch_and_wait(f"job {ns}/{name}", lambda: api.create_namespaced_job(ns, manifest), state,
                     lambda: api.delete_namespaced_job(name, ns, propagation_policy="Foreground"),
