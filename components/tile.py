@@ -94,7 +94,7 @@ def plan_tiles(
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
     from sarflow.data.catalog import load_catalog
     from sarflow.data.tile import TileOptions
-    from sarflow.data.tile_units import plan
+    from sarflow.data.tile_units import plan, unit_runs
     from sarflow.params import Params, stage_config
 
     section = {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips, "window_px": window_px,
@@ -102,7 +102,7 @@ def plan_tiles(
                "codec": codec, "clevel": clevel, "checksum": checksum, "overwrite": overwrite}
     options = stage_config(TileOptions, Params({"tile": section}, "plan-tiles parameters"), "tile")
     n = len(plan(load_catalog(catalog), store_uri, options).units)
-    r = min(max(1, runs), n)
+    r = len(unit_runs(list(range(n)), max(1, runs)))  # at most one run a unit
     return namedtuple("Plan", ["runs", "count", "units"])(list(range(r)), r, n)
 
 

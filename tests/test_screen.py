@@ -19,7 +19,7 @@ from helpers import write_catalog
 from sarflow.data.catalog import load_catalog
 from sarflow.data.ingest import gdal_env, ingest
 from sarflow.data import screen
-from sarflow.data.screen import UNKNOWN, source_status
+from sarflow.data.screen import UNKNOWN, screen_sources
 from sarflow.data.tile import BlockRenderer, TileOptions, choose_resampling, plan_blocks
 from sarflow.data.tile_units import block_side, kept_chips
 
@@ -40,7 +40,7 @@ def _screened_and_exact(catalog: Path, window_px: int = 256) -> tuple[np.ndarray
         renderer.close()
     positions = np.concatenate([b.chips for b in blocks])
     required = [s for s in ing.sources if s.spec.required]
-    status = np.stack([source_status(ing, s, resampling, positions) for s in required])
+    status = screen_sources(ing, required, resampling, positions)
     undecided = ~(status == 1).all(axis=0) & ~(status == 0).any(axis=0)
     per_source = {s.name: float((st != UNKNOWN).mean()) for s, st in zip(required, status)}
     return fast, exact, 1 - undecided.mean(), per_source

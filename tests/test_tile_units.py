@@ -122,6 +122,20 @@ def test_two_runs_of_consecutive_units_in_two_processes_equal_tile(reference, ti
     assert _local_files(out) == _local_files(reference)
 
 
+def test_a_run_reads_the_build_state_once_and_gives_the_same_store(reference, tiny_scene, tmp_path, monkeypatch):
+    from sarflow.data import tile_units
+
+    out = tmp_path / "once.zarr"
+    p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    reads = []
+    real = tile_units._load_build
+    monkeypatch.setattr(tile_units, "_load_build", lambda loc: reads.append(loc.uri) or real(loc))
+    tile_units.run_units(out)
+    assert len(p.units) >= 4 and len(reads) == 1  # not once per unit
+    finalize(out)
+    assert _local_files(out) == _local_files(reference)
+
+
 def test_a_run_past_the_units_has_nothing_to_do(tiny_scene, tmp_path):
     # an Indexed Job cut into more runs than the store has units: the extra pods succeed, writing nothing
     out = tmp_path / "few.zarr"

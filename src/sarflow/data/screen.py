@@ -307,12 +307,6 @@ def screen_sources(ing: Ingested, sources: list[Source], resampling: dict, posit
     return np.stack([_combine(s, {u: results[(s.name, u)] for u in s.files}, len(positions)) for s in sources])
 
 
-def source_status(ing: Ingested, source: Source, resampling: dict, positions: np.ndarray, workers: int = 1) -> np.ndarray:
-    """(n,) VALID / INVALID / UNKNOWN for `source` at chip `positions` ((n, 2) iy, ix): `screen_sources`
-    of that one source."""
-    return screen_sources(ing, [source], resampling, positions, workers)[0]
-
-
 def _combine(source: Source, results: dict, n: int) -> np.ndarray:
     some = np.zeros(n, dtype=bool)
     for near, _good, reach in results.values():

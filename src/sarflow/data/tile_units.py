@@ -433,17 +433,19 @@ def unit_done(out: str | Path, unit: int) -> bool:
 
 
 def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bool = False,
-               hand_on: bool = False) -> dict:
+               hand_on: bool = False, build: tuple | None = None) -> dict:
     """Step 2: warps and writes the unit's shards into the store, then its report (returned).
     A unit whose report exists is skipped unless `force`. `hand_on`: the next unit runs next in this
-    process, so a block whose chips run on into it is handed to it warped (HANDOVER), not warped twice."""
+    process, so a block whose chips run on into it is handed to it warped (HANDOVER), not warped twice.
+    `build`: the plan's state (`_load_build`) when the caller has read it already (a run of units reads
+    it once: the chip table of a continental store is hundreds of MB)."""
     from sarflow.data.tile import BlockRenderer, _ordered, chip_contributions, plan_blocks
 
     loc = Location(out)
     if loc.placed:
         raise InputError(loc.uri, "the store is already finalized, every unit is in it (`sarflow tile-finalize "
                                   f"{loc.uri}` finishes the clean-up its finalize was stopped in)")
-    p, ing, resampling, table = _load_build(loc)
+    p, ing, resampling, table = build or _load_build(loc)
     if not 0 <= unit < len(p.units):
         raise InputError(loc.uri, f"unit {unit} does not exist (the plan has units 0..{len(p.units) - 1})")
     a, b = p.units[unit]
@@ -726,8 +728,12 @@ def run_units(out: str | Path, units: list[int] | None = None, processes: int = 
 
 
 def _write_run(out: str, units: list[int], workers: int | None, force: bool, on_done=None) -> list[int]:
+    """Writes `units` in this process in turn, the build state read once for all of them."""
+    loc = Location(out)
+    build = _load_build(loc) if units and not loc.placed else None  # a finished store: write_unit says so
     for i, u in enumerate(units):
-        write_unit(out, u, workers=workers, force=force, hand_on=i + 1 < len(units) and units[i + 1] == u + 1)
+        write_unit(out, u, workers=workers, force=force, hand_on=i + 1 < len(units) and units[i + 1] == u + 1,
+                   build=build)
         if on_done:
             on_done(u)
     return units
