@@ -605,6 +605,7 @@ def finalize(out: str | Path) -> str:
     write_georeference(root, table, g.crs, g.resolution, g.chip_size, [s.name for s in ing.sources])
     from sarflow.data.integrity import record
 
+    _drop_interrupted_writes(loc)
     # every shard (size and SHA-256 as the units wrote them: the store is not read back), the coordinate
     # arrays and the chip table, before the attributes
     record(loc.work, known=shard_files)
@@ -648,6 +649,17 @@ def finalize(out: str | Path) -> str:
         _clean_up(Location(out_path))
     log.info("wrote %d chips to %s", total, loc.uri)
     return loc.uri
+
+
+def _drop_interrupted_writes(loc: Location) -> None:
+    """zarr writes a local file to `<key>.<uuid>.partial` and renames it into place: a unit killed
+    mid-write leaves that temporary file beside the shard its rerun rewrote whole. Every unit is done
+    when finalize runs, so none is being written: they go. (An s3:// put is atomic: nothing is left.)"""
+    if loc.s3:
+        return
+    for leftover in Path(loc.work).rglob("*.partial"):
+        if leftover.is_file():
+            leftover.unlink()
 
 
 def _replaced(loc: Location) -> Path:
