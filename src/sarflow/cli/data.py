@@ -1,4 +1,4 @@
-"""`sarflow synth | ingest | tile | tile-plan | tile-unit | tile-finalize | info | version | export`: the data plane, catalog to versioned chip store."""
+"""`sarflow synth | ingest | tile | tile-plan | tile-screen | tile-unit | tile-finalize | info | version | export`: the data plane, catalog to versioned chip store."""
 
 from __future__ import annotations
 
@@ -102,7 +102,9 @@ def tile(
 
 
 def tile_plan(
-    catalog: Path = typer.Argument(..., callback=absolute_path, help="catalog.yaml"),
+    catalog: Optional[Path] = typer.Argument(None, callback=absolute_path,
+                                             help="catalog.yaml (omit it to finish the plan of a store surveyed with "
+                                                  "`tile-survey` and screened with `tile-screen`)"),
     out: str = typer.Option(..., "--out", callback=absolute_path, help="chip store: a .zarr folder or s3://bucket/prefix"),
     shard_chips: Optional[int] = typer.Option(None, help="chips per shard file"),
     block_chips: Optional[int] = typer.Option(None, help="chips per side of a block of the store order"),
@@ -112,21 +114,62 @@ def tile_plan(
     split_block: Optional[int] = typer.Option(None, help="chips per side of a split block (0 = auto)"),
     overwrite: bool = typer.Option(False, help="replace an existing store"),
     no_checksum: bool = typer.Option(False, "--no-checksum", help="skip sha256 of the inputs"),
+    survey_parts: Optional[int] = typer.Option(None, "--survey", min=1,
+                                               help="survey only: cut the plan's screening into this many parts, "
+                                                    "each for `tile-screen STORE --part I` (any machine), then "
+                                                    "`tile-plan --out STORE` finishes the plan"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Distributed tiling, step 1: fix every chip's index, create the arrays, cut the work units; prints
-    {"uri", "units", "chips"} (JSON). Then `tile-unit` for every unit (any order, any machine), then `tile-finalize`."""
+    {"uri", "units", "chips"} (JSON). Then `tile-unit` for every unit (any order, any machine), then `tile-finalize`.
+    The plan reads every required source once; at scale that reading fans out too: `--survey N` (prints
+    {"uri", "parts"}), `tile-screen` for each part, then `tile-plan --out STORE` without the catalog."""
     from sarflow.data.catalog import load_catalog
-    from sarflow.data.tile_units import plan
+    from sarflow.data.tile_units import commit_plan, plan, survey
 
     try:
-        options = _tile_options(params, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
-                                window_px=window_px, unit_shards=unit_shards, split_block=split_block,
-                                overwrite=overwrite or None, checksum=False if no_checksum else None)
-        p = plan(load_catalog(catalog), out, options)
+        if catalog is None:
+            given = [k for k, v in dict(shard_chips=shard_chips, block_chips=block_chips, window_px=window_px,
+                                        unit_shards=unit_shards, workers=workers, split_block=split_block,
+                                        survey=survey_parts, params=params).items() if v is not None]
+            if given or overwrite or no_checksum:
+                raise SarflowError("without a catalog, tile-plan finishes a surveyed store's plan with the survey's "
+                                   f"options; drop {', '.join('--' + k.replace('_', '-') for k in given) or '--overwrite/--no-checksum'}")
+            p = commit_plan(out)
+        else:
+            options = _tile_options(params, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
+                                    window_px=window_px, unit_shards=unit_shards, split_block=split_block,
+                                    overwrite=overwrite or None, checksum=False if no_checksum else None)
+            if survey_parts:
+                s = survey(load_catalog(catalog), out, options, survey_parts)
+                typer.echo(json.dumps({"uri": out, "parts": len(s.parts)}))
+                return
+            p = plan(load_catalog(catalog), out, options)
     except SarflowError as e:
         fail(e)
     typer.echo(json.dumps({"uri": p.uri, "units": len(p.units), "chips": p.total}))
+
+
+def tile_screen(
+    store: str = typer.Argument(..., callback=absolute_path, help="the surveyed store (folder or s3://)"),
+    part: Optional[list[int]] = typer.Option(None, "--part", help="part(s) to screen (repeatable); default: "
+                                             "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job), else every part not done"),
+    workers: Optional[int] = typer.Option(None, help="reading threads (default: the survey's)"),
+) -> None:
+    """Distributed tiling, step 1b (after `tile-plan CATALOG --out STORE --survey N`): screen parts of the
+    grid (which candidate chips hold a valid pixel of every required source). A part done already, or past
+    the parts, is left as it is."""
+    import os
+
+    from sarflow.data.tile_units import Location, Survey, screen_part
+
+    try:
+        index = os.environ.get("JOB_COMPLETION_INDEX")
+        parts = list(part or ([int(index)] if index else range(len(Survey.load(Location(store)).parts))))
+        kept = {i: screen_part(store, i, workers=workers) for i in parts}
+    except SarflowError as e:
+        fail(e)
+    typer.echo(json.dumps({"uri": store, "screened": {str(i): k for i, k in kept.items() if k is not None}}))
 
 
 def tile_unit(
@@ -240,4 +283,4 @@ def export(
     typer.echo(f"{len(written)} GeoTIFF(s) written to {out}" + (f": {written[0].name}" if len(written) == 1 else ""))
 
 
-COMMANDS = [synth, ingest, tile, tile_plan, tile_unit, tile_finalize, info, version, export]
+COMMANDS = [synth, ingest, tile, tile_plan, tile_screen, tile_unit, tile_finalize, info, version, export]

@@ -7,6 +7,12 @@
   units of whole shards (zarr: ONE writer per shard; data/shards.py writes a shard in one piece). The build state lives under
   `_build/` in the store: `plan.json` (written last: its presence means the plan is complete),
   the kept chips (`chips.npy`), the ingested catalog (`ingested.pkl`) and the inputs' manifest.
+  The plan is itself three steps, so its screening (reading every required source once: a few
+  percent of tiling's CPU, but one process) can fan out too: `survey(catalog, out, options, parts)`
+  ingests and cuts the grid's blocks into `parts` screening parts (`survey.json`), `screen_part(out,
+  part)` screens one part's blocks (any process; `screen/NNNNNN.npy`) and `commit_plan(out)` screens
+  the parts no process did and writes the plan. A chip's screening depends on that chip alone, so
+  the plan does not depend on the parts.
 - `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
   shards straight into the store and a report (`_build/units/NNNNNN.json`: chip records and each
   train chip's statistics contribution) once its shards are written. A rerun of a unit
@@ -118,6 +124,14 @@ class Location:
         path = self.key(*parts)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    def clear_store(self) -> None:
+        """Removes everything of the store but its build state (zarr's mode "w" would remove that too)."""
+        if not self.fs.exists(self.root):
+            return
+        for entry in self.fs.ls(self.root, detail=False):
+            if entry.rstrip("/").rsplit("/", 1)[-1] != BUILD:
+                self.fs.rm(entry, recursive=True)
 
     def finished(self) -> bool:
         """A finished store is at the URI (locally: the folder; on S3: group attributes with `chips`)."""
@@ -242,6 +256,42 @@ class Plan:
                              f"{loc.uri}` first, or the store is already finalized)") from None
 
 
+SURVEY = "survey.json"
+SCREENED = "screen"  # _build/screen/NNNNNN.npy: a screened part's candidate chips, kept or not
+
+
+@dataclass
+class Survey:
+    """The plan's first step: the inputs' fingerprint, the blocks' side and the blocks cut into
+    screening parts ([first block, end block) each, in the grid's block order)."""
+    fingerprint: str
+    block_chips: int
+    parts: list[list[int]]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def load(cls, loc: Location) -> "Survey":
+        try:
+            return cls(**json.loads(loc.read(BUILD, SURVEY)))
+        except FileNotFoundError:
+            raise InputError(loc.uri, "no survey at this store (run `sarflow tile-plan CATALOG --out "
+                             f"{loc.uri} --survey N` first, or the store is already finalized)") from None
+
+
+def screen_cut(sizes: list[int], parts: int) -> list[list[int]]:
+    """Blocks of `sizes` candidate chips cut into up to `parts` parts of consecutive blocks with about as
+    many candidate chips each, none empty ([first block, end block) each)."""
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, not {parts}")
+    ends = np.cumsum(sizes)
+    total = int(ends[-1]) if len(ends) else 0
+    edges = [0] + [int(np.searchsorted(ends, total * i / parts, side="left")) + 1 for i in range(1, parts)] + [len(sizes)]
+    edges = sorted(set(min(e, len(sizes)) for e in edges))
+    return [[a, b] for a, b in zip(edges, edges[1:])] or [[0, 0]]
+
+
 def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
@@ -282,12 +332,12 @@ HANDOVER = _Handover()
 
 
 def kept_chips(renderer, ing: Ingested, blocks, resampling: dict, workers: int, screen: bool = True,
-               hand_over: str | None = None) -> list[np.ndarray]:
+               hand_over: str | None = None, first: int = 0) -> list[np.ndarray]:
     """Per block, for each of its candidate chips: a valid pixel (in every band) of every required
     source once warped? Decided from the source pixels where they settle it (data/screen.py), by
     warping the block as the units will otherwise (every chip when `screen` is False: the reference).
     With `hand_over` (the plan's fingerprint) the layers warped here are offered to this process's
-    units (HANDOVER)."""
+    units (HANDOVER), keyed by block number: `blocks` are the grid's blocks from number `first` on."""
     from sarflow.data.screen import INVALID, UNKNOWN, VALID, screen_sources
     from sarflow.data.tile import _ordered
 
@@ -316,7 +366,7 @@ def kept_chips(renderer, ing: Ingested, blocks, resampling: dict, workers: int, 
                 out &= valid_mask(got, s.fill_value).all(axis=1).any(axis=(1, 2))
         if hand_over and (out.any() or kept[lo:lo + sizes[bi]].any()):  # a unit will warp this block
             for name, layer in layers.items():
-                HANDOVER.offer((hand_over, bi, name), layer)
+                HANDOVER.offer((hand_over, first + bi, name), layer)
         return bi, sel, out
 
     todo = [bi for bi in range(len(blocks)) if undecided[starts[bi]:starts[bi] + sizes[bi]].any()]
@@ -343,17 +393,29 @@ def unit_chips(options, ing: Ingested) -> int:
 
 
 def plan(catalog: LoadedCatalog, out: str | Path, options, hand_over: bool = False) -> Plan:
-    """Step 1: the grid, every chip's index, the arrays and the work units (see the module docstring).
-    Reuses a complete plan of the same inputs and options (a resumed build keeps its written units).
-    Holds the output's build lock (`build_lock`): a second run on the same output is refused.
-    `hand_over`: this process runs the units next (tile()), so the blocks the plan warps are kept
-    for them (HANDOVER)."""
+    """Step 1: the grid, every chip's index, the arrays and the work units (see the module docstring):
+    `survey`, every part screened in this process (but those other processes screened), `commit_plan`.
+    Reuses a complete plan of the same inputs and options (a resumed build keeps its written units),
+    or their survey and its screened parts. Holds the output's build lock (`build_lock`): a second run
+    on the same output is refused. `hand_over`: this process runs the units next (tile()), so the
+    blocks the plan warps are kept for them (HANDOVER)."""
     with build_lock(out):
-        return _plan(catalog, out, options, hand_over)
+        _survey(catalog, out, options, None)
+        return _commit(out, hand_over)
 
 
-def _plan(catalog: LoadedCatalog, out: str | Path, options, hand_over: bool = False) -> Plan:
-    from sarflow.data.tile import BlockRenderer, _create_arrays, _fingerprint, choose_resampling, plan_blocks
+def survey(catalog: LoadedCatalog, out: str | Path, options, parts: int) -> Survey:
+    """Step 1a: ingests the catalog (checksums included) and cuts the grid's blocks into up to `parts`
+    screening parts, each screened by `screen_part` in any process, then `commit_plan`. A survey of the
+    same inputs, options and parts is reused with the parts already screened; a complete plan of the
+    same inputs is kept (nothing is left to screen)."""
+    with build_lock(out):
+        return _survey(catalog, out, options, parts)
+
+
+def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None) -> Survey:
+    """`parts` None: reuse a survey of the same inputs whatever its parts (else one part)."""
+    from sarflow.data.tile import _fingerprint, choose_resampling, plan_blocks
 
     loc = Location(out)
     if not loc.s3 and not Path(loc.uri).exists() and _replaced(loc).is_dir():
@@ -367,33 +429,114 @@ def _plan(catalog: LoadedCatalog, out: str | Path, options, hand_over: bool = Fa
     ing = ingest(catalog, checksum=options.checksum)  # a bad source file is named first
     check_source_names([s.name for s in ing.sources], str(ing.catalog.path))
     fingerprint = _fingerprint(ing, options)
-    if loc.exists(BUILD, "plan.json"):
-        try:
-            existing = Plan.load(loc)
-        except (ValueError, TypeError):
-            existing = None
-        if existing is not None and existing.fingerprint == fingerprint:
-            log.info("resuming %s: %d units planned", loc.work, len(existing.units))
-            return existing
-        if not loc.placed:
-            log.info("discarding %s: it was built from other inputs or options", loc.work)
+    planned, surveyed = _same(loc, Plan, "plan.json", fingerprint), _same(loc, Survey, SURVEY, fingerprint)
+    if planned is not None:
+        log.info("resuming %s: %d units planned", loc.work, len(planned.units))
+        return surveyed or Survey(fingerprint, planned.block_chips, [])
+    if surveyed is not None and (parts is None or len(surveyed.parts) == len(_cut(ing, options, parts))):
+        done = sum(loc.exists(BUILD, SCREENED, f"{i:06d}.npy") for i in range(len(surveyed.parts)))
+        log.info("resuming %s: surveyed, %d of %d parts screened", loc.work, done, len(surveyed.parts))
+        return surveyed
+    if (loc.exists(BUILD, "plan.json") or loc.exists(BUILD, SURVEY)) and not loc.placed:
+        log.info("discarding %s: it was built from other inputs or options", loc.work)
     if loc.placed:  # a finished store (of other inputs or options) whose finalize stopped before its clean-up
         _clean_up(loc)
         if not options.overwrite:
             raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
         loc = Location(out)
     loc.remove()
-    grid = ing.grid
     with gdal_env([u for s in ing.sources for u in s.files]):
-        resampling = {(s.name, u): choose_resampling(s, f, grid) for s in ing.sources for u, f in s.files.items()}
-    side = block_side(grid, options)
-    blocks = plan_blocks(grid, side)
+        resampling = {(s.name, u): choose_resampling(s, f, ing.grid) for s in ing.sources for u, f in s.files.items()}
+    loc.write(pickle.dumps({"ing": ing, "resampling": resampling, "options": options}), BUILD, "ingested.pkl")
+    loc.write(json.dumps(ing.manifest(), indent=1, sort_keys=True).encode(), BUILD, MANIFEST)
+    result = Survey(fingerprint, block_side(ing.grid, options), _cut(ing, options, parts or 1))
+    loc.write(result.to_json(), BUILD, SURVEY)  # last: the survey is complete
+    n = len(plan_blocks(ing.grid, result.block_chips))
+    log.info("surveyed %s: %d candidate chips in %d blocks, %d screening parts", loc.uri, len(ing.grid.candidates),
+             n, len(result.parts))
+    return result
+
+
+def _same(loc: Location, kind, name: str, fingerprint: str):
+    """The build's plan or survey (`kind`) when it is of these inputs and options, else None."""
+    if not loc.exists(BUILD, name):
+        return None
+    try:
+        found = kind.load(loc)
+    except (ValueError, TypeError):
+        return None
+    return found if found.fingerprint == fingerprint else None
+
+
+def _cut(ing: Ingested, options, parts: int) -> list[list[int]]:
+    from sarflow.data.tile import plan_blocks
+
+    return screen_cut([len(b.chips) for b in plan_blocks(ing.grid, block_side(ing.grid, options))], parts)
+
+
+def screen_part(out: str | Path, part: int, workers: int | None = None) -> int | None:
+    """Step 1b: screens the blocks of one part of the survey (which of their candidate chips hold a
+    valid pixel of every required source) and writes the result (`_build/screen/NNNNNN.npy`, whole or
+    not at all). Returns the part's kept chips; None when there is nothing to do: the part is screened
+    already, the plan is complete, or `part` is past the parts (more tasks than parts)."""
+    loc = Location(out)
+    if part < 0:
+        raise InputError(loc.uri, f"screening part {part} does not exist (parts are numbered from 0)")
+    if loc.exists(BUILD, "plan.json"):
+        return None
+    s = Survey.load(loc)
+    if part >= len(s.parts) or loc.exists(BUILD, SCREENED, f"{part:06d}.npy"):
+        return None
+    return _screen(loc, s, part, workers)
+
+
+def _screen(loc: Location, s: Survey, part: int, workers: int | None, hand_over: str | None = None) -> int:
+    from sarflow.data.tile import BlockRenderer, plan_blocks
+
+    state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
+    ing, resampling = state["ing"], state["resampling"]
+    a, b = s.parts[part]
+    blocks = plan_blocks(ing.grid, s.block_chips)[a:b]
     renderer = BlockRenderer(ing, resampling)
     try:
-        valid = kept_chips(renderer, ing, blocks, resampling, options.workers,
-                           hand_over=fingerprint if hand_over else None)
+        valid = kept_chips(renderer, ing, blocks, resampling, max(1, workers or state["options"].workers),
+                           hand_over=hand_over, first=a)
     finally:
         renderer.close()
+    kept = np.concatenate(valid) if valid else np.zeros(0, dtype=bool)
+    loc.write(_npy(kept), BUILD, SCREENED, f"{part:06d}.npy")
+    return int(kept.sum())
+
+
+def commit_plan(out: str | Path) -> Plan:
+    """Step 1c: screens the parts of the survey no process screened (in this process), then fixes every
+    chip's index and split, creates the arrays and cuts the work units (`plan.json`, last). The plan of
+    a store already planned is returned as it is."""
+    with build_lock(out):
+        return _commit(out, False)
+
+
+def _commit(out: str | Path, hand_over: bool) -> Plan:
+    from sarflow.data.tile import _create_arrays, plan_blocks
+
+    loc = Location(out)
+    if loc.exists(BUILD, "plan.json"):
+        return Plan.load(loc)
+    s = Survey.load(loc)
+    state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
+    ing, resampling, options = state["ing"], state["resampling"], state["options"]
+    for i in range(len(s.parts)):
+        if not loc.exists(BUILD, SCREENED, f"{i:06d}.npy"):
+            _screen(loc, s, i, options.workers, hand_over=s.fingerprint if hand_over else None)
+    screened = np.concatenate([np.load(io.BytesIO(loc.read(BUILD, SCREENED, f"{i:06d}.npy")), allow_pickle=False)
+                               for i in range(len(s.parts))])
+    grid = ing.grid
+    blocks = plan_blocks(grid, s.block_chips)
+    if len(screened) != sum(len(b.chips) for b in blocks):
+        raise InputError(loc.uri, f"the screened parts hold {len(screened)} chips, the grid's blocks "
+                                  f"{sum(len(b.chips) for b in blocks)}: the build state is not of one survey")
+    starts = np.cumsum([0] + [len(b.chips) for b in blocks])
+    valid = [screened[starts[i]:starts[i + 1]] for i in range(len(blocks))]
     kept = np.concatenate([b.chips[ok] for b, ok in zip(blocks, valid)]).astype(np.int64)
     block_of = np.concatenate([np.full(int(ok.sum()), i, dtype=np.int64) for i, ok in enumerate(valid)])
     total = len(kept)
@@ -405,13 +548,12 @@ def _plan(catalog: LoadedCatalog, out: str | Path, options, hand_over: bool = Fa
     step = unit_chips(options, ing)
     units = [[a, min(a + step, total)] for a in range(0, total, step)]
 
-    root = zarr.open_group(loc.zarr_store(), mode="w", zarr_format=3)
+    loc.clear_store()  # arrays of a commit stopped before its plan was written
+    root = zarr.open_group(loc.zarr_store(), mode="a", zarr_format=3)
     _create_arrays(root, ing, total, options, resampling)
     loc.write(_npy(np.column_stack([kept, splits.astype(np.int64), block_of])), BUILD, "chips.npy")
-    loc.write(pickle.dumps({"ing": ing, "resampling": resampling}), BUILD, "ingested.pkl")
-    loc.write(json.dumps(ing.manifest(), indent=1, sort_keys=True).encode(), BUILD, MANIFEST)
-    result = Plan(uri=loc.uri, fingerprint=fingerprint, total=total, shard_chips=options.shard_chips,
-                  block_chips=side, workers=options.workers, units=units,
+    result = Plan(uri=loc.uri, fingerprint=s.fingerprint, total=total, shard_chips=options.shard_chips,
+                  block_chips=s.block_chips, workers=options.workers, units=units,
                   split={**split_of.summary(), "fractions": list(options.split_fractions)})
     loc.write(result.to_json(), BUILD, "plan.json")  # last: the plan is complete
     log.info("planned %s: %d chips in %d units of up to %d chips", loc.uri, total, len(units), step)

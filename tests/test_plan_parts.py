@@ -1,0 +1,122 @@
+"""The plan's screening fanned out: `tile-plan --survey N` cuts the grid's blocks into parts, each
+screened by `tile-screen` in any process, and `tile-plan --out STORE` finishes the plan. The store is
+the same bytes as the one-process `tile()`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sarflow.data.catalog import load_catalog
+from sarflow.data.tile import TileOptions, plan_blocks, tile
+from sarflow.data.tile_units import (BUILD, SCREENED, Location, Survey, commit_plan, finalize, plan, run_units,
+                                     screen_cut, screen_part, survey)
+
+SARFLOW = str(Path(sys.executable).with_name("sarflow"))
+OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1, block_chips=4)  # the scene's chips in 12 blocks
+FLAGS = ["--shard-chips", "16", "--unit-shards", "1", "--workers", "1", "--block-chips", "4"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _screened(out: Path) -> list[int]:
+    folder = Path(Location(out).work, BUILD, SCREENED)
+    return sorted(int(p.stem) for p in folder.glob("*.npy")) if folder.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_scene, tmp_path_factory) -> Path:
+    return tile(load_catalog(tiny_scene), tmp_path_factory.mktemp("ref") / "chips.zarr", TileOptions(**OPTIONS),
+                show_progress=False)
+
+
+def test_screen_cut_gives_consecutive_parts_of_about_as_many_chips():
+    assert screen_cut([4, 4, 4, 4], 2) == [[0, 2], [2, 4]]
+    assert screen_cut([4, 4, 4, 4], 1) == [[0, 4]]
+    assert screen_cut([10, 1, 1, 1, 1, 10], 2) == [[0, 3], [3, 6]]
+    assert screen_cut([5, 5], 9) == [[0, 1], [1, 2]]  # never an empty part: at most one a block
+    cut = screen_cut([16] * 1000, 64)
+    assert cut[0][0] == 0 and cut[-1][1] == 1000 and all(a[1] == b[0] for a, b in zip(cut, cut[1:]))
+    assert {b - a for a, b in cut} <= {15, 16, 17}
+    with pytest.raises(ValueError):
+        screen_cut([1], 0)
+
+
+@pytest.mark.slow
+def test_a_plan_screened_by_separate_processes_gives_the_same_store_as_tile(reference, tiny_scene, tmp_path):
+    out = tmp_path / "parts.zarr"
+    surveyed = subprocess.run([SARFLOW, "tile-plan", str(tiny_scene), "--out", str(out), "--survey", "3", *FLAGS],
+                              capture_output=True, text=True)
+    assert surveyed.returncode == 0, surveyed.stderr
+    assert json.loads(surveyed.stdout)["parts"] == 3
+    # part 0 named, part 1 from an Indexed Job's index, both at once; part 2 left to the plan's last step
+    env = {**os.environ, "JOB_COMPLETION_INDEX": "1"}
+    cmds = [[SARFLOW, "tile-screen", str(out), "--part", "0"], [SARFLOW, "tile-screen", str(out)]]
+    screens = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    outs = [s.communicate(timeout=300) for s in screens]
+    assert [s.returncode for s in screens] == [0, 0], [e for _, e in outs]
+    assert [list(json.loads(o)["screened"]) for o, _ in outs] == [["0"], ["1"]]
+    assert _screened(out) == [0, 1]
+    past = subprocess.run([SARFLOW, "tile-screen", str(out), "--part", "7"], capture_output=True, text=True)
+    assert past.returncode == 0 and json.loads(past.stdout)["screened"] == {}  # more tasks than parts: nothing to do
+    planned = subprocess.run([SARFLOW, "tile-plan", "--out", str(out)], capture_output=True, text=True)
+    assert planned.returncode == 0, planned.stderr
+    p = json.loads(planned.stdout)
+    assert p["units"] >= 4 and p["chips"] > 0
+    run_units(out)
+    finalize(out)
+    assert _files(out) == _files(reference)
+
+
+def test_the_parts_of_a_survey_cover_the_grid_and_keep_what_one_plan_keeps(tiny_scene, tmp_path):
+    cat = load_catalog(tiny_scene)
+    whole = tmp_path / "whole.zarr"
+    one = plan(cat, whole, TileOptions(**OPTIONS))
+    out = tmp_path / "cut.zarr"
+    s = survey(cat, out, TileOptions(**OPTIONS), 4)
+    blocks = plan_blocks(__import__("pickle").loads(Location(out).read(BUILD, "ingested.pkl"))["ing"].grid,
+                         s.block_chips)
+    assert len(s.parts) == 4 and s.parts[0][0] == 0 and s.parts[-1][1] == len(blocks) == 12
+    kept = [screen_part(out, i) for i in range(4)]
+    assert all(k is not None for k in kept) and sum(kept) == one.total
+    assert screen_part(out, 0) is None  # done already: not screened again
+    p = commit_plan(out)
+    assert (p.total, p.units, p.split) == (one.total, one.units, one.split)
+    assert np.array_equal(np.load(Path(Location(out).work, BUILD, "chips.npy")),
+                          np.load(Path(Location(whole).work, BUILD, "chips.npy")))
+    assert commit_plan(out) == p and screen_part(out, 1) is None  # planned: nothing left to screen
+
+
+def test_a_resumed_survey_keeps_its_screened_parts_and_other_parts_start_again(tiny_scene, tmp_path):
+    cat = load_catalog(tiny_scene)
+    out = tmp_path / "again.zarr"
+    first = survey(cat, out, TileOptions(**OPTIONS), 3)
+    screen_part(out, 0)
+    assert survey(cat, out, TileOptions(**OPTIONS), 3) == first and _screened(out) == [0]  # resumed
+    assert plan(cat, out, TileOptions(**OPTIONS)).total > 0 and _screened(out) == [0, 1, 2]  # the plan screens the rest
+    other = tmp_path / "recut.zarr"
+    survey(cat, other, TileOptions(**OPTIONS), 3)
+    screen_part(other, 0)
+    assert len(survey(cat, other, TileOptions(**OPTIONS), 2).parts) == 2 and _screened(other) == []  # cut again
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tile-screen", "{out}"], "no survey at this store"),
+    (["tile-screen", "{out}", "--part", "-1"], "screening part -1 does not exist"),
+    (["tile-plan", "--out", "{out}"], "no survey at this store"),
+    (["tile-plan", "--out", "{out}", "--shard-chips", "8"], "drop --shard-chips"),
+])
+def test_screening_and_finishing_a_plan_refuse_what_they_cannot_do(tmp_path, args, message):
+    out = tmp_path / "none.zarr"
+    done = subprocess.run([SARFLOW, *[a.format(out=out) for a in args]], capture_output=True, text=True)
+    assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr
+    assert str(out) in " ".join(done.stderr.split()) or "drop" in message
+    assert not Path(str(out) + ".partial").exists() and not out.exists()  # nothing written
