@@ -4,11 +4,14 @@ scale (10M chips of 448 px) for N workers from the measured per-unit cost.
 
     .venv/bin/python benchmarks/bench_scale.py [--size 1024] [--chip 64] [--workers 1 2 4]
 
-Writes benchmarks/results/bench_scale.json. Wall time on a shared machine is noisy, so CPU seconds
-(this process and its unit processes) are reported beside it; chips/s per CPU second is the figure
-that carries to another machine. The projection assumes the per-chip cost scales with the pixels
-of a chip (448² / chip²) and the same bands as the synthetic scene; it excludes the plan step
-(reported on its own: it warps the required sources once, in this process).
+Every worker is a separate `sarflow tile-unit --runs P --run I` process (as a pipeline task or a pod
+of the Indexed Job: its own interpreter start-up, one run of consecutive units), one worker too.
+The plan's screening is measured the same way on a larger scene (`--plan-size`): survey, P `sarflow
+tile-screen --part I` processes, commit. Writes benchmarks/results/bench_scale.json. Wall time on a
+shared machine is noisy, so CPU seconds (this process and its worker processes) are reported beside
+it; chips/s per CPU second is the figure that carries to another machine. The projection assumes
+the per-chip cost scales with the pixels of a chip (448² / chip²) and the same bands as the
+synthetic scene; it excludes the plan step (reported on its own).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +38,33 @@ def _timed(fn):
     return out, time.perf_counter() - w0, cpu_seconds() - c0
 
 
+SARFLOW = str(Path(sys.executable).with_name("sarflow"))
+PROJECTION_NOTE = ("from units of one shard and blocks of --block-chips (4x4 chips: 256 px warp windows at 64 px "
+                   "chips), chosen to cut a small scene into many units: per pixel dearer than the default 1024 px "
+                   "windows; plan with bench_tile.py's projection (default options), this one tells the scaling")
+
+
+def _processes(commands: list[list[str]]) -> None:
+    """Runs the commands as separate processes at once (pods: each its own interpreter, start-up
+    included) and waits for all; a failure stops the benchmark with its stderr."""
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
+    errors = [(c, p.communicate()[1]) for c, p in zip(commands, procs)]
+    for (c, err), p in zip(errors, procs):
+        if p.returncode:
+            raise SystemExit(f"{' '.join(c)} failed ({p.returncode}): {err[-2000:]}")
+
+
 def run_once(catalog: Path, out: str, processes: int, options) -> dict:
+    """plan (this process), the units in `processes` `sarflow tile-unit --runs P --run I` processes at
+    once (each a run of consecutive units, as the pipeline's tasks and the Indexed Job's pods; one
+    worker is a process too, so every count pays the same start-up per worker), finalize."""
     from sarflow.data.catalog import load_catalog
-    from sarflow.data.tile_units import finalize, plan, run_units
+    from sarflow.data.tile_units import finalize, plan
 
     p, plan_wall, plan_cpu = _timed(lambda: plan(load_catalog(catalog), out, options))
-    _, units_wall, units_cpu = _timed(lambda: run_units(out, processes=processes, workers=1))
+    _, units_wall, units_cpu = _timed(lambda: _processes(
+        [[SARFLOW, "tile-unit", out, "--runs", str(processes), "--run", str(i), "--workers", "1"]
+         for i in range(processes)]))
     _, fin_wall, fin_cpu = _timed(lambda: finalize(out))
     wall = plan_wall + units_wall + fin_wall
     return {"processes": processes, "chips": p.total, "units": len(p.units),
@@ -49,6 +74,31 @@ def run_once(catalog: Path, out: str, processes: int, options) -> dict:
             "units_chips_per_s": round(p.total / units_wall, 2),
             "end_to_end_chips_per_s": round(p.total / wall, 2),
             "units_chips_per_cpu_s": round(p.total / max(units_cpu, 1e-9), 2)}
+
+
+def _median_round(runs: list[dict], key: str) -> dict:
+    """The run whose `key` is the median of the rounds (the lower middle one of an even count), with
+    every round's `key` beside it."""
+    ranked = sorted(runs, key=lambda r: r[key])
+    return {**ranked[(len(ranked) - 1) // 2], f"rounds_{key}": [r[key] for r in runs]}
+
+
+def plan_in_parts(catalog: Path, out: str, processes: int, options) -> dict:
+    """The plan with its screening in `processes` `sarflow tile-screen --part I` processes at once:
+    survey (this process: ingest, the blocks cut into parts), the parts, commit (this process)."""
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile_units import commit_plan, survey
+
+    s, survey_wall, survey_cpu = _timed(lambda: survey(load_catalog(catalog), out, options, processes))
+    _, screen_wall, screen_cpu = _timed(lambda: _processes(
+        [[SARFLOW, "tile-screen", out, "--part", str(i), "--workers", "1"] for i in range(len(s.parts))]))
+    p, commit_wall, commit_cpu = _timed(lambda: commit_plan(out))
+    return {"processes": processes, "parts": len(s.parts), "chips": p.total,
+            "survey_s": round(survey_wall, 2), "survey_cpu_s": round(survey_cpu, 2),
+            "screen_s": round(screen_wall, 2), "screen_cpu_s": round(screen_cpu, 2),
+            "commit_s": round(commit_wall, 2), "commit_cpu_s": round(commit_cpu, 2),
+            "plan_s": round(survey_wall + screen_wall + commit_wall, 2),
+            "plan_cpu_s": round(survey_cpu + screen_cpu + commit_cpu, 2)}
 
 
 def per_unit(catalog: Path, out: str, options) -> dict:
@@ -77,6 +127,9 @@ def main() -> None:
                     "unit (unit = one shard here), else every unit cut from a block warps all of it again")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="unit processes to try")
     ap.add_argument("--no-s3", action="store_true", help="local disk only")
+    ap.add_argument("--plan-size", type=int, default=2048, help="scene side of the plan's measurement (0: skip it)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of every worker count back to back; each figure is "
+                    "the median round's (the speed of a shared machine's cores drifts within minutes)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_scale.json")
     args = ap.parse_args()
 
@@ -96,11 +149,16 @@ def main() -> None:
         os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
         ensure_bucket("bench")
         targets["s3"] = lambda tag: f"s3://bench/{tag}.zarr"
-    result = {"scene_px": args.size, "chip_px": args.chip, "shard_chips": args.shard_chips, "block_chips": args.block_chips, "cpus": os.cpu_count(),
+    result = {"rounds": args.rounds, "scene_px": args.size, "chip_px": args.chip, "shard_chips": args.shard_chips, "block_chips": args.block_chips, "cpus": os.cpu_count(),
               "loadavg_before": os.getloadavg(), "machine": host(), "git_commit": git_commit(ROOT), "targets": {}}
     try:
+        rounds = {name: {n: [] for n in args.workers} for name in targets}
+        for _ in range(args.rounds):  # every count in every round: a drift of the cores' speed hits them alike
+            for name, uri in targets.items():
+                for n in args.workers:
+                    rounds[name][n].append(run_once(catalog, uri(f"run{n}"), n, options))
         for name, uri in targets.items():
-            runs = [run_once(catalog, uri(f"run{n}"), n, options) for n in args.workers]
+            runs = [_median_round(rounds[name][n], "units_s") for n in args.workers]
             base = runs[0]
             for r in runs:
                 r["speedup"] = round(r["units_chips_per_s"] / base["units_chips_per_s"], 2)
@@ -108,13 +166,29 @@ def main() -> None:
             unit = per_unit(catalog, uri("units"), options)
             projection = m3leo_hours(1 / unit["chips_per_cpu_s"], args.chip)
             result["targets"][name] = {"runs": runs, "per_unit": unit,
-                                       "m3leo_hours_at_measured_cpu_per_chip": projection}
+                                       "m3leo_hours_at_measured_cpu_per_chip": projection,
+                                       "m3leo_note": PROJECTION_NOTE}
             print(f"[{name}] per unit: {unit['chips_per_s']} chips/s wall, {unit['chips_per_cpu_s']} chips per CPU s")
             for r in runs:
                 print(f"[{name}] {r['processes']} processes: units {r['units_chips_per_s']} chips/s "
                       f"(x{r['speedup']}, efficiency {r['efficiency']}), end to end {r['end_to_end_chips_per_s']} chips/s, "
                       f"plan {r['plan_s']} s")
             print(f"[{name}] M3LEO (10M chips of 448 px), hours for N workers of one core: {projection}")
+        if args.plan_size:
+            big = synthesize(tmp / "plan_scene", SynthConfig(size_px=args.plan_size, seed=3, chip_size=args.chip))
+            tried = {n: [] for n in args.workers}
+            for _ in range(args.rounds):
+                for n in args.workers:
+                    tried[n].append(plan_in_parts(big, str(tmp / f"plan{n}.zarr"), n, options))
+                    shutil.rmtree(tmp / f"plan{n}.zarr.partial", ignore_errors=True)
+            plans = [_median_round(tried[n], "plan_s") for n in args.workers]
+            for r in plans:
+                r["screen_speedup"] = round(plans[0]["screen_s"] / r["screen_s"], 2)
+                r["plan_speedup"] = round(plans[0]["plan_s"] / r["plan_s"], 2)
+                r["plan_cpu_over_one"] = round(r["plan_cpu_s"] / plans[0]["plan_cpu_s"], 2)
+                print(f"[plan {args.plan_size} px] screening in {r['processes']} processes: {r['screen_s']} s "
+                      f"(x{r['screen_speedup']}), plan {r['plan_s']} s (x{r['plan_speedup']}), CPU x{r['plan_cpu_over_one']}")
+            result["plan"] = {"scene_px": args.plan_size, "runs": plans}
     finally:
         if moto is not None:
             stop(moto)

@@ -1,5 +1,6 @@
-"""Components of tiling: `tile-scene` (one task) and the fan-out `plan-tiles` -> `write-tile-units` per
-run of units (or `tile-units-job`, a Kubernetes Indexed Job) -> `finalize-tiles`, into one store by URI.
+"""Components of tiling: `tile-scene` (one task) and the fan-out `survey-tiles` -> `screen-tiles` per
+part of the grid -> `plan-tiles` -> `write-tile-units` per run of units (or `tile-units-job`, a
+Kubernetes Indexed Job) -> `finalize-tiles`, into one store by URI.
 
 Thin wrapper over :func:`sarflow.data.tile.tile`. The chip store is a folder-valued
 ``dsl.Dataset``: the library builds it in ``<store>.partial/`` beside the artifact path and
@@ -68,7 +69,7 @@ def tile_scene(
 # consecutive units (tile_units.unit_runs), so a block two of its units share is warped once.
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
-def plan_tiles(
+def survey_tiles(
     catalog: str,
     store_uri: str,
     workers: int = 2,
@@ -82,26 +83,55 @@ def plan_tiles(
     clevel: int = 3,
     checksum: bool = True,
     overwrite: bool = False,
-    runs: int = 32,
+    parts: int = 8,
     s3_endpoint: str = "",
-) -> NamedTuple("Plan", [("runs", List[int]), ("count", int), ("units", int)]):
-    """Plans the tiling of `catalog` into `store_uri` and cuts its units into up to `runs` runs of
-    consecutive units; returns the run numbers (the ParallelFor's items), how many, and the units."""
+) -> List[int]:
+    """The plan's first step: ingests `catalog` (checksums) and cuts the grid's blocks into up to `parts`
+    screening parts; returns the part numbers (the ParallelFor's items)."""
     import os
-    from collections import namedtuple
 
     if s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
     from sarflow.data.catalog import load_catalog
     from sarflow.data.tile import TileOptions
-    from sarflow.data.tile_units import plan, unit_runs
+    from sarflow.data.tile_units import survey
     from sarflow.params import Params, stage_config
 
     section = {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips, "window_px": window_px,
                "unit_shards": unit_shards, "split_block": split_block, "split_fractions": split_fractions,
                "codec": codec, "clevel": clevel, "checksum": checksum, "overwrite": overwrite}
     options = stage_config(TileOptions, Params({"tile": section}, "plan-tiles parameters"), "tile")
-    n = len(plan(load_catalog(catalog), store_uri, options).units)
+    return list(range(len(survey(load_catalog(catalog), store_uri, options, max(1, parts)).parts)))
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def screen_tiles(store_uri: str, part: int, workers: int = 0, s3_endpoint: str = "") -> int:
+    """Screens part `part` of the survey (which candidate chips hold a valid pixel of every required
+    source; a part screened already is left as it is); returns `part`."""
+    import os
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from sarflow.data.tile_units import screen_part
+
+    screen_part(store_uri, part, workers=workers or None)
+    return part
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def plan_tiles(store_uri: str, screened: List[int], runs: int = 32, s3_endpoint: str = ""
+               ) -> NamedTuple("Plan", [("runs", List[int]), ("count", int), ("units", int)]):
+    """After the screening parts (`screened`: the Collected outputs of the screen tasks): finishes the
+    plan (every chip's index, the arrays, the units) and cuts its units into up to `runs` runs of
+    consecutive units; returns the run numbers (the ParallelFor's items), how many, and the units."""
+    import os
+    from collections import namedtuple
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from sarflow.data.tile_units import commit_plan, unit_runs
+
+    n = len(commit_plan(store_uri).units)
     r = len(unit_runs(list(range(n)), max(1, runs)))  # at most one run a unit
     return namedtuple("Plan", ["runs", "count", "units"])(list(range(r)), r, n)
 

@@ -40,7 +40,8 @@ from typing import List
 from kfp import dsl
 
 from components.ingest import ingest_scene
-from components.tile import finalize_tiles, plan_tiles, tile_units_job, write_tile_units
+from components.tile import (finalize_tiles, plan_tiles, screen_tiles, survey_tiles, tile_units_job,
+                             write_tile_units)
 from components.synth import synth_scene
 from components.tile import tile_scene
 from components.version import version_chips
@@ -109,7 +110,8 @@ UNIT_PARALLELISM = 8  # unit tasks at once (ParallelFor's parallelism is fixed w
 
 
 @dsl.pipeline(name=TILE_PIPELINE_NAME,
-              description="sarflow tiling fanned out: plan -> one task per run of consecutive units of whole shards -> "
+              description="sarflow tiling fanned out: survey -> one task per screening part -> plan -> "
+                          "one task per run of consecutive units of whole shards -> "
                           "finalize, into one store by URI")
 def tile_pipeline(
     catalog: str,
@@ -125,6 +127,7 @@ def tile_pipeline(
     clevel: int = 3,
     checksum: bool = True,
     overwrite: bool = False,
+    screen_parts: int = 8,
     runs: int = 32,
     max_loop_units: int = 200,
     job_image: str = "ghcr.io/sarflow/sarflow:0.1.0",
@@ -132,18 +135,26 @@ def tile_pipeline(
     s3_endpoint: str = "",
 ):
     """`store_uri` (s3://bucket/prefix on a cluster, a shared folder locally) is a string, not an artifact:
-    every task writes its own shards straight into it (one writer per shard). A task writes a run of
+    every task writes its own shards straight into it (one writer per shard). The plan's reading of the
+    required sources fans out first: the survey cuts the grid's blocks into `screen_parts` parts, one
+    task screens each (8 at once), and the plan task finishes the plan. A task writes a run of
     consecutive units (a block two units of a run share is warped once: more runs balance better,
     fewer warp less twice). Up to `max_loop_units` units are cut into `runs` runs that fan out as a
     ParallelFor (8 tasks at once); beyond, one task runs a Kubernetes Indexed Job of the same unit
     runner, `job_parallelism` pods at once, with 4 runs per pod slot (tile_units.job_runs). finalize
     waits for every run (dsl.Collected)."""
 
-    planned = plan_tiles(catalog=catalog, store_uri=store_uri, workers=workers, shard_chips=shard_chips,
-                         block_chips=block_chips, window_px=window_px, unit_shards=unit_shards,
-                         split_block=split_block, split_fractions=split_fractions, codec=codec, clevel=clevel,
-                         checksum=checksum, overwrite=overwrite, runs=runs, s3_endpoint=s3_endpoint)
-    stage(planned, "tile", "tile", cache=False)
+    surveyed = survey_tiles(catalog=catalog, store_uri=store_uri, workers=workers, shard_chips=shard_chips,
+                            block_chips=block_chips, window_px=window_px, unit_shards=unit_shards,
+                            split_block=split_block, split_fractions=split_fractions, codec=codec, clevel=clevel,
+                            checksum=checksum, overwrite=overwrite, parts=screen_parts, s3_endpoint=s3_endpoint)
+    stage(surveyed, "survey", "tile", cache=False)
+    with dsl.ParallelFor(surveyed.output, parallelism=UNIT_PARALLELISM, name="screening") as part:
+        screened = screen_tiles(store_uri=store_uri, part=part, workers=workers, s3_endpoint=s3_endpoint)
+        stage(screened, "screen", "tile", cache=False)
+    planned = plan_tiles(store_uri=store_uri, screened=dsl.Collected(screened.output), runs=runs,
+                         s3_endpoint=s3_endpoint)
+    stage(planned, "plan", "tile", cache=False)
     count = planned.outputs["count"]
     with dsl.If(planned.outputs["units"] <= max_loop_units, name="units-in-a-loop"):
         with dsl.ParallelFor(planned.outputs["runs"], parallelism=UNIT_PARALLELISM, name="runs") as run:

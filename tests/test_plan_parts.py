@@ -120,3 +120,42 @@ def test_screening_and_finishing_a_plan_refuse_what_they_cannot_do(tmp_path, arg
     assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr
     assert str(out) in " ".join(done.stderr.split()) or "drop" in message
     assert not Path(str(out) + ".partial").exists() and not out.exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_kfp_local_tile_pipeline_fans_out_the_screening_and_the_units_and_gives_the_same_store(reference, tiny_scene,
+                                                                                              tmp_path):
+    import zarr
+
+    from pipelines.data import tile_pipeline
+    from sarflow.mlops.kfp_runner import run_local
+
+    out = tmp_path / "kfp.zarr"
+    run = run_local(tile_pipeline, tmp_path / "root", catalog=str(tiny_scene), store_uri=str(out),
+                    shard_chips=16, unit_shards=1, workers=1, block_chips=4, screen_parts=3, runs=2)
+    n = zarr.open_group(str(reference), mode="r").attrs["chips"]
+    assert -(-n // 16) > 2  # more units than runs: a task writes several consecutive units
+    loops = {p.name: sorted(p.parent.name for p in run.run_dir.glob(f"for-loop-*/{p.name}"))
+             for p in run.run_dir.glob("for-loop-*/*") if p.is_dir()}
+    assert len(loops["screen-tiles"]) == 3  # one task per screening part, in the first ParallelFor
+    assert len(loops["write-tile-units"]) == 2  # one task per run of units, in the second
+    metrics = json.loads(next(run.run_dir.rglob("finalize-tiles/metrics")).read_text())
+    assert metrics["runs"] == 2 and metrics["chips"] == n  # finalize got every run (Collected)
+    assert not list(run.run_dir.rglob("tile-units-job"))
+    assert _files(out) == _files(reference)
+
+
+def test_a_commit_stopped_before_its_plan_is_written_is_done_again(tiny_scene, tmp_path):
+    # killed after creating the arrays, before plan.json: the next commit clears them, keeps the build state
+    cat = load_catalog(tiny_scene)
+    out = tmp_path / "stopped.zarr"
+    survey(cat, out, TileOptions(**OPTIONS), 2)
+    first = commit_plan(out)
+    work = Path(Location(out).work)
+    (work / BUILD / "plan.json").unlink()
+    (work / "stray.txt").write_text("left by the stopped commit")
+    again = commit_plan(out)
+    assert again == first and not (work / "stray.txt").exists() and _screened(out) == [0, 1]
+    run_units(out)
+    finalize(out)
+    assert (out / "chips.parquet").is_file() and not work.exists()

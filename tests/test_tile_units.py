@@ -205,24 +205,6 @@ def test_a_unit_killed_with_kill_9_and_rerun_gives_the_same_store(reference, tin
     assert gpd.read_parquet(out / "chips.parquet").equals(gpd.read_parquet(reference / "chips.parquet"))
 
 
-@pytest.mark.slow
-def test_kfp_local_tile_pipeline_fans_out_units_and_gives_the_same_store(reference, tiny_scene, tmp_path):
-    from pipelines.data import tile_pipeline
-    from sarflow.mlops.kfp_runner import run_local
-
-    out = tmp_path / "kfp.zarr"
-    run = run_local(tile_pipeline, tmp_path / "root", catalog=str(tiny_scene), store_uri=str(out),
-                    shard_chips=16, unit_shards=1, workers=1, runs=2)
-    n = zarr.open_group(str(reference), mode="r").attrs["chips"]
-    assert -(-n // 16) > 2  # more units than runs: a task writes several consecutive units
-    iterations = sorted(p.parent.name for p in run.run_dir.glob("for-loop-*/write-tile-units"))
-    assert len(iterations) == 2  # one task per run, in the ParallelFor
-    metrics = json.loads(next(run.run_dir.rglob("finalize-tiles/metrics")).read_text())
-    assert metrics["runs"] == 2 and metrics["chips"] == n  # finalize got every run (Collected)
-    assert not list(run.run_dir.rglob("tile-units-job"))
-    assert _local_files(out) == _local_files(reference)
-
-
 def test_indexed_job_manifest_validates_against_the_kubernetes_schema():
     import kubernetes_validate
 

@@ -437,7 +437,9 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
         done = sum(loc.exists(BUILD, SCREENED, f"{i:06d}.npy") for i in range(len(surveyed.parts)))
         log.info("resuming %s: surveyed, %d of %d parts screened", loc.work, done, len(surveyed.parts))
         return surveyed
-    if (loc.exists(BUILD, "plan.json") or loc.exists(BUILD, SURVEY)) and not loc.placed:
+    if surveyed is not None:
+        log.info("cutting the survey of %s into %d parts again: its screened parts are dropped", loc.work, parts)
+    elif (loc.exists(BUILD, "plan.json") or loc.exists(BUILD, SURVEY)) and not loc.placed:
         log.info("discarding %s: it was built from other inputs or options", loc.work)
     if loc.placed:  # a finished store (of other inputs or options) whose finalize stopped before its clean-up
         _clean_up(loc)
@@ -490,10 +492,12 @@ def screen_part(out: str | Path, part: int, workers: int | None = None) -> int |
     return _screen(loc, s, part, workers)
 
 
-def _screen(loc: Location, s: Survey, part: int, workers: int | None, hand_over: str | None = None) -> int:
+def _screen(loc: Location, s: Survey, part: int, workers: int | None, hand_over: str | None = None,
+            state: dict | None = None) -> int:
+    """`state`: the survey's ingested state when the caller has read it already."""
     from sarflow.data.tile import BlockRenderer, plan_blocks
 
-    state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
+    state = state or pickle.loads(loc.read(BUILD, "ingested.pkl"))
     ing, resampling = state["ing"], state["resampling"]
     a, b = s.parts[part]
     blocks = plan_blocks(ing.grid, s.block_chips)[a:b]
@@ -527,7 +531,7 @@ def _commit(out: str | Path, hand_over: bool) -> Plan:
     ing, resampling, options = state["ing"], state["resampling"], state["options"]
     for i in range(len(s.parts)):
         if not loc.exists(BUILD, SCREENED, f"{i:06d}.npy"):
-            _screen(loc, s, i, options.workers, hand_over=s.fingerprint if hand_over else None)
+            _screen(loc, s, i, options.workers, hand_over=s.fingerprint if hand_over else None, state=state)
     screened = np.concatenate([np.load(io.BytesIO(loc.read(BUILD, SCREENED, f"{i:06d}.npy")), allow_pickle=False)
                                for i in range(len(s.parts))])
     grid = ing.grid
