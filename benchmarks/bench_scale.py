@@ -46,12 +46,14 @@ PROJECTION_NOTE = ("from units of one shard and blocks of --block-chips (4x4 chi
 
 def _processes(commands: list[list[str]]) -> None:
     """Runs the commands as separate processes at once (pods: each its own interpreter, start-up
-    included) and waits for all; a failure stops the benchmark with its stderr."""
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
-    errors = [(c, p.communicate()[1]) for c, p in zip(commands, procs)]
-    for (c, err), p in zip(errors, procs):
-        if p.returncode:
-            raise SystemExit(f"{' '.join(c)} failed ({p.returncode}): {err[-2000:]}")
+    included) and waits for all; a failure stops the benchmark with its stderr (each writes to its own
+    file: a full pipe never holds one back)."""
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=log) for c, log in zip(commands, logs)]
+    for c, p, log in zip(commands, procs, logs):
+        if p.wait():
+            log.seek(0)
+            raise SystemExit(f"{' '.join(c)} failed ({p.returncode}): {log.read()[-2000:]}")
 
 
 def run_once(catalog: Path, out: str, processes: int, options) -> dict:
@@ -61,6 +63,7 @@ def run_once(catalog: Path, out: str, processes: int, options) -> dict:
     from sarflow.data.catalog import load_catalog
     from sarflow.data.tile_units import finalize, plan
 
+    _remove(out)  # every round plans from nothing (a previous round's store is not removed inside the timing)
     p, plan_wall, plan_cpu = _timed(lambda: plan(load_catalog(catalog), out, options))
     _, units_wall, units_cpu = _timed(lambda: _processes(
         [[SARFLOW, "tile-unit", out, "--runs", str(processes), "--run", str(i), "--workers", "1"]
@@ -74,6 +77,19 @@ def run_once(catalog: Path, out: str, processes: int, options) -> dict:
             "units_chips_per_s": round(p.total / units_wall, 2),
             "end_to_end_chips_per_s": round(p.total / wall, 2),
             "units_chips_per_cpu_s": round(p.total / max(units_cpu, 1e-9), 2)}
+
+
+def _remove(out: str) -> None:
+    """A store (local or s3://) and what a build leaves beside it, gone."""
+    if out.startswith("s3://"):
+        from sarflow.data.storage import s3_filesystem
+
+        fs = s3_filesystem()
+        if fs.exists(out[len("s3://"):]):
+            fs.rm(out[len("s3://"):], recursive=True)
+        return
+    for path in (out, out + ".partial", out + ".replaced"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _median_round(runs: list[dict], key: str) -> dict:
@@ -179,8 +195,8 @@ def main() -> None:
             tried = {n: [] for n in args.workers}
             for _ in range(args.rounds):
                 for n in args.workers:
+                    _remove(str(tmp / f"plan{n}.zarr"))
                     tried[n].append(plan_in_parts(big, str(tmp / f"plan{n}.zarr"), n, options))
-                    shutil.rmtree(tmp / f"plan{n}.zarr.partial", ignore_errors=True)
             plans = [_median_round(tried[n], "plan_s") for n in args.workers]
             for r in plans:
                 r["screen_speedup"] = round(plans[0]["screen_s"] / r["screen_s"], 2)

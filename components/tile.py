@@ -63,10 +63,10 @@ def tile_scene(
     return store.uri
 
 
-# ---------------------------------------------------------------- the fan-out: plan -> units -> finalize
+# ---------------------------------------------------------------- the fan-out: survey -> screening parts -> plan -> units -> finalize
 # The store is passed by URI (a string: s3://bucket/prefix on a cluster, a shared path locally),
-# never as an artifact: every task writes its own shards straight into it. A task writes a run of
-# consecutive units (tile_units.unit_runs), so a block two of its units share is warped once.
+# never as an artifact: every task writes its own shards (or screened part) straight into it. A task
+# writes a run of consecutive units (tile_units.unit_runs), so a block two of its units share is warped once.
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
 def survey_tiles(
@@ -100,7 +100,7 @@ def survey_tiles(
     section = {"workers": workers, "shard_chips": shard_chips, "block_chips": block_chips, "window_px": window_px,
                "unit_shards": unit_shards, "split_block": split_block, "split_fractions": split_fractions,
                "codec": codec, "clevel": clevel, "checksum": checksum, "overwrite": overwrite}
-    options = stage_config(TileOptions, Params({"tile": section}, "plan-tiles parameters"), "tile")
+    options = stage_config(TileOptions, Params({"tile": section}, "survey-tiles parameters"), "tile")
     return list(range(len(survey(load_catalog(catalog), store_uri, options, max(1, parts)).parts)))
 
 

@@ -229,3 +229,24 @@ def test_tile_bench_peak_rss_is_the_childs_own_not_the_benchmarks(monkeypatch, t
     r = mod.run_measured([sys.executable, "-c", child], cwd=tmp_path, log_stem=tmp_path / "logs" / "c", timeout=60)
     assert r["rc"] == 0 and held.sum() > 0
     assert 200 << 20 <= r["peak_rss_bytes"] < 400 << 20  # wait4's ru_maxrss said >= 600 MB on this kernel
+
+
+def test_scale_bench_runs_workers_as_processes_in_rounds(tmp_path):
+    """bench_scale.py on a tiny scene: the units in 1 and 2 `sarflow tile-unit` processes and the
+    plan's screening in 1 and 2 `tile-screen` processes, two rounds each, medians and speedups."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--size", "384", "--chip", "32",
+                           "--workers", "1", "2", "--no-s3", "--plan-size", "384", "--rounds", "2", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    runs = res["targets"]["local"]["runs"]
+    assert [r["processes"] for r in runs] == [1, 2] and res["rounds"] == 2
+    for r in runs:
+        assert len(r["rounds_units_s"]) == 2 and r["units_s"] in r["rounds_units_s"]
+        assert r["chips"] == runs[0]["chips"] > 0 and r["units_cpu_s"] > 0
+    assert runs[1]["speedup"] == pytest.approx(runs[1]["units_chips_per_s"] / runs[0]["units_chips_per_s"], abs=0.01)
+    plans = res["plan"]["runs"]
+    assert [p["processes"] for p in plans] == [1, 2] and plans[0]["chips"] == plans[1]["chips"] > 0
+    assert all(p["screen_s"] > 0 and len(p["rounds_plan_s"]) == 2 for p in plans)
+    assert "m3leo_note" in res["targets"]["local"]

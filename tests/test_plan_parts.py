@@ -29,7 +29,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _screened(out: Path) -> list[int]:
     folder = Path(Location(out).work, BUILD, SCREENED)
-    return sorted(int(p.stem) for p in folder.glob("*.npy")) if folder.is_dir() else []
+    return sorted(int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("*.npy")) if folder.is_dir() else []
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,11 @@ def test_screen_cut_gives_consecutive_parts_of_about_as_many_chips():
     assert {b - a for a, b in cut} <= {15, 16, 17}
     with pytest.raises(ValueError):
         screen_cut([1], 0)
+    # with the blocks' rows and as many rows as parts: parts are whole rows of blocks
+    rows = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert screen_cut([2] * 9, 3, rows=rows) == [[0, 3], [3, 6], [6, 9]]
+    assert screen_cut([2] * 9, 2, rows=rows) == [[0, 6], [6, 9]]
+    assert screen_cut([2] * 9, 4, rows=rows) == screen_cut([2] * 9, 4)  # fewer rows than parts: cut in rows
 
 
 @pytest.mark.slow
@@ -84,8 +89,8 @@ def test_the_parts_of_a_survey_cover_the_grid_and_keep_what_one_plan_keeps(tiny_
     s = survey(cat, out, TileOptions(**OPTIONS), 4)
     blocks = plan_blocks(__import__("pickle").loads(Location(out).read(BUILD, "ingested.pkl"))["ing"].grid,
                          s.block_chips)
-    assert len(s.parts) == 4 and s.parts[0][0] == 0 and s.parts[-1][1] == len(blocks) == 12
-    kept = [screen_part(out, i) for i in range(4)]
+    assert 2 <= len(s.parts) <= 4 and s.parts[0][0] == 0 and s.parts[-1][1] == len(blocks) == 12
+    kept = [screen_part(out, i) for i in range(len(s.parts))]
     assert all(k is not None for k in kept) and sum(kept) == one.total
     assert screen_part(out, 0) is None  # done already: not screened again
     p = commit_plan(out)
@@ -159,3 +164,36 @@ def test_a_commit_stopped_before_its_plan_is_written_is_done_again(tiny_scene, t
     run_units(out)
     finalize(out)
     assert (out / "chips.parquet").is_file() and not work.exists()
+
+
+def test_a_screened_part_of_another_survey_is_never_taken(tiny_scene, tmp_path):
+    cat = load_catalog(tiny_scene)
+    out = tmp_path / "late.zarr"
+    s = survey(cat, out, TileOptions(**OPTIONS), 2)
+    folder = Path(Location(out).work, BUILD, SCREENED)
+    folder.mkdir(parents=True, exist_ok=True)
+    late = folder / ("0" * 16 + "-00000000-000000.npy")  # a cancelled run's task of other inputs, writing late
+    np.save(late, np.zeros(3, dtype=bool))
+    assert screen_part(out, 0) is not None  # screened for this survey all the same
+    np.save(folder / s.part_file(1), np.ones(2, dtype=bool))  # a part of the right name but not its blocks' chips
+    with pytest.raises(Exception, match=f"screened part 1 holds 2 chips, its blocks .*{s.part_file(1)}"):
+        commit_plan(out)
+
+
+def test_a_resumed_survey_takes_the_run_s_unit_size(tiny_scene, tmp_path):
+    cat = load_catalog(tiny_scene)
+    out = tmp_path / "sized.zarr"
+    survey(cat, out, TileOptions(**OPTIONS), 2)
+    p = plan(cat, out, TileOptions(**{**OPTIONS, "unit_shards": 2}))  # not in the fingerprint: the run's own
+    assert {b - a for a, b in p.units[:-1]} == {32}
+
+
+@pytest.mark.parametrize("command", ["tile-screen", "tile-unit"])
+def test_a_bad_job_completion_index_is_refused_by_name(tiny_scene, tmp_path, command):
+    out = tmp_path / "indexed.zarr"
+    survey(load_catalog(tiny_scene), out, TileOptions(**OPTIONS), 2)
+    if command == "tile-unit":
+        commit_plan(out)
+    done = subprocess.run([SARFLOW, command, str(out)], env={**os.environ, "JOB_COMPLETION_INDEX": "two"},
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "$JOB_COMPLETION_INDEX is 'two', not a completion index" in done.stderr

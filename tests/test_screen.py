@@ -138,6 +138,45 @@ def test_files_read_in_many_strips_screen_as_read_whole(hard_scene, monkeypatch)
     assert per_source == whole
 
 
+def test_a_plan_screened_in_parts_keeps_what_one_part_keeps_and_hands_blocks_on_by_grid_number(
+        hard_scene, tmp_path, monkeypatch):
+    # the adversarial scene, its screening cut into parts (one screened by another step, the rest by
+    # tile() resuming the survey, which warps undecided blocks and hands them to its units): the same
+    # store as one tile() whose plan screened everything at once
+    from sarflow.data import tile_units
+    from sarflow.data.tile import tile
+    from sarflow.data.tile_units import screen_part, survey
+
+    options = TileOptions(window_px=128, shard_chips=16, unit_shards=1, workers=2)
+    cat = load_catalog(hard_scene)
+    one = tile(cat, tmp_path / "one.zarr", options, show_progress=False)
+    out = tmp_path / "parts.zarr"
+    s = survey(cat, out, options, 4)
+    assert len(s.parts) >= 3
+    screen_part(out, 0)
+    offered, screening = [], []  # blocks the plan's screening offers (the units offer theirs too)
+    real_offer, real_screen = tile_units.HANDOVER.offer, tile_units._screen
+
+    def offer(key, layer):
+        if screening:
+            offered.append(key[1])
+        return real_offer(key, layer)
+
+    def screen_and_note(*args, **kwargs):
+        screening.append(True)
+        try:
+            return real_screen(*args, **kwargs)
+        finally:
+            screening.pop()
+
+    monkeypatch.setattr(tile_units.HANDOVER, "offer", offer)
+    monkeypatch.setattr(tile_units, "_screen", screen_and_note)
+    tile(cat, out, options, show_progress=False)
+    assert offered and min(offered) >= s.parts[1][0]  # keyed by the grid's block number, not the part's
+    files = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert files(out) == files(one)
+
+
 @pytest.fixture(scope="module")
 def salt_scene(tmp_path_factory) -> Path:
     """Sources that are nodata but for single valid pixels here and there (one for two chips): whether a

@@ -67,8 +67,13 @@ def test_reference_has_several_units_and_equals_a_single_unit_build(reference, t
 @pytest.mark.slow
 def test_three_runner_processes_into_s3_equal_tile(reference, tiny_scene, s3env):
     uri = "s3://chips/three.zarr"
-    p = plan(load_catalog(tiny_scene), uri, TileOptions(**OPTIONS))
-    n = len(p.units)
+    # the plan in its three steps too, on S3: survey, the screening in another process, the commit
+    flags = ["--shard-chips", "16", "--unit-shards", "1", "--workers", "1"]
+    for cmd in (["tile-plan", str(tiny_scene), "--out", uri, "--survey", "2", *flags], ["tile-screen", uri],
+                ["tile-plan", "--out", uri]):
+        done = subprocess.run([SARFLOW, *cmd], env=s3env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    n = json.loads(done.stdout)["units"]
     assert n >= 4
     runners = [subprocess.Popen([SARFLOW, "tile-unit", uri, *sum((["--unit", str(u)] for u in range(k, n, 3)), [])],
                                 env=s3env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

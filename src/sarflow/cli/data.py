@@ -104,7 +104,7 @@ def tile(
 def tile_plan(
     catalog: Optional[Path] = typer.Argument(None, callback=absolute_path,
                                              help="catalog.yaml (omit it to finish the plan of a store surveyed with "
-                                                  "`tile-survey` and screened with `tile-screen`)"),
+                                                  "`tile-plan CATALOG --survey N` and screened with `tile-screen`)"),
     out: str = typer.Option(..., "--out", callback=absolute_path, help="chip store: a .zarr folder or s3://bucket/prefix"),
     shard_chips: Optional[int] = typer.Option(None, help="chips per shard file"),
     block_chips: Optional[int] = typer.Option(None, help="chips per side of a block of the store order"),
@@ -131,10 +131,11 @@ def tile_plan(
         if catalog is None:
             given = [k for k, v in dict(shard_chips=shard_chips, block_chips=block_chips, window_px=window_px,
                                         unit_shards=unit_shards, workers=workers, split_block=split_block,
-                                        survey=survey_parts, params=params).items() if v is not None]
-            if given or overwrite or no_checksum:
+                                        survey=survey_parts, params=params, overwrite=overwrite or None,
+                                        no_checksum=no_checksum or None).items() if v is not None]
+            if given:
                 raise SarflowError("without a catalog, tile-plan finishes a surveyed store's plan with the survey's "
-                                   f"options; drop {', '.join('--' + k.replace('_', '-') for k in given) or '--overwrite/--no-checksum'}")
+                                   f"options; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
             p = commit_plan(out)
         else:
             options = _tile_options(params, workers=workers, shard_chips=shard_chips, block_chips=block_chips,
@@ -159,17 +160,28 @@ def tile_screen(
     """Distributed tiling, step 1b (after `tile-plan CATALOG --out STORE --survey N`): screen parts of the
     grid (which candidate chips hold a valid pixel of every required source). A part done already, or past
     the parts, is left as it is."""
-    import os
-
     from sarflow.data.tile_units import Location, Survey, screen_part
 
     try:
-        index = os.environ.get("JOB_COMPLETION_INDEX")
-        parts = list(part or ([int(index)] if index else range(len(Survey.load(Location(store)).parts))))
+        index = _job_index()
+        parts = list(part or ([index] if index is not None else range(len(Survey.load(Location(store)).parts))))
         kept = {i: screen_part(store, i, workers=workers) for i in parts}
     except SarflowError as e:
         fail(e)
     typer.echo(json.dumps({"uri": store, "screened": {str(i): k for i, k in kept.items() if k is not None}}))
+
+
+def _job_index() -> int | None:
+    """$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job's pod), or None when it is not set."""
+    import os
+
+    index = os.environ.get("JOB_COMPLETION_INDEX")
+    if not index:
+        return None
+    try:
+        return int(index)
+    except ValueError:
+        raise SarflowError(f"$JOB_COMPLETION_INDEX is {index!r}, not a completion index (0, 1, ...)") from None
 
 
 def tile_unit(
@@ -184,25 +196,23 @@ def tile_unit(
 ) -> None:
     """Distributed tiling, step 2: warp and write the units' shards straight into the store, then their reports.
     Consecutive units in one call warp a block they share once."""
-    import os
-
     from sarflow.data.tile_units import Location, Plan, run_of, run_units
 
     try:
-        index = os.environ.get("JOB_COMPLETION_INDEX")
+        index = _job_index()
         units = list(unit or [])
         if units and (runs or run is not None):
             raise SarflowError("--unit cannot be combined with --runs/--run")
         if not units:
             if runs:
-                i = run if run is not None else int(index) if index else None
+                i = run if run is not None else index
                 if i is None:
                     raise SarflowError(f"--runs {runs}: give the run with --run or $JOB_COMPLETION_INDEX")
                 units = run_of(store, runs, i)
             elif run is not None:
                 raise SarflowError("--run needs --runs")
             else:
-                units = [int(index)] if index else list(range(len(Plan.load(Location(store)).units)))
+                units = [index] if index is not None else list(range(len(Plan.load(Location(store)).units)))
         run_units(store, units, workers=workers, force=force)
     except SarflowError as e:
         fail(e)

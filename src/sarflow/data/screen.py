@@ -1,5 +1,5 @@
 """Which candidate chips hold a valid pixel of each required source, decided from the source pixels
-without warping them (the plan's step, tile_units._plan).
+without warping them (the plan's screening step, tile_units.screen_part).
 
 A chip is kept when, warped, it holds a pixel valid in every band of each required source. Warping
 the required sources only to learn that costs about what warping them again in the units costs (a

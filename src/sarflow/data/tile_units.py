@@ -32,6 +32,7 @@ are there.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -116,7 +117,7 @@ class Location:
             self.fs.pipe_file(path, data)
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # two writers of one key never share it
         Path(tmp).write_bytes(data)
         os.replace(tmp, path)
 
@@ -257,7 +258,7 @@ class Plan:
 
 
 SURVEY = "survey.json"
-SCREENED = "screen"  # _build/screen/NNNNNN.npy: a screened part's candidate chips, kept or not
+SCREENED = "screen"  # _build/screen/<survey>-NNNNNN.npy: a screened part's candidate chips, kept or not
 
 
 @dataclass
@@ -271,6 +272,12 @@ class Survey:
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
 
+    def part_file(self, part: int) -> str:
+        """A screened part's file, named by this survey (its inputs and its cut): a part a task of
+        another survey of the store writes late (a cancelled run's pod) is never taken for this one's."""
+        cut = hashlib.sha256(json.dumps(self.parts).encode()).hexdigest()[:8]
+        return f"{self.fingerprint[:16]}-{cut}-{part:06d}.npy"
+
     @classmethod
     def load(cls, loc: Location) -> "Survey":
         try:
@@ -280,11 +287,20 @@ class Survey:
                              f"{loc.uri} --survey N` first, or the store is already finalized)") from None
 
 
-def screen_cut(sizes: list[int], parts: int) -> list[list[int]]:
+def screen_cut(sizes: list[int], parts: int, rows: list[int] | None = None) -> list[list[int]]:
     """Blocks of `sizes` candidate chips cut into up to `parts` parts of consecutive blocks with about as
-    many candidate chips each, none empty ([first block, end block) each)."""
+    many candidate chips each, none empty ([first block, end block) each). With `rows` (each block's
+    row of blocks, in order) and at least as many rows as parts, parts are whole rows: a part reads
+    the sources' rows of its own blocks, not the tail of one row and the head of the next (two rows at
+    full width)."""
     if parts < 1:
         raise ValueError(f"parts must be at least 1, not {parts}")
+    if rows is not None:
+        starts = [0] + [i for i in range(1, len(rows)) if rows[i] != rows[i - 1]]
+        if len(starts) >= parts:
+            bounds = starts + [len(sizes)]
+            by_row = screen_cut([sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])], parts)
+            return [[bounds[a], bounds[b]] for a, b in by_row]
     ends = np.cumsum(sizes)
     total = int(ends[-1]) if len(ends) else 0
     edges = [0] + [int(np.searchsorted(ends, total * i / parts, side="left")) + 1 for i in range(1, parts)] + [len(sizes)]
@@ -432,10 +448,13 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     planned, surveyed = _same(loc, Plan, "plan.json", fingerprint), _same(loc, Survey, SURVEY, fingerprint)
     if planned is not None:
         log.info("resuming %s: %d units planned", loc.work, len(planned.units))
-        return surveyed or Survey(fingerprint, planned.block_chips, [])
-    if surveyed is not None and (parts is None or len(surveyed.parts) == len(_cut(ing, options, parts))):
-        done = sum(loc.exists(BUILD, SCREENED, f"{i:06d}.npy") for i in range(len(surveyed.parts)))
+        return surveyed or Survey(fingerprint, planned.block_chips, [[0, 0]])  # nothing to screen: one no-op part
+    if surveyed is not None and (parts is None or surveyed.parts == _cut(ing, options, parts)):
+        done = sum(loc.exists(BUILD, SCREENED, surveyed.part_file(i)) for i in range(len(surveyed.parts)))
         log.info("resuming %s: surveyed, %d of %d parts screened", loc.work, done, len(surveyed.parts))
+        # options outside the fingerprint (unit size, threads) are this run's, as for a new plan
+        state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
+        loc.write(pickle.dumps({**state, "options": options}), BUILD, "ingested.pkl")
         return surveyed
     if surveyed is not None:
         log.info("cutting the survey of %s into %d parts again: its screened parts are dropped", loc.work, parts)
@@ -473,7 +492,9 @@ def _same(loc: Location, kind, name: str, fingerprint: str):
 def _cut(ing: Ingested, options, parts: int) -> list[list[int]]:
     from sarflow.data.tile import plan_blocks
 
-    return screen_cut([len(b.chips) for b in plan_blocks(ing.grid, block_side(ing.grid, options))], parts)
+    side = block_side(ing.grid, options)
+    blocks = plan_blocks(ing.grid, side)
+    return screen_cut([len(b.chips) for b in blocks], parts, rows=[int(b.chips[0, 0]) // side for b in blocks])
 
 
 def screen_part(out: str | Path, part: int, workers: int | None = None) -> int | None:
@@ -487,7 +508,7 @@ def screen_part(out: str | Path, part: int, workers: int | None = None) -> int |
     if loc.exists(BUILD, "plan.json"):
         return None
     s = Survey.load(loc)
-    if part >= len(s.parts) or loc.exists(BUILD, SCREENED, f"{part:06d}.npy"):
+    if part >= len(s.parts) or loc.exists(BUILD, SCREENED, s.part_file(part)):
         return None
     return _screen(loc, s, part, workers)
 
@@ -508,7 +529,7 @@ def _screen(loc: Location, s: Survey, part: int, workers: int | None, hand_over:
     finally:
         renderer.close()
     kept = np.concatenate(valid) if valid else np.zeros(0, dtype=bool)
-    loc.write(_npy(kept), BUILD, SCREENED, f"{part:06d}.npy")
+    loc.write(_npy(kept), BUILD, SCREENED, s.part_file(part))
     return int(kept.sum())
 
 
@@ -530,17 +551,22 @@ def _commit(out: str | Path, hand_over: bool) -> Plan:
     state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
     ing, resampling, options = state["ing"], state["resampling"], state["options"]
     for i in range(len(s.parts)):
-        if not loc.exists(BUILD, SCREENED, f"{i:06d}.npy"):
+        if not loc.exists(BUILD, SCREENED, s.part_file(i)):
             _screen(loc, s, i, options.workers, hand_over=s.fingerprint if hand_over else None, state=state)
-    screened = np.concatenate([np.load(io.BytesIO(loc.read(BUILD, SCREENED, f"{i:06d}.npy")), allow_pickle=False)
-                               for i in range(len(s.parts))])
     grid = ing.grid
     blocks = plan_blocks(grid, s.block_chips)
-    if len(screened) != sum(len(b.chips) for b in blocks):
-        raise InputError(loc.uri, f"the screened parts hold {len(screened)} chips, the grid's blocks "
-                                  f"{sum(len(b.chips) for b in blocks)}: the build state is not of one survey")
-    starts = np.cumsum([0] + [len(b.chips) for b in blocks])
-    valid = [screened[starts[i]:starts[i + 1]] for i in range(len(blocks))]
+    valid = []
+    for i, (a, b) in enumerate(s.parts):
+        try:
+            kept_part = np.load(io.BytesIO(loc.read(BUILD, SCREENED, s.part_file(i))), allow_pickle=False)
+        except ValueError as e:
+            raise InputError(loc.uri, f"screened part {i} cannot be read ({e}): remove {BUILD}/{SCREENED}/"
+                                      f"{s.part_file(i)} and screen it again") from None
+        sizes = [len(blk.chips) for blk in blocks[a:b]]
+        if kept_part.shape != (sum(sizes),):
+            raise InputError(loc.uri, f"screened part {i} holds {kept_part.size} chips, its blocks {sum(sizes)}: "
+                                      f"remove {BUILD}/{SCREENED}/{s.part_file(i)} and screen it again")
+        valid += np.split(kept_part.astype(bool), np.cumsum(sizes)[:-1]) if sizes else []
     kept = np.concatenate([b.chips[ok] for b, ok in zip(blocks, valid)]).astype(np.int64)
     block_of = np.concatenate([np.full(int(ok.sum()), i, dtype=np.int64) for i, ok in enumerate(valid)])
     total = len(kept)
