@@ -163,7 +163,7 @@ def tile_screen(
     from sarflow.data.tile_units import Location, Survey, screen_part
 
     try:
-        index = _job_index()
+        index = None if part else _job_index()  # a part named on the command line wins over the Job's index
         parts = list(part or ([index] if index is not None else range(len(Survey.load(Location(store)).parts))))
         kept = {i: screen_part(store, i, workers=workers) for i in parts}
     except SarflowError as e:
@@ -199,8 +199,8 @@ def tile_unit(
     from sarflow.data.tile_units import Location, Plan, run_of, run_units
 
     try:
-        index = _job_index()
         units = list(unit or [])
+        index = None if units or run is not None else _job_index()  # named units or run win over the Job's index
         if units and (runs or run is not None):
             raise SarflowError("--unit cannot be combined with --runs/--run")
         if not units:

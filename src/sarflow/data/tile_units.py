@@ -10,7 +10,7 @@
   The plan is itself three steps, so its screening (reading every required source once: a few
   percent of tiling's CPU, but one process) can fan out too: `survey(catalog, out, options, parts)`
   ingests and cuts the grid's blocks into `parts` screening parts (`survey.json`), `screen_part(out,
-  part)` screens one part's blocks (any process; `screen/NNNNNN.npy`) and `commit_plan(out)` screens
+  part)` screens one part's blocks (any process; `screen/`, a file per part named by its survey) and `commit_plan(out)` screens
   the parts no process did and writes the plan. A chip's screening depends on that chip alone, so
   the plan does not depend on the parts.
 - `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
@@ -416,8 +416,8 @@ def plan(catalog: LoadedCatalog, out: str | Path, options, hand_over: bool = Fal
     on the same output is refused. `hand_over`: this process runs the units next (tile()), so the
     blocks the plan warps are kept for them (HANDOVER)."""
     with build_lock(out):
-        _survey(catalog, out, options, None)
-        return _commit(out, hand_over)
+        _, state = _survey(catalog, out, options, None)
+        return _commit(out, hand_over, state)
 
 
 def survey(catalog: LoadedCatalog, out: str | Path, options, parts: int) -> Survey:
@@ -426,11 +426,13 @@ def survey(catalog: LoadedCatalog, out: str | Path, options, parts: int) -> Surv
     same inputs, options and parts is reused with the parts already screened; a complete plan of the
     same inputs is kept (nothing is left to screen)."""
     with build_lock(out):
-        return _survey(catalog, out, options, parts)
+        return _survey(catalog, out, options, parts)[0]
 
 
-def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None) -> Survey:
-    """`parts` None: reuse a survey of the same inputs whatever its parts (else one part)."""
+def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None) -> tuple[Survey, dict | None]:
+    """The survey, and the ingested state it holds (None when the plan is complete), which `plan()`
+    hands to `_commit` rather than reading it back. `parts` None: reuse a survey of the same inputs
+    whatever its parts (else one part)."""
     from sarflow.data.tile import _fingerprint, choose_resampling, plan_blocks
 
     loc = Location(out)
@@ -448,14 +450,18 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     planned, surveyed = _same(loc, Plan, "plan.json", fingerprint), _same(loc, Survey, SURVEY, fingerprint)
     if planned is not None:
         log.info("resuming %s: %d units planned", loc.work, len(planned.units))
-        return surveyed or Survey(fingerprint, planned.block_chips, [[0, 0]])  # nothing to screen: one no-op part
-    if surveyed is not None and (parts is None or surveyed.parts == _cut(ing, options, parts)):
+        # nothing to screen: one no-op part
+        return surveyed or Survey(fingerprint, planned.block_chips, [[0, 0]]), None
+    side = block_side(ing.grid, options)
+    blocks = plan_blocks(ing.grid, side)
+    if surveyed is not None and (parts is None or surveyed.parts == _cut(blocks, side, parts)):
         done = sum(loc.exists(BUILD, SCREENED, surveyed.part_file(i)) for i in range(len(surveyed.parts)))
         log.info("resuming %s: surveyed, %d of %d parts screened", loc.work, done, len(surveyed.parts))
-        # options outside the fingerprint (unit size, threads) are this run's, as for a new plan
         state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
-        loc.write(pickle.dumps({**state, "options": options}), BUILD, "ingested.pkl")
-        return surveyed
+        if state["options"] != options:  # options outside the fingerprint (unit size, threads) are this run's
+            state["options"] = options
+            loc.write(pickle.dumps(state), BUILD, "ingested.pkl")
+        return surveyed, state
     if surveyed is not None:
         log.info("cutting the survey of %s into %d parts again: its screened parts are dropped", loc.work, parts)
     elif (loc.exists(BUILD, "plan.json") or loc.exists(BUILD, SURVEY)) and not loc.placed:
@@ -468,14 +474,14 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     loc.remove()
     with gdal_env([u for s in ing.sources for u in s.files]):
         resampling = {(s.name, u): choose_resampling(s, f, ing.grid) for s in ing.sources for u, f in s.files.items()}
-    loc.write(pickle.dumps({"ing": ing, "resampling": resampling, "options": options}), BUILD, "ingested.pkl")
+    state = {"ing": ing, "resampling": resampling, "options": options}
+    loc.write(pickle.dumps(state), BUILD, "ingested.pkl")
     loc.write(json.dumps(ing.manifest(), indent=1, sort_keys=True).encode(), BUILD, MANIFEST)
-    result = Survey(fingerprint, block_side(ing.grid, options), _cut(ing, options, parts or 1))
+    result = Survey(fingerprint, side, _cut(blocks, side, parts or 1))
     loc.write(result.to_json(), BUILD, SURVEY)  # last: the survey is complete
-    n = len(plan_blocks(ing.grid, result.block_chips))
     log.info("surveyed %s: %d candidate chips in %d blocks, %d screening parts", loc.uri, len(ing.grid.candidates),
-             n, len(result.parts))
-    return result
+             len(blocks), len(result.parts))
+    return result, state
 
 
 def _same(loc: Location, kind, name: str, fingerprint: str):
@@ -489,18 +495,15 @@ def _same(loc: Location, kind, name: str, fingerprint: str):
     return found if found.fingerprint == fingerprint else None
 
 
-def _cut(ing: Ingested, options, parts: int) -> list[list[int]]:
-    from sarflow.data.tile import plan_blocks
-
-    side = block_side(ing.grid, options)
-    blocks = plan_blocks(ing.grid, side)
+def _cut(blocks: list, side: int, parts: int) -> list[list[int]]:
+    """The grid's `blocks` (of `side` chips) cut into screening parts of whole rows where they allow."""
     return screen_cut([len(b.chips) for b in blocks], parts, rows=[int(b.chips[0, 0]) // side for b in blocks])
 
 
 def screen_part(out: str | Path, part: int, workers: int | None = None) -> int | None:
     """Step 1b: screens the blocks of one part of the survey (which of their candidate chips hold a
-    valid pixel of every required source) and writes the result (`_build/screen/NNNNNN.npy`, whole or
-    not at all). Returns the part's kept chips; None when there is nothing to do: the part is screened
+    valid pixel of every required source) and writes the result (`_build/screen/`, a file named by the
+    survey and the part, whole or not at all). Returns the part's kept chips; None when there is nothing to do: the part is screened
     already, the plan is complete, or `part` is past the parts (more tasks than parts)."""
     loc = Location(out)
     if part < 0:
@@ -514,14 +517,15 @@ def screen_part(out: str | Path, part: int, workers: int | None = None) -> int |
 
 
 def _screen(loc: Location, s: Survey, part: int, workers: int | None, hand_over: str | None = None,
-            state: dict | None = None) -> int:
-    """`state`: the survey's ingested state when the caller has read it already."""
+            state: dict | None = None, blocks: list | None = None) -> int:
+    """`state` (the survey's ingested state) and `blocks` (the grid's) when the caller has them already:
+    a commit screening many parts reads and cuts them once."""
     from sarflow.data.tile import BlockRenderer, plan_blocks
 
     state = state or pickle.loads(loc.read(BUILD, "ingested.pkl"))
     ing, resampling = state["ing"], state["resampling"]
     a, b = s.parts[part]
-    blocks = plan_blocks(ing.grid, s.block_chips)[a:b]
+    blocks = (blocks if blocks is not None else plan_blocks(ing.grid, s.block_chips))[a:b]
     renderer = BlockRenderer(ing, resampling)
     try:
         valid = kept_chips(renderer, ing, blocks, resampling, max(1, workers or state["options"].workers),
@@ -541,20 +545,22 @@ def commit_plan(out: str | Path) -> Plan:
         return _commit(out, False)
 
 
-def _commit(out: str | Path, hand_over: bool) -> Plan:
+def _commit(out: str | Path, hand_over: bool, state: dict | None = None) -> Plan:
+    """`state`: the survey's ingested state when this process surveyed (else read from the build)."""
     from sarflow.data.tile import _create_arrays, plan_blocks
 
     loc = Location(out)
     if loc.exists(BUILD, "plan.json"):
         return Plan.load(loc)
     s = Survey.load(loc)
-    state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
+    state = state or pickle.loads(loc.read(BUILD, "ingested.pkl"))
     ing, resampling, options = state["ing"], state["resampling"], state["options"]
-    for i in range(len(s.parts)):
-        if not loc.exists(BUILD, SCREENED, s.part_file(i)):
-            _screen(loc, s, i, options.workers, hand_over=s.fingerprint if hand_over else None, state=state)
     grid = ing.grid
     blocks = plan_blocks(grid, s.block_chips)
+    for i in range(len(s.parts)):
+        if not loc.exists(BUILD, SCREENED, s.part_file(i)):
+            _screen(loc, s, i, options.workers, hand_over=s.fingerprint if hand_over else None, state=state,
+                    blocks=blocks)
     valid = []
     for i, (a, b) in enumerate(s.parts):
         try:
