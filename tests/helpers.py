@@ -10,6 +10,11 @@ import rasterio
 import yaml
 
 
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (a chip store, say): its path relative to `root` -> its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
 def write_catalog(path: Path, grid: dict, sources: list[dict]) -> Path:
     path.write_text(yaml.safe_dump({"grid": grid, "sources": sources}, sort_keys=False))
     return path

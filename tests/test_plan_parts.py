@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import folder_bytes
 from sarflow.data.catalog import load_catalog
 from sarflow.data.tile import TileOptions, plan_blocks, tile
 from sarflow.data.tile_units import (BUILD, SCREENED, Location, Survey, commit_plan, finalize, plan, run_units,
@@ -21,10 +23,6 @@ from sarflow.data.tile_units import (BUILD, SCREENED, Location, Survey, commit_p
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
 OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1, block_chips=4)  # the scene's chips in 12 blocks
 FLAGS = ["--shard-chips", "16", "--unit-shards", "1", "--workers", "1", "--block-chips", "4"]
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _screened(out: Path) -> list[int]:
@@ -78,7 +76,7 @@ def test_a_plan_screened_by_separate_processes_gives_the_same_store_as_tile(refe
     assert p["units"] >= 4 and p["chips"] > 0
     run_units(out)
     finalize(out)
-    assert _files(out) == _files(reference)
+    assert folder_bytes(out) == folder_bytes(reference)
 
 
 def test_the_parts_of_a_survey_cover_the_grid_and_keep_what_one_plan_keeps(tiny_scene, tmp_path):
@@ -87,8 +85,7 @@ def test_the_parts_of_a_survey_cover_the_grid_and_keep_what_one_plan_keeps(tiny_
     one = plan(cat, whole, TileOptions(**OPTIONS))
     out = tmp_path / "cut.zarr"
     s = survey(cat, out, TileOptions(**OPTIONS), 4)
-    blocks = plan_blocks(__import__("pickle").loads(Location(out).read(BUILD, "ingested.pkl"))["ing"].grid,
-                         s.block_chips)
+    blocks = plan_blocks(pickle.loads(Location(out).read(BUILD, "ingested.pkl"))["ing"].grid, s.block_chips)
     assert 2 <= len(s.parts) <= 4 and s.parts[0][0] == 0 and s.parts[-1][1] == len(blocks) == 12
     kept = [screen_part(out, i) for i in range(len(s.parts))]
     assert all(k is not None for k in kept) and sum(kept) == one.total
@@ -147,7 +144,7 @@ def test_kfp_local_tile_pipeline_fans_out_the_screening_and_the_units_and_gives_
     metrics = json.loads(next(run.run_dir.rglob("finalize-tiles/metrics")).read_text())
     assert metrics["runs"] == 2 and metrics["chips"] == n  # finalize got every run (Collected)
     assert not list(run.run_dir.rglob("tile-units-job"))
-    assert _files(out) == _files(reference)
+    assert folder_bytes(out) == folder_bytes(reference)
 
 
 def test_a_commit_stopped_before_its_plan_is_written_is_done_again(tiny_scene, tmp_path):

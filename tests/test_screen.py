@@ -15,7 +15,7 @@ from affine import Affine
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from helpers import write_catalog
+from helpers import folder_bytes, write_catalog
 from sarflow.data.catalog import load_catalog
 from sarflow.data.ingest import gdal_env, ingest
 from sarflow.data import screen
@@ -173,8 +173,7 @@ def test_a_plan_screened_in_parts_keeps_what_one_part_keeps_and_hands_blocks_on_
     monkeypatch.setattr(tile_units, "_screen", screen_and_note)
     tile(cat, out, options, show_progress=False)
     assert offered and min(offered) >= s.parts[1][0]  # keyed by the grid's block number, not the part's
-    files = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-    assert files(out) == files(one)
+    assert folder_bytes(out) == folder_bytes(one)
 
 
 @pytest.fixture(scope="module")

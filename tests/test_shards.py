@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import zarr
 
+from helpers import folder_bytes
 from sarflow.data.shards import ShardWriter
 
 
@@ -29,10 +28,6 @@ def _chips(dtype, fill, n: int, bands: int = 2, size: int = 8, seed: int = 0) ->
         data[1] = fill
         data[2, :, :4] = fill
     return data
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("dtype,fill,cname,shuffle", [
@@ -58,7 +53,7 @@ def test_shards_equal_zarrs_own_write(tmp_path, dtype, fill, cname, shuffle):
             writer = ShardWriter(arr)
             for shard, s0 in enumerate(range(0, chips, 4)):
                 writer.write(shard, data[s0:s0 + 4])
-        stores[how] = _files(tmp_path / how)
+        stores[how] = folder_bytes(tmp_path / how)
     assert stores["writer"] == stores["zarr"]
     assert sum(1 for k in stores["zarr"] if k.startswith("a/c/")) == 3
     back = zarr.open_group(zarr.storage.LocalStore(tmp_path / "writer"), mode="r")["a"][:]

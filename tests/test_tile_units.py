@@ -16,16 +16,13 @@ import numpy as np
 import pytest
 import zarr
 
+from helpers import folder_bytes
 from sarflow.data.catalog import load_catalog
 from sarflow.data.tile import TileOptions, tile
 from sarflow.data.tile_units import BUILD, finalize, job_runs, plan, unit_done, unit_runs, write_unit
 
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
 OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1)
-
-
-def _local_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +58,7 @@ def test_reference_has_several_units_and_equals_a_single_unit_build(reference, t
                show_progress=False)
     n = zarr.open_group(str(reference), mode="r").attrs["chips"]
     assert n > 3 * 16  # more than three units of one shard
-    assert _local_files(one) == _local_files(reference)
+    assert folder_bytes(one) == folder_bytes(reference)
 
 
 @pytest.mark.slow
@@ -84,7 +81,7 @@ def test_three_runner_processes_into_s3_equal_tile(reference, tiny_scene, s3env)
     with pytest.raises(Exception):  # a reader refuses nothing yet, but the group has no `chips` before finalize
         zarr.open_group(uri, mode="r", storage_options={"anon": True}).attrs["chips"]
     assert finalize(uri) == uri
-    got, want = _s3_files(uri), _local_files(reference)
+    got, want = _s3_files(uri), folder_bytes(reference)
     assert not any(k.startswith(BUILD) for k in got)
     assert sorted(got) == sorted(want)
     for key in want:  # arrays, chips.parquet, statistics (in zarr.json), manifest
@@ -124,7 +121,7 @@ def test_two_runs_of_consecutive_units_in_two_processes_equal_tile(reference, ti
     first, second = unit_runs(list(range(len(p.units))), 2)
     assert outs[0][0].strip() == f"units written: {first}" and outs[1][0].strip() == f"units written: {second}"
     finalize(out)
-    assert _local_files(out) == _local_files(reference)
+    assert folder_bytes(out) == folder_bytes(reference)
 
 
 def test_a_run_reads_the_build_state_once_and_gives_the_same_store(reference, tiny_scene, tmp_path, monkeypatch):
@@ -138,7 +135,7 @@ def test_a_run_reads_the_build_state_once_and_gives_the_same_store(reference, ti
     tile_units.run_units(out)
     assert len(p.units) >= 4 and len(reads) == 1  # not once per unit
     finalize(out)
-    assert _local_files(out) == _local_files(reference)
+    assert folder_bytes(out) == folder_bytes(reference)
 
 
 def test_a_run_past_the_units_has_nothing_to_do(tiny_scene, tmp_path):
@@ -175,7 +172,7 @@ def test_sarflow_tile_to_s3_in_one_process_equals_tile(reference, tiny_scene, s3
                            "--workers", "1", "--quiet"], env=s3env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"chip store written: {uri}" in done.stdout
-    assert _s3_files(uri) == _local_files(reference)
+    assert _s3_files(uri) == folder_bytes(reference)
     again = subprocess.run([SARFLOW, "tile", str(tiny_scene), "--out", uri], env=s3env, capture_output=True, text=True)
     assert again.returncode != 0 and "already exists" in " ".join(again.stderr.split())
 
@@ -206,7 +203,7 @@ def test_a_unit_killed_with_kill_9_and_rerun_gives_the_same_store(reference, tin
     rerun = subprocess.run([SARFLOW, "tile-unit", str(out)], capture_output=True, text=True)  # every unit not done
     assert rerun.returncode == 0, rerun.stderr
     finalize(out)
-    assert _local_files(out) == _local_files(reference)
+    assert folder_bytes(out) == folder_bytes(reference)
     assert gpd.read_parquet(out / "chips.parquet").equals(gpd.read_parquet(reference / "chips.parquet"))
 
 
@@ -375,7 +372,7 @@ def test_finalize_records_the_units_shard_hashes_without_reading_the_shards_back
     finalize(out)
     assert [r for r in read if "/c/" in r and not r.startswith(("chip_x", "chip_y", "spatial_ref"))] == [lied]
     assert integrity.verify(out, full=True) == []
-    assert _local_files(out) == _local_files(reference)
+    assert folder_bytes(out) == folder_bytes(reference)
 
 
 def test_a_block_shared_by_two_units_is_warped_once_in_one_process(tiny_scene, tmp_path, monkeypatch):
@@ -403,4 +400,4 @@ def test_a_block_shared_by_two_units_is_warped_once_in_one_process(tiny_scene, t
     monkeypatch.setattr(tile_module.BlockRenderer, "warp", real_warp)
     one = tile(load_catalog(tiny_scene), tmp_path / "one.zarr",
                TileOptions(shard_chips=16, unit_shards=0, workers=2, block_chips=8), show_progress=False)
-    assert _local_files(shared) == _local_files(one)
+    assert folder_bytes(shared) == folder_bytes(one)
