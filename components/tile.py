@@ -1,4 +1,5 @@
-"""Components of tiling: `tile-scene` (one task) and the fan-out `survey-tiles` -> `screen-tiles` per
+"""Components of tiling: `tile-scene` (one task) and the fan-out `checksum-inputs` per part of the
+input files -> `survey-tiles` -> `screen-tiles` per
 part of the grid -> `plan-tiles` -> `write-tile-units` per run of units (or `tile-units-job`, a
 Kubernetes Indexed Job) -> `finalize-tiles`, into one store by URI.
 
@@ -69,6 +70,36 @@ def tile_scene(
 # writes a run of consecutive units (tile_units.unit_runs), so a block two of its units share is warped once.
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def list_checksum_parts(catalog: str, parts: int = 8, s3_endpoint: str = "") -> List[int]:
+    """The checksum parts of the catalog's input files that hold a file (up to `parts`; the ParallelFor's items)."""
+    import os
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.ingest import catalog_files
+
+    return list(range(max(1, min(parts, len(catalog_files(load_catalog(catalog)))))))
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
+def checksum_inputs(catalog: str, store_uri: str, part: int, parts: int = 8, checksum: bool = True,
+                    overwrite: bool = False, workers: int = 0, s3_endpoint: str = "") -> int:
+    """Hashes part `part` of `parts` of the input files (in `workers` threads, 0: up to 8) into the store's
+    build, where the survey takes the checksums (nothing when `checksum` is off); returns `part`."""
+    import os
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile_units import checksum_part
+
+    if checksum:
+        checksum_part(load_catalog(catalog), store_uri, part, max(1, parts), overwrite=overwrite, workers=workers or None)
+    return part
+
+
+@dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
 def survey_tiles(
     catalog: str,
     store_uri: str,
@@ -85,9 +116,11 @@ def survey_tiles(
     overwrite: bool = False,
     parts: int = 8,
     s3_endpoint: str = "",
+    checksummed: List[int] = [],
 ) -> List[int]:
-    """The plan's first step: ingests `catalog` (checksums) and cuts the grid's blocks into up to `parts`
-    screening parts; returns the part numbers (the ParallelFor's items)."""
+    """The plan's first step: ingests `catalog` (checksums: those `checksum-inputs` recorded are taken,
+    `checksummed` being their Collected outputs) and cuts the grid's blocks into up to `parts` screening
+    parts; returns the part numbers (the ParallelFor's items)."""
     import os
 
     if s3_endpoint:

@@ -40,7 +40,7 @@ from typing import List
 from kfp import dsl
 
 from components.ingest import ingest_scene
-from components.tile import (finalize_tiles, plan_tiles, screen_tiles, survey_tiles, tile_units_job,
+from components.tile import (checksum_inputs, finalize_tiles, list_checksum_parts, plan_tiles, screen_tiles, survey_tiles, tile_units_job,
                              write_tile_units)
 from components.synth import synth_scene
 from components.tile import tile_scene
@@ -110,7 +110,8 @@ UNIT_PARALLELISM = 8  # unit tasks at once (ParallelFor's parallelism is fixed w
 
 
 @dsl.pipeline(name=TILE_PIPELINE_NAME,
-              description="sarflow tiling fanned out: survey -> one task per screening part -> plan -> "
+              description="sarflow tiling fanned out: one task per part of the input files' checksums -> "
+                          "survey -> one task per screening part -> plan -> "
                           "one task per run of consecutive units of whole shards -> "
                           "finalize, into one store by URI")
 def tile_pipeline(
@@ -127,6 +128,7 @@ def tile_pipeline(
     clevel: int = 3,
     checksum: bool = True,
     overwrite: bool = False,
+    checksum_parts: int = 8,
     screen_parts: int = 8,
     runs: int = 32,
     max_loop_units: int = 200,
@@ -135,8 +137,10 @@ def tile_pipeline(
     s3_endpoint: str = "",
 ):
     """`store_uri` (s3://bucket/prefix on a cluster, a shared folder locally) is a string, not an artifact:
-    every task writes its own shards straight into it (one writer per shard). The plan's reading of the
-    required sources fans out first: the survey cuts the grid's blocks into `screen_parts` parts, one
+    every task writes its own shards straight into it (one writer per shard). The inputs' checksums fan
+    out first: one task hashes each of up to `checksum_parts` parts of the input files (8 at once) into
+    the store's build, where the survey takes them. The plan's reading of the required sources fans out
+    next: the survey cuts the grid's blocks into `screen_parts` parts, one
     task screens each (8 at once), and the plan task finishes the plan. A task writes a run of
     consecutive units (a block two units of a run share is warped once: more runs balance better,
     fewer warp less twice). Up to `max_loop_units` units are cut into `runs` runs that fan out as a
@@ -144,10 +148,17 @@ def tile_pipeline(
     runner, `job_parallelism` pods at once, with 4 runs per pod slot (tile_units.job_runs). finalize
     waits for every run (dsl.Collected)."""
 
+    listed = list_checksum_parts(catalog=catalog, parts=checksum_parts, s3_endpoint=s3_endpoint)
+    stage(listed, "checksum-parts", "tile", cache=False)
+    with dsl.ParallelFor(listed.output, parallelism=UNIT_PARALLELISM, name="checksums") as part:
+        hashed = checksum_inputs(catalog=catalog, store_uri=store_uri, part=part, parts=checksum_parts,
+                                 checksum=checksum, overwrite=overwrite, workers=workers, s3_endpoint=s3_endpoint)
+        stage(hashed, "checksum", "tile", cache=False)
     surveyed = survey_tiles(catalog=catalog, store_uri=store_uri, workers=workers, shard_chips=shard_chips,
                             block_chips=block_chips, window_px=window_px, unit_shards=unit_shards,
                             split_block=split_block, split_fractions=split_fractions, codec=codec, clevel=clevel,
-                            checksum=checksum, overwrite=overwrite, parts=screen_parts, s3_endpoint=s3_endpoint)
+                            checksum=checksum, overwrite=overwrite, parts=screen_parts, s3_endpoint=s3_endpoint,
+                            checksummed=dsl.Collected(hashed.output))
     stage(surveyed, "survey", "tile", cache=False)
     with dsl.ParallelFor(surveyed.output, parallelism=UNIT_PARALLELISM, name="screening") as part:
         screened = screen_tiles(store_uri=store_uri, part=part, workers=workers, s3_endpoint=s3_endpoint)

@@ -250,3 +250,20 @@ def test_scale_bench_runs_workers_as_processes_in_rounds(tmp_path):
     assert [p["processes"] for p in plans] == [1, 2] and plans[0]["chips"] == plans[1]["chips"] > 0
     assert all(p["screen_s"] > 0 and len(p["rounds_plan_s"]) == 2 for p in plans)
     assert "m3leo_note" in res["targets"]["local"]
+
+
+def test_checksum_bench_hashes_in_parts_and_resumes_without_hashing(tmp_path):
+    """bench_checksums.py on a tiny scene: the survey hashing (anchor), resumed, and after 1 and 2
+    `tile-checksum` processes, two rounds, medians."""
+    out = tmp_path / "checksums.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_checksums.py"), "--size", "384",
+                           "--rounds", "2", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    med = res["median"]
+    assert res["input_files"] > 1 and res["input_mb"] > 0 and res["rounds"] == 2
+    assert set(med) == {"survey_hashing", "survey_resumed", "parts_1", "parts_2"}
+    assert all(len(m["rounds_s"]) == 2 and m["s"] in m["rounds_s"] and m["cpu_s"] > 0 for m in med.values())
+    assert res["checksum_speedup"]["1"] == 1.0 and res["mb_per_cpu_s"] > 0
+    assert res["hours_per_tb_of_inputs"]["16_parts"] == pytest.approx(4 * res["hours_per_tb_of_inputs"]["64_parts"],
+                                                                       rel=0.05)

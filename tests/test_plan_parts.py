@@ -125,7 +125,7 @@ def test_screening_and_finishing_a_plan_refuse_what_they_cannot_do(tmp_path, arg
 
 
 @pytest.mark.slow
-def test_kfp_local_tile_pipeline_fans_out_the_screening_and_the_units_and_gives_the_same_store(reference, tiny_scene,
+def test_kfp_local_tile_pipeline_fans_out_checksums_screening_and_units_and_gives_the_same_store(reference, tiny_scene,
                                                                                               tmp_path):
     import zarr
 
@@ -134,13 +134,14 @@ def test_kfp_local_tile_pipeline_fans_out_the_screening_and_the_units_and_gives_
 
     out = tmp_path / "kfp.zarr"
     run = run_local(tile_pipeline, tmp_path / "root", catalog=str(tiny_scene), store_uri=str(out),
-                    shard_chips=16, unit_shards=1, workers=1, block_chips=4, screen_parts=3, runs=2)
+                    shard_chips=16, unit_shards=1, workers=1, block_chips=4, checksum_parts=2, screen_parts=3, runs=2)
     n = zarr.open_group(str(reference), mode="r").attrs["chips"]
     assert -(-n // 16) > 2  # more units than runs: a task writes several consecutive units
     loops = {p.name: sorted(p.parent.name for p in run.run_dir.glob(f"for-loop-*/{p.name}"))
              for p in run.run_dir.glob("for-loop-*/*") if p.is_dir()}
-    assert len(loops["screen-tiles"]) == 3  # one task per screening part, in the first ParallelFor
-    assert len(loops["write-tile-units"]) == 2  # one task per run of units, in the second
+    assert len(loops["checksum-inputs"]) == 2  # one task per part of the input files, in the first ParallelFor
+    assert len(loops["screen-tiles"]) == 3  # one task per screening part, in the second
+    assert len(loops["write-tile-units"]) == 2  # one task per run of units, in the third
     metrics = json.loads(next(run.run_dir.rglob("finalize-tiles/metrics")).read_text())
     assert metrics["runs"] == 2 and metrics["chips"] == n  # finalize got every run (Collected)
     assert not list(run.run_dir.rglob("tile-units-job"))

@@ -64,12 +64,16 @@ def test_reference_has_several_units_and_equals_a_single_unit_build(reference, t
 @pytest.mark.slow
 def test_three_runner_processes_into_s3_equal_tile(reference, tiny_scene, s3env):
     uri = "s3://chips/three.zarr"
-    # the plan in its three steps too, on S3: survey, the screening in another process, the commit
+    # the plan in its steps too, on S3: the inputs' checksums in two parts recorded in the store, the survey
+    # (which takes them), the screening in another process, the commit
     flags = ["--shard-chips", "16", "--unit-shards", "1", "--workers", "1"]
-    for cmd in (["tile-plan", str(tiny_scene), "--out", uri, "--survey", "2", *flags], ["tile-screen", uri],
+    checksums = [["tile-checksum", str(tiny_scene), "--out", uri, "--parts", "2", "--part", str(i)] for i in range(2)]
+    for cmd in (*checksums, ["tile-plan", str(tiny_scene), "--out", uri, "--survey", "2", *flags], ["tile-screen", uri],
                 ["tile-plan", "--out", uri]):
         done = subprocess.run([SARFLOW, *cmd], env=s3env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+        if "--survey" in cmd:
+            assert "checksums: 0 of" in done.stderr  # every input's checksum taken from the parts' records on S3
     n = json.loads(done.stdout)["units"]
     assert n >= 4
     runners = [subprocess.Popen([SARFLOW, "tile-unit", uri, *sum((["--unit", str(u)] for u in range(k, n, 3)), [])],

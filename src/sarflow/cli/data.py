@@ -1,4 +1,4 @@
-"""`sarflow synth | ingest | tile | tile-plan | tile-screen | tile-unit | tile-finalize | info | version | export`: the data plane, catalog to versioned chip store."""
+"""`sarflow synth | ingest | tile | tile-checksum | tile-plan | tile-screen | tile-unit | tile-finalize | info | version | export`: the data plane, catalog to versioned chip store."""
 
 from __future__ import annotations
 
@@ -151,6 +151,30 @@ def tile_plan(
     typer.echo(json.dumps({"uri": p.uri, "units": len(p.units), "chips": p.total}))
 
 
+def tile_checksum(
+    catalog: Path = typer.Argument(..., callback=absolute_path, help="catalog.yaml"),
+    out: str = typer.Option(..., "--out", callback=absolute_path, help="chip store: a .zarr folder or s3://bucket/prefix"),
+    parts: int = typer.Option(..., min=1, help="the input files are cut into this many parts"),
+    part: Optional[int] = typer.Option(None, help="the part to hash (from 0); default: $JOB_COMPLETION_INDEX"),
+    overwrite: bool = typer.Option(False, help="the store will be replaced (`tile-plan --overwrite`)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="hashing threads (default: up to 8)"),
+) -> None:
+    """Distributed tiling, step 0 (before `tile-plan CATALOG --out STORE --survey N`): hash one part of the
+    input files (every PARTS-th file) and record the checksums in the store's build, where the survey
+    takes them instead of reading every input in one process. A part past the files does nothing."""
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile_units import checksum_part
+
+    try:
+        index = part if part is not None else _job_index()
+        if index is None:
+            raise SarflowError(f"--parts {parts}: give the part with --part or $JOB_COMPLETION_INDEX")
+        hashed = checksum_part(load_catalog(catalog), out, index, parts, overwrite=overwrite, workers=workers)
+    except SarflowError as e:
+        fail(e)
+    typer.echo(json.dumps({"uri": out, "part": index, "hashed": hashed}))
+
+
 def tile_screen(
     store: str = typer.Argument(..., callback=absolute_path, help="the surveyed store (folder or s3://)"),
     part: Optional[list[int]] = typer.Option(None, "--part", help="part(s) to screen (repeatable); default: "
@@ -293,4 +317,4 @@ def export(
     typer.echo(f"{len(written)} GeoTIFF(s) written to {out}" + (f": {written[0].name}" if len(written) == 1 else ""))
 
 
-COMMANDS = [synth, ingest, tile, tile_plan, tile_screen, tile_unit, tile_finalize, info, version, export]
+COMMANDS = [synth, ingest, tile, tile_checksum, tile_plan, tile_screen, tile_unit, tile_finalize, info, version, export]

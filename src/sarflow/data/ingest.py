@@ -10,6 +10,7 @@ wrong numbers in an ML-ready store. A raster with neither a CRS nor GCPs is refu
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,9 @@ from rasterio.errors import RasterioError
 from sarflow.data.catalog import LoadedCatalog, SourceSpec
 from sarflow.errors import InputError
 from sarflow.data.grid import ChipGrid, parse_crs, transform_geometry, utm_epsg, utm_zone
-from sarflow.data.storage import check_s3_object, gdal_path, is_s3, read_bytes, s3_settings, sha256_of
+from sarflow.data.storage import file_stamp, gdal_path, is_s3, read_bytes, s3_settings, sha256_of
+
+log = logging.getLogger("sarflow.data.ingest")
 
 WGS84 = CRS.from_epsg(4326)
 _VALIDITY_SAMPLE = 32  # blocks read per file to find a valid pixel before any full scan
@@ -47,6 +50,7 @@ class RasterFile:
     bounds_wgs84: tuple[float, float, float, float]
     size: int
     sha256: str = ""
+    stamp: str = ""  # storage.file_stamp: what a recorded checksum of this file is valid for (not in the manifest)
     footprint: shapely.Geometry | None = field(default=None, repr=False)  # WGS84
 
 
@@ -96,7 +100,7 @@ class Ingested:
                     "name": s.name,
                     "date": s.spec.date.isoformat() if s.spec.date else None,
                     "files": [
-                        {**{k: v for k, v in asdict(f).items() if k not in ("footprint", "path")},
+                        {**{k: v for k, v in asdict(f).items() if k not in ("footprint", "path", "stamp")},
                          "uri": self.catalog.relative(f.uri)}
                         for f in s.files.values()
                     ],
@@ -166,16 +170,19 @@ def _items(loaded: LoadedCatalog, spec: SourceSpec) -> list[list[tuple[str, list
     return items
 
 
+def catalog_files(loaded: LoadedCatalog) -> list[str]:
+    """Every input file of the catalog (STAC items resolved to their assets), sorted, without opening one."""
+    return sorted({uri for spec in loaded.catalog.sources for item in _items(loaded, spec) for uri, _ in item})
+
+
 def inspect_file(uri: str, expected_bands: int, spec: SourceSpec) -> RasterFile:
     """Opens and validates one raster; errors name the file and the cause."""
-    if is_s3(uri):
-        size = check_s3_object(uri)
-    else:
+    if not is_s3(uri):
         if Path(uri).is_dir():
             raise InputError(uri, "is a directory, not a raster file")
         if not Path(uri).is_file():
             raise InputError(uri, "file does not exist")
-        size = Path(uri).stat().st_size
+    size, stamp = file_stamp(uri)
     try:
         ds_ctx = rasterio.open(gdal_path(uri))
     except RasterioError as e:
@@ -214,6 +221,7 @@ def inspect_file(uri: str, expected_bands: int, spec: SourceSpec) -> RasterFile:
         resolution=(float(res[0]), float(res[1])),
         bounds_wgs84=tuple(float(v) for v in footprint.bounds),
         size=int(size),
+        stamp=stamp,
         sha256="",  # checksum_files: every file of the catalog hashed in parallel, once all are valid
         footprint=footprint,
     )
@@ -364,29 +372,46 @@ def coverage(sources: list[Source], crs: CRS) -> shapely.Geometry | None:
     return transform_geometry(shapely.intersection_all(feet), WGS84, crs)
 
 
-def checksum_files(sources: list[Source], workers: int | None = None) -> None:
+def checksum_files(sources: list[Source], workers: int | None = None, known: dict | None = None) -> int:
     """Every source file's SHA-256 (`RasterFile.sha256`), hashed in parallel threads (hashlib and
     the reads release the GIL: a catalog of many files, or of files on S3, hashes at the disk's or
-    the network's pace, not one file after another); a file in several sources is hashed once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    uris = sorted({uri for src in sources for uri in src.files})
-    workers = workers or min(8, 2 * (os.cpu_count() or 1), max(1, len(uris)))
-    with ThreadPoolExecutor(workers) as pool:
-        digests = dict(zip(uris, pool.map(sha256_of, uris)))
+    the network's pace, not one file after another); a file in several sources is hashed once.
+    `known`: checksums recorded earlier, (uri, size, stamp) -> sha256; a file whose size and stamp are
+    still the recorded ones is not read again. Returns how many files were hashed."""
+    files = {uri: f for src in sources for uri, f in src.files.items()}
+    known = known or {}
+    digests = {u: known[(u, f.size, f.stamp)] for u, f in files.items() if (u, f.size, f.stamp) in known}
+    todo = sorted(set(files) - set(digests))
+    digests.update(hash_files(todo, workers))
     for src in sources:
         for uri, f in src.files.items():
             f.sha256 = digests[uri]
+    return len(todo)
 
 
-def ingest(loaded: LoadedCatalog, checksum: bool = True) -> Ingested:
-    """Validates every source and builds the grid; raises InputError on the first bad input."""
+def hash_files(uris: list[str], workers: int | None = None) -> dict[str, str]:
+    """uri -> SHA-256 of each file, in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not uris:
+        return {}
+    workers = workers or min(8, 2 * (os.cpu_count() or 1), len(uris))
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(uris, pool.map(sha256_of, uris)))
+
+
+def ingest(loaded: LoadedCatalog, checksum: bool = True, known: dict | None = None) -> Ingested:
+    """Validates every source and builds the grid; raises InputError on the first bad input. `known`:
+    checksums recorded earlier (`checksum_files`)."""
     cat = loaded.catalog
     every_uri = [u for s in cat.sources for u in (s.uris or s.stac.items) for u in (u if isinstance(u, list) else [u])]
     with gdal_env([loaded.resolve(u) for u in every_uri]):
         sources = [resolve_source(loaded, spec) for spec in cat.sources]
     if checksum:
-        checksum_files(sources)
+        hashed = checksum_files(sources, known=known)
+        if known:
+            files = len({u for s in sources for u in s.files})
+            log.info("checksums: %d of %d input files hashed, the others recorded earlier", hashed, files)
     aoi84 = _aoi_wgs84(loaded, sources)
     if cat.grid.crs == "utm":
         crs = utm_for_aoi(aoi84, str(loaded.path))

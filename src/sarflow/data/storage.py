@@ -147,14 +147,26 @@ def _explain(uri: str, exc: Exception, settings: S3Settings) -> StorageError:
     return StorageError(uri, f"{type(exc).__name__}: {exc}")
 
 
-def check_s3_object(uri: str, settings: S3Settings | None = None) -> int:
-    """Checks that the object exists and can be read with the configured credentials; returns its size."""
+def check_s3_object(uri: str, settings: S3Settings | None = None) -> tuple[int, str]:
+    """Checks that the object exists and can be read with the configured credentials; returns its size
+    and its stamp (`file_stamp`)."""
     s = settings or s3_settings()
     bucket, key = split_s3(uri)
     try:
-        return minio_client(s).stat_object(bucket, key).size
+        st = minio_client(s).stat_object(bucket, key)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
         raise _explain(uri, e, s) from None
+    return st.size, f"etag:{st.etag}"
+
+
+def file_stamp(uri: str) -> tuple[int, str]:
+    """A file's size and stamp: what changes whenever its bytes are rewritten, read without reading them
+    (an S3 object's ETag; a local file's modification time in ns and inode). A checksum recorded with a
+    stamp holds while the file has that stamp: the hash cache of `data/ingest.checksum_files`."""
+    if is_s3(uri):
+        return check_s3_object(uri)
+    st = Path(uri).stat()
+    return st.st_size, f"mtime_ns:{st.st_mtime_ns}:ino:{st.st_ino}"
 
 
 def read_bytes(uri: str) -> bytes:

@@ -12,7 +12,10 @@
   ingests and cuts the grid's blocks into `parts` screening parts (`survey.json`), `screen_part(out,
   part)` screens one part's blocks (any process; `screen/`, a file per part named by its survey) and `commit_plan(out)` screens
   the parts no process did and writes the plan. A chip's screening depends on that chip alone, so
-  the plan does not depend on the parts.
+  the plan does not depend on the parts. Before the survey, the inputs' checksums can fan out the same
+  way: `checksum_part(catalog, out, part, parts)` hashes every `parts`-th input file and records the
+  checksums with the files' stamps (`_build/checksums/`); the survey (and a resumed build's) takes a
+  recorded checksum for every file whose size and stamp are unchanged instead of reading it again.
 - `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
   shards straight into the store and a report (`_build/units/NNNNNN.json`: chip records and each
   train chip's statistics contribution) once its shards are written. A rerun of a unit
@@ -258,6 +261,7 @@ class Plan:
 
 
 SURVEY = "survey.json"
+CHECKSUMS = "checksums"  # _build/checksums/*.json: [uri, size, stamp, sha256] rows of input checksums
 SCREENED = "screen"  # _build/screen/<survey>-NNNNNN.npy: a screened part's candidate chips, kept or not
 
 
@@ -444,12 +448,14 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
         loc = Location(out)
     if loc.finished() and not options.overwrite:
         raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
-    ing = ingest(catalog, checksum=options.checksum)  # a bad source file is named first
+    known = _recorded_checksums(loc) if options.checksum else {}
+    ing = ingest(catalog, checksum=options.checksum, known=known)  # a bad source file is named first
     check_source_names([s.name for s in ing.sources], str(ing.catalog.path))
     fingerprint = _fingerprint(ing, options)
     planned, surveyed = _same(loc, Plan, "plan.json", fingerprint), _same(loc, Survey, SURVEY, fingerprint)
     if planned is not None:
         log.info("resuming %s: %d units planned", loc.work, len(planned.units))
+        _record_checksums(loc, ing, known)
         # nothing to screen: one no-op part
         return surveyed or Survey(fingerprint, planned.block_chips, [[0, 0]]), None
     side = block_side(ing.grid, options)
@@ -457,6 +463,7 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     if surveyed is not None and (parts is None or surveyed.parts == _cut(blocks, side, parts)):
         done = sum(loc.exists(BUILD, SCREENED, surveyed.part_file(i)) for i in range(len(surveyed.parts)))
         log.info("resuming %s: surveyed, %d of %d parts screened", loc.work, done, len(surveyed.parts))
+        _record_checksums(loc, ing, known)
         state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
         if state["options"] != options:  # options outside the fingerprint (unit size, threads) are this run's
             state["options"] = options
@@ -475,6 +482,7 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     with gdal_env([u for s in ing.sources for u in s.files]):
         resampling = {(s.name, u): choose_resampling(s, f, ing.grid) for s in ing.sources for u, f in s.files.items()}
     state = {"ing": ing, "resampling": resampling, "options": options}
+    _record_checksums(loc, ing, {})
     loc.write(pickle.dumps(state), BUILD, "ingested.pkl")
     loc.write(json.dumps(ing.manifest(), indent=1, sort_keys=True).encode(), BUILD, MANIFEST)
     result = Survey(fingerprint, side, _cut(blocks, side, parts or 1))
@@ -482,6 +490,77 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     log.info("surveyed %s: %d candidate chips in %d blocks, %d screening parts", loc.uri, len(ing.grid.candidates),
              len(blocks), len(result.parts))
     return result, state
+
+
+def checksum_part(catalog: LoadedCatalog, out: str | Path, part: int, parts: int, overwrite: bool = False,
+                  workers: int | None = None) -> int | None:
+    """Step 0 at scale, before `survey`: hashes part `part` of `parts` of the catalog's input files (every
+    `parts`-th of the sorted list, from number `part`) and records their checksums with their stamps in
+    the build (`_build/checksums/`), whole or not at all. The survey then reads only the files no part
+    hashed, or that changed since. A file recorded already with its current stamp is not read again.
+    `workers`: hashing threads (default: up to 8). Returns how many files this part hashed; None when the
+    part holds no file (past the files)."""
+    from sarflow.data.ingest import catalog_files, hash_files
+    from sarflow.data.storage import file_stamp
+
+    loc = Location(out)
+    if parts < 1 or part < 0:
+        raise InputError(loc.uri, f"checksum part {part} of {parts} does not exist (parts are numbered from 0, "
+                                  "at least one part)")
+    if loc.finished() and not overwrite:
+        raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
+    mine = catalog_files(catalog)[part::parts]
+    if not mine:
+        return None
+    stamps = {}
+    for uri in mine:
+        if not is_s3(uri) and Path(uri).is_dir():
+            raise InputError(uri, "is a directory, not a raster file")
+        try:
+            stamps[uri] = file_stamp(uri)
+        except FileNotFoundError:
+            raise InputError(uri, "file does not exist") from None
+    known = _recorded_checksums(loc)
+    todo = sorted(u for u, (size, stamp) in stamps.items() if (u, size, stamp) not in known)
+    digests = hash_files(todo, workers)
+    rows = [[u, *stamps[u], digests[u] if u in digests else known[(u, *stamps[u])]] for u in sorted(stamps)]
+    loc.write(json.dumps(rows).encode(), BUILD, CHECKSUMS, f"part-{part:06d}-of-{parts:06d}.json")
+    log.info("checksum part %d of %d: %d files hashed, %d recorded already", part, parts, len(todo), len(rows) - len(todo))
+    return len(todo)
+
+
+def _recorded_checksums(loc: Location) -> dict:
+    """The input checksums recorded in the build: (uri, size, stamp) -> sha256 (`checksum_part`, and a
+    survey's own). A record that cannot be read is skipped (the survey hashes that file itself)."""
+    folder = loc.key(BUILD, CHECKSUMS)
+    if not loc.fs.exists(folder):
+        return {}
+    known = {}
+    for path in sorted(loc.fs.ls(folder, detail=False)):
+        if not path.endswith(".json"):
+            continue
+        try:
+            rows = json.loads(loc.fs.cat_file(path))
+            known.update({(u, int(size), stamp): sha for u, size, stamp, sha in rows})
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("%s: not a checksum record (%s); skipped", path, e)
+    return known
+
+
+def _record_checksums(loc: Location, ing: Ingested, known: dict) -> None:
+    """Records the survey's input checksums (`_build/checksums/survey.json`, in place of the parts'
+    records): a resumed build reads no input again, or only those that changed."""
+    files = {u: f for s in ing.sources for u, f in s.files.items()}
+    if not files or not all(f.sha256 for f in files.values()):
+        return  # --no-checksum
+    rows = [[u, files[u].size, files[u].stamp, files[u].sha256] for u in sorted(files)]
+    if known and {(u, size, stamp): sha for u, size, stamp, sha in rows}.items() <= known.items() \
+            and loc.exists(BUILD, CHECKSUMS, SURVEY):
+        return  # recorded already
+    loc.write(json.dumps(rows).encode(), BUILD, CHECKSUMS, SURVEY)
+    for path in loc.fs.ls(loc.key(BUILD, CHECKSUMS), detail=False):
+        if path.endswith(".json") and not path.endswith("/" + SURVEY):
+            loc.fs.rm(path)
 
 
 def _same(loc: Location, kind, name: str, fingerprint: str):

@@ -1,0 +1,186 @@
+"""The inputs' checksums fanned out: `tile-checksum --parts N` hashes every N-th input file in any
+process and records the checksums with the files' stamps in the store's build; the survey (and a
+resumed build) takes a recorded checksum for every file whose size and stamp are unchanged, and hashes
+the rest. The store is the same bytes as the one-process `tile()`, and its lineage holds the inputs'
+true SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from helpers import folder_bytes
+from sarflow.data.catalog import load_catalog
+from sarflow.data.ingest import catalog_files
+from sarflow.data.tile import TileOptions, tile
+from sarflow.data.tile_units import (BUILD, CHECKSUMS, Location, checksum_part, commit_plan, finalize, run_units,
+                                     screen_part, survey)
+
+SARFLOW = str(Path(sys.executable).with_name("sarflow"))
+OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1, block_chips=4)
+FLAGS = ["--shard-chips", "16", "--unit-shards", "1", "--workers", "1", "--block-chips", "4"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_scene, tmp_path_factory) -> Path:
+    return tile(load_catalog(tiny_scene), tmp_path_factory.mktemp("ref") / "chips.zarr", TileOptions(**OPTIONS),
+                show_progress=False)
+
+
+@pytest.fixture()
+def scene_copy(tiny_scene, tmp_path) -> Path:
+    """A copy of the tiny scene whose files a test may change."""
+    shutil.copytree(tiny_scene.parent, tmp_path / "scene")
+    return tmp_path / "scene" / tiny_scene.name
+
+
+def _input_sha256(store: Path) -> dict[str, str]:
+    """The inputs' SHA-256 as the store's lineage records them (the manifest written into the store)."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    return {f["uri"]: f["sha256"] for s in manifest["sources"] for f in s["files"]}
+
+
+def _hashlib_of(catalog: Path) -> dict[str, str]:
+    """The independent reference: every input file hashed with hashlib here."""
+    cat = load_catalog(catalog)
+    return {cat.relative(u): hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in catalog_files(cat)}
+
+
+def _no_hashing(monkeypatch):
+    def refuse(uri):
+        raise AssertionError(f"{uri} was read again for its checksum")
+
+    monkeypatch.setattr("sarflow.data.storage.sha256_of", refuse)
+    monkeypatch.setattr("sarflow.data.ingest.sha256_of", refuse)
+
+
+def test_two_checksum_processes_spare_the_survey_every_read_and_give_tile_store(reference, tiny_scene, tmp_path):
+    out = tmp_path / "parts.zarr"
+    env = dict(os.environ)
+    env.pop("JOB_COMPLETION_INDEX", None)
+    procs = [subprocess.Popen([SARFLOW, "tile-checksum", str(tiny_scene), "--out", str(out), "--parts", "2",
+                               *(["--part", "0"] if i == 0 else [])],
+                              env=env if i == 0 else {**env, "JOB_COMPLETION_INDEX": "1"},  # an Indexed Job's pod
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    hashed = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        hashed.append(json.loads(stdout)["hashed"])
+    files = len(catalog_files(load_catalog(tiny_scene)))
+    assert sorted(hashed) == [files // 2, files - files // 2]  # every file hashed once, by one part
+    done = subprocess.run([SARFLOW, "tile-plan", str(tiny_scene), "--out", str(out), "--survey", "2", *FLAGS],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"checksums: 0 of {files} input files hashed" in done.stderr  # the survey read no input for its checksum
+    records = sorted(p.name for p in Path(Location(out).work, BUILD, CHECKSUMS).iterdir())
+    assert records == ["survey.json"]  # the parts' records merged into the survey's
+    for part in range(2):
+        screen_part(out, part)
+    commit_plan(out)
+    run_units(out)
+    finalize(out)
+    assert folder_bytes(out) == folder_bytes(reference)
+    assert _input_sha256(out) == _hashlib_of(tiny_scene)
+
+
+def test_a_file_changed_after_its_part_was_hashed_is_hashed_again(scene_copy, tmp_path):
+    cat = load_catalog(scene_copy)
+    out = tmp_path / "changed.zarr"
+    assert [checksum_part(cat, out, i, 3) for i in range(3)] == [len(catalog_files(cat)[i::3]) for i in range(3)]
+    changed = Path(catalog_files(cat)[0])
+    with rasterio.open(changed, "r+") as ds:  # other bytes of the same size
+        band = ds.read(1)
+        band[0, 0] = band[0, 1] if band[0, 0] != band[0, 1] else band[0, 0] + 1
+        ds.write(band, 1)
+    survey(cat, out, TileOptions(**OPTIONS), 1)
+    commit_plan(out)
+    run_units(out)
+    finalize(out)
+    assert _input_sha256(out) == _hashlib_of(scene_copy)  # the changed file's checksum is of its new bytes
+
+
+def test_a_resumed_tile_reads_no_input_again(reference, tiny_scene, tmp_path, monkeypatch):
+    cat = load_catalog(tiny_scene)
+    out = tmp_path / "resumed.zarr"
+    survey(cat, out, TileOptions(**OPTIONS), 2)  # a run stopped after its survey (kill -9 at any later point)
+    _no_hashing(monkeypatch)
+    tile(cat, out, TileOptions(**OPTIONS), show_progress=False)
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
+def test_checksum_records_of_other_files_or_other_bytes_are_not_taken(scene_copy, tmp_path):
+    cat = load_catalog(scene_copy)
+    out = tmp_path / "stale.zarr"
+    folder = Path(Location(out).work, BUILD, CHECKSUMS)
+    folder.mkdir(parents=True)
+    first = catalog_files(cat)[0]
+    size = Path(first).stat().st_size
+    (folder / "part-000000-of-000001.json").write_text(json.dumps([
+        [first, size, "mtime_ns:1:ino:1", "0" * 64],  # a stamp the file does not have
+        [first + ".gone", size, "whatever", "1" * 64],  # a file of another catalog
+    ]))
+    (folder / "part-000001-of-000002.json").write_text("{not json")  # skipped, named in the log
+    tile(cat, out, TileOptions(**OPTIONS), show_progress=False)
+    assert _input_sha256(out) == _hashlib_of(scene_copy)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--parts", "2"], {}, "give the part with --part or $JOB_COMPLETION_INDEX"),
+    (["--parts", "2", "--part", "-1"], {}, "checksum part -1 of 2 does not exist"),
+    (["--parts", "2"], {"JOB_COMPLETION_INDEX": "x"}, "$JOB_COMPLETION_INDEX is 'x'"),
+])
+def test_tile_checksum_refuses_a_part_it_cannot_name(tiny_scene, tmp_path, args, env, message):
+    out = tmp_path / "none.zarr"
+    base = {k: v for k, v in os.environ.items() if k != "JOB_COMPLETION_INDEX"}
+    done = subprocess.run([SARFLOW, "tile-checksum", str(tiny_scene), "--out", str(out), *args],
+                          env={**base, **env}, capture_output=True, text=True)
+    assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr
+    assert not Path(str(out) + ".partial").exists() and not out.exists()  # nothing written
+
+
+def test_tile_checksum_names_a_missing_input_and_refuses_a_finished_store(scene_copy, reference, tmp_path):
+    missing = Path(catalog_files(load_catalog(scene_copy))[0])
+    missing.unlink()
+    out = tmp_path / "missing.zarr"
+    done = subprocess.run([SARFLOW, "tile-checksum", str(scene_copy), "--out", str(out), "--parts", "1", "--part", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and str(missing) in done.stderr and "file does not exist" in done.stderr, done.stderr
+    assert not Path(str(out) + ".partial").exists()
+    before = folder_bytes(reference)
+    done = subprocess.run([SARFLOW, "tile-checksum", str(scene_copy), "--out", str(reference), "--parts", "1",
+                           "--part", "0"], capture_output=True, text=True)
+    assert done.returncode == 2 and "already exists" in done.stderr, done.stderr
+    assert folder_bytes(reference) == before and not Path(str(reference) + ".partial").exists()
+
+
+def test_a_part_past_the_files_does_nothing(tiny_scene, tmp_path):
+    cat = load_catalog(tiny_scene)
+    out = tmp_path / "past.zarr"
+    assert checksum_part(cat, out, len(catalog_files(cat)), len(catalog_files(cat)) + 1) is None
+    assert not Path(str(out) + ".partial").exists()
+
+
+def test_an_s3_object_rewritten_with_other_bytes_of_the_same_size_gets_another_stamp(moto_url, monkeypatch):
+    from sarflow.data.storage import ensure_bucket, file_stamp, s3_filesystem
+
+    for k, v in {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    ensure_bucket("stamps")
+    fs = s3_filesystem()
+    fs.pipe_file("stamps/a.tif", np.arange(64, dtype=np.uint8).tobytes())
+    first = file_stamp("s3://stamps/a.tif")
+    fs.pipe_file("stamps/a.tif", np.arange(64, dtype=np.uint8)[::-1].tobytes())
+    second = file_stamp("s3://stamps/a.tif")
+    assert first[0] == second[0] == 64 and first[1] != second[1]
