@@ -1,5 +1,5 @@
-"""Components of tiling: `tile-scene` (one task) and the fan-out `checksum-inputs` per part of the
-input files -> `survey-tiles` -> `screen-tiles` per
+"""Components of tiling: `tile-scene` (one task) and the fan-out `list-checksum-parts` -> `checksum-inputs`
+per part of the input files -> `survey-tiles` -> `screen-tiles` per
 part of the grid -> `plan-tiles` -> `write-tile-units` per run of units (or `tile-units-job`, a
 Kubernetes Indexed Job) -> `finalize-tiles`, into one store by URI.
 
@@ -70,9 +70,13 @@ def tile_scene(
 # writes a run of consecutive units (tile_units.unit_runs), so a block two of its units share is warped once.
 
 @dsl.component(base_image="ghcr.io/sarflow/sarflow:0.1.0", install_kfp_package=False)
-def list_checksum_parts(catalog: str, parts: int = 8, s3_endpoint: str = "") -> List[int]:
-    """The checksum parts of the catalog's input files that hold a file (up to `parts`; the ParallelFor's items)."""
+def list_checksum_parts(catalog: str, parts: int = 8, checksum: bool = True, s3_endpoint: str = "") -> List[int]:
+    """The checksum parts of the catalog's input files that hold a file (up to `parts`; the ParallelFor's
+    items); one part, which does nothing, when `checksum` is off."""
     import os
+
+    if not checksum:
+        return [0]
 
     if s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint

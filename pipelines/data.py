@@ -148,7 +148,7 @@ def tile_pipeline(
     runner, `job_parallelism` pods at once, with 4 runs per pod slot (tile_units.job_runs). finalize
     waits for every run (dsl.Collected)."""
 
-    listed = list_checksum_parts(catalog=catalog, parts=checksum_parts, s3_endpoint=s3_endpoint)
+    listed = list_checksum_parts(catalog=catalog, parts=checksum_parts, checksum=checksum, s3_endpoint=s3_endpoint)
     stage(listed, "checksum-parts", "tile", cache=False)
     with dsl.ParallelFor(listed.output, parallelism=UNIT_PARALLELISM, name="checksums") as part:
         hashed = checksum_inputs(catalog=catalog, store_uri=store_uri, part=part, parts=checksum_parts,

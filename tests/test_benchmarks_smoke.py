@@ -262,8 +262,12 @@ def test_checksum_bench_hashes_in_parts_and_resumes_without_hashing(tmp_path):
     res = json.loads(out.read_text())
     med = res["median"]
     assert res["input_files"] > 1 and res["input_mb"] > 0 and res["rounds"] == 2
-    assert set(med) == {"survey_hashing", "survey_resumed", "parts_1", "parts_2"}
+    assert set(med) == {"no_op_part", "survey_hashing", "survey_resumed", "parts_1", "parts_2"}
     assert all(len(m["rounds_s"]) == 2 and m["s"] in m["rounds_s"] and m["cpu_s"] > 0 for m in med.values())
-    assert res["checksum_speedup"]["1"] == 1.0 and res["mb_per_cpu_s"] > 0
-    assert res["hours_per_tb_of_inputs"]["16_parts"] == pytest.approx(4 * res["hours_per_tb_of_inputs"]["64_parts"],
-                                                                       rel=0.05)
+    assert res["checksum_speedup"]["1"] == 1.0
+    if res["mb_per_cpu_s"] is None:  # the tiny scene's hashing may be lost in the start-up's noise: nothing claimed
+        assert res["minutes_per_tb_of_inputs"] is None
+    else:
+        minutes = res["minutes_per_tb_of_inputs"]
+        assert res["mb_per_cpu_s"] > 0 and minutes["1_parts"] == pytest.approx(1e6 / res["mb_per_cpu_s"] / 60, rel=0.01)
+        assert minutes["16_parts"] == pytest.approx(minutes["1_parts"] / 16, abs=0.01)

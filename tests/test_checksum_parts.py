@@ -93,16 +93,18 @@ def test_two_checksum_processes_spare_the_survey_every_read_and_give_tile_store(
     assert _input_sha256(out) == _hashlib_of(tiny_scene)
 
 
-def test_a_file_changed_after_its_part_was_hashed_is_hashed_again(scene_copy, tmp_path):
+def test_a_file_changed_after_its_part_was_hashed_is_hashed_again(scene_copy, tmp_path, caplog):
     cat = load_catalog(scene_copy)
     out = tmp_path / "changed.zarr"
     assert [checksum_part(cat, out, i, 3) for i in range(3)] == [len(catalog_files(cat)[i::3]) for i in range(3)]
     changed = Path(catalog_files(cat)[0])
-    with rasterio.open(changed, "r+") as ds:  # other bytes of the same size
+    with rasterio.open(changed, "r+") as ds:  # other bytes
         band = ds.read(1)
         band[0, 0] = band[0, 1] if band[0, 0] != band[0, 1] else band[0, 0] + 1
         ds.write(band, 1)
-    survey(cat, out, TileOptions(**OPTIONS), 1)
+    with caplog.at_level("INFO"):
+        survey(cat, out, TileOptions(**OPTIONS), 1)
+    assert f"checksums: 1 of {len(catalog_files(cat))} input files hashed" in caplog.text  # that file alone
     commit_plan(out)
     run_units(out)
     finalize(out)
@@ -118,7 +120,7 @@ def test_a_resumed_tile_reads_no_input_again(reference, tiny_scene, tmp_path, mo
     assert folder_bytes(out) == folder_bytes(reference)
 
 
-def test_checksum_records_of_other_files_or_other_bytes_are_not_taken(scene_copy, tmp_path):
+def test_checksum_records_of_other_files_or_other_bytes_are_not_taken(scene_copy, tmp_path, caplog):
     cat = load_catalog(scene_copy)
     out = tmp_path / "stale.zarr"
     folder = Path(Location(out).work, BUILD, CHECKSUMS)
@@ -128,15 +130,22 @@ def test_checksum_records_of_other_files_or_other_bytes_are_not_taken(scene_copy
     (folder / "part-000000-of-000001.json").write_text(json.dumps([
         [first, size, "mtime_ns:1:ino:1", "0" * 64],  # a stamp the file does not have
         [first + ".gone", size, "whatever", "1" * 64],  # a file of another catalog
+        [first, size, "x", "not a checksum"],  # not a row: skipped, counted in the log
     ]))
     (folder / "part-000001-of-000002.json").write_text("{not json")  # skipped, named in the log
-    tile(cat, out, TileOptions(**OPTIONS), show_progress=False)
+    with caplog.at_level("INFO"):
+        tile(cat, out, TileOptions(**OPTIONS), show_progress=False)
     assert _input_sha256(out) == _hashlib_of(scene_copy)
+    assert "part-000001-of-000002.json: not a checksum record" in caplog.text
+    assert "part-000000-of-000001.json: 1 rows are not [uri, size, stamp, sha256]" in caplog.text
+    assert "1 input files were recorded with another size or stamp and are hashed again" in caplog.text
 
 
 @pytest.mark.parametrize("args, env, message", [
     (["--parts", "2"], {}, "give the part with --part or $JOB_COMPLETION_INDEX"),
     (["--parts", "2", "--part", "-1"], {}, "checksum part -1 of 2 does not exist"),
+    (["--parts", "2", "--part", "2"], {}, "checksum part 2 of 2 does not exist"),
+    (["--parts", "2"], {"JOB_COMPLETION_INDEX": "3"}, "checksum part 3 of 2 does not exist"),  # more pods than parts
     (["--parts", "2"], {"JOB_COMPLETION_INDEX": "x"}, "$JOB_COMPLETION_INDEX is 'x'"),
 ])
 def test_tile_checksum_refuses_a_part_it_cannot_name(tiny_scene, tmp_path, args, env, message):

@@ -175,14 +175,23 @@ def catalog_files(loaded: LoadedCatalog) -> list[str]:
     return sorted({uri for spec in loaded.catalog.sources for item in _items(loaded, spec) for uri, _ in item})
 
 
-def inspect_file(uri: str, expected_bands: int, spec: SourceSpec) -> RasterFile:
-    """Opens and validates one raster; errors name the file and the cause."""
+def input_stamp(uri: str) -> tuple[int, str]:
+    """An input file's size and stamp (`storage.file_stamp`); a file that is not there, a folder or one
+    that cannot be read is an InputError naming it."""
     if not is_s3(uri):
         if Path(uri).is_dir():
             raise InputError(uri, "is a directory, not a raster file")
         if not Path(uri).is_file():
             raise InputError(uri, "file does not exist")
-    size, stamp = file_stamp(uri)
+    try:
+        return file_stamp(uri)
+    except OSError as e:
+        raise InputError(uri, f"cannot be read ({e.strerror or e})") from None
+
+
+def inspect_file(uri: str, expected_bands: int, spec: SourceSpec) -> RasterFile:
+    """Opens and validates one raster; errors name the file and the cause."""
+    size, stamp = input_stamp(uri)
     try:
         ds_ctx = rasterio.open(gdal_path(uri))
     except RasterioError as e:
@@ -382,6 +391,10 @@ def checksum_files(sources: list[Source], workers: int | None = None, known: dic
     known = known or {}
     digests = {u: known[(u, f.size, f.stamp)] for u, f in files.items() if (u, f.size, f.stamp) in known}
     todo = sorted(set(files) - set(digests))
+    restamped = {u for u, _, _ in known} & set(todo)
+    if restamped:
+        log.warning("%d input files were recorded with another size or stamp and are hashed again: changed since, "
+                    "or on a mount whose inodes differ between machines (e.g. %s)", len(restamped), min(restamped))
     digests.update(hash_files(todo, workers))
     for src in sources:
         for uri, f in src.files.items():
@@ -390,14 +403,18 @@ def checksum_files(sources: list[Source], workers: int | None = None, known: dic
 
 
 def hash_files(uris: list[str], workers: int | None = None) -> dict[str, str]:
-    """uri -> SHA-256 of each file, in parallel threads."""
+    """uri -> SHA-256 of each file, in parallel threads; a local file that cannot be read is an
+    InputError naming it."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not uris:
         return {}
     workers = workers or min(8, 2 * (os.cpu_count() or 1), len(uris))
     with ThreadPoolExecutor(workers) as pool:
-        return dict(zip(uris, pool.map(sha256_of, uris)))
+        try:
+            return dict(zip(uris, pool.map(sha256_of, uris)))
+        except OSError as e:
+            raise InputError(str(e.filename or uris[0]), f"cannot be read ({e.strerror or e})") from None
 
 
 def ingest(loaded: LoadedCatalog, checksum: bool = True, known: dict | None = None) -> Ingested:

@@ -161,12 +161,14 @@ def check_s3_object(uri: str, settings: S3Settings | None = None) -> tuple[int, 
 
 def file_stamp(uri: str) -> tuple[int, str]:
     """A file's size and stamp: what changes whenever its bytes are rewritten, read without reading them
-    (an S3 object's ETag; a local file's modification time in ns and inode). A checksum recorded with a
-    stamp holds while the file has that stamp: the hash cache of `data/ingest.checksum_files`."""
+    (an S3 object's ETag; a local file's modification and change times in ns, device and inode: the
+    change time is the kernel's, which `cp -p`, `touch -r` or `rsync -t` cannot set back). A checksum
+    recorded with a stamp holds while the file has that stamp: the records of
+    `data/ingest.checksum_files`."""
     if is_s3(uri):
         return check_s3_object(uri)
     st = Path(uri).stat()
-    return st.st_size, f"mtime_ns:{st.st_mtime_ns}:ino:{st.st_ino}"
+    return st.st_size, f"mtime_ns:{st.st_mtime_ns}:ctime_ns:{st.st_ctime_ns}:dev:{st.st_dev}:ino:{st.st_ino}"
 
 
 def read_bytes(uri: str) -> bytes:

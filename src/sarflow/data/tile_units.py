@@ -14,8 +14,9 @@
   the parts no process did and writes the plan. A chip's screening depends on that chip alone, so
   the plan does not depend on the parts. Before the survey, the inputs' checksums can fan out the same
   way: `checksum_part(catalog, out, part, parts)` hashes every `parts`-th input file and records the
-  checksums with the files' stamps (`_build/checksums/`); the survey (and a resumed build's) takes a
-  recorded checksum for every file whose size and stamp are unchanged instead of reading it again.
+  checksums with the files' stamps (`_build/checksums/`). The survey takes a recorded checksum for
+  every file whose size and stamp are unchanged instead of reading it again, and records its own, so
+  a build resumed after its survey reads no input again for them.
 - `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
   shards straight into the store and a report (`_build/units/NNNNNN.json`: chip records and each
   train chip's statistics contribution) once its shards are written. A rerun of a unit
@@ -41,6 +42,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 import threading
@@ -262,6 +264,7 @@ class Plan:
 
 SURVEY = "survey.json"
 CHECKSUMS = "checksums"  # _build/checksums/*.json: [uri, size, stamp, sha256] rows of input checksums
+SURVEY_CHECKSUMS = "survey.json"  # the survey's own record, in place of the parts'
 SCREENED = "screen"  # _build/screen/<survey>-NNNNNN.npy: a screened part's candidate chips, kept or not
 
 
@@ -455,7 +458,7 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     planned, surveyed = _same(loc, Plan, "plan.json", fingerprint), _same(loc, Survey, SURVEY, fingerprint)
     if planned is not None:
         log.info("resuming %s: %d units planned", loc.work, len(planned.units))
-        _record_checksums(loc, ing, known)
+        _record_checksums(loc, ing)
         # nothing to screen: one no-op part
         return surveyed or Survey(fingerprint, planned.block_chips, [[0, 0]]), None
     side = block_side(ing.grid, options)
@@ -463,7 +466,7 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     if surveyed is not None and (parts is None or surveyed.parts == _cut(blocks, side, parts)):
         done = sum(loc.exists(BUILD, SCREENED, surveyed.part_file(i)) for i in range(len(surveyed.parts)))
         log.info("resuming %s: surveyed, %d of %d parts screened", loc.work, done, len(surveyed.parts))
-        _record_checksums(loc, ing, known)
+        _record_checksums(loc, ing)
         state = pickle.loads(loc.read(BUILD, "ingested.pkl"))
         if state["options"] != options:  # options outside the fingerprint (unit size, threads) are this run's
             state["options"] = options
@@ -482,7 +485,7 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
     with gdal_env([u for s in ing.sources for u in s.files]):
         resampling = {(s.name, u): choose_resampling(s, f, ing.grid) for s in ing.sources for u, f in s.files.items()}
     state = {"ing": ing, "resampling": resampling, "options": options}
-    _record_checksums(loc, ing, {})
+    _record_checksums(loc, ing)
     loc.write(pickle.dumps(state), BUILD, "ingested.pkl")
     loc.write(json.dumps(ing.manifest(), indent=1, sort_keys=True).encode(), BUILD, MANIFEST)
     result = Survey(fingerprint, side, _cut(blocks, side, parts or 1))
@@ -500,26 +503,18 @@ def checksum_part(catalog: LoadedCatalog, out: str | Path, part: int, parts: int
     hashed, or that changed since. A file recorded already with its current stamp is not read again.
     `workers`: hashing threads (default: up to 8). Returns how many files this part hashed; None when the
     part holds no file (past the files)."""
-    from sarflow.data.ingest import catalog_files, hash_files
-    from sarflow.data.storage import file_stamp
+    from sarflow.data.ingest import catalog_files, hash_files, input_stamp
 
     loc = Location(out)
-    if parts < 1 or part < 0:
-        raise InputError(loc.uri, f"checksum part {part} of {parts} does not exist (parts are numbered from 0, "
-                                  "at least one part)")
+    if not 0 <= part < parts:
+        raise InputError(loc.uri, f"checksum part {part} of {parts} does not exist (parts are numbered from 0 "
+                                  "to parts - 1)")
     if loc.finished() and not overwrite:
         raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
     mine = catalog_files(catalog)[part::parts]
     if not mine:
         return None
-    stamps = {}
-    for uri in mine:
-        if not is_s3(uri) and Path(uri).is_dir():
-            raise InputError(uri, "is a directory, not a raster file")
-        try:
-            stamps[uri] = file_stamp(uri)
-        except FileNotFoundError:
-            raise InputError(uri, "file does not exist") from None
+    stamps = {uri: input_stamp(uri) for uri in mine}
     known = _recorded_checksums(loc)
     todo = sorted(u for u, (size, stamp) in stamps.items() if (u, size, stamp) not in known)
     digests = hash_files(todo, workers)
@@ -541,25 +536,27 @@ def _recorded_checksums(loc: Location) -> dict:
             continue
         try:
             rows = json.loads(loc.fs.cat_file(path))
-            known.update({(u, int(size), stamp): sha for u, size, stamp, sha in rows})
+            found = {(u, int(size), stamp): sha for u, size, stamp, sha in rows
+                     if isinstance(u, str) and isinstance(stamp, str) and re.fullmatch("[0-9a-f]{64}", str(sha))}
         except (OSError, ValueError, TypeError) as e:
             log.warning("%s: not a checksum record (%s); skipped", path, e)
+            continue
+        if len(found) < len(rows):
+            log.warning("%s: %d rows are not [uri, size, stamp, sha256]; skipped", path, len(rows) - len(found))
+        known.update(found)
     return known
 
 
-def _record_checksums(loc: Location, ing: Ingested, known: dict) -> None:
-    """Records the survey's input checksums (`_build/checksums/survey.json`, in place of the parts'
-    records): a resumed build reads no input again, or only those that changed."""
+def _record_checksums(loc: Location, ing: Ingested) -> None:
+    """Records the survey's input checksums (`_build/checksums/survey.json`) in place of the parts'
+    records: a build resumed after its survey reads no input again, or only those that changed."""
     files = {u: f for s in ing.sources for u, f in s.files.items()}
     if not files or not all(f.sha256 for f in files.values()):
         return  # --no-checksum
     rows = [[u, files[u].size, files[u].stamp, files[u].sha256] for u in sorted(files)]
-    if known and {(u, size, stamp): sha for u, size, stamp, sha in rows}.items() <= known.items() \
-            and loc.exists(BUILD, CHECKSUMS, SURVEY):
-        return  # recorded already
-    loc.write(json.dumps(rows).encode(), BUILD, CHECKSUMS, SURVEY)
+    loc.write(json.dumps(rows).encode(), BUILD, CHECKSUMS, SURVEY_CHECKSUMS)
     for path in loc.fs.ls(loc.key(BUILD, CHECKSUMS), detail=False):
-        if path.endswith(".json") and not path.endswith("/" + SURVEY):
+        if path.endswith(".json") and not path.endswith("/" + SURVEY_CHECKSUMS):
             loc.fs.rm(path)
 
 
