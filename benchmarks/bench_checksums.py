@@ -19,13 +19,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cost import cpu_seconds
+from cost import cpu_seconds, run_processes
 from machine import git_commit, host
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +35,7 @@ PARTS = (1, 16, 64, 256)
 def _run(commands: list[list[str]]) -> tuple[float, float]:
     """Runs the commands as processes at once; wall and CPU seconds (children waited for)."""
     w0, c0 = time.perf_counter(), cpu_seconds()
-    logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=log) for c, log in zip(commands, logs)]
-    for c, p, log in zip(commands, procs, logs):
-        if p.wait():
-            log.seek(0)
-            raise SystemExit(f"{' '.join(c)} failed ({p.returncode}): {log.read()[-2000:]}")
+    run_processes(commands)
     return time.perf_counter() - w0, cpu_seconds() - c0
 
 

@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cost import cpu_seconds, m3leo_hours  # benchmarks/cost.py, beside this script
+from cost import cpu_seconds, m3leo_hours, run_processes  # benchmarks/cost.py, beside this script
 from machine import git_commit, host
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,18 +43,6 @@ PROJECTION_NOTE = ("from units of one shard and blocks of --block-chips (4x4 chi
                    "windows; plan with bench_tile.py's projection (default options), this one tells the scaling")
 
 
-def _processes(commands: list[list[str]]) -> None:
-    """Runs the commands as separate processes at once (pods: each its own interpreter, start-up
-    included) and waits for all; a failure stops the benchmark with its stderr (each writes to its own
-    file: a full pipe never holds one back)."""
-    logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=log) for c, log in zip(commands, logs)]
-    for c, p, log in zip(commands, procs, logs):
-        if p.wait():
-            log.seek(0)
-            raise SystemExit(f"{' '.join(c)} failed ({p.returncode}): {log.read()[-2000:]}")
-
-
 def run_once(catalog: Path, out: str, processes: int, options) -> dict:
     """plan (this process), the units in `processes` `sarflow tile-unit --runs P --run I` processes at
     once (each a run of consecutive units, as the pipeline's tasks and the Indexed Job's pods; one
@@ -65,7 +52,7 @@ def run_once(catalog: Path, out: str, processes: int, options) -> dict:
 
     _remove(out)  # every round plans from nothing (a previous round's store is not removed inside the timing)
     p, plan_wall, plan_cpu = _timed(lambda: plan(load_catalog(catalog), out, options))
-    _, units_wall, units_cpu = _timed(lambda: _processes(
+    _, units_wall, units_cpu = _timed(lambda: run_processes(
         [[SARFLOW, "tile-unit", out, "--runs", str(processes), "--run", str(i), "--workers", "1"]
          for i in range(processes)]))
     _, fin_wall, fin_cpu = _timed(lambda: finalize(out))
@@ -106,7 +93,7 @@ def plan_in_parts(catalog: Path, out: str, processes: int, options) -> dict:
     from sarflow.data.tile_units import commit_plan, survey
 
     s, survey_wall, survey_cpu = _timed(lambda: survey(load_catalog(catalog), out, options, processes))
-    _, screen_wall, screen_cpu = _timed(lambda: _processes(
+    _, screen_wall, screen_cpu = _timed(lambda: run_processes(
         [[SARFLOW, "tile-screen", out, "--part", str(i), "--workers", "1"] for i in range(len(s.parts))]))
     p, commit_wall, commit_cpu = _timed(lambda: commit_plan(out))
     return {"processes": processes, "parts": len(s.parts), "chips": p.total,
