@@ -518,6 +518,8 @@ def checksum_part(catalog: LoadedCatalog, out: str | Path, part: int, parts: int
     known = _recorded_checksums(loc)
     todo = sorted(u for u, (size, stamp) in stamps.items() if (u, size, stamp) not in known)
     digests = hash_files(todo, workers)
+    if not overwrite and Location(out).finished():  # finished while this part hashed: it writes nothing there
+        raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
     rows = [[u, *stamps[u], digests[u] if u in digests else known[(u, *stamps[u])]] for u in sorted(stamps)]
     loc.write(json.dumps(rows).encode(), BUILD, CHECKSUMS, f"part-{part:06d}-of-{parts:06d}.json")
     log.info("checksum part %d of %d: %d files hashed, %d recorded already", part, parts, len(todo), len(rows) - len(todo))
