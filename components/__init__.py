@@ -35,7 +35,7 @@ GPU_IMAGE = "ghcr.io/sarflow/sarflow-gpu:0.1.0"
 # CLI uses to make paths absolute) must not cost every command an import of kfp
 _MODULES = {
     "synth_scene": "synth", "ingest_scene": "ingest",
-    "tile_scene": "tile", "survey_tiles": "tile", "screen_tiles": "tile", "plan_tiles": "tile", "write_tile_units": "tile", "finalize_tiles": "tile", "tile_units_job": "tile",
+    "tile_scene": "tile", "list_checksum_parts": "tile", "checksum_inputs": "tile", "survey_tiles": "tile", "screen_tiles": "tile", "plan_tiles": "tile", "write_tile_units": "tile", "finalize_tiles": "tile", "tile_units_job": "tile",
     "version_chips": "version",
     "pretrain_encoder": "pretrain", "pretrain_trainjob": "pretrain", "encoder_reference": "pretrain",
     "embed_chips": "embed", "plan_embed": "embed", "embed_shards": "embed", "publish_embeddings": "embed",
