@@ -387,19 +387,27 @@ def checksum_files(sources: list[Source], workers: int | None = None, known: dic
     the network's pace, not one file after another); a file in several sources is hashed once.
     `known`: checksums recorded earlier, (uri, size, stamp) -> sha256; a file whose size and stamp are
     still the recorded ones is not read again. Returns how many files were hashed."""
-    files = {uri: f for src in sources for uri, f in src.files.items()}
-    known = known or {}
-    digests = {u: known[(u, f.size, f.stamp)] for u, f in files.items() if (u, f.size, f.stamp) in known}
-    todo = sorted(set(files) - set(digests))
+    stamps = {uri: (f.size, f.stamp) for src in sources for uri, f in src.files.items()}
+    digests, hashed = recorded_or_hashed(stamps, known or {}, workers)
+    for src in sources:
+        for uri, f in src.files.items():
+            f.sha256 = digests[uri]
+    return hashed
+
+
+def recorded_or_hashed(stamps: dict[str, tuple[int, str]], known: dict, workers: int | None = None
+                       ) -> tuple[dict[str, str], int]:
+    """uri -> SHA-256 of the files of `stamps` (uri -> (size, stamp)): the recorded one (`known`:
+    (uri, size, stamp) -> sha256) while the file keeps its size and stamp, else hashed now (`hash_files`);
+    and how many were hashed."""
+    digests = {u: known[(u, *st)] for u, st in stamps.items() if (u, *st) in known}
+    todo = sorted(set(stamps) - set(digests))
     restamped = {u for u, _, _ in known} & set(todo)
     if restamped:
         log.warning("%d input files were recorded with another size or stamp and are hashed again: changed since, "
                     "or on a mount whose inodes differ between machines (e.g. %s)", len(restamped), min(restamped))
     digests.update(hash_files(todo, workers))
-    for src in sources:
-        for uri, f in src.files.items():
-            f.sha256 = digests[uri]
-    return len(todo)
+    return digests, len(todo)
 
 
 def hash_files(uris: list[str], workers: int | None = None) -> dict[str, str]:

@@ -449,8 +449,7 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
         os.replace(_replaced(loc), loc.uri)
         log.info("%s: put back the store an interrupted --overwrite had moved aside", loc.uri)
         loc = Location(out)
-    if loc.finished() and not options.overwrite:
-        raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
+    _refuse_finished(loc, options.overwrite)
     known = _recorded_checksums(loc) if options.checksum else {}
     ing = ingest(catalog, checksum=options.checksum, known=known)  # a bad source file is named first
     check_source_names([s.name for s in ing.sources], str(ing.catalog.path))
@@ -503,27 +502,33 @@ def checksum_part(catalog: LoadedCatalog, out: str | Path, part: int, parts: int
     hashed, or that changed since. A file recorded already with its current stamp is not read again.
     `workers`: hashing threads (default: up to 8). Returns how many files this part hashed; None when the
     part holds no file (past the files)."""
-    from sarflow.data.ingest import catalog_files, hash_files, input_stamp
+    from sarflow.data.ingest import catalog_files, input_stamp, recorded_or_hashed
 
     loc = Location(out)
     if not 0 <= part < parts:
         raise InputError(loc.uri, f"checksum part {part} of {parts} does not exist (parts are numbered from 0 "
                                   "to parts - 1)")
-    if loc.finished() and not overwrite:
-        raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
+    _refuse_finished(loc, overwrite)
     mine = catalog_files(catalog)[part::parts]
     if not mine:
         return None
     stamps = {uri: input_stamp(uri) for uri in mine}
-    known = _recorded_checksums(loc)
-    todo = sorted(u for u, (size, stamp) in stamps.items() if (u, size, stamp) not in known)
-    digests = hash_files(todo, workers)
-    if not overwrite and Location(out).finished():  # finished while this part hashed: it writes nothing there
+    digests, hashed = recorded_or_hashed(stamps, _recorded_checksums(loc), workers)
+    _refuse_finished(Location(out), overwrite)  # finished while this part hashed: it writes nothing there
+    _write_checksums(loc, f"part-{part:06d}-of-{parts:06d}.json", stamps, digests)
+    log.info("checksum part %d of %d: %d files hashed, %d recorded already", part, parts, hashed, len(stamps) - hashed)
+    return hashed
+
+
+def _refuse_finished(loc: Location, overwrite: bool) -> None:
+    if loc.finished() and not overwrite:
         raise InputError(loc.uri, "the store already exists (use --overwrite to replace it)")
-    rows = [[u, *stamps[u], digests[u] if u in digests else known[(u, *stamps[u])]] for u in sorted(stamps)]
-    loc.write(json.dumps(rows).encode(), BUILD, CHECKSUMS, f"part-{part:06d}-of-{parts:06d}.json")
-    log.info("checksum part %d of %d: %d files hashed, %d recorded already", part, parts, len(todo), len(rows) - len(todo))
-    return len(todo)
+
+
+def _write_checksums(loc: Location, name: str, stamps: dict, digests: dict) -> None:
+    """A checksum record (`_build/checksums/<name>`): [uri, size, stamp, sha256] rows, whole or not at all."""
+    rows = [[u, *stamps[u], digests[u]] for u in sorted(stamps)]
+    loc.write(json.dumps(rows).encode(), BUILD, CHECKSUMS, name)
 
 
 def _recorded_checksums(loc: Location) -> dict:
@@ -555,8 +560,8 @@ def _record_checksums(loc: Location, ing: Ingested) -> None:
     files = {u: f for s in ing.sources for u, f in s.files.items()}
     if not files or not all(f.sha256 for f in files.values()):
         return  # --no-checksum
-    rows = [[u, files[u].size, files[u].stamp, files[u].sha256] for u in sorted(files)]
-    loc.write(json.dumps(rows).encode(), BUILD, CHECKSUMS, SURVEY_CHECKSUMS)
+    _write_checksums(loc, SURVEY_CHECKSUMS, {u: (f.size, f.stamp) for u, f in files.items()},
+                     {u: f.sha256 for u, f in files.items()})
     for path in loc.fs.ls(loc.key(BUILD, CHECKSUMS), detail=False):
         if path.endswith(".json") and not path.endswith("/" + SURVEY_CHECKSUMS):
             loc.fs.rm(path)
