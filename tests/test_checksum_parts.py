@@ -1,5 +1,5 @@
-"""The inputs' checksums fanned out: `tile-checksum --parts N` hashes every N-th input file in any
-process and records the checksums with the files' stamps in the store's build; the survey (and a
+"""The inputs' checksums fanned out: `tile-checksum --parts N` hashes one of N shares of the input
+bytes in any process and records the checksums with the files' stamps in the store's build; the survey (and a
 resumed build) takes a recorded checksum for every file whose size and stamp are unchanged, and hashes
 the rest. The store is the same bytes as the one-process `tile()`, and its lineage holds the inputs'
 true SHA-256."""
@@ -20,10 +20,10 @@ import rasterio
 
 from helpers import folder_bytes
 from sarflow.data.catalog import load_catalog
-from sarflow.data.ingest import catalog_files
+from sarflow.data.ingest import catalog_files, input_sizes
 from sarflow.data.tile import TileOptions, tile
-from sarflow.data.tile_units import (BUILD, CHECKSUMS, Location, checksum_part, commit_plan, finalize, run_units,
-                                     screen_part, survey)
+from sarflow.data.tile_units import (BUILD, CHECKSUMS, Location, checksum_part, checksum_shares, commit_plan, finalize,
+                                     run_units, screen_part, survey)
 
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
 OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1, block_chips=4)
@@ -76,8 +76,10 @@ def test_two_checksum_processes_spare_the_survey_every_read_and_give_tile_store(
         stdout, stderr = p.communicate(timeout=120)
         assert p.returncode == 0, stderr
         hashed.append(json.loads(stdout)["hashed"])
-    files = len(catalog_files(load_catalog(tiny_scene)))
-    assert sorted(hashed) == [files // 2, files - files // 2]  # every file hashed once, by one part
+    inputs = catalog_files(load_catalog(tiny_scene))
+    files = len(inputs)
+    assert hashed == [len(share) for share in checksum_shares(input_sizes(inputs), 2)]  # each file once, by one part
+    assert sum(hashed) == files
     done = subprocess.run([SARFLOW, "tile-plan", str(tiny_scene), "--out", str(out), "--survey", "2", *FLAGS],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -96,7 +98,8 @@ def test_two_checksum_processes_spare_the_survey_every_read_and_give_tile_store(
 def test_a_file_changed_after_its_part_was_hashed_is_hashed_again(scene_copy, tmp_path, caplog):
     cat = load_catalog(scene_copy)
     out = tmp_path / "changed.zarr"
-    assert [checksum_part(cat, out, i, 3) for i in range(3)] == [len(catalog_files(cat)[i::3]) for i in range(3)]
+    shares = checksum_shares(input_sizes(catalog_files(cat)), 3)
+    assert [checksum_part(cat, out, i, 3) for i in range(3)] == [len(share) for share in shares]
     changed = Path(catalog_files(cat)[0])
     with rasterio.open(changed, "r+") as ds:  # other bytes
         band = ds.read(1)
@@ -193,3 +196,51 @@ def test_an_s3_object_rewritten_with_other_bytes_of_the_same_size_gets_another_s
     fs.pipe_file("stamps/a.tif", np.arange(64, dtype=np.uint8)[::-1].tobytes())
     second = file_stamp("s3://stamps/a.tif")
     assert first[0] == second[0] == 64 and first[1] != second[1]
+
+
+def test_checksum_shares_cut_the_bytes_not_the_file_count():
+    sizes = {"s3://b/scene.tif": 1000, **{f"s3://b/label_{i}.tif": 1 for i in range(6)}}
+    assert checksum_shares(sizes, 2) == [["s3://b/scene.tif"], sorted(f"s3://b/label_{i}.tif" for i in range(6))]
+    # largest first, each to the share with the fewest bytes so far (known answer of that rule)
+    assert checksum_shares({"a": 10, "b": 9, "c": 8, "d": 1, "e": 1}, 2) == [["a", "d", "e"], ["b", "c"]]
+    # files of no bytes spread by count; more parts than files leave the last parts empty
+    assert checksum_shares({"x": 0, "y": 0, "z": 0}, 2) == [["x", "z"], ["y"]]
+    assert checksum_shares({"x": 5}, 3) == [["x"], [], []]
+
+
+def test_checksum_shares_of_the_scene_hold_every_file_once_within_one_file_of_even(tiny_scene):
+    sizes = input_sizes(catalog_files(load_catalog(tiny_scene)))
+    assert sizes == {u: Path(u).stat().st_size for u in sizes}  # stat'ed, every file
+    for parts in (2, 3, 4):
+        shares = checksum_shares(sizes, parts)
+        assert sorted(u for share in shares for u in share) == sorted(sizes)
+        loads = [sum(sizes[u] for u in share) for share in shares]
+        assert max(loads) - min(loads) <= max(sizes.values())
+        assert shares == checksum_shares(dict(reversed(list(sizes.items()))), parts)  # the same in every process
+
+
+def test_s3_input_sizes_come_from_the_folder_listing_and_a_missing_object_is_named(moto_url, monkeypatch):
+    from sarflow.data import storage
+    from sarflow.errors import SarflowError
+
+    for k, v in {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    storage.ensure_bucket("sizes")
+    fs = storage.s3_filesystem()
+    written = {"s3://sizes/s1/a.tif": 3, "s3://sizes/s1/b.tif": 70, "s3://sizes/s1/c.tif": 5, "s3://sizes/top.tif": 11}
+    for uri, n in written.items():
+        fs.pipe_file(uri[5:], bytes(n))
+    fs.pipe_file("sizes/s1/not_asked.tif", bytes(2))
+    asked = dict(written)
+    asked.pop("s3://sizes/s1/c.tif")  # a file between two asked for, not asked: not returned
+
+    def no_head(uri, settings=None):
+        raise AssertionError(f"{uri}: asked alone although its folder was listed")
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "check_s3_object", no_head)
+        assert input_sizes(sorted(asked)) == asked  # one listing per folder, no HEAD
+    with pytest.raises(SarflowError, match="s3://sizes/s1/missing.tif"):
+        input_sizes(sorted(asked) + ["s3://sizes/s1/missing.tif"])

@@ -160,7 +160,7 @@ def tile_checksum(
     workers: Optional[int] = typer.Option(None, min=1, help="hashing threads (default: up to 8)"),
 ) -> None:
     """Distributed tiling, step 0 (before `tile-plan CATALOG --out STORE --survey N`): hash one part of the
-    input files (every PARTS-th file) and record the checksums in the store's build, where the survey
+    input files (about 1/PARTS of their bytes) and record the checksums in the store's build, where the survey
     takes them instead of reading every input in one process. A part past the files does nothing."""
     from sarflow.data.catalog import load_catalog
     from sarflow.data.tile_units import checksum_part

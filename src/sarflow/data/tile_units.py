@@ -13,8 +13,8 @@
   part)` screens one part's blocks (any process; `screen/`, a file per part named by its survey) and `commit_plan(out)` screens
   the parts no process did and writes the plan. A chip's screening depends on that chip alone, so
   the plan does not depend on the parts. Before the survey, the inputs' checksums can fan out the same
-  way: `checksum_part(catalog, out, part, parts)` hashes every `parts`-th input file and records the
-  checksums with the files' stamps (`_build/checksums/`). The survey takes a recorded checksum for
+  way: `checksum_part(catalog, out, part, parts)` hashes one of `parts` shares of the input bytes
+  (`checksum_shares`) and records the checksums with the files' stamps (`_build/checksums/`). The survey takes a recorded checksum for
   every file whose size and stamp are unchanged instead of reading it again, and records its own, so
   a build resumed after its survey reads no input again for them.
 - `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
@@ -37,6 +37,7 @@ are there.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -496,28 +497,44 @@ def _survey(catalog: LoadedCatalog, out: str | Path, options, parts: int | None)
 
 def checksum_part(catalog: LoadedCatalog, out: str | Path, part: int, parts: int, overwrite: bool = False,
                   workers: int | None = None) -> int | None:
-    """Step 0 at scale, before `survey`: hashes part `part` of `parts` of the catalog's input files (every
-    `parts`-th of the sorted list, from number `part`) and records their checksums with their stamps in
-    the build (`_build/checksums/`), whole or not at all. The survey then reads only the files no part
-    hashed, or that changed since. A file recorded already with its current stamp is not read again.
-    `workers`: hashing threads (default: up to 8). Returns how many files this part hashed; None when the
-    part holds no file (past the files)."""
-    from sarflow.data.ingest import catalog_files, input_stamp, recorded_or_hashed
+    """Step 0 at scale, before `survey`: hashes part `part` of `parts` of the catalog's input files (the
+    parts cut by bytes, `checksum_shares`) and records their checksums with their stamps in the build
+    (`_build/checksums/`), whole or not at all. The survey then reads only the files no part hashed, or
+    that changed since. A file recorded already with its current stamp is not read again. `workers`:
+    hashing threads (default: up to 8). Returns how many files this part hashed; None when the part holds
+    no file (more parts than files)."""
+    from sarflow.data.ingest import catalog_files, input_sizes, input_stamp, recorded_or_hashed
 
     loc = Location(out)
     if not 0 <= part < parts:
         raise InputError(loc.uri, f"checksum part {part} of {parts} does not exist (parts are numbered from 0 "
                                   "to parts - 1)")
     _refuse_finished(loc, overwrite)
-    mine = catalog_files(catalog)[part::parts]
+    mine = checksum_shares(input_sizes(catalog_files(catalog)), parts)[part]
     if not mine:
         return None
     stamps = {uri: input_stamp(uri) for uri in mine}
     digests, hashed = recorded_or_hashed(stamps, _recorded_checksums(loc), workers)
     _refuse_finished(Location(out), overwrite)  # finished while this part hashed: it writes nothing there
     _write_checksums(loc, f"part-{part:06d}-of-{parts:06d}.json", stamps, digests)
-    log.info("checksum part %d of %d: %d files hashed, %d recorded already", part, parts, hashed, len(stamps) - hashed)
+    log.info("checksum part %d of %d: %d files hashed (%d bytes), %d recorded already", part, parts, hashed,
+             sum(stamps[u][0] for u in mine), len(stamps) - hashed)
     return hashed
+
+
+def checksum_shares(sizes: dict[str, int], parts: int) -> list[list[str]]:
+    """The input files cut into `parts` shares of about as many bytes each, the same in every process
+    that sees the same sizes: largest file first, each to the share with the fewest bytes so far (the
+    fewest files, then the lowest-numbered, on a tie). A 10 GB scene and a thousand 1 MB labels end up in different shares, where
+    cutting by count would give one part most of the bytes. Should two processes see different sizes (a
+    file rewritten between them), a file may be hashed by two parts or by none: the survey hashes
+    whatever no record covers."""
+    shares, load = [[] for _ in range(parts)], [(0, 0, i) for i in range(parts)]
+    for uri in sorted(sizes, key=lambda u: (-sizes[u], u)):
+        total, count, i = heapq.heappop(load)  # fewest bytes, then fewest files (empty files spread too)
+        shares[i].append(uri)
+        heapq.heappush(load, (total + sizes[uri], count + 1, i))
+    return [sorted(share) for share in shares]
 
 
 def _refuse_finished(loc: Location, overwrite: bool) -> None:
