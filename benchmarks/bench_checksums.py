@@ -64,6 +64,11 @@ def _median(values: list[float]) -> float:
     return sorted(values)[(len(values) - 1) // 2]
 
 
+def _largest(parts: list[list[int]]) -> float:
+    """The largest part's fraction of all the bytes (1/n when even)."""
+    return round(max(sum(p) for p in parts) / sum(sum(p) for p in parts), 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096, help="synthetic scene side in pixels")
@@ -74,14 +79,21 @@ def main() -> None:
     args = ap.parse_args()
 
     from sarflow.data.catalog import load_catalog
-    from sarflow.data.ingest import catalog_files
+    from sarflow.data.ingest import catalog_files, input_sizes
     from sarflow.data.synth import SynthConfig, synthesize
+    from sarflow.data.tile_units import checksum_shares
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_checksums_"))
     try:
         catalog = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=3))
         files = catalog_files(load_catalog(catalog))
-        mb = sum(Path(f).stat().st_size for f in files) / 1e6
+        sizes = input_sizes(files)
+        mb = sum(sizes.values()) / 1e6
+        # the largest part's share of the bytes (it sets the wall): the parts as cut (by bytes) and as
+        # they were cut before (every n-th file of the sorted list)
+        largest_share = {str(n): {"by_bytes": _largest([[sizes[u] for u in share] for share in checksum_shares(sizes, n)]),
+                                  "by_file_count": _largest([[sizes[u] for u in files[i::n]] for i in range(n)])}
+                         for n in args.processes if n > 1}
         rounds = [one_round(catalog, tmp / "chips.zarr", args.processes, args.threads) for _ in range(args.rounds)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,6 +114,7 @@ def main() -> None:
                              for n in args.processes},
         "survey_after_parts_over_anchor": round(med[f"parts_{args.processes[-1]}"]["survey_s"]
                                                 / med["survey_hashing"]["s"], 2),
+        "largest_part_share_of_bytes": largest_share,
         "mb_per_cpu_s": rate and round(rate, 1),
         "rate_note": "MB hashed per CPU second: one checksum process's CPU less a no-op part's (start-up)",
         "minutes_per_tb_of_inputs": rate and {f"{n}_parts": round(1e6 / rate / n / 60, 2) for n in PARTS},

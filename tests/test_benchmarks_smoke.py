@@ -265,6 +265,8 @@ def test_checksum_bench_hashes_in_parts_and_resumes_without_hashing(tmp_path):
     assert set(med) == {"no_op_part", "survey_hashing", "survey_resumed", "parts_1", "parts_2"}
     assert all(len(m["rounds_s"]) == 2 and m["s"] in m["rounds_s"] and m["cpu_s"] > 0 for m in med.values())
     assert res["checksum_speedup"]["1"] == 1.0
+    share = res["largest_part_share_of_bytes"]["2"]  # of two parts the larger holds at least half the bytes
+    assert 0.5 <= share["by_bytes"] <= 1.0 and 0.5 <= share["by_file_count"] <= 1.0
     if res["mb_per_cpu_s"] is None:  # the tiny scene's hashing may be lost in the start-up's noise: nothing claimed
         assert res["minutes_per_tb_of_inputs"] is None
     else:
