@@ -396,3 +396,27 @@ def test_a_chips_statistics_do_not_depend_on_the_batch_it_is_summed_in(dtype, fi
     assert whole == mixed[:2]
     assert chip_contributions(source, chips[1:2]) == whole[1:]  # alone, as in a batch
     assert [band[0] for band in mixed[2]] == [128 * 128 - 35] * 2 and whole[0][0][0] == 128 * 128
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "int32", "float32"])
+def test_categorical_code_counts_equal_numpy_unique(dtype):
+    """Class counts by a histogram (8- and 16-bit codes) or a sort (others): np.unique's answer,
+    negative codes and the dtype's extremes included; a chip's categorical contribution from them."""
+    from types import SimpleNamespace
+
+    from sarflow.data.tile import chip_contributions, code_counts
+
+    rng = np.random.default_rng(3)
+    kind = np.dtype(dtype).kind
+    lo, hi = (np.iinfo(dtype).min, np.iinfo(dtype).max) if kind in "ui" else (-5, 5)
+    values = rng.integers(lo, hi, 4000, endpoint=True).astype(dtype)
+    values[:3] = [lo, hi, lo]
+    codes, hits = code_counts(values)
+    want_codes, want_hits = np.unique(values, return_counts=True)
+    assert codes.tolist() == want_codes.tolist() and hits.tolist() == want_hits.tolist()
+    chip = np.full((1, 1, 4, 4), hi, dtype=dtype)
+    chip[0, 0, 0, :3] = [lo, 1, 1]
+    chip[0, 0, 1, 0] = 2
+    source = SimpleNamespace(spec=SimpleNamespace(kind="categorical"), fill_value=hi)  # the top code is nodata
+    name = [str(v) for v in np.array([lo, 1, 2], dtype=dtype).tolist()]  # codes as the JSON stores them
+    assert chip_contributions(source, chip) == [[[[name[0], 1], [name[1], 2], [name[2], 1]]]]
