@@ -245,3 +245,25 @@ def test_corine_lausanne_is_screened_exactly(real_data, tmp_path, resolution):
     fast, exact, decided, _ = _screened_and_exact(catalog)
     np.testing.assert_array_equal(fast, exact)
     assert exact.sum() > 5 and decided > 0.5, (exact.sum(), decided)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (61, 45), (7, 13), (1, 1)])
+@pytest.mark.parametrize("how", ["any", "all"])
+def test_validity_cells_pool_by_words_equal_numpy_reductions(shape, how):
+    """`_pool` reads a cell row's 8 booleans as one 64-bit word: the same cells as numpy's any()/all()
+    over each 8 x 8 cell of the mask padded with False, for masks that are empty, full, sparse or
+    dense, whole cells or not, C or Fortran ordered."""
+    from sarflow.data.screen import CELL, _pool
+
+    rng = np.random.default_rng(5)
+    reduce = getattr(np, how)
+    for p in (0.0, 0.02, 0.5, 1.0):
+        mask = rng.random(shape) >= p
+        h, w = shape
+        padded = np.pad(mask, ((0, -h % CELL), (0, -w % CELL)))
+        want = reduce(reduce(padded.reshape(padded.shape[0] // CELL, CELL, padded.shape[1] // CELL, CELL), axis=3),
+                      axis=1)
+        for m in (mask, np.asfortranarray(mask)):
+            got = _pool(m, reduce)
+            assert got.dtype == bool and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)

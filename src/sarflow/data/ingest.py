@@ -246,8 +246,11 @@ def inspect_file(uri: str, expected_bands: int, spec: SourceSpec) -> RasterFile:
 
 def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
     """True where a pixel holds data: not NaN and not the nodata value (all bands for a stack)."""
-    valid = ~np.isnan(data) if np.issubdtype(data.dtype, np.floating) else np.ones(data.shape, bool)
-    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+    by_value = nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata))
+    if not np.issubdtype(data.dtype, np.floating):
+        return data != nodata if by_value else np.ones(data.shape, bool)
+    valid = ~np.isnan(data)
+    if by_value:
         valid &= data != nodata
     return valid
 

@@ -36,7 +36,7 @@ from rasterio.errors import RasterioError
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
-from sarflow.data.ingest import Ingested, Source, gdal_env
+from sarflow.data.ingest import Ingested, Source, gdal_env, valid_mask
 from sarflow.data.tile import LINEAR_POWER, resampling_domain
 from sarflow.errors import InputError
 
@@ -91,12 +91,22 @@ def _sat(cells: np.ndarray) -> np.ndarray:
 
 def _pool(mask: np.ndarray, how) -> np.ndarray:
     """(rows, cols) pixels -> cells (rows/CELL, cols/CELL): all() or any() of each cell; rows and cols
-    padded with False to whole cells."""
+    padded with False to whole cells. With 8-pixel cells a cell row's 8 booleans are one 64-bit word,
+    so each cell is the OR (any) or AND (all) of 8 words: a tenth of numpy's reduction over an axis of 8."""
     h, w = mask.shape
     ph, pw = -(-h // CELL) * CELL, -(-w // CELL) * CELL
     if (ph, pw) != (h, w):
         mask = np.pad(mask, ((0, ph - h), (0, pw - w)), constant_values=False)
-    return how(how(mask.reshape(ph // CELL, CELL, pw // CELL, CELL), axis=3), axis=1)
+    if CELL != _WORD:
+        return how(how(mask.reshape(ph // CELL, CELL, pw // CELL, CELL), axis=3), axis=1)
+    words = np.ascontiguousarray(mask, dtype=bool).view(np.uint64).reshape(ph // CELL, CELL, pw // CELL)
+    if how is np.any:
+        return np.bitwise_or.reduce(words, axis=1) != 0
+    return np.bitwise_and.reduce(words, axis=1) == _ALL_TRUE
+
+
+_WORD = np.dtype(np.uint64).itemsize  # booleans in a 64-bit word
+_ALL_TRUE = int.from_bytes(b"\x01" * _WORD, "little")  # a word of booleans, every one True (in any byte order)
 
 
 def _open(uri: str, path: str):
@@ -119,11 +129,9 @@ def _strip_cells(source: Source, uri: str, bands: int, resampling: str, window: 
             flags = [ds.mask_flag_enums[b] for b in range(bands)]
             masked = any(MaskFlags.per_dataset in fl or MaskFlags.alpha in fl for fl in flags)
             data = ds.read(list(range(1, bands + 1)), window=window)
-            valid = ~np.isnan(data) if data.dtype.kind == "f" else np.ones(data.shape, bool)
-            if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-                valid &= data != nodata
-            some = _pool(valid.any(axis=0), np.any)
-            good = valid.all(axis=0)
+            valid = valid_mask(data, nodata)
+            some = _pool(valid[0] if bands == 1 else valid.any(axis=0), np.any)
+            good = valid[0] if bands == 1 else valid.all(axis=0)
             if masked:
                 good &= (ds.read_masks(list(range(1, bands + 1)), window=window) > 0).all(axis=0)
         except RasterioError as e:
