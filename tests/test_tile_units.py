@@ -405,3 +405,88 @@ def test_a_block_shared_by_two_units_is_warped_once_in_one_process(tiny_scene, t
     one = tile(load_catalog(tiny_scene), tmp_path / "one.zarr",
                TileOptions(shard_chips=16, unit_shards=0, workers=2, block_chips=8), show_progress=False)
     assert folder_bytes(shared) == folder_bytes(one)
+
+
+# ---------------------------------------------------------------- finalize at scale: nothing whole in memory
+
+def test_finalize_streams_chips_table_and_coordinates_in_pieces_and_gives_the_same_store(reference, tiny_scene,
+                                                                                         tmp_path, monkeypatch):
+    """chips.parquet streamed from the units' rows into row groups of a fixed size, and the coordinate
+    arrays written a few rows at a time: the same store whatever the units (one unit, or a unit per
+    shard), readable by geopandas and DuckDB with the whole table's GeoParquet bounding box."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from sarflow.data import chipstore, tile_units
+
+    monkeypatch.setattr(tile_units, "CHIPS_ROW_GROUP", 10)
+    monkeypatch.setattr(chipstore, "COORD_WRITE_CHIPS", 3)
+    stores = [tile(load_catalog(tiny_scene), tmp_path / f"{k}.zarr", TileOptions(shard_chips=16, unit_shards=k,
+                                                                                 workers=1), show_progress=False)
+              for k in (0, 1)]
+    assert folder_bytes(stores[0]) == folder_bytes(stores[1])
+    table = pq.ParquetFile(stores[1] / "chips.parquet")
+    n = zarr.open_group(str(reference), mode="r").attrs["chips"]
+    assert table.metadata.num_rows == n and table.metadata.num_row_groups == -(-n // 10)
+    assert [table.metadata.row_group(i).num_rows for i in range(table.metadata.num_row_groups)][:-1] == \
+        [10] * (table.metadata.num_row_groups - 1)
+    got, want = gpd.read_parquet(stores[1] / "chips.parquet"), gpd.read_parquet(reference / "chips.parquet")
+    assert got.to_wkb().equals(want.to_wkb())
+    bbox = json.loads(table.schema_arrow.metadata[b"geo"])["columns"]["geometry"]["bbox"]
+    assert bbox == pytest.approx(list(want.total_bounds), abs=0)
+    assert duckdb.sql(f"select count(*), max(index) from '{stores[1] / 'chips.parquet'}'").fetchall() == [(n, n - 1)]
+    for name in ("chip_x", "chip_y"):
+        np.testing.assert_array_equal(zarr.open_group(str(stores[1]), mode="r")[name][:],
+                                      zarr.open_group(str(reference), mode="r")[name][:])
+
+
+def test_train_statistics_merged_by_unit_equal_merged_chip_by_chip():
+    """Units report their train chips' sums; finalize accumulates them in store order: the float64
+    totals of adding chip by chip (values of very different sizes, bands without valid pixels), min,
+    max and counts, and class counts, however the chips are cut into units."""
+    from types import SimpleNamespace
+
+    from sarflow.data.tile import Stats
+    from sarflow.data.tile_units import _chip_sums
+
+    rng = np.random.default_rng(11)
+    sources = [SimpleNamespace(name="c", spec=SimpleNamespace(kind="continuous", bands=["a", "b"])),
+               SimpleNamespace(name="k", spec=SimpleNamespace(kind="categorical", bands=["class"]))]
+    chips = []
+    for i in range(300):
+        c = [None if rng.random() < 0.1 else [int(rng.integers(1, 99)), float(rng.normal() * 10.0 ** rng.integers(-8, 12)),
+                                              float(rng.random() * 1e20), float(rng.normal()), float(rng.normal() + 5)]
+             for _ in range(2)]
+        k = [[[str(code), int(rng.integers(1, 50))] for code in sorted(rng.choice([1, 5, 7, 200], 2, replace=False))]]
+        chips.append({"c": c, "k": k})
+    one = Stats(sources)
+    for chip in chips:
+        for name, contrib in chip.items():
+            one.merge(name, contrib)
+    for cut in ([0, 300], [0, 1, 150, 151, 300], sorted({0, 300, *rng.integers(1, 300, 20).tolist()})):
+        merged = Stats(sources)
+        for lo, hi in zip(cut, cut[1:]):
+            unit = Stats(sources)
+            for chip in chips[lo:hi]:
+                for name, contrib in chip.items():
+                    unit.merge(name, contrib)
+            sums, squares = _chip_sums([chip["c"] for chip in chips[lo:hi]], 2)
+            merged.merge_unit("c", json.loads(json.dumps(unit.unit_part("c"))), sums, squares)  # as reported
+            merged.merge_unit("k", json.loads(json.dumps(unit.unit_part("k"))))
+        assert merged.acc == one.acc, cut
+        assert merged.summary("c", ["a", "b"]) == one.summary("c", ["a", "b"])
+
+
+def test_finalize_refuses_a_unit_report_of_an_older_version_naming_the_unit(tiny_scene, tmp_path):
+    out = tmp_path / "old.zarr"
+    p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    for u in range(len(p.units)):
+        write_unit(out, u)
+    report = Path(str(out) + ".partial", BUILD, "units", "000001.json")
+    old = json.loads(report.read_text())
+    report.write_text(json.dumps({"unit": 1, "chips": old["chips"], "records": [], "train_stats": [], "shards": {}}))
+    with pytest.raises(Exception, match=r"unit 1 was written by an older sarflow.*--unit 1 --force"):
+        finalize(out)
+    assert not out.exists()
+    write_unit(out, 1, force=True)
+    assert Path(finalize(out)) == out

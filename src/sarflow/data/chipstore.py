@@ -387,6 +387,7 @@ GRID_MAPPING = "spatial_ref"  # scalar: the CRS as CF grid-mapping attributes (w
 CHIP_X, CHIP_Y = "chip_x", "chip_y"  # (chip, x) / (chip, y) float64: each chip's pixel-centre coordinates
 GEO_ARRAYS = (GRID_MAPPING, CHIP_X, CHIP_Y)  # never modalities: readers take modalities from the group's attributes
 COORD_CHUNK_CHIPS = 256
+COORD_WRITE_CHIPS = 64 * COORD_CHUNK_CHIPS  # coordinate rows computed and written at once
 
 
 def coarse_dims(k: int) -> tuple[str, str]:
@@ -429,31 +430,36 @@ def _axis_attrs(crs, axis: str) -> dict:
     return {"axis": axis.upper(), "standard_name": f"projection_{axis}_coordinate", "units": unit}
 
 
-def write_georeference(root: zarr.Group, table, crs, resolution: float, chip_size: int, modalities) -> None:
+def write_georeference(root: zarr.Group, minx: np.ndarray, maxy: np.ndarray, crs, resolution: float, chip_size: int,
+                       modalities) -> None:
     """Writes what xarray and rioxarray read from the store in place (finalize calls it before the integrity
     record, which covers these arrays too): a scalar `spatial_ref` with the CF grid mapping of `crs`, per-chip
-    pixel-centre coordinates `chip_x` (chip, x) and `chip_y` (chip, y) from the chip table (row `index`), and on
-    every modality array `grid_mapping` and `coordinates` attributes naming them. The modality arrays already
-    carry `dimension_names` (chip, <modality>_band, y, x). Arrays stored at k times the pixel size have their own
-    dimensions and coordinates (`coarse_dims`: `chip_x_k<k>` (chip, x_k<k>), `chip_y_k<k>`), their pixel centres."""
-    order = table.sort_values("index")
-    if not np.array_equal(order["index"].to_numpy(), np.arange(len(order))):
-        raise InputError("chips.parquet", "the chip table's rows are not the arrays' rows 0..n-1")
+    pixel-centre coordinates `chip_x` (chip, x) and `chip_y` (chip, y) from each chip's west and north edges
+    (`minx`, `maxy`, in the arrays' row order), and on every modality array `grid_mapping` and `coordinates`
+    attributes naming them. The modality arrays already carry `dimension_names` (chip, <modality>_band, y, x).
+    Arrays stored at k times the pixel size have their own dimensions and coordinates (`coarse_dims`:
+    `chip_x_k<k>` (chip, x_k<k>), `chip_y_k<k>`), their pixel centres. Written COORD_WRITE_CHIPS rows at a
+    time: 10M chips of 448 px would be 36 GB of float64 per array at once."""
+    n = len(minx)
     root.create_array(GRID_MAPPING, shape=(), dtype="int64", fill_value=0, dimension_names=(),
                       attributes=cf_grid_mapping(crs), overwrite=True)
-    rows = max(1, min(len(order), COORD_CHUNK_CHIPS))
+    rows = max(1, min(n, COORD_CHUNK_CHIPS))
     factors = {m: store_factor(root[m]) for m in modalities}
     for k in sorted(set(factors.values()) | {1}):
         res, size = float(resolution) * k, int(chip_size) // k
         centres = (np.arange(size, dtype=np.float64) + 0.5) * res
-        cx = order["minx"].to_numpy(np.float64)[:, None] + centres[None, :]
-        cy = order["maxy"].to_numpy(np.float64)[:, None] - centres[None, :]
-        for name, axis, dim, values in zip(_coords_of(k), (X_DIM, Y_DIM), coarse_dims(k)[::-1], (cx, cy)):
-            arr = root.create_array(name, shape=values.shape, chunks=(rows, size), dtype="float64", fill_value=np.nan,
-                                    dimension_names=(CHIP_DIM, dim), overwrite=True,
-                                    attributes={**_axis_attrs(crs, axis),
-                                                "long_name": f"pixel-centre {axis} of each chip", "resolution": res})
-            arr[...] = values
+        x_name, y_name = _coords_of(k)
+        arrays = {}
+        for name, axis, dim in zip((x_name, y_name), (X_DIM, Y_DIM), coarse_dims(k)[::-1]):
+            arrays[name] = root.create_array(name, shape=(n, size), chunks=(rows, size), dtype="float64",
+                                             fill_value=np.nan, dimension_names=(CHIP_DIM, dim), overwrite=True,
+                                             attributes={**_axis_attrs(crs, axis),
+                                                         "long_name": f"pixel-centre {axis} of each chip",
+                                                         "resolution": res})
+        for lo in range(0, n, COORD_WRITE_CHIPS):
+            hi = min(n, lo + COORD_WRITE_CHIPS)
+            arrays[x_name][lo:hi] = np.asarray(minx[lo:hi], np.float64)[:, None] + centres[None, :]
+            arrays[y_name][lo:hi] = np.asarray(maxy[lo:hi], np.float64)[:, None] - centres[None, :]
     for m in modalities:
         x, y = _coords_of(factors[m])
         root[m].attrs.update({"grid_mapping": GRID_MAPPING, "coordinates": f"{x} {y} {GRID_MAPPING}"})

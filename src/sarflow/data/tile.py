@@ -359,6 +359,36 @@ class Stats:
                 for code, n in c:
                     hist[code] = hist.get(code, 0) + n
 
+    def unit_part(self, name: str) -> dict:
+        """What a unit reports of its train chips beside their sums (`merge_unit`): per band the pixel
+        count, min and max (continuous) or the class counts (categorical), exact in any order."""
+        a = self.acc[name]
+        if self.kinds[name] == "continuous":
+            return {"count": a["count"], "min": a["min"], "max": a["max"]}
+        return {"classes": a["classes"]}
+
+    def merge_unit(self, name: str, part: dict, sums: np.ndarray | None = None, sumsq: np.ndarray | None = None):
+        """Adds one unit's train chips: `part` (`unit_part` of the unit's own Stats) and, for continuous
+        sources, each train chip's sums and sums of squares ((chips, bands) float64 in store order, 0.0
+        where a band had no valid pixel). The sums are accumulated chip by chip (np.add.accumulate is
+        sequential), so the float64 totals are those of `merge` chip by chip, however the chips were cut
+        into units."""
+        a = self.acc[name]
+        if self.kinds[name] != "continuous":
+            for hist, got in zip(a["classes"], part["classes"]):
+                for code, n in got.items():
+                    hist[code] = hist.get(code, 0) + n
+            return
+        for b in range(len(a["count"])):
+            a["count"][b] += int(part["count"][b])
+            for key, pick in (("min", min), ("max", max)):
+                v = part[key][b]
+                if v is not None:
+                    a[key][b] = v if a[key][b] is None else pick(a[key][b], v)
+            for key, values in (("sum", sums), ("sumsq", sumsq)):
+                if values is not None and len(values):
+                    a[key][b] = float(np.add.accumulate(np.concatenate(([a[key][b]], values[:, b])))[-1])
+
     def summary(self, name: str, bands: list[str]) -> dict:
         a = self.acc[name]
         out = {}
@@ -488,21 +518,26 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
         )
 
 
-def _chips_table(ing: Ingested, records: list[dict]):
+def _chips_table(ing: Ingested, ix: np.ndarray, iy: np.ndarray, splits: np.ndarray, first: int, valid: dict):
+    """Rows `first`.. of chips.parquet: chips (`ix`, `iy`, split codes in SPLIT_LABELS) in the arrays' row
+    order and each source's valid fraction (`valid`: source -> array), their bounds in the grid's CRS and
+    their outline in WGS84. A row depends on its chip alone, so the rows of every unit make the table."""
     import geopandas as gpd
     import pandas as pd
     import shapely
 
     g = ing.grid
-    df = pd.DataFrame.from_records(records)
-    minx, miny, maxx, maxy = g.chip_bounds(df["ix"].to_numpy(), df["iy"].to_numpy())
-    df.insert(1, "index", np.arange(len(df), dtype=np.int64))
-    df["minx"], df["miny"], df["maxx"], df["maxy"] = minx, miny, maxx, maxy
+    ix, iy = np.asarray(ix, dtype=np.int64), np.asarray(iy, dtype=np.int64)
+    minx, miny, maxx, maxy = g.chip_bounds(ix, iy)
+    df = pd.DataFrame({
+        "chip_id": [g.chip_id(x, y) for x, y in zip(ix.tolist(), iy.tolist())],
+        "index": np.arange(first, first + len(ix), dtype=np.int64),
+        "ix": ix, "iy": iy, "minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy,
+        "split": np.asarray(SPLIT_LABELS, dtype=object)[np.asarray(splits, dtype=np.int64)],
+        **{f"valid_{name}": np.asarray(v, dtype=np.float64) for name, v in valid.items()},
+    })
     geoms = transform_geometry(shapely.box(minx, miny, maxx, maxy), g.crs, WGS84, densify=4)
-    cols = ["chip_id", "index", "ix", "iy", "minx", "miny", "maxx", "maxy", "split"] + [
-        c for c in df.columns if c.startswith("valid_")
-    ]
-    return gpd.GeoDataFrame(df[cols], geometry=geoms, crs="EPSG:4326")
+    return gpd.GeoDataFrame(df, geometry=geoms, crs="EPSG:4326")
 
 
 def tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions = TileOptions(),

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import zarr
 
 from sarflow import __version__
@@ -717,7 +718,7 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     process, so a block whose chips run on into it is handed to it warped (HANDOVER), not warped twice.
     `build`: the plan's state (`_load_build`) when the caller has read it already (a run of units reads
     it once: the chip table of a continental store is hundreds of MB)."""
-    from sarflow.data.tile import BlockRenderer, _ordered, chip_contributions, plan_blocks
+    from sarflow.data.tile import BlockRenderer, Stats, _chips_table, _ordered, chip_contributions, plan_blocks
 
     loc = Location(out)
     if loc.placed:
@@ -805,16 +806,45 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
             collect(0)
     finally:
         renderer.close()
-    records = []
-    for j, ((iy, ix), split) in enumerate(zip(chips.tolist(), splits.tolist())):
-        records.append({"chip_id": g.chip_id(ix, iy), "ix": ix, "iy": iy, "split": SPLIT_LABELS[split],
-                        **{f"valid_{s.name}": round(float(fractions[s.name][j]), 6) for s in ing.sources}})
-    stats = [{s.name: contributions[s.name][j] for s in ing.sources} for j in np.flatnonzero(train).tolist()]
-    # "shards": path -> [size, sha256] of every shard file written, which finalize's integrity record takes
-    # instead of reading the store back
-    report = {"unit": unit, "chips": [a, b], "records": records, "train_stats": stats, "shards": written}
+    # the unit's rows of chips.parquet (finalize streams them into one file: no chip record passes
+    # through one process's memory)
+    valid = {s.name: [round(float(v), 6) for v in fractions[s.name]] for s in ing.sources}
+    rows = _chips_table(ing, chips[:, 1], chips[:, 0], splits, a, valid)
+    buf = io.BytesIO()
+    rows.to_parquet(buf, index=False)
+    loc.write(buf.getvalue(), BUILD, "units", f"{unit:06d}.parquet")
+    geo = json.loads(pq.read_schema(io.BytesIO(buf.getvalue())).metadata[b"geo"])
+    # train statistics: per band the count, min, max or class counts of the unit's train chips, and each
+    # train chip's sums (finalize accumulates those chip by chip in store order: the same float64 totals
+    # however the chips were cut into units)
+    unit_stats, sums = Stats(ing.sources), {}
+    rows_of_train = np.flatnonzero(train).tolist()
+    for i, s in enumerate(ing.sources):
+        per_chip = [contributions[s.name][j] for j in rows_of_train]
+        for c in per_chip:
+            unit_stats.merge(s.name, c)
+        if s.spec.kind == "continuous":
+            sums[f"sum_{i}"], sums[f"sumsq_{i}"] = _chip_sums(per_chip, len(s.spec.bands))
+    buf = io.BytesIO()
+    np.savez(buf, **sums)
+    loc.write(buf.getvalue(), BUILD, "units", f"{unit:06d}.npz")
+    # last, the report: the unit is done. "shards": path -> [size, sha256] of every shard file written,
+    # which finalize's integrity record takes instead of reading the store back
+    report = {"unit": unit, "chips": [a, b], "train_chips": len(rows_of_train), "shards": written,
+              "stats": {s.name: unit_stats.unit_part(s.name) for s in ing.sources}, "geo": geo}
     loc.write(json.dumps(report).encode(), BUILD, "units", f"{unit:06d}.json")
     return report
+
+
+def _chip_sums(per_chip: list, bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each train chip's per-band sum and sum of squares ((chips, bands) float64; 0.0 where the band had
+    no valid pixel: adding 0.0 leaves a running float64 sum as it was)."""
+    sums, squares = np.zeros((len(per_chip), bands)), np.zeros((len(per_chip), bands))
+    for r, contrib in enumerate(per_chip):
+        for b, c in enumerate(contrib):
+            if c is not None:
+                sums[r, b], squares[r, b] = c[1], c[2]
+    return sums, squares
 
 
 def _on_chip_grid(contrib: list, k: int) -> list:
@@ -842,30 +872,33 @@ def finalize(out: str | Path) -> str:
     """Step 3: chips.parquet, statistics and group attributes (last), consolidated metadata; renames
     a local build into place, then removes the build state (`_clean_up`). Returns the store's URI.
     A store already renamed into place (a finalize stopped after its rename) only gets the clean-up."""
-    from sarflow.data.tile import Stats, _chips_table
+    from sarflow.data.tile import Stats
 
     loc = Location(out)
     if loc.placed:
         log.info("finishing %s: its finalize was stopped after the store was renamed into place", loc.uri)
         _clean_up(loc)
         return loc.uri
-    p, ing, _, _ = _load_build(loc)
+    p, ing, _, table = _load_build(loc)
     missing = [u for u in range(len(p.units)) if not loc.exists(BUILD, "units", f"{u:06d}.json")]
     if missing:
         raise InputError(loc.uri, f"{len(missing)} of {len(p.units)} units are not written yet (first: {missing[0]}); "
                                   f"run `sarflow tile-unit {loc.uri} --unit N` for them")
-    stats = Stats(ing.sources)
-    records, shard_files = [], {}
+    stats, shard_files, geo = Stats(ing.sources), {}, []
     for u in range(len(p.units)):
         report = json.loads(loc.read(BUILD, "units", f"{u:06d}.json"))
-        records.extend(report["records"])
-        shard_files.update(report.get("shards", {}))  # absent from a report of an older version: hashed by reading
-        for contrib in report["train_stats"]:
-            for name, c in contrib.items():
-                stats.merge(name, c)
+        if "stats" not in report:
+            raise InputError(loc.uri, f"unit {u} was written by an older sarflow (its report holds records); "
+                                      f"rewrite it: `sarflow tile-unit {loc.uri} --unit {u} --force`")
+        shard_files.update(report["shards"])
+        sums = np.load(io.BytesIO(loc.read(BUILD, "units", f"{u:06d}.npz"))) if report["train_chips"] else {}
+        for i, s in enumerate(ing.sources):
+            stats.merge_unit(s.name, report["stats"][s.name], sums.get(f"sum_{i}"), sums.get(f"sumsq_{i}"))
+        geo.append(report["geo"])
     total = p.total
-    assert len(records) == total, (len(records), total)
-    kept = {k: sum(r["split"] == k for r in records) for k in SPLIT_LABELS}
+    assert len(table) == total, (len(table), total)
+    counts = np.bincount(table[:, 2], minlength=len(SPLIT_LABELS))
+    kept = {k: int(counts[i]) for i, k in enumerate(SPLIT_LABELS)}
     log.info("kept %d of %d candidate chips (%d dropped: no valid pixel in a required source: %s); kept per split: %s",
              total, len(ing.grid.candidates), len(ing.grid.candidates) - total,
              ", ".join(s.name for s in ing.sources if s.spec.required) or "none", kept)
@@ -873,14 +906,12 @@ def finalize(out: str | Path) -> str:
     root = zarr.open_group(store, mode="r+", zarr_format=3)
     for s in ing.sources:
         root[s.name].attrs["stats"] = {"split": "train", "bands": stats.summary(s.name, list(s.spec.bands))}
-    table = _chips_table(ing, records)
-    buf = io.BytesIO()
-    table.to_parquet(buf, index=False)
-    loc.write(buf.getvalue(), CHIPS_TABLE)
+    _write_chips_table(loc, len(p.units), geo)
     loc.write(loc.read(BUILD, MANIFEST), MANIFEST)
     g = ing.grid
     # what xarray reads in place: spatial_ref, chip_x/chip_y (not modalities: readers take those from the attributes)
-    write_georeference(root, table, g.crs, g.resolution, g.chip_size, [s.name for s in ing.sources])
+    minx, _, _, maxy = g.chip_bounds(table[:, 1], table[:, 0])
+    write_georeference(root, minx, maxy, g.crs, g.resolution, g.chip_size, [s.name for s in ing.sources])
     from sarflow.data.integrity import record
 
     _drop_interrupted_writes(loc)
@@ -927,6 +958,48 @@ def finalize(out: str | Path) -> str:
         _clean_up(Location(out_path))
     log.info("wrote %d chips to %s", total, loc.uri)
     return loc.uri
+
+
+CHIPS_ROW_GROUP = 65_536  # rows of chips.parquet per row group, whatever the units: the file is the same bytes
+
+
+def _write_chips_table(loc: Location, units: int, geo: list[dict]) -> None:
+    """chips.parquet from the units' rows, streamed in unit order into row groups of CHIPS_ROW_GROUP rows
+    (a unit's rows at a time in memory, not the table's), its GeoParquet metadata the units' with the
+    union of their bounding boxes and geometry types. Written to a temporary file, then moved (local)
+    or uploaded (S3) into place whole."""
+    import tempfile
+
+    import pyarrow as pa
+
+    meta = json.loads(json.dumps(geo[0]))
+    column = meta["columns"][meta["primary_column"]]
+    boxes = np.array([g["columns"][g["primary_column"]]["bbox"] for g in geo], dtype=np.float64)
+    column["bbox"] = [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()]
+    column["geometry_types"] = sorted({t for g in geo for t in g["columns"][g["primary_column"]]["geometry_types"]})
+    tmp = Path(tempfile.mkdtemp(prefix="sarflow-chips-", dir=None if loc.s3 else loc.key(BUILD)))
+    path = tmp / CHIPS_TABLE
+    try:
+        writer, pending, held = None, [], 0
+        for u in range(units):
+            part = pq.read_table(io.BytesIO(loc.read(BUILD, "units", f"{u:06d}.parquet")))
+            if writer is None:
+                schema = part.schema.with_metadata({**part.schema.metadata, b"geo": json.dumps(meta).encode()})
+                writer = pq.ParquetWriter(path, schema, compression="snappy")
+            pending.append(part.replace_schema_metadata(schema.metadata))
+            held += part.num_rows
+            while held >= CHIPS_ROW_GROUP or (u == units - 1 and held):
+                rows = pa.concat_tables(pending).combine_chunks()
+                group = rows.slice(0, min(held, CHIPS_ROW_GROUP))
+                writer.write_table(group, row_group_size=CHIPS_ROW_GROUP)
+                pending, held = [rows.slice(group.num_rows)], held - group.num_rows
+        writer.close()
+        if loc.s3:
+            loc.fs.put_file(str(path), loc.key(CHIPS_TABLE))
+        else:
+            os.replace(path, loc.key(CHIPS_TABLE))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _drop_interrupted_writes(loc: Location) -> None:
