@@ -18,13 +18,13 @@
   every file whose size and stamp are unchanged instead of reading it again, and records its own, so
   a build resumed after its survey reads no input again for them.
 - `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
-  shards straight into the store and a report (`_build/units/NNNNNN.json`: chip records and each
-  train chip's statistics contribution) once its shards are written. A rerun of a unit
-  (after kill -9) rewrites the same shards with the same bytes.
-- `finalize(out)` replays the reports in unit order (the statistics are summed chip by chip in
-  store order, so they do not depend on how the chips were cut into units), writes
-  `chips.parquet`, the arrays' statistics and the group attributes last, consolidates the
-  metadata and removes `_build/`.
+  shards straight into the store, then its rows of chips.parquet (`_build/units/NNNNNN.parquet`), its
+  train chips' sums (`NNNNNN.npz`) and last its report (`NNNNNN.json`: shard hashes, the train chips'
+  counts, min, max and class counts). A rerun of a unit (after kill -9) rewrites the same bytes.
+- `finalize(out)` streams the units' rows into chips.parquet in row groups of CHIPS_ROW_GROUP rows
+  and accumulates the sums chip by chip in store order (so neither depends on how the chips were
+  cut into units, and no chip record is held whole), writes the arrays' statistics and the group
+  attributes last, consolidates the metadata and removes `_build/`.
 
 A local store is built in `<out>.partial/` and appears by rename; its build state is removed only
 after that rename (`_clean_up`, the plan last), so a run stopped at any point of finalize is
@@ -960,7 +960,7 @@ def finalize(out: str | Path) -> str:
     return loc.uri
 
 
-CHIPS_ROW_GROUP = 65_536  # rows of chips.parquet per row group, whatever the units: the file is the same bytes
+CHIPS_ROW_GROUP = 16_384  # rows of chips.parquet per row group (about 8 MB), whatever the units: the same bytes
 
 
 def _write_chips_table(loc: Location, units: int, geo: list[dict]) -> None:

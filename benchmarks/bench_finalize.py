@@ -1,0 +1,151 @@
+"""Tiling's finalize as the chip count grows: CPU seconds and peak memory of `sarflow tile-finalize`
+(merging every unit's report into chips.parquet, the train statistics, the coordinate arrays and the
+integrity record), this checkout against an anchor commit, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_finalize.py [--anchor REV] [--size 4096] [--chip-sizes 64,32,16] [--rounds 3]
+
+For each chip size one synthetic scene is planned and its units written once per code version (the
+anchor's units write the anchor's reports), each version importing its own `src/` (the anchor from a
+`git worktree`). Every round copies the built store and runs `sarflow tile-finalize` on the copy as a
+separate process: CPU seconds (getrusage of the child) and its peak RSS (its own VmHWM, read by the
+child as it exits). Reports the medians, the extra CPU and memory per 1,000 extra chips (the slope
+between the two largest chip counts) and, from it, a projection to M3LEO's 10M chips (a straight line:
+what finalize would take in one process). Writes benchmarks/results/finalize.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from cost import M3LEO_CHIPS
+from machine import git_commit, host
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a child: import sarflow from the given src/, run one step, report its own CPU and VmHWM
+CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import sarflow
+assert sarflow.__file__.startswith(sys.argv[1]), sarflow.__file__
+from pathlib import Path
+step, store = sys.argv[2], sys.argv[3]
+if step == "build":
+    from sarflow.data.catalog import load_catalog
+    from sarflow.data.tile import TileOptions
+    from sarflow.data.tile_units import plan, run_units
+    plan(load_catalog(Path(sys.argv[4])), store, TileOptions(workers=2, checksum=False, overwrite=True))
+    run_units(store, workers=2)
+else:
+    from sarflow.data.tile_units import finalize
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    finalize(store)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print(json.dumps({"finalize_cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
+                      "process_cpu_s": r1.ru_utime + r1.ru_stime, "peak_rss_bytes": hwm}))
+"""
+
+
+def _child(src: Path, *args: str) -> dict | None:
+    done = subprocess.run([sys.executable, "-c", CHILD, str(src), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{args[0]} with {src} failed: {done.stderr[-3000:]}")
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def _slope(rows: list[dict], key: str) -> float:
+    """Extra `key` per 1,000 extra chips between the two largest chip counts (past what a fixed buffer,
+    such as a row group of chips.parquet, holds at the smallest)."""
+    lo, hi = rows[-2], rows[-1]
+    return (hi[key] - lo[key]) / (hi["chips"] - lo["chips"]) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--anchor", default="91704e6", help="the commit to compare with (its src/ in a git worktree)")
+    ap.add_argument("--size", type=int, default=4096, help="synthetic scene side in pixels")
+    ap.add_argument("--chip-sizes", default="64,32,16", help="chip sizes: the chip counts they give")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "finalize.json")
+    args = ap.parse_args()
+
+    import yaml
+
+    from sarflow.data.synth import SynthConfig, synthesize
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_finalize_"))
+    anchor_tree = tmp / "anchor"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(anchor_tree), args.anchor],
+                   check=True, capture_output=True)
+    versions = {"anchor": anchor_tree / "src", "this": ROOT / "src"}
+    results = {name: [] for name in versions}
+    try:
+        scene = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=5))
+        for chip in [int(c) for c in args.chip_sizes.split(",")]:
+            cat = yaml.safe_load(scene.read_text())
+            cat["grid"]["chip_size"] = chip
+            catalog = scene.with_name(f"catalog_{chip}.yaml")
+            catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
+            built = {}
+            for name, src in versions.items():
+                built[name] = tmp / f"{name}_{chip}.zarr"
+                _child(src, "build", str(built[name]), str(catalog))
+            rounds = {name: [] for name in versions}
+            for _ in range(args.rounds):
+                for name, src in versions.items():  # interleaved: both versions under the same load
+                    copy = tmp / f"copy_{name}.zarr"
+                    shutil.rmtree(copy, ignore_errors=True)
+                    shutil.rmtree(str(copy) + ".partial", ignore_errors=True)
+                    shutil.copytree(str(built[name]) + ".partial", str(copy) + ".partial")
+                    rounds[name].append(_child(src, "finalize", str(copy)))
+                    shutil.rmtree(copy, ignore_errors=True)
+            chips = json.loads(Path(str(built["this"]) + ".partial", "_build", "plan.json").read_text())["total"]
+            for name in versions:
+                rs = rounds[name]
+                results[name].append({"chip_size": chip, "chips": chips, "rounds": rs,
+                                      **{k: _median([r[k] for r in rs]) for k in rs[0]}})
+            print(f"[{chip} px, {chips} chips] " + "; ".join(
+                f"{n}: finalize {results[n][-1]['finalize_cpu_s']:.2f} CPU s, peak {results[n][-1]['peak_rss_bytes'] / 1e6:.0f} MB"
+                for n in versions), flush=True)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(anchor_tree)], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = {}
+    for name, rows in results.items():
+        cpu, mem = _slope(rows, "finalize_cpu_s"), _slope(rows, "peak_rss_bytes")
+        summary[name] = {"cpu_s_per_1k_chips": round(cpu, 4), "peak_rss_mb_per_1k_chips": round(mem / 1e6, 2),
+                         "m3leo_projection": {"finalize_cpu_hours": round(cpu * M3LEO_CHIPS / 1000 / 3600, 2),
+                                              "finalize_peak_rss_gb": round((rows[-1]["peak_rss_bytes"]
+                                                                             + mem * (M3LEO_CHIPS - rows[-1]["chips"]) / 1000) / 1e9, 1)}}
+    most = {n: rows[-1] for n, rows in results.items()}
+    result = {
+        "benchmark": "bench_finalize", "machine": host(), "git_commit": git_commit(ROOT), "anchor": args.anchor,
+        "scene_px": args.size, "rounds": args.rounds, "results": results, "per_1k_chips": summary,
+        "at_most_chips": {"chips": most["this"]["chips"],
+                          "cpu_ratio_this_over_anchor": round(most["this"]["finalize_cpu_s"] / most["anchor"]["finalize_cpu_s"], 3),
+                          "peak_rss_ratio_this_over_anchor": round(most["this"]["peak_rss_bytes"] / most["anchor"]["peak_rss_bytes"], 3)},
+        "note": "the projection is a straight line from the measured slope: finalize in one process; CPU seconds "
+                "from getrusage of the finalize call, peak RSS the finalize process's VmHWM (imports included)",
+    }
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "results")}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
