@@ -518,26 +518,39 @@ def _create_arrays(root: zarr.Group, ing: Ingested, n_max: int, options: TileOpt
         )
 
 
+GEOMETRY_TYPES = ("Point", "LineString", "LinearRing", "Polygon", "MultiPoint", "MultiLineString", "MultiPolygon",
+                  "GeometryCollection")  # shapely's type ids, as GeoParquet names them
+
+
 def _chips_table(ing: Ingested, ix: np.ndarray, iy: np.ndarray, splits: np.ndarray, first: int, valid: dict):
-    """Rows `first`.. of chips.parquet: chips (`ix`, `iy`, split codes in SPLIT_LABELS) in the arrays' row
-    order and each source's valid fraction (`valid`: source -> array), their bounds in the grid's CRS and
-    their outline in WGS84. A row depends on its chip alone, so the rows of every unit make the table."""
-    import geopandas as gpd
-    import pandas as pd
+    """Rows `first`.. of chips.parquet, an Arrow table with its GeoParquet metadata: chips (`ix`, `iy`,
+    split codes in SPLIT_LABELS) in the arrays' row order and each source's valid fraction (`valid`:
+    source -> array), their bounds in the grid's CRS and their outline in WGS84 (WKB). A row depends on
+    its chip alone, so the rows of every unit make the table (finalize streams them). pyarrow and shapely
+    alone: a unit runner does not import pandas."""
+    import pyarrow as pa
     import shapely
 
     g = ing.grid
     ix, iy = np.asarray(ix, dtype=np.int64), np.asarray(iy, dtype=np.int64)
-    minx, miny, maxx, maxy = g.chip_bounds(ix, iy)
-    df = pd.DataFrame({
-        "chip_id": [g.chip_id(x, y) for x, y in zip(ix.tolist(), iy.tolist())],
-        "index": np.arange(first, first + len(ix), dtype=np.int64),
-        "ix": ix, "iy": iy, "minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy,
-        "split": np.asarray(SPLIT_LABELS, dtype=object)[np.asarray(splits, dtype=np.int64)],
-        **{f"valid_{name}": np.asarray(v, dtype=np.float64) for name, v in valid.items()},
-    })
-    geoms = transform_geometry(shapely.box(minx, miny, maxx, maxy), g.crs, WGS84, densify=4)
-    return gpd.GeoDataFrame(df, geometry=geoms, crs="EPSG:4326")
+    minx, miny, maxx, maxy = (np.asarray(b, dtype=np.float64) for b in g.chip_bounds(ix, iy))
+    outlines = transform_geometry(shapely.box(minx, miny, maxx, maxy), g.crs, WGS84, densify=4)
+    columns = {
+        "chip_id": pa.array([g.chip_id(x, y) for x, y in zip(ix.tolist(), iy.tolist())], pa.string()),
+        "index": pa.array(np.arange(first, first + len(ix), dtype=np.int64)),
+        "ix": pa.array(ix), "iy": pa.array(iy), "minx": pa.array(minx), "miny": pa.array(miny),
+        "maxx": pa.array(maxx), "maxy": pa.array(maxy),
+        "split": pa.array([SPLIT_LABELS[k] for k in np.asarray(splits, dtype=np.int64).tolist()], pa.string()),
+        **{f"valid_{name}": pa.array(np.asarray(v, dtype=np.float64)) for name, v in valid.items()},
+        "geometry": pa.array(shapely.to_wkb(outlines), pa.binary()),
+    }
+    geo = {"version": "1.0.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "crs": WGS84.to_json_dict(),
+                                    "geometry_types": [GEOMETRY_TYPES[t] for t in
+                                                       np.unique(shapely.get_type_id(outlines)).tolist()],
+                                    "bbox": shapely.total_bounds(outlines).tolist()}},
+           "creator": {"library": "sarflow", "version": __version__}}
+    return pa.table(columns).replace_schema_metadata({b"geo": json.dumps(geo).encode()})
 
 
 def tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions = TileOptions(),

@@ -811,9 +811,9 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     valid = {s.name: [round(float(v), 6) for v in fractions[s.name]] for s in ing.sources}
     rows = _chips_table(ing, chips[:, 1], chips[:, 0], splits, a, valid)
     buf = io.BytesIO()
-    rows.to_parquet(buf, index=False)
+    pq.write_table(rows, buf, compression="snappy")
     loc.write(buf.getvalue(), BUILD, "units", f"{unit:06d}.parquet")
-    geo = json.loads(pq.read_schema(io.BytesIO(buf.getvalue())).metadata[b"geo"])
+    geo = json.loads(rows.schema.metadata[b"geo"])
     # train statistics: per band the count, min, max or class counts of the unit's train chips, and each
     # train chip's sums (finalize accumulates those chip by chip in store order: the same float64 totals
     # however the chips were cut into units)
