@@ -2,10 +2,11 @@
 (merging every unit's report into chips.parquet, the train statistics, the coordinate arrays and the
 integrity record), this checkout against an anchor commit, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_finalize.py [--anchor REV] [--size 4096] [--chip-sizes 64,32,16] [--rounds 3]
+    .venv/bin/python benchmarks/bench_finalize.py [--anchor REV] [--sizes 2048,4096,8192] [--chip-size 32] [--rounds 3]
 
-For each chip size one synthetic scene is planned and its units written once per code version (the
-anchor's units write the anchor's reports), each version importing its own `src/` (the anchor from a
+For each scene size one synthetic scene is planned with the same chip size (so the units hold as many
+chips each and only their number grows) and its units written once per code version (the anchor's
+units write the anchor's reports), each version importing its own `src/` (the anchor from a
 `git worktree`). Every round copies the built store and runs `sarflow tile-finalize` on the copy as a
 separate process: CPU seconds (getrusage of the child) and its peak RSS (its own VmHWM, read by the
 child as it exits). Reports the medians, the extra CPU and memory per 1,000 extra chips (the slope
@@ -76,8 +77,8 @@ def _slope(rows: list[dict], key: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--anchor", default="91704e6", help="the commit to compare with (its src/ in a git worktree)")
-    ap.add_argument("--size", type=int, default=4096, help="synthetic scene side in pixels")
-    ap.add_argument("--chip-sizes", default="64,32,16", help="chip sizes: the chip counts they give")
+    ap.add_argument("--sizes", default="2048,4096,8192", help="synthetic scene sides in pixels: the chip counts")
+    ap.add_argument("--chip-size", type=int, default=32, help="chip side in pixels, the same for every scene")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "finalize.json")
     args = ap.parse_args()
@@ -93,10 +94,10 @@ def main() -> None:
     versions = {"anchor": anchor_tree / "src", "this": ROOT / "src"}
     results = {name: [] for name in versions}
     try:
-        scene = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=5))
-        for chip in [int(c) for c in args.chip_sizes.split(",")]:
+        for size in [int(n) for n in args.sizes.split(",")]:
+            scene = synthesize(tmp / f"scene_{size}", SynthConfig(size_px=size, seed=5))
             cat = yaml.safe_load(scene.read_text())
-            cat["grid"]["chip_size"] = chip
+            cat["grid"]["chip_size"] = chip = args.chip_size
             catalog = scene.with_name(f"catalog_{chip}.yaml")
             catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
             built = {}
@@ -115,11 +116,14 @@ def main() -> None:
             chips = json.loads(Path(str(built["this"]) + ".partial", "_build", "plan.json").read_text())["total"]
             for name in versions:
                 rs = rounds[name]
-                results[name].append({"chip_size": chip, "chips": chips, "rounds": rs,
+                results[name].append({"scene_px": size, "chip_size": chip, "chips": chips, "rounds": rs,
                                       **{k: _median([r[k] for r in rs]) for k in rs[0]}})
-            print(f"[{chip} px, {chips} chips] " + "; ".join(
+            print(f"[{size} px scene, {chips} chips of {chip} px] " + "; ".join(
                 f"{n}: finalize {results[n][-1]['finalize_cpu_s']:.2f} CPU s, peak {results[n][-1]['peak_rss_bytes'] / 1e6:.0f} MB"
                 for n in versions), flush=True)
+            for name in versions:  # the next scene is larger: free the disk
+                shutil.rmtree(str(built[name]) + ".partial", ignore_errors=True)
+            shutil.rmtree(scene.parent, ignore_errors=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(anchor_tree)], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +138,7 @@ def main() -> None:
     most = {n: rows[-1] for n, rows in results.items()}
     result = {
         "benchmark": "bench_finalize", "machine": host(), "git_commit": git_commit(ROOT), "anchor": args.anchor,
-        "scene_px": args.size, "rounds": args.rounds, "results": results, "per_1k_chips": summary,
+        "chip_size": args.chip_size, "rounds": args.rounds, "results": results, "per_1k_chips": summary,
         "at_most_chips": {"chips": most["this"]["chips"],
                           "cpu_ratio_this_over_anchor": round(most["this"]["finalize_cpu_s"] / most["anchor"]["finalize_cpu_s"], 3),
                           "peak_rss_ratio_this_over_anchor": round(most["this"]["peak_rss_bytes"] / most["anchor"]["peak_rss_bytes"], 3)},

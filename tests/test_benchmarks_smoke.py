@@ -276,17 +276,17 @@ def test_checksum_bench_hashes_in_parts_and_resumes_without_hashing(tmp_path):
 
 
 def test_finalize_bench_compares_this_checkout_with_its_anchor(tmp_path):
-    """bench_finalize.py on a tiny scene at two chip sizes, one round: both versions finalize every
-    size, the per-1,000-chip slopes and the ratios at the most chips are reported."""
+    """bench_finalize.py on two tiny scenes, one round: both versions finalize every scene, the
+    per-1,000-chip slopes and the ratios at the most chips are reported."""
     out = tmp_path / "finalize.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finalize.py"), "--size", "384",
-                           "--chip-sizes", "64,32", "--rounds", "1", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finalize.py"), "--sizes", "384,512",
+                           "--chip-size", "32", "--rounds", "1", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"anchor", "this"} and res["anchor"]
     for rows in res["results"].values():
-        assert [r["chip_size"] for r in rows] == [64, 32] and rows[0]["chips"] < rows[1]["chips"]
+        assert [r["scene_px"] for r in rows] == [384, 512] and rows[0]["chips"] < rows[1]["chips"]
         assert all(r["finalize_cpu_s"] > 0 and r["peak_rss_bytes"] > 50e6 and len(r["rounds"]) == 1 for r in rows)
     assert res["at_most_chips"]["chips"] == res["results"]["this"][1]["chips"]
     assert res["at_most_chips"]["cpu_ratio_this_over_anchor"] > 0
