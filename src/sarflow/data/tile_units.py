@@ -982,15 +982,15 @@ def _write_chips_table(loc: Location, units: int, geo: list[dict]) -> None:
     try:
         writer, pending, held = None, [], 0
         for u in range(units):
-            part = pq.read_table(io.BytesIO(loc.read(BUILD, "units", f"{u:06d}.parquet")))
+            part = pq.ParquetFile(io.BytesIO(loc.read(BUILD, "units", f"{u:06d}.parquet"))).read()
             if writer is None:
                 schema = part.schema.with_metadata({**part.schema.metadata, b"geo": json.dumps(meta).encode()})
                 writer = pq.ParquetWriter(path, schema, compression="snappy")
             pending.append(part.replace_schema_metadata(schema.metadata))
             held += part.num_rows
             while held >= CHIPS_ROW_GROUP or (u == units - 1 and held):
-                rows = pa.concat_tables(pending).combine_chunks()
-                group = rows.slice(0, min(held, CHIPS_ROW_GROUP))
+                rows = pa.concat_tables(pending)  # views of the parts' columns: nothing copied
+                group = rows.slice(0, min(held, CHIPS_ROW_GROUP)).combine_chunks()  # one row group, contiguous
                 writer.write_table(group, row_group_size=CHIPS_ROW_GROUP)
                 pending, held = [rows.slice(group.num_rows)], held - group.num_rows
         writer.close()
