@@ -993,6 +993,8 @@ def _write_chips_table(loc: Location, units: int, geo: list[dict]) -> None:
                 group = rows.slice(0, min(held, CHIPS_ROW_GROUP)).combine_chunks()  # one row group, contiguous
                 writer.write_table(group, row_group_size=CHIPS_ROW_GROUP)
                 pending, held = [rows.slice(group.num_rows)], held - group.num_rows
+                del rows, group
+                pa.default_memory_pool().release_unused()  # mimalloc keeps freed pages: the peak grew with the groups
         writer.close()
         if loc.s3:
             loc.fs.put_file(str(path), loc.key(CHIPS_TABLE))
