@@ -84,3 +84,16 @@ def tiny_features(tiny_store: Path, tmp: Path, model: str = "sarflow-encoder-mae
     apply(cfg)
     return {"store": store, "root": root, "cfg": cfg, "embed": embedded, "uri": uri, "tmp": tmp,
             "dataset_version": encoded["dataset_version"]}
+
+
+def use_moto(monkeypatch, moto_url: str) -> dict:
+    """Points this process's S3 clients at the moto server on 127.0.0.1 (any key is accepted) and
+    returns that environment for child processes (`{**os.environ, ...}`)."""
+    import os
+
+    env = {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    return {**os.environ, **env}

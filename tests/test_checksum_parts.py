@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from helpers import folder_bytes
+from helpers import folder_bytes, use_moto
 from sarflow.data.catalog import load_catalog
 from sarflow.data.ingest import catalog_files, input_sizes
 from sarflow.data.tile import TileOptions, tile
@@ -185,10 +185,7 @@ def test_a_part_past_the_files_does_nothing(tiny_scene, tmp_path):
 def test_an_s3_object_rewritten_with_other_bytes_of_the_same_size_gets_another_stamp(moto_url, monkeypatch):
     from sarflow.data.storage import ensure_bucket, file_stamp, s3_filesystem
 
-    for k, v in {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    use_moto(monkeypatch, moto_url)
     ensure_bucket("stamps")
     fs = s3_filesystem()
     fs.pipe_file("stamps/a.tif", np.arange(64, dtype=np.uint8).tobytes())
@@ -223,10 +220,7 @@ def test_s3_input_sizes_come_from_the_folder_listing_and_a_missing_object_is_nam
     from sarflow.data import storage
     from sarflow.errors import SarflowError
 
-    for k, v in {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    use_moto(monkeypatch, moto_url)
     storage.ensure_bucket("sizes")
     fs = storage.s3_filesystem()
     written = {"s3://sizes/s1/a.tif": 3, "s3://sizes/s1/b.tif": 70, "s3://sizes/s1/c.tif": 5, "s3://sizes/top.tif": 11}

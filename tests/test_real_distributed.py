@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import folder_bytes
+from helpers import folder_bytes, use_moto
 
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
 FLAGS = ["--shard-chips", "4", "--unit-shards", "1", "--workers", "1"]
@@ -27,11 +26,7 @@ INPUTS = {"s1": "Spain_7370579_S1Hand.tif", "s2": "Spain_7370579_S2Hand.tif", "w
 def spain_on_s3(real_data, moto_url, monkeypatch, tmp_path):
     from sarflow.data.storage import ensure_bucket, s3_filesystem
 
-    env = {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    env = use_moto(monkeypatch, moto_url)
     ensure_bucket("eo-inputs")
     fs = s3_filesystem()
     d = real_data / "sen1floods11"
@@ -49,7 +44,7 @@ def spain_on_s3(real_data, moto_url, monkeypatch, tmp_path):
              "nodata": -1, "classes": {0: "dry", 1: "water"}},
         ]}, sort_keys=False))
     ensure_bucket("chips")
-    return catalog, {**os.environ, **env}, {uri[k]: d / v for k, v in INPUTS.items()}
+    return catalog, env, {uri[k]: d / v for k, v in INPUTS.items()}
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
-from helpers import folder_bytes
+from helpers import folder_bytes, use_moto
 from sarflow.data.catalog import load_catalog
 from sarflow.data.tile import TileOptions, tile
 from sarflow.data.tile_units import BUILD, finalize, job_runs, plan, unit_done, unit_runs, write_unit
@@ -35,13 +35,9 @@ def reference(tiny_scene, tmp_path_factory) -> Path:
 def s3env(moto_url, monkeypatch):
     from sarflow.data.storage import ensure_bucket
 
-    env = {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("SARFLOW_S3_ENDPOINT", raising=False)
+    env = use_moto(monkeypatch, moto_url)
     ensure_bucket("chips")
-    return {**os.environ, **env}
+    return env
 
 
 def _s3_files(uri: str) -> dict[str, bytes]:
