@@ -238,3 +238,23 @@ def test_s3_input_sizes_come_from_the_folder_listing_and_a_missing_object_is_nam
         assert input_sizes(sorted(asked)) == asked  # one listing per folder, no HEAD
     with pytest.raises(SarflowError, match="s3://sizes/s1/missing.tif"):
         input_sizes(sorted(asked) + ["s3://sizes/s1/missing.tif"])
+
+
+def test_an_s3_folder_listing_stops_past_its_budget_and_the_rest_are_asked_for_alone(moto_url, monkeypatch):
+    """A catalog taking a few objects of a folder of millions lists a bounded part of it: past
+    LISTING_OBJECTS_PER_KEY per object asked for (plus a page) the objects not yet seen get one HEAD."""
+    from sarflow.data import storage
+
+    use_moto(monkeypatch, moto_url)
+    storage.ensure_bucket("budget")
+    fs = storage.s3_filesystem()
+    for name, n in (("a", 3), ("b", 4), ("c", 5), ("d", 6)):
+        fs.pipe_file(f"budget/f/{name}.tif", bytes(n))
+    heads = []
+    real = storage.check_s3_object
+    monkeypatch.setattr(storage, "check_s3_object", lambda uri, settings=None: heads.append(uri) or real(uri, settings))
+    monkeypatch.setattr(storage, "LISTING_OBJECTS_PER_KEY", 0)
+    monkeypatch.setattr(storage, "LISTING_PAGE", 2)  # two objects listed: a and b; d asked for alone
+    assert input_sizes(["s3://budget/f/a.tif", "s3://budget/f/b.tif", "s3://budget/f/d.tif"]) == {
+        "s3://budget/f/a.tif": 3, "s3://budget/f/b.tif": 4, "s3://budget/f/d.tif": 6}
+    assert heads == ["s3://budget/f/d.tif"]

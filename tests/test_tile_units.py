@@ -434,6 +434,17 @@ def test_finalize_streams_chips_table_and_coordinates_in_pieces_and_gives_the_sa
     for name in ("chip_x", "chip_y"):
         np.testing.assert_array_equal(zarr.open_group(str(stores[1]), mode="r")[name][:],
                                       zarr.open_group(str(reference), mode="r")[name][:])
+    # the rows against the grid itself (not only another build of this code): ids, edges, row order
+    from sarflow.data.ingest import ingest
+
+    g = ingest(load_catalog(tiny_scene), checksum=False).grid
+    ix, iy = got["ix"].to_numpy(), got["iy"].to_numpy()
+    assert got["chip_id"].tolist() == [g.chip_id(x, y) for x, y in zip(ix.tolist(), iy.tolist())]
+    assert got["index"].tolist() == list(range(n)) and not got["chip_id"].duplicated().any()
+    for col, edge in zip(("minx", "miny", "maxx", "maxy"), g.chip_bounds(ix, iy)):
+        np.testing.assert_array_equal(got[col].to_numpy(), edge)
+    x = zarr.open_group(str(stores[1]), mode="r")["chip_x"][:]
+    np.testing.assert_allclose(x[:, 0], got["minx"].to_numpy() + g.resolution / 2)  # pixel centres from the edges
 
 
 def test_train_statistics_merged_by_unit_equal_merged_chip_by_chip():
@@ -486,3 +497,26 @@ def test_finalize_refuses_a_unit_report_of_an_older_version_naming_the_unit(tiny
     assert not out.exists()
     write_unit(out, 1, force=True)
     assert Path(finalize(out)) == out
+
+
+def test_a_missing_unit_file_is_named_and_a_build_of_another_format_is_made_again(reference, tiny_scene, tmp_path,
+                                                                                   monkeypatch):
+    from sarflow.data import tile as tile_module
+
+    out = tmp_path / "named.zarr"
+    p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    for u in range(len(p.units)):
+        write_unit(out, u)
+    Path(str(out) + ".partial", BUILD, "units", "000002.npz").unlink()
+    with pytest.raises(Exception, match=r"000002\.npz.*unit 2's npz cannot be read.*--unit 2 --force"):
+        finalize(out)
+    write_unit(out, 2, force=True)
+    assert Path(finalize(out)) == out and folder_bytes(out) == folder_bytes(reference)
+    # a build left by another build format (the unit reports' layout) is planned again, not resumed
+    other = tmp_path / "other.zarr"
+    monkeypatch.setattr(tile_module, "BUILD_FORMAT", 1)
+    p = plan(load_catalog(tiny_scene), other, TileOptions(**OPTIONS))
+    write_unit(other, 0)
+    monkeypatch.setattr(tile_module, "BUILD_FORMAT", 2)
+    assert tile(load_catalog(tiny_scene), other, TileOptions(**OPTIONS), show_progress=False) == other
+    assert folder_bytes(other) == folder_bytes(reference)

@@ -171,11 +171,16 @@ def file_stamp(uri: str) -> tuple[int, str]:
     return st.st_size, f"mtime_ns:{st.st_mtime_ns}:ctime_ns:{st.st_ctime_ns}:dev:{st.st_dev}:ino:{st.st_ino}"
 
 
+LISTING_OBJECTS_PER_KEY = 4  # objects listed per object asked for, at most (then one HEAD each) ...
+LISTING_PAGE = 1000  # ... plus one page of a listing
+
+
 def listed_s3_sizes(uris: list[str], settings: S3Settings | None = None) -> dict[str, int]:
     """The sizes of S3 objects from their folders' listings: one LIST request per 1,000 objects of a
-    folder (between the first and the last object asked for) instead of one HEAD per object. An object
-    the listing does not show, or a folder that cannot be listed (a policy may allow GET and not LIST),
-    is left out: the caller asks for it alone (`file_stamp`), which names what is wrong."""
+    folder (between the first and the last object asked for, and at most LISTING_OBJECTS_PER_KEY per
+    object asked for, plus a page) instead of one HEAD per object. An object the listing does not show, or a folder
+    that cannot be listed (a policy may allow GET and not LIST), is left out: the caller asks for it
+    alone (`file_stamp`), which names what is wrong."""
     s = settings or s3_settings()
     folders: dict[tuple[str, str], set[str]] = {}
     for uri in uris:
@@ -186,10 +191,12 @@ def listed_s3_sizes(uris: list[str], settings: S3Settings | None = None) -> dict
     client = minio_client(s) if folders else None
     for (bucket, folder), keys in folders.items():
         first, last = min(keys), max(keys)
+        budget = LISTING_OBJECTS_PER_KEY * len(keys) + LISTING_PAGE  # a folder of millions: the rest asked for alone
         try:
-            for obj in client.list_objects(bucket, prefix=folder, recursive=False,
-                                           start_after=first[:-1] if len(first) > len(folder) + 1 else None):
-                if obj.object_name > last:
+            for seen, obj in enumerate(client.list_objects(bucket, prefix=folder, recursive=False,
+                                                           start_after=first[:-1] if len(first) > len(folder) + 1
+                                                           else None)):
+                if obj.object_name > last or seen >= budget:
                     break
                 if obj.object_name in keys and obj.size is not None:
                     sizes[f"s3://{bucket}/{obj.object_name}"] = int(obj.size)

@@ -465,6 +465,12 @@ def code_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- the store
 
+# what a build leaves in `_build/` for the next step: 2 = units write their rows of chips.parquet and
+# their train chips' sums beside a report of counts (1: reports of chip records). A build of another
+# format is not resumed: its plan is made again.
+BUILD_FORMAT = 2
+
+
 def _fingerprint(ing: Ingested, options: TileOptions) -> str:
     payload = {
         "catalog": ing.catalog.catalog.hash(),
@@ -473,6 +479,7 @@ def _fingerprint(ing: Ingested, options: TileOptions) -> str:
         "resampling_domains": {s.name: resampling_domain(s) for s in ing.sources},
         "inputs": sorted((ing.catalog.relative(u), f.sha256, f.size) for s in ing.sources for u, f in s.files.items()),
         "version": __version__,
+        "build_format": BUILD_FORMAT,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -886,12 +886,12 @@ def finalize(out: str | Path) -> str:
                                   f"run `sarflow tile-unit {loc.uri} --unit N` for them")
     stats, shard_files, geo = Stats(ing.sources), {}, []
     for u in range(len(p.units)):
-        report = json.loads(loc.read(BUILD, "units", f"{u:06d}.json"))
+        report = _unit_file(loc, u, "json", lambda b: json.loads(b))
         if "stats" not in report:
             raise InputError(loc.uri, f"unit {u} was written by an older sarflow (its report holds records); "
                                       f"rewrite it: `sarflow tile-unit {loc.uri} --unit {u} --force`")
         shard_files.update(report["shards"])
-        sums = np.load(io.BytesIO(loc.read(BUILD, "units", f"{u:06d}.npz"))) if report["train_chips"] else {}
+        sums = _unit_file(loc, u, "npz", lambda b: np.load(io.BytesIO(b))) if report["train_chips"] else {}
         for i, s in enumerate(ing.sources):
             stats.merge_unit(s.name, report["stats"][s.name], sums.get(f"sum_{i}"), sums.get(f"sumsq_{i}"))
         geo.append(report["geo"])
@@ -910,8 +910,9 @@ def finalize(out: str | Path) -> str:
     loc.write(loc.read(BUILD, MANIFEST), MANIFEST)
     g = ing.grid
     # what xarray reads in place: spatial_ref, chip_x/chip_y (not modalities: readers take those from the attributes)
-    minx, _, _, maxy = g.chip_bounds(table[:, 1], table[:, 0])
-    write_georeference(root, minx, maxy, g.crs, g.resolution, g.chip_size, [s.name for s in ing.sources])
+    x0, y0 = g.origin  # the chips' west and north edges as chip_bounds gives them (16 bytes a chip)
+    write_georeference(root, x0 + table[:, 1] * g.step, y0 - table[:, 0] * g.step, g.crs, g.resolution, g.chip_size,
+                       [s.name for s in ing.sources])
     from sarflow.data.integrity import record
 
     _drop_interrupted_writes(loc)
@@ -960,6 +961,18 @@ def finalize(out: str | Path) -> str:
     return loc.uri
 
 
+def _unit_file(loc: Location, unit: int, ext: str, parse):
+    """A unit's file in the build, parsed; one missing or unreadable (a partial copy of `_build/`, a
+    corrupt object) is an InputError naming it and the command that writes it again."""
+    name = f"{unit:06d}.{ext}"
+    try:
+        return parse(loc.read(BUILD, "units", name))
+    except Exception as e:  # noqa: BLE001 - every failure of one file becomes one clear error
+        raise InputError(loc.key(BUILD, "units", name), f"unit {unit}'s {ext} cannot be read ({type(e).__name__}: "
+                                                         f"{e}); rewrite it: `sarflow tile-unit {loc.uri} --unit "
+                                                         f"{unit} --force`") from None
+
+
 CHIPS_ROW_GROUP = 16_384  # rows of chips.parquet per row group (about 8 MB), whatever the units: the same bytes
 
 
@@ -982,7 +995,7 @@ def _write_chips_table(loc: Location, units: int, geo: list[dict]) -> None:
     try:
         writer, pending, held = None, [], 0
         for u in range(units):
-            part = pq.ParquetFile(io.BytesIO(loc.read(BUILD, "units", f"{u:06d}.parquet"))).read()
+            part = _unit_file(loc, u, "parquet", lambda b: pq.ParquetFile(io.BytesIO(b)).read())
             if writer is None:
                 schema = part.schema.with_metadata({**part.schema.metadata, b"geo": json.dumps(meta).encode()})
                 writer = pq.ParquetWriter(path, schema, compression="snappy")
