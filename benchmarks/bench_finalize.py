@@ -30,12 +30,11 @@ from machine import git_commit, host
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# a child: import sarflow from the given src/, run one step, report its own CPU and VmHWM
+# a child (PYTHONPATH: the version's src/): run one step, report its own CPU and VmHWM
 CHILD = r"""
 import json, resource, sys
-sys.path.insert(0, sys.argv[1])
 import sarflow
-assert sarflow.__file__.startswith(sys.argv[1]), sarflow.__file__
+assert sarflow.__file__.startswith(sys.argv[1]), (sarflow.__file__, "PYTHONPATH did not take")
 from pathlib import Path
 step, store = sys.argv[2], sys.argv[3]
 if step == "build":
@@ -56,7 +55,8 @@ else:
 
 
 def _child(src: Path, *args: str) -> dict | None:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(src), *args], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(src)}  # this version's sarflow ahead of the installed one
+    done = subprocess.run([sys.executable, "-c", CHILD, str(src), *args], capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{args[0]} with {src} failed: {done.stderr[-3000:]}")
     lines = done.stdout.strip().splitlines()
