@@ -520,3 +520,16 @@ def test_a_missing_unit_file_is_named_and_a_build_of_another_format_is_made_agai
     monkeypatch.setattr(tile_module, "BUILD_FORMAT", 2)
     assert tile(load_catalog(tiny_scene), other, TileOptions(**OPTIONS), show_progress=False) == other
     assert folder_bytes(other) == folder_bytes(reference)
+
+
+def test_a_unit_runner_does_not_import_pandas(tiny_scene, tmp_path):
+    """A unit process on a cluster pays its imports at every start: its rows of chips.parquet are built
+    from Arrow buffers (pa.array would import pandas, 0.2-0.3 CPU s a process)."""
+    out = tmp_path / "lean.zarr"
+    plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    code = (f"import sys; from sarflow.data.tile_units import write_unit; write_unit({str(out)!r}, 0); "
+            "print(sorted(m for m in ('pandas', 'geopandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    assert unit_done(str(out), 0)
