@@ -20,12 +20,16 @@ import rasterio
 
 from helpers import folder_bytes, use_moto
 from sarflow.data.catalog import load_catalog
-from sarflow.data.ingest import catalog_files, input_sizes
+from sarflow.data.ingest import catalog_files, input_stamps
 from sarflow.data.tile import TileOptions, tile
 from sarflow.data.tile_units import (BUILD, CHECKSUMS, Location, checksum_part, checksum_shares, commit_plan, finalize,
                                      run_units, screen_part, survey)
 
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
+
+
+def input_sizes(uris: list[str]) -> dict[str, int]:
+    return {uri: size for uri, (size, _) in input_stamps(uris).items()}
 OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1, block_chips=4)
 FLAGS = ["--shard-chips", "16", "--unit-shards", "1", "--workers", "1", "--block-chips", "4"]
 
@@ -216,7 +220,7 @@ def test_checksum_shares_of_the_scene_hold_every_file_once_within_one_file_of_ev
         assert shares == checksum_shares(dict(reversed(list(sizes.items()))), parts)  # the same in every process
 
 
-def test_s3_input_sizes_come_from_the_folder_listing_and_a_missing_object_is_named(moto_url, monkeypatch):
+def test_s3_input_stamps_come_from_the_folder_listing_as_a_head_gives_them_and_a_missing_object_is_named(moto_url, monkeypatch):
     from sarflow.data import storage
     from sarflow.errors import SarflowError
 
@@ -235,9 +239,12 @@ def test_s3_input_sizes_come_from_the_folder_listing_and_a_missing_object_is_nam
 
     with monkeypatch.context() as m:
         m.setattr(storage, "check_s3_object", no_head)
-        assert input_sizes(sorted(asked)) == asked  # one listing per folder, no HEAD
+        listed = input_stamps(sorted(asked))  # one listing per folder, no HEAD
+    # the listing's stamps are those a HEAD answers (the survey's): a part's record is taken by the survey
+    assert listed == {uri: storage.file_stamp(uri) for uri in asked}
+    assert {uri: size for uri, (size, _) in listed.items()} == asked
     with pytest.raises(SarflowError, match="s3://sizes/s1/missing.tif"):
-        input_sizes(sorted(asked) + ["s3://sizes/s1/missing.tif"])
+        input_stamps(sorted(asked) + ["s3://sizes/s1/missing.tif"])
 
 
 def test_an_s3_folder_listing_stops_past_its_budget_and_the_rest_are_asked_for_alone(moto_url, monkeypatch):

@@ -453,8 +453,7 @@ def test_train_statistics_merged_by_unit_equal_merged_chip_by_chip():
     max and counts, and class counts, however the chips are cut into units."""
     from types import SimpleNamespace
 
-    from sarflow.data.tile import Stats
-    from sarflow.data.tile_units import _chip_sums
+    from sarflow.data.tile import Stats, unit_statistics
 
     rng = np.random.default_rng(11)
     sources = [SimpleNamespace(name="c", spec=SimpleNamespace(kind="continuous", bands=["a", "b"])),
@@ -466,22 +465,34 @@ def test_train_statistics_merged_by_unit_equal_merged_chip_by_chip():
              for _ in range(2)]
         k = [[[str(code), int(rng.integers(1, 50))] for code in sorted(rng.choice([1, 5, 7, 200], 2, replace=False))]]
         chips.append({"c": c, "k": k})
-    one = Stats(sources)
+    # the reference: every chip added in store order, Python floats one at a time
+    ref_c = {"count": [0, 0], "sum": [0.0, 0.0], "sumsq": [0.0, 0.0], "min": [None, None], "max": [None, None]}
+    ref_k = {"classes": [{}]}
     for chip in chips:
-        for name, contrib in chip.items():
-            one.merge(name, contrib)
+        for b, c in enumerate(chip["c"]):
+            if c is not None:
+                ref_c["count"][b] += c[0]
+                ref_c["sum"][b] += c[1]
+                ref_c["sumsq"][b] += c[2]
+                ref_c["min"][b] = c[3] if ref_c["min"][b] is None else min(ref_c["min"][b], c[3])
+                ref_c["max"][b] = c[4] if ref_c["max"][b] is None else max(ref_c["max"][b], c[4])
+        for code, n in chip["k"][0]:
+            ref_k["classes"][0][code] = ref_k["classes"][0].get(code, 0) + n
+    assert ref_c["count"][0] > 0 and ref_c["min"][1] is not None
     for cut in ([0, 300], [0, 1, 150, 151, 300], sorted({0, 300, *rng.integers(1, 300, 20).tolist()})):
         merged = Stats(sources)
         for lo, hi in zip(cut, cut[1:]):
-            unit = Stats(sources)
-            for chip in chips[lo:hi]:
-                for name, contrib in chip.items():
-                    unit.merge(name, contrib)
-            sums, squares = _chip_sums([chip["c"] for chip in chips[lo:hi]], 2)
-            merged.merge_unit("c", json.loads(json.dumps(unit.unit_part("c"))), sums, squares)  # as reported
-            merged.merge_unit("k", json.loads(json.dumps(unit.unit_part("k"))))
-        assert merged.acc == one.acc, cut
-        assert merged.summary("c", ["a", "b"]) == one.summary("c", ["a", "b"])
+            part, sums, squares = unit_statistics("continuous", [chip["c"] for chip in chips[lo:hi]], 2)
+            merged.merge_unit("c", json.loads(json.dumps(part)), sums, squares)  # as reported
+            part, none, _ = unit_statistics("categorical", [chip["k"] for chip in chips[lo:hi]], 1)
+            assert none is None
+            merged.merge_unit("k", json.loads(json.dumps(part)))
+        assert merged.acc == {"c": ref_c, "k": ref_k}, cut
+    # a unit without train chips adds nothing
+    part, sums, squares = unit_statistics("continuous", [], 2)
+    assert part == {"count": [0, 0], "min": [None, None], "max": [None, None]} and sums.shape == (0, 2)
+    merged.merge_unit("c", part, sums, squares)
+    assert merged.acc["c"] == ref_c
 
 
 def test_finalize_refuses_a_unit_report_of_an_older_version_naming_the_unit(tiny_scene, tmp_path):
@@ -514,10 +525,11 @@ def test_a_missing_unit_file_is_named_and_a_build_of_another_format_is_made_agai
     assert Path(finalize(out)) == out and folder_bytes(out) == folder_bytes(reference)
     # a build left by another build format (the unit reports' layout) is planned again, not resumed
     other = tmp_path / "other.zarr"
-    monkeypatch.setattr(tile_module, "BUILD_FORMAT", 1)
+    current = tile_module.BUILD_FORMAT
+    monkeypatch.setattr(tile_module, "BUILD_FORMAT", current - 1)
     p = plan(load_catalog(tiny_scene), other, TileOptions(**OPTIONS))
     write_unit(other, 0)
-    monkeypatch.setattr(tile_module, "BUILD_FORMAT", 2)
+    monkeypatch.setattr(tile_module, "BUILD_FORMAT", current)
     assert tile(load_catalog(tiny_scene), other, TileOptions(**OPTIONS), show_progress=False) == other
     assert folder_bytes(other) == folder_bytes(reference)
 

@@ -26,7 +26,7 @@ from rasterio.errors import RasterioError
 from sarflow.data.catalog import LoadedCatalog, SourceSpec
 from sarflow.errors import InputError
 from sarflow.data.grid import ChipGrid, parse_crs, transform_geometry, utm_epsg, utm_zone
-from sarflow.data.storage import file_stamp, gdal_path, is_s3, listed_s3_sizes, read_bytes, s3_settings, sha256_of
+from sarflow.data.storage import file_stamp, gdal_path, is_s3, listed_s3_stamps, read_bytes, s3_settings, sha256_of
 
 log = logging.getLogger("sarflow.data.ingest")
 
@@ -189,12 +189,12 @@ def input_stamp(uri: str) -> tuple[int, str]:
         raise InputError(uri, f"cannot be read ({e.strerror or e})") from None
 
 
-def input_sizes(uris: list[str]) -> dict[str, int]:
-    """Every input file's size in bytes without reading one: local files stat'ed, S3 objects from their
-    folders' listings (`storage.listed_s3_sizes`), asked for alone where a listing does not show them;
-    a missing or unreadable file is an InputError naming it (`input_stamp`)."""
-    listed = listed_s3_sizes([u for u in uris if is_s3(u)])
-    return {u: listed[u] if u in listed else input_stamp(u)[0] for u in uris}
+def input_stamps(uris: list[str]) -> dict[str, tuple[int, str]]:
+    """Every input file's size and stamp (`input_stamp`) without reading one: local files stat'ed, S3
+    objects from their folders' listings (`storage.listed_s3_stamps`), asked for alone where a listing
+    does not show them; a missing or unreadable file is an InputError naming it."""
+    listed = listed_s3_stamps([u for u in uris if is_s3(u)])
+    return {u: listed[u] if u in listed else input_stamp(u) for u in uris}
 
 
 def inspect_file(uri: str, expected_bands: int, spec: SourceSpec) -> RasterFile:

@@ -175,19 +175,20 @@ LISTING_OBJECTS_PER_KEY = 4  # objects listed per object asked for, at most (the
 LISTING_PAGE = 1000  # ... plus one page of a listing
 
 
-def listed_s3_sizes(uris: list[str], settings: S3Settings | None = None) -> dict[str, int]:
-    """The sizes of S3 objects from their folders' listings: one LIST request per 1,000 objects of a
-    folder (between the first and the last object asked for, and at most LISTING_OBJECTS_PER_KEY per
-    object asked for, plus a page) instead of one HEAD per object. An object the listing does not show, or a folder
-    that cannot be listed (a policy may allow GET and not LIST), is left out: the caller asks for it
-    alone (`file_stamp`), which names what is wrong."""
+def listed_s3_stamps(uris: list[str], settings: S3Settings | None = None) -> dict[str, tuple[int, str]]:
+    """The sizes and stamps (`file_stamp`: the ETag a HEAD answers, which a listing shows too) of S3
+    objects from their folders' listings: one LIST request per 1,000 objects of a folder (between the
+    first and the last object asked for, and at most LISTING_OBJECTS_PER_KEY per object asked for, plus
+    a page) instead of one HEAD per object. An object the listing does not show, or a folder that
+    cannot be listed (a policy may allow GET and not LIST), is left out: the caller asks for it alone
+    (`file_stamp`), which names what is wrong."""
     s = settings or s3_settings()
     folders: dict[tuple[str, str], set[str]] = {}
     for uri in uris:
         bucket, key = split_s3(uri)
         folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
         folders.setdefault((bucket, folder), set()).add(key)
-    sizes = {}
+    stamps = {}
     client = minio_client(s) if folders else None
     for (bucket, folder), keys in folders.items():
         first, last = min(keys), max(keys)
@@ -198,11 +199,11 @@ def listed_s3_sizes(uris: list[str], settings: S3Settings | None = None) -> dict
                                                            else None)):
                 if obj.object_name > last or seen >= budget:
                     break
-                if obj.object_name in keys and obj.size is not None:
-                    sizes[f"s3://{bucket}/{obj.object_name}"] = int(obj.size)
+                if obj.object_name in keys and obj.size is not None and obj.etag:
+                    stamps[f"s3://{bucket}/{obj.object_name}"] = (int(obj.size), f"etag:{obj.etag}")
         except Exception:  # noqa: BLE001 - not listable: each object is asked for alone
             continue
-    return sizes
+    return stamps
 
 
 def read_bytes(uri: str) -> bytes:

@@ -340,39 +340,12 @@ class Stats:
                 else:
                     self.acc[s.name] = {"classes": [{} for _ in range(nb)]}
 
-    def merge(self, name: str, contrib: list):
-        """Adds one chip's contribution (`chip_contributions`): merging chips in store order gives the
-        same float64 sums however the chips were cut into units."""
-        a = self.acc[name]
-        for b, c in enumerate(contrib):
-            if c is None:
-                continue
-            if self.kinds[name] == "continuous":
-                n, total, sq, lo, hi = c
-                a["count"][b] += n
-                a["sum"][b] += total
-                a["sumsq"][b] += sq
-                a["min"][b] = lo if a["min"][b] is None else min(a["min"][b], lo)
-                a["max"][b] = hi if a["max"][b] is None else max(a["max"][b], hi)
-            else:
-                hist = a["classes"][b]
-                for code, n in c:
-                    hist[code] = hist.get(code, 0) + n
-
-    def unit_part(self, name: str) -> dict:
-        """What a unit reports of its train chips beside their sums (`merge_unit`): per band the pixel
-        count, min and max (continuous) or the class counts (categorical), exact in any order."""
-        a = self.acc[name]
-        if self.kinds[name] == "continuous":
-            return {"count": a["count"], "min": a["min"], "max": a["max"]}
-        return {"classes": a["classes"]}
-
     def merge_unit(self, name: str, part: dict, sums: np.ndarray | None = None, sumsq: np.ndarray | None = None):
-        """Adds one unit's train chips: `part` (`unit_part` of the unit's own Stats) and, for continuous
-        sources, each train chip's sums and sums of squares ((chips, bands) float64 in store order, 0.0
-        where a band had no valid pixel). The sums are accumulated chip by chip (np.add.accumulate is
-        sequential), so the float64 totals are those of `merge` chip by chip, however the chips were cut
-        into units."""
+        """Adds one unit's train chips (`unit_statistics` makes both): `part` and, for continuous sources,
+        each train chip's sums and sums of squares ((chips, bands) float64 in store order, 0.0 where a
+        band had no valid pixel). The sums are accumulated chip by chip (np.add.accumulate is
+        sequential), so the float64 totals are those of adding chip by chip in store order, however the
+        chips were cut into units."""
         a = self.acc[name]
         if self.kinds[name] != "continuous":
             for hist, got in zip(a["classes"], part["classes"]):
@@ -405,6 +378,31 @@ class Stats:
                 out[band] = {"count": total,
                              "class_fractions": {k: hist[k] / total for k in sorted(hist, key=int)} if total else {}}
         return out
+
+
+def unit_statistics(kind: str, per_chip: list, bands: int) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
+    """A unit's train statistics of one source, in one pass over its train chips' contributions
+    (`chip_contributions`, in store order): what its report holds (per band the pixel count, min and
+    max, or the class counts: exact in any order) and, for a continuous source, each chip's per-band
+    sum and sum of squares ((chips, bands) float64, 0.0 where the band had no valid pixel: adding 0.0
+    leaves a running float64 sum as it was), which `Stats.merge_unit` accumulates in store order."""
+    if kind != "continuous":
+        classes = [{} for _ in range(bands)]
+        for contrib in per_chip:
+            for hist, c in zip(classes, contrib):
+                for code, n in c or ():
+                    hist[code] = hist.get(code, 0) + n
+        return {"classes": classes}, None, None
+    count, lo, hi = [0] * bands, [None] * bands, [None] * bands
+    sums, squares = np.zeros((len(per_chip), bands)), np.zeros((len(per_chip), bands))
+    for r, contrib in enumerate(per_chip):
+        for b, c in enumerate(contrib):
+            if c is not None:
+                count[b] += c[0]
+                sums[r, b], squares[r, b] = c[1], c[2]
+                lo[b] = c[3] if lo[b] is None else min(lo[b], c[3])
+                hi[b] = c[4] if hi[b] is None else max(hi[b], c[4])
+    return {"count": count, "min": lo, "max": hi}, sums, squares
 
 
 STATS_BATCH_PX = 1 << 18  # pixels per band reduced at once: float64 temporaries stay in cache
@@ -465,10 +463,11 @@ def code_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- the store
 
-# what a build leaves in `_build/` for the next step: 2 = units write their rows of chips.parquet and
-# their train chips' sums beside a report of counts (1: reports of chip records). A build of another
-# format is not resumed: its plan is made again.
-BUILD_FORMAT = 2
+# what a build leaves in `_build/` for the next step: 3 = units write their rows of chips.parquet and
+# their train chips' sums beside a report of counts and their outlines' bbox (2: the whole GeoParquet
+# metadata in every report; 1: reports of chip records). A build of another format is not resumed: its
+# plan is made again.
+BUILD_FORMAT = 3
 
 
 def _fingerprint(ing: Ingested, options: TileOptions) -> str:

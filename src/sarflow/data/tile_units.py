@@ -504,17 +504,18 @@ def checksum_part(catalog: LoadedCatalog, out: str | Path, part: int, parts: int
     that changed since. A file recorded already with its current stamp is not read again. `workers`:
     hashing threads (default: up to 8). Returns how many files this part hashed; None when the part holds
     no file (more parts than files)."""
-    from sarflow.data.ingest import catalog_files, input_sizes, input_stamp, recorded_or_hashed
+    from sarflow.data.ingest import catalog_files, input_stamps, recorded_or_hashed
 
     loc = Location(out)
     if not 0 <= part < parts:
         raise InputError(loc.uri, f"checksum part {part} of {parts} does not exist (parts are numbered from 0 "
                                   "to parts - 1)")
     _refuse_finished(loc, overwrite)
-    mine = checksum_shares(input_sizes(catalog_files(catalog)), parts)[part]
+    every = input_stamps(catalog_files(catalog))  # one listing per S3 folder: sizes and stamps
+    mine = checksum_shares({uri: size for uri, (size, _) in every.items()}, parts)[part]
     if not mine:
         return None
-    stamps = {uri: input_stamp(uri) for uri in mine}
+    stamps = {uri: every[uri] for uri in mine}
     digests, hashed = recorded_or_hashed(stamps, _recorded_checksums(loc), workers)
     _refuse_finished(Location(out), overwrite)  # finished while this part hashed: it writes nothing there
     _write_checksums(loc, f"part-{part:06d}-of-{parts:06d}.json", stamps, digests)
@@ -718,7 +719,7 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     process, so a block whose chips run on into it is handed to it warped (HANDOVER), not warped twice.
     `build`: the plan's state (`_load_build`) when the caller has read it already (a run of units reads
     it once: the chip table of a continental store is hundreds of MB)."""
-    from sarflow.data.tile import BlockRenderer, Stats, _chips_table, _ordered, chip_contributions, plan_blocks
+    from sarflow.data.tile import BlockRenderer, _chips_table, _ordered, chip_contributions, plan_blocks, unit_statistics
 
     loc = Location(out)
     if loc.placed:
@@ -814,37 +815,27 @@ def write_unit(out: str | Path, unit: int, workers: int | None = None, force: bo
     pq.write_table(rows, buf, compression="snappy")
     loc.write(buf.getvalue(), BUILD, "units", f"{unit:06d}.parquet")
     geo = json.loads(rows.schema.metadata[b"geo"])
+    outlines = geo["columns"][geo["primary_column"]]  # what differs between the units' GeoParquet metadata
     # train statistics: per band the count, min, max or class counts of the unit's train chips, and each
     # train chip's sums (finalize accumulates those chip by chip in store order: the same float64 totals
     # however the chips were cut into units)
-    unit_stats, sums = Stats(ing.sources), {}
+    parts, sums = {}, {}
     rows_of_train = np.flatnonzero(train).tolist()
     for i, s in enumerate(ing.sources):
-        per_chip = [contributions[s.name][j] for j in rows_of_train]
-        for c in per_chip:
-            unit_stats.merge(s.name, c)
-        if s.spec.kind == "continuous":
-            sums[f"sum_{i}"], sums[f"sumsq_{i}"] = _chip_sums(per_chip, len(s.spec.bands))
+        parts[s.name], chip_sums, chip_squares = unit_statistics(
+            s.spec.kind, [contributions[s.name][j] for j in rows_of_train], len(s.spec.bands))
+        if chip_sums is not None:
+            sums[f"sum_{i}"], sums[f"sumsq_{i}"] = chip_sums, chip_squares
     buf = io.BytesIO()
     np.savez(buf, **sums)
     loc.write(buf.getvalue(), BUILD, "units", f"{unit:06d}.npz")
     # last, the report: the unit is done. "shards": path -> [size, sha256] of every shard file written,
     # which finalize's integrity record takes instead of reading the store back
     report = {"unit": unit, "chips": [a, b], "train_chips": len(rows_of_train), "shards": written,
-              "stats": {s.name: unit_stats.unit_part(s.name) for s in ing.sources}, "geo": geo}
+              "stats": parts,
+              "outlines": {k: outlines[k] for k in ("bbox", "geometry_types")}}
     loc.write(json.dumps(report).encode(), BUILD, "units", f"{unit:06d}.json")
     return report
-
-
-def _chip_sums(per_chip: list, bands: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each train chip's per-band sum and sum of squares ((chips, bands) float64; 0.0 where the band had
-    no valid pixel: adding 0.0 leaves a running float64 sum as it was)."""
-    sums, squares = np.zeros((len(per_chip), bands)), np.zeros((len(per_chip), bands))
-    for r, contrib in enumerate(per_chip):
-        for b, c in enumerate(contrib):
-            if c is not None:
-                sums[r, b], squares[r, b] = c[1], c[2]
-    return sums, squares
 
 
 def _on_chip_grid(contrib: list, k: int) -> list:
@@ -884,17 +875,17 @@ def finalize(out: str | Path) -> str:
     if missing:
         raise InputError(loc.uri, f"{len(missing)} of {len(p.units)} units are not written yet (first: {missing[0]}); "
                                   f"run `sarflow tile-unit {loc.uri} --unit N` for them")
-    stats, shard_files, geo = Stats(ing.sources), {}, []
+    stats, shard_files, outlines = Stats(ing.sources), {}, []
     for u in range(len(p.units)):
         report = _unit_file(loc, u, "json", lambda b: json.loads(b))
-        if "stats" not in report:
-            raise InputError(loc.uri, f"unit {u} was written by an older sarflow (its report holds records); "
+        if "outlines" not in report:
+            raise InputError(loc.uri, f"unit {u} was written by an older sarflow (its report has another layout); "
                                       f"rewrite it: `sarflow tile-unit {loc.uri} --unit {u} --force`")
         shard_files.update(report["shards"])
         sums = _unit_file(loc, u, "npz", lambda b: np.load(io.BytesIO(b))) if report["train_chips"] else {}
         for i, s in enumerate(ing.sources):
             stats.merge_unit(s.name, report["stats"][s.name], sums.get(f"sum_{i}"), sums.get(f"sumsq_{i}"))
-        geo.append(report["geo"])
+        outlines.append(report["outlines"])
     total = p.total
     assert len(table) == total, (len(table), total)
     counts = np.bincount(table[:, 2], minlength=len(SPLIT_LABELS))
@@ -906,7 +897,7 @@ def finalize(out: str | Path) -> str:
     root = zarr.open_group(store, mode="r+", zarr_format=3)
     for s in ing.sources:
         root[s.name].attrs["stats"] = {"split": "train", "bands": stats.summary(s.name, list(s.spec.bands))}
-    _write_chips_table(loc, len(p.units), geo)
+    _write_chips_table(loc, len(p.units), outlines)
     loc.write(loc.read(BUILD, MANIFEST), MANIFEST)
     g = ing.grid
     # what xarray reads in place: spatial_ref, chip_x/chip_y (not modalities: readers take those from the attributes)
@@ -976,20 +967,18 @@ def _unit_file(loc: Location, unit: int, ext: str, parse):
 CHIPS_ROW_GROUP = 16_384  # rows of chips.parquet per row group (about 8 MB), whatever the units: the same bytes
 
 
-def _write_chips_table(loc: Location, units: int, geo: list[dict]) -> None:
+def _write_chips_table(loc: Location, units: int, outlines: list[dict]) -> None:
     """chips.parquet from the units' rows, streamed in unit order into row groups of CHIPS_ROW_GROUP rows
-    (a unit's rows at a time in memory, not the table's), its GeoParquet metadata the units' with the
-    union of their bounding boxes and geometry types. Written to a temporary file, then moved (local)
-    or uploaded (S3) into place whole."""
+    (a unit's rows at a time in memory, not the table's), its GeoParquet metadata the first unit's with
+    the union of the units' bounding boxes and geometry types (`outlines`, from their reports). Written
+    to a temporary file, then moved (local) or uploaded (S3) into place whole."""
     import tempfile
 
     import pyarrow as pa
 
-    meta = json.loads(json.dumps(geo[0]))
-    column = meta["columns"][meta["primary_column"]]
-    boxes = np.array([g["columns"][g["primary_column"]]["bbox"] for g in geo], dtype=np.float64)
-    column["bbox"] = [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()]
-    column["geometry_types"] = sorted({t for g in geo for t in g["columns"][g["primary_column"]]["geometry_types"]})
+    boxes = np.array([o["bbox"] for o in outlines], dtype=np.float64)
+    union = {"bbox": [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()],
+             "geometry_types": sorted({t for o in outlines for t in o["geometry_types"]})}
     tmp = Path(tempfile.mkdtemp(prefix="sarflow-chips-", dir=None if loc.s3 else loc.key(BUILD)))
     path = tmp / CHIPS_TABLE
     try:
@@ -997,6 +986,8 @@ def _write_chips_table(loc: Location, units: int, geo: list[dict]) -> None:
         for u in range(units):
             part = _unit_file(loc, u, "parquet", lambda b: pq.ParquetFile(io.BytesIO(b)).read())
             if writer is None:
+                meta = json.loads(part.schema.metadata[b"geo"])
+                meta["columns"][meta["primary_column"]].update(union)
                 schema = part.schema.with_metadata({**part.schema.metadata, b"geo": json.dumps(meta).encode()})
                 writer = pq.ParquetWriter(path, schema, compression="snappy")
             pending.append(part.replace_schema_metadata(schema.metadata))
