@@ -545,3 +545,32 @@ def test_a_unit_runner_does_not_import_pandas(tiny_scene, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
     assert unit_done(str(out), 0)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_finalize_finds_the_units_not_written_from_one_listing(reference, tiny_scene, tmp_path, where, request,
+                                                               monkeypatch):
+    """A continental build has hundreds of thousands of units: finalize lists their folder once (no
+    request per unit) and reads their files ahead in threads (on S3 each costs a request's latency),
+    giving the same store."""
+    from sarflow.data import tile_units
+
+    out = str(tmp_path / "listed.zarr") if where == "local" else (request.getfixturevalue("s3env"),
+                                                                 "s3://chips/listed.zarr")[1]
+    p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    n = len(p.units)
+    for u in set(range(n)) - {1, 3}:
+        write_unit(out, u)
+    asked = []
+    real = tile_units.Location.exists
+    monkeypatch.setattr(tile_units.Location, "exists",
+                        lambda self, *parts: asked.append(parts) or real(self, *parts))
+    with pytest.raises(Exception, match=rf"2 of {n} units are not written yet \(first: 1\).*tile-unit"):
+        finalize(out)
+    assert not [parts for parts in asked if "units" in parts]
+    monkeypatch.setattr(tile_units, "UNIT_READ_AHEAD", 3)
+    for u in (3, 1):
+        write_unit(out, u)
+    assert finalize(out) == out
+    got = folder_bytes(out) if where == "local" else _s3_files(out)
+    assert got == folder_bytes(reference)

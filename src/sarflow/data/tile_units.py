@@ -128,6 +128,23 @@ class Location:
         Path(tmp).write_bytes(data)
         os.replace(tmp, path)
 
+    def names(self, *parts: str):
+        """The names of the files in a folder of the build, streamed (a folder of a continental build
+        holds millions: neither fsspec's listing cache nor one list holds them all); none if it is not there."""
+        path = self.key(*parts)
+        if not self.s3:
+            try:
+                with os.scandir(path) as entries:
+                    yield from (e.name for e in entries)
+            except FileNotFoundError:
+                return
+            return
+        from sarflow.data.storage import minio_client, s3_settings, split_s3
+
+        bucket, prefix = split_s3("s3://" + path + "/")
+        for obj in minio_client(s3_settings()).list_objects(bucket, prefix=prefix, recursive=False):
+            yield obj.object_name[len(prefix):]
+
     def remove(self, *parts: str) -> None:
         path = self.key(*parts)
         if self.fs.exists(path):
@@ -863,7 +880,7 @@ def finalize(out: str | Path) -> str:
     """Step 3: chips.parquet, statistics and group attributes (last), consolidated metadata; renames
     a local build into place, then removes the build state (`_clean_up`). Returns the store's URI.
     A store already renamed into place (a finalize stopped after its rename) only gets the clean-up."""
-    from sarflow.data.tile import Stats
+    from sarflow.data.tile import Stats, _ordered
 
     loc = Location(out)
     if loc.placed:
@@ -871,21 +888,25 @@ def finalize(out: str | Path) -> str:
         _clean_up(loc)
         return loc.uri
     p, ing, _, table = _load_build(loc)
-    missing = [u for u in range(len(p.units)) if not loc.exists(BUILD, "units", f"{u:06d}.json")]
+    missing = _units_without_report(loc, len(p.units))
     if missing:
         raise InputError(loc.uri, f"{len(missing)} of {len(p.units)} units are not written yet (first: {missing[0]}); "
                                   f"run `sarflow tile-unit {loc.uri} --unit N` for them")
-    stats, shard_files, outlines = Stats(ing.sources), {}, []
-    for u in range(len(p.units)):
+
+    def read(u):  # a unit's report and its train chips' sums
         report = _unit_file(loc, u, "json", lambda b: json.loads(b))
         if "outlines" not in report:
             raise InputError(loc.uri, f"unit {u} was written by an older sarflow (its report has another layout); "
                                       f"rewrite it: `sarflow tile-unit {loc.uri} --unit {u} --force`")
-        shard_files.update(report["shards"])
-        sums = _unit_file(loc, u, "npz", lambda b: np.load(io.BytesIO(b))) if report["train_chips"] else {}
-        for i, s in enumerate(ing.sources):
-            stats.merge_unit(s.name, report["stats"][s.name], sums.get(f"sum_{i}"), sums.get(f"sumsq_{i}"))
-        outlines.append(report["outlines"])
+        return report, _unit_file(loc, u, "npz", lambda b: np.load(io.BytesIO(b))) if report["train_chips"] else {}
+
+    stats, shard_files, outlines = Stats(ing.sources), {}, []
+    with ThreadPoolExecutor(UNIT_READ_AHEAD) as pool:
+        for report, sums in _ordered(pool, read, range(len(p.units)), inflight=UNIT_READ_AHEAD):
+            shard_files.update(report["shards"])
+            for i, s in enumerate(ing.sources):
+                stats.merge_unit(s.name, report["stats"][s.name], sums.get(f"sum_{i}"), sums.get(f"sumsq_{i}"))
+            outlines.append(report["outlines"])
     total = p.total
     assert len(table) == total, (len(table), total)
     counts = np.bincount(table[:, 2], minlength=len(SPLIT_LABELS))
@@ -952,6 +973,20 @@ def finalize(out: str | Path) -> str:
     return loc.uri
 
 
+UNIT_READ_AHEAD = 16  # unit files finalize reads at once: on S3 each costs a request's latency, not CPU
+
+
+def _units_without_report(loc: Location, units: int) -> list[int]:
+    """The units (of 0..units-1) whose report is not in the build, from one listing of the units'
+    folder (not a request per unit: a continental build has hundreds of thousands)."""
+    done = np.zeros(units, dtype=bool)
+    for name in loc.names(BUILD, "units"):
+        stem, dot, ext = name.partition(".")
+        if ext == "json" and stem.isdigit() and int(stem) < units:
+            done[int(stem)] = True
+    return np.flatnonzero(~done).tolist()
+
+
 def _unit_file(loc: Location, unit: int, ext: str, parse):
     """A unit's file in the build, parsed; one missing or unreadable (a partial copy of `_build/`, a
     corrupt object) is an InputError naming it and the command that writes it again."""
@@ -976,29 +1011,34 @@ def _write_chips_table(loc: Location, units: int, outlines: list[dict]) -> None:
 
     import pyarrow as pa
 
+    from sarflow.data.tile import _ordered
+
     boxes = np.array([o["bbox"] for o in outlines], dtype=np.float64)
     union = {"bbox": [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()],
              "geometry_types": sorted({t for o in outlines for t in o["geometry_types"]})}
     tmp = Path(tempfile.mkdtemp(prefix="sarflow-chips-", dir=None if loc.s3 else loc.key(BUILD)))
     path = tmp / CHIPS_TABLE
     try:
+        def read(u):
+            return _unit_file(loc, u, "parquet", lambda b: pq.ParquetFile(io.BytesIO(b)).read())
+
         writer, pending, held = None, [], 0
-        for u in range(units):
-            part = _unit_file(loc, u, "parquet", lambda b: pq.ParquetFile(io.BytesIO(b)).read())
-            if writer is None:
-                meta = json.loads(part.schema.metadata[b"geo"])
-                meta["columns"][meta["primary_column"]].update(union)
-                schema = part.schema.with_metadata({**part.schema.metadata, b"geo": json.dumps(meta).encode()})
-                writer = pq.ParquetWriter(path, schema, compression="snappy")
-            pending.append(part.replace_schema_metadata(schema.metadata))
-            held += part.num_rows
-            while held >= CHIPS_ROW_GROUP or (u == units - 1 and held):
-                rows = pa.concat_tables(pending)  # views of the parts' columns: nothing copied
-                group = rows.slice(0, min(held, CHIPS_ROW_GROUP)).combine_chunks()  # one row group, contiguous
-                writer.write_table(group, row_group_size=CHIPS_ROW_GROUP)
-                pending, held = [rows.slice(group.num_rows)], held - group.num_rows
-                del rows, group
-                pa.default_memory_pool().release_unused()  # mimalloc keeps freed pages: the peak grew with the groups
+        with ThreadPoolExecutor(UNIT_READ_AHEAD) as pool:
+            for u, part in enumerate(_ordered(pool, read, range(units), inflight=UNIT_READ_AHEAD)):
+                if writer is None:
+                    meta = json.loads(part.schema.metadata[b"geo"])
+                    meta["columns"][meta["primary_column"]].update(union)
+                    schema = part.schema.with_metadata({**part.schema.metadata, b"geo": json.dumps(meta).encode()})
+                    writer = pq.ParquetWriter(path, schema, compression="snappy")
+                pending.append(part.replace_schema_metadata(schema.metadata))
+                held += part.num_rows
+                while held >= CHIPS_ROW_GROUP or (u == units - 1 and held):
+                    rows = pa.concat_tables(pending)  # views of the parts' columns: nothing copied
+                    group = rows.slice(0, min(held, CHIPS_ROW_GROUP)).combine_chunks()  # one row group, contiguous
+                    writer.write_table(group, row_group_size=CHIPS_ROW_GROUP)
+                    pending, held = [rows.slice(group.num_rows)], held - group.num_rows
+                    del rows, group
+                    pa.default_memory_pool().release_unused()  # mimalloc keeps freed pages: the peak grew with the groups
         writer.close()
         if loc.s3:
             loc.fs.put_file(str(path), loc.key(CHIPS_TABLE))
