@@ -444,7 +444,8 @@ def write_georeference(root: zarr.Group, minx: np.ndarray, maxy: np.ndarray, crs
     root.create_array(GRID_MAPPING, shape=(), dtype="int64", fill_value=0, dimension_names=(),
                       attributes=cf_grid_mapping(crs), overwrite=True)
     rows = max(1, min(n, COORD_CHUNK_CHIPS))
-    factors = {m: store_factor(root[m]) for m in modalities}
+    held = {m: root[m] for m in modalities}  # one read of each array's metadata (a request each on S3)
+    factors = {m: store_factor(a) for m, a in held.items()}
     for k in sorted(set(factors.values()) | {1}):
         res, size = float(resolution) * k, int(chip_size) // k
         centres = (np.arange(size, dtype=np.float64) + 0.5) * res
@@ -462,7 +463,7 @@ def write_georeference(root: zarr.Group, minx: np.ndarray, maxy: np.ndarray, crs
             arrays[y_name][lo:hi] = np.asarray(maxy[lo:hi], np.float64)[:, None] - centres[None, :]
     for m in modalities:
         x, y = _coords_of(factors[m])
-        root[m].attrs.update({"grid_mapping": GRID_MAPPING, "coordinates": f"{x} {y} {GRID_MAPPING}"})
+        held[m].update_attributes({"grid_mapping": GRID_MAPPING, "coordinates": f"{x} {y} {GRID_MAPPING}"})
 
 
 def open_store_xarray(path):

@@ -917,7 +917,7 @@ def finalize(out: str | Path) -> str:
     store = loc.zarr_store()
     root = zarr.open_group(store, mode="r+", zarr_format=3)
     for s in ing.sources:
-        root[s.name].attrs["stats"] = {"split": "train", "bands": stats.summary(s.name, list(s.spec.bands))}
+        root[s.name].update_attributes({"stats": {"split": "train", "bands": stats.summary(s.name, list(s.spec.bands))}})
     _write_chips_table(loc, len(p.units), outlines)
     loc.write(loc.read(BUILD, MANIFEST), MANIFEST)
     g = ing.grid
@@ -931,7 +931,9 @@ def finalize(out: str | Path) -> str:
     # every shard (size and SHA-256 as the units wrote them: the store is not read back), the coordinate
     # arrays and the chip table, before the attributes
     record(loc.work, known=shard_files)
-    root.attrs.update({  # last: a reader of s3:// sees the store finished when `chips` is there
+    # last, in one write (attrs.update would write zarr.json once a key: a request each on S3): a reader
+    # of s3:// sees the store finished when `chips` is there
+    root.update_attributes({
         "crs": g.crs.to_string(),
         "crs_wkt": g.crs.to_wkt(),
         "resolution": g.resolution,
