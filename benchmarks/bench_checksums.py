@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sarflow.data.catalog import load_catalog
-    from sarflow.data.ingest import catalog_files, input_stamps
+    from sarflow.data.ingest import catalog_files, input_sizes
     from sarflow.data.synth import SynthConfig, synthesize
     from sarflow.data.tile_units import checksum_shares
 
@@ -87,7 +87,7 @@ def main() -> None:
     try:
         catalog = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=3))
         files = catalog_files(load_catalog(catalog))
-        sizes = {uri: size for uri, (size, _) in input_stamps(files).items()}
+        sizes = input_sizes(files)
         mb = sum(sizes.values()) / 1e6
         # the largest part's share of the bytes (it sets the wall): the parts as cut (by bytes) and as
         # they were cut before (every n-th file of the sorted list)

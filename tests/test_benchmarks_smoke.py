@@ -295,3 +295,26 @@ def test_finalize_bench_compares_this_checkout_with_its_anchor(tmp_path):
     assert res["at_most_chips"]["chips"] == res["results"]["this"][1]["chips"]
     assert res["at_most_chips"]["cpu_ratio_this_over_anchor"] > 0
     assert set(res["per_1k_chips"]["this"]["m3leo_projection"]) == {"finalize_cpu_hours", "finalize_peak_rss_gb"}
+
+
+@pytest.mark.slow
+def test_finalize_s3_bench_measures_both_versions_behind_the_latency_proxy(tmp_path):
+    """bench_finalize_s3.py on a tiny scene, one round: both versions finalize a copy of their build on
+    moto through the proxy; wall, CPU and their ratios are reported, and each request paid the latency
+    (a finalize of several units cannot take less than a few round trips)."""
+    anchor = re.search(r'"--anchor", default="(\w+)"', (ROOT / "benchmarks" / "bench_finalize_s3.py").read_text())[1]
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{anchor}^{{commit}}"]).returncode:
+        pytest.skip(f"the anchor commit {anchor} is not in this clone's history (shallow clone or sdist)")
+    out = tmp_path / "finalize_s3.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finalize_s3.py"), "--size", "384",
+                           "--rounds", "1", "--latency-ms", "50", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["units"] >= 4 and res["chips"] > 0 and res["latency_ms"] == 50
+    for name in ("anchor", "this"):
+        assert len(res["rounds"][name]) == 1
+        # every finalize went through the proxy: at least its three files of every unit were held
+        assert res["rounds"][name][0]["requests_delayed"] >= 3 * res["units"]
+        assert res["medians"][name]["finalize_cpu_s"] > 0
+    assert res["wall_ratio_this_over_anchor"] > 0 and res["cpu_ratio_this_over_anchor"] > 0

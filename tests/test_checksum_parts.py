@@ -20,16 +20,13 @@ import rasterio
 
 from helpers import folder_bytes, use_moto
 from sarflow.data.catalog import load_catalog
-from sarflow.data.ingest import catalog_files, input_stamps
+from sarflow.data.ingest import catalog_files, input_sizes, input_stamps
 from sarflow.data.tile import TileOptions, tile
 from sarflow.data.tile_units import (BUILD, CHECKSUMS, Location, checksum_part, checksum_shares, commit_plan, finalize,
                                      run_units, screen_part, survey)
 
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
 
-
-def input_sizes(uris: list[str]) -> dict[str, int]:
-    return {uri: size for uri, (size, _) in input_stamps(uris).items()}
 OPTIONS = dict(shard_chips=16, unit_shards=1, workers=1, block_chips=4)
 FLAGS = ["--shard-chips", "16", "--unit-shards", "1", "--workers", "1", "--block-chips", "4"]
 

@@ -502,10 +502,13 @@ def test_finalize_refuses_a_unit_report_of_an_older_version_naming_the_unit(tiny
         write_unit(out, u)
     report = Path(str(out) + ".partial", BUILD, "units", "000001.json")
     old = json.loads(report.read_text())
-    report.write_text(json.dumps({"unit": 1, "chips": old["chips"], "records": [], "train_stats": [], "shards": {}}))
-    with pytest.raises(Exception, match=r"unit 1 was written by an older sarflow.*--unit 1 --force"):
-        finalize(out)
-    assert not out.exists()
+    older = {"unit": 1, "chips": old["chips"], "records": [], "train_stats": [], "shards": {}}  # format 1
+    old_geo = {"version": "1.0.0", "primary_column": "geometry", "columns": {"geometry": old["outlines"]}}
+    for layout in (older, {**{k: v for k, v in old.items() if k != "outlines"}, "geo": old_geo}):  # 1, 2
+        report.write_text(json.dumps(layout))
+        with pytest.raises(Exception, match=r"unit 1 was written by an older sarflow.*--unit 1 --force"):
+            finalize(out)
+        assert not out.exists()
     write_unit(out, 1, force=True)
     assert Path(finalize(out)) == out
 
@@ -574,3 +577,28 @@ def test_finalize_finds_the_units_not_written_from_one_listing(reference, tiny_s
     assert finalize(out) == out
     got = folder_bytes(out) if where == "local" else _s3_files(out)
     assert got == folder_bytes(reference)
+
+
+def test_the_units_not_written_are_read_from_the_file_names_a_unit_writes(tmp_path):
+    """Only `NNNNNN.json` (six digits or more) counts as a written unit: not a writer's temporary
+    file, a unit's rows or sums without its report, nor a number past the plan."""
+    from sarflow.data.tile_units import Location, _units_without_report, units_not_done
+
+    folder = Path(str(tmp_path / "names.zarr") + ".partial", BUILD, "units")
+    folder.mkdir(parents=True)
+    for name in ("000000.json", "000001.json.12.140.tmp", "000002.parquet", "000002.npz", "1.json", "000003.json",
+                 "1000000.json", "000004.json.bak", "\u00b2\u00b2\u00b2\u00b2\u00b2\u00b2.json", "000009.json"):
+        (folder / name).write_text("{}")
+    assert _units_without_report(Location(tmp_path / "names.zarr"), 6) == [1, 2, 4, 5]
+    assert units_not_done(tmp_path / "names.zarr", 1_000_002)[:3] == [1, 2, 4]
+    assert 1_000_000 not in units_not_done(tmp_path / "names.zarr", 1_000_002)
+    assert units_not_done(tmp_path / "none.zarr", 2) == [0, 1]  # no build yet: every unit
+
+
+def test_a_units_listing_that_fails_names_the_folder_and_the_cause(s3env):
+    from sarflow.data.tile_units import Location
+    from sarflow.errors import SarflowError
+
+    with pytest.raises(SarflowError, match=r"s3://no-such-bucket/x\.zarr/_build/units/.*bucket 'no-such-bucket' "
+                                           r"does not exist"):
+        list(Location("s3://no-such-bucket/x.zarr").names(BUILD, "units"))

@@ -197,6 +197,11 @@ def input_stamps(uris: list[str]) -> dict[str, tuple[int, str]]:
     return {u: listed[u] if u in listed else input_stamp(u) for u in uris}
 
 
+def input_sizes(uris: list[str]) -> dict[str, int]:
+    """Every input file's size in bytes (`input_stamps`)."""
+    return {uri: size for uri, (size, _) in input_stamps(uris).items()}
+
+
 def inspect_file(uri: str, expected_bands: int, spec: SourceSpec) -> RasterFile:
     """Opens and validates one raster; errors name the file and the cause."""
     size, stamp = input_stamp(uri)

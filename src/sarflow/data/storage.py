@@ -127,7 +127,8 @@ def _bucket_missing(uri: str, settings: S3Settings) -> bool:
         return False
 
 
-def _explain(uri: str, exc: Exception, settings: S3Settings) -> StorageError:
+def explain_s3_error(uri: str, exc: Exception, settings: S3Settings) -> StorageError:
+    """One StorageError naming `uri` and the cause of an S3 request's failure."""
     from minio.error import S3Error
 
     if isinstance(exc, S3Error):
@@ -155,7 +156,7 @@ def check_s3_object(uri: str, settings: S3Settings | None = None) -> tuple[int, 
     try:
         st = minio_client(s).stat_object(bucket, key)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
-        raise _explain(uri, e, s) from None
+        raise explain_s3_error(uri, e, s) from None
     return st.size, f"etag:{st.etag}"
 
 
@@ -219,7 +220,7 @@ def read_bytes(uri: str) -> bytes:
             resp.close()
             resp.release_conn()
     except Exception as e:  # noqa: BLE001
-        raise _explain(uri, e, s) from None
+        raise explain_s3_error(uri, e, s) from None
 
 
 def sha256_of(uri: str, chunk: int = 8 << 20) -> str:
@@ -241,7 +242,7 @@ def sha256_of(uri: str, chunk: int = 8 << 20) -> str:
             resp.close()
             resp.release_conn()
     except Exception as e:  # noqa: BLE001
-        raise _explain(uri, e, s) from None
+        raise explain_s3_error(uri, e, s) from None
     return h.hexdigest()
 
 
@@ -259,7 +260,7 @@ def upload_file(local: str | Path, uri: str, settings: S3Settings | None = None)
     try:
         minio_client(s).fput_object(bucket, key, str(local))
     except Exception as e:  # noqa: BLE001
-        raise _explain(uri, e, s) from None
+        raise explain_s3_error(uri, e, s) from None
 
 
 def ensure_bucket(bucket: str, settings: S3Settings | None = None) -> None:
@@ -269,7 +270,7 @@ def ensure_bucket(bucket: str, settings: S3Settings | None = None) -> None:
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
     except Exception as e:  # noqa: BLE001
-        raise _explain(f"s3://{bucket}", e, s) from None
+        raise explain_s3_error(f"s3://{bucket}", e, s) from None
 
 
 def check_bucket(uri: str, settings: S3Settings | None = None) -> None:
@@ -280,7 +281,7 @@ def check_bucket(uri: str, settings: S3Settings | None = None) -> None:
     try:
         found = minio_client(s).bucket_exists(bucket)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
-        raise _explain(uri, e, s) from None
+        raise explain_s3_error(uri, e, s) from None
     if not found:
         raise StorageError(uri, f"bucket {bucket!r} does not exist at {s.endpoint_url}")
 

@@ -590,7 +590,7 @@ def tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions = TileOpt
 
 
 def _tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions, show_progress: bool) -> Path | str:
-    from sarflow.data.tile_units import HANDOVER, Location, finalize, plan, run_units, unit_done
+    from sarflow.data.tile_units import HANDOVER, Location, finalize, plan, run_units, units_not_done
 
     loc = Location(out)
     if loc.finished() and not options.overwrite:
@@ -600,7 +600,7 @@ def _tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions, show_pr
     try:                                   # the prefix must not remove the finished store that is there
         p = plan(catalog, out, options, hand_over=True)
         previous = False
-        done = sum(unit_done(out, u) for u in range(len(p.units)))
+        done = len(p.units) - len(units_not_done(out, len(p.units)))
         with progress_bar("tile", total=len(p.units), completed=done, enabled=show_progress, unit="units") as bar:
             run_units(out, workers=options.workers, on_done=lambda u: bar.advance(1, chips=p.units[u][1]))
         uri = finalize(out)

@@ -20,8 +20,10 @@
 - `write_unit(out, unit)` warps the whole blocks its chips fall in (blocks of about `window_px` pixels), writes its
   shards straight into the store, then its rows of chips.parquet (`_build/units/NNNNNN.parquet`), its
   train chips' sums (`NNNNNN.npz`) and last its report (`NNNNNN.json`: shard hashes, the train chips'
-  counts, min, max and class counts). A rerun of a unit (after kill -9) rewrites the same bytes.
-- `finalize(out)` streams the units' rows into chips.parquet in row groups of CHIPS_ROW_GROUP rows
+  counts, min, max and class counts, its outlines' bbox and geometry types). A rerun of a unit (after
+  kill -9) rewrites the same bytes.
+- `finalize(out)` lists the units' folder once, reads their files ahead in threads (UNIT_READ_AHEAD:
+  on S3 each is a request's latency), streams the units' rows into chips.parquet in row groups of CHIPS_ROW_GROUP rows
   and accumulates the sums chip by chip in store order (so neither depends on how the chips were
   cut into units, and no chip record is held whole), writes the arrays' statistics and the group
   attributes last, consolidates the metadata and removes `_build/`.
@@ -139,11 +141,15 @@ class Location:
             except FileNotFoundError:
                 return
             return
-        from sarflow.data.storage import minio_client, s3_settings, split_s3
+        from sarflow.data.storage import explain_s3_error, minio_client, s3_settings, split_s3
 
+        settings = s3_settings()
         bucket, prefix = split_s3("s3://" + path + "/")
-        for obj in minio_client(s3_settings()).list_objects(bucket, prefix=prefix, recursive=False):
-            yield obj.object_name[len(prefix):]
+        try:
+            for obj in minio_client(settings).list_objects(bucket, prefix=prefix, recursive=False):
+                yield obj.object_name[len(prefix):]
+        except Exception as e:  # noqa: BLE001 - every failure becomes one error naming the folder
+            raise explain_s3_error(f"s3://{bucket}/{prefix}", e, settings) from None
 
     def remove(self, *parts: str) -> None:
         path = self.key(*parts)
@@ -898,7 +904,8 @@ def finalize(out: str | Path) -> str:
         if "outlines" not in report:
             raise InputError(loc.uri, f"unit {u} was written by an older sarflow (its report has another layout); "
                                       f"rewrite it: `sarflow tile-unit {loc.uri} --unit {u} --force`")
-        return report, _unit_file(loc, u, "npz", lambda b: np.load(io.BytesIO(b))) if report["train_chips"] else {}
+        return report, (_unit_file(loc, u, "npz", lambda b: dict(np.load(io.BytesIO(b)))) if report["train_chips"]
+                        else {})
 
     stats, shard_files, outlines = Stats(ing.sources), {}, []
     with ThreadPoolExecutor(UNIT_READ_AHEAD) as pool:
@@ -975,7 +982,8 @@ def finalize(out: str | Path) -> str:
     return loc.uri
 
 
-UNIT_READ_AHEAD = 16  # unit files finalize reads at once: on S3 each costs a request's latency, not CPU
+UNIT_READ_AHEAD = 16  # unit files finalize reads ahead (on S3 each costs a request's latency, not CPU; up to
+                      # s3fs's pool of 10 connections at once)
 
 
 def _units_without_report(loc: Location, units: int) -> list[int]:
@@ -983,10 +991,17 @@ def _units_without_report(loc: Location, units: int) -> list[int]:
     folder (not a request per unit: a continental build has hundreds of thousands)."""
     done = np.zeros(units, dtype=bool)
     for name in loc.names(BUILD, "units"):
-        stem, dot, ext = name.partition(".")
-        if ext == "json" and stem.isdigit() and int(stem) < units:
-            done[int(stem)] = True
+        found = re.fullmatch(r"([0-9]{6,})\.json", name)  # not a writer's temporary file, nor the .npz/.parquet
+        if found and int(found[1]) < units:
+            done[int(found[1])] = True
     return np.flatnonzero(~done).tolist()
+
+
+def units_not_done(out: str | Path, units: int) -> list[int]:
+    """The units of the plan (0..units-1) whose report is not written yet, from one listing (a placed
+    store has every unit in it)."""
+    loc = Location(out)
+    return [] if loc.placed else _units_without_report(loc, units)
 
 
 def _unit_file(loc: Location, unit: int, ext: str, parse):
@@ -1006,7 +1021,7 @@ CHIPS_ROW_GROUP = 16_384  # rows of chips.parquet per row group (about 8 MB), wh
 
 def _write_chips_table(loc: Location, units: int, outlines: list[dict]) -> None:
     """chips.parquet from the units' rows, streamed in unit order into row groups of CHIPS_ROW_GROUP rows
-    (a unit's rows at a time in memory, not the table's), its GeoParquet metadata the first unit's with
+    (in memory: the rows of the UNIT_READ_AHEAD units read ahead and a row group, not the table), its GeoParquet metadata the first unit's with
     the union of the units' bounding boxes and geometry types (`outlines`, from their reports). Written
     to a temporary file, then moved (local) or uploaded (S3) into place whole."""
     import tempfile
@@ -1123,7 +1138,8 @@ def run_units(out: str | Path, units: list[int] | None = None, processes: int = 
     (with processes, when its run finishes). Within a process a block shared with the next unit, run
     next, is warped once."""
     p = Plan.load(Location(out))
-    todo = [u for u in (range(len(p.units)) if units is None else units) if force or not unit_done(out, u)]
+    missing = set(units_not_done(out, len(p.units)))
+    todo = [u for u in (range(len(p.units)) if units is None else units) if force or u in missing]
     if processes <= 1:
         _write_run(str(out), todo, workers, force, on_done)
         return
