@@ -276,18 +276,23 @@ def test_checksum_bench_hashes_in_parts_and_resumes_without_hashing(tmp_path):
         assert minutes["16_parts"] == pytest.approx(minutes["1_parts"] / 16, abs=0.01)
 
 
+def _anchored_bench(tmp_path: Path, script: str, *args: str) -> dict:
+    """Runs a benchmark that compares this checkout with its default anchor commit (skipped where the
+    clone does not hold that commit) and returns the JSON it wrote."""
+    anchor = re.search(r'"--anchor", default="(\w+)"', (ROOT / "benchmarks" / script).read_text())[1]
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{anchor}^{{commit}}"]).returncode:
+        pytest.skip(f"the anchor commit {anchor} is not in this clone's history (shallow clone or sdist)")
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_finalize_bench_compares_this_checkout_with_its_anchor(tmp_path):
     """bench_finalize.py on two tiny scenes, one round: both versions finalize every scene, the
     per-1,000-chip slopes and the ratios at the most chips are reported."""
-    anchor = re.search(r'"--anchor", default="(\w+)"', (ROOT / "benchmarks" / "bench_finalize.py").read_text())[1]
-    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{anchor}^{{commit}}"]).returncode:
-        pytest.skip(f"the anchor commit {anchor} is not in this clone's history (shallow clone or sdist)")
-    out = tmp_path / "finalize.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finalize.py"), "--sizes", "384,512",
-                           "--chip-size", "32", "--rounds", "1", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+    res = _anchored_bench(tmp_path, "bench_finalize.py", "--sizes", "384,512", "--chip-size", "32", "--rounds", "1")
     assert set(res["results"]) == {"anchor", "this"} and res["anchor"]
     for rows in res["results"].values():
         assert [r["scene_px"] for r in rows] == [384, 512] and rows[0]["chips"] < rows[1]["chips"]
@@ -302,15 +307,7 @@ def test_finalize_s3_bench_measures_both_versions_behind_the_latency_proxy(tmp_p
     """bench_finalize_s3.py on a tiny scene, one round: both versions finalize a copy of their build on
     moto through the proxy; wall, CPU and their ratios are reported, and each request paid the latency
     (a finalize of several units cannot take less than a few round trips)."""
-    anchor = re.search(r'"--anchor", default="(\w+)"', (ROOT / "benchmarks" / "bench_finalize_s3.py").read_text())[1]
-    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{anchor}^{{commit}}"]).returncode:
-        pytest.skip(f"the anchor commit {anchor} is not in this clone's history (shallow clone or sdist)")
-    out = tmp_path / "finalize_s3.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finalize_s3.py"), "--size", "384",
-                           "--rounds", "1", "--latency-ms", "50", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+    res = _anchored_bench(tmp_path, "bench_finalize_s3.py", "--size", "384", "--rounds", "1", "--latency-ms", "50")
     assert res["units"] >= 4 and res["chips"] > 0 and res["latency_ms"] == 50
     for name in ("anchor", "this"):
         assert len(res["rounds"][name]) == 1

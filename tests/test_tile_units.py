@@ -602,3 +602,15 @@ def test_a_units_listing_that_fails_names_the_folder_and_the_cause(s3env):
     with pytest.raises(SarflowError, match=r"s3://no-such-bucket/x\.zarr/_build/units/.*bucket 'no-such-bucket' "
                                            r"does not exist"):
         list(Location("s3://no-such-bucket/x.zarr").names(BUILD, "units"))
+
+
+def test_finalize_reads_ahead_about_a_row_group_of_chips_at_most_16_units():
+    from types import SimpleNamespace
+
+    from sarflow.data.tile_units import CHIPS_ROW_GROUP, UNIT_READ_AHEAD, _read_ahead
+
+    assert UNIT_READ_AHEAD == 16 and CHIPS_ROW_GROUP == 16_384
+    assert _read_ahead(SimpleNamespace(total=10_000_000, units=[None] * 500_000)) == 16  # M3LEO: 20 chips a unit
+    assert _read_ahead(SimpleNamespace(total=65_416, units=[None] * 16)) == 4  # 4,088 small chips a unit
+    assert _read_ahead(SimpleNamespace(total=100_000, units=[None] * 2)) == 1  # larger than a row group
+    assert _read_ahead(SimpleNamespace(total=0, units=[])) == 16

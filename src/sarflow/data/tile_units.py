@@ -22,7 +22,7 @@
   train chips' sums (`NNNNNN.npz`) and last its report (`NNNNNN.json`: shard hashes, the train chips'
   counts, min, max and class counts, its outlines' bbox and geometry types). A rerun of a unit (after
   kill -9) rewrites the same bytes.
-- `finalize(out)` lists the units' folder once, reads their files ahead in threads (UNIT_READ_AHEAD:
+- `finalize(out)` lists the units' folder once, reads their files ahead in threads (`_read_ahead`:
   on S3 each is a request's latency), streams the units' rows into chips.parquet in row groups of CHIPS_ROW_GROUP rows
   and accumulates the sums chip by chip in store order (so neither depends on how the chips were
   cut into units, and no chip record is held whole), writes the arrays' statistics and the group
@@ -907,9 +907,9 @@ def finalize(out: str | Path) -> str:
         return report, (_unit_file(loc, u, "npz", lambda b: dict(np.load(io.BytesIO(b)))) if report["train_chips"]
                         else {})
 
-    stats, shard_files, outlines = Stats(ing.sources), {}, []
-    with ThreadPoolExecutor(UNIT_READ_AHEAD) as pool:
-        for report, sums in _ordered(pool, read, range(len(p.units)), inflight=UNIT_READ_AHEAD):
+    stats, shard_files, outlines, ahead = Stats(ing.sources), {}, [], _read_ahead(p)
+    with ThreadPoolExecutor(ahead) as pool:
+        for report, sums in _ordered(pool, read, range(len(p.units)), inflight=ahead):
             shard_files.update(report["shards"])
             for i, s in enumerate(ing.sources):
                 stats.merge_unit(s.name, report["stats"][s.name], sums.get(f"sum_{i}"), sums.get(f"sumsq_{i}"))
@@ -925,7 +925,7 @@ def finalize(out: str | Path) -> str:
     root = zarr.open_group(store, mode="r+", zarr_format=3)
     for s in ing.sources:
         root[s.name].update_attributes({"stats": {"split": "train", "bands": stats.summary(s.name, list(s.spec.bands))}})
-    _write_chips_table(loc, len(p.units), outlines)
+    _write_chips_table(loc, len(p.units), outlines, ahead)
     loc.write(loc.read(BUILD, MANIFEST), MANIFEST)
     g = ing.grid
     # what xarray reads in place: spatial_ref, chip_x/chip_y (not modalities: readers take those from the attributes)
@@ -982,8 +982,16 @@ def finalize(out: str | Path) -> str:
     return loc.uri
 
 
-UNIT_READ_AHEAD = 16  # unit files finalize reads ahead (on S3 each costs a request's latency, not CPU; up to
-                      # s3fs's pool of 10 connections at once)
+UNIT_READ_AHEAD = 16  # unit files finalize reads ahead at most (on S3 each costs a request's latency, not CPU;
+                      # up to s3fs's pool of 10 connections at once) ...
+
+
+def _read_ahead(p: Plan) -> int:
+    """... and no more units than hold about a row group of chips.parquet (CHIPS_ROW_GROUP rows): units
+    of thousands of small chips are read one or a few at a time, so the rows held do not grow with
+    the units' size; units of a few large chips (M3LEO's 20) 16 at a time."""
+    per_unit = max(1, p.total // max(1, len(p.units)))
+    return max(1, min(UNIT_READ_AHEAD, CHIPS_ROW_GROUP // per_unit))
 
 
 def _units_without_report(loc: Location, units: int) -> list[int]:
@@ -1019,9 +1027,9 @@ def _unit_file(loc: Location, unit: int, ext: str, parse):
 CHIPS_ROW_GROUP = 16_384  # rows of chips.parquet per row group (about 8 MB), whatever the units: the same bytes
 
 
-def _write_chips_table(loc: Location, units: int, outlines: list[dict]) -> None:
+def _write_chips_table(loc: Location, units: int, outlines: list[dict], ahead: int) -> None:
     """chips.parquet from the units' rows, streamed in unit order into row groups of CHIPS_ROW_GROUP rows
-    (in memory: the rows of the UNIT_READ_AHEAD units read ahead and a row group, not the table), its GeoParquet metadata the first unit's with
+    (in memory: the rows of the `ahead` units read ahead and a row group, not the table), its GeoParquet metadata the first unit's with
     the union of the units' bounding boxes and geometry types (`outlines`, from their reports). Written
     to a temporary file, then moved (local) or uploaded (S3) into place whole."""
     import tempfile
@@ -1040,8 +1048,8 @@ def _write_chips_table(loc: Location, units: int, outlines: list[dict]) -> None:
             return _unit_file(loc, u, "parquet", lambda b: pq.ParquetFile(io.BytesIO(b)).read())
 
         writer, pending, held = None, [], 0
-        with ThreadPoolExecutor(UNIT_READ_AHEAD) as pool:
-            for u, part in enumerate(_ordered(pool, read, range(units), inflight=UNIT_READ_AHEAD)):
+        with ThreadPoolExecutor(ahead) as pool:
+            for u, part in enumerate(_ordered(pool, read, range(units), inflight=ahead)):
                 if writer is None:
                     meta = json.loads(part.schema.metadata[b"geo"])
                     meta["columns"][meta["primary_column"]].update(union)
