@@ -138,6 +138,28 @@ def test_a_run_reads_the_build_state_once_and_gives_the_same_store(reference, ti
     assert folder_bytes(out) == folder_bytes(reference)
 
 
+def test_a_given_run_skips_its_units_already_written_without_listing_the_units_folder(reference, tiny_scene,
+                                                                                       tmp_path, monkeypatch):
+    # a ParallelFor task or a Job's pod is given a run of a few units: each unit checks its own report,
+    # the units' folder (hundreds of thousands of names at continental scale) is not listed
+    from sarflow.data import tile_units
+
+    out = tmp_path / "given.zarr"
+    p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
+    tile_units.run_units(out, [0])
+    report = Path(str(out) + ".partial", BUILD, "units", "000000.json")
+    first = report.stat().st_mtime_ns
+    listed = []
+    monkeypatch.setattr(tile_units.Location, "names", lambda self, *parts: listed.append(parts) or iter(()))
+    time.sleep(0.01)
+    tile_units.run_units(out, list(range(len(p.units))))
+    assert listed == [] and report.stat().st_mtime_ns == first  # unit 0 was not written again
+    monkeypatch.undo()
+    assert tile_units.units_not_done(out, len(p.units)) == []
+    finalize(out)
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
 def test_a_run_past_the_units_has_nothing_to_do(tiny_scene, tmp_path):
     # an Indexed Job cut into more runs than the store has units: the extra pods succeed, writing nothing
     out = tmp_path / "few.zarr"

@@ -220,7 +220,7 @@ def tile_unit(
 ) -> None:
     """Distributed tiling, step 2: warp and write the units' shards straight into the store, then their reports.
     Consecutive units in one call warp a block they share once."""
-    from sarflow.data.tile_units import Location, Plan, run_of, run_units
+    from sarflow.data.tile_units import Location, Plan, run_of, run_units, units_not_done
 
     try:
         units = list(unit or [])
@@ -235,8 +235,11 @@ def tile_unit(
                 units = run_of(store, runs, i)
             elif run is not None:
                 raise SarflowError("--run needs --runs")
+            elif index is not None:
+                units = [index]
             else:
-                units = [index] if index is not None else list(range(len(Plan.load(Location(store)).units)))
+                n = len(Plan.load(Location(store)).units)
+                units = list(range(n)) if force else units_not_done(store, n)
         run_units(store, units, workers=workers, force=force)
     except SarflowError as e:
         fail(e)

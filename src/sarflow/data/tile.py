@@ -600,9 +600,10 @@ def _tile(catalog: LoadedCatalog, out: str | Path, options: TileOptions, show_pr
     try:                                   # the prefix must not remove the finished store that is there
         p = plan(catalog, out, options, hand_over=True)
         previous = False
-        done = len(p.units) - len(units_not_done(out, len(p.units)))
-        with progress_bar("tile", total=len(p.units), completed=done, enabled=show_progress, unit="units") as bar:
-            run_units(out, workers=options.workers, on_done=lambda u: bar.advance(1, chips=p.units[u][1]))
+        todo = units_not_done(out, len(p.units))
+        with progress_bar("tile", total=len(p.units), completed=len(p.units) - len(todo), enabled=show_progress,
+                          unit="units") as bar:
+            run_units(out, todo, workers=options.workers, on_done=lambda u: bar.advance(1, chips=p.units[u][1]))
         uri = finalize(out)
     except InputError:
         if loc.s3:

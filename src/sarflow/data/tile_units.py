@@ -1140,14 +1140,17 @@ def job_runs(units: int, parallelism: int) -> int:
 
 def run_units(out: str | Path, units: list[int] | None = None, processes: int = 1, workers: int | None = None,
               on_done=None, force: bool = False) -> None:
-    """Writes the given units (default: every unit; those done already only with `force`); with
+    """Writes the given units (default: every unit not done yet, from one listing of the units' folder,
+    or with `force` every unit); a given unit whose report exists is skipped unless `force`, by its own
+    check: a pod given a run of a few units does not list a folder of hundreds of thousands. With
     `processes` > 1, in as many separate processes, each given one run of consecutive units
     (`unit_runs`) and being the one writer of their shards. `on_done(unit)` is called as each finishes
     (with processes, when its run finishes). Within a process a block shared with the next unit, run
     next, is warped once."""
-    p = Plan.load(Location(out))
-    missing = set(units_not_done(out, len(p.units)))
-    todo = [u for u in (range(len(p.units)) if units is None else units) if force or u in missing]
+    if units is None:
+        n = len(Plan.load(Location(out)).units)
+        units = list(range(n)) if force else units_not_done(out, n)
+    todo = list(units)
     if processes <= 1:
         _write_run(str(out), todo, workers, force, on_done)
         return
