@@ -16,16 +16,15 @@ second without it and, from it, the minutes to hash a terabyte of inputs with N 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from anchored import median
 from cost import cpu_seconds, run_processes
-from machine import git_commit, host
+from machine import git_commit, host, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SARFLOW = str(Path(sys.executable).with_name("sarflow"))
@@ -58,10 +57,6 @@ def one_round(catalog: Path, out: Path, processes: list[int], threads: int) -> d
         row[f"parts_{n}"] = {"checksum_s": round(hw, 2), "checksum_cpu_s": round(hc, 2), "survey_s": round(sw, 2),
                              "survey_cpu_s": round(sc, 2), "s": round(hw + sw, 2), "cpu_s": round(hc + sc, 2)}
     return row
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[(len(values) - 1) // 2]
 
 
 def _largest(parts: list[list[int]]) -> float:
@@ -98,7 +93,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     keys = {k: list(v) for k, v in rounds[0].items()}
-    med = {k: {f: _median([r[k][f] for r in rounds]) for f in fields} for k, fields in keys.items()}
+    med = {k: {f: median([r[k][f] for r in rounds]) for f in fields} for k, fields in keys.items()}
     for k in med:
         med[k]["rounds_s"] = [r[k]["s"] for r in rounds]
     one = med[f"parts_{args.processes[0]}"]
@@ -121,10 +116,7 @@ def main() -> None:
         "note": "hashed from the page cache: SHA-256 and process costs; from S3 a part hashes at its share of the "
                 "network's pace, which fanning out over pods multiplies too",
     }
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"written: {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

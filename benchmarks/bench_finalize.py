@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from anchored import ROOT, anchor_worktree, median, version_child
 from cost import M3LEO_CHIPS
-from machine import git_commit, host
+from machine import git_commit, host, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # a child (PYTHONPATH: the version's src/): run one step, report its own CPU and VmHWM
 CHILD = r"""
@@ -54,24 +52,43 @@ else:
 """
 
 
-def _child(src: Path, *args: str) -> dict | None:
-    env = {**os.environ, "PYTHONPATH": str(src)}  # this version's sarflow ahead of the installed one
-    done = subprocess.run([sys.executable, "-c", CHILD, str(src), *args], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"{args[0]} with {src} failed: {done.stderr[-3000:]}")
-    lines = done.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if lines else None
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[(len(values) - 1) // 2]
-
-
 def _slope(rows: list[dict], key: str) -> float:
     """Extra `key` per 1,000 extra chips between the two largest chip counts (past what a fixed buffer,
     such as a row group of chips.parquet, holds at the smallest)."""
     lo, hi = rows[-2], rows[-1]
     return (hi[key] - lo[key]) / (hi["chips"] - lo["chips"]) * 1000
+
+
+def _scene(size: int, chip: int, rounds: int, versions: dict[str, Path], tmp: Path) -> dict[str, dict]:
+    """One synthetic scene of `size` px in chips of `chip` px, built once per version and finalized
+    `rounds` times on copies (the versions interleaved, under the same load): each version's medians."""
+    import yaml
+
+    from sarflow.data.synth import SynthConfig, synthesize
+
+    scene = synthesize(tmp / f"scene_{size}", SynthConfig(size_px=size, seed=5))
+    cat = yaml.safe_load(scene.read_text())
+    cat["grid"]["chip_size"] = chip
+    catalog = scene.with_name(f"catalog_{chip}.yaml")
+    catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
+    built = {name: tmp / f"{name}_{chip}.zarr" for name in versions}
+    for name, src in versions.items():
+        version_child(CHILD, src, "build", str(built[name]), str(catalog))
+    measured = {name: [] for name in versions}
+    for _ in range(rounds):
+        for name, src in versions.items():
+            copy = tmp / f"copy_{name}.zarr"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.rmtree(str(copy) + ".partial", ignore_errors=True)
+            shutil.copytree(str(built[name]) + ".partial", str(copy) + ".partial")
+            measured[name].append(version_child(CHILD, src, "finalize", str(copy)))
+            shutil.rmtree(copy, ignore_errors=True)
+    chips = json.loads(Path(str(built["this"]) + ".partial", "_build", "plan.json").read_text())["total"]
+    for name in versions:  # the next scene is larger: free the disk
+        shutil.rmtree(str(built[name]) + ".partial", ignore_errors=True)
+    shutil.rmtree(scene.parent, ignore_errors=True)
+    return {name: {"scene_px": size, "chip_size": chip, "chips": chips, "rounds": rs,
+                   **{k: median([r[k] for r in rs]) for k in rs[0]}} for name, rs in measured.items()}
 
 
 def main() -> None:
@@ -83,49 +100,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "finalize.json")
     args = ap.parse_args()
 
-    import yaml
-
-    from sarflow.data.synth import SynthConfig, synthesize
-
     tmp = Path(tempfile.mkdtemp(prefix="bench_finalize_"))
-    anchor_tree = tmp / "anchor"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(anchor_tree), args.anchor],
-                   check=True, capture_output=True)
-    versions = {"anchor": anchor_tree / "src", "this": ROOT / "src"}
-    results = {name: [] for name in versions}
+    results = {name: [] for name in ("anchor", "this")}
     try:
-        for size in [int(n) for n in args.sizes.split(",")]:
-            scene = synthesize(tmp / f"scene_{size}", SynthConfig(size_px=size, seed=5))
-            cat = yaml.safe_load(scene.read_text())
-            cat["grid"]["chip_size"] = chip = args.chip_size
-            catalog = scene.with_name(f"catalog_{chip}.yaml")
-            catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
-            built = {}
-            for name, src in versions.items():
-                built[name] = tmp / f"{name}_{chip}.zarr"
-                _child(src, "build", str(built[name]), str(catalog))
-            rounds = {name: [] for name in versions}
-            for _ in range(args.rounds):
-                for name, src in versions.items():  # interleaved: both versions under the same load
-                    copy = tmp / f"copy_{name}.zarr"
-                    shutil.rmtree(copy, ignore_errors=True)
-                    shutil.rmtree(str(copy) + ".partial", ignore_errors=True)
-                    shutil.copytree(str(built[name]) + ".partial", str(copy) + ".partial")
-                    rounds[name].append(_child(src, "finalize", str(copy)))
-                    shutil.rmtree(copy, ignore_errors=True)
-            chips = json.loads(Path(str(built["this"]) + ".partial", "_build", "plan.json").read_text())["total"]
-            for name in versions:
-                rs = rounds[name]
-                results[name].append({"scene_px": size, "chip_size": chip, "chips": chips, "rounds": rs,
-                                      **{k: _median([r[k] for r in rs]) for k in rs[0]}})
-            print(f"[{size} px scene, {chips} chips of {chip} px] " + "; ".join(
-                f"{n}: finalize {results[n][-1]['finalize_cpu_s']:.2f} CPU s, peak {results[n][-1]['peak_rss_bytes'] / 1e6:.0f} MB"
-                for n in versions), flush=True)
-            for name in versions:  # the next scene is larger: free the disk
-                shutil.rmtree(str(built[name]) + ".partial", ignore_errors=True)
-            shutil.rmtree(scene.parent, ignore_errors=True)
+        with anchor_worktree(args.anchor, tmp / "anchor") as anchor_src:
+            versions = {"anchor": anchor_src, "this": ROOT / "src"}
+            for size in [int(n) for n in args.sizes.split(",")]:
+                for name, row in _scene(size, args.chip_size, args.rounds, versions, tmp).items():
+                    results[name].append(row)
+                print(f"[{size} px scene, {row['chips']} chips of {args.chip_size} px] " + "; ".join(
+                    f"{n}: finalize {results[n][-1]['finalize_cpu_s']:.2f} CPU s, peak {results[n][-1]['peak_rss_bytes'] / 1e6:.0f} MB"
+                    for n in versions), flush=True)
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(anchor_tree)], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
     summary = {}
@@ -145,10 +131,7 @@ def main() -> None:
         "note": "the projection is a straight line from the measured slope: finalize in one process; CPU seconds "
                 "from getrusage of the finalize call, peak RSS the finalize process's VmHWM (imports included)",
     }
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "results")}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"written: {args.out}")
+    write_result(args.out, result, hide=("machine", "results"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -27,9 +26,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from machine import git_commit, host
+from anchored import ROOT, anchor_worktree, median, version_child
+from machine import git_commit, host, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # a child (PYTHONPATH: the version's src/): build the units, or finalize and report wall and CPU
 CHILD = r"""
@@ -54,14 +53,6 @@ else:
     print(json.dumps({"finalize_wall_s": w1 - w0,
                       "finalize_cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime}))
 """
-
-
-def _child(src: Path, endpoint: str, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src), "AWS_ENDPOINT_URL": endpoint}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(src), *args], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"{args[0]} with {src} failed: {done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class LatencyProxy:
@@ -111,8 +102,36 @@ class LatencyProxy:
         self.thread.join(10)
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[(len(values) - 1) // 2]
+def _measure(versions: dict[str, Path], args, url: str, proxy: LatencyProxy, tmp: Path) -> tuple[dict, dict]:
+    """Builds each version's units on moto (straight, not through the proxy), then finalizes a copy of
+    each build `args.rounds` times through the proxy, the versions interleaved: (built, rounds)."""
+    import yaml
+
+    from sarflow.data.storage import ensure_bucket, s3_filesystem
+    from sarflow.data.synth import SynthConfig, synthesize
+
+    ensure_bucket("bench")
+    fs = s3_filesystem()
+    scene = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=5))
+    cat = yaml.safe_load(scene.read_text())
+    cat["grid"]["chip_size"] = args.chip_size
+    catalog = scene.with_name(f"catalog_{args.chip_size}.yaml")
+    catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
+    built = {name: version_child(CHILD, src, "build", f"s3://bench/{name}.zarr", str(catalog),
+                                 env={"AWS_ENDPOINT_URL": url}) for name, src in versions.items()}
+    rounds = {name: [] for name in versions}
+    for r in range(args.rounds):
+        for name, src in versions.items():  # interleaved: both versions under the same load
+            copy = f"bench/{name}-{r}.zarr"
+            files = fs.find(f"bench/{name}.zarr")  # objects only (a recursive copy PUTs "folders" too)
+            fs.copy(files, [copy + f[len(f"bench/{name}.zarr"):] for f in files])
+            delayed = proxy.delayed
+            rounds[name].append({**version_child(CHILD, src, "finalize", "s3://" + copy,
+                                                 env={"AWS_ENDPOINT_URL": proxy.url}),
+                                 "requests_delayed": proxy.delayed - delayed})
+            fs.rm(copy, recursive=True)
+            print(f"round {r} {name}: {rounds[name][-1]}", flush=True)
+    return built, rounds
 
 
 def main() -> None:
@@ -125,50 +144,24 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "finalize_s3.json")
     args = ap.parse_args()
 
-    import yaml
-
-    from sarflow.data.storage import ensure_bucket, s3_filesystem
-    from sarflow.data.synth import SynthConfig, synthesize
     from sarflow.local.services import start_s3, stop
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_finalize_s3_"))
     os.environ.pop("SARFLOW_S3_ENDPOINT", None)  # it would win over AWS_ENDPOINT_URL: not moto, not the proxy
     moto, url = start_s3(tmp / "moto.log")
-    proxy, anchor_tree = None, tmp / "anchor"
-    versions = {"anchor": anchor_tree / "src", "this": ROOT / "src"}
+    proxy = None
     try:
         os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
         proxy = LatencyProxy(("127.0.0.1", int(url.rsplit(":", 1)[1])), args.latency_ms / 1000)
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(anchor_tree), args.anchor],
-                       check=True, capture_output=True)
-        ensure_bucket("bench")
-        fs = s3_filesystem()
-        scene = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=5))
-        cat = yaml.safe_load(scene.read_text())
-        cat["grid"]["chip_size"] = args.chip_size
-        catalog = scene.with_name(f"catalog_{args.chip_size}.yaml")
-        catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
-        built = {name: _child(src, url, "build", f"s3://bench/{name}.zarr", str(catalog))
-                 for name, src in versions.items()}
-        rounds = {name: [] for name in versions}
-        for r in range(args.rounds):
-            for name, src in versions.items():  # interleaved: both versions under the same load
-                copy = f"bench/{name}-{r}.zarr"
-                files = fs.find(f"bench/{name}.zarr")  # objects only (a recursive copy PUTs "folders" too)
-                fs.copy(files, [copy + f[len(f"bench/{name}.zarr"):] for f in files])
-                delayed = proxy.delayed
-                rounds[name].append({**_child(src, proxy.url, "finalize", "s3://" + copy),
-                                     "requests_delayed": proxy.delayed - delayed})
-                fs.rm(copy, recursive=True)
-                print(f"round {r} {name}: {rounds[name][-1]}", flush=True)
+        with anchor_worktree(args.anchor, tmp / "anchor") as anchor_src:
+            built, rounds = _measure({"anchor": anchor_src, "this": ROOT / "src"}, args, url, proxy, tmp)
     finally:
         if proxy is not None:
             proxy.close()
         stop(moto)
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(anchor_tree)], capture_output=True)
         subprocess.run(["rm", "-rf", str(tmp)])
 
-    medians = {name: {k: round(_median([x[k] for x in rs]), 3) for k in rs[0]} for name, rs in rounds.items()}
+    medians = {name: {k: round(median([x[k] for x in rs]), 3) for k in rs[0]} for name, rs in rounds.items()}
     result = {
         "benchmark": "bench_finalize_s3", "machine": host(), "git_commit": git_commit(ROOT), "anchor": args.anchor,
         "scene_px": args.size, "chip_size": args.chip_size, "latency_ms": args.latency_ms, "rounds": rounds,
@@ -179,10 +172,7 @@ def main() -> None:
                 "about one round trip per small request, more for an upload, none for opening a connection; "
                 "finalize in its own process, wall and CPU of the finalize call; requests_delayed: chunks held",
     }
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "rounds")}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"written: {args.out}")
+    write_result(args.out, result, hide=("machine", "rounds"))
 
 
 if __name__ == "__main__":

@@ -43,3 +43,13 @@ def git_commit(repo: Path) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def write_result(path: Path, result: dict, hide: tuple[str, ...] = ("machine",)) -> None:
+    """Prints the result less the keys in `hide` (the long ones) and writes it whole to `path` as JSON."""
+    import json
+
+    print(json.dumps({k: v for k, v in result.items() if k not in hide}, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"written: {path}")
