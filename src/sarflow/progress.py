@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class _Bar:
-    def __init__(self, progress: Progress | None, task, unit: str):
+    def __init__(self, progress, task, unit: str):  # a rich Progress, or None when disabled
         self.progress, self.task, self.unit = progress, task, unit
         self.t0 = time.perf_counter()
 
@@ -26,6 +25,9 @@ def progress_bar(label: str, total: int, completed: int = 0, enabled: bool = Tru
     if not enabled:
         yield _Bar(None, None, unit)
         return
+    # rich only when a bar is shown: a unit runner or a pod's step does not pay its import
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     cols = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[rate]}")]
     with Progress(*cols, transient=False) as progress:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pystac
 import rasterio
 import shapely
 from pyproj import CRS
@@ -132,6 +131,8 @@ def gdal_env(uris, **options) -> rasterio.Env:
 
 def _stac_items(loaded: LoadedCatalog, spec: SourceSpec) -> list[list[str]]:
     """Each STAC item becomes one mosaic item: its assets' hrefs in band order."""
+    import pystac  # here, not at the top: a unit runner, which never reads STAC items, does not pay its import
+
     out = []
     for item_uri in spec.stac.items:
         loc = loaded.resolve(item_uri)
