@@ -1,5 +1,6 @@
-"""What the benchmarks that run this checkout against an anchor commit share: the anchor's src/ in a
-`git worktree`, a child interpreter that imports one version's sarflow, and the median of rounds."""
+"""What the benchmarks that run this checkout against an anchor commit share (bench_finalize,
+bench_finalize_s3): the anchor's src/ in a `git worktree`, a child interpreter that imports one
+version's sarflow; and the median of rounds, which bench_checksums uses too."""
 
 from __future__ import annotations
 

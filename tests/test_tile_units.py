@@ -146,14 +146,14 @@ def test_a_given_run_skips_its_units_already_written_without_listing_the_units_f
 
     out = tmp_path / "given.zarr"
     p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
-    tile_units.run_units(out, [0])
+    assert tile_units.run_units(out, [0]) == [0]
     report = Path(str(out) + ".partial", BUILD, "units", "000000.json")
     first = report.stat().st_mtime_ns
     listed = []
     monkeypatch.setattr(tile_units.Location, "names", lambda self, *parts: listed.append(parts) or iter(()))
-    time.sleep(0.01)
-    tile_units.run_units(out, list(range(len(p.units))))
+    assert tile_units.run_units(out, list(range(len(p.units)))) == list(range(1, len(p.units)))  # those it wrote
     assert listed == [] and report.stat().st_mtime_ns == first  # unit 0 was not written again
+    assert tile_units.run_units(out, [0, 1]) == []  # a rerun pod has nothing to do (nor state to load)
     monkeypatch.undo()
     assert tile_units.units_not_done(out, len(p.units)) == []
     finalize(out)
@@ -166,6 +166,11 @@ def test_a_run_past_the_units_has_nothing_to_do(tiny_scene, tmp_path):
     p = plan(load_catalog(tiny_scene), out, TileOptions(**OPTIONS))
     n = len(p.units)
     done = subprocess.run([SARFLOW, "tile-unit", str(out), "--runs", str(n + 5), "--run", str(n + 2)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "units written: []" and not any(unit_done(out, u) for u in range(n))
+    # one unit a pod ($JOB_COMPLETION_INDEX, no --runs) and more completions than units: the same
+    done = subprocess.run([SARFLOW, "tile-unit", str(out)], env={**os.environ, "JOB_COMPLETION_INDEX": str(n)},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "units written: []" and not any(unit_done(out, u) for u in range(n))

@@ -6,7 +6,6 @@ import time
 from contextlib import contextmanager
 
 
-
 class _Bar:
     def __init__(self, progress, task, unit: str):  # a rich Progress, or None when disabled
         self.progress, self.task, self.unit = progress, task, unit

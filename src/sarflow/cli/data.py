@@ -220,7 +220,7 @@ def tile_unit(
 ) -> None:
     """Distributed tiling, step 2: warp and write the units' shards straight into the store, then their reports.
     Consecutive units in one call warp a block they share once."""
-    from sarflow.data.tile_units import Location, Plan, run_of, run_units, units_not_done
+    from sarflow.data.tile_units import Location, Plan, run_of, run_units
 
     try:
         units = list(unit or [])
@@ -235,15 +235,14 @@ def tile_unit(
                 units = run_of(store, runs, i)
             elif run is not None:
                 raise SarflowError("--run needs --runs")
-            elif index is not None:
-                units = [index]
+            elif index is not None:  # an Indexed Job of more completions than units: the extra pods do nothing
+                units = [index] if index < len(Plan.load(Location(store)).units) else []
             else:
-                n = len(Plan.load(Location(store)).units)
-                units = list(range(n)) if force else units_not_done(store, n)
-        run_units(store, units, workers=workers, force=force)
+                units = None  # every unit not done (with --force every unit), from one listing
+        written = run_units(store, units, workers=workers, force=force)
     except SarflowError as e:
         fail(e)
-    typer.echo(f"units written: {units}")
+    typer.echo(f"units written: {written}")
 
 
 def tile_finalize(store: str = typer.Argument(..., callback=absolute_path, help="the planned store (folder or s3://)")) -> None:

@@ -1139,30 +1139,33 @@ def job_runs(units: int, parallelism: int) -> int:
 
 
 def run_units(out: str | Path, units: list[int] | None = None, processes: int = 1, workers: int | None = None,
-              on_done=None, force: bool = False) -> None:
+              on_done=None, force: bool = False) -> list[int]:
     """Writes the given units (default: every unit not done yet, from one listing of the units' folder,
-    or with `force` every unit); a given unit whose report exists is skipped unless `force`, by its own
-    check: a pod given a run of a few units does not list a folder of hundreds of thousands. With
-    `processes` > 1, in as many separate processes, each given one run of consecutive units
-    (`unit_runs`) and being the one writer of their shards. `on_done(unit)` is called as each finishes
-    (with processes, when its run finishes). Within a process a block shared with the next unit, run
-    next, is warped once."""
+    or with `force` every unit) and returns those it wrote. A given unit whose report exists is left
+    out unless `force`, by its own check: a pod given a run of a few units does not list a folder of
+    hundreds of thousands. With `processes` > 1, in as many separate processes, each given one run of
+    consecutive units (`unit_runs`) and being the one writer of their shards. `on_done(unit)` is called
+    as each finishes (with processes, when its run finishes). Within a process a block shared with the
+    next unit, run next, is warped once."""
     if units is None:
         n = len(Plan.load(Location(out)).units)
-        units = list(range(n)) if force else units_not_done(out, n)
-    todo = list(units)
+        todo = list(range(n)) if force else units_not_done(out, n)
+    else:
+        todo = [u for u in units if force or not unit_done(out, u)]
     if processes <= 1:
-        _write_run(str(out), todo, workers, force, on_done)
-        return
+        return _write_run(str(out), todo, workers, force, on_done)
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(_write_run, str(out), run, workers, force) for run in unit_runs(todo, processes) if run]
+        written = []
         for fut in as_completed(futures):
             for u in fut.result():
+                written.append(u)
                 if on_done:
                     on_done(u)
+    return written
 
 
 def _write_run(out: str, units: list[int], workers: int | None, force: bool, on_done=None) -> list[int]:
