@@ -315,3 +315,16 @@ def test_finalize_s3_bench_measures_both_versions_behind_the_latency_proxy(tmp_p
         assert res["rounds"][name][0]["requests_delayed"] >= 3 * res["units"]
         assert res["medians"][name]["finalize_cpu_s"] > 0
     assert res["wall_ratio_this_over_anchor"] > 0 and res["cpu_ratio_this_over_anchor"] > 0
+
+
+def test_startup_bench_runs_a_unit_runner_of_both_versions(tmp_path):
+    """bench_startup.py, one round: `sarflow tile-unit` of both versions starts, rewrites unit 0 and
+    reports its CPU, wall and the heavy modules it imported; this version's runner, the command a pod
+    runs, imports neither pystac nor rich nor pandas."""
+    res = _anchored_bench(tmp_path, "bench_startup.py", "--rounds", "1")
+    assert res["units"] >= 2 and set(res["rounds"]) == {"anchor", "this"}
+    for name in ("anchor", "this"):
+        assert len(res["rounds"][name]) == 1 and res["medians"][name]["cpu_s"] > 0.1
+        assert {"zarr", "rasterio"} <= set(res["imported"][name])  # it did import what a unit needs
+    assert not {"pystac", "rich", "pandas", "geopandas"} & set(res["imported"]["this"])
+    assert res["cpu_ratio_this_over_anchor"] > 0 and res["wall_ratio_this_over_anchor"] > 0
