@@ -23,25 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from anchored import ROOT, anchor_worktree, median, version_child
+from anchored import CHILD_HEAD, ROOT, anchor_worktree, build_store, median, scene_catalog, version_child
 from cost import M3LEO_CHIPS
 from machine import git_commit, host, write_result
 
 
-# a child (PYTHONPATH: the version's src/): run one step, report its own CPU and VmHWM
-CHILD = r"""
-import json, resource, sys
-import sarflow
-assert sarflow.__file__.startswith(sys.argv[1]), (sarflow.__file__, "PYTHONPATH did not take")
-from pathlib import Path
-step, store = sys.argv[2], sys.argv[3]
-if step == "build":
-    from sarflow.data.catalog import load_catalog
-    from sarflow.data.tile import TileOptions
-    from sarflow.data.tile_units import plan, run_units
-    plan(load_catalog(Path(sys.argv[4])), store, TileOptions(workers=2, checksum=False, overwrite=True))
-    run_units(store, workers=2)
-else:
+# a child (PYTHONPATH: the version's src/): build, or finalize and report its own CPU and VmHWM
+CHILD = CHILD_HEAD + r"""
+elif step == "finalize":
     from sarflow.data.tile_units import finalize
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     finalize(store)
@@ -62,18 +51,10 @@ def _slope(rows: list[dict], key: str) -> float:
 def _scene(size: int, chip: int, rounds: int, versions: dict[str, Path], tmp: Path) -> dict[str, dict]:
     """One synthetic scene of `size` px in chips of `chip` px, built once per version and finalized
     `rounds` times on copies (the versions interleaved, under the same load): each version's medians."""
-    import yaml
-
-    from sarflow.data.synth import SynthConfig, synthesize
-
-    scene = synthesize(tmp / f"scene_{size}", SynthConfig(size_px=size, seed=5))
-    cat = yaml.safe_load(scene.read_text())
-    cat["grid"]["chip_size"] = chip
-    catalog = scene.with_name(f"catalog_{chip}.yaml")
-    catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
+    catalog = scene_catalog(tmp / f"scene_{size}", size, chip)
     built = {name: tmp / f"{name}_{chip}.zarr" for name in versions}
     for name, src in versions.items():
-        version_child(CHILD, src, "build", str(built[name]), str(catalog))
+        build_store(CHILD, src, str(built[name]), catalog, workers=2)
     measured = {name: [] for name in versions}
     for _ in range(rounds):
         for name, src in versions.items():
@@ -86,7 +67,7 @@ def _scene(size: int, chip: int, rounds: int, versions: dict[str, Path], tmp: Pa
     chips = json.loads(Path(str(built["this"]) + ".partial", "_build", "plan.json").read_text())["total"]
     for name in versions:  # the next scene is larger: free the disk
         shutil.rmtree(str(built[name]) + ".partial", ignore_errors=True)
-    shutil.rmtree(scene.parent, ignore_errors=True)
+    shutil.rmtree(catalog.parent, ignore_errors=True)
     return {name: {"scene_px": size, "chip_size": chip, "chips": chips, "rounds": rs,
                    **{k: median([r[k] for r in rs]) for k in rs[0]}} for name, rs in measured.items()}
 

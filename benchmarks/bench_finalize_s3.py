@@ -26,26 +26,13 @@ import tempfile
 import threading
 from pathlib import Path
 
-from anchored import ROOT, anchor_worktree, median, version_child
+from anchored import CHILD_HEAD, ROOT, anchor_worktree, build_store, median, scene_catalog, version_child
 from machine import git_commit, host, write_result
 
 
 # a child (PYTHONPATH: the version's src/): build the units, or finalize and report wall and CPU
-CHILD = r"""
-import json, resource, sys, time
-import sarflow
-assert sarflow.__file__.startswith(sys.argv[1]), (sarflow.__file__, "PYTHONPATH did not take")
-from pathlib import Path
-step, store = sys.argv[2], sys.argv[3]
-if step == "build":
-    from sarflow.data.catalog import load_catalog
-    from sarflow.data.tile import TileOptions
-    from sarflow.data.tile_units import plan, run_units
-    p = plan(load_catalog(Path(sys.argv[4])), store, TileOptions(workers=2, checksum=False, overwrite=True,
-                                                                 shard_chips=16, unit_shards=1))
-    run_units(store, workers=2)
-    print(json.dumps({"units": len(p.units), "chips": p.total}))
-else:
+CHILD = CHILD_HEAD + r"""
+elif step == "finalize":
     from sarflow.data.tile_units import finalize
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     finalize(store)
@@ -105,20 +92,13 @@ class LatencyProxy:
 def _measure(versions: dict[str, Path], args, url: str, proxy: LatencyProxy, tmp: Path) -> tuple[dict, dict]:
     """Builds each version's units on moto (straight, not through the proxy), then finalizes a copy of
     each build `args.rounds` times through the proxy, the versions interleaved: (built, rounds)."""
-    import yaml
-
     from sarflow.data.storage import ensure_bucket, s3_filesystem
-    from sarflow.data.synth import SynthConfig, synthesize
 
     ensure_bucket("bench")
     fs = s3_filesystem()
-    scene = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=5))
-    cat = yaml.safe_load(scene.read_text())
-    cat["grid"]["chip_size"] = args.chip_size
-    catalog = scene.with_name(f"catalog_{args.chip_size}.yaml")
-    catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
-    built = {name: version_child(CHILD, src, "build", f"s3://bench/{name}.zarr", str(catalog),
-                                 env={"AWS_ENDPOINT_URL": url}) for name, src in versions.items()}
+    catalog = scene_catalog(tmp / "scene", args.size, args.chip_size)
+    built = {name: build_store(CHILD, src, f"s3://bench/{name}.zarr", catalog, env={"AWS_ENDPOINT_URL": url},
+                               workers=2, shard_chips=16, unit_shards=1) for name, src in versions.items()}
     rounds = {name: [] for name in versions}
     for r in range(args.rounds):
         for name, src in versions.items():  # interleaved: both versions under the same load

@@ -19,30 +19,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from anchored import ROOT, anchor_worktree, median, version_child
+from anchored import CHILD_HEAD, ROOT, anchor_worktree, build_store, median, scene_catalog, version_child
 from machine import git_commit, host, write_result
 
 HEAVY = ("zarr", "rasterio", "boto3", "pyarrow", "pyproj", "shapely", "pydantic", "pystac", "rich", "pandas",
          "geopandas", "torch")
 
 # a child (PYTHONPATH: the version's src/): build the store, or run `tile-unit` on it and report
-CHILD = r"""
-import time
-t0 = time.perf_counter()
-import json, resource, sys
-import sarflow
-assert sarflow.__file__.startswith(sys.argv[1]), (sarflow.__file__, "PYTHONPATH did not take")
-step, store = sys.argv[2], sys.argv[3]
-if step == "build":
-    from pathlib import Path
-    from sarflow.data.catalog import load_catalog
-    from sarflow.data.tile import TileOptions
-    from sarflow.data.tile_units import plan, run_units
-    p = plan(load_catalog(Path(sys.argv[4])), store, TileOptions(workers=1, checksum=False, overwrite=True,
-                                                                 shard_chips=16, unit_shards=1))
-    run_units(store, workers=1)
-    print(json.dumps({"units": len(p.units), "chips": p.total}))
-else:
+CHILD = CHILD_HEAD + r"""
+elif step == "start":
     from sarflow.cli.main import app
     app(["tile-unit", store, "--unit", "0", "--force"], standalone_mode=False)
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -61,21 +46,13 @@ def main() -> None:
 
     import shutil
 
-    import yaml
-
-    from sarflow.data.synth import SynthConfig, synthesize
-
     tmp = Path(tempfile.mkdtemp(prefix="bench_startup_"))
     try:
-        scene = synthesize(tmp / "scene", SynthConfig(size_px=args.size, seed=5))
-        cat = yaml.safe_load(scene.read_text())
-        cat["grid"]["chip_size"] = 32
-        catalog = scene.with_name("catalog_32.yaml")
-        catalog.write_text(yaml.safe_dump(cat, sort_keys=False))
+        catalog = scene_catalog(tmp / "scene", args.size, 32)
         with anchor_worktree(args.anchor, tmp / "anchor") as anchor_src:
             versions = {"anchor": anchor_src, "this": ROOT / "src"}
-            built = {name: version_child(CHILD, src, "build", str(tmp / f"{name}.zarr"), str(catalog))
-                     for name, src in versions.items()}
+            built = {name: build_store(CHILD, src, str(tmp / f"{name}.zarr"), catalog, workers=1, shard_chips=16,
+                                       unit_shards=1) for name, src in versions.items()}
             rounds = {name: [] for name in versions}
             for _ in range(args.rounds):
                 for name, src in versions.items():  # interleaved: both versions under the same load
