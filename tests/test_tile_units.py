@@ -153,7 +153,9 @@ def test_a_given_run_skips_its_units_already_written_without_listing_the_units_f
     monkeypatch.setattr(tile_units.Location, "names", lambda self, *parts: listed.append(parts) or iter(()))
     assert tile_units.run_units(out, list(range(len(p.units)))) == list(range(1, len(p.units)))  # those it wrote
     assert listed == [] and report.stat().st_mtime_ns == first  # unit 0 was not written again
-    assert tile_units.run_units(out, [0, 1]) == []  # a rerun pod has nothing to do (nor state to load)
+    loads = []
+    monkeypatch.setattr(tile_units, "_load_build", lambda loc: loads.append(loc.uri))
+    assert tile_units.run_units(out, [0, 1]) == [] and loads == []  # a rerun pod has nothing to do, nor state to load
     monkeypatch.undo()
     assert tile_units.units_not_done(out, len(p.units)) == []
     finalize(out)
